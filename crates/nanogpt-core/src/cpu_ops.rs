@@ -1,0 +1,562 @@
+//! Fused CPU kernels, each a candle custom op with its backward, for the operations that candle
+//! would otherwise run as many small passes: LayerNorm, causal attention, GELU and cross-entropy.
+//! One pass over memory instead of five to ten per operation, and no intermediate tensors for
+//! autograd to keep. Matrix products stay with candle (gemm). `ops.rs` picks these on CPU and
+//! candle's composite ops elsewhere; the tests check that both give the same values and gradients.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+use rayon::prelude::*;
+
+/// Runs `f` on the f32 contents of `t` (made contiguous first).
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(cpu) => f(&cpu.as_slice::<f32>()?[layout.start_offset()..][..t.elem_count()]),
+        _ => candle_core::bail!("fused CPU kernels need CPU tensors"),
+    }
+}
+
+fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&storage.as_slice::<f32>()?[start..end]),
+        None => candle_core::bail!("fused CPU kernels need contiguous inputs"),
+    }
+}
+
+fn tensor(values: Vec<f32>, shape: &[usize], like: &Tensor) -> Result<Tensor> {
+    Tensor::from_vec(values, shape, like.device())
+}
+
+/// Dot product with eight independent partial sums: a single running sum cannot be vectorised
+/// (float addition is not associative) and waits on the adder's latency at every element.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ac.zip(bc) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[inline(always)]
+fn sum(a: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = a.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for x in chunks {
+        for k in 0..8 {
+            acc[k] += x[k];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// y += a * x
+#[inline(always)]
+fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    y.iter_mut().zip(x).for_each(|(y, x)| *y += a * x);
+}
+
+// ---------------------------------------------------------------------------------------------
+// LayerNorm over the last dimension (eps inside the square root, as PyTorch).
+
+fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
+    let n = x.len() as f32;
+    let mean = sum(x) / n;
+    let mut acc = [0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().map(|v| (v - mean) * (v - mean)).sum();
+    for v in chunks {
+        for k in 0..8 {
+            acc[k] += (v[k] - mean) * (v[k] - mean);
+        }
+    }
+    let var = (acc.iter().sum::<f32>() + tail) / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+struct LayerNorm {
+    eps: f32,
+}
+
+impl LayerNorm {
+    fn forward(&self, x: &[f32], w: &[f32], b: Option<&[f32]>) -> Vec<f32> {
+        let c = w.len();
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(c).zip(x.par_chunks(c)).for_each(|(y, x)| {
+            let (mean, rstd) = row_stats(x, self.eps);
+            for i in 0..c {
+                y[i] = (x[i] - mean) * rstd * w[i] + b.map_or(0.0, |b| b[i]);
+            }
+        });
+        y
+    }
+
+    /// Gradients of x, weight and bias (llm.c's layernorm_backward, statistics recomputed).
+    fn backward(&self, x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let c = w.elem_count();
+        let (dx, dw, db) = with_f32(x, |x| {
+            with_f32(w, |w| {
+                with_f32(dy, |dy| {
+                    let mut dx = vec![0f32; x.len()];
+                    let (dw, db) = dx
+                        .par_chunks_mut(c)
+                        .zip(x.par_chunks(c).zip(dy.par_chunks(c)))
+                        .fold(
+                            || (vec![0f32; c], vec![0f32; c]),
+                            |(mut dw, mut db), (dx, (x, dy))| {
+                                let (mean, rstd) = row_stats(x, self.eps);
+                                let (mut dnorm_mean, mut dnorm_norm_mean) = (0f32, 0f32);
+                                for i in 0..c {
+                                    let norm = (x[i] - mean) * rstd;
+                                    let dnorm = w[i] * dy[i];
+                                    dnorm_mean += dnorm;
+                                    dnorm_norm_mean += dnorm * norm;
+                                    dw[i] += norm * dy[i];
+                                    db[i] += dy[i];
+                                }
+                                dnorm_mean /= c as f32;
+                                dnorm_norm_mean /= c as f32;
+                                for i in 0..c {
+                                    let norm = (x[i] - mean) * rstd;
+                                    dx[i] = (w[i] * dy[i] - dnorm_mean - norm * dnorm_norm_mean) * rstd;
+                                }
+                                (dw, db)
+                            },
+                        )
+                        .reduce(
+                            || (vec![0f32; c], vec![0f32; c]),
+                            |(mut dw, mut db), (dw2, db2)| {
+                                dw.iter_mut().zip(dw2).for_each(|(a, b)| *a += b);
+                                db.iter_mut().zip(db2).for_each(|(a, b)| *a += b);
+                                (dw, db)
+                            },
+                        );
+                    Ok((dx, dw, db))
+                })
+            })
+        })?;
+        Ok((tensor(dx, x.dims(), x)?, tensor(dw, &[c], x)?, tensor(db, &[c], x)?))
+    }
+}
+
+impl CustomOp2 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "layer-norm-no-bias"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let y = self.forward(contiguous_f32(xs, xl)?, contiguous_f32(ws, wl)?, None);
+        Ok((CpuStorage::F32(y), xl.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = self.backward(x, w, dy)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let y = self.forward(contiguous_f32(xs, xl)?, contiguous_f32(ws, wl)?, Some(contiguous_f32(bs, bl)?));
+        Ok((CpuStorage::F32(y), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, db) = self.backward(x, w, dy)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    let op = LayerNorm { eps: eps as f32 };
+    let x = x.contiguous()?;
+    match bias {
+        Some(b) => x.apply_op3(weight, b, op),
+        None => x.apply_op2(weight, op),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GELU, exact (erf) or tanh approximation.
+
+/// e^x to about 2e-7 relative error, branch-free so that loops over it vectorise
+/// (libm's `expf` is a call per element).
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding and subtracting it rounds to an integer
+    let x = x.clamp(-87.0, 88.0);
+    let shifted = x * LOG2E + ROUND;
+    let n = shifted - ROUND;
+    // The low mantissa bits of `shifted` hold n as an integer: 2^n without a float-to-int conversion.
+    let n_int = shifted.to_bits().wrapping_sub(ROUND.to_bits());
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
+    p * f32::from_bits(n_int.wrapping_add(127) << 23)
+}
+
+/// erf to about 1e-7 (Numerical Recipes' Chebyshev fit of erfc), enough for f32.
+#[inline(always)]
+fn erf(x: f32) -> f32 {
+    let z = x.abs();
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let poly = -z * z - 1.265_512_2
+        + t * (1.000_023_7
+            + t * (0.374_091_96
+                + t * (0.096_784_18
+                    + t * (-0.186_288_06
+                        + t * (0.278_868_07
+                            + t * (-1.135_203_9 + t * (1.488_515_9 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
+    let erfc = t * exp(poly);
+    (1.0 - erfc).copysign(x)
+}
+
+#[inline(always)]
+fn tanh(x: f32) -> f32 {
+    1.0 - 2.0 / (exp(2.0 * x) + 1.0)
+}
+
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+const INV_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+const INV_SQRT_2PI: f32 = 0.398_942_3;
+
+struct Gelu {
+    tanh: bool,
+}
+
+#[inline(always)]
+fn gelu_erf(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf(x * INV_SQRT_2))
+}
+
+#[inline(always)]
+fn gelu_erf_derivative(x: f32) -> f32 {
+    0.5 * (1.0 + erf(x * INV_SQRT_2)) + x * exp(-0.5 * x * x) * INV_SQRT_2PI
+}
+
+#[inline(always)]
+fn gelu_tanh(x: f32) -> f32 {
+    0.5 * x * (1.0 + tanh(SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)))
+}
+
+#[inline(always)]
+fn gelu_tanh_derivative(x: f32) -> f32 {
+    let th = tanh(SQRT_2_OVER_PI * (x + 0.044715 * x * x * x));
+    0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x)
+}
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l)?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(4096).zip(x.par_chunks(4096)).for_each(|(y, x)| match self.tanh {
+            true => y.iter_mut().zip(x).for_each(|(y, &x)| *y = gelu_tanh(x)),
+            false => y.iter_mut().zip(x).for_each(|(y, &x)| *y = gelu_erf(x)),
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let dx = with_f32(x, |x| {
+            with_f32(dy, |dy| {
+                let mut dx = vec![0f32; x.len()];
+                dx.par_chunks_mut(4096).zip(x.par_chunks(4096).zip(dy.par_chunks(4096))).for_each(|(dx, (x, dy))| {
+                    let rows = dx.iter_mut().zip(x.iter().zip(dy));
+                    match self.tanh {
+                        true => rows.for_each(|(dx, (&x, &dy))| *dx = gelu_tanh_derivative(x) * dy),
+                        false => rows.for_each(|(dx, (&x, &dy))| *dx = gelu_erf_derivative(x) * dy),
+                    }
+                });
+                Ok(dx)
+            })
+        })?;
+        Ok(Some(tensor(dx, x.dims(), x)?))
+    }
+}
+
+pub fn gelu(x: &Tensor, tanh: bool) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Gelu { tanh })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Causal self-attention from the fused q,k,v projection (B, T, 3C) to the merged heads (B, T, C),
+// with optional dropout on the attention weights. Probabilities and dropout decisions are
+// recomputed in the backward pass instead of being stored (the dropout mask comes from a hash of
+// the position, as flash attention does), so memory stays O(T) per head instead of O(T^2).
+
+#[derive(Clone, Copy)]
+pub struct AttentionDropout {
+    pub p: f32,
+    pub seed: u64,
+}
+
+impl AttentionDropout {
+    /// 1/(1-p) where the weight of query `i` on key `j` in head `bh` is kept, else 0.
+    #[inline(always)]
+    fn scale(&self, bh: usize, i: usize, j: usize, t: usize) -> f32 {
+        let mut z = self.seed ^ (((bh * t + i) * t + j) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        let uniform = (z >> 40) as f32 / (1u64 << 24) as f32;
+        if uniform < self.p {
+            0.0
+        } else {
+            1.0 / (1.0 - self.p)
+        }
+    }
+}
+
+struct CausalAttention {
+    n_head: usize,
+    dropout: Option<AttentionDropout>,
+}
+
+/// One (batch row, head): its queries, and its keys and values transposed to (head size, T) so
+/// that the scores of one query against all keys are a vectorised sweep over keys.
+struct Head<'a> {
+    qkv: &'a [f32],
+    t: usize,
+    c: usize,
+    hs: usize,
+    offset: usize,
+    scale: f32,
+    keys_t: Vec<f32>,
+    values_t: Vec<f32>,
+}
+
+impl<'a> Head<'a> {
+    fn new(qkv: &'a [f32], t: usize, c: usize, n_head: usize, h: usize) -> Self {
+        let hs = c / n_head;
+        let offset = h * hs;
+        let (mut keys_t, mut values_t) = (vec![0f32; hs * t], vec![0f32; hs * t]);
+        for j in 0..t {
+            for e in 0..hs {
+                keys_t[e * t + j] = qkv[j * 3 * c + c + offset + e];
+                values_t[e * t + j] = qkv[j * 3 * c + 2 * c + offset + e];
+            }
+        }
+        Self { qkv, t, c, hs, offset, scale: 1.0 / (hs as f32).sqrt(), keys_t, values_t }
+    }
+
+    fn query(&self, i: usize) -> &'a [f32] {
+        &self.qkv[i * 3 * self.c + self.offset..][..self.hs]
+    }
+
+    fn key(&self, j: usize) -> &'a [f32] {
+        &self.qkv[j * 3 * self.c + self.c + self.offset..][..self.hs]
+    }
+
+    fn value(&self, j: usize) -> &'a [f32] {
+        &self.qkv[j * 3 * self.c + 2 * self.c + self.offset..][..self.hs]
+    }
+
+    /// softmax(q_i · k_j * scale) over j <= i, into `p[..=i]`.
+    fn probabilities(&self, i: usize, p: &mut [f32]) {
+        let p = &mut p[..=i];
+        p.fill(0.0);
+        for (e, &q) in self.query(i).iter().enumerate() {
+            axpy(p, q * self.scale, &self.keys_t[e * self.t..][..=i]);
+        }
+        let max = p.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        p.iter_mut().for_each(|x| *x = exp(*x - max));
+        let inv = 1.0 / sum(p);
+        p.iter_mut().for_each(|x| *x *= inv);
+    }
+}
+
+impl CausalAttention {
+    fn dropped(&self, bh: usize, i: usize, t: usize, p: &[f32], out: &mut [f32]) {
+        match self.dropout {
+            Some(d) => (0..=i).for_each(|j| out[j] = p[j] * d.scale(bh, i, j, t)),
+            None => out[..=i].copy_from_slice(&p[..=i]),
+        }
+    }
+}
+
+impl CustomOp1 for CausalAttention {
+    fn name(&self) -> &'static str {
+        "causal-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let qkv = contiguous_f32(s, l)?;
+        let &[b, t, c3] = l.dims() else { candle_core::bail!("attention expects (batch, time, 3*n_embd)") };
+        let c = c3 / 3;
+        let mut y = vec![0f32; b * t * c];
+        y.par_chunks_mut(t * c).zip(qkv.par_chunks(t * c3)).enumerate().for_each(|(row, (y, qkv))| {
+            let (mut p, mut weights) = (vec![0f32; t], vec![0f32; t]);
+            for h in 0..self.n_head {
+                let head = Head::new(qkv, t, c, self.n_head, h);
+                for i in 0..t {
+                    head.probabilities(i, &mut p);
+                    self.dropped(row * self.n_head + h, i, t, &p, &mut weights);
+                    let yi = &mut y[i * c + head.offset..][..head.hs];
+                    for (j, &w) in weights[..=i].iter().enumerate() {
+                        axpy(yi, w, head.value(j));
+                    }
+                }
+            }
+        });
+        Ok((CpuStorage::F32(y), Shape::from((b, t, c))))
+    }
+
+    fn bwd(&self, qkv_t: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let (_, t, c3) = qkv_t.dims3()?;
+        let c = c3 / 3;
+        let dqkv = with_f32(qkv_t, |qkv| {
+            with_f32(dy, |dy| {
+                let mut dqkv = vec![0f32; qkv.len()];
+                dqkv.par_chunks_mut(t * c3).zip(qkv.par_chunks(t * c3).zip(dy.par_chunks(t * c))).enumerate().for_each(
+                    |(row, (dqkv, (qkv, dy)))| {
+                        let (mut p, mut weights, mut dp) = (vec![0f32; t], vec![0f32; t], vec![0f32; t]);
+                        for h in 0..self.n_head {
+                            let head = Head::new(qkv, t, c, self.n_head, h);
+                            let (hs, off) = (head.hs, head.offset);
+                            let bh = row * self.n_head + h;
+                            for i in 0..t {
+                                head.probabilities(i, &mut p);
+                                self.dropped(bh, i, t, &p, &mut weights);
+                                let dyi = &dy[i * c + off..][..hs];
+                                // Gradient of the (dropped) weights, then back through dropout.
+                                let dp = &mut dp[..=i];
+                                dp.fill(0.0);
+                                for (e, &g) in dyi.iter().enumerate() {
+                                    axpy(dp, g, &head.values_t[e * t..][..=i]);
+                                }
+                                for (j, &w) in weights[..=i].iter().enumerate() {
+                                    axpy(&mut dqkv[j * c3 + 2 * c + off..][..hs], w, dyi);
+                                }
+                                if let Some(d) = self.dropout {
+                                    (0..=i).for_each(|j| dp[j] *= d.scale(bh, i, j, t));
+                                }
+                                // Back through the softmax, then the scaled dot products.
+                                let p_dot_dp = dot(&p[..=i], dp);
+                                let (dq_start, q) = (i * c3 + off, head.query(i));
+                                for j in 0..=i {
+                                    let ds = p[j] * (dp[j] - p_dot_dp) * head.scale;
+                                    axpy(&mut dqkv[dq_start..][..hs], ds, head.key(j));
+                                    axpy(&mut dqkv[j * c3 + c + off..][..hs], ds, q);
+                                }
+                            }
+                        }
+                    },
+                );
+                Ok(dqkv)
+            })
+        })?;
+        Ok(Some(tensor(dqkv, qkv_t.dims(), qkv_t)?))
+    }
+}
+
+pub fn causal_attention(qkv: &Tensor, n_head: usize, dropout: Option<AttentionDropout>) -> Result<Tensor> {
+    qkv.contiguous()?.apply_op1(CausalAttention { n_head, dropout })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mean cross-entropy of logits (N, V) against i64 targets (N), -1 ignored.
+
+struct CrossEntropy;
+
+impl CrossEntropy {
+    /// Per-row log-sum-exp, and how many rows count.
+    fn log_sum_exp(logits: &[f32], v: usize) -> Vec<f32> {
+        logits
+            .par_chunks(v)
+            .map(|row| {
+                let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                max + row.iter().map(|&x| exp(x - max)).sum::<f32>().ln()
+            })
+            .collect()
+    }
+}
+
+fn targets_of(s: &CpuStorage, l: &Layout) -> Result<Vec<i64>> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::I64(t), Some((a, b))) => Ok(t[a..b].to_vec()),
+        _ => candle_core::bail!("cross-entropy targets must be contiguous i64"),
+    }
+}
+
+impl CustomOp2 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "cross-entropy"
+    }
+
+    fn cpu_fwd(&self, ls: &CpuStorage, ll: &Layout, ts: &CpuStorage, tl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let logits = contiguous_f32(ls, ll)?;
+        let targets = targets_of(ts, tl)?;
+        let v = ll.dims()[1];
+        let lse = Self::log_sum_exp(logits, v);
+        let (mut total, mut counted) = (0f64, 0usize);
+        for (i, &t) in targets.iter().enumerate() {
+            if t >= 0 {
+                total += (lse[i] - logits[i * v + t as usize]) as f64;
+                counted += 1;
+            }
+        }
+        if counted == 0 {
+            candle_core::bail!("every target is -1 (ignored): there is nothing to compute a loss on");
+        }
+        Ok((CpuStorage::F32(vec![(total / counted as f64) as f32]), Shape::from(())))
+    }
+
+    fn bwd(&self, logits_t: &Tensor, targets_t: &Tensor, _loss: &Tensor, dloss: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let v = logits_t.dim(1)?;
+        let targets = targets_t.to_dtype(DType::I64)?.to_vec1::<i64>()?;
+        let counted = targets.iter().filter(|&&t| t >= 0).count().max(1);
+        let scale = dloss.to_dtype(DType::F32)?.to_scalar::<f32>()? / counted as f32;
+        let dlogits = with_f32(logits_t, |logits| {
+            let lse = Self::log_sum_exp(logits, v);
+            let mut d = vec![0f32; logits.len()];
+            d.par_chunks_mut(v).zip(logits.par_chunks(v)).enumerate().for_each(|(i, (d, row))| {
+                let t = targets[i];
+                if t < 0 {
+                    return;
+                }
+                for (k, (d, x)) in d.iter_mut().zip(row).enumerate() {
+                    let p = exp(x - lse[i]);
+                    *d = (p - if k as i64 == t { 1.0 } else { 0.0 }) * scale;
+                }
+            });
+            Ok(d)
+        })?;
+        Ok((Some(tensor(dlogits, logits_t.dims(), logits_t)?), None))
+    }
+}
+
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    logits.contiguous()?.apply_op2(&targets.to_dtype(DType::I64)?.contiguous()?, CrossEntropy)
+}

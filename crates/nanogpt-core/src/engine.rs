@@ -1,0 +1,191 @@
+//! The engine API that every binding exposes: one model, its optimizer and its accumulated
+//! gradients. Inputs and outputs are plain slices and bytes so that bindings only translate types.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+use crate::model::{Gpt, ModelArgs, Mode};
+use crate::optim::{AdamW, OptimizerArgs, ParamGroups, StepStats};
+use crate::sample::{self, SampleArgs};
+
+pub struct Engine {
+    model: Gpt,
+    optimizer: Option<AdamW>,
+    /// Sum over the micro-steps since the last optimizer step, one per parameter.
+    grads: Option<Vec<Tensor>>,
+    /// Dropout masks are drawn from here, so that a seed fixes a whole run.
+    rng: StdRng,
+}
+
+/// The device named by nanoGPT's `device` key.
+pub fn device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        other if other.starts_with("cuda") => candle_core::bail!(
+            "device `{other}` needs the CUDA build of the engine, which this build is not; use --device=cpu"
+        ),
+        other => candle_core::bail!("unknown device `{other}`: use cpu or cuda"),
+    }
+}
+
+/// Process-wide CPU settings, applied once before the first tensor is made.
+fn configure_cpu_runtime() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // candle's own worker pool spins while waiting; next to gemm's rayon pool (which our fused
+        // kernels share) it oversubscribes small machines several times over. One pool is enough.
+        if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+            std::env::set_var("CANDLE_NUM_THREADS", "1");
+        }
+        // A training step allocates and frees the same activation sizes every time; glibc would
+        // return each large block to the kernel and take page faults to get it back.
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+            libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+        }
+    });
+}
+
+impl Engine {
+    pub fn new(args: &ModelArgs, seed: u64, device_name: &str) -> Result<Self> {
+        configure_cpu_runtime();
+        let model = Gpt::new(args, seed, &device(device_name)?)?;
+        Ok(Self::wrap(model, seed))
+    }
+
+    /// A model with `args` whose weights are the safetensors `bytes` (nanoGPT's parameter names).
+    pub fn from_safetensors(args: &ModelArgs, bytes: &[u8], device_name: &str) -> Result<Self> {
+        configure_cpu_runtime();
+        let device = device(device_name)?;
+        let model = Gpt::new(args, 0, &device)?;
+        let tensors = load_safetensors(bytes, "weights")?;
+        model.load(&tensors)?;
+        Ok(Self::wrap(model, 0))
+    }
+
+    fn wrap(model: Gpt, seed: u64) -> Self {
+        Self { model, optimizer: None, grads: None, rng: StdRng::seed_from_u64(seed ^ 0x5eed_d809) }
+    }
+
+    pub fn model(&self) -> &Gpt {
+        &self.model
+    }
+
+    pub fn num_params(&self, non_embedding: bool) -> usize {
+        self.model.num_params(non_embedding)
+    }
+
+    fn params(&self) -> Vec<(String, Var)> {
+        self.model.named_parameters().into_iter().map(|(n, v)| (n, v.clone())).collect()
+    }
+
+    pub fn configure_optimizer(&mut self, args: &OptimizerArgs) -> Result<ParamGroups> {
+        let optimizer = AdamW::new(self.params(), args.clone())?;
+        let groups = optimizer.groups();
+        self.optimizer = Some(optimizer);
+        Ok(groups)
+    }
+
+    pub fn load_optimizer(&mut self, bytes: &[u8]) -> Result<()> {
+        let tensors = load_safetensors(bytes, "optimizer state")?;
+        self.optimizer_mut()?.load_state(&tensors)
+    }
+
+    fn optimizer_mut(&mut self) -> Result<&mut AdamW> {
+        self.optimizer
+            .as_mut()
+            .ok_or_else(|| candle_core::Error::Msg("configure the optimizer before training".into()))
+    }
+
+    fn batch(&self, x: &[u32], y: &[i32], batch_size: usize) -> Result<(Tensor, Tensor)> {
+        if batch_size == 0 || x.len() != y.len() || x.len() % batch_size != 0 {
+            candle_core::bail!(
+                "a batch needs inputs and targets of equal length divisible by batch_size ({} and {} for {batch_size} rows)",
+                x.len(),
+                y.len()
+            );
+        }
+        let t = x.len() / batch_size;
+        let vocab = self.model.args.vocab_size;
+        if let Some(bad) = x.iter().find(|&&id| id as usize >= vocab) {
+            candle_core::bail!("token id {bad} is out of range for vocab_size {vocab}");
+        }
+        if let Some(bad) = y.iter().find(|&&id| id < -1 || id as i64 >= vocab as i64) {
+            candle_core::bail!("target {bad} is out of range for vocab_size {vocab} (-1 marks ignored positions)");
+        }
+        let device = self.model.device();
+        let x = Tensor::from_slice(x, (batch_size, t), device)?;
+        let y = Tensor::from_slice(y, (batch_size, t), device)?.to_dtype(DType::I64)?;
+        Ok((x, y))
+    }
+
+    /// Forward and backward on one micro-batch; adds `loss_scale` times the gradient to the
+    /// accumulated gradients and returns the (unscaled) mean loss.
+    pub fn forward_backward(&mut self, x: &[u32], y: &[i32], batch_size: usize, loss_scale: f64) -> Result<f32> {
+        let (x, y) = self.batch(x, y, batch_size)?;
+        let loss = self.model.loss(&x, &y, &mut Mode::Train(&mut self.rng))?;
+        let mut store = loss.backward()?;
+        let mut grads = Vec::new();
+        for (name, var) in self.model.named_parameters() {
+            let g = store
+                .remove(var.as_tensor())
+                .ok_or_else(|| candle_core::Error::Msg(format!("no gradient reached `{name}`")))?;
+            grads.push((g * loss_scale)?);
+        }
+        self.grads = Some(match self.grads.take() {
+            None => grads,
+            Some(acc) => acc.iter().zip(&grads).map(|(a, g)| a + g).collect::<Result<_>>()?,
+        });
+        loss.to_scalar::<f32>()
+    }
+
+    /// Applies the accumulated gradients (clipped if configured) at learning rate `lr`, then clears them.
+    pub fn step(&mut self, lr: f64) -> Result<StepStats> {
+        let grads = self
+            .grads
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("no gradients to apply: run forward_backward first".into()))?;
+        self.optimizer_mut()?.step(&grads, lr)
+    }
+
+    /// Mean loss of one batch in evaluation mode.
+    pub fn eval_loss(&self, x: &[u32], y: &[i32], batch_size: usize) -> Result<f32> {
+        let (x, y) = self.batch(x, y, batch_size)?;
+        self.model.loss(&x, &y, &mut Mode::Eval)?.to_scalar::<f32>()
+    }
+
+    pub fn generate(&self, prompt: &[u32], args: &SampleArgs) -> Result<Vec<u32>> {
+        let vocab = self.model.args.vocab_size;
+        if let Some(bad) = prompt.iter().find(|&&id| id as usize >= vocab) {
+            candle_core::bail!("prompt token id {bad} is out of range for vocab_size {vocab}");
+        }
+        sample::generate(&self.model, prompt, args)
+    }
+
+    pub fn save_weights(&self) -> Result<Vec<u8>> {
+        let named = self.model.named_parameters();
+        serialize(named.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect())
+    }
+
+    pub fn save_optimizer(&self) -> Result<Vec<u8>> {
+        let optimizer =
+            self.optimizer.as_ref().ok_or_else(|| candle_core::Error::Msg("no optimizer to save".into()))?;
+        serialize(optimizer.state()?)
+    }
+}
+
+fn serialize(tensors: Vec<(String, Tensor)>) -> Result<Vec<u8>> {
+    let tensors: Vec<(String, Tensor)> =
+        tensors.into_iter().map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?))).collect::<Result<_>>()?;
+    safetensors::serialize(tensors, None).map_err(|e| candle_core::Error::Msg(format!("cannot serialize: {e}")))
+}
+
+fn load_safetensors(bytes: &[u8], what: &str) -> Result<HashMap<String, Tensor>> {
+    candle_core::safetensors::load_buffer(bytes, &Device::Cpu)
+        .map_err(|e| candle_core::Error::Msg(format!("the {what} are not a valid safetensors file ({e})")))
+}

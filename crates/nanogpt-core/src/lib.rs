@@ -1,0 +1,13 @@
+//! nanogpt-rs's engine: a GPT-2 style model with its training step, evaluation and sampling,
+//! on candle. The napi and wasm bindings expose [`Engine`] and [`LrSchedule::lr_at`] unchanged.
+
+pub mod cpu_ops;
+pub mod engine;
+pub mod model;
+pub mod ops;
+pub mod optim;
+pub mod sample;
+
+pub use engine::Engine;
+pub use model::{Gelu, Gpt, ModelArgs};
+pub use optim::{LrSchedule, OptimizerArgs, ParamGroups, StepStats};

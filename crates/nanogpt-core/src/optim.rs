@@ -1,0 +1,174 @@
+//! AdamW with nanoGPT's two parameter groups, global-norm clipping, and the learning-rate schedule.
+
+use candle_core::{DType, Result, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OptimizerArgs {
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    /// Clip the global gradient norm to this value; 0 disables clipping.
+    pub grad_clip: f64,
+}
+
+/// nanoGPT's `get_lr` inputs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LrSchedule {
+    pub learning_rate: f64,
+    pub min_lr: f64,
+    pub warmup_iters: u64,
+    pub lr_decay_iters: u64,
+    pub decay_lr: bool,
+}
+
+impl LrSchedule {
+    /// Linear warmup from lr·1/(warmup+1), cosine decay to `min_lr` at `lr_decay_iters`, then constant.
+    pub fn lr_at(&self, iter: u64) -> f64 {
+        if !self.decay_lr {
+            return self.learning_rate;
+        }
+        if iter < self.warmup_iters {
+            return self.learning_rate * (iter + 1) as f64 / (self.warmup_iters + 1) as f64;
+        }
+        if iter > self.lr_decay_iters {
+            return self.min_lr;
+        }
+        let ratio = (iter - self.warmup_iters) as f64 / (self.lr_decay_iters - self.warmup_iters).max(1) as f64;
+        let coeff = 0.5 * (1.0 + (std::f64::consts::PI * ratio).cos());
+        self.min_lr + coeff * (self.learning_rate - self.min_lr)
+    }
+}
+
+/// Tensor and element counts of the two groups, for nanoGPT's start-up lines.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ParamGroups {
+    pub decay_tensors: usize,
+    pub decay_params: usize,
+    pub no_decay_tensors: usize,
+    pub no_decay_params: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepStats {
+    /// Global L2 norm of the gradients before clipping.
+    pub grad_norm: f64,
+    pub clipped: bool,
+}
+
+struct Slot {
+    name: String,
+    param: Var,
+    decays: bool,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+}
+
+/// PyTorch's AdamW (decoupled weight decay, bias correction, eps 1e-8) with state in f32.
+/// Tensors of rank >= 2 (matmul weights and embeddings) decay; biases and LayerNorm weights do not.
+pub struct AdamW {
+    args: OptimizerArgs,
+    slots: Vec<Slot>,
+    step: u64,
+}
+
+const EPS: f64 = 1e-8;
+
+impl AdamW {
+    pub fn new(params: Vec<(String, Var)>, args: OptimizerArgs) -> Result<Self> {
+        let slots = params
+            .into_iter()
+            .map(|(name, param)| {
+                let zeros = Tensor::zeros(param.shape(), DType::F32, param.device())?;
+                Ok(Slot { name, decays: param.rank() >= 2, exp_avg: zeros.clone(), exp_avg_sq: zeros, param })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { args, slots, step: 0 })
+    }
+
+    pub fn groups(&self) -> ParamGroups {
+        let mut g = ParamGroups::default();
+        for s in &self.slots {
+            if s.decays {
+                g.decay_tensors += 1;
+                g.decay_params += s.param.elem_count();
+            } else {
+                g.no_decay_tensors += 1;
+                g.no_decay_params += s.param.elem_count();
+            }
+        }
+        g
+    }
+
+    pub fn steps_taken(&self) -> u64 {
+        self.step
+    }
+
+    /// One update at learning rate `lr` from `grads` (one per parameter, in construction order),
+    /// clipping their global norm first when configured.
+    pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<StepStats> {
+        if grads.len() != self.slots.len() {
+            candle_core::bail!("expected {} gradients, got {}", self.slots.len(), grads.len());
+        }
+        let grad_norm = global_norm(grads)?;
+        let clip = self.args.grad_clip;
+        let clipped = clip > 0.0 && grad_norm > clip;
+        // As torch.nn.utils.clip_grad_norm_: scale by clip/(norm + 1e-6) whenever that is below one.
+        let grad_scale = if clip > 0.0 { (clip / (grad_norm + 1e-6)).min(1.0) } else { 1.0 };
+        self.step += 1;
+        let (b1, b2) = (self.args.beta1, self.args.beta2);
+        let bias_correction1 = 1.0 - b1.powi(self.step as i32);
+        let bias_correction2_sqrt = (1.0 - b2.powi(self.step as i32)).sqrt();
+        let step_size = lr / bias_correction1;
+        for (slot, grad) in self.slots.iter_mut().zip(grads) {
+            let g = grad.affine(grad_scale, 0.0)?;
+            slot.exp_avg = ((&slot.exp_avg * b1)? + (&g * (1.0 - b1))?)?;
+            slot.exp_avg_sq = ((&slot.exp_avg_sq * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            let denom = ((slot.exp_avg_sq.sqrt()? / bias_correction2_sqrt)? + EPS)?;
+            let p = slot.param.as_tensor();
+            let decayed = if slot.decays { (p * (1.0 - lr * self.args.weight_decay))? } else { p.clone() };
+            let updated = (decayed - (slot.exp_avg.div(&denom)? * step_size)?)?;
+            slot.param.set(&updated)?;
+        }
+        Ok(StepStats { grad_norm, clipped })
+    }
+
+    /// The moments and step count, named `<param>.exp_avg` / `<param>.exp_avg_sq` plus `step`.
+    pub fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::with_capacity(2 * self.slots.len() + 1);
+        for s in &self.slots {
+            out.push((format!("{}.exp_avg", s.name), s.exp_avg.clone()));
+            out.push((format!("{}.exp_avg_sq", s.name), s.exp_avg_sq.clone()));
+        }
+        out.push(("step".to_string(), Tensor::new(&[self.step as f64], &candle_core::Device::Cpu)?));
+        Ok(out)
+    }
+
+    pub fn load_state(&mut self, tensors: &std::collections::HashMap<String, Tensor>) -> Result<()> {
+        let step = tensors.get("step").ok_or_else(|| candle_core::Error::Msg("optimizer state has no `step`".into()))?;
+        let step = step.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        for s in &mut self.slots {
+            for (suffix, target) in [("exp_avg", &mut s.exp_avg), ("exp_avg_sq", &mut s.exp_avg_sq)] {
+                let key = format!("{}.{suffix}", s.name);
+                let Some(t) = tensors.get(&key) else {
+                    candle_core::bail!("optimizer state has no `{key}`: it was saved for another model")
+                };
+                if t.dims() != s.param.dims() {
+                    candle_core::bail!("optimizer state `{key}` has shape {:?}, expected {:?}", t.dims(), s.param.dims());
+                }
+                *target = t.to_dtype(DType::F32)?.to_device(s.param.device())?;
+            }
+        }
+        self.step = step.first().copied().unwrap_or(0.0) as u64;
+        Ok(())
+    }
+}
+
+/// L2 norm of all gradients taken together, as torch.nn.utils.clip_grad_norm_ computes it.
+pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
+    let mut sum = 0f64;
+    for g in grads {
+        sum += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    }
+    Ok(sum.sqrt())
+}

@@ -1,0 +1,106 @@
+//! Node.js bindings of the engine: type translation only (JSON strings for argument structs,
+//! typed arrays for tokens, Buffers for safetensors bytes). All logic lives in nanogpt-core.
+
+use napi::bindgen_prelude::{Buffer, Int32Array, Uint32Array, Uint8Array};
+use napi::{Error, Result};
+use napi_derive::napi;
+use nanogpt_core::sample::SampleArgs;
+use nanogpt_core::{Engine, LrSchedule, ModelArgs, OptimizerArgs};
+
+fn js_error(e: impl std::fmt::Display) -> Error {
+    Error::from_reason(e.to_string())
+}
+
+fn parse<T: serde::de::DeserializeOwned>(json: &str, what: &str) -> Result<T> {
+    serde_json::from_str(json).map_err(|e| js_error(format!("invalid {what}: {e}")))
+}
+
+fn to_json(value: &impl serde::Serialize) -> Result<String> {
+    serde_json::to_string(value).map_err(js_error)
+}
+
+#[napi]
+pub struct Gpt {
+    engine: Engine,
+}
+
+#[napi]
+impl Gpt {
+    #[napi(factory)]
+    pub fn create(model_args_json: String, seed: i64, device: String) -> Result<Gpt> {
+        let args: ModelArgs = parse(&model_args_json, "model_args")?;
+        Ok(Gpt { engine: Engine::new(&args, seed as u64, &device).map_err(js_error)? })
+    }
+
+    #[napi(factory)]
+    pub fn from_safetensors(model_args_json: String, weights: Uint8Array, device: String) -> Result<Gpt> {
+        let args: ModelArgs = parse(&model_args_json, "model_args")?;
+        Ok(Gpt { engine: Engine::from_safetensors(&args, &weights, &device).map_err(js_error)? })
+    }
+
+    #[napi]
+    pub fn num_params(&self, non_embedding: bool) -> f64 {
+        self.engine.num_params(non_embedding) as f64
+    }
+
+    #[napi]
+    pub fn configure_optimizer(&mut self, optimizer_args_json: String) -> Result<String> {
+        let args: OptimizerArgs = parse(&optimizer_args_json, "optimizer arguments")?;
+        to_json(&self.engine.configure_optimizer(&args).map_err(js_error)?)
+    }
+
+    #[napi]
+    pub fn load_optimizer(&mut self, bytes: Uint8Array) -> Result<()> {
+        self.engine.load_optimizer(&bytes).map_err(js_error)
+    }
+
+    #[napi]
+    pub fn forward_backward(&mut self, x: Uint32Array, y: Int32Array, batch_size: u32, loss_scale: f64) -> Result<f64> {
+        let loss = self.engine.forward_backward(&x, &y, batch_size as usize, loss_scale).map_err(js_error)?;
+        Ok(loss as f64)
+    }
+
+    #[napi]
+    pub fn step(&mut self, lr: f64) -> Result<String> {
+        to_json(&self.engine.step(lr).map_err(js_error)?)
+    }
+
+    #[napi]
+    pub fn eval_loss(&self, x: Uint32Array, y: Int32Array, batch_size: u32) -> Result<f64> {
+        Ok(self.engine.eval_loss(&x, &y, batch_size as usize).map_err(js_error)? as f64)
+    }
+
+    #[napi]
+    pub fn generate(
+        &self,
+        prompt: Uint32Array,
+        max_new_tokens: u32,
+        temperature: f64,
+        top_k: u32,
+        seed: i64,
+    ) -> Result<Uint32Array> {
+        let args = SampleArgs {
+            max_new_tokens: max_new_tokens as usize,
+            temperature,
+            top_k: (top_k > 0).then_some(top_k as usize),
+            seed: seed as u64,
+        };
+        Ok(Uint32Array::new(self.engine.generate(&prompt, &args).map_err(js_error)?))
+    }
+
+    #[napi]
+    pub fn save_weights(&self) -> Result<Buffer> {
+        Ok(self.engine.save_weights().map_err(js_error)?.into())
+    }
+
+    #[napi]
+    pub fn save_optimizer(&self) -> Result<Buffer> {
+        Ok(self.engine.save_optimizer().map_err(js_error)?.into())
+    }
+}
+
+#[napi]
+pub fn lr_at(iter: f64, schedule_json: String) -> Result<f64> {
+    let schedule: LrSchedule = parse(&schedule_json, "learning-rate schedule")?;
+    Ok(schedule.lr_at(iter as u64))
+}

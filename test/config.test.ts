@@ -1,0 +1,174 @@
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { defaultsOf, describeKeys, noEffectNotes, parseArgs, resolveConfig, sampleSchema, trainSchema } from '../ts/config.ts';
+
+const quiet = () => {};
+const parse = (...args: string[]) => parseArgs(trainSchema, args, quiet);
+
+describe('defaults', () => {
+  it("match train.py's, plus the keys nanoGPT hard-codes", () => {
+    const d = defaultsOf(trainSchema);
+    expect(d.gradient_accumulation_steps).toBe(40);
+    expect(d.learning_rate).toBe(6e-4);
+    expect(d.max_iters).toBe(600000);
+    expect(d.bias).toBe(false);
+    expect(d.always_save_checkpoint).toBe(true);
+    expect(d.seed).toBe(1337);
+    expect(Object.keys(d)).toHaveLength(35);
+  });
+
+  it('of sample match sample.py', () => {
+    const d = defaultsOf(sampleSchema);
+    expect(d).toMatchObject({ start: '\n', num_samples: 10, max_new_tokens: 500, temperature: 0.8, top_k: 200, seed: 1337 });
+  });
+
+  it('are all listed in --help, in a form the parser accepts back', async () => {
+    for (const schema of [trainSchema, sampleSchema]) {
+      const help = describeKeys(schema);
+      for (const key of Object.keys(schema)) expect(help).toContain(`--${key}=`);
+      const flags = help.split('\n').map((line) => line.trim().split(/\s+/)[0]);
+      expect(resolveConfig(schema, await parseArgs(schema, flags, quiet))).toEqual(defaultsOf(schema));
+    }
+  });
+});
+
+describe('--key=value', () => {
+  it('parses by the type of the default and logs like configurator.py', async () => {
+    const lines: string[] = [];
+    const overrides = await parseArgs(trainSchema, ['--batch_size=32', '--dropout=0', '--learning_rate=1e-3', '--compile=False', '--out_dir=run1'], (line) => lines.push(line));
+    expect(overrides).toEqual({ batch_size: 32, dropout: 0, learning_rate: 1e-3, compile: false, out_dir: 'run1' });
+    expect(lines).toEqual([
+      'Overriding: batch_size = 32',
+      'Overriding: dropout = 0.0',
+      'Overriding: learning_rate = 0.001',
+      'Overriding: compile = False',
+      'Overriding: out_dir = run1',
+    ]);
+  });
+
+  it('accepts both spellings of booleans', async () => {
+    expect(await parse('--bias=True', '--eval_only=true', '--decay_lr=false', '--compile=False')).toEqual({
+      bias: true,
+      eval_only: true,
+      decay_lr: false,
+      compile: false,
+    });
+  });
+
+  it('strips one level of quotes from strings and keeps later "=" in the value', async () => {
+    expect(await parse(`--out_dir='a b'`, '--wandb_run_name="x=y"')).toEqual({ out_dir: 'a b', wandb_run_name: 'x=y' });
+    expect(await parseArgs(sampleSchema, ['--start="\\nROMEO:"', "--out_dir='\\n'"], quiet)).toEqual({ start: '\nROMEO:', out_dir: '\\n' });
+  });
+
+  it('lets later arguments win', async () => {
+    expect(await parse('--batch_size=4', '--batch_size=8')).toEqual({ batch_size: 8 });
+  });
+
+  it('suggests the closest key for an unknown one', async () => {
+    await expect(parse('--lerning_rate=1e-3')).rejects.toThrow("unknown config key 'lerning_rate'; did you mean 'learning_rate'?");
+    await expect(parse('--n_embed=64')).rejects.toThrow("did you mean 'n_embd'?");
+  });
+
+  it('names key, expected type and value on a type mismatch', async () => {
+    await expect(parse('--max_iters=1.5')).rejects.toThrow("--max_iters expects an integer, got '1.5'");
+    await expect(parse('--learning_rate=fast')).rejects.toThrow("--learning_rate expects a number, got 'fast'");
+    await expect(parse('--bias=yes')).rejects.toThrow("--bias expects True or False, got 'yes'");
+    await expect(parse('--bias=1')).rejects.toThrow('--bias expects True or False');
+  });
+
+  it('rejects a flag without a value and a value without --', async () => {
+    await expect(parse('--batch_size')).rejects.toThrow('--batch_size has no value; write --batch_size=<value>');
+    await expect(parse('batch_size=3')).rejects.toThrow('overrides are written --key=value');
+  });
+
+  it('errors are one line', async () => {
+    const error = await parse('--max_iters=x').catch((err: Error) => err);
+    expect(String((error as Error).message)).not.toContain('\n');
+  });
+});
+
+describe('config files', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'nanogpt-config-'));
+
+  it('load their default export, print their text, and are overridden by later arguments', async () => {
+    const file = join(dir, 'small.ts');
+    const text = "export default { batch_size: 4, dataset: 'shakespeare_char', dropout: 0.2 };\n";
+    writeFileSync(file, text);
+    const lines: string[] = [];
+    const overrides = await parseArgs(trainSchema, [file, '--batch_size=16'], (line) => lines.push(line));
+    expect(overrides).toEqual({ batch_size: 16, dataset: 'shakespeare_char', dropout: 0.2 });
+    expect(lines).toEqual([`Overriding config with ${file}:`, text, 'Overriding: batch_size = 16']);
+  });
+
+  it('are overridden by files that come later', async () => {
+    const second = join(dir, 'second.ts');
+    writeFileSync(second, 'export default { batch_size: 2 };\n');
+    expect(await parse('--batch_size=16', second)).toEqual({ batch_size: 2 });
+  });
+
+  it('have their values type-checked', async () => {
+    const file = join(dir, 'bad.ts');
+    writeFileSync(file, 'export default { max_iters: 2.5 };\n');
+    await expect(parse(file)).rejects.toThrow(`max_iters expects an integer, got 2.5 (in ${file})`);
+  });
+
+  it('have their keys checked', async () => {
+    const file = join(dir, 'typo.ts');
+    writeFileSync(file, 'export default { n_layers: 2 };\n');
+    await expect(parse(file)).rejects.toThrow(`unknown config key 'n_layers' (in ${file}); did you mean 'n_layer'?`);
+  });
+
+  it('that are missing name the path', async () => {
+    await expect(parse('configs/nope.ts')).rejects.toThrow('config file not found: configs/nope.ts');
+  });
+
+  it("include nanoGPT's train_shakespeare_char, found from any working directory", async () => {
+    const overrides = await parse('configs/train_shakespeare_char.ts');
+    expect(overrides).toEqual({
+      out_dir: 'out-shakespeare-char',
+      eval_interval: 250,
+      eval_iters: 200,
+      log_interval: 10,
+      always_save_checkpoint: false,
+      wandb_log: false,
+      wandb_project: 'shakespeare-char',
+      wandb_run_name: 'mini-gpt',
+      dataset: 'shakespeare_char',
+      gradient_accumulation_steps: 1,
+      batch_size: 64,
+      block_size: 256,
+      n_layer: 6,
+      n_head: 6,
+      n_embd: 384,
+      dropout: 0.2,
+      learning_rate: 1e-3,
+      max_iters: 5000,
+      lr_decay_iters: 5000,
+      min_lr: 1e-4,
+      beta2: 0.99,
+      warmup_iters: 100,
+    });
+  });
+});
+
+describe('resolveConfig', () => {
+  it('merges checked overrides over the defaults (the library path)', () => {
+    const config = resolveConfig(trainSchema, { batch_size: 3 });
+    expect(config.batch_size).toBe(3);
+    expect(config.block_size).toBe(1024);
+    expect(() => resolveConfig(trainSchema, { batch_size: '3' } as never)).toThrow('batch_size expects an integer, got "3"');
+    expect(() => resolveConfig(trainSchema, { batchsize: 3 } as never)).toThrow("did you mean 'batch_size'?");
+  });
+});
+
+describe('noEffectNotes', () => {
+  it('mentions only keys the user set that change nothing here', () => {
+    const overrides = { backend: 'gloo', compile: true, dtype: 'bfloat16', wandb_log: true } as const;
+    const notes = noEffectNotes(resolveConfig(trainSchema, overrides), overrides);
+    expect(notes).toHaveLength(4);
+    expect(notes.join('\n')).toMatch(/backend.*compile.*dtype=bfloat16.*wandb_log/s);
+    expect(noEffectNotes(resolveConfig(trainSchema, {}), {})).toEqual([]);
+  });
+});

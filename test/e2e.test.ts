@@ -1,0 +1,153 @@
+// The CLI as a user runs it, on a tiny model: prepare, train, resume, sample. Needs the native engine
+// (`npm run build:native`); without it these tests fail rather than skip, so CI cannot pass by accident.
+import { spawnSync } from 'node:child_process';
+import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+
+const cli = fileURLToPath(new URL('../bin/nanogpt-rs.js', import.meta.url));
+const corpus = fileURLToPath(new URL('../data/shakespeare_char/input.txt', import.meta.url));
+const work = mkdtempSync(join(tmpdir(), 'nanogpt-e2e-'));
+afterAll(() => rmSync(work, { recursive: true, force: true }));
+
+function run(...args: string[]) {
+  const result = spawnSync(process.execPath, [cli, ...args], { cwd: work, encoding: 'utf8' });
+  return { status: result.status, stdout: result.stdout, stderr: result.stderr };
+}
+
+const tiny = [
+  '--dataset=shakespeare_char',
+  '--out_dir=out-tiny',
+  '--n_layer=2',
+  '--n_head=2',
+  '--n_embd=32',
+  '--block_size=32',
+  '--batch_size=8',
+  '--gradient_accumulation_steps=1',
+  '--eval_interval=20',
+  '--eval_iters=10',
+  '--log_interval=5',
+  '--learning_rate=1e-2',
+  '--warmup_iters=5',
+  '--lr_decay_iters=60',
+  '--min_lr=1e-3',
+];
+
+const evalLosses = (stdout: string) =>
+  [...stdout.matchAll(/^step (\d+): train loss ([\d.]+), val loss ([\d.]+)$/gm)].map((m) => ({
+    step: Number(m[1]),
+    train: Number(m[2]),
+    val: Number(m[3]),
+  }));
+
+describe('nanogpt-rs end to end', () => {
+  let first: ReturnType<typeof run>;
+  beforeAll(() => {
+    mkdirSync(join(work, 'data', 'shakespeare_char'), { recursive: true });
+    copyFileSync(corpus, join(work, 'data', 'shakespeare_char', 'input.txt'));
+    expect(run('prepare', 'shakespeare_char').status).toBe(0);
+    first = run('train', ...tiny, '--max_iters=40');
+  });
+
+  it('trains from scratch with nanoGPT output, and the loss goes down', () => {
+    expect(first.stderr).toBe('');
+    expect(first.status).toBe(0);
+    expect(first.stdout).toContain('tokens per iteration will be: 256');
+    expect(first.stdout).toContain('found vocab_size = 65');
+    expect(first.stdout).toContain('Initializing a new model from scratch');
+    expect(first.stdout).toMatch(/^number of parameters: 0\.0\dM$/m);
+    expect(first.stdout).toMatch(/^num decayed parameter tensors: \d+, with [\d,]+ parameters$/m);
+    expect(first.stdout).toMatch(/^iter 5: loss [\d.]+, time [\d.]+ms, mfu n\/a$/m);
+    const losses = evalLosses(first.stdout);
+    expect(losses.map((l) => l.step)).toEqual([0, 20, 40]);
+    expect(losses[0].val).toBeGreaterThan(3.8); // ln(65) = 4.17 before training
+    expect(losses[2].val).toBeLessThan(losses[0].val - 0.5);
+  });
+
+  it('checkpoints at evaluations after iteration 0', () => {
+    expect(first.stdout.match(/^saving checkpoint to out-tiny$/gm)).toHaveLength(2);
+    const info = JSON.parse(readFileSync(join(work, 'out-tiny', 'ckpt.json'), 'utf8'));
+    expect(info.iter_num).toBe(40);
+    expect(info.model_args).toMatchObject({ n_layer: 2, n_head: 2, n_embd: 32, block_size: 32, vocab_size: 65 });
+    expect(info.config.dataset).toBe('shakespeare_char');
+    expect(existsSync(join(work, 'out-tiny', 'model.safetensors'))).toBe(true);
+    expect(existsSync(join(work, 'out-tiny', 'optimizer.safetensors'))).toBe(true);
+  });
+
+  it('resumes from the saved iteration', () => {
+    const resumed = run('train', ...tiny, '--max_iters=60', '--init_from=resume');
+    expect(resumed.stderr).toBe('');
+    expect(resumed.stdout).toContain('Resuming training from out-tiny');
+    const losses = evalLosses(resumed.stdout);
+    expect(losses.map((l) => l.step)).toEqual([40, 60]);
+    // The restored weights evaluate like the saved ones, not like a fresh model.
+    expect(losses[0].val).toBeLessThan(evalLosses(first.stdout)[0].val - 0.5);
+    expect(resumed.stdout).not.toMatch(/^iter [0-9]: /m);
+    expect(JSON.parse(readFileSync(join(work, 'out-tiny', 'ckpt.json'), 'utf8')).iter_num).toBe(60);
+  });
+
+  it('samples text, each sample followed by dashes', () => {
+    const result = run('sample', '--out_dir=out-tiny', '--start=ROMEO:', '--num_samples=2', '--max_new_tokens=40');
+    expect(result.stderr).toBe('');
+    const [settings, body] = result.stdout.split('Loading meta from data/shakespeare_char/meta.json...\n');
+    expect(settings).toContain('Overriding: start = ROMEO:');
+    const samples = body.split('---------------\n');
+    expect(samples).toHaveLength(3);
+    expect(samples.pop()).toBe('');
+    for (const sample of samples) expect(sample).toMatch(/^ROMEO:[\s\S]{40}\n$/);
+    expect(samples[0]).not.toBe(samples[1]);
+  });
+
+  it('names a prompt character outside the vocabulary', () => {
+    const result = run('sample', '--out_dir=out-tiny', '--start=café', '--num_samples=1');
+    expect(result.status).toBe(1);
+    expect(result.stderr).toBe('error: character "é" (U+00E9) is not in the 65-character vocabulary of this model; remove it from the prompt\n');
+  });
+
+  it('reports a corrupt checkpoint in one line', () => {
+    const dir = join(work, 'out-broken');
+    mkdirSync(dir);
+    copyFileSync(join(work, 'out-tiny', 'ckpt.json'), join(dir, 'ckpt.json'));
+    writeFileSync(join(dir, 'model.safetensors'), 'not safetensors');
+    const result = run('sample', '--out_dir=out-broken');
+    expect(result.status).toBe(1);
+    expect(result.stderr).toMatch(/^error: cannot load checkpoint out-broken\/model.safetensors: .+\n$/);
+  });
+
+  it('reports an unknown key before doing any work', () => {
+    const result = run('train', '--n_embed=64');
+    expect(result.status).toBe(1);
+    expect(result.stderr).toBe("error: unknown config key 'n_embed'; did you mean 'n_embd'? (--help lists every key)\n");
+  });
+});
+
+describe('library API', () => {
+  it('trains and samples with plain config objects, returning results', async () => {
+    const { train, sample } = await import('../ts/index.ts');
+    const dataDir = join(work, 'data');
+    const outDir = join(work, 'out-api');
+    const result = await train({
+      data_dir: dataDir,
+      dataset: 'shakespeare_char',
+      out_dir: outDir,
+      n_layer: 1,
+      n_head: 2,
+      n_embd: 16,
+      block_size: 16,
+      batch_size: 4,
+      gradient_accumulation_steps: 2,
+      max_iters: 10,
+      eval_interval: 10,
+      eval_iters: 2,
+      log_interval: 100,
+      warmup_iters: 2,
+    });
+    expect(result).toMatchObject({ iter_num: 10, iterations: 11, out_dir: outDir });
+    expect(result.last_eval?.val).toBe(result.best_val_loss);
+    const samples = await sample({ data_dir: dataDir, out_dir: outDir, start: 'To be', num_samples: 3, max_new_tokens: 5 });
+    expect(samples).toHaveLength(3);
+    for (const text of samples) expect(text).toMatch(/^To be[\s\S]{5}$/);
+  });
+});

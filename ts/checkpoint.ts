@@ -1,0 +1,83 @@
+// A checkpoint is a folder (out_dir) holding nanoGPT's ckpt.pt split into three files:
+//   model.safetensors      weights, named as nanoGPT's state dict
+//   optimizer.safetensors  AdamW moments and step count
+//   ckpt.json              { model_args, iter_num, best_val_loss, config }
+// Each file is replaced atomically and ckpt.json goes last, so a crash mid-save leaves a loadable checkpoint.
+import { existsSync, mkdirSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import type { Engine, ModelArgs } from './engine.ts';
+import { firstLine, UserError } from './errors.ts';
+import { writeFileAtomic } from './files.ts';
+
+export interface CheckpointInfo {
+  model_args: ModelArgs;
+  iter_num: number;
+  best_val_loss: number;
+  /** The training config (its `dataset` tells `sample` where the vocabulary is). */
+  config: Record<string, unknown>;
+}
+
+const weightsFile = 'model.safetensors';
+const optimizerFile = 'optimizer.safetensors';
+const infoFile = 'ckpt.json';
+
+export function saveCheckpoint(outDir: string, engine: Pick<Engine, 'saveWeights' | 'saveOptimizer'>, info: CheckpointInfo): void {
+  mkdirSync(outDir, { recursive: true });
+  writeFileAtomic(join(outDir, weightsFile), engine.saveWeights());
+  writeFileAtomic(join(outDir, optimizerFile), engine.saveOptimizer());
+  writeFileAtomic(join(outDir, infoFile), `${JSON.stringify(info, null, 2)}\n`);
+}
+
+/** Reads and checks ckpt.json, the file that says a complete checkpoint is there. */
+export function readCheckpointInfo(outDir: string): CheckpointInfo {
+  const path = join(outDir, infoFile);
+  if (!existsSync(path)) {
+    throw new UserError(`no checkpoint in ${outDir} (${infoFile} is missing); train one first or point --out_dir at one`);
+  }
+  let info: CheckpointInfo;
+  try {
+    info = JSON.parse(readFileSync(path, 'utf8')) as CheckpointInfo;
+  } catch (err) {
+    throw corrupt(path, firstLine(err));
+  }
+  const args = info?.model_args;
+  const fields = ['n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size'] as const;
+  if (typeof args !== 'object' || args === null) throw corrupt(path, 'model_args is missing');
+  const missing = fields.find((field) => !Number.isInteger(args[field]));
+  if (missing) throw corrupt(path, `model_args.${missing} is missing`);
+  if (typeof info.iter_num !== 'number') throw corrupt(path, 'iter_num is missing');
+  if (typeof info.best_val_loss !== 'number') throw corrupt(path, 'best_val_loss is missing');
+  if (typeof info.config !== 'object' || info.config === null) throw corrupt(path, 'config is missing');
+  return info;
+}
+
+export function readWeights(outDir: string): Buffer {
+  return readPart(outDir, weightsFile);
+}
+
+export function readOptimizerState(outDir: string): Buffer {
+  return readPart(outDir, optimizerFile);
+}
+
+/**
+ * Runs an engine call on checkpoint bytes, turning its failure into a one-line error. The engine's own message
+ * carries the fix: it may be about the bytes (a damaged file) or about the engine (not built).
+ */
+export function loadWithEngine<T>(outDir: string, file: 'weights' | 'optimizer', load: () => T): T {
+  try {
+    return load();
+  } catch (err) {
+    const path = join(outDir, file === 'weights' ? weightsFile : optimizerFile);
+    throw new UserError(`cannot load checkpoint ${path}: ${firstLine(err)}`);
+  }
+}
+
+function readPart(outDir: string, file: string): Buffer {
+  const path = join(outDir, file);
+  if (!existsSync(path)) throw corrupt(path, 'the file is missing');
+  return readFileSync(path);
+}
+
+function corrupt(path: string, problem: string): UserError {
+  return new UserError(`checkpoint ${path} is unusable: ${problem}; train again (init_from=scratch) or restore a backup`);
+}

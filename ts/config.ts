@@ -1,0 +1,280 @@
+// Typed defaults for `train` and `sample`, and nanoGPT's "poor man's configurator": config files and
+// `--key=value` overrides applied left to right. Unlike configurator.py, values are checked against the type of
+// the default here, with one-line errors that say how to fix them.
+import { existsSync, readFileSync } from 'node:fs';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+import { firstLine, UserError } from './errors.ts';
+
+type Kind = 'int' | 'float' | 'bool' | 'str';
+interface KindValue {
+  int: number;
+  float: number;
+  bool: boolean;
+  str: string;
+}
+interface KeySpec<K extends Kind = Kind> {
+  kind: K;
+  default: KindValue[K];
+  help: string;
+  choices?: readonly string[];
+}
+type Schema = Record<string, KeySpec>;
+export type ConfigOf<S extends Schema> = { [K in keyof S]: KindValue[S[K]['kind']] };
+
+const int = (value: number, help: string): KeySpec<'int'> => ({ kind: 'int', default: value, help });
+const float = (value: number, help: string): KeySpec<'float'> => ({ kind: 'float', default: value, help });
+const bool = (value: boolean, help: string): KeySpec<'bool'> => ({ kind: 'bool', default: value, help });
+const str = (value: string, help: string, choices?: readonly string[]): KeySpec<'str'> => ({
+  kind: 'str',
+  default: value,
+  help,
+  ...(choices ? { choices } : {}),
+});
+
+const dtypes = ['float32', 'bfloat16', 'float16'] as const;
+
+/** train.py's globals (spec 2.1), in its order; the defaults train GPT-2 124M on OpenWebText. */
+export const trainSchema = {
+  out_dir: str('out', 'checkpoint directory'),
+  eval_interval: int(2000, 'evaluate (and maybe checkpoint) every N iterations'),
+  log_interval: int(1, 'print the training loss every N iterations'),
+  eval_iters: int(200, 'batches per split when evaluating'),
+  eval_only: bool(false, 'stop right after the first evaluation'),
+  always_save_checkpoint: bool(true, 'checkpoint after every evaluation, even if val loss did not improve'),
+  init_from: str('scratch', "'scratch' or 'resume' (from out_dir); 'gpt2*' is not supported yet"),
+  wandb_log: bool(false, 'log to Weights & Biases (not implemented yet)'),
+  wandb_project: str('owt', 'Weights & Biases project'),
+  wandb_run_name: str('gpt2', 'Weights & Biases run name'),
+  dataset: str('openwebtext', 'data is read from <data_dir>/<dataset>/'),
+  gradient_accumulation_steps: int(40, 'micro-batches per optimizer step'),
+  batch_size: int(12, 'micro-batch size'),
+  block_size: int(1024, 'context length in tokens'),
+  n_layer: int(12, 'transformer blocks'),
+  n_head: int(12, 'attention heads'),
+  n_embd: int(768, 'embedding width'),
+  dropout: float(0.0, 'dropout rate (0.1+ suits finetuning)'),
+  bias: bool(false, 'biases in Linear and LayerNorm layers'),
+  learning_rate: float(6e-4, 'peak learning rate'),
+  max_iters: int(600000, 'last iteration (max_iters + 1 optimizer steps in all)'),
+  weight_decay: float(1e-1, 'AdamW weight decay of the matrices and embeddings'),
+  beta1: float(0.9, 'AdamW beta1'),
+  beta2: float(0.95, 'AdamW beta2'),
+  grad_clip: float(1.0, 'clip gradients at this global norm; 0 disables clipping'),
+  decay_lr: bool(true, 'warm up then cosine-decay the learning rate; False keeps it constant'),
+  warmup_iters: int(2000, 'linear warmup iterations'),
+  lr_decay_iters: int(600000, 'iteration where the learning rate reaches min_lr'),
+  min_lr: float(6e-5, 'floor of the learning rate'),
+  backend: str('nccl', 'DDP backend (no effect: nanogpt-rs trains on one device)'),
+  device: str('cpu', "'cpu', or 'cuda' / 'cuda:N' where the engine was built with CUDA"),
+  dtype: str('float32', 'float32, bfloat16 or float16 (the cpu engine computes in float32)', dtypes),
+  compile: bool(true, 'torch.compile in nanoGPT (no effect here)'),
+  seed: int(1337, 'seeds model initialisation and batch sampling'),
+  data_dir: str('data', 'folder holding the prepared datasets'),
+} satisfies Schema;
+
+/** sample.py's globals (spec 3). */
+export const sampleSchema = {
+  init_from: str('resume', "'resume' (from out_dir); 'gpt2*' is not supported yet"),
+  out_dir: str('out', 'checkpoint directory'),
+  start: str('\n', "prompt text, or 'FILE:<path>' to read it from a file"),
+  num_samples: int(10, 'samples to draw'),
+  max_new_tokens: int(500, 'tokens generated per sample'),
+  temperature: float(0.8, '< 1 is more conservative, > 1 more random; must be > 0'),
+  top_k: int(200, 'sample only among the k most likely tokens; 0 = all'),
+  seed: int(1337, 'seeds the sampling'),
+  device: str('cpu', "'cpu', or 'cuda' / 'cuda:N' where the engine was built with CUDA"),
+  dtype: str('float32', 'float32, bfloat16 or float16 (the cpu engine computes in float32)', dtypes),
+  compile: bool(false, 'torch.compile in nanoGPT (no effect here)'),
+  data_dir: str('data', 'folder holding the prepared datasets (for the tokenizer in meta.json)'),
+} satisfies Schema;
+
+export type TrainConfig = ConfigOf<typeof trainSchema>;
+export type SampleConfig = ConfigOf<typeof sampleSchema>;
+
+export function defaultsOf<S extends Schema>(schema: S): ConfigOf<S> {
+  return Object.fromEntries(Object.entries(schema).map(([key, spec]) => [key, spec.default])) as ConfigOf<S>;
+}
+
+/**
+ * Processes command-line arguments like configurator.py, left to right, so later ones win: a bare argument is a
+ * config file (a TS/JS module whose default export holds overrides), `--key=value` overrides one key.
+ * Returns the overrides only; `resolveConfig` merges them over the defaults.
+ */
+export async function parseArgs<S extends Schema>(
+  schema: S,
+  args: readonly string[],
+  log: (line: string) => void = console.log,
+): Promise<Partial<ConfigOf<S>>> {
+  const overrides: Record<string, unknown> = {};
+  for (const arg of args) {
+    if (!arg.includes('=')) {
+      if (arg.startsWith('--')) throw new UserError(`${arg} has no value; write ${arg}=<value>`);
+      const { path, text, values } = await loadConfigFile(arg);
+      log(`Overriding config with ${path}:`);
+      log(text);
+      for (const [key, value] of Object.entries(values)) {
+        checkKey(schema, key, ` (in ${path})`);
+        overrides[key] = checkValue(key, schema[key], value, ` (in ${path})`);
+      }
+      continue;
+    }
+    if (!arg.startsWith('--')) throw new UserError(`cannot read argument '${arg}'; overrides are written --key=value`);
+    const eq = arg.indexOf('=');
+    const key = arg.slice(2, eq);
+    checkKey(schema, key);
+    const value = parseValue(key, schema[key], arg.slice(eq + 1));
+    log(`Overriding: ${key} = ${formatValue(value, schema[key].kind)}`);
+    overrides[key] = value;
+  }
+  return overrides as Partial<ConfigOf<S>>;
+}
+
+/** The full config: defaults, then `overrides` (checked, since library callers pass them unchecked). */
+export function resolveConfig<S extends Schema>(schema: S, overrides: Partial<ConfigOf<S>>): ConfigOf<S> {
+  const config: Record<string, unknown> = defaultsOf(schema);
+  for (const [key, value] of Object.entries(overrides)) {
+    checkKey(schema, key);
+    config[key] = checkValue(key, schema[key], value, '');
+  }
+  return config as ConfigOf<S>;
+}
+
+/**
+ * Notes for keys that are accepted for compatibility with nanoGPT's configs but change nothing on this engine.
+ * Only keys the user set are mentioned, so a plain run stays quiet.
+ */
+export function noEffectNotes(
+  config: { device: string; dtype: string; compile: boolean; wandb_log?: boolean },
+  overrides: object,
+): string[] {
+  const set = (key: string) => Object.hasOwn(overrides, key);
+  const notes: string[] = [];
+  if (set('backend')) notes.push('note: backend has no effect: nanogpt-rs trains on one device, without DDP');
+  if (set('compile') && config.compile) notes.push('note: compile has no effect: the candle engine has no torch.compile step');
+  if (set('dtype') && config.device === 'cpu' && config.dtype !== 'float32') {
+    notes.push(`note: dtype=${config.dtype} has no effect on cpu: the engine computes in float32`);
+  }
+  if (config.wandb_log) notes.push('note: wandb_log has no effect yet: Weights & Biases logging is not implemented');
+  return notes;
+}
+
+/** `--help` text: every key with its default, as it would be written on the command line. */
+export function describeKeys(schema: Schema): string {
+  const lines = Object.entries(schema).map(([key, spec]) => [`--${key}=${formatValue(spec.default, spec.kind)}`, spec.help]);
+  const width = Math.max(...lines.map(([flag]) => flag.length));
+  return lines.map(([flag, help]) => `  ${flag.padEnd(width)}  ${help}`).join('\n');
+}
+
+/** Python's spelling, which the parser accepts back: True/False, 1.0 for a float. */
+function formatValue(value: unknown, kind?: Kind): string {
+  if (typeof value === 'boolean') return value ? 'True' : 'False';
+  if (kind === 'float' && Number.isInteger(value)) return (value as number).toFixed(1);
+  if (typeof value === 'string' && /[\s"'\\]|^$/.test(value)) return JSON.stringify(value);
+  return String(value);
+}
+
+function checkKey(schema: Schema, key: string, where = ''): void {
+  if (Object.hasOwn(schema, key)) return;
+  throw new UserError(`unknown config key '${key}'${where}; did you mean '${closest(key, Object.keys(schema))}'? (--help lists every key)`);
+}
+
+const integerText = /^[+-]?\d+$/;
+const floatText = /^[+-]?(\d+\.?\d*|\.\d+)(e[+-]?\d+)?$/i;
+
+/** Reads a command-line value by the kind of the key's default; Python's spellings are accepted. */
+function parseValue(key: string, spec: KeySpec, text: string): KindValue[Kind] {
+  const wrongType = () =>
+    new UserError(`--${key} expects ${kindName[spec.kind]}, got '${text}'; write e.g. --${key}=${formatValue(spec.default, spec.kind)}`);
+  switch (spec.kind) {
+    case 'int':
+      if (!integerText.test(text)) throw wrongType();
+      return checkValue(key, spec, Number(text), '');
+    case 'float':
+      if (!floatText.test(text)) throw wrongType();
+      return Number(text);
+    case 'bool':
+      if (text === 'True' || text === 'true') return true;
+      if (text === 'False' || text === 'false') return false;
+      throw wrongType();
+    case 'str':
+      return checkValue(key, spec, unquote(text), '');
+  }
+}
+
+/** Checks a value that is already typed (from a config file or the library API). */
+function checkValue(key: string, spec: KeySpec, value: unknown, where: string): KindValue[Kind] {
+  const ok =
+    spec.kind === 'int' ? Number.isSafeInteger(value)
+    : spec.kind === 'float' ? typeof value === 'number' && Number.isFinite(value)
+    : typeof value === (spec.kind === 'bool' ? 'boolean' : 'string');
+  if (!ok) {
+    throw new UserError(`${key} expects ${kindName[spec.kind]}, got ${JSON.stringify(value)}${where}; e.g. ${key} = ${formatValue(spec.default, spec.kind)}`);
+  }
+  if (spec.choices && !spec.choices.includes(value as string)) {
+    throw new UserError(`${key} must be one of ${spec.choices.join(', ')}, got '${value}'${where}`);
+  }
+  return value as KindValue[Kind];
+}
+
+const kindName: Record<Kind, string> = {
+  int: 'an integer',
+  float: 'a number',
+  bool: 'True or False',
+  str: 'a string',
+};
+
+/** Quotes are optional, as with literal_eval's fallback; double quotes also read escapes such as \n. */
+function unquote(text: string): string {
+  const quoted = text.length >= 2 && (text[0] === '"' || text[0] === "'") && text.at(-1) === text[0];
+  if (!quoted) return text;
+  if (text[0] === '"') {
+    try {
+      return JSON.parse(text) as string;
+    } catch {
+      // not valid JSON escapes: keep the text between the quotes as written
+    }
+  }
+  return text.slice(1, -1);
+}
+
+const packageRoot = join(dirname(fileURLToPath(import.meta.url)), '..');
+
+/** A config path is relative to the working directory, falling back to the package (so `configs/…` always works). */
+async function loadConfigFile(arg: string): Promise<{ path: string; text: string; values: Record<string, unknown> }> {
+  const path = [resolve(arg), resolve(packageRoot, arg)].find((candidate) => existsSync(candidate));
+  if (!path) throw new UserError(`config file not found: ${arg}`);
+  let values: unknown;
+  try {
+    values = ((await import(pathToFileURL(path).href)) as { default?: unknown }).default;
+  } catch (err) {
+    throw new UserError(`cannot load config file ${arg}: ${firstLine(err)}`);
+  }
+  if (typeof values !== 'object' || values === null || Array.isArray(values)) {
+    throw new UserError(`config file ${arg} must \`export default\` an object of overrides, e.g. { batch_size: 32 }`);
+  }
+  return { path: arg, text: readFileSync(path, 'utf8'), values: values as Record<string, unknown> };
+}
+
+/** Levenshtein distance picks the key the user most likely meant. */
+function closest(word: string, candidates: readonly string[]): string {
+  let best = candidates[0];
+  let bestDistance = Infinity;
+  for (const candidate of candidates) {
+    const distance = editDistance(word, candidate);
+    if (distance < bestDistance) [best, bestDistance] = [candidate, distance];
+  }
+  return best;
+}
+
+function editDistance(a: string, b: string): number {
+  let previous = Array.from({ length: b.length + 1 }, (_, j) => j);
+  for (let i = 1; i <= a.length; i++) {
+    const current = [i];
+    for (let j = 1; j <= b.length; j++) {
+      current[j] = Math.min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (a[i - 1] === b[j - 1] ? 0 : 1));
+    }
+    previous = current;
+  }
+  return previous[b.length];
+}

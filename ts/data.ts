@@ -1,0 +1,219 @@
+// Datasets as nanoGPT lays them out: `<data_dir>/<dataset>/{train,val}.bin` (headerless little-endian uint16 token
+// ids) plus, for character-level data, `meta.json` with the vocabulary (nanoGPT's meta.pkl, as JSON).
+import { closeSync, existsSync, fstatSync, mkdirSync, openSync, readFileSync, readSync } from 'node:fs';
+import { basename, join } from 'node:path';
+import { firstLine, UserError } from './errors.ts';
+import { writeFileAtomic } from './files.ts';
+import type { Rng } from './rng.ts';
+
+export interface Meta {
+  vocab_size: number;
+  itos: Record<string, string>;
+  stoi: Record<string, number>;
+}
+
+/** nanoGPT's character-level tokenizer: the vocabulary is the sorted set of characters (by code point). */
+export class CharTokenizer {
+  private readonly stoi: Map<string, number>;
+
+  private constructor(private readonly itos: readonly string[]) {
+    this.stoi = new Map(itos.map((char, id) => [char, id]));
+  }
+
+  static fromText(text: string): CharTokenizer {
+    const chars = [...new Set(text)].sort((a, b) => a.codePointAt(0)! - b.codePointAt(0)!);
+    return new CharTokenizer(chars);
+  }
+
+  static fromMeta(meta: Meta): CharTokenizer {
+    return new CharTokenizer(Array.from({ length: meta.vocab_size }, (_, id) => meta.itos[id] ?? ''));
+  }
+
+  get vocabSize(): number {
+    return this.itos.length;
+  }
+
+  /** The whole vocabulary in id order. */
+  get characters(): string {
+    return this.itos.join('');
+  }
+
+  encode(text: string): Uint16Array {
+    const chars = [...text];
+    const ids = new Uint16Array(chars.length);
+    chars.forEach((char, i) => {
+      const id = this.stoi.get(char);
+      if (id === undefined) {
+        const code = `U+${char.codePointAt(0)!.toString(16).toUpperCase().padStart(4, '0')}`;
+        throw new UserError(`character ${JSON.stringify(char)} (${code}) is not in the ${this.vocabSize}-character vocabulary of this model; remove it from the prompt`);
+      }
+      ids[i] = id;
+    });
+    return ids;
+  }
+
+  decode(ids: ArrayLike<number>): string {
+    return Array.from(ids, (id) => this.itos[id]).join('');
+  }
+
+  toMeta(): Meta {
+    return {
+      vocab_size: this.vocabSize,
+      itos: Object.fromEntries(this.itos.map((char, id) => [id, char])),
+      stoi: Object.fromEntries(this.stoi),
+    };
+  }
+}
+
+/** The vocabulary recorded next to a dataset, or undefined for datasets without one (GPT-2 BPE). */
+export function readMeta(datasetDir: string): Meta | undefined {
+  const path = join(datasetDir, 'meta.json');
+  if (!existsSync(path)) return undefined;
+  try {
+    const meta = JSON.parse(readFileSync(path, 'utf8')) as Meta;
+    if (!Number.isInteger(meta.vocab_size) || typeof meta.itos !== 'object') throw new Error('missing vocab_size or itos');
+    return meta;
+  } catch (err) {
+    throw new UserError(`${path} is corrupt (${firstLine(err)}); run \`nanogpt-rs prepare\` for this dataset again`);
+  }
+}
+
+export interface PrepareOptions {
+  /** Folder holding the datasets; `data` under the working directory by default, like nanoGPT. */
+  dataDir?: string;
+  log?: (line: string) => void;
+}
+
+export interface PrepareResult {
+  train_tokens: number;
+  val_tokens: number;
+  vocab_size: number;
+}
+
+const shakespeareUrl = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt';
+const preparers: Record<string, (dir: string, log: (line: string) => void) => Promise<PrepareResult>> = {
+  shakespeare_char: prepareShakespeareChar,
+};
+
+/** Builds `<dataDir>/<dataset>/` from its raw text, like nanoGPT's `data/<dataset>/prepare.py`. */
+export async function prepare(dataset: string, options: PrepareOptions = {}): Promise<PrepareResult> {
+  const preparer = preparers[dataset];
+  if (!preparer) {
+    throw new UserError(`nanogpt-rs cannot prepare dataset '${dataset}' yet; available: ${Object.keys(preparers).join(', ')}`);
+  }
+  const dir = join(options.dataDir ?? 'data', dataset);
+  mkdirSync(dir, { recursive: true });
+  return preparer(dir, options.log ?? console.log);
+}
+
+/** data/shakespeare_char/prepare.py: the first 90% of the characters train, the rest validate. */
+async function prepareShakespeareChar(dir: string, log: (line: string) => void): Promise<PrepareResult> {
+  const inputPath = join(dir, 'input.txt');
+  if (!existsSync(inputPath)) await download(shakespeareUrl, inputPath);
+  const text = readFileSync(inputPath, 'utf8');
+  const tokenizer = CharTokenizer.fromText(text);
+  const ids = tokenizer.encode(text);
+  log(`length of dataset in characters: ${ids.length.toLocaleString('en-US')}`);
+  log(`all the unique characters: ${tokenizer.characters}`);
+  log(`vocab size: ${tokenizer.vocabSize.toLocaleString('en-US')}`);
+  const split = Math.floor(ids.length * 0.9);
+  const train = ids.subarray(0, split);
+  const val = ids.subarray(split);
+  log(`train has ${train.length.toLocaleString('en-US')} tokens`);
+  log(`val has ${val.length.toLocaleString('en-US')} tokens`);
+  writeFileAtomic(join(dir, 'train.bin'), toUint16LE(train));
+  writeFileAtomic(join(dir, 'val.bin'), toUint16LE(val));
+  writeFileAtomic(join(dir, 'meta.json'), JSON.stringify(tokenizer.toMeta()));
+  return { train_tokens: train.length, val_tokens: val.length, vocab_size: tokenizer.vocabSize };
+}
+
+async function download(url: string, path: string): Promise<void> {
+  let text: string;
+  try {
+    const response = await fetch(url);
+    if (!response.ok) throw new Error(`HTTP ${response.status}`);
+    text = await response.text();
+  } catch (err) {
+    throw new UserError(`could not download ${url} (${firstLine(err)}); save that file as ${path} and run again`);
+  }
+  writeFileAtomic(path, text);
+}
+
+function toUint16LE(ids: Uint16Array): Buffer {
+  const bytes = Buffer.alloc(ids.length * 2);
+  ids.forEach((id, i) => bytes.writeUInt16LE(id, i * 2));
+  return bytes;
+}
+
+export type Split = 'train' | 'val';
+
+export interface Batch {
+  /** batch_size rows of block_size input ids, row-major. */
+  x: Uint32Array;
+  /** The same windows shifted by one token: the targets. */
+  y: Int32Array;
+}
+
+/**
+ * nanoGPT's get_batch: each row is a window at a uniformly random offset in [0, tokens - block_size), drawn with
+ * replacement. Windows are read straight from the file at their byte offsets, so datasets larger than memory
+ * (OpenWebText's train.bin is 17 GB) cost nothing to open.
+ */
+export class BatchLoader {
+  private readonly files = new Map<Split, { fd: number; tokens: number }>();
+  private readonly window: Buffer;
+
+  constructor(
+    private readonly datasetDir: string,
+    private readonly batchSize: number,
+    private readonly blockSize: number,
+    private readonly rng: Rng,
+  ) {
+    this.window = Buffer.alloc((blockSize + 1) * 2);
+    for (const split of ['train', 'val'] as const) this.files.set(split, this.open(split));
+  }
+
+  next(split: Split): Batch {
+    const { fd, tokens } = this.files.get(split)!;
+    const T = this.blockSize;
+    const x = new Uint32Array(this.batchSize * T);
+    const y = new Int32Array(this.batchSize * T);
+    for (let row = 0; row < this.batchSize; row++) {
+      readTokens(fd, this.rng.nextInt(tokens - T), this.window);
+      for (let t = 0; t < T; t++) {
+        x[row * T + t] = this.window.readUInt16LE(t * 2);
+        y[row * T + t] = this.window.readUInt16LE(t * 2 + 2);
+      }
+    }
+    return { x, y };
+  }
+
+  close(): void {
+    for (const { fd } of this.files.values()) closeSync(fd);
+    this.files.clear();
+  }
+
+  private open(split: Split): { fd: number; tokens: number } {
+    const path = join(this.datasetDir, `${split}.bin`);
+    if (!existsSync(path)) {
+      throw new UserError(`no ${path}: the dataset is not prepared; run \`nanogpt-rs prepare ${basename(this.datasetDir)}\` first`);
+    }
+    const fd = openSync(path, 'r');
+    const tokens = Math.floor(fstatSync(fd).size / 2);
+    if (tokens <= this.blockSize) {
+      closeSync(fd);
+      throw new UserError(`${path} has ${tokens} tokens, too few for block_size ${this.blockSize}; lower --block_size`);
+    }
+    return { fd, tokens };
+  }
+}
+
+/** Fills `into` with the uint16 tokens starting at token `offset`; offsets are plain numbers, exact up to 2^53. */
+export function readTokens(fd: number, offset: number, into: Buffer): void {
+  let done = 0;
+  while (done < into.length) {
+    const read = readSync(fd, into, done, into.length - done, offset * 2 + done);
+    if (read === 0) throw new Error(`unexpected end of data file at byte ${offset * 2 + done}`);
+    done += read;
+  }
+}

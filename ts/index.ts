@@ -1,0 +1,7 @@
+// The library API: the CLI's commands as functions, plus the engine itself for custom loops.
+export { train, type TrainResult } from './train.ts';
+export { sample } from './sample.ts';
+export { prepare, type PrepareOptions, type PrepareResult } from './data.ts';
+export { Engine, type ModelArgs, type OptimizerArgs, type LrSchedule, type ParamGroups, type StepStats } from './engine.ts';
+export type { TrainConfig, SampleConfig } from './config.ts';
+export { UserError } from './errors.ts';

@@ -1,0 +1,59 @@
+// Text generation from a trained checkpoint, as nanoGPT's sample.py (spec section 3).
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { loadWithEngine, readCheckpointInfo, readWeights } from './checkpoint.ts';
+import { noEffectNotes, resolveConfig, sampleSchema, type SampleConfig } from './config.ts';
+import { CharTokenizer, readMeta } from './data.ts';
+import { Engine } from './engine.ts';
+import { firstLine, UserError } from './errors.ts';
+import { Rng } from './rng.ts';
+
+/** Prints each sample (prompt included) followed by a line of dashes, and returns them. */
+export async function sample(overrides: Partial<SampleConfig> = {}): Promise<string[]> {
+  const config = resolveConfig(sampleSchema, overrides);
+  for (const note of noEffectNotes(config, overrides)) console.log(note);
+  if (config.init_from !== 'resume') {
+    throw new UserError(`init_from=${config.init_from}: sampling from OpenAI GPT-2 weights is not supported yet; use init_from=resume`);
+  }
+  if (config.temperature <= 0) {
+    throw new UserError(`temperature must be above 0 (there is no greedy mode), got ${config.temperature}; try --temperature=0.1`);
+  }
+
+  const checkpoint = readCheckpointInfo(config.out_dir);
+  const weights = readWeights(config.out_dir);
+  const modelArgs = { ...checkpoint.model_args, dropout: 0 };
+  const engine = loadWithEngine(config.out_dir, 'weights', () => Engine.fromSafetensors(modelArgs, weights, config.device));
+
+  const datasetDir = join(config.data_dir, String(checkpoint.config.dataset));
+  const meta = readMeta(datasetDir);
+  if (!meta) {
+    throw new UserError(`no vocabulary at ${join(datasetDir, 'meta.json')}; GPT-2 (BPE) encoding is not supported yet, so sample from a character-level model, or set --data_dir`);
+  }
+  console.log(`Loading meta from ${join(datasetDir, 'meta.json')}...`);
+  const tokenizer = CharTokenizer.fromMeta(meta);
+
+  const prompt = tokenizer.encode(readPrompt(config.start));
+  if (prompt.length === 0) throw new UserError('the prompt is empty; pass some text with --start=<text>');
+
+  // One seeded stream gives each sample its own seed: samples differ, runs repeat.
+  const rng = new Rng(config.seed);
+  const samples: string[] = [];
+  for (let k = 0; k < config.num_samples; k++) {
+    const tokens = engine.generate(Uint32Array.from(prompt), config.max_new_tokens, config.temperature, config.top_k, rng.nextUint32());
+    const text = tokenizer.decode(tokens);
+    console.log(text);
+    console.log('---------------');
+    samples.push(text);
+  }
+  return samples;
+}
+
+function readPrompt(start: string): string {
+  if (!start.startsWith('FILE:')) return start;
+  const path = start.slice('FILE:'.length);
+  try {
+    return readFileSync(path, 'utf8');
+  } catch (err) {
+    throw new UserError(`cannot read the prompt file ${path} (${firstLine(err)}); fix the path in --start=FILE:<path>`);
+  }
+}

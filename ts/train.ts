@@ -1,0 +1,224 @@
+// The training loop, in the order of nanoGPT's train.py (spec section 2). The engine does the heavy lifting
+// (forward, backward, AdamW); this file decides what happens when, prints progress, and checkpoints.
+import { mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import {
+  loadWithEngine,
+  readCheckpointInfo,
+  readOptimizerState,
+  readWeights,
+  saveCheckpoint,
+} from './checkpoint.ts';
+import { noEffectNotes, resolveConfig, trainSchema, type TrainConfig } from './config.ts';
+import { BatchLoader, readMeta } from './data.ts';
+import { Engine, lrAt, type ModelArgs } from './engine.ts';
+import { firstLine, UserError } from './errors.ts';
+import { Progress } from './progress.ts';
+import { Rng } from './rng.ts';
+
+export interface TrainResult {
+  /** The last iteration this run reached (normally max_iters; 0 with eval_only). */
+  iter_num: number;
+  /** Optimizer steps taken by this run. */
+  iterations: number;
+  best_val_loss: number;
+  /** Losses of the last evaluation of this run; null if it ran none. */
+  last_eval: { train: number; val: number } | null;
+  wall_time_s: number;
+  out_dir: string;
+}
+
+export async function train(overrides: Partial<TrainConfig> = {}): Promise<TrainResult> {
+  const config = resolveConfig(trainSchema, overrides);
+  for (const note of noEffectNotes(config, overrides)) console.log(note);
+  checkTrainConfig(config);
+  const startedAt = performance.now();
+
+  const tokensPerIter = config.gradient_accumulation_steps * config.batch_size * config.block_size;
+  console.log(`tokens per iteration will be: ${thousands(tokensPerIter)}`);
+  mkdirSync(config.out_dir, { recursive: true });
+
+  // One seeded stream draws every batch, as torch's global RNG does in nanoGPT.
+  const datasetDir = join(config.data_dir, config.dataset);
+  const batches = new BatchLoader(datasetDir, config.batch_size, config.block_size, new Rng(config.seed));
+  try {
+    // --- model ---
+    let iterNum = 0;
+    let bestValLoss = 1e9;
+    const meta = readMeta(datasetDir);
+    if (meta) console.log(`found vocab_size = ${meta.vocab_size} (inside ${join(datasetDir, 'meta.json')})`);
+    let modelArgs: ModelArgs = {
+      n_layer: config.n_layer,
+      n_head: config.n_head,
+      n_embd: config.n_embd,
+      block_size: config.block_size,
+      bias: config.bias,
+      vocab_size: meta?.vocab_size ?? 50304,
+      dropout: config.dropout,
+    };
+    let engine: Engine;
+    if (config.init_from === 'scratch') {
+      console.log('Initializing a new model from scratch');
+      if (!meta) console.log('defaulting to vocab_size of GPT-2 to 50304 (50257 rounded up for efficiency)');
+      engine = createEngine(() => Engine.create(modelArgs, config.seed, config.device));
+    } else {
+      console.log(`Resuming training from ${config.out_dir}`);
+      const checkpoint = readCheckpointInfo(config.out_dir);
+      // The architecture must match the saved weights; only dropout may change.
+      modelArgs = { ...checkpoint.model_args, dropout: config.dropout };
+      if (config.block_size !== modelArgs.block_size) {
+        throw new UserError(`block_size ${config.block_size} differs from the checkpoint's ${modelArgs.block_size}; resume with --block_size=${modelArgs.block_size} (cropping is not supported yet)`);
+      }
+      const weights = readWeights(config.out_dir);
+      engine = loadWithEngine(config.out_dir, 'weights', () => Engine.fromSafetensors(modelArgs, weights, config.device));
+      iterNum = checkpoint.iter_num;
+      bestValLoss = checkpoint.best_val_loss;
+    }
+    console.log(`number of parameters: ${(engine.numParams(true) / 1e6).toFixed(2)}M`);
+
+    // --- optimizer ---
+    const groups = engine.configureOptimizer({
+      weight_decay: config.weight_decay,
+      beta1: config.beta1,
+      beta2: config.beta2,
+      grad_clip: config.grad_clip,
+    });
+    console.log(`num decayed parameter tensors: ${groups.decay_tensors}, with ${thousands(groups.decay_params)} parameters`);
+    console.log(`num non-decayed parameter tensors: ${groups.no_decay_tensors}, with ${thousands(groups.no_decay_params)} parameters`);
+    if (config.init_from === 'resume') {
+      const state = readOptimizerState(config.out_dir);
+      loadWithEngine(config.out_dir, 'optimizer', () => engine.loadOptimizer(state));
+    }
+
+    const estimateLoss = () => {
+      const mean = (split: 'train' | 'val') => {
+        let sum = 0;
+        for (let k = 0; k < config.eval_iters; k++) {
+          const { x, y } = batches.next(split);
+          sum += engine.evalLoss(x, y, config.batch_size);
+        }
+        return sum / config.eval_iters;
+      };
+      return { train: mean('train'), val: mean('val') };
+    };
+
+    // --- training loop ---
+    const schedule = {
+      learning_rate: config.learning_rate,
+      min_lr: config.min_lr,
+      warmup_iters: config.warmup_iters,
+      lr_decay_iters: config.lr_decay_iters,
+      decay_lr: config.decay_lr,
+    };
+    const mfu = new MfuMeter(config, modelArgs, engine.numParams(true));
+    const progress = new Progress(process.stdout, config.max_iters);
+    let lastEval: TrainResult['last_eval'] = null;
+    const firstIter = iterNum;
+    let { x, y } = batches.next('train');
+    let t0 = performance.now();
+    for (;;) {
+      const lr = config.decay_lr ? lrAt(iterNum, schedule) : config.learning_rate;
+
+      if (iterNum % config.eval_interval === 0) {
+        lastEval = estimateLoss();
+        progress.print(`step ${iterNum}: train loss ${lastEval.train.toFixed(4)}, val loss ${lastEval.val.toFixed(4)}`);
+        if (lastEval.val < bestValLoss || config.always_save_checkpoint) {
+          bestValLoss = lastEval.val;
+          if (iterNum > 0) {
+            progress.print(`saving checkpoint to ${config.out_dir}`);
+            saveCheckpoint(config.out_dir, engine, { model_args: modelArgs, iter_num: iterNum, best_val_loss: bestValLoss, config });
+          }
+        }
+      }
+      // As in nanoGPT, eval_only stops only a run that starts at iteration 0.
+      if (iterNum === 0 && config.eval_only) break;
+
+      // Gradients accumulate over the micro-steps, each scaled so the sum is the mean over all of them.
+      let loss = 0;
+      for (let microStep = 0; microStep < config.gradient_accumulation_steps; microStep++) {
+        loss = engine.forwardBackward(x, y, config.batch_size, 1 / config.gradient_accumulation_steps);
+        ({ x, y } = batches.next('train'));
+      }
+      engine.step(lr);
+
+      const t1 = performance.now();
+      const dt = t1 - t0;
+      t0 = t1;
+      if (iterNum % config.log_interval === 0) {
+        // Like nanoGPT, the loss shown is the last micro-batch's, not the mean over the step.
+        progress.log(`iter ${iterNum}: loss ${loss.toFixed(4)}, time ${dt.toFixed(2)}ms, mfu ${mfu.update(iterNum - firstIter, dt)}`);
+      }
+      progress.update(iterNum, loss);
+      iterNum += 1;
+      if (iterNum > config.max_iters) break;
+    }
+    progress.finish();
+
+    const iterations = iterNum - firstIter;
+    return {
+      iter_num: iterations > 0 ? iterNum - 1 : iterNum,
+      iterations,
+      best_val_loss: bestValLoss,
+      last_eval: lastEval,
+      wall_time_s: (performance.now() - startedAt) / 1000,
+      out_dir: config.out_dir,
+    };
+  } finally {
+    batches.close();
+  }
+}
+
+function checkTrainConfig(config: TrainConfig): void {
+  if (config.init_from.startsWith('gpt2')) {
+    throw new UserError(`init_from=${config.init_from}: starting from OpenAI GPT-2 weights is not supported yet; use init_from=scratch or resume`);
+  }
+  if (config.init_from !== 'scratch' && config.init_from !== 'resume') {
+    throw new UserError(`init_from must be 'scratch' or 'resume', got '${config.init_from}'`);
+  }
+  const positive = ['eval_interval', 'log_interval', 'eval_iters', 'gradient_accumulation_steps', 'batch_size', 'block_size'] as const;
+  for (const key of positive) {
+    if (config[key] < 1) throw new UserError(`${key} must be at least 1, got ${config[key]}`);
+  }
+}
+
+/** Model creation fails for reasons the engine explains (not built, no CUDA, bad shape); keep that to one line. */
+function createEngine(create: () => Engine): Engine {
+  try {
+    return create();
+  } catch (err) {
+    throw new UserError(`cannot create the model: ${firstLine(err)}`);
+  }
+}
+
+/**
+ * nanoGPT's model FLOPs utilisation (spec 1.14): achieved FLOP/s over an A100's bf16 peak, smoothed. The
+ * reference peak only means something on a GPU, so on cpu it reads "n/a".
+ */
+class MfuMeter {
+  private running = -1;
+  private readonly flopsPerIter: number;
+
+  constructor(
+    private readonly config: TrainConfig,
+    args: ModelArgs,
+    nonEmbeddingParams: number,
+  ) {
+    const headDim = args.n_embd / args.n_head;
+    const flopsPerToken = 6 * nonEmbeddingParams + 12 * args.n_layer * args.n_head * headDim * args.block_size;
+    this.flopsPerIter = flopsPerToken * args.block_size * config.batch_size * config.gradient_accumulation_steps;
+  }
+
+  /** Folds in an iteration of `dtMs` (the first five of a run are skipped as warm-up) and formats the result. */
+  update(localIter: number, dtMs: number): string {
+    if (!this.config.device.startsWith('cuda')) return 'n/a';
+    if (localIter >= 5) {
+      const mfu = this.flopsPerIter / (dtMs / 1000) / 312e12;
+      this.running = this.running === -1 ? mfu : 0.9 * this.running + 0.1 * mfu;
+    }
+    return `${(this.running * 100).toFixed(2)}%`;
+  }
+}
+
+function thousands(n: number): string {
+  return n.toLocaleString('en-US');
+}
