@@ -1,0 +1,170 @@
+#!/usr/bin/env bash
+# nanoGPT's README CPU recipe, run with this engine and with the PyTorch reference (../shared/bench/torch_ref.py)
+# on the same machine, one after the other; prints both training wall times, their ratio and both val losses.
+#
+# Usage: bash bench/cpu.sh [--iters=N]      (or MAX_ITERS=N; default 2000, the recipe's length)
+#   SHARED_DIR=<dir>  where torch_ref.py lives (default: ../shared beside the repository)
+#   KEEP=1            keep the checkpoint directory as well as the logs
+#
+# Both sides time the training loop (evaluations included) and leave out start-up: torch_ref.py reports the time
+# from just before its loop; ours is measured from the last line printed before the loop (the optimizer groups)
+# to the end of the output. The whole process time of ours is printed too.
+set -euo pipefail
+export LC_ALL=C  # "." as the decimal point in $EPOCHREALTIME and awk
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+root=$(pwd)
+
+iters=${MAX_ITERS:-2000}
+for arg in "$@"; do
+  case "$arg" in
+    --iters=*) iters=${arg#--iters=} ;;
+    -h | --help) sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "error: unknown argument '$arg'; usage: bash bench/cpu.sh [--iters=N]" >&2; exit 2 ;;
+  esac
+done
+if ! [[ "$iters" =~ ^[1-9][0-9]*$ ]]; then
+  echo "error: --iters expects a positive integer, got '$iters'" >&2
+  exit 2
+fi
+# The recipe evaluates every 250 iterations; a shorter run that is not a multiple of 250 evaluates at 0 and N only,
+# so that both sides always report the val loss at the last iteration.
+eval_interval=250
+if (( iters % 250 != 0 )); then eval_interval=$iters; fi
+
+shared=${SHARED_DIR:-$root/../shared}
+if [ -d "$shared" ]; then shared=$(cd "$shared" && pwd); fi
+torch_ref=$shared/bench/torch_ref.py
+text=$root/data/shakespeare_char/input.txt
+[ -f "$shared/data/tinyshakespeare.txt" ] && text=$shared/data/tinyshakespeare.txt
+
+# The same model and recipe on both sides.
+shape=(--eval_iters=20 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128
+  --max_iters="$iters" --lr_decay_iters="$iters" --dropout=0.0 --eval_interval="$eval_interval")
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/nanogpt-bench-cpu.XXXXXX")
+out_dir=$work/out
+cleanup() { if [ "${KEEP:-0}" != 1 ]; then rm -rf "$out_dir"; fi; }
+trap cleanup EXIT
+
+section() { printf '\n==== %s ====\n' "$*"; }
+# Timings only compare when nothing else competes for the cores (PyTorch's threads suffer most from sharing).
+busy=''
+check_load() {
+  local load
+  load=$(cut -d' ' -f1 /proc/loadavg 2>/dev/null || echo 0)
+  echo "load:  $load (1-minute average before this run)"
+  if awk -v l="$load" 'BEGIN { exit !(l > 0.5) }'; then busy="$busy $1 (load $load)"; fi
+}
+
+section "machine"
+echo "cpu:   $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//' || echo '?'), $(nproc) cores"
+echo "node:  $(node --version)"
+echo "iters: $iters (eval every $eval_interval, eval_iters=20)"
+echo "logs:  $work"
+
+if ! ls native/*.node >/dev/null 2>&1; then
+  echo "error: the native engine is not built (no native/*.node); run \`npm install\` (or \`npm run build:native\`) first" >&2
+  exit 1
+fi
+
+# ---------------------------------------------------------------- reference (PyTorch), baseline first
+ref_ok=0
+ref_wall='' ref_val='' ref_why=''
+section "reference: torch_ref.py (PyTorch)"
+if [ ! -f "$torch_ref" ]; then
+  ref_why="$torch_ref not found (set SHARED_DIR)"
+elif ! command -v python3 >/dev/null 2>&1; then
+  ref_why="python3 is not installed"
+elif ! python3 -c 'import torch, numpy' >/dev/null 2>&1; then
+  ref_why="python3 cannot import torch (and numpy); pip install torch numpy"
+else
+  check_load reference
+  echo "torch: $(python3 -c 'import torch; print(torch.__version__, "threads:", torch.get_num_threads())' 2>/dev/null)"
+  ref_cmd=(python3 "$torch_ref" train --text="$text" --device=cpu --compile=0 "${shape[@]}")
+  echo "\$ ${ref_cmd[*]}"
+  set +e
+  "${ref_cmd[@]}" 2>&1 | tee "$work/torch_ref.log" | grep --line-buffered -E '^step '
+  ref_status=${PIPESTATUS[0]}
+  set -e
+  if [ "$ref_status" = 0 ]; then
+    parsed=$(python3 - "$work/torch_ref.log" <<'PY'
+import json, sys
+line = [l for l in open(sys.argv[1], encoding="utf-8") if l.startswith("RESULT ")][-1]
+res = json.loads(line[len("RESULT "):])
+it, _train, val, _t = res["history"][-1]
+print(res["wall_s"], f"{val:.4f}", it)
+PY
+    ) || parsed=''
+    read -r ref_wall ref_val ref_last <<< "$parsed" || true
+    if [ -z "$parsed" ]; then
+      ref_why="no RESULT line in $work/torch_ref.log"
+    elif [ "$ref_last" != "$iters" ]; then
+      ref_why="its last evaluation is at iteration $ref_last, not $iters"
+    else
+      ref_ok=1
+    fi
+  else
+    tail -n 20 "$work/torch_ref.log" >&2
+    ref_why="torch_ref.py failed (log: $work/torch_ref.log)"
+  fi
+fi
+[ "$ref_ok" = 1 ] || echo "reference skipped: $ref_why"
+
+# ---------------------------------------------------------------- ours
+section "ours: nanogpt-rs"
+if [ ! -f data/shakespeare_char/train.bin ] || [ ! -f data/shakespeare_char/val.bin ] || [ ! -f data/shakespeare_char/meta.json ]; then
+  node bin/nanogpt-rs.js prepare shakespeare_char
+fi
+ours_cmd=(node bin/nanogpt-rs.js train configs/train_shakespeare_char.ts --device=cpu --compile=False --log_interval=1
+  "${shape[@]}" --out_dir="$out_dir")
+check_load ours
+echo "\$ ${ours_cmd[*]}"
+# Each output line is stamped with the time it arrived; the loop starts right after the optimizer-groups line.
+start_ns=$(date +%s%N)
+set +e
+exec 3>&1
+"${ours_cmd[@]}" 2>&1 | while IFS= read -r line; do
+  printf '%s %s\n' "$EPOCHREALTIME" "$line"
+  if [[ "$line" == "step "* ]]; then printf '%s\n' "$line" >&3; fi
+done > "$work/ours.log"
+ours_status=${PIPESTATUS[0]}
+exec 3>&-
+set -e
+end_ns=$(date +%s%N)
+if [ "$ours_status" != 0 ]; then
+  cut -d' ' -f2- "$work/ours.log" | tail -n 20 >&2
+  echo "error: nanogpt-rs train failed (exit $ours_status; log: $work/ours.log)" >&2
+  exit 1
+fi
+ours_process=$(awk -v a="$start_ns" -v b="$end_ns" 'BEGIN { printf "%.1f", (b - a) / 1e9 }')
+ours_wall=$(awk '
+  / num non-decayed parameter tensors/ { t0 = $1 }
+  { last = $1 }
+  END { if (t0 == "") exit 1; printf "%.1f", last - t0 }' "$work/ours.log") || {
+  echo "error: could not find the start of the training loop in $work/ours.log" >&2
+  exit 1
+}
+ours_val=$(cut -d' ' -f2- "$work/ours.log" | sed -n "s/^step $iters: train loss [0-9.]*, val loss \([0-9.]*\)$/\1/p" | tail -n 1)
+if [ -z "$ours_val" ]; then
+  echo "error: no 'step $iters: ... val loss' line in $work/ours.log" >&2
+  exit 1
+fi
+
+# ---------------------------------------------------------------- summary
+section "summary: README CPU recipe, $iters iterations, $(nproc) cores"
+printf '%-22s %18s %20s\n' "" "training wall (s)" "val loss @ $iters"
+printf '%-22s %18s %20s\n' "nanogpt-rs (ours)" "$ours_wall" "$ours_val"
+if [ "$ref_ok" = 1 ]; then
+  printf '%-22s %18s %20s\n' "torch_ref.py (PyTorch)" "$ref_wall" "$ref_val"
+  ratio=$(awk -v a="$ours_wall" -v b="$ref_wall" 'BEGIN { printf "%.2f", a / b }')
+  printf '%-22s %18s\n' "ratio ours / ref" "$ratio"
+else
+  echo "torch_ref.py (PyTorch): not run: $ref_why"
+fi
+echo
+echo "training wall = the training loop with its evaluations, start-up excluded; ours as a whole process: ${ours_process} s"
+echo "eval_iters=20 makes each val loss noisy (about +-0.03)."
+if [ -n "$busy" ]; then
+  echo "warning: other processes were using the CPU before:$busy; the times (and the ratio) are unreliable, rerun on an idle machine"
+fi
