@@ -560,3 +560,47 @@ impl CustomOp2 for CrossEntropy {
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     logits.contiguous()?.apply_op2(&targets.to_dtype(DType::I64)?.contiguous()?, CrossEntropy)
 }
+
+// ---------------------------------------------------------------------------------------------
+// AdamW: one pass over parameter, gradient and both moments instead of a dozen tensor ops.
+
+pub struct AdamWUpdate {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Multiplies the gradient first (global-norm clipping).
+    pub grad_scale: f64,
+    pub step_size: f64,
+    pub bias_correction2_sqrt: f64,
+}
+
+impl AdamWUpdate {
+    /// The new parameter and moments, PyTorch's AdamW arithmetic element by element.
+    pub fn apply(&self, param: &Tensor, grad: &Tensor, exp_avg: &Tensor, exp_avg_sq: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let n = param.elem_count();
+        let (mut p, mut m, mut v) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+        with_f32(param, |p0| {
+            with_f32(grad, |g| {
+                with_f32(exp_avg, |m0| {
+                    with_f32(exp_avg_sq, |v0| {
+                        let (b1, b2) = (self.beta1 as f32, self.beta2 as f32);
+                        let decay = (1.0 - self.lr * self.weight_decay) as f32;
+                        let (scale, step, bc2, eps) =
+                            (self.grad_scale as f32, self.step_size as f32, self.bias_correction2_sqrt as f32, self.eps as f32);
+                        for i in 0..n {
+                            let gi = g[i] * scale;
+                            m[i] = b1 * m0[i] + (1.0 - b1) * gi;
+                            v[i] = b2 * v0[i] + (1.0 - b2) * gi * gi;
+                            p[i] = p0[i] * decay - step * m[i] / (v[i].sqrt() / bc2 + eps);
+                        }
+                        Ok(())
+                    })
+                })
+            })
+        })?;
+        let shape = param.dims();
+        Ok((tensor(p, shape, param)?, tensor(m, shape, param)?, tensor(v, shape, param)?))
+    }
+}

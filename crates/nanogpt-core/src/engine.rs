@@ -129,13 +129,15 @@ impl Engine {
     pub fn forward_backward(&mut self, x: &[u32], y: &[i32], batch_size: usize, loss_scale: f64) -> Result<f32> {
         let (x, y) = self.batch(x, y, batch_size)?;
         let loss = self.model.loss(&x, &y, &mut Mode::Train(&mut self.rng))?;
-        let mut store = loss.backward()?;
+        // Scaling the loss scales every gradient, at the cost of one scalar op.
+        let scaled = if loss_scale == 1.0 { loss.clone() } else { loss.affine(loss_scale, 0.0)? };
+        let mut store = scaled.backward()?;
         let mut grads = Vec::new();
         for (name, var) in self.model.named_parameters() {
             let g = store
                 .remove(var.as_tensor())
                 .ok_or_else(|| candle_core::Error::Msg(format!("no gradient reached `{name}`")))?;
-            grads.push((g * loss_scale)?);
+            grads.push(g);
         }
         self.grads = Some(match self.grads.take() {
             None => grads,

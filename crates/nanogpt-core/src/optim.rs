@@ -120,13 +120,22 @@ impl AdamW {
         let bias_correction1 = 1.0 - b1.powi(self.step as i32);
         let bias_correction2_sqrt = (1.0 - b2.powi(self.step as i32)).sqrt();
         let step_size = lr / bias_correction1;
+        let weight_decay = self.args.weight_decay;
         for (slot, grad) in self.slots.iter_mut().zip(grads) {
+            let decay = if slot.decays { weight_decay } else { 0.0 };
+            if slot.param.device().is_cpu() {
+                let update = crate::cpu_ops::AdamWUpdate { lr, beta1: b1, beta2: b2, eps: EPS, weight_decay: decay, grad_scale, step_size, bias_correction2_sqrt };
+                let (p, m, v) = update.apply(slot.param.as_tensor(), grad, &slot.exp_avg, &slot.exp_avg_sq)?;
+                slot.param.set(&p)?;
+                (slot.exp_avg, slot.exp_avg_sq) = (m, v);
+                continue;
+            }
             let g = grad.affine(grad_scale, 0.0)?;
             slot.exp_avg = ((&slot.exp_avg * b1)? + (&g * (1.0 - b1))?)?;
             slot.exp_avg_sq = ((&slot.exp_avg_sq * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let denom = ((slot.exp_avg_sq.sqrt()? / bias_correction2_sqrt)? + EPS)?;
             let p = slot.param.as_tensor();
-            let decayed = if slot.decays { (p * (1.0 - lr * self.args.weight_decay))? } else { p.clone() };
+            let decayed = (p * (1.0 - lr * decay))?;
             let updated = (decayed - (slot.exp_avg.div(&denom)? * step_size)?)?;
             slot.param.set(&updated)?;
         }
