@@ -56,12 +56,6 @@ fn sum(a: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// y += a * x
-#[inline(always)]
-fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    y.iter_mut().zip(x).for_each(|(y, x)| *y += a * x);
-}
-
 // ---------------------------------------------------------------------------------------------
 // LayerNorm over the last dimension (eps inside the square root, as PyTorch).
 
@@ -312,9 +306,10 @@ pub fn gelu(x: &Tensor, tanh: bool) -> Result<Tensor> {
 
 // ---------------------------------------------------------------------------------------------
 // Causal self-attention from the fused q,k,v projection (B, T, 3C) to the merged heads (B, T, C),
-// with optional dropout on the attention weights. Probabilities and dropout decisions are
-// recomputed in the backward pass instead of being stored (the dropout mask comes from a hash of
-// the position, as flash attention does), so memory stays O(T) per head instead of O(T^2).
+// with optional dropout on the attention weights. Each (batch row, head) is four small matrix
+// products and a row softmax; probabilities and dropout decisions are recomputed in the backward
+// pass instead of being kept (the dropout mask is a hash of the position, as in flash attention),
+// so autograd holds no (B, H, T, T) tensor.
 
 #[derive(Clone, Copy)]
 pub struct AttentionDropout {
@@ -344,64 +339,88 @@ struct CausalAttention {
     dropout: Option<AttentionDropout>,
 }
 
-/// One (batch row, head): its queries, and its keys and values transposed to (head size, T) so
-/// that the scores of one query against all keys are a vectorised sweep over keys.
-struct Head<'a> {
-    qkv: &'a [f32],
+/// A matrix view into a slice: element (r, c) sits at `ptr + r * row_stride + c * col_stride`.
+#[derive(Clone, Copy)]
+struct View {
+    ptr: *const f32,
+    row_stride: isize,
+    col_stride: isize,
+}
+
+impl View {
+    fn rows(ptr: *const f32, row_stride: usize) -> Self {
+        Self { ptr, row_stride: row_stride as isize, col_stride: 1 }
+    }
+
+    fn t(self) -> Self {
+        Self { ptr: self.ptr, row_stride: self.col_stride, col_stride: self.row_stride }
+    }
+}
+
+/// dst (m x n, rows `dst_row_stride` apart) = scale * lhs (m x k) * rhs (k x n), on this thread
+/// only: the callers already run one batch row per thread.
+///
+/// Safety: every view must address valid memory for its shape, and dst must not overlap lhs or rhs.
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul_into(dst: *mut f32, dst_row_stride: usize, m: usize, n: usize, k: usize, lhs: View, rhs: View, scale: f32) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_row_stride as isize,
+        false,
+        lhs.ptr,
+        lhs.col_stride,
+        lhs.row_stride,
+        rhs.ptr,
+        rhs.col_stride,
+        rhs.row_stride,
+        0.0,
+        scale,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
+}
+
+/// The (T, T) attention matrices of one (batch row, head): the probabilities and the weights
+/// actually applied to the values (the probabilities after dropout).
+struct Scores {
     t: usize,
-    c: usize,
-    hs: usize,
-    offset: usize,
-    scale: f32,
-    keys_t: Vec<f32>,
-    values_t: Vec<f32>,
+    probs: Vec<f32>,
+    weights: Vec<f32>,
 }
 
-impl<'a> Head<'a> {
-    fn new(qkv: &'a [f32], t: usize, c: usize, n_head: usize, h: usize) -> Self {
-        let hs = c / n_head;
-        let offset = h * hs;
-        let (mut keys_t, mut values_t) = (vec![0f32; hs * t], vec![0f32; hs * t]);
-        for j in 0..t {
-            for e in 0..hs {
-                keys_t[e * t + j] = qkv[j * 3 * c + c + offset + e];
-                values_t[e * t + j] = qkv[j * 3 * c + 2 * c + offset + e];
+impl Scores {
+    fn new(t: usize) -> Self {
+        Self { t, probs: vec![0f32; t * t], weights: vec![0f32; t * t] }
+    }
+
+    /// probs = causal softmax(q kᵀ * scale); weights = probs after dropout.
+    fn compute(&mut self, q: View, k: View, hs: usize, scale: f32, dropout: Option<(AttentionDropout, usize)>) {
+        let t = self.t;
+        // SAFETY: q and k address t rows of hs elements inside one batch row's qkv slab.
+        unsafe { matmul_into(self.probs.as_mut_ptr(), t, t, t, hs, q, k.t(), scale) };
+        for (i, row) in self.probs.chunks_exact_mut(t).enumerate() {
+            let (seen, future) = row.split_at_mut(i + 1);
+            future.fill(0.0);
+            let max = seen.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            seen.iter_mut().for_each(|x| *x = exp(*x - max));
+            let inv = 1.0 / sum(seen);
+            seen.iter_mut().for_each(|x| *x *= inv);
+        }
+        match dropout {
+            Some((d, bh)) => {
+                for (i, (w, p)) in self.weights.chunks_exact_mut(t).zip(self.probs.chunks_exact(t)).enumerate() {
+                    for j in 0..t {
+                        w[j] = if j <= i { p[j] * d.scale(bh, i, j, t) } else { 0.0 };
+                    }
+                }
             }
-        }
-        Self { qkv, t, c, hs, offset, scale: 1.0 / (hs as f32).sqrt(), keys_t, values_t }
-    }
-
-    fn query(&self, i: usize) -> &'a [f32] {
-        &self.qkv[i * 3 * self.c + self.offset..][..self.hs]
-    }
-
-    fn key(&self, j: usize) -> &'a [f32] {
-        &self.qkv[j * 3 * self.c + self.c + self.offset..][..self.hs]
-    }
-
-    fn value(&self, j: usize) -> &'a [f32] {
-        &self.qkv[j * 3 * self.c + 2 * self.c + self.offset..][..self.hs]
-    }
-
-    /// softmax(q_i · k_j * scale) over j <= i, into `p[..=i]`.
-    fn probabilities(&self, i: usize, p: &mut [f32]) {
-        let p = &mut p[..=i];
-        p.fill(0.0);
-        for (e, &q) in self.query(i).iter().enumerate() {
-            axpy(p, q * self.scale, &self.keys_t[e * self.t..][..=i]);
-        }
-        let max = p.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        p.iter_mut().for_each(|x| *x = exp(*x - max));
-        let inv = 1.0 / sum(p);
-        p.iter_mut().for_each(|x| *x *= inv);
-    }
-}
-
-impl CausalAttention {
-    fn dropped(&self, bh: usize, i: usize, t: usize, p: &[f32], out: &mut [f32]) {
-        match self.dropout {
-            Some(d) => (0..=i).for_each(|j| out[j] = p[j] * d.scale(bh, i, j, t)),
-            None => out[..=i].copy_from_slice(&p[..=i]),
+            None => self.weights.copy_from_slice(&self.probs),
         }
     }
 }
@@ -414,20 +433,18 @@ impl CustomOp1 for CausalAttention {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let qkv = contiguous_f32(s, l)?;
         let &[b, t, c3] = l.dims() else { candle_core::bail!("attention expects (batch, time, 3*n_embd)") };
-        let c = c3 / 3;
+        let (c, nh) = (c3 / 3, self.n_head);
+        let hs = c / nh;
+        let scale = 1.0 / (hs as f32).sqrt();
         let mut y = vec![0f32; b * t * c];
         y.par_chunks_mut(t * c).zip(qkv.par_chunks(t * c3)).enumerate().for_each(|(row, (y, qkv))| {
-            let (mut p, mut weights) = (vec![0f32; t], vec![0f32; t]);
-            for h in 0..self.n_head {
-                let head = Head::new(qkv, t, c, self.n_head, h);
-                for i in 0..t {
-                    head.probabilities(i, &mut p);
-                    self.dropped(row * self.n_head + h, i, t, &p, &mut weights);
-                    let yi = &mut y[i * c + head.offset..][..head.hs];
-                    for (j, &w) in weights[..=i].iter().enumerate() {
-                        axpy(yi, w, head.value(j));
-                    }
-                }
+            let mut scores = Scores::new(t);
+            for h in 0..nh {
+                let view = |offset: usize| View::rows(qkv[offset..].as_ptr(), c3);
+                scores.compute(view(h * hs), view(c + h * hs), hs, scale, self.dropout.map(|d| (d, row * nh + h)));
+                let weights = View::rows(scores.weights.as_ptr(), t);
+                // SAFETY: head h's columns of y's t rows lie inside this batch row's slab.
+                unsafe { matmul_into(y[h * hs..].as_mut_ptr(), c, t, hs, t, weights, view(2 * c + h * hs), 1.0) };
             }
         });
         Ok((CpuStorage::F32(y), Shape::from((b, t, c))))
@@ -435,41 +452,46 @@ impl CustomOp1 for CausalAttention {
 
     fn bwd(&self, qkv_t: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         let (_, t, c3) = qkv_t.dims3()?;
-        let c = c3 / 3;
+        let (c, nh) = (c3 / 3, self.n_head);
+        let hs = c / nh;
+        let scale = 1.0 / (hs as f32).sqrt();
         let dqkv = with_f32(qkv_t, |qkv| {
             with_f32(dy, |dy| {
                 let mut dqkv = vec![0f32; qkv.len()];
                 dqkv.par_chunks_mut(t * c3).zip(qkv.par_chunks(t * c3).zip(dy.par_chunks(t * c))).enumerate().for_each(
                     |(row, (dqkv, (qkv, dy)))| {
-                        let (mut p, mut weights, mut dp) = (vec![0f32; t], vec![0f32; t], vec![0f32; t]);
-                        for h in 0..self.n_head {
-                            let head = Head::new(qkv, t, c, self.n_head, h);
-                            let (hs, off) = (head.hs, head.offset);
-                            let bh = row * self.n_head + h;
-                            for i in 0..t {
-                                head.probabilities(i, &mut p);
-                                self.dropped(bh, i, t, &p, &mut weights);
-                                let dyi = &dy[i * c + off..][..hs];
-                                // Gradient of the (dropped) weights, then back through dropout.
-                                let dp = &mut dp[..=i];
-                                dp.fill(0.0);
-                                for (e, &g) in dyi.iter().enumerate() {
-                                    axpy(dp, g, &head.values_t[e * t..][..=i]);
-                                }
-                                for (j, &w) in weights[..=i].iter().enumerate() {
-                                    axpy(&mut dqkv[j * c3 + 2 * c + off..][..hs], w, dyi);
-                                }
+                        let mut scores = Scores::new(t);
+                        let mut grad = vec![0f32; t * t];
+                        for h in 0..nh {
+                            let (q, k, v) = (h * hs, c + h * hs, 2 * c + h * hs);
+                            let view = |offset: usize| View::rows(qkv[offset..].as_ptr(), c3);
+                            let dy_h = View::rows(dy[h * hs..].as_ptr(), c);
+                            let bh = row * nh + h;
+                            scores.compute(view(q), view(k), hs, scale, self.dropout.map(|d| (d, bh)));
+                            let weights = View::rows(scores.weights.as_ptr(), t);
+                            // SAFETY: the views stay inside this batch row's qkv, dy and score buffers,
+                            // and each destination is its own head slice of dqkv, or `grad`.
+                            unsafe {
+                                // dV = Wᵀ dY, and the gradient of the applied weights dW = dY Vᵀ.
+                                matmul_into(dqkv[v..].as_mut_ptr(), c3, t, hs, t, weights.t(), dy_h, 1.0);
+                                matmul_into(grad.as_mut_ptr(), t, t, t, hs, dy_h, view(v).t(), 1.0);
+                            }
+                            // Back through dropout and the softmax: dS = P * (dP - rowsum(P * dP)) * scale.
+                            for (i, (g, p)) in grad.chunks_exact_mut(t).zip(scores.probs.chunks_exact(t)).enumerate() {
                                 if let Some(d) = self.dropout {
-                                    (0..=i).for_each(|j| dp[j] *= d.scale(bh, i, j, t));
+                                    (0..=i).for_each(|j| g[j] *= d.scale(bh, i, j, t));
                                 }
-                                // Back through the softmax, then the scaled dot products.
-                                let p_dot_dp = dot(&p[..=i], dp);
-                                let (dq_start, q) = (i * c3 + off, head.query(i));
-                                for j in 0..=i {
-                                    let ds = p[j] * (dp[j] - p_dot_dp) * head.scale;
-                                    axpy(&mut dqkv[dq_start..][..hs], ds, head.key(j));
-                                    axpy(&mut dqkv[j * c3 + c + off..][..hs], ds, q);
+                                let p_dot_g = dot(&p[..=i], &g[..=i]);
+                                for j in 0..t {
+                                    g[j] = if j <= i { p[j] * (g[j] - p_dot_g) * scale } else { 0.0 };
                                 }
+                            }
+                            let ds = View::rows(grad.as_ptr(), t);
+                            // SAFETY: as above.
+                            unsafe {
+                                // dQ = dS K, dK = dSᵀ Q.
+                                matmul_into(dqkv[q..].as_mut_ptr(), c3, t, hs, t, ds, view(k), 1.0);
+                                matmul_into(dqkv[k..].as_mut_ptr(), c3, t, hs, t, ds.t(), view(q), 1.0);
                             }
                         }
                     },
