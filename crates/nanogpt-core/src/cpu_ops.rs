@@ -57,6 +57,130 @@ fn sum(a: &[f32]) -> f32 {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Linear layer y = x wᵀ + b over the last dimension, straight on gemm: no reshape, transpose or
+// broadcast nodes for autograd to walk (each one costs a zero-filled gradient and an addition).
+
+struct Linear;
+
+impl Linear {
+    fn out_shape(x: &Layout, w: &Layout) -> Result<(usize, usize, usize, Shape)> {
+        let (&k, rows) = x.dims().split_last().ok_or_else(|| candle_core::Error::Msg("linear needs a non-scalar input".into()))?;
+        let &[m, k_w] = w.dims() else { candle_core::bail!("linear weight must be 2-d, got {:?}", w.dims()) };
+        if k != k_w {
+            candle_core::bail!("linear: input width {k} does not match weight {:?}", w.dims());
+        }
+        let mut shape = rows.to_vec();
+        shape.push(m);
+        Ok((rows.iter().product(), m, k, Shape::from(shape)))
+    }
+
+    fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, n: usize, m: usize, k: usize) -> Vec<f32> {
+        let mut y = vec![0f32; n * m];
+        if let Some(b) = bias {
+            y.chunks_exact_mut(m).for_each(|row| row.copy_from_slice(b));
+        }
+        // SAFETY: x is n x k, w is m x k (read transposed), y is n x m, all contiguous and disjoint.
+        unsafe {
+            gemm::gemm(n, m, k, y.as_mut_ptr(), 1, m as isize, bias.is_some(), x.as_ptr(), 1, k as isize, w.as_ptr(), k as isize, 1, 1.0, 1.0, false, false, false, parallelism());
+        }
+        y
+    }
+
+    /// Gradients of x (dy w), w (dyᵀ x) and b (column sums of dy).
+    fn backward(x: &Tensor, w: &Tensor, dy: &Tensor, with_bias: bool) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+        let (m, k) = w.dims2()?;
+        let n = x.elem_count() / k;
+        let (dx, dw, db) = with_f32(x, |x| {
+            with_f32(w, |w| {
+                with_f32(dy, |dy| {
+                    let (mut dx, mut dw) = (vec![0f32; n * k], vec![0f32; m * k]);
+                    // SAFETY: shapes as stated above; outputs are fresh buffers.
+                    unsafe {
+                        gemm::gemm(n, k, m, dx.as_mut_ptr(), 1, k as isize, false, dy.as_ptr(), 1, m as isize, w.as_ptr(), 1, k as isize, 0.0, 1.0, false, false, false, parallelism());
+                        gemm::gemm(m, k, n, dw.as_mut_ptr(), 1, k as isize, false, dy.as_ptr(), m as isize, 1, x.as_ptr(), 1, k as isize, 0.0, 1.0, false, false, false, parallelism());
+                    }
+                    let db = with_bias.then(|| {
+                        let mut db = vec![0f32; m];
+                        dy.chunks_exact(m).for_each(|row| db.iter_mut().zip(row).for_each(|(d, g)| *d += g));
+                        db
+                    });
+                    Ok((dx, dw, db))
+                })
+            })
+        })?;
+        let db = match db {
+            Some(db) => Some(tensor(db, &[m], x)?),
+            None => None,
+        };
+        Ok((tensor(dx, x.dims(), x)?, tensor(dw, &[m, k], x)?, db))
+    }
+}
+
+fn parallelism() -> gemm::Parallelism {
+    match rayon::current_num_threads() {
+        1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    }
+}
+
+impl CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "linear-no-bias"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, m, k, shape) = Self::out_shape(xl, wl)?;
+        let y = Self::forward(contiguous_f32(xs, xl)?, contiguous_f32(ws, wl)?, None, n, m, k);
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = Self::backward(x, w, dy, false)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+impl CustomOp3 for Linear {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, m, k, shape) = Self::out_shape(xl, wl)?;
+        let y = Self::forward(contiguous_f32(xs, xl)?, contiguous_f32(ws, wl)?, Some(contiguous_f32(bs, bl)?), n, m, k);
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, db) = Self::backward(x, w, dy, true)?;
+        Ok((Some(dx), Some(dw), db))
+    }
+}
+
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (x, weight) = (x.contiguous()?, weight.contiguous()?);
+    match bias {
+        Some(b) => x.apply_op3(&weight, &b.contiguous()?, Linear),
+        None => x.apply_op2(&weight, Linear),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // LayerNorm over the last dimension (eps inside the square root, as PyTorch).
 
 fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {

@@ -42,6 +42,9 @@ pub fn with_composite_ops<R>(f: impl FnOnce() -> R) -> R {
 
 /// `x @ weight.T + bias` over the last dimension, weight in PyTorch's (out, in) layout.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    if fused(x) {
+        return cpu_ops::linear(x, weight, bias);
+    }
     let (fan_out, fan_in) = weight.dims2()?;
     let mut out_shape = x.dims().to_vec();
     *out_shape.last_mut().expect("linear needs at least one dimension") = fan_out;
