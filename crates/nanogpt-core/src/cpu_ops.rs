@@ -723,11 +723,11 @@ pub struct AdamWUpdate {
 }
 
 impl AdamWUpdate {
-    /// The new parameter and moments, PyTorch's AdamW arithmetic element by element.
-    pub fn apply(&self, param: &Tensor, grad: &Tensor, exp_avg: &Tensor, exp_avg_sq: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    /// The new parameter and moments (PyTorch's AdamW arithmetic element by element) and ‖Δp‖/‖p‖.
+    pub fn apply(&self, param: &Tensor, grad: &Tensor, exp_avg: &Tensor, exp_avg_sq: &Tensor) -> Result<(Tensor, Tensor, Tensor, f64)> {
         let n = param.elem_count();
         let (mut p, mut m, mut v) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
-        with_f32(param, |p0| {
+        let (change, size) = with_f32(param, |p0| {
             with_f32(grad, |g| {
                 with_f32(exp_avg, |m0| {
                     with_f32(exp_avg_sq, |v0| {
@@ -735,18 +735,22 @@ impl AdamWUpdate {
                         let decay = (1.0 - self.lr * self.weight_decay) as f32;
                         let (scale, step, bc2, eps) =
                             (self.grad_scale as f32, self.step_size as f32, self.bias_correction2_sqrt as f32, self.eps as f32);
+                        let (mut change, mut size) = (0f64, 0f64);
                         for i in 0..n {
                             let gi = g[i] * scale;
                             m[i] = b1 * m0[i] + (1.0 - b1) * gi;
                             v[i] = b2 * v0[i] + (1.0 - b2) * gi * gi;
                             p[i] = p0[i] * decay - step * m[i] / (v[i].sqrt() / bc2 + eps);
+                            change += ((p[i] - p0[i]) as f64).powi(2);
+                            size += (p0[i] as f64).powi(2);
                         }
-                        Ok(())
+                        Ok((change, size))
                     })
                 })
             })
         })?;
         let shape = param.dims();
-        Ok((tensor(p, shape, param)?, tensor(m, shape, param)?, tensor(v, shape, param)?))
+        let ratio = crate::optim::ratio(change, size);
+        Ok((tensor(p, shape, param)?, tensor(m, shape, param)?, tensor(v, shape, param)?, ratio))
     }
 }

@@ -54,6 +54,9 @@ pub struct StepStats {
     /// Global L2 norm of the gradients before clipping.
     pub grad_norm: f64,
     pub clipped: bool,
+    /// ‖Δp‖ / ‖p‖ of this step for every parameter tensor, by name: a network-health figure
+    /// (around 1e-3 is typical; much larger means the learning rate is too high for that tensor).
+    pub update_ratios: Vec<(String, f64)>,
 }
 
 struct Slot {
@@ -121,13 +124,15 @@ impl AdamW {
         let bias_correction2_sqrt = (1.0 - b2.powi(self.step as i32)).sqrt();
         let step_size = lr / bias_correction1;
         let weight_decay = self.args.weight_decay;
+        let mut update_ratios = Vec::with_capacity(self.slots.len());
         for (slot, grad) in self.slots.iter_mut().zip(grads) {
             let decay = if slot.decays { weight_decay } else { 0.0 };
             if slot.param.device().is_cpu() {
                 let update = crate::cpu_ops::AdamWUpdate { lr, beta1: b1, beta2: b2, eps: EPS, weight_decay: decay, grad_scale, step_size, bias_correction2_sqrt };
-                let (p, m, v) = update.apply(slot.param.as_tensor(), grad, &slot.exp_avg, &slot.exp_avg_sq)?;
+                let (p, m, v, ratio) = update.apply(slot.param.as_tensor(), grad, &slot.exp_avg, &slot.exp_avg_sq)?;
                 slot.param.set(&p)?;
                 (slot.exp_avg, slot.exp_avg_sq) = (m, v);
+                update_ratios.push((slot.name.clone(), ratio));
                 continue;
             }
             let g = grad.affine(grad_scale, 0.0)?;
@@ -137,9 +142,12 @@ impl AdamW {
             let p = slot.param.as_tensor();
             let decayed = (p * (1.0 - lr * decay))?;
             let updated = (decayed - (slot.exp_avg.div(&denom)? * step_size)?)?;
+            let change = (&updated - p)?.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let size = p.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            update_ratios.push((slot.name.clone(), ratio(change, size)));
             slot.param.set(&updated)?;
         }
-        Ok(StepStats { grad_norm, clipped })
+        Ok(StepStats { grad_norm, clipped, update_ratios })
     }
 
     /// The moments and step count, named `<param>.exp_avg` / `<param>.exp_avg_sq` plus `step`.
@@ -170,6 +178,15 @@ impl AdamW {
         }
         self.step = step.first().copied().unwrap_or(0.0) as u64;
         Ok(())
+    }
+}
+
+/// ‖Δp‖ / ‖p‖ from the two squared norms (0 for an all-zero tensor).
+pub(crate) fn ratio(change_sq: f64, size_sq: f64) -> f64 {
+    if size_sq > 0.0 {
+        (change_sq / size_sq).sqrt()
+    } else {
+        0.0
     }
 }
 

@@ -204,8 +204,15 @@ fn adamw_step_matches_hand_computed_values() -> Result<()> {
     assert_eq!((groups.decay_tensors, groups.decay_params, groups.no_decay_tensors, groups.no_decay_params), (1, 4, 1, 2));
     let g1 = [Tensor::new(&[[0.1f32, -0.2], [0.3, 0.0]], &Device::Cpu)?, Tensor::new(&[0.5f32, -0.05], &Device::Cpu)?];
     let g2 = [Tensor::new(&[[0.2f32, 0.1], [-0.3, 0.4]], &Device::Cpu)?, Tensor::new(&[-0.5f32, 0.05], &Device::Cpu)?];
-    opt.step(&g1, 1e-2)?;
+    let first = opt.step(&g1, 1e-2)?;
     opt.step(&g2, 5e-3)?;
+    // The update/weight ratio of the first step, by hand: each entry with a gradient moves by lr·sign(g) plus the
+    // decay -lr·wd·w, so Δw = [-0.011, 0.012, -0.0105, -0.003] (the last has no gradient and only decays),
+    // against ‖w‖ = sqrt(1 + 4 + 0.25 + 9).
+    let (name, ratio) = &first.update_ratios[0];
+    let expected = ((0.011f64.powi(2) + 0.012f64.powi(2) + 0.0105f64.powi(2) + 0.003f64.powi(2)) / 14.25).sqrt();
+    assert_eq!(name, "w");
+    assert!((ratio - expected).abs() < 1e-3 * expected, "{ratio} vs {expected}");
     // PyTorch AdamW by hand, two steps, f64: p <- p(1 - lr wd) - lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + 1e-8).
     let hand = |p0: f64, ga: f64, gb: f64, wd: f64| -> f64 {
         let (b1, b2, eps) = (0.9f64, 0.95f64, 1e-8f64);
