@@ -4,6 +4,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BatchLoader, CharTokenizer, prepare, readMeta, readTokens } from '../ts/data.ts';
 import { Rng } from '../ts/rng.ts';
+import { gpt2Tokenizer } from '../ts/tokenizer.ts';
 
 const corpus = new URL('../data/shakespeare_char/input.txt', import.meta.url);
 const root = mkdtempSync(join(tmpdir(), 'nanogpt-data-'));
@@ -51,6 +52,47 @@ describe('prepare shakespeare_char', () => {
     };
     expect(firstChars('train.bin', 13)).toBe('First Citizen');
     expect(firstChars('val.bin', 10)).toBe('?\n\nGREMIO:');
+  });
+});
+
+describe('prepare shakespeare (GPT-2 BPE)', () => {
+  const dir = join(root, 'shakespeare');
+  const lines: string[] = [];
+  beforeAll(async () => {
+    // Reads the same input.txt as shakespeare_char (the block above put it there).
+    mkdirSync(join(root, 'shakespeare_char'), { recursive: true });
+    copyFileSync(corpus, join(root, 'shakespeare_char', 'input.txt'));
+    await prepare('shakespeare', { dataDir: root, log: (line) => lines.push(line) });
+  });
+
+  it("writes nanoGPT's token counts, and no meta.json", () => {
+    expect(lines).toEqual(['train has 301,966 tokens', 'val has 36,059 tokens']);
+    expect(statSync(join(dir, 'train.bin')).size).toBe(301_966 * 2);
+    expect(statSync(join(dir, 'val.bin')).size).toBe(36_059 * 2);
+    expect(readMeta(dir)).toBeUndefined();
+  });
+
+  it('decodes back to the corpus, split at the same character as shakespeare_char', () => {
+    const text = readFileSync(corpus, 'utf8');
+    const decode = (file: string) => {
+      const bytes = readFileSync(join(dir, file));
+      return gpt2Tokenizer.decode(Array.from({ length: bytes.length / 2 }, (_, i) => bytes.readUInt16LE(i * 2)));
+    };
+    const split = Math.floor(text.length * 0.9);
+    expect(decode('train.bin')).toBe(text.slice(0, split));
+    expect(decode('val.bin')).toBe(text.slice(split));
+  });
+});
+
+describe('GPT-2 tokenizer', () => {
+  it("encodes as tiktoken's gpt2 and round-trips", () => {
+    expect(gpt2Tokenizer.encodeOrdinary('Hello world')).toEqual([15496, 995]);
+    expect(gpt2Tokenizer.decode([15496, 995])).toBe('Hello world');
+  });
+
+  it('reads <|endoftext|> as the special token in prompts only', () => {
+    expect(gpt2Tokenizer.encode('<|endoftext|>Hi')).toEqual([50256, 17250]);
+    expect(gpt2Tokenizer.encodeOrdinary('<|endoftext|>')).not.toContain(50256);
   });
 });
 

@@ -9,11 +9,16 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 const cli = fileURLToPath(new URL('../bin/nanogpt-rs.js', import.meta.url));
 const corpus = fileURLToPath(new URL('../data/shakespeare_char/input.txt', import.meta.url));
+const fixtureDir = fileURLToPath(new URL('../../shared/fixtures/hf-gpt2-tiny/', import.meta.url));
 const work = mkdtempSync(join(tmpdir(), 'nanogpt-e2e-'));
 afterAll(() => rmSync(work, { recursive: true, force: true }));
 
 function run(...args: string[]) {
-  const result = spawnSync(process.execPath, [cli, ...args], { cwd: work, encoding: 'utf8' });
+  return runWith({}, ...args);
+}
+
+function runWith(env: Record<string, string>, ...args: string[]) {
+  const result = spawnSync(process.execPath, [cli, ...args], { cwd: work, encoding: 'utf8', env: { ...process.env, ...env } });
   return { status: result.status, stdout: result.stdout, stderr: result.stderr };
 }
 
@@ -114,6 +119,58 @@ describe('nanogpt-rs end to end', () => {
     const result = run('sample', '--out_dir=out-broken');
     expect(result.status).toBe(1);
     expect(result.stderr).toMatch(/^error: cannot load checkpoint out-broken\/model.safetensors: .+\n$/);
+  });
+
+  it('exports a checkpoint as a Hugging Face GPT-2 folder that loads back to the same model', async () => {
+    const result = run('export', '--out_dir=out-tiny', '--to=hf-tiny');
+    expect(result.stderr).toBe('');
+    expect(result.stdout).toBe('exported out-tiny (iteration 60) as a Hugging Face GPT-2 to hf-tiny\n');
+    const config = JSON.parse(readFileSync(join(work, 'hf-tiny', 'config.json'), 'utf8'));
+    expect(config).toMatchObject({ model_type: 'gpt2', architectures: ['GPT2LMHeadModel'], n_layer: 2, n_head: 2, n_embd: 32, n_positions: 32, n_ctx: 32, vocab_size: 65, activation_function: 'gelu', tie_word_embeddings: true });
+    // The same tensor names as a GPT-2 saved by transformers (the fixture has 2 layers too).
+    const names = (path: string) => {
+      const bytes = readFileSync(path);
+      return Object.keys(JSON.parse(bytes.subarray(8, 8 + Number(bytes.readBigUInt64LE(0))).toString('utf8'))).sort();
+    };
+    expect(names(join(work, 'hf-tiny', 'model.safetensors'))).toEqual(names(join(fixtureDir, 'model.safetensors')));
+
+    const { Engine } = await import('../ts/engine.ts');
+    const info = JSON.parse(readFileSync(join(work, 'out-tiny', 'ckpt.json'), 'utf8'));
+    const saved = Engine.fromSafetensors({ ...info.model_args, dropout: 0 }, readFileSync(join(work, 'out-tiny', 'model.safetensors')));
+    const exported = Engine.fromHfGpt2File(JSON.stringify(config), join(work, 'hf-tiny', 'model.safetensors'), 0);
+    const prompt = Uint32Array.from([1, 2, 3]);
+    expect(exported.generate(prompt, 40, 0.8, 0, 7)).toEqual(saved.generate(prompt, 40, 0.8, 0, 7));
+  });
+
+  it('finetunes from a Hugging Face folder with init_from=<path>, cropping the context', () => {
+    const result = run('train', ...tiny, '--init_from=hf-tiny', '--out_dir=out-ft', '--block_size=16', '--dropout=0.1', '--max_iters=20');
+    expect(result.stderr).toBe('');
+    expect(result.stdout).toContain('Initializing from Hugging Face GPT-2 weights: hf-tiny');
+    expect(result.stdout).toContain('forcing vocab_size=65, block_size=32, bias=True');
+    expect(result.stdout).toContain('overriding dropout rate to 0.1');
+    // Starts where the exported model left off, far below an untrained model's ln(65) = 4.17.
+    expect(evalLosses(result.stdout)[0].val).toBeLessThan(3.5);
+    const info = JSON.parse(readFileSync(join(work, 'out-ft', 'ckpt.json'), 'utf8'));
+    expect(info.model_args).toMatchObject({ block_size: 16, bias: true, gelu: 'erf', vocab_size: 65, dropout: 0.1 });
+  });
+
+  it('samples from init_from=gpt2 found in the Hugging Face cache, with GPT-2 encoding', () => {
+    // The tiny fixture stands in for OpenAI's gpt2; its 1000-token vocabulary covers the default prompt "\n" (198).
+    const snapshot = join(work, 'hf-home', 'hub', 'models--openai-community--gpt2', 'snapshots', 'abc');
+    mkdirSync(snapshot, { recursive: true });
+    for (const file of ['config.json', 'model.safetensors']) copyFileSync(join(fixtureDir, file), join(snapshot, file));
+    const env = { HF_HOME: join(work, 'hf-home'), HF_HUB_OFFLINE: '1' };
+    const result = runWith(env, 'sample', '--init_from=gpt2', '--num_samples=2', '--max_new_tokens=8');
+    expect(result.stderr).toBe('');
+    expect(result.stdout).toContain('forcing vocab_size=1000, block_size=64, bias=True');
+    const [, body] = result.stdout.split('No meta.json found, assuming GPT-2 encodings...\n');
+    const samples = body.split('---------------\n');
+    expect(samples).toHaveLength(3);
+    for (const sample of samples.slice(0, 2)) expect(sample).toMatch(/^\n[\s\S]+\n$/);
+
+    const missing = runWith(env, 'sample', '--init_from=gpt2-xl');
+    expect(missing.status).toBe(1);
+    expect(missing.stderr).toMatch(/^error: gpt2-xl is not in the Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading it; put config.json and model.safetensors from .+ into .+\n$/);
   });
 
   it('reports an unknown key before doing any work', () => {

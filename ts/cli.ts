@@ -1,10 +1,11 @@
-// `nanogpt-rs`: prepare a dataset, train, sample. Config arguments are passed through untouched to the
+// `nanogpt-rs`: prepare a dataset, train, sample, export. Config arguments are passed through untouched to the
 // configurator, so they read exactly like nanoGPT's (`train configs/x.ts --batch_size=32`).
 import { readFileSync } from 'node:fs';
 import { Command } from 'commander';
 import { describeKeys, parseArgs, sampleSchema, trainSchema } from './config.ts';
 import { prepare } from './data.ts';
 import { UserError } from './errors.ts';
+import { exportHf, type ExportOptions } from './export.ts';
 import { sample } from './sample.ts';
 import { train } from './train.ts';
 
@@ -17,7 +18,7 @@ const program = new Command('nanogpt-rs')
 program
   .command('prepare')
   .description('download (if needed) and tokenize a dataset into <data_dir>/<dataset>/{train,val}.bin')
-  .argument('<dataset>', 'dataset to prepare: shakespeare_char')
+  .argument('<dataset>', 'dataset to prepare: shakespeare_char (characters) or shakespeare (GPT-2 BPE)')
   .option('--data_dir <dir>', 'folder holding the datasets', 'data')
   .action(async (dataset: string, options: { data_dir: string }) => {
     await prepare(dataset, { dataDir: options.data_dir });
@@ -41,6 +42,15 @@ program
   .addHelpText('after', `\nConfig keys:\n${describeKeys(sampleSchema)}`)
   .action(async (args: string[]) => {
     await sample(await parseArgs(sampleSchema, args));
+  });
+
+program
+  .command('export')
+  .description('write a checkpoint as a Hugging Face GPT-2 folder (config.json + model.safetensors)')
+  .requiredOption('--out_dir <dir>', 'checkpoint directory')
+  .requiredOption('--to <dir>', 'folder to write the Hugging Face model into')
+  .action((options: ExportOptions) => {
+    exportHf(options);
   });
 
 try {

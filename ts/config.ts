@@ -42,7 +42,7 @@ export const trainSchema = {
   eval_iters: int(200, 'batches per split when evaluating'),
   eval_only: bool(false, 'stop right after the first evaluation'),
   always_save_checkpoint: bool(true, 'checkpoint after every evaluation, even if val loss did not improve'),
-  init_from: str('scratch', "'scratch' or 'resume' (from out_dir); 'gpt2*' is not supported yet"),
+  init_from: str('scratch', "'scratch', 'resume' (from out_dir), gpt2 / gpt2-medium / gpt2-large / gpt2-xl, or a Hugging Face GPT-2 folder"),
   wandb_log: bool(false, 'log to Weights & Biases (not implemented yet)'),
   wandb_project: str('owt', 'Weights & Biases project'),
   wandb_run_name: str('gpt2', 'Weights & Biases run name'),
@@ -75,9 +75,9 @@ export const trainSchema = {
 
 /** sample.py's globals (spec 3). */
 export const sampleSchema = {
-  init_from: str('resume', "'resume' (from out_dir); 'gpt2*' is not supported yet"),
+  init_from: str('resume', "'resume' (from out_dir), gpt2 / gpt2-medium / gpt2-large / gpt2-xl, or a Hugging Face GPT-2 folder"),
   out_dir: str('out', 'checkpoint directory'),
-  start: str('\n', "prompt text, or 'FILE:<path>' to read it from a file"),
+  start: str('\n', "prompt text ('<|endoftext|>' is GPT-2's special token), or 'FILE:<path>' to read it from a file"),
   num_samples: int(10, 'samples to draw'),
   max_new_tokens: int(500, 'tokens generated per sample'),
   temperature: float(0.8, '< 1 is more conservative, > 1 more random; must be > 0'),
@@ -86,7 +86,7 @@ export const sampleSchema = {
   device: str('cpu', "'cpu', or 'cuda' / 'cuda:N' where the engine was built with CUDA"),
   dtype: str('float32', 'float32, bfloat16 or float16 (the cpu engine computes in float32)', dtypes),
   compile: bool(false, 'torch.compile in nanoGPT (no effect here)'),
-  data_dir: str('data', 'folder holding the prepared datasets (for the tokenizer in meta.json)'),
+  data_dir: str('data', "folder holding the prepared datasets (for the vocabulary in meta.json; without one, GPT-2's)"),
 } satisfies Schema;
 
 export type TrainConfig = ConfigOf<typeof trainSchema>;

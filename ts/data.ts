@@ -1,10 +1,12 @@
 // Datasets as nanoGPT lays them out: `<data_dir>/<dataset>/{train,val}.bin` (headerless little-endian uint16 token
-// ids) plus, for character-level data, `meta.json` with the vocabulary (nanoGPT's meta.pkl, as JSON).
+// ids) plus, for character-level data, `meta.json` with the vocabulary (nanoGPT's meta.pkl, as JSON); datasets
+// without one are GPT-2 BPE encoded.
 import { closeSync, existsSync, fstatSync, mkdirSync, openSync, readFileSync, readSync } from 'node:fs';
-import { basename, join } from 'node:path';
+import { basename, dirname, join } from 'node:path';
 import { firstLine, UserError } from './errors.ts';
 import { writeFileAtomic } from './files.ts';
 import type { Rng } from './rng.ts';
+import { gpt2Tokenizer, gpt2VocabSize } from './tokenizer.ts';
 
 export interface Meta {
   vocab_size: number;
@@ -93,6 +95,7 @@ export interface PrepareResult {
 const shakespeareUrl = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt';
 const preparers: Record<string, (dir: string, log: (line: string) => void) => Promise<PrepareResult>> = {
   shakespeare_char: prepareShakespeareChar,
+  shakespeare: prepareShakespeare,
 };
 
 /** Builds `<dataDir>/<dataset>/` from its raw text, like nanoGPT's `data/<dataset>/prepare.py`. */
@@ -106,11 +109,22 @@ export async function prepare(dataset: string, options: PrepareOptions = {}): Pr
   return preparer(dir, options.log ?? console.log);
 }
 
+/**
+ * The tiny Shakespeare text, downloaded into `shakespeare_char/input.txt` if missing; both Shakespeare datasets
+ * read that one copy.
+ */
+async function readShakespeare(dataDir: string): Promise<string> {
+  const inputPath = join(dataDir, 'shakespeare_char', 'input.txt');
+  if (!existsSync(inputPath)) {
+    mkdirSync(dirname(inputPath), { recursive: true });
+    await download(shakespeareUrl, inputPath);
+  }
+  return readFileSync(inputPath, 'utf8');
+}
+
 /** data/shakespeare_char/prepare.py: the first 90% of the characters train, the rest validate. */
 async function prepareShakespeareChar(dir: string, log: (line: string) => void): Promise<PrepareResult> {
-  const inputPath = join(dir, 'input.txt');
-  if (!existsSync(inputPath)) await download(shakespeareUrl, inputPath);
-  const text = readFileSync(inputPath, 'utf8');
+  const text = await readShakespeare(dirname(dir));
   const tokenizer = CharTokenizer.fromText(text);
   const ids = tokenizer.encode(text);
   log(`length of dataset in characters: ${ids.length.toLocaleString('en-US')}`);
@@ -125,6 +139,22 @@ async function prepareShakespeareChar(dir: string, log: (line: string) => void):
   writeFileAtomic(join(dir, 'val.bin'), toUint16LE(val));
   writeFileAtomic(join(dir, 'meta.json'), JSON.stringify(tokenizer.toMeta()));
   return { train_tokens: train.length, val_tokens: val.length, vocab_size: tokenizer.vocabSize };
+}
+
+/**
+ * data/shakespeare/prepare.py: the same 90/10 split of the characters, each part then GPT-2 encoded on its own
+ * (encode_ordinary, no end-of-text tokens); no meta.json, so training and sampling use GPT-2's vocabulary.
+ */
+async function prepareShakespeare(dir: string, log: (line: string) => void): Promise<PrepareResult> {
+  const text = await readShakespeare(dirname(dir));
+  const split = Math.floor(text.length * 0.9);
+  const train = Uint16Array.from(gpt2Tokenizer.encodeOrdinary(text.slice(0, split)));
+  const val = Uint16Array.from(gpt2Tokenizer.encodeOrdinary(text.slice(split)));
+  log(`train has ${train.length.toLocaleString('en-US')} tokens`);
+  log(`val has ${val.length.toLocaleString('en-US')} tokens`);
+  writeFileAtomic(join(dir, 'train.bin'), toUint16LE(train));
+  writeFileAtomic(join(dir, 'val.bin'), toUint16LE(val));
+  return { train_tokens: train.length, val_tokens: val.length, vocab_size: gpt2VocabSize };
 }
 
 async function download(url: string, path: string): Promise<void> {

@@ -49,6 +49,8 @@ export interface StepStats {
 }
 
 interface NativeGpt {
+  modelArgs(): string;
+  cropBlockSize(blockSize: number): void;
   numParams(nonEmbedding: boolean): number;
   configureOptimizer(optimizerArgsJson: string): string;
   loadOptimizer(bytes: Uint8Array): void;
@@ -58,12 +60,16 @@ interface NativeGpt {
   generate(prompt: Uint32Array, maxNewTokens: number, temperature: number, topK: number, seed: number): Uint32Array;
   saveWeights(): Buffer;
   saveOptimizer(): Buffer;
+  exportHf(): Buffer;
+  hfConfig(): string;
 }
 
 interface NativeModule {
   Gpt: {
     create(modelArgsJson: string, seed: number, device: string): NativeGpt;
     fromSafetensors(modelArgsJson: string, weights: Uint8Array, device: string): NativeGpt;
+    fromHfGpt2(configJson: string, weights: Uint8Array, dropout: number, device: string): NativeGpt;
+    fromHfGpt2File(configJson: string, path: string, dropout: number, device: string): NativeGpt;
   };
   lrAt(iter: number, scheduleJson: string): number;
 }
@@ -96,6 +102,29 @@ export class Engine {
   /** A model whose weights come from a safetensors file's bytes (names as nanoGPT's state dict). */
   static fromSafetensors(args: ModelArgs, weights: Uint8Array, device = 'cpu'): Engine {
     return new Engine(loadNative().Gpt.fromSafetensors(JSON.stringify(args), weights, device));
+  }
+
+  /**
+   * A Hugging Face GPT-2 (`config.json` text and `model.safetensors` bytes, e.g. OpenAI's weights): the
+   * architecture comes from the config, with `dropout` in place of the config's.
+   */
+  static fromHfGpt2(configJson: string, weights: Uint8Array, dropout: number, device = 'cpu'): Engine {
+    return new Engine(loadNative().Gpt.fromHfGpt2(configJson, weights, dropout, device));
+  }
+
+  /** As `fromHfGpt2`, with the engine reading `model.safetensors` from `path` (files over Node's Buffer limit work). */
+  static fromHfGpt2File(configJson: string, path: string, dropout: number, device = 'cpu'): Engine {
+    return new Engine(loadNative().Gpt.fromHfGpt2File(configJson, path, dropout, device));
+  }
+
+  /** The architecture as it is now (after any `cropBlockSize`). */
+  modelArgs(): ModelArgs {
+    return JSON.parse(this.gpt.modelArgs()) as ModelArgs;
+  }
+
+  /** nanoGPT's crop_block_size: keeps the first `blockSize` positions. Call it before `configureOptimizer`. */
+  cropBlockSize(blockSize: number): void {
+    this.gpt.cropBlockSize(blockSize);
   }
 
   /** nanoGPT's count: every parameter once; with `nonEmbedding`, less the position embedding. */
@@ -139,6 +168,16 @@ export class Engine {
   /** The weights as safetensors bytes (nanoGPT's parameter names, tied lm_head omitted). */
   saveWeights(): Buffer {
     return this.gpt.saveWeights();
+  }
+
+  /** The weights as a Hugging Face GPT-2 `model.safetensors` (`transformer.` names, Conv1D layout). */
+  exportHf(): Buffer {
+    return this.gpt.exportHf();
+  }
+
+  /** The Hugging Face GPT-2 `config.json` text that goes with `exportHf`. */
+  hfConfig(): string {
+    return this.gpt.hfConfig();
   }
 
   /** The AdamW state (moments and step) as safetensors bytes. */

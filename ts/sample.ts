@@ -1,36 +1,47 @@
-// Text generation from a trained checkpoint, as nanoGPT's sample.py (spec section 3).
+// Text generation from a trained checkpoint or GPT-2 weights, as nanoGPT's sample.py (spec section 3).
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { loadWithEngine, readCheckpointInfo, readWeights } from './checkpoint.ts';
 import { noEffectNotes, resolveConfig, sampleSchema, type SampleConfig } from './config.ts';
-import { CharTokenizer, readMeta } from './data.ts';
+import { CharTokenizer, readMeta, type Meta } from './data.ts';
 import { Engine } from './engine.ts';
 import { firstLine, UserError } from './errors.ts';
+import { loadHfModel } from './pretrained.ts';
 import { Rng } from './rng.ts';
+import { gpt2Tokenizer } from './tokenizer.ts';
 
 /** Prints each sample (prompt included) followed by a line of dashes, and returns them. */
 export async function sample(overrides: Partial<SampleConfig> = {}): Promise<string[]> {
   const config = resolveConfig(sampleSchema, overrides);
   for (const note of noEffectNotes(config, overrides)) console.log(note);
-  if (config.init_from !== 'resume') {
-    throw new UserError(`init_from=${config.init_from}: sampling from OpenAI GPT-2 weights is not supported yet; use init_from=resume`);
-  }
   if (config.temperature <= 0) {
     throw new UserError(`temperature must be above 0 (there is no greedy mode), got ${config.temperature}; try --temperature=0.1`);
   }
 
-  const checkpoint = readCheckpointInfo(config.out_dir);
-  const weights = readWeights(config.out_dir);
-  const modelArgs = { ...checkpoint.model_args, dropout: 0 };
-  const engine = loadWithEngine(config.out_dir, 'weights', () => Engine.fromSafetensors(modelArgs, weights, config.device));
-
-  const datasetDir = join(config.data_dir, String(checkpoint.config.dataset));
-  const meta = readMeta(datasetDir);
-  if (!meta) {
-    throw new UserError(`no vocabulary at ${join(datasetDir, 'meta.json')}; GPT-2 (BPE) encoding is not supported yet, so sample from a character-level model, or set --data_dir`);
+  let engine: Engine;
+  let meta: Meta | undefined;
+  let metaPath = '';
+  if (config.init_from === 'resume') {
+    const checkpoint = readCheckpointInfo(config.out_dir);
+    const weights = readWeights(config.out_dir);
+    const modelArgs = { ...checkpoint.model_args, dropout: 0 };
+    engine = loadWithEngine(config.out_dir, 'weights', () => Engine.fromSafetensors(modelArgs, weights, config.device));
+    const datasetDir = join(config.data_dir, String(checkpoint.config.dataset));
+    metaPath = join(datasetDir, 'meta.json');
+    meta = readMeta(datasetDir);
+  } else {
+    engine = await loadHfModel(config.init_from, 0, config.device);
   }
-  console.log(`Loading meta from ${join(datasetDir, 'meta.json')}...`);
-  const tokenizer = CharTokenizer.fromMeta(meta);
+
+  // As sample.py: a character vocabulary only where the checkpoint's dataset has one, GPT-2's otherwise.
+  let tokenizer: { encode(text: string): ArrayLike<number>; decode(ids: ArrayLike<number>): string };
+  if (meta) {
+    console.log(`Loading meta from ${metaPath}...`);
+    tokenizer = CharTokenizer.fromMeta(meta);
+  } else {
+    console.log('No meta.json found, assuming GPT-2 encodings...');
+    tokenizer = gpt2Tokenizer;
+  }
 
   const prompt = tokenizer.encode(readPrompt(config.start));
   if (prompt.length === 0) throw new UserError('the prompt is empty; pass some text with --start=<text>');

@@ -13,6 +13,7 @@ import { noEffectNotes, resolveConfig, trainSchema, type TrainConfig } from './c
 import { BatchLoader, readMeta } from './data.ts';
 import { Engine, lrAt, type ModelArgs } from './engine.ts';
 import { firstLine, UserError } from './errors.ts';
+import { gpt2Models, loadHfModel } from './pretrained.ts';
 import { Progress } from './progress.ts';
 import { Rng } from './rng.ts';
 
@@ -61,18 +62,30 @@ export async function train(overrides: Partial<TrainConfig> = {}): Promise<Train
       console.log('Initializing a new model from scratch');
       if (!meta) console.log('defaulting to vocab_size of GPT-2 to 50304 (50257 rounded up for efficiency)');
       engine = createEngine(() => Engine.create(modelArgs, config.seed, config.device));
-    } else {
+    } else if (config.init_from === 'resume') {
       console.log(`Resuming training from ${config.out_dir}`);
       const checkpoint = readCheckpointInfo(config.out_dir);
       // The architecture must match the saved weights; only dropout may change.
-      modelArgs = { ...checkpoint.model_args, dropout: config.dropout };
-      if (config.block_size !== modelArgs.block_size) {
-        throw new UserError(`block_size ${config.block_size} differs from the checkpoint's ${modelArgs.block_size}; resume with --block_size=${modelArgs.block_size} (cropping is not supported yet)`);
+      const saved = { ...checkpoint.model_args, dropout: config.dropout };
+      if (config.block_size !== saved.block_size) {
+        throw new UserError(`block_size ${config.block_size} differs from the checkpoint's ${saved.block_size}, whose optimizer state holds that many positions; resume with --block_size=${saved.block_size}`);
       }
       const weights = readWeights(config.out_dir);
-      engine = loadWithEngine(config.out_dir, 'weights', () => Engine.fromSafetensors(modelArgs, weights, config.device));
+      engine = loadWithEngine(config.out_dir, 'weights', () => Engine.fromSafetensors(saved, weights, config.device));
       iterNum = checkpoint.iter_num;
       bestValLoss = checkpoint.best_val_loss;
+    } else {
+      const source = (gpt2Models as readonly string[]).includes(config.init_from) ? 'OpenAI GPT-2' : 'Hugging Face GPT-2';
+      console.log(`Initializing from ${source} weights: ${config.init_from}`);
+      engine = await loadHfModel(config.init_from, config.dropout, config.device);
+    }
+    // The checkpoint records the architecture actually trained, so that it describes its own weights.
+    modelArgs = engine.modelArgs();
+    if (config.block_size < modelArgs.block_size) {
+      engine.cropBlockSize(config.block_size);
+      modelArgs = engine.modelArgs();
+    } else if (config.block_size > modelArgs.block_size) {
+      throw new UserError(`block_size ${config.block_size} exceeds the model's ${modelArgs.block_size} positions; use --block_size=${modelArgs.block_size} or less`);
     }
     console.log(`number of parameters: ${(engine.numParams(true) / 1e6).toFixed(2)}M`);
 
@@ -169,12 +182,6 @@ export async function train(overrides: Partial<TrainConfig> = {}): Promise<Train
 }
 
 function checkTrainConfig(config: TrainConfig): void {
-  if (config.init_from.startsWith('gpt2')) {
-    throw new UserError(`init_from=${config.init_from}: starting from OpenAI GPT-2 weights is not supported yet; use init_from=scratch or resume`);
-  }
-  if (config.init_from !== 'scratch' && config.init_from !== 'resume') {
-    throw new UserError(`init_from must be 'scratch' or 'resume', got '${config.init_from}'`);
-  }
   const positive = ['eval_interval', 'log_interval', 'eval_iters', 'gradient_accumulation_steps', 'batch_size', 'block_size'] as const;
   for (const key of positive) {
     if (config[key] < 1) throw new UserError(`${key} must be at least 1, got ${config[key]}`);

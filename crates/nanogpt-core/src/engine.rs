@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
+use crate::hf;
 use crate::model::{Gpt, ModelArgs, Mode};
 use crate::optim::{AdamW, OptimizerArgs, ParamGroups, StepStats};
 use crate::sample::{self, SampleArgs};
@@ -62,10 +63,43 @@ impl Engine {
     pub fn from_safetensors(args: &ModelArgs, bytes: &[u8], device_name: &str) -> Result<Self> {
         configure_cpu_runtime();
         let device = device(device_name)?;
-        let model = Gpt::new(args, 0, &device)?;
+        let model = Gpt::empty(args, &device)?;
         let tensors = load_safetensors(bytes, "weights")?;
         model.load(&tensors)?;
         Ok(Self::wrap(model, 0))
+    }
+
+    /// A Hugging Face GPT-2 (`config.json` text and `model.safetensors` bytes), e.g. OpenAI's weights,
+    /// with `dropout` in place of the config's.
+    pub fn from_hf_gpt2(config_json: &str, bytes: &[u8], dropout: f64, device_name: &str) -> Result<Self> {
+        configure_cpu_runtime();
+        let device = device(device_name)?;
+        let model = hf::import(config_json, load_safetensors(bytes, "weights")?, dropout, &device)?;
+        Ok(Self::wrap(model, 0))
+    }
+
+    /// As [`Engine::from_hf_gpt2`], reading `model.safetensors` from `path` through a memory map: GPT-2 XL's
+    /// 6.4 GB would not fit in a Node.js Buffer, and this way the file is never held in memory twice.
+    pub fn from_hf_gpt2_file(config_json: &str, path: &str, dropout: f64, device_name: &str) -> Result<Self> {
+        configure_cpu_runtime();
+        let device = device(device_name)?;
+        let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+            .map_err(|e| candle_core::Error::Msg(format!("cannot read {path} as safetensors ({e})")))?;
+        let model = hf::import(config_json, tensors, dropout, &device)?;
+        Ok(Self::wrap(model, 0))
+    }
+
+    /// The model's architecture as it is now (after any crop).
+    pub fn model_args(&self) -> &ModelArgs {
+        &self.model.args
+    }
+
+    /// Shrinks the context to `block_size` positions (nanoGPT's `crop_block_size`).
+    pub fn crop_block_size(&mut self, block_size: usize) -> Result<()> {
+        if self.optimizer.is_some() {
+            candle_core::bail!("crop the block size before configuring the optimizer, which holds the old position embedding");
+        }
+        self.model.crop_block_size(block_size)
     }
 
     fn wrap(model: Gpt, seed: u64) -> Self {
@@ -172,6 +206,19 @@ impl Engine {
     pub fn save_weights(&self) -> Result<Vec<u8>> {
         let named = self.model.named_parameters();
         serialize(named.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect())
+    }
+
+    /// The weights as a Hugging Face GPT-2 `model.safetensors`.
+    pub fn export_hf(&self) -> Result<Vec<u8>> {
+        // transformers refuses safetensors files that do not say they hold PyTorch tensors.
+        let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+        safetensors::serialize(hf::export_tensors(&self.model)?, Some(metadata))
+            .map_err(|e| candle_core::Error::Msg(format!("cannot serialize: {e}")))
+    }
+
+    /// The Hugging Face GPT-2 `config.json` that goes with [`Engine::export_hf`].
+    pub fn hf_config(&self) -> String {
+        hf::export_config(&self.model.args)
     }
 
     pub fn save_optimizer(&self) -> Result<Vec<u8>> {

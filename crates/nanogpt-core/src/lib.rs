@@ -3,6 +3,7 @@
 
 pub mod cpu_ops;
 pub mod engine;
+pub mod hf;
 pub mod model;
 pub mod ops;
 pub mod optim;

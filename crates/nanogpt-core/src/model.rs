@@ -55,16 +55,19 @@ impl ModelArgs {
 }
 
 /// Draws nanoGPT's initial values from one seeded stream, so that a seed fixes the model on every engine.
+/// Without a stream the weights are zeros: the model is about to be loaded, and drawing 1.5 billion
+/// normals for GPT-2 XL only to overwrite them would take seconds.
 struct Init {
-    rng: StdRng,
+    rng: Option<StdRng>,
     device: Device,
 }
 
 impl Init {
     fn normal(&mut self, shape: &[usize], std: f64) -> Result<Var> {
+        let Some(rng) = self.rng.as_mut() else { return Var::zeros(shape, DType::F32, &self.device) };
         let normal = Normal::new(0f32, std as f32).expect("a positive standard deviation");
         let n = shape.iter().product();
-        let values: Vec<f32> = (0..n).map(|_| normal.sample(&mut self.rng)).collect();
+        let values: Vec<f32> = (0..n).map(|_| normal.sample(rng)).collect();
         Var::from_tensor(&Tensor::from_vec(values, shape, &self.device)?)
     }
 
@@ -192,8 +195,17 @@ impl Gpt {
     /// A new model with nanoGPT's initialisation: N(0, 0.02) everywhere, the two residual
     /// projections of each block N(0, 0.02/sqrt(2 n_layer)), zero biases, LayerNorm (1, 0).
     pub fn new(args: &ModelArgs, seed: u64, device: &Device) -> Result<Self> {
+        Self::build(args, Some(StdRng::seed_from_u64(seed)), device)
+    }
+
+    /// A model with zero weights, to be filled by [`Gpt::load`].
+    pub fn empty(args: &ModelArgs, device: &Device) -> Result<Self> {
+        Self::build(args, None, device)
+    }
+
+    fn build(args: &ModelArgs, rng: Option<StdRng>, device: &Device) -> Result<Self> {
         args.validate()?;
-        let mut init = Init { rng: StdRng::seed_from_u64(seed), device: device.clone() };
+        let mut init = Init { rng, device: device.clone() };
         let (c, bias) = (args.n_embd, args.bias);
         let proj_std = 0.02 / (2.0 * args.n_layer as f64).sqrt();
         let wte = init.normal(&[args.vocab_size, c], 0.02)?;
@@ -223,6 +235,20 @@ impl Gpt {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// nanoGPT's `crop_block_size`: shrinks the context to `block_size` by keeping the first rows of the
+    /// position embedding, e.g. to finetune GPT-2 (1024 positions) on shorter blocks.
+    pub fn crop_block_size(&mut self, block_size: usize) -> Result<()> {
+        if block_size == 0 || block_size > self.args.block_size {
+            candle_core::bail!(
+                "cannot crop the block size to {block_size}: it must be between 1 and the model's {}",
+                self.args.block_size
+            );
+        }
+        self.wpe = Var::from_tensor(&self.wpe.as_tensor().narrow(0, 0, block_size)?.contiguous()?)?;
+        self.args.block_size = block_size;
+        Ok(())
     }
 
     /// Every parameter once, named as in nanoGPT's state dict (the tied `lm_head.weight` is `transformer.wte.weight`).

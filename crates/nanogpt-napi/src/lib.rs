@@ -38,6 +38,26 @@ impl Gpt {
         Ok(Gpt { engine: Engine::from_safetensors(&args, &weights, &device).map_err(js_error)? })
     }
 
+    #[napi(factory)]
+    pub fn from_hf_gpt2(config_json: String, weights: Uint8Array, dropout: f64, device: String) -> Result<Gpt> {
+        Ok(Gpt { engine: Engine::from_hf_gpt2(&config_json, &weights, dropout, &device).map_err(js_error)? })
+    }
+
+    #[napi(factory)]
+    pub fn from_hf_gpt2_file(config_json: String, path: String, dropout: f64, device: String) -> Result<Gpt> {
+        Ok(Gpt { engine: Engine::from_hf_gpt2_file(&config_json, &path, dropout, &device).map_err(js_error)? })
+    }
+
+    #[napi]
+    pub fn model_args(&self) -> Result<String> {
+        to_json(self.engine.model_args())
+    }
+
+    #[napi]
+    pub fn crop_block_size(&mut self, block_size: u32) -> Result<()> {
+        self.engine.crop_block_size(block_size as usize).map_err(js_error)
+    }
+
     #[napi]
     pub fn num_params(&self, non_embedding: bool) -> f64 {
         self.engine.num_params(non_embedding) as f64
@@ -91,6 +111,16 @@ impl Gpt {
     #[napi]
     pub fn save_weights(&self) -> Result<Buffer> {
         Ok(self.engine.save_weights().map_err(js_error)?.into())
+    }
+
+    #[napi]
+    pub fn export_hf(&self) -> Result<Buffer> {
+        Ok(self.engine.export_hf().map_err(js_error)?.into())
+    }
+
+    #[napi]
+    pub fn hf_config(&self) -> String {
+        self.engine.hf_config()
     }
 
     #[napi]

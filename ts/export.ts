@@ -1,0 +1,25 @@
+// `nanogpt-rs export`: a checkpoint as a Hugging Face GPT-2 folder (config.json + model.safetensors), loadable with
+// transformers' GPT2LMHeadModel.from_pretrained and by init_from=<folder> here.
+import { mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { loadWithEngine, readCheckpointInfo, readWeights } from './checkpoint.ts';
+import { Engine } from './engine.ts';
+import { writeFileAtomic } from './files.ts';
+
+export interface ExportOptions {
+  /** The checkpoint folder. */
+  out_dir: string;
+  /** The Hugging Face folder to write. */
+  to: string;
+}
+
+export function exportHf(options: ExportOptions, log: (line: string) => void = console.log): void {
+  const checkpoint = readCheckpointInfo(options.out_dir);
+  const weights = readWeights(options.out_dir);
+  const modelArgs = { ...checkpoint.model_args, dropout: 0 };
+  const engine = loadWithEngine(options.out_dir, 'weights', () => Engine.fromSafetensors(modelArgs, weights, 'cpu'));
+  mkdirSync(options.to, { recursive: true });
+  writeFileAtomic(join(options.to, 'model.safetensors'), engine.exportHf());
+  writeFileAtomic(join(options.to, 'config.json'), engine.hfConfig());
+  log(`exported ${options.out_dir} (iteration ${checkpoint.iter_num}) as a Hugging Face GPT-2 to ${options.to}`);
+}
