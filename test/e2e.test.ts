@@ -93,6 +93,31 @@ describe('nanogpt-rs end to end', () => {
     expect(JSON.parse(readFileSync(join(work, 'out-tiny', 'ckpt.json'), 'utf8')).iter_num).toBe(60);
   });
 
+  it('logs every log and eval record to log.jsonl, with network-health figures, and plots them', () => {
+    const records = readFileSync(join(work, 'out-tiny', 'log.jsonl'), 'utf8').trim().split('\n').map((l) => JSON.parse(l));
+    const train = records.filter((r) => r.kind === 'train');
+    const evals = records.filter((r) => r.kind === 'eval');
+    // The first run logs 0, 5, ..., 40; the resumed one 40 (its first step), 45, ..., 60.
+    expect(train.map((r) => r.iter)).toEqual([0, 5, 10, 15, 20, 25, 30, 35, 40, 40, 45, 50, 55, 60]);
+    expect(evals.map((r) => r.iter)).toEqual([0, 20, 40, 40, 60]);
+    for (const r of train) {
+      expect(r.grad_norm).toBeGreaterThan(0);
+      expect(r.clip_fraction).toBeGreaterThanOrEqual(0);
+      expect(r.clip_fraction).toBeLessThanOrEqual(1);
+      expect(r.tokens_per_s).toBeGreaterThan(0);
+      expect(r.mfu).toBeNull();
+      expect(Object.keys(r.update_ratio).sort()).toEqual(['h.0', 'h.1', 'ln_f', 'wpe', 'wte']);
+      // grad_clip defaults to 1.0: a step is clipped exactly when its norm is above it.
+      expect(r.clipped).toBe(r.grad_norm > 1.0);
+    }
+    // Warm-up starts at lr/(warmup+1).
+    expect(train[0].lr).toBeCloseTo(1e-2 / 6);
+    const plotted = run('plot', '--out_dir=out-tiny');
+    expect(plotted.status).toBe(0);
+    expect(plotted.stdout).toContain('wrote out-tiny/plot.html');
+    expect(readFileSync(join(work, 'out-tiny', 'plot.html'), 'utf8').match(/<svg/g)).toHaveLength(3);
+  });
+
   it('samples text, each sample followed by dashes', () => {
     const result = run('sample', '--out_dir=out-tiny', '--start=ROMEO:', '--num_samples=2', '--max_new_tokens=40');
     expect(result.stderr).toBe('');

@@ -3,9 +3,11 @@
 import { readFileSync } from 'node:fs';
 import { Command } from 'commander';
 import { describeKeys, parseArgs, sampleSchema, trainSchema } from './config.ts';
+import { defaultSeed, defaultValFraction, prepareCorpus, prepareOpenWebText } from './corpus.ts';
 import { prepare } from './data.ts';
 import { UserError } from './errors.ts';
 import { exportHf, type ExportOptions } from './export.ts';
+import { plot } from './plot.ts';
 import { sample } from './sample.ts';
 import { train } from './train.ts';
 
@@ -18,11 +20,46 @@ const program = new Command('nanogpt-rs')
 program
   .command('prepare')
   .description('download (if needed) and tokenize a dataset into <data_dir>/<dataset>/{train,val}.bin')
-  .argument('<dataset>', 'dataset to prepare: shakespeare_char (characters) or shakespeare (GPT-2 BPE)')
+  .argument('<dataset>', 'shakespeare_char (characters), shakespeare (GPT-2 BPE), openwebtext, or text (your own files)')
+  .argument('[files...]', 'for `text`: the .txt/.jsonl/.parquet files of the corpus, in order')
   .option('--data_dir <dir>', 'folder holding the datasets', 'data')
-  .action(async (dataset: string, options: { data_dir: string }) => {
-    await prepare(dataset, { dataDir: options.data_dir });
+  .option('--input <dir>', 'openwebtext: folder of its parquet/jsonl/txt files (default <data_dir>/openwebtext/source)')
+  .option('--name <name>', 'text: the dataset name, written to <data_dir>/<name>/')
+  .option('--tokenizer <kind>', 'text: gpt2 (BPE, <|endoftext|> after each document) or char', 'gpt2')
+  .option('--workers <n>', 'openwebtext/text: tokenising threads (default: all cores)', positiveInt)
+  .option('--val_fraction <f>', 'openwebtext/text: fraction of documents for val', Number, defaultValFraction)
+  .option('--seed <n>', 'openwebtext/text: seed of the train/val split', positiveInt, defaultSeed)
+  .action(async (dataset: string, files: string[], options: PrepareCliOptions) => {
+    const corpus = { dataDir: options.data_dir, workers: options.workers, valFraction: options.val_fraction, seed: options.seed };
+    if (dataset === 'openwebtext') {
+      await prepareOpenWebText({ ...corpus, inputDir: options.input });
+    } else if (dataset === 'text') {
+      if (!options.name) throw new UserError('prepare text needs --name=NAME (the folder under data_dir to write)');
+      if (files.length === 0) throw new UserError('prepare text needs the corpus files: prepare text --name=NAME FILE...');
+      if (options.tokenizer !== 'gpt2' && options.tokenizer !== 'char') {
+        throw new UserError(`--tokenizer must be gpt2 or char, got '${options.tokenizer}'`);
+      }
+      await prepareCorpus({ ...corpus, name: options.name, files, tokenizer: options.tokenizer });
+    } else {
+      await prepare(dataset, { dataDir: options.data_dir });
+    }
   });
+
+interface PrepareCliOptions {
+  data_dir: string;
+  input?: string;
+  name?: string;
+  tokenizer: string;
+  workers?: number;
+  val_fraction: number;
+  seed: number;
+}
+
+function positiveInt(value: string): number {
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < 1) throw new UserError(`expected a positive integer, got '${value}'`);
+  return n;
+}
 
 program
   .command('train')
@@ -51,6 +88,15 @@ program
   .requiredOption('--to <dir>', 'folder to write the Hugging Face model into')
   .action((options: ExportOptions) => {
     exportHf(options);
+  });
+
+program
+  .command('plot')
+  .description("render a run's loss, learning-rate and gradient-norm curves (out_dir/log.jsonl) as an HTML page")
+  .requiredOption('--out_dir <dir>', 'the run to plot')
+  .option('--to <file>', 'where to write the page (default: <out_dir>/plot.html)')
+  .action((options: { out_dir: string; to?: string }) => {
+    console.log(`wrote ${plot(options.out_dir, options.to)}`);
   });
 
 try {

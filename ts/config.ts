@@ -43,7 +43,7 @@ export const trainSchema = {
   eval_only: bool(false, 'stop right after the first evaluation'),
   always_save_checkpoint: bool(true, 'checkpoint after every evaluation, even if val loss did not improve'),
   init_from: str('scratch', "'scratch', 'resume' (from out_dir), gpt2 / gpt2-medium / gpt2-large / gpt2-xl, or a Hugging Face GPT-2 folder"),
-  wandb_log: bool(false, 'log to Weights & Biases (not implemented yet)'),
+  wandb_log: bool(false, 'also log to Weights & Biases (needs WANDB_API_KEY and the @wandb/sdk package)'),
   wandb_project: str('owt', 'Weights & Biases project'),
   wandb_run_name: str('gpt2', 'Weights & Biases run name'),
   dataset: str('openwebtext', 'data is read from <data_dir>/<dataset>/'),
@@ -145,7 +145,7 @@ export function resolveConfig<S extends Schema>(schema: S, overrides: Partial<Co
  * Only keys the user set are mentioned, so a plain run stays quiet.
  */
 export function noEffectNotes(
-  config: { device: string; dtype: string; compile: boolean; wandb_log?: boolean },
+  config: { device: string; dtype: string; compile: boolean },
   overrides: object,
 ): string[] {
   const set = (key: string) => Object.hasOwn(overrides, key);
@@ -155,7 +155,6 @@ export function noEffectNotes(
   if (set('dtype') && config.device === 'cpu' && config.dtype !== 'float32') {
     notes.push(`note: dtype=${config.dtype} has no effect on cpu: the engine computes in float32`);
   }
-  if (config.wandb_log) notes.push('note: wandb_log has no effect yet: Weights & Biases logging is not implemented');
   return notes;
 }
 

@@ -46,6 +46,8 @@ export interface StepStats {
   /** Global L2 norm of the accumulated gradients, before clipping. */
   grad_norm: number;
   clipped: boolean;
+  /** ‖Δp‖/‖p‖ of this step for every parameter tensor, by name (a network-health figure). */
+  update_ratios: Array<[string, number]>;
 }
 
 interface NativeGpt {

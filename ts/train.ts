@@ -14,8 +14,10 @@ import { BatchLoader, readMeta } from './data.ts';
 import { Engine, lrAt, type ModelArgs } from './engine.ts';
 import { firstLine, UserError } from './errors.ts';
 import { gpt2Models, loadHfModel } from './pretrained.ts';
+import { formatMfu, flopsPerIter, gpuName, MfuMeter, peakFlops } from './mfu.ts';
 import { Progress } from './progress.ts';
 import { Rng } from './rng.ts';
+import { RunLog, updateRatiosByLayer } from './telemetry.ts';
 
 export interface TrainResult {
   /** The last iteration this run reached (normally max_iters; 0 with eval_only). */
@@ -123,8 +125,15 @@ export async function train(overrides: Partial<TrainConfig> = {}): Promise<Train
       lr_decay_iters: config.lr_decay_iters,
       decay_lr: config.decay_lr,
     };
-    const mfu = new MfuMeter(config, modelArgs, engine.numParams(true));
+    const stepFlops = flopsPerIter(modelArgs, engine.numParams(true), tokensPerIter);
+    const mfu = new MfuMeter(stepFlops, config.device.startsWith('cuda') ? peakFlops(gpuName() ?? '') : null);
+    let runningMfu: number | null = config.device.startsWith('cuda') ? -1 : null;
     const progress = new Progress(process.stdout, config.max_iters);
+    const runLog = await RunLog.open({
+      outDir: config.out_dir,
+      wandb: config.wandb_log ? { project: config.wandb_project, runName: config.wandb_run_name, config } : undefined,
+      notice: (line) => progress.print(line),
+    });
     let lastEval: TrainResult['last_eval'] = null;
     const firstIter = iterNum;
     let { x, y } = batches.next('train');
@@ -135,6 +144,7 @@ export async function train(overrides: Partial<TrainConfig> = {}): Promise<Train
       if (iterNum % config.eval_interval === 0) {
         lastEval = estimateLoss();
         progress.print(`step ${iterNum}: train loss ${lastEval.train.toFixed(4)}, val loss ${lastEval.val.toFixed(4)}`);
+        runLog.eval({ iter: iterNum, train_loss: lastEval.train, val_loss: lastEval.val, lr }, runningMfu);
         if (lastEval.val < bestValLoss || config.always_save_checkpoint) {
           bestValLoss = lastEval.val;
           if (iterNum > 0) {
@@ -152,20 +162,33 @@ export async function train(overrides: Partial<TrainConfig> = {}): Promise<Train
         loss = engine.forwardBackward(x, y, config.batch_size, 1 / config.gradient_accumulation_steps);
         ({ x, y } = batches.next('train'));
       }
-      engine.step(lr);
+      const stats = engine.step(lr);
+      runLog.countStep(stats.clipped);
 
       const t1 = performance.now();
       const dt = t1 - t0;
       t0 = t1;
       if (iterNum % config.log_interval === 0) {
+        runningMfu = mfu.update(iterNum - firstIter, dt);
         // Like nanoGPT, the loss shown is the last micro-batch's, not the mean over the step.
-        progress.log(`iter ${iterNum}: loss ${loss.toFixed(4)}, time ${dt.toFixed(2)}ms, mfu ${mfu.update(iterNum - firstIter, dt)}`);
+        progress.log(`iter ${iterNum}: loss ${loss.toFixed(4)}, time ${dt.toFixed(2)}ms, mfu ${formatMfu(runningMfu)}`);
+        runLog.train({
+          iter: iterNum,
+          loss,
+          lr,
+          grad_norm: stats.grad_norm,
+          clipped: stats.clipped,
+          tokens_per_s: tokensPerIter / (dt / 1000),
+          mfu: runningMfu,
+          update_ratio: updateRatiosByLayer(stats.update_ratios),
+        });
       }
       progress.update(iterNum, loss);
       iterNum += 1;
       if (iterNum > config.max_iters) break;
     }
     progress.finish();
+    await runLog.close();
 
     const iterations = iterNum - firstIter;
     return {
@@ -194,35 +217,6 @@ function createEngine(create: () => Engine): Engine {
     return create();
   } catch (err) {
     throw new UserError(`cannot create the model: ${firstLine(err)}`);
-  }
-}
-
-/**
- * nanoGPT's model FLOPs utilisation (spec 1.14): achieved FLOP/s over an A100's bf16 peak, smoothed. The
- * reference peak only means something on a GPU, so on cpu it reads "n/a".
- */
-class MfuMeter {
-  private running = -1;
-  private readonly flopsPerIter: number;
-
-  constructor(
-    private readonly config: TrainConfig,
-    args: ModelArgs,
-    nonEmbeddingParams: number,
-  ) {
-    const headDim = args.n_embd / args.n_head;
-    const flopsPerToken = 6 * nonEmbeddingParams + 12 * args.n_layer * args.n_head * headDim * args.block_size;
-    this.flopsPerIter = flopsPerToken * args.block_size * config.batch_size * config.gradient_accumulation_steps;
-  }
-
-  /** Folds in an iteration of `dtMs` (the first five of a run are skipped as warm-up) and formats the result. */
-  update(localIter: number, dtMs: number): string {
-    if (!this.config.device.startsWith('cuda')) return 'n/a';
-    if (localIter >= 5) {
-      const mfu = this.flopsPerIter / (dtMs / 1000) / 312e12;
-      this.running = this.running === -1 ? mfu : 0.9 * this.running + 0.1 * mfu;
-    }
-    return `${(this.running * 100).toFixed(2)}%`;
   }
 }
 
