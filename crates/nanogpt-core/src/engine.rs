@@ -78,8 +78,8 @@ impl Engine {
         Ok(Self::wrap(model, 0))
     }
 
-    /// As [`Engine::from_hf_gpt2`], reading `model.safetensors` from `path` through a memory map: GPT-2 XL's
-    /// 6.4 GB would not fit in a Node.js Buffer, and this way the file is never held in memory twice.
+    /// As [`Engine::from_hf_gpt2`], reading `model.safetensors` from `path` in Rust: GPT-2 XL's 6.4 GB would not
+    /// fit in a Node.js Buffer. The file's bytes are dropped once the tensors are made from them.
     pub fn from_hf_gpt2_file(config_json: &str, path: &str, dropout: f64, device_name: &str) -> Result<Self> {
         configure_cpu_runtime();
         let device = device(device_name)?;
