@@ -2,7 +2,7 @@ import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSyn
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { loadWithEngine, readCheckpointInfo, readOptimizerState, readWeights, saveCheckpoint, type CheckpointInfo } from '../ts/checkpoint.ts';
+import { loadWithEngine, optimizerStatePath, readCheckpointInfo, saveCheckpoint, weightsPath, type CheckpointInfo } from '../ts/checkpoint.ts';
 import { writeFileAtomic } from '../ts/files.ts';
 
 const root = mkdtempSync(join(tmpdir(), 'nanogpt-ckpt-'));
@@ -15,8 +15,8 @@ const info: CheckpointInfo = {
   config: { dataset: 'shakespeare_char' },
 };
 const fakeEngine = (weights: string, optimizer: string) => ({
-  saveWeights: () => Buffer.from(weights),
-  saveOptimizer: () => Buffer.from(optimizer),
+  saveWeightsFile: (path: string) => writeFileSync(path, weights),
+  saveOptimizerFile: (path: string) => writeFileSync(path, optimizer),
 });
 
 describe('writeFileAtomic', () => {
@@ -46,8 +46,8 @@ describe('saveCheckpoint / readCheckpointInfo', () => {
     saveCheckpoint(dir, fakeEngine('W2', 'O2'), { ...info, iter_num: 80 });
     expect(readdirSync(dir).sort()).toEqual(['ckpt.json', 'model.safetensors', 'optimizer.safetensors']);
     expect(readCheckpointInfo(dir)).toEqual({ ...info, iter_num: 80 });
-    expect(readWeights(dir).toString()).toBe('W2');
-    expect(readOptimizerState(dir).toString()).toBe('O2');
+    expect(readFileSync(weightsPath(dir), 'utf8')).toBe('W2');
+    expect(readFileSync(optimizerStatePath(dir), 'utf8')).toBe('O2');
   });
 
   it('says there is no checkpoint when ckpt.json is missing', () => {
@@ -75,7 +75,7 @@ describe('saveCheckpoint / readCheckpointInfo', () => {
     const dir = join(root, 'partial');
     saveCheckpoint(dir, fakeEngine('W', 'O'), info);
     rmSync(join(dir, 'model.safetensors'));
-    expect(() => readWeights(dir)).toThrow(/model.safetensors is unusable: the file is missing/);
+    expect(() => weightsPath(dir)).toThrow(/model.safetensors is unusable: the file is missing/);
     expect(() =>
       loadWithEngine(dir, 'optimizer', () => {
         throw new Error('header too large\n  at rust code');

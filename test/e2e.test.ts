@@ -161,7 +161,7 @@ describe('nanogpt-rs end to end', () => {
 
     const { Engine } = await import('../ts/engine.ts');
     const info = JSON.parse(readFileSync(join(work, 'out-tiny', 'ckpt.json'), 'utf8'));
-    const saved = Engine.fromSafetensors({ ...info.model_args, dropout: 0 }, readFileSync(join(work, 'out-tiny', 'model.safetensors')));
+    const saved = Engine.fromSafetensorsFile({ ...info.model_args, dropout: 0 }, join(work, 'out-tiny', 'model.safetensors'));
     const exported = Engine.fromHfGpt2File(JSON.stringify(config), join(work, 'hf-tiny', 'model.safetensors'), 0);
     const prompt = Uint32Array.from([1, 2, 3]);
     expect(exported.generate(prompt, 40, 0.8, 0, 7)).toEqual(saved.generate(prompt, 40, 0.8, 0, 7));

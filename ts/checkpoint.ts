@@ -7,7 +7,7 @@ import { existsSync, mkdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Engine, ModelArgs } from './engine.ts';
 import { firstLine, UserError } from './errors.ts';
-import { writeFileAtomic } from './files.ts';
+import { replaceFileAtomic, writeFileAtomic } from './files.ts';
 
 export interface CheckpointInfo {
   model_args: ModelArgs;
@@ -21,10 +21,11 @@ const weightsFile = 'model.safetensors';
 const optimizerFile = 'optimizer.safetensors';
 const infoFile = 'ckpt.json';
 
-export function saveCheckpoint(outDir: string, engine: Pick<Engine, 'saveWeights' | 'saveOptimizer'>, info: CheckpointInfo): void {
+export function saveCheckpoint(outDir: string, engine: Pick<Engine, 'saveWeightsFile' | 'saveOptimizerFile'>, info: CheckpointInfo): void {
   mkdirSync(outDir, { recursive: true });
-  writeFileAtomic(join(outDir, weightsFile), engine.saveWeights());
-  writeFileAtomic(join(outDir, optimizerFile), engine.saveOptimizer());
+  // The engine writes the tensors itself: a large model's would not fit in a Node.js Buffer.
+  replaceFileAtomic(join(outDir, weightsFile), (temp) => engine.saveWeightsFile(temp));
+  replaceFileAtomic(join(outDir, optimizerFile), (temp) => engine.saveOptimizerFile(temp));
   writeFileAtomic(join(outDir, infoFile), `${JSON.stringify(info, null, 2)}\n`);
 }
 
@@ -51,16 +52,18 @@ export function readCheckpointInfo(outDir: string): CheckpointInfo {
   return info;
 }
 
-export function readWeights(outDir: string): Buffer {
-  return readPart(outDir, weightsFile);
+/** The path of the checkpoint's weights, checked to exist. */
+export function weightsPath(outDir: string): string {
+  return partPath(outDir, weightsFile);
 }
 
-export function readOptimizerState(outDir: string): Buffer {
-  return readPart(outDir, optimizerFile);
+/** The path of the checkpoint's optimizer state, checked to exist. */
+export function optimizerStatePath(outDir: string): string {
+  return partPath(outDir, optimizerFile);
 }
 
 /**
- * Runs an engine call on checkpoint bytes, turning its failure into a one-line error. The engine's own message
+ * Runs an engine call on a checkpoint file, turning its failure into a one-line error. The engine's own message
  * carries the fix: it may be about the bytes (a damaged file) or about the engine (not built).
  */
 export function loadWithEngine<T>(outDir: string, file: 'weights' | 'optimizer', load: () => T): T {
@@ -72,10 +75,10 @@ export function loadWithEngine<T>(outDir: string, file: 'weights' | 'optimizer',
   }
 }
 
-function readPart(outDir: string, file: string): Buffer {
+function partPath(outDir: string, file: string): string {
   const path = join(outDir, file);
   if (!existsSync(path)) throw corrupt(path, 'the file is missing');
-  return readFileSync(path);
+  return path;
 }
 
 function corrupt(path: string, problem: string): UserError {

@@ -55,22 +55,21 @@ interface NativeGpt {
   cropBlockSize(blockSize: number): void;
   numParams(nonEmbedding: boolean): number;
   configureOptimizer(optimizerArgsJson: string): string;
-  loadOptimizer(bytes: Uint8Array): void;
+  loadOptimizerFile(path: string): void;
   forwardBackward(x: Uint32Array, y: Int32Array, batchSize: number, lossScale: number): number;
   step(lr: number): string;
   evalLoss(x: Uint32Array, y: Int32Array, batchSize: number): number;
   generate(prompt: Uint32Array, maxNewTokens: number, temperature: number, topK: number, seed: number): Uint32Array;
-  saveWeights(): Buffer;
-  saveOptimizer(): Buffer;
-  exportHf(): Buffer;
+  saveWeightsFile(path: string): void;
+  saveOptimizerFile(path: string): void;
+  exportHfFile(path: string): void;
   hfConfig(): string;
 }
 
 interface NativeModule {
   Gpt: {
     create(modelArgsJson: string, seed: number, device: string): NativeGpt;
-    fromSafetensors(modelArgsJson: string, weights: Uint8Array, device: string): NativeGpt;
-    fromHfGpt2(configJson: string, weights: Uint8Array, dropout: number, device: string): NativeGpt;
+    fromSafetensorsFile(modelArgsJson: string, path: string, device: string): NativeGpt;
     fromHfGpt2File(configJson: string, path: string, dropout: number, device: string): NativeGpt;
   };
   lrAt(iter: number, scheduleJson: string): number;
@@ -101,20 +100,18 @@ export class Engine {
     return new Engine(loadNative().Gpt.create(JSON.stringify(args), seed, device));
   }
 
-  /** A model whose weights come from a safetensors file's bytes (names as nanoGPT's state dict). */
-  static fromSafetensors(args: ModelArgs, weights: Uint8Array, device = 'cpu'): Engine {
-    return new Engine(loadNative().Gpt.fromSafetensors(JSON.stringify(args), weights, device));
+  /**
+   * A model whose weights the engine reads from the safetensors file at `path` (names as nanoGPT's state dict).
+   * Files are read and written by the engine, not through Node.js Buffers, which stop at 2 GB to 4 GB.
+   */
+  static fromSafetensorsFile(args: ModelArgs, path: string, device = 'cpu'): Engine {
+    return new Engine(loadNative().Gpt.fromSafetensorsFile(JSON.stringify(args), path, device));
   }
 
   /**
-   * A Hugging Face GPT-2 (`config.json` text and `model.safetensors` bytes, e.g. OpenAI's weights): the
+   * A Hugging Face GPT-2 (`config.json` text, and the path of its `model.safetensors`, e.g. OpenAI's weights): the
    * architecture comes from the config, with `dropout` in place of the config's.
    */
-  static fromHfGpt2(configJson: string, weights: Uint8Array, dropout: number, device = 'cpu'): Engine {
-    return new Engine(loadNative().Gpt.fromHfGpt2(configJson, weights, dropout, device));
-  }
-
-  /** As `fromHfGpt2`, with the engine reading `model.safetensors` from `path` (files over Node's Buffer limit work). */
   static fromHfGpt2File(configJson: string, path: string, dropout: number, device = 'cpu'): Engine {
     return new Engine(loadNative().Gpt.fromHfGpt2File(configJson, path, dropout, device));
   }
@@ -138,9 +135,9 @@ export class Engine {
     return JSON.parse(this.gpt.configureOptimizer(JSON.stringify(args))) as ParamGroups;
   }
 
-  /** Restores AdamW moments and step count written by `saveOptimizer`. */
-  loadOptimizer(bytes: Uint8Array): void {
-    this.gpt.loadOptimizer(bytes);
+  /** Restores AdamW moments and step count written by `saveOptimizerFile`. */
+  loadOptimizerFile(path: string): void {
+    this.gpt.loadOptimizerFile(path);
   }
 
   /**
@@ -167,24 +164,24 @@ export class Engine {
     return this.gpt.generate(prompt, maxNewTokens, temperature, topK, seed);
   }
 
-  /** The weights as safetensors bytes (nanoGPT's parameter names, tied lm_head omitted). */
-  saveWeights(): Buffer {
-    return this.gpt.saveWeights();
+  /** Writes the weights to a safetensors file (nanoGPT's parameter names, tied lm_head omitted). */
+  saveWeightsFile(path: string): void {
+    this.gpt.saveWeightsFile(path);
   }
 
-  /** The weights as a Hugging Face GPT-2 `model.safetensors` (`transformer.` names, Conv1D layout). */
-  exportHf(): Buffer {
-    return this.gpt.exportHf();
+  /** Writes the weights as a Hugging Face GPT-2 `model.safetensors` (`transformer.` names, Conv1D layout). */
+  exportHfFile(path: string): void {
+    this.gpt.exportHfFile(path);
   }
 
-  /** The Hugging Face GPT-2 `config.json` text that goes with `exportHf`. */
+  /** The Hugging Face GPT-2 `config.json` text that goes with `exportHfFile`. */
   hfConfig(): string {
     return this.gpt.hfConfig();
   }
 
-  /** The AdamW state (moments and step) as safetensors bytes. */
-  saveOptimizer(): Buffer {
-    return this.gpt.saveOptimizer();
+  /** Writes the AdamW state (moments and step) to a safetensors file. */
+  saveOptimizerFile(path: string): void {
+    this.gpt.saveOptimizerFile(path);
   }
 }
 

@@ -2,9 +2,9 @@
 // transformers' GPT2LMHeadModel.from_pretrained and by init_from=<folder> here.
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
-import { loadWithEngine, readCheckpointInfo, readWeights } from './checkpoint.ts';
+import { loadWithEngine, readCheckpointInfo, weightsPath } from './checkpoint.ts';
 import { Engine } from './engine.ts';
-import { writeFileAtomic } from './files.ts';
+import { replaceFileAtomic, writeFileAtomic } from './files.ts';
 
 export interface ExportOptions {
   /** The checkpoint folder. */
@@ -15,11 +15,11 @@ export interface ExportOptions {
 
 export function exportHf(options: ExportOptions, log: (line: string) => void = console.log): void {
   const checkpoint = readCheckpointInfo(options.out_dir);
-  const weights = readWeights(options.out_dir);
+  const weights = weightsPath(options.out_dir);
   const modelArgs = { ...checkpoint.model_args, dropout: 0 };
-  const engine = loadWithEngine(options.out_dir, 'weights', () => Engine.fromSafetensors(modelArgs, weights, 'cpu'));
+  const engine = loadWithEngine(options.out_dir, 'weights', () => Engine.fromSafetensorsFile(modelArgs, weights, 'cpu'));
   mkdirSync(options.to, { recursive: true });
-  writeFileAtomic(join(options.to, 'model.safetensors'), engine.exportHf());
+  replaceFileAtomic(join(options.to, 'model.safetensors'), (temp) => engine.exportHfFile(temp));
   writeFileAtomic(join(options.to, 'config.json'), engine.hfConfig());
   log(`exported ${options.out_dir} (iteration ${checkpoint.iter_num}) as a Hugging Face GPT-2 to ${options.to}`);
 }

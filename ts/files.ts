@@ -7,12 +7,24 @@ import { dirname } from 'node:path';
  * fsynced, then renamed over `path`; the directory is fsynced so the rename itself survives a power loss.
  */
 export function writeFileAtomic(path: string, data: Uint8Array | string): void {
-  const temp = `${path}.tmp-${process.pid}`;
-  try {
+  replaceFileAtomic(path, (temp) => {
     const fd = openSync(temp, 'w');
     try {
       const bytes = typeof data === 'string' ? Buffer.from(data) : data;
       for (let written = 0; written < bytes.length; ) written += writeSync(fd, bytes, written);
+    } finally {
+      closeSync(fd);
+    }
+  });
+}
+
+/** As `writeFileAtomic`, for a file that `write` creates at the temporary path it is given (e.g. the engine). */
+export function replaceFileAtomic(path: string, write: (tempPath: string) => void): void {
+  const temp = `${path}.tmp-${process.pid}`;
+  try {
+    write(temp);
+    const fd = openSync(temp, 'r+');
+    try {
       fsyncSync(fd);
     } finally {
       closeSync(fd);

@@ -1,7 +1,7 @@
 // Text generation from a trained checkpoint or GPT-2 weights, as nanoGPT's sample.py (spec section 3).
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { loadWithEngine, readCheckpointInfo, readWeights } from './checkpoint.ts';
+import { loadWithEngine, readCheckpointInfo, weightsPath } from './checkpoint.ts';
 import { noEffectNotes, resolveConfig, sampleSchema, type SampleConfig } from './config.ts';
 import { CharTokenizer, readMeta, type Meta } from './data.ts';
 import { Engine } from './engine.ts';
@@ -23,9 +23,9 @@ export async function sample(overrides: Partial<SampleConfig> = {}): Promise<str
   let metaPath = '';
   if (config.init_from === 'resume') {
     const checkpoint = readCheckpointInfo(config.out_dir);
-    const weights = readWeights(config.out_dir);
+    const weights = weightsPath(config.out_dir);
     const modelArgs = { ...checkpoint.model_args, dropout: 0 };
-    engine = loadWithEngine(config.out_dir, 'weights', () => Engine.fromSafetensors(modelArgs, weights, config.device));
+    engine = loadWithEngine(config.out_dir, 'weights', () => Engine.fromSafetensorsFile(modelArgs, weights, config.device));
     const datasetDir = join(config.data_dir, String(checkpoint.config.dataset));
     metaPath = join(datasetDir, 'meta.json');
     meta = readMeta(datasetDir);

@@ -5,8 +5,8 @@ import { join } from 'node:path';
 import {
   loadWithEngine,
   readCheckpointInfo,
-  readOptimizerState,
-  readWeights,
+  optimizerStatePath,
+  weightsPath,
   saveCheckpoint,
 } from './checkpoint.ts';
 import { noEffectNotes, resolveConfig, trainSchema, type TrainConfig } from './config.ts';
@@ -72,8 +72,8 @@ export async function train(overrides: Partial<TrainConfig> = {}): Promise<Train
       if (config.block_size !== saved.block_size) {
         throw new UserError(`block_size ${config.block_size} differs from the checkpoint's ${saved.block_size}, whose optimizer state holds that many positions; resume with --block_size=${saved.block_size}`);
       }
-      const weights = readWeights(config.out_dir);
-      engine = loadWithEngine(config.out_dir, 'weights', () => Engine.fromSafetensors(saved, weights, config.device));
+      const weights = weightsPath(config.out_dir);
+      engine = loadWithEngine(config.out_dir, 'weights', () => Engine.fromSafetensorsFile(saved, weights, config.device));
       iterNum = checkpoint.iter_num;
       bestValLoss = checkpoint.best_val_loss;
     } else {
@@ -101,8 +101,8 @@ export async function train(overrides: Partial<TrainConfig> = {}): Promise<Train
     console.log(`num decayed parameter tensors: ${groups.decay_tensors}, with ${thousands(groups.decay_params)} parameters`);
     console.log(`num non-decayed parameter tensors: ${groups.no_decay_tensors}, with ${thousands(groups.no_decay_params)} parameters`);
     if (config.init_from === 'resume') {
-      const state = readOptimizerState(config.out_dir);
-      loadWithEngine(config.out_dir, 'optimizer', () => engine.loadOptimizer(state));
+      const state = optimizerStatePath(config.out_dir);
+      loadWithEngine(config.out_dir, 'optimizer', () => engine.loadOptimizerFile(state));
     }
 
     const estimateLoss = () => {

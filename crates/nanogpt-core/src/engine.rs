@@ -69,6 +69,14 @@ impl Engine {
         Ok(Self::wrap(model, 0))
     }
 
+    /// As [`Engine::from_safetensors`], reading the file in Rust: a GPT-2 XL checkpoint does not fit in a Node.js Buffer.
+    pub fn from_safetensors_file(args: &ModelArgs, path: &str, device_name: &str) -> Result<Self> {
+        configure_cpu_runtime();
+        let model = Gpt::empty(args, &device(device_name)?)?;
+        model.load(&read_safetensors(path)?)?;
+        Ok(Self::wrap(model, 0))
+    }
+
     /// A Hugging Face GPT-2 (`config.json` text and `model.safetensors` bytes), e.g. OpenAI's weights,
     /// with `dropout` in place of the config's.
     pub fn from_hf_gpt2(config_json: &str, bytes: &[u8], dropout: f64, device_name: &str) -> Result<Self> {
@@ -83,9 +91,7 @@ impl Engine {
     pub fn from_hf_gpt2_file(config_json: &str, path: &str, dropout: f64, device_name: &str) -> Result<Self> {
         configure_cpu_runtime();
         let device = device(device_name)?;
-        let tensors = candle_core::safetensors::load(path, &Device::Cpu)
-            .map_err(|e| candle_core::Error::Msg(format!("cannot read {path} as safetensors ({e})")))?;
-        let model = hf::import(config_json, tensors, dropout, &device)?;
+        let model = hf::import(config_json, read_safetensors(path)?, dropout, &device)?;
         Ok(Self::wrap(model, 0))
     }
 
@@ -127,6 +133,11 @@ impl Engine {
 
     pub fn load_optimizer(&mut self, bytes: &[u8]) -> Result<()> {
         let tensors = load_safetensors(bytes, "optimizer state")?;
+        self.optimizer_mut()?.load_state(&tensors)
+    }
+
+    pub fn load_optimizer_file(&mut self, path: &str) -> Result<()> {
+        let tensors = read_safetensors(path)?;
         self.optimizer_mut()?.load_state(&tensors)
     }
 
@@ -203,17 +214,26 @@ impl Engine {
         sample::generate(&self.model, prompt, args)
     }
 
+    fn weights(&self) -> Vec<(String, Tensor)> {
+        self.model.named_parameters().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect()
+    }
+
     pub fn save_weights(&self) -> Result<Vec<u8>> {
-        let named = self.model.named_parameters();
-        serialize(named.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect())
+        serialize(self.weights(), None)
+    }
+
+    /// The weights written straight to `path`, one tensor at a time (no whole-file buffer).
+    pub fn save_weights_file(&self, path: &str) -> Result<()> {
+        serialize_to_file(self.weights(), None, path)
     }
 
     /// The weights as a Hugging Face GPT-2 `model.safetensors`.
     pub fn export_hf(&self) -> Result<Vec<u8>> {
-        // transformers refuses safetensors files that do not say they hold PyTorch tensors.
-        let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-        safetensors::serialize(hf::export_tensors(&self.model)?, Some(metadata))
-            .map_err(|e| candle_core::Error::Msg(format!("cannot serialize: {e}")))
+        serialize(hf::export_tensors(&self.model)?, Some(hf_metadata()))
+    }
+
+    pub fn export_hf_file(&self, path: &str) -> Result<()> {
+        serialize_to_file(hf::export_tensors(&self.model)?, Some(hf_metadata()), path)
     }
 
     /// The Hugging Face GPT-2 `config.json` that goes with [`Engine::export_hf`].
@@ -221,17 +241,40 @@ impl Engine {
         hf::export_config(&self.model.args)
     }
 
+    fn optimizer_state(&self) -> Result<Vec<(String, Tensor)>> {
+        self.optimizer.as_ref().ok_or_else(|| candle_core::Error::Msg("no optimizer to save".into()))?.state()
+    }
+
     pub fn save_optimizer(&self) -> Result<Vec<u8>> {
-        let optimizer =
-            self.optimizer.as_ref().ok_or_else(|| candle_core::Error::Msg("no optimizer to save".into()))?;
-        serialize(optimizer.state()?)
+        serialize(self.optimizer_state()?, None)
+    }
+
+    pub fn save_optimizer_file(&self, path: &str) -> Result<()> {
+        serialize_to_file(self.optimizer_state()?, None, path)
     }
 }
 
-fn serialize(tensors: Vec<(String, Tensor)>) -> Result<Vec<u8>> {
-    let tensors: Vec<(String, Tensor)> =
-        tensors.into_iter().map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?))).collect::<Result<_>>()?;
-    safetensors::serialize(tensors, None).map_err(|e| candle_core::Error::Msg(format!("cannot serialize: {e}")))
+/// transformers refuses safetensors files that do not say they hold PyTorch tensors.
+fn hf_metadata() -> HashMap<String, String> {
+    HashMap::from([("format".to_string(), "pt".to_string())])
+}
+
+fn on_cpu(tensors: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>> {
+    tensors.into_iter().map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?))).collect()
+}
+
+fn serialize(tensors: Vec<(String, Tensor)>, metadata: Option<HashMap<String, String>>) -> Result<Vec<u8>> {
+    safetensors::serialize(on_cpu(tensors)?, metadata).map_err(|e| candle_core::Error::Msg(format!("cannot serialize: {e}")))
+}
+
+fn serialize_to_file(tensors: Vec<(String, Tensor)>, metadata: Option<HashMap<String, String>>, path: &str) -> Result<()> {
+    safetensors::serialize_to_file(on_cpu(tensors)?, metadata, std::path::Path::new(path))
+        .map_err(|e| candle_core::Error::Msg(format!("cannot write {path} ({e})")))
+}
+
+fn read_safetensors(path: &str) -> Result<HashMap<String, Tensor>> {
+    candle_core::safetensors::load(path, &Device::Cpu)
+        .map_err(|e| candle_core::Error::Msg(format!("cannot read {path} as safetensors ({e})")))
 }
 
 fn load_safetensors(bytes: &[u8], what: &str) -> Result<HashMap<String, Tensor>> {

@@ -1,7 +1,7 @@
 //! Node.js bindings of the engine: type translation only (JSON strings for argument structs,
-//! typed arrays for tokens, Buffers for safetensors bytes). All logic lives in nanogpt-core.
+//! typed arrays for tokens, file paths for safetensors files). All logic lives in nanogpt-core.
 
-use napi::bindgen_prelude::{Buffer, Int32Array, Uint32Array, Uint8Array};
+use napi::bindgen_prelude::{Int32Array, Uint32Array, Uint8Array};
 use napi::{Error, Result};
 use napi_derive::napi;
 use nanogpt_core::sample::SampleArgs;
@@ -33,14 +33,9 @@ impl Gpt {
     }
 
     #[napi(factory)]
-    pub fn from_safetensors(model_args_json: String, weights: Uint8Array, device: String) -> Result<Gpt> {
+    pub fn from_safetensors_file(model_args_json: String, path: String, device: String) -> Result<Gpt> {
         let args: ModelArgs = parse(&model_args_json, "model_args")?;
-        Ok(Gpt { engine: Engine::from_safetensors(&args, &weights, &device).map_err(js_error)? })
-    }
-
-    #[napi(factory)]
-    pub fn from_hf_gpt2(config_json: String, weights: Uint8Array, dropout: f64, device: String) -> Result<Gpt> {
-        Ok(Gpt { engine: Engine::from_hf_gpt2(&config_json, &weights, dropout, &device).map_err(js_error)? })
+        Ok(Gpt { engine: Engine::from_safetensors_file(&args, &path, &device).map_err(js_error)? })
     }
 
     #[napi(factory)]
@@ -70,8 +65,8 @@ impl Gpt {
     }
 
     #[napi]
-    pub fn load_optimizer(&mut self, bytes: Uint8Array) -> Result<()> {
-        self.engine.load_optimizer(&bytes).map_err(js_error)
+    pub fn load_optimizer_file(&mut self, path: String) -> Result<()> {
+        self.engine.load_optimizer_file(&path).map_err(js_error)
     }
 
     #[napi]
@@ -109,13 +104,13 @@ impl Gpt {
     }
 
     #[napi]
-    pub fn save_weights(&self) -> Result<Buffer> {
-        Ok(self.engine.save_weights().map_err(js_error)?.into())
+    pub fn save_weights_file(&self, path: String) -> Result<()> {
+        self.engine.save_weights_file(&path).map_err(js_error)
     }
 
     #[napi]
-    pub fn export_hf(&self) -> Result<Buffer> {
-        Ok(self.engine.export_hf().map_err(js_error)?.into())
+    pub fn export_hf_file(&self, path: String) -> Result<()> {
+        self.engine.export_hf_file(&path).map_err(js_error)
     }
 
     #[napi]
@@ -124,8 +119,8 @@ impl Gpt {
     }
 
     #[napi]
-    pub fn save_optimizer(&self) -> Result<Buffer> {
-        Ok(self.engine.save_optimizer().map_err(js_error)?.into())
+    pub fn save_optimizer_file(&self, path: String) -> Result<()> {
+        self.engine.save_optimizer_file(&path).map_err(js_error)
     }
 }
 
