@@ -3,4 +3,4 @@ import { register } from 'tsx/esm/api';
 
 register();
 const api = await import('./ts/index.ts');
-export const { train, sample, prepare, Engine } = api;
+export const { train, sample, prepare, prepareCorpus, prepareOpenWebText, exportHf, plot, Engine, UserError } = api;

@@ -3,6 +3,8 @@ export { train, type TrainResult } from './train.ts';
 export { sample } from './sample.ts';
 export { prepare, type PrepareOptions, type PrepareResult } from './data.ts';
 export { exportHf, type ExportOptions } from './export.ts';
+export { prepareCorpus, prepareOpenWebText, type CorpusOptions, type CorpusResult } from './corpus.ts';
+export { plot } from './plot.ts';
 export { Engine, type ModelArgs, type OptimizerArgs, type LrSchedule, type ParamGroups, type StepStats } from './engine.ts';
 export type { TrainConfig, SampleConfig } from './config.ts';
 export { UserError } from './errors.ts';
