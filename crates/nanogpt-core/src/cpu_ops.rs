@@ -43,6 +43,20 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// Squared distance Σ(a-b)², with the same eight partial sums as `dot`.
+#[inline(always)]
+fn squared_distance(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| (x - y) * (x - y)).sum();
+    for (x, y) in ac.zip(bc) {
+        for k in 0..8 {
+            acc[k] += (x[k] - y[k]) * (x[k] - y[k]);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 #[inline(always)]
 fn sum(a: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
@@ -735,16 +749,13 @@ impl AdamWUpdate {
                         let decay = (1.0 - self.lr * self.weight_decay) as f32;
                         let (scale, step, bc2, eps) =
                             (self.grad_scale as f32, self.step_size as f32, self.bias_correction2_sqrt as f32, self.eps as f32);
-                        let (mut change, mut size) = (0f64, 0f64);
                         for i in 0..n {
                             let gi = g[i] * scale;
                             m[i] = b1 * m0[i] + (1.0 - b1) * gi;
                             v[i] = b2 * v0[i] + (1.0 - b2) * gi * gi;
                             p[i] = p0[i] * decay - step * m[i] / (v[i].sqrt() / bc2 + eps);
-                            change += ((p[i] - p0[i]) as f64).powi(2);
-                            size += (p0[i] as f64).powi(2);
                         }
-                        Ok((change, size))
+                        Ok((squared_distance(&p, p0) as f64, dot(p0, p0) as f64))
                     })
                 })
             })
