@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # nanoGPT's README CPU recipe, run with this engine and with the PyTorch reference (../shared/bench/torch_ref.py)
-# on the same machine, one after the other; prints both training wall times, their ratio and both val losses.
+# on the same machine, one after the other: the WebAssembly engine, the native (napi) engine and PyTorch. Prints each
+# training wall time, its ratio to PyTorch's and each val loss.
 #
-# Usage: bash bench/cpu.sh [--iters=N]      (or MAX_ITERS=N; default 2000, the recipe's length)
+# Usage: bash bench/cpu.sh [--iters=N] [--engines=wasm,native]
+#   --iters=N         (or MAX_ITERS=N) default 2000, the recipe's length
+#   --engines=LIST    engine builds to time, in order (default: wasm,native)
 #   SHARED_DIR=<dir>  where torch_ref.py lives (default: ../shared beside the repository)
 #   KEEP=1            keep the checkpoint directory as well as the logs
 #
@@ -16,11 +19,13 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$(pwd)
 
 iters=${MAX_ITERS:-2000}
+engine_list=wasm,native
 for arg in "$@"; do
   case "$arg" in
     --iters=*) iters=${arg#--iters=} ;;
-    -h | --help) sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "error: unknown argument '$arg'; usage: bash bench/cpu.sh [--iters=N]" >&2; exit 2 ;;
+    --engines=*) engine_list=${arg#--engines=} ;;
+    -h | --help) sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "error: unknown argument '$arg'; usage: bash bench/cpu.sh [--iters=N] [--engines=wasm,native]" >&2; exit 2 ;;
   esac
 done
 if ! [[ "$iters" =~ ^[1-9][0-9]*$ ]]; then
@@ -31,6 +36,13 @@ fi
 # so that both sides always report the val loss at the last iteration.
 eval_interval=250
 if (( iters % 250 != 0 )); then eval_interval=$iters; fi
+IFS=, read -r -a engines <<< "$engine_list"
+for engine in "${engines[@]}"; do
+  case "$engine" in
+    wasm | native) ;;
+    *) echo "error: --engines takes wasm and/or native, got '$engine'" >&2; exit 2 ;;
+  esac
+done
 
 shared=${SHARED_DIR:-$root/../shared}
 if [ -d "$shared" ]; then shared=$(cd "$shared" && pwd); fi
@@ -44,7 +56,7 @@ shape=(--eval_iters=20 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/nanogpt-bench-cpu.XXXXXX")
 out_dir=$work/out
-cleanup() { if [ "${KEEP:-0}" != 1 ]; then rm -rf "$out_dir"; fi; }
+cleanup() { if [ "${KEEP:-0}" != 1 ]; then rm -rf "$out_dir"-*; fi; }
 trap cleanup EXIT
 
 section() { printf '\n==== %s ====\n' "$*"; }
@@ -63,10 +75,16 @@ echo "node:  $(node --version)"
 echo "iters: $iters (eval every $eval_interval, eval_iters=20)"
 echo "logs:  $work"
 
-if ! ls native/*.node >/dev/null 2>&1; then
-  echo "error: the native engine is not built (no native/*.node); run \`npm install\` (or \`npm run build:native\`) first" >&2
-  exit 1
-fi
+for engine in "${engines[@]}"; do
+  if [ "$engine" = native ] && ! ls native/*.node >/dev/null 2>&1; then
+    echo "error: the native engine is not built (no native/*.node); run \`npm install\` (or \`npm run build:native\`) first" >&2
+    exit 1
+  fi
+  if [ "$engine" = wasm ] && [ ! -f wasm/nanogpt_bg.wasm ]; then
+    echo "error: the WebAssembly engine is not built (no wasm/nanogpt_bg.wasm); run \`npm install\` (or \`npm run build:wasm\`) first" >&2
+    exit 1
+  fi
+done
 
 # ---------------------------------------------------------------- reference (PyTorch), baseline first
 ref_ok=0
@@ -111,60 +129,71 @@ PY
 fi
 [ "$ref_ok" = 1 ] || echo "reference skipped: $ref_why"
 
-# ---------------------------------------------------------------- ours
-section "ours: nanogpt-rs"
+# ---------------------------------------------------------------- ours, with each engine build
 if [ ! -f data/shakespeare_char/train.bin ] || [ ! -f data/shakespeare_char/val.bin ] || [ ! -f data/shakespeare_char/meta.json ]; then
   node bin/nanogpt-rs.js prepare shakespeare_char
 fi
-ours_cmd=(node bin/nanogpt-rs.js train configs/train_shakespeare_char.ts --device=cpu --compile=False --log_interval=1
-  "${shape[@]}" --out_dir="$out_dir")
-check_load ours
-echo "\$ ${ours_cmd[*]}"
-# Each output line is stamped with the time it arrived; the loop starts right after the optimizer-groups line.
-start_ns=$(date +%s%N)
-set +e
-exec 3>&1
-"${ours_cmd[@]}" 2>&1 | while IFS= read -r line; do
-  printf '%s %s\n' "$EPOCHREALTIME" "$line"
-  if [[ "$line" == "step "* ]]; then printf '%s\n' "$line" >&3; fi
-done > "$work/ours.log"
-ours_status=${PIPESTATUS[0]}
-exec 3>&-
-set -e
-end_ns=$(date +%s%N)
-if [ "$ours_status" != 0 ]; then
-  cut -d' ' -f2- "$work/ours.log" | tail -n 20 >&2
-  echo "error: nanogpt-rs train failed (exit $ours_status; log: $work/ours.log)" >&2
-  exit 1
-fi
-ours_process=$(awk -v a="$start_ns" -v b="$end_ns" 'BEGIN { printf "%.1f", (b - a) / 1e9 }')
-ours_wall=$(awk '
-  / num non-decayed parameter tensors/ { t0 = $1 }
-  { last = $1 }
-  END { if (t0 == "") exit 1; printf "%.1f", last - t0 }' "$work/ours.log") || {
-  echo "error: could not find the start of the training loop in $work/ours.log" >&2
-  exit 1
+declare -A wall process val
+run_ours() {
+  local engine=$1 log=$work/ours-$1.log
+  section "ours: nanogpt-rs, $engine engine"
+  local cmd=(node bin/nanogpt-rs.js train configs/train_shakespeare_char.ts --device=cpu --engine="$engine" --compile=False
+    --log_interval=1 "${shape[@]}" --out_dir="$out_dir-$engine")
+  check_load "ours ($engine)"
+  echo "\$ ${cmd[*]}"
+  # Each output line is stamped with the time it arrived; the loop starts right after the optimizer-groups line.
+  local start_ns end_ns status
+  start_ns=$(date +%s%N)
+  set +e
+  exec 3>&1
+  "${cmd[@]}" 2>&1 | while IFS= read -r line; do
+    printf '%s %s\n' "$EPOCHREALTIME" "$line"
+    if [[ "$line" == "step "* ]]; then printf '%s\n' "$line" >&3; fi
+  done > "$log"
+  status=${PIPESTATUS[0]}
+  exec 3>&-
+  set -e
+  end_ns=$(date +%s%N)
+  if [ "$status" != 0 ]; then
+    cut -d' ' -f2- "$log" | tail -n 20 >&2
+    echo "error: nanogpt-rs train with the $engine engine failed (exit $status; log: $log)" >&2
+    exit 1
+  fi
+  process[$engine]=$(awk -v a="$start_ns" -v b="$end_ns" 'BEGIN { printf "%.1f", (b - a) / 1e9 }')
+  wall[$engine]=$(awk '
+    / num non-decayed parameter tensors/ { t0 = $1 }
+    { last = $1 }
+    END { if (t0 == "") exit 1; printf "%.1f", last - t0 }' "$log") || {
+    echo "error: could not find the start of the training loop in $log" >&2
+    exit 1
+  }
+  val[$engine]=$(cut -d' ' -f2- "$log" | sed -n "s/^step $iters: train loss [0-9.]*, val loss \([0-9.]*\)$/\1/p" | tail -n 1)
+  if [ -z "${val[$engine]}" ]; then
+    echo "error: no 'step $iters: ... val loss' line in $log" >&2
+    exit 1
+  fi
 }
-ours_val=$(cut -d' ' -f2- "$work/ours.log" | sed -n "s/^step $iters: train loss [0-9.]*, val loss \([0-9.]*\)$/\1/p" | tail -n 1)
-if [ -z "$ours_val" ]; then
-  echo "error: no 'step $iters: ... val loss' line in $work/ours.log" >&2
-  exit 1
-fi
+for engine in "${engines[@]}"; do run_ours "$engine"; done
 
 # ---------------------------------------------------------------- summary
 section "summary: README CPU recipe, $iters iterations, $(nproc) cores"
-printf '%-22s %18s %20s\n' "" "training wall (s)" "val loss @ $iters"
-printf '%-22s %18s %20s\n' "nanogpt-rs (ours)" "$ours_wall" "$ours_val"
+printf '%-26s %18s %18s %20s\n' "" "training wall (s)" "ratio to torch" "val loss @ $iters"
+for engine in "${engines[@]}"; do
+  ratio='n/a'
+  if [ "$ref_ok" = 1 ]; then ratio=$(awk -v a="${wall[$engine]}" -v b="$ref_wall" 'BEGIN { printf "%.2f", a / b }'); fi
+  printf '%-26s %18s %18s %20s\n' "nanogpt-rs, $engine engine" "${wall[$engine]}" "$ratio" "${val[$engine]}"
+done
 if [ "$ref_ok" = 1 ]; then
-  printf '%-22s %18s %20s\n' "torch_ref.py (PyTorch)" "$ref_wall" "$ref_val"
-  ratio=$(awk -v a="$ours_wall" -v b="$ref_wall" 'BEGIN { printf "%.2f", a / b }')
-  printf '%-22s %18s\n' "ratio ours / ref" "$ratio"
+  printf '%-26s %18s %18s %20s\n' "torch_ref.py (PyTorch)" "$ref_wall" "1.00" "$ref_val"
 else
   echo "torch_ref.py (PyTorch): not run: $ref_why"
 fi
 echo
-echo "training wall = the training loop with its evaluations, start-up excluded; ours as a whole process: ${ours_process} s"
+for engine in "${engines[@]}"; do
+  echo "nanogpt-rs, $engine engine, as a whole process (start-up included): ${process[$engine]} s"
+done
+echo "training wall = the training loop with its evaluations, start-up excluded."
 echo "eval_iters=20 makes each val loss noisy (about +-0.03)."
 if [ -n "$busy" ]; then
-  echo "warning: other processes were using the CPU before:$busy; the times (and the ratio) are unreliable, rerun on an idle machine"
+  echo "warning: other processes were using the CPU before:$busy; the times (and the ratios) are unreliable, rerun on an idle machine"
 fi

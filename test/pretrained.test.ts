@@ -109,7 +109,7 @@ describe('finding Hugging Face GPT-2 files', () => {
 describe('loading Hugging Face GPT-2 weights', () => {
   it("prints nanoGPT's lines and computes transformers' loss", async () => {
     const lines: string[] = [];
-    const engine = await loadHfModel(fixtureDir, 0.1, 'cpu', (line) => lines.push(line));
+    const engine = await loadHfModel(fixtureDir, 0.1, 'cpu', 'auto', (line) => lines.push(line));
     expect(lines.slice(1)).toEqual(['forcing vocab_size=1000, block_size=64, bias=True', 'overriding dropout rate to 0.1']);
     expect(engine.modelArgs()).toEqual({ n_layer: 2, n_head: 4, n_embd: 64, block_size: 64, vocab_size: 1000, bias: true, dropout: 0.1, gelu: 'tanh' });
 
@@ -123,7 +123,7 @@ describe('loading Hugging Face GPT-2 weights', () => {
   });
 
   it('crops the context to a smaller block_size', async () => {
-    const engine = await loadHfModel(fixtureDir, 0, 'cpu', () => {});
+    const engine = await loadHfModel(fixtureDir, 0, 'cpu', 'auto', () => {});
     engine.cropBlockSize(16);
     expect(engine.modelArgs().block_size).toBe(16);
     expect(() => engine.cropBlockSize(32)).toThrow("between 1 and the model's 16");

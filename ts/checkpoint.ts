@@ -70,6 +70,8 @@ export function loadWithEngine<T>(outDir: string, file: 'weights' | 'optimizer',
   try {
     return load();
   } catch (err) {
+    // Errors that already say what to do (e.g. an engine build that is missing) are not about the file.
+    if (err instanceof UserError) throw err;
     const path = join(outDir, file === 'weights' ? weightsFile : optimizerFile);
     throw new UserError(`cannot load checkpoint ${path}: ${firstLine(err)}`);
   }

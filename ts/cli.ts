@@ -1,10 +1,11 @@
 // `nanogpt-rs`: prepare a dataset, train, sample, export. Config arguments are passed through untouched to the
 // configurator, so they read exactly like nanoGPT's (`train configs/x.ts --batch_size=32`).
 import { readFileSync } from 'node:fs';
-import { Command } from 'commander';
+import { Command, Option } from 'commander';
 import { describeKeys, parseArgs, sampleSchema, trainSchema } from './config.ts';
 import { defaultSeed, defaultValFraction, prepareCorpus, prepareOpenWebText } from './corpus.ts';
 import { prepare } from './data.ts';
+import { engineChoices } from './engine.ts';
 import { UserError } from './errors.ts';
 import { exportHf, type ExportOptions } from './export.ts';
 import { plot } from './plot.ts';
@@ -86,6 +87,7 @@ program
   .description('write a checkpoint as a Hugging Face GPT-2 folder (config.json + model.safetensors)')
   .requiredOption('--out_dir <dir>', 'checkpoint directory')
   .requiredOption('--to <dir>', 'folder to write the Hugging Face model into')
+  .addOption(new Option('--engine <engine>', 'engine build that converts the weights').choices(engineChoices).default('auto'))
   .action((options: ExportOptions) => {
     exportHf(options);
   });

@@ -4,6 +4,7 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
+import { engineChoices } from './engine.ts';
 import { firstLine, UserError } from './errors.ts';
 
 type Kind = 'int' | 'float' | 'bool' | 'str';
@@ -67,6 +68,7 @@ export const trainSchema = {
   min_lr: float(6e-5, 'floor of the learning rate'),
   backend: str('nccl', 'DDP backend (no effect: nanogpt-rs trains on one device)'),
   device: str('cpu', "'cpu', or 'cuda' / 'cuda:N' where the engine was built with CUDA"),
+  engine: str('auto', "engine build: 'wasm' (portable, cpu), 'native' (napi addon), 'auto' = wasm on cpu, native otherwise", engineChoices),
   dtype: str('float32', 'float32, bfloat16 or float16 (the cpu engine computes in float32)', dtypes),
   compile: bool(true, 'torch.compile in nanoGPT (no effect here)'),
   seed: int(1337, 'seeds model initialisation and batch sampling'),
@@ -84,6 +86,7 @@ export const sampleSchema = {
   top_k: int(200, 'sample only among the k most likely tokens; 0 = all'),
   seed: int(1337, 'seeds the sampling'),
   device: str('cpu', "'cpu', or 'cuda' / 'cuda:N' where the engine was built with CUDA"),
+  engine: str('auto', "engine build: 'wasm' (portable, cpu), 'native' (napi addon), 'auto' = wasm on cpu, native otherwise", engineChoices),
   dtype: str('float32', 'float32, bfloat16 or float16 (the cpu engine computes in float32)', dtypes),
   compile: bool(false, 'torch.compile in nanoGPT (no effect here)'),
   data_dir: str('data', "folder holding the prepared datasets (for the vocabulary in meta.json; without one, GPT-2's)"),

@@ -1,8 +1,9 @@
 // Datasets as nanoGPT lays them out: `<data_dir>/<dataset>/{train,val}.bin` (headerless little-endian uint16 token
 // ids) plus, for character-level data, `meta.json` with the vocabulary (nanoGPT's meta.pkl, as JSON); datasets
 // without one are GPT-2 BPE encoded.
-import { closeSync, existsSync, fstatSync, mkdirSync, openSync, readFileSync, readSync } from 'node:fs';
+import { closeSync, copyFileSync, existsSync, fstatSync, mkdirSync, openSync, readFileSync, readSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { firstLine, UserError } from './errors.ts';
 import { writeFileAtomic } from './files.ts';
 import type { Rng } from './rng.ts';
@@ -110,17 +111,20 @@ export async function prepare(dataset: string, options: PrepareOptions = {}): Pr
 }
 
 /**
- * The tiny Shakespeare text, downloaded into `shakespeare_char/input.txt` if missing; both Shakespeare datasets
- * read that one copy.
+ * The tiny Shakespeare text in `shakespeare_char/input.txt`; both Shakespeare datasets read that one copy. Where it
+ * is missing it comes from the copy the package ships (so an installed package prepares it offline), else the web.
  */
 async function readShakespeare(dataDir: string): Promise<string> {
   const inputPath = join(dataDir, 'shakespeare_char', 'input.txt');
   if (!existsSync(inputPath)) {
     mkdirSync(dirname(inputPath), { recursive: true });
-    await download(shakespeareUrl, inputPath);
+    if (existsSync(packagedShakespeare)) copyFileSync(packagedShakespeare, inputPath);
+    else await download(shakespeareUrl, inputPath);
   }
   return readFileSync(inputPath, 'utf8');
 }
+
+const packagedShakespeare = fileURLToPath(new URL('../data/shakespeare_char/input.txt', import.meta.url));
 
 /** data/shakespeare_char/prepare.py: the first 90% of the characters train, the rest validate. */
 async function prepareShakespeareChar(dir: string, log: (line: string) => void): Promise<PrepareResult> {

@@ -1,9 +1,11 @@
-// The one bridge to the Rust engine: loads the napi addon and gives its calls TypeScript types.
+// The one bridge to the Rust engine: loads one of its two builds (the WebAssembly module, or the napi addon) and
+// gives their calls TypeScript types.
 // Everything heavy (forward, backward, optimizer, evaluation, generation, serialisation) runs in Rust.
 import { createRequire } from 'node:module';
-import { existsSync, readdirSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { UserError } from './errors.ts';
 
 /** The architecture of a model: what a checkpoint records as `model_args`. */
 export interface ModelArgs {
@@ -50,7 +52,23 @@ export interface StepStats {
   update_ratios: Array<[string, number]>;
 }
 
-interface NativeGpt {
+/** Bytes by purpose, as the engine estimates them before a run (all tensors are f32). */
+export interface MemoryEstimate {
+  parameters: number;
+  gradients: number;
+  optimizer: number;
+  activations: number;
+  total: number;
+}
+
+/** Which build of the Rust engine runs a model: the WebAssembly one (CPU, portable) or the napi addon. */
+export type EngineKind = 'wasm' | 'native';
+/** `auto` picks wasm for the cpu device and the native addon otherwise. */
+export type EngineChoice = 'auto' | EngineKind;
+export const engineChoices = ['auto', 'wasm', 'native'] as const;
+
+/** One model inside a binding. Both bindings are driven through this shape; files are named by path. */
+interface BindingGpt {
   modelArgs(): string;
   cropBlockSize(blockSize: number): void;
   numParams(nonEmbedding: boolean): number;
@@ -62,58 +80,200 @@ interface NativeGpt {
   generate(prompt: Uint32Array, maxNewTokens: number, temperature: number, topK: number, seed: number): Uint32Array;
   saveWeightsFile(path: string): void;
   saveOptimizerFile(path: string): void;
+  saveGradientsFile(path: string): void;
   exportHfFile(path: string): void;
   hfConfig(): string;
 }
 
-interface NativeModule {
-  Gpt: {
-    create(modelArgsJson: string, seed: number, device: string): NativeGpt;
-    fromSafetensorsFile(modelArgsJson: string, path: string, device: string): NativeGpt;
-    fromHfGpt2File(configJson: string, path: string, dropout: number, device: string): NativeGpt;
-  };
+interface Binding {
+  kind: EngineKind;
+  create(modelArgsJson: string, seed: number, device: string): BindingGpt;
+  fromSafetensorsFile(modelArgsJson: string, path: string, device: string): BindingGpt;
+  fromHfGpt2File(configJson: string, path: string, dropout: number, device: string): BindingGpt;
   lrAt(iter: number, scheduleJson: string): number;
+  estimateMemory(modelArgsJson: string, batchSize: number, training: boolean): string;
 }
 
-const packageRoot = join(dirname(fileURLToPath(import.meta.url)), '..');
-let native: NativeModule | undefined;
+interface NativeModule {
+  Gpt: {
+    create(modelArgsJson: string, seed: number, device: string): BindingGpt;
+    fromSafetensorsFile(modelArgsJson: string, path: string, device: string): BindingGpt;
+    fromHfGpt2File(configJson: string, path: string, dropout: number, device: string): BindingGpt;
+  };
+  lrAt(iter: number, scheduleJson: string): number;
+  estimateMemory(modelArgsJson: string, batchSize: number, training: boolean): string;
+}
 
-function loadNative(): NativeModule {
-  if (native) return native;
+/** The wasm-bindgen module: the same engine API, with bytes where the addon takes file paths. */
+interface WasmGpt
+  extends Omit<BindingGpt, 'loadOptimizerFile' | 'saveWeightsFile' | 'saveOptimizerFile' | 'saveGradientsFile' | 'exportHfFile'> {
+  loadOptimizer(bytes: Uint8Array): void;
+  saveWeights(): Uint8Array;
+  saveOptimizer(): Uint8Array;
+  saveGradients(): Uint8Array;
+  exportHf(): Uint8Array;
+}
+
+interface WasmModule {
+  Gpt: {
+    create(modelArgsJson: string, seed: number): WasmGpt;
+    fromSafetensors(modelArgsJson: string, bytes: Uint8Array): WasmGpt;
+    fromHfGpt2(configJson: string, bytes: Uint8Array, dropout: number): WasmGpt;
+  };
+  lrAt(iter: number, scheduleJson: string): number;
+  estimateMemory(modelArgsJson: string, batchSize: number, training: boolean): string;
+}
+
+/** wasm32 addresses 4 GiB; the engine's code, stack and allocator slack take a little of it. */
+export const wasmMemoryLimit = 4 * 2 ** 30 - 64 * 2 ** 20;
+
+const packageRoot = join(dirname(fileURLToPath(import.meta.url)), '..');
+const bindings: Partial<Record<EngineKind, Binding>> = {};
+
+function loadBinding(kind: EngineKind): Binding {
+  bindings[kind] ??= kind === 'wasm' ? loadWasm() : loadNative();
+  return bindings[kind];
+}
+
+function loadNative(): Binding {
   const dir = join(packageRoot, 'native');
   const file = existsSync(dir) ? readdirSync(dir).find((f) => f.endsWith('.node')) : undefined;
   if (!file) {
-    throw new Error(
-      `the native engine is not built (no .node file in ${dir}); run \`npm run build:native\` (needs cargo) and try again`,
+    throw new UserError(
+      `the native engine is not built (no .node file in ${dir}); run \`npm run build:native\` (needs cargo), or use --engine=wasm on cpu`,
     );
   }
-  native = createRequire(import.meta.url)(join(dir, file)) as NativeModule;
-  return native;
+  const native = createRequire(import.meta.url)(join(dir, file)) as NativeModule;
+  return {
+    kind: 'native',
+    create: (args, seed, device) => native.Gpt.create(args, seed, device),
+    fromSafetensorsFile: (args, path, device) => native.Gpt.fromSafetensorsFile(args, path, device),
+    fromHfGpt2File: (config, path, dropout, device) => native.Gpt.fromHfGpt2File(config, path, dropout, device),
+    lrAt: (iter, schedule) => native.lrAt(iter, schedule),
+    estimateMemory: (args, batchSize, training) => native.estimateMemory(args, batchSize, training),
+  };
 }
+
+function loadWasm(): Binding {
+  const glue = join(packageRoot, 'wasm', 'nanogpt.js');
+  if (!existsSync(glue)) {
+    throw new UserError(
+      `the WebAssembly engine is not built (no ${glue}); run \`npm run build:wasm\` (needs cargo), or use --engine=native`,
+    );
+  }
+  const wasm = createRequire(import.meta.url)(glue) as WasmModule;
+  const onCpu = (device: string) => {
+    if (device !== 'cpu') throw new UserError(`the WebAssembly engine runs on the cpu only; use --device=cpu, or --engine=native for --device=${device}`);
+  };
+  return {
+    kind: 'wasm',
+    create: (args, seed, device) => (onCpu(device), new WasmFiles(wasm.Gpt.create(args, seed))),
+    fromSafetensorsFile: (args, path, device) => (onCpu(device), new WasmFiles(wasm.Gpt.fromSafetensors(args, readForWasm(path)))),
+    fromHfGpt2File: (config, path, dropout, device) =>
+      (onCpu(device), new WasmFiles(wasm.Gpt.fromHfGpt2(config, readForWasm(path), dropout))),
+    lrAt: (iter, schedule) => wasm.lrAt(iter, schedule),
+    estimateMemory: (args, batchSize, training) => wasm.estimateMemory(args, batchSize, training),
+  };
+}
+
+/** A file's bytes for the WebAssembly engine, which has to hold them in its own 4 GiB as well. */
+function readForWasm(path: string): Uint8Array {
+  const size = statSync(path).size;
+  if (size > wasmMemoryLimit / 2) {
+    throw new UserError(
+      `${path} holds ${gib(size)} of weights, too many for the WebAssembly engine's 4 GiB memory; use --engine=native`,
+    );
+  }
+  return readFileSync(path);
+}
+
+/** Gives the WebAssembly engine, which has no file system, the addon's file-path methods. */
+class WasmFiles implements BindingGpt {
+  constructor(private readonly gpt: WasmGpt) {}
+  modelArgs = () => this.gpt.modelArgs();
+  cropBlockSize = (blockSize: number) => this.gpt.cropBlockSize(blockSize);
+  numParams = (nonEmbedding: boolean) => this.gpt.numParams(nonEmbedding);
+  configureOptimizer = (json: string) => this.gpt.configureOptimizer(json);
+  loadOptimizerFile = (path: string) => this.gpt.loadOptimizer(readForWasm(path));
+  forwardBackward = (x: Uint32Array, y: Int32Array, batchSize: number, lossScale: number) =>
+    this.gpt.forwardBackward(x, y, batchSize, lossScale);
+  step = (lr: number) => this.gpt.step(lr);
+  evalLoss = (x: Uint32Array, y: Int32Array, batchSize: number) => this.gpt.evalLoss(x, y, batchSize);
+  generate = (prompt: Uint32Array, maxNewTokens: number, temperature: number, topK: number, seed: number) =>
+    this.gpt.generate(prompt, maxNewTokens, temperature, topK, seed);
+  saveWeightsFile = (path: string) => writeFileSync(path, this.gpt.saveWeights());
+  saveOptimizerFile = (path: string) => writeFileSync(path, this.gpt.saveOptimizer());
+  saveGradientsFile = (path: string) => writeFileSync(path, this.gpt.saveGradients());
+  exportHfFile = (path: string) => writeFileSync(path, this.gpt.exportHf());
+  hfConfig = () => this.gpt.hfConfig();
+}
+
+/** The engine build that runs `device` under the user's `choice`. */
+export function resolveEngine(device: string, choice: EngineChoice = 'auto'): EngineKind {
+  if (choice === 'auto') return device === 'cpu' ? 'wasm' : 'native';
+  if (choice === 'wasm' && device !== 'cpu') {
+    throw new UserError(`the WebAssembly engine runs on the cpu only; use --device=cpu, or --engine=native for --device=${device}`);
+  }
+  return choice;
+}
+
+const gib = (bytes: number) => `${(bytes / 2 ** 30).toFixed(2)} GiB`;
 
 /** A GPT in the engine, with its optimizer state once `configureOptimizer` has been called. */
 export class Engine {
-  private constructor(private readonly gpt: NativeGpt) {}
+  private constructor(
+    private readonly gpt: BindingGpt,
+    /** The engine build this model lives in. */
+    readonly kind: EngineKind,
+  ) {}
+
+  private static in(device: string, choice: EngineChoice, make: (binding: Binding) => BindingGpt): Engine {
+    const binding = loadBinding(resolveEngine(device, choice));
+    return new Engine(make(binding), binding.kind);
+  }
 
   /** A freshly initialised model (nanoGPT's init), deterministic for a given seed. */
-  static create(args: ModelArgs, seed: number, device = 'cpu'): Engine {
-    return new Engine(loadNative().Gpt.create(JSON.stringify(args), seed, device));
+  static create(args: ModelArgs, seed: number, device = 'cpu', engine: EngineChoice = 'auto'): Engine {
+    return Engine.in(device, engine, (b) => b.create(JSON.stringify(args), seed, device));
   }
 
   /**
    * A model whose weights the engine reads from the safetensors file at `path` (names as nanoGPT's state dict).
    * Files are read and written by the engine, not through Node.js Buffers, which stop at 2 GB to 4 GB.
    */
-  static fromSafetensorsFile(args: ModelArgs, path: string, device = 'cpu'): Engine {
-    return new Engine(loadNative().Gpt.fromSafetensorsFile(JSON.stringify(args), path, device));
+  static fromSafetensorsFile(args: ModelArgs, path: string, device = 'cpu', engine: EngineChoice = 'auto'): Engine {
+    return Engine.in(device, engine, (b) => b.fromSafetensorsFile(JSON.stringify(args), path, device));
   }
 
   /**
    * A Hugging Face GPT-2 (`config.json` text, and the path of its `model.safetensors`, e.g. OpenAI's weights): the
    * architecture comes from the config, with `dropout` in place of the config's.
    */
-  static fromHfGpt2File(configJson: string, path: string, dropout: number, device = 'cpu'): Engine {
-    return new Engine(loadNative().Gpt.fromHfGpt2File(configJson, path, dropout, device));
+  static fromHfGpt2File(configJson: string, path: string, dropout: number, device = 'cpu', engine: EngineChoice = 'auto'): Engine {
+    return Engine.in(device, engine, (b) => b.fromHfGpt2File(configJson, path, dropout, device));
+  }
+
+  /**
+   * Refuses, before the first step, a run that would not fit in this engine: the WebAssembly engine cannot grow past
+   * 4 GiB and would otherwise die part-way through. The message says where the memory goes and what to lower.
+   */
+  checkMemory(batchSize: number, purpose: 'train' | 'sample'): MemoryEstimate {
+    const args = this.modelArgs();
+    const need = estimateMemory(args, batchSize, purpose, this.kind);
+    if (this.kind === 'wasm' && need.total > wasmMemoryLimit) {
+      const parts =
+        purpose === 'train'
+          ? `parameters ${gib(need.parameters)}, gradients ${gib(need.gradients)}, AdamW state ${gib(need.optimizer)}, activations ${gib(need.activations)}`
+          : `parameters ${gib(need.parameters)}, KV cache and logits ${gib(need.activations)}`;
+      const lower =
+        purpose === 'train'
+          ? `lower batch_size (now ${batchSize}; raise gradient_accumulation_steps to keep the tokens per step) or block_size (${args.block_size})`
+          : `lower num_samples or block_size (${args.block_size})`;
+      throw new UserError(
+        `this ${purpose === 'train' ? 'training run' : 'sampling run'} needs about ${gib(need.total)} (${parts}), more than the WebAssembly engine's 4 GiB; ${lower}, use a smaller model, or --engine=native`,
+      );
+    }
+    return need;
   }
 
   /** The architecture as it is now (after any `cropBlockSize`). */
@@ -179,13 +339,35 @@ export class Engine {
     return this.gpt.hfConfig();
   }
 
+  /** Writes the gradients accumulated since the last `step` to a safetensors file, named as the parameters. */
+  saveGradientsFile(path: string): void {
+    this.gpt.saveGradientsFile(path);
+  }
+
   /** Writes the AdamW state (moments and step) to a safetensors file. */
   saveOptimizerFile(path: string): void {
     this.gpt.saveOptimizerFile(path);
   }
 }
 
+/** A binding for engine-independent calls: one already loaded, else whichever build is present. */
+function anyBinding(preferred?: EngineKind): Binding {
+  if (preferred) return loadBinding(preferred);
+  const loaded = bindings.wasm ?? bindings.native;
+  if (loaded) return loaded;
+  try {
+    return loadBinding('wasm');
+  } catch {
+    return loadBinding('native');
+  }
+}
+
 /** nanoGPT's learning rate at iteration `iter`: linear warmup, cosine decay, floor at min_lr. */
 export function lrAt(iter: number, schedule: LrSchedule): number {
-  return loadNative().lrAt(iter, JSON.stringify(schedule));
+  return anyBinding().lrAt(iter, JSON.stringify(schedule));
+}
+
+/** The engine's estimate of what training (or sampling) `args` with `batchSize` rows needs in memory. */
+export function estimateMemory(args: ModelArgs, batchSize: number, purpose: 'train' | 'sample', kind?: EngineKind): MemoryEstimate {
+  return JSON.parse(anyBinding(kind).estimateMemory(JSON.stringify(args), batchSize, purpose === 'train')) as MemoryEstimate;
 }

@@ -6,7 +6,7 @@ import { homedir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
-import { Engine } from './engine.ts';
+import { Engine, type EngineChoice } from './engine.ts';
 import { firstLine, UserError } from './errors.ts';
 import { writeFileAtomic } from './files.ts';
 
@@ -39,13 +39,19 @@ export async function findHfModel(initFrom: string, log: (line: string) => void 
 }
 
 /** The engine for `initFrom`'s weights, printing nanoGPT's from_pretrained lines. */
-export async function loadHfModel(initFrom: string, dropout: number, device: string, log: (line: string) => void = console.log): Promise<Engine> {
+export async function loadHfModel(
+  initFrom: string,
+  dropout: number,
+  device: string,
+  engineChoice: EngineChoice = 'auto',
+  log: (line: string) => void = console.log,
+): Promise<Engine> {
   const found = await findHfModel(initFrom, log);
   const config = readFileSync(found.config, 'utf8');
   log(`loading weights from ${found.weights}`);
   let engine: Engine;
   try {
-    engine = Engine.fromHfGpt2File(config, found.weights, dropout, device);
+    engine = Engine.fromHfGpt2File(config, found.weights, dropout, device, engineChoice);
   } catch (err) {
     throw new UserError(`cannot load the GPT-2 model ${found.weights}: ${firstLine(err)}`);
   }

@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import { loadWithEngine, readCheckpointInfo, weightsPath } from './checkpoint.ts';
 import { noEffectNotes, resolveConfig, sampleSchema, type SampleConfig } from './config.ts';
 import { CharTokenizer, readMeta, type Meta } from './data.ts';
-import { Engine } from './engine.ts';
+import { Engine, type EngineChoice } from './engine.ts';
 import { firstLine, UserError } from './errors.ts';
 import { loadHfModel } from './pretrained.ts';
 import { Rng } from './rng.ts';
@@ -25,13 +25,15 @@ export async function sample(overrides: Partial<SampleConfig> = {}): Promise<str
     const checkpoint = readCheckpointInfo(config.out_dir);
     const weights = weightsPath(config.out_dir);
     const modelArgs = { ...checkpoint.model_args, dropout: 0 };
-    engine = loadWithEngine(config.out_dir, 'weights', () => Engine.fromSafetensorsFile(modelArgs, weights, config.device));
+    engine = loadWithEngine(config.out_dir, 'weights', () => Engine.fromSafetensorsFile(modelArgs, weights, config.device, config.engine as EngineChoice));
     const datasetDir = join(config.data_dir, String(checkpoint.config.dataset));
     metaPath = join(datasetDir, 'meta.json');
     meta = readMeta(datasetDir);
   } else {
-    engine = await loadHfModel(config.init_from, 0, config.device);
+    engine = await loadHfModel(config.init_from, 0, config.device, config.engine as EngineChoice);
   }
+
+  engine.checkMemory(1, 'sample');
 
   // As sample.py: a character vocabulary only where the checkpoint's dataset has one, GPT-2's otherwise.
   let tokenizer: { encode(text: string): ArrayLike<number>; decode(ids: ArrayLike<number>): string };

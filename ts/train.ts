@@ -11,7 +11,7 @@ import {
 } from './checkpoint.ts';
 import { noEffectNotes, resolveConfig, trainSchema, type TrainConfig } from './config.ts';
 import { BatchLoader, readMeta } from './data.ts';
-import { Engine, lrAt, type ModelArgs } from './engine.ts';
+import { Engine, lrAt, type EngineChoice, type ModelArgs } from './engine.ts';
 import { firstLine, UserError } from './errors.ts';
 import { gpt2Models, loadHfModel } from './pretrained.ts';
 import { formatMfu, flopsPerIter, gpuName, MfuMeter, peakFlops } from './mfu.ts';
@@ -63,7 +63,7 @@ export async function train(overrides: Partial<TrainConfig> = {}): Promise<Train
     if (config.init_from === 'scratch') {
       console.log('Initializing a new model from scratch');
       if (!meta) console.log('defaulting to vocab_size of GPT-2 to 50304 (50257 rounded up for efficiency)');
-      engine = createEngine(() => Engine.create(modelArgs, config.seed, config.device));
+      engine = createEngine(() => Engine.create(modelArgs, config.seed, config.device, config.engine as EngineChoice));
     } else if (config.init_from === 'resume') {
       console.log(`Resuming training from ${config.out_dir}`);
       const checkpoint = readCheckpointInfo(config.out_dir);
@@ -73,13 +73,13 @@ export async function train(overrides: Partial<TrainConfig> = {}): Promise<Train
         throw new UserError(`block_size ${config.block_size} differs from the checkpoint's ${saved.block_size}, whose optimizer state holds that many positions; resume with --block_size=${saved.block_size}`);
       }
       const weights = weightsPath(config.out_dir);
-      engine = loadWithEngine(config.out_dir, 'weights', () => Engine.fromSafetensorsFile(saved, weights, config.device));
+      engine = loadWithEngine(config.out_dir, 'weights', () => Engine.fromSafetensorsFile(saved, weights, config.device, config.engine as EngineChoice));
       iterNum = checkpoint.iter_num;
       bestValLoss = checkpoint.best_val_loss;
     } else {
       const source = (gpt2Models as readonly string[]).includes(config.init_from) ? 'OpenAI GPT-2' : 'Hugging Face GPT-2';
       console.log(`Initializing from ${source} weights: ${config.init_from}`);
-      engine = await loadHfModel(config.init_from, config.dropout, config.device);
+      engine = await loadHfModel(config.init_from, config.dropout, config.device, config.engine as EngineChoice);
     }
     // The checkpoint records the architecture actually trained, so that it describes its own weights.
     modelArgs = engine.modelArgs();
@@ -90,6 +90,8 @@ export async function train(overrides: Partial<TrainConfig> = {}): Promise<Train
       throw new UserError(`block_size ${config.block_size} exceeds the model's ${modelArgs.block_size} positions; use --block_size=${modelArgs.block_size} or less`);
     }
     console.log(`number of parameters: ${(engine.numParams(true) / 1e6).toFixed(2)}M`);
+    engine.checkMemory(config.batch_size, 'train');
+    console.log(`engine: ${engine.kind} on ${config.device}`);
 
     // --- optimizer ---
     const groups = engine.configureOptimizer({
@@ -216,6 +218,7 @@ function createEngine(create: () => Engine): Engine {
   try {
     return create();
   } catch (err) {
+    if (err instanceof UserError) throw err;
     throw new UserError(`cannot create the model: ${firstLine(err)}`);
   }
 }

@@ -38,6 +38,7 @@ fn configure_cpu_runtime() {
     ONCE.call_once(|| {
         // candle's own worker pool spins while waiting; next to gemm's rayon pool (which our fused
         // kernels share) it oversubscribes small machines several times over. One pool is enough.
+        #[cfg(not(target_arch = "wasm32"))]
         if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
             std::env::set_var("CANDLE_NUM_THREADS", "1");
         }
@@ -239,6 +240,20 @@ impl Engine {
     /// The Hugging Face GPT-2 `config.json` that goes with [`Engine::export_hf`].
     pub fn hf_config(&self) -> String {
         hf::export_config(&self.model.args)
+    }
+
+    /// The gradients accumulated since the last step, named as the parameters (for inspection and checks).
+    fn gradients(&self) -> Result<Vec<(String, Tensor)>> {
+        let grads = self.grads.as_ref().ok_or_else(|| candle_core::Error::Msg("no gradients: run forward_backward first".into()))?;
+        Ok(self.model.named_parameters().into_iter().map(|(n, _)| n).zip(grads.iter().cloned()).collect())
+    }
+
+    pub fn save_gradients(&self) -> Result<Vec<u8>> {
+        serialize(self.gradients()?, None)
+    }
+
+    pub fn save_gradients_file(&self, path: &str) -> Result<()> {
+        serialize_to_file(self.gradients()?, None, path)
     }
 
     fn optimizer_state(&self) -> Result<Vec<(String, Tensor)>> {

@@ -4,11 +4,13 @@
 pub mod cpu_ops;
 pub mod engine;
 pub mod hf;
+pub mod memory;
 pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod sample;
 
 pub use engine::Engine;
+pub use memory::MemoryEstimate;
 pub use model::{Gelu, Gpt, ModelArgs};
 pub use optim::{LrSchedule, OptimizerArgs, ParamGroups, StepStats};

@@ -5,7 +5,7 @@ use napi::bindgen_prelude::{Int32Array, Uint32Array, Uint8Array};
 use napi::{Error, Result};
 use napi_derive::napi;
 use nanogpt_core::sample::SampleArgs;
-use nanogpt_core::{Engine, LrSchedule, ModelArgs, OptimizerArgs};
+use nanogpt_core::{memory, Engine, LrSchedule, ModelArgs, OptimizerArgs};
 
 fn js_error(e: impl std::fmt::Display) -> Error {
     Error::from_reason(e.to_string())
@@ -119,6 +119,11 @@ impl Gpt {
     }
 
     #[napi]
+    pub fn save_gradients_file(&self, path: String) -> Result<()> {
+        self.engine.save_gradients_file(&path).map_err(js_error)
+    }
+
+    #[napi]
     pub fn save_optimizer_file(&self, path: String) -> Result<()> {
         self.engine.save_optimizer_file(&path).map_err(js_error)
     }
@@ -128,4 +133,12 @@ impl Gpt {
 pub fn lr_at(iter: f64, schedule_json: String) -> Result<f64> {
     let schedule: LrSchedule = parse(&schedule_json, "learning-rate schedule")?;
     Ok(schedule.lr_at(iter as u64))
+}
+
+/// Memory a run with `batch_size` rows needs, by purpose, in bytes (JSON of `MemoryEstimate`).
+#[napi]
+pub fn estimate_memory(model_args_json: String, batch_size: u32, training: bool) -> Result<String> {
+    let args: ModelArgs = parse(&model_args_json, "model_args")?;
+    let batch_size = batch_size as usize;
+    to_json(&if training { memory::training(&args, batch_size) } else { memory::sampling(&args, batch_size) })
 }

@@ -1,0 +1,143 @@
+//! WebAssembly bindings of the engine: type translation only (JSON strings for argument structs,
+//! typed arrays for tokens, bytes for safetensors files, since a wasm module has no file system).
+//! All logic lives in nanogpt-core, as for the Node.js addon.
+
+use nanogpt_core::sample::SampleArgs;
+use nanogpt_core::{memory, Engine, LrSchedule, ModelArgs, OptimizerArgs};
+use wasm_bindgen::prelude::*;
+
+/// The WebAssembly engine computes on the CPU only.
+const DEVICE: &str = "cpu";
+
+fn js_error(e: impl std::fmt::Display) -> JsError {
+    JsError::new(&e.to_string())
+}
+
+fn parse<T: serde::de::DeserializeOwned>(json: &str, what: &str) -> Result<T, JsError> {
+    serde_json::from_str(json).map_err(|e| js_error(format!("invalid {what}: {e}")))
+}
+
+fn to_json(value: &impl serde::Serialize) -> Result<String, JsError> {
+    serde_json::to_string(value).map_err(js_error)
+}
+
+#[wasm_bindgen]
+pub struct Gpt {
+    engine: Engine,
+}
+
+#[wasm_bindgen]
+impl Gpt {
+    pub fn create(model_args_json: &str, seed: f64) -> Result<Gpt, JsError> {
+        let args: ModelArgs = parse(model_args_json, "model_args")?;
+        Ok(Gpt { engine: Engine::new(&args, seed as u64, DEVICE).map_err(js_error)? })
+    }
+
+    #[wasm_bindgen(js_name = fromSafetensors)]
+    pub fn from_safetensors(model_args_json: &str, bytes: &[u8]) -> Result<Gpt, JsError> {
+        let args: ModelArgs = parse(model_args_json, "model_args")?;
+        Ok(Gpt { engine: Engine::from_safetensors(&args, bytes, DEVICE).map_err(js_error)? })
+    }
+
+    #[wasm_bindgen(js_name = fromHfGpt2)]
+    pub fn from_hf_gpt2(config_json: &str, bytes: &[u8], dropout: f64) -> Result<Gpt, JsError> {
+        Ok(Gpt { engine: Engine::from_hf_gpt2(config_json, bytes, dropout, DEVICE).map_err(js_error)? })
+    }
+
+    #[wasm_bindgen(js_name = modelArgs)]
+    pub fn model_args(&self) -> Result<String, JsError> {
+        to_json(self.engine.model_args())
+    }
+
+    #[wasm_bindgen(js_name = cropBlockSize)]
+    pub fn crop_block_size(&mut self, block_size: u32) -> Result<(), JsError> {
+        self.engine.crop_block_size(block_size as usize).map_err(js_error)
+    }
+
+    #[wasm_bindgen(js_name = numParams)]
+    pub fn num_params(&self, non_embedding: bool) -> f64 {
+        self.engine.num_params(non_embedding) as f64
+    }
+
+    #[wasm_bindgen(js_name = configureOptimizer)]
+    pub fn configure_optimizer(&mut self, optimizer_args_json: &str) -> Result<String, JsError> {
+        let args: OptimizerArgs = parse(optimizer_args_json, "optimizer arguments")?;
+        to_json(&self.engine.configure_optimizer(&args).map_err(js_error)?)
+    }
+
+    #[wasm_bindgen(js_name = loadOptimizer)]
+    pub fn load_optimizer(&mut self, bytes: &[u8]) -> Result<(), JsError> {
+        self.engine.load_optimizer(bytes).map_err(js_error)
+    }
+
+    #[wasm_bindgen(js_name = forwardBackward)]
+    pub fn forward_backward(&mut self, x: &[u32], y: &[i32], batch_size: u32, loss_scale: f64) -> Result<f64, JsError> {
+        let loss = self.engine.forward_backward(x, y, batch_size as usize, loss_scale).map_err(js_error)?;
+        Ok(loss as f64)
+    }
+
+    pub fn step(&mut self, lr: f64) -> Result<String, JsError> {
+        to_json(&self.engine.step(lr).map_err(js_error)?)
+    }
+
+    #[wasm_bindgen(js_name = evalLoss)]
+    pub fn eval_loss(&self, x: &[u32], y: &[i32], batch_size: u32) -> Result<f64, JsError> {
+        Ok(self.engine.eval_loss(x, y, batch_size as usize).map_err(js_error)? as f64)
+    }
+
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        max_new_tokens: u32,
+        temperature: f64,
+        top_k: u32,
+        seed: f64,
+    ) -> Result<Vec<u32>, JsError> {
+        let args = SampleArgs {
+            max_new_tokens: max_new_tokens as usize,
+            temperature,
+            top_k: (top_k > 0).then_some(top_k as usize),
+            seed: seed as u64,
+        };
+        self.engine.generate(prompt, &args).map_err(js_error)
+    }
+
+    #[wasm_bindgen(js_name = saveWeights)]
+    pub fn save_weights(&self) -> Result<Vec<u8>, JsError> {
+        self.engine.save_weights().map_err(js_error)
+    }
+
+    #[wasm_bindgen(js_name = exportHf)]
+    pub fn export_hf(&self) -> Result<Vec<u8>, JsError> {
+        self.engine.export_hf().map_err(js_error)
+    }
+
+    #[wasm_bindgen(js_name = hfConfig)]
+    pub fn hf_config(&self) -> String {
+        self.engine.hf_config()
+    }
+
+    #[wasm_bindgen(js_name = saveGradients)]
+    pub fn save_gradients(&self) -> Result<Vec<u8>, JsError> {
+        self.engine.save_gradients().map_err(js_error)
+    }
+
+    #[wasm_bindgen(js_name = saveOptimizer)]
+    pub fn save_optimizer(&self) -> Result<Vec<u8>, JsError> {
+        self.engine.save_optimizer().map_err(js_error)
+    }
+}
+
+#[wasm_bindgen(js_name = lrAt)]
+pub fn lr_at(iter: f64, schedule_json: &str) -> Result<f64, JsError> {
+    let schedule: LrSchedule = parse(schedule_json, "learning-rate schedule")?;
+    Ok(schedule.lr_at(iter as u64))
+}
+
+/// Memory a run with `batch_size` rows needs, by purpose, in bytes (JSON of `MemoryEstimate`).
+#[wasm_bindgen(js_name = estimateMemory)]
+pub fn estimate_memory(model_args_json: &str, batch_size: u32, training: bool) -> Result<String, JsError> {
+    let args: ModelArgs = parse(model_args_json, "model_args")?;
+    let batch_size = batch_size as usize;
+    to_json(&if training { memory::training(&args, batch_size) } else { memory::sampling(&args, batch_size) })
+}

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Builds the WebAssembly engine (crates/nanogpt-wasm) into wasm/: nanogpt_bg.wasm plus its JavaScript glue for
+# Node.js (nanogpt.js, CommonJS) and for browsers (web/nanogpt.js, an ES module that loads the same .wasm).
+#
+# The wasm32 standard library comes from `rustup target add` where rustup can download it; otherwise (offline
+# machines, Debian) from Debian's rustc-web and its std source, building std with -Zbuild-std. wasm-bindgen's
+# CLI is installed into .tools/ at the exact version of the wasm-bindgen crate.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+target=wasm32-unknown-unknown
+out=wasm
+wasm_bindgen_version=$(sed -n 's/^wasm-bindgen = "=\(.*\)"$/\1/p' crates/nanogpt-wasm/Cargo.toml)
+# simd128 is where gemm and candle's kernels are fast; every current browser and Node.js >= 16 has it.
+rustflags='-C target-feature=+simd128 --cfg getrandom_backend="wasm_js"'
+export CARGO_TARGET_DIR=target/wasm
+
+say() { printf 'build-wasm: %s\n' "$*" >&2; }
+
+if ! command -v cargo >/dev/null 2>&1 && [ -f "$HOME/.cargo/env" ]; then
+  # shellcheck disable=SC1091
+  . "$HOME/.cargo/env"
+fi
+
+build_with_rustup() {
+  command -v rustup >/dev/null 2>&1 || return 1
+  rustup target list --installed 2>/dev/null | grep -qx "$target" || rustup target add "$target" >/dev/null 2>&1 || return 1
+  say "compiling with $(rustc --version) and rustup's $target standard library"
+  RUSTFLAGS="$rustflags" cargo build --release --target "$target" -p nanogpt-wasm
+}
+
+# Debian packages rustc with the wasm32 target (rustc-web) and the std source that -Zbuild-std compiles.
+build_with_debian_rustc() {
+  local rustc=/usr/bin/rustc cargo=/usr/bin/cargo
+  if [ ! -x "$rustc" ] || [ ! -x "$cargo" ] || ! command -v wasm-ld >/dev/null 2>&1 || ! ls -d /usr/src/rustc-*/library >/dev/null 2>&1; then
+    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+      say "error: no wasm32 standard library: run \`rustup target add $target\`, or (Debian, as root) \`apt-get install rustc-web cargo-web rust-web-src lld\`"
+      exit 1
+    fi
+    say "installing Debian's rustc-web, cargo-web, rust-web-src and lld"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rustc-web cargo-web rust-web-src lld >/dev/null
+  fi
+  say "compiling with $("$rustc" --version) and its std source (-Zbuild-std)"
+  RUSTC="$rustc" RUSTC_BOOTSTRAP=1 RUSTFLAGS="-C linker=wasm-ld $rustflags" \
+    "$cargo" build --release --target "$target" -Zbuild-std=std,panic_abort -p nanogpt-wasm
+}
+
+build_with_rustup || build_with_debian_rustc
+
+wasm_bindgen=wasm-bindgen
+if ! { command -v wasm-bindgen >/dev/null 2>&1 && wasm-bindgen --version | grep -q " $wasm_bindgen_version\$"; }; then
+  wasm_bindgen=.tools/bin/wasm-bindgen
+  if ! { [ -x "$wasm_bindgen" ] && "$wasm_bindgen" --version | grep -q " $wasm_bindgen_version\$"; }; then
+    say "installing wasm-bindgen-cli $wasm_bindgen_version into .tools/ (once; a few minutes)"
+    # Not --locked: a dependency version its lock file names was yanked from crates.io.
+    cargo install wasm-bindgen-cli --version "=$wasm_bindgen_version" --root .tools --quiet
+  fi
+fi
+
+module="$CARGO_TARGET_DIR/$target/release/nanogpt_wasm.wasm"
+rm -rf "$out" "$CARGO_TARGET_DIR/bindgen"
+"$wasm_bindgen" --target nodejs --weak-refs --out-dir "$CARGO_TARGET_DIR/bindgen/node" --out-name nanogpt "$module"
+"$wasm_bindgen" --target web --weak-refs --out-dir "$CARGO_TARGET_DIR/bindgen/web" --out-name nanogpt "$module"
+mkdir -p "$out/web"
+cp "$CARGO_TARGET_DIR/bindgen/node/nanogpt_bg.wasm" "$out/"
+cp "$CARGO_TARGET_DIR/bindgen/node/nanogpt.js" "$CARGO_TARGET_DIR/bindgen/node/nanogpt.d.ts" "$out/"
+# The package is an ES module package; the Node.js glue is CommonJS.
+printf '{ "type": "commonjs" }\n' >"$out/package.json"
+# The browser glue fetches nanogpt_bg.wasm next to itself by default; point it at the one shared copy.
+sed 's|nanogpt_bg\.wasm|../nanogpt_bg.wasm|' "$CARGO_TARGET_DIR/bindgen/web/nanogpt.js" >"$out/web/nanogpt.js"
+cp "$CARGO_TARGET_DIR/bindgen/web/nanogpt.d.ts" "$out/web/"
+say "wrote $out/ ($(du -h "$out/nanogpt_bg.wasm" | cut -f1) of wasm)"
