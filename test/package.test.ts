@@ -38,7 +38,7 @@ describe('the packed npm package', () => {
       chmodSync(path, 0o755);
     }
     // The artifacts are built already (npm ci ran the prepare script); packing must not rebuild them.
-    const packed = execFileSync('npm', ['pack', '--ignore-scripts', '--pack-destination', work], { cwd: root, encoding: 'utf8' });
+    const packed = execFileSync('npm', ['pack', '--ignore-scripts', '--pack-destination', work], { cwd: root, encoding: 'utf8', stdio: 'pipe' });
     tarball = join(work, packed.trim().split('\n').at(-1)!);
     mkdirSync(project);
     writeFileSync(join(project, 'package.json'), '{ "name": "user-project", "private": true }\n');

@@ -1,7 +1,7 @@
 //! Node.js bindings of the engine: type translation only (JSON strings for argument structs,
 //! typed arrays for tokens, file paths for safetensors files). All logic lives in nanogpt-core.
 
-use napi::bindgen_prelude::{Int32Array, Uint32Array, Uint8Array};
+use napi::bindgen_prelude::{Int32Array, Uint32Array};
 use napi::{Error, Result};
 use napi_derive::napi;
 use nanogpt_core::sample::SampleArgs;
