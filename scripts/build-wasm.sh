@@ -1,18 +1,26 @@
 #!/usr/bin/env bash
 # Builds the WebAssembly engine (crates/nanogpt-wasm) into wasm/: nanogpt_bg.wasm plus its JavaScript glue for
-# Node.js (nanogpt.js, CommonJS) and for browsers (web/nanogpt.js, an ES module that loads the same .wasm).
+# Node.js (nanogpt.js, CommonJS; thread.cjs runs one pool thread) and for browsers (web/nanogpt.js, an ES module
+# that loads the same .wasm).
 #
-# The wasm32 standard library comes from `rustup target add` where rustup can download it; otherwise (offline
-# machines, Debian) from Debian's rustc-web and its std source, building std with -Zbuild-std. wasm-bindgen's
-# CLI is installed into .tools/ at the exact version of the wasm-bindgen crate.
+# The module is built with SIMD and with atomics and shared memory, so that the engine's thread pool runs on
+# worker threads. Shared memory needs the standard library rebuilt with atomics (-Zbuild-std): from rustup's
+# rust-src where rustup can download it, otherwise (offline machines, Debian) from Debian's rustc-web and its
+# std source. wasm-bindgen's CLI is installed into .tools/ at the exact version of the wasm-bindgen crate.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 target=wasm32-unknown-unknown
 out=wasm
 wasm_bindgen_version=$(sed -n 's/^wasm-bindgen = "=\(.*\)"$/\1/p' crates/nanogpt-wasm/Cargo.toml)
-# simd128 is where gemm and candle's kernels are fast; every current browser and Node.js >= 16 has it.
-rustflags='-C target-feature=+simd128 --cfg getrandom_backend="wasm_js"'
+# simd128 is where gemm and candle's kernels are fast; every current browser and Node.js >= 16 has it. Threads
+# need atomics, a shared imported memory (up to wasm32's 4 GiB) and the thread-local storage symbols that
+# wasm-bindgen uses to give each thread its own stack.
+rustflags="-C target-feature=+simd128,+atomics,+bulk-memory,+mutable-globals --cfg getrandom_backend=\"wasm_js\""
+for arg in --shared-memory --import-memory --max-memory=4294967296 \
+  --export=__wasm_init_tls --export=__tls_size --export=__tls_align --export=__tls_base; do
+  rustflags="$rustflags -C link-arg=$arg"
+done
 export CARGO_TARGET_DIR=target/wasm
 
 say() { printf 'build-wasm: %s\n' "$*" >&2; }
@@ -25,8 +33,9 @@ fi
 build_with_rustup() {
   command -v rustup >/dev/null 2>&1 || return 1
   rustup target list --installed 2>/dev/null | grep -qx "$target" || rustup target add "$target" >/dev/null 2>&1 || return 1
-  say "compiling with $(rustc --version) and rustup's $target standard library"
-  RUSTFLAGS="$rustflags" cargo build --release --target "$target" -p nanogpt-wasm
+  rustup component list --installed 2>/dev/null | grep -q '^rust-src' || rustup component add rust-src >/dev/null 2>&1 || return 1
+  say "compiling with $(rustc --version) and rustup's std source (-Zbuild-std)"
+  RUSTC_BOOTSTRAP=1 RUSTFLAGS="$rustflags" cargo build --release --target "$target" -Zbuild-std=std,panic_abort -p nanogpt-wasm
 }
 
 # Debian packages rustc with the wasm32 target (rustc-web) and the std source that -Zbuild-std compiles.
@@ -63,7 +72,7 @@ rm -rf "$out" "$CARGO_TARGET_DIR/bindgen"
 "$wasm_bindgen" --target web --weak-refs --out-dir "$CARGO_TARGET_DIR/bindgen/web" --out-name nanogpt "$module"
 mkdir -p "$out/web"
 cp "$CARGO_TARGET_DIR/bindgen/node/nanogpt_bg.wasm" "$out/"
-cp "$CARGO_TARGET_DIR/bindgen/node/nanogpt.js" "$CARGO_TARGET_DIR/bindgen/node/nanogpt.d.ts" "$out/"
+cp "$CARGO_TARGET_DIR/bindgen/node/nanogpt.js" "$CARGO_TARGET_DIR/bindgen/node/nanogpt.d.ts" crates/nanogpt-wasm/js/thread.cjs "$out/"
 # The package is an ES module package; the Node.js glue is CommonJS.
 printf '{ "type": "commonjs" }\n' >"$out/package.json"
 # The browser glue fetches nanogpt_bg.wasm next to itself by default; point it at the one shared copy.

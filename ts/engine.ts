@@ -3,8 +3,10 @@
 // Everything heavy (forward, backward, optimizer, evaluation, generation, serialisation) runs in Rust.
 import { createRequire } from 'node:module';
 import { existsSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { availableParallelism } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { Worker } from 'node:worker_threads';
 import { UserError } from './errors.ts';
 
 /** The architecture of a model: what a checkpoint records as `model_args`. */
@@ -115,6 +117,11 @@ interface WasmGpt
 }
 
 interface WasmModule {
+  /** Present in a build with atomics and shared memory: starts the engine's thread pool on worker threads. */
+  startThreads?(count: number): void;
+  initSync?(): void;
+  __wbg_wasm_module?: WebAssembly.Module;
+  __wbg_memory?: unknown;
   Gpt: {
     create(modelArgsJson: string, seed: number): WasmGpt;
     fromSafetensors(modelArgsJson: string, bytes: Uint8Array): WasmGpt;
@@ -161,7 +168,17 @@ function loadWasm(): Binding {
       `the WebAssembly engine is not built (no ${glue}); run \`npm run build:wasm\` (needs cargo), or use --engine=native`,
     );
   }
+  // A module built with atomics asks for its pool threads through this hook while `startThreads` runs.
+  (globalThis as { nanogptSpawnThread?: (thread: number) => void }).nanogptSpawnThread = (thread) => {
+    const workerData = { glue, module: wasm.__wbg_wasm_module, memory: wasm.__wbg_memory, thread };
+    // Unreferenced: the pool never ends its loop, and must not keep the process alive.
+    new Worker(join(packageRoot, 'wasm', 'thread.cjs'), { workerData }).unref();
+  };
   const wasm = createRequire(import.meta.url)(glue) as WasmModule;
+  // The threaded glue instantiates itself only on a process's main thread; elsewhere (a worker) it waits to be asked.
+  wasm.initSync?.();
+  const threads = wasmThreads();
+  if (wasm.startThreads && threads > 1) wasm.startThreads(threads);
   const onCpu = (device: string) => {
     if (device !== 'cpu') throw new UserError(`the WebAssembly engine runs on the cpu only; use --device=cpu, or --engine=native for --device=${device}`);
   };
@@ -174,6 +191,17 @@ function loadWasm(): Binding {
     lrAt: (iter, schedule) => wasm.lrAt(iter, schedule),
     estimateMemory: (args, batchSize, training) => wasm.estimateMemory(args, batchSize, training),
   };
+}
+
+/** Threads for the WebAssembly engine's pool: NANOGPT_WASM_THREADS, else one per core. */
+function wasmThreads(): number {
+  const setting = process.env.NANOGPT_WASM_THREADS;
+  if (setting === undefined || setting === '') return availableParallelism();
+  const threads = Number(setting);
+  if (!Number.isInteger(threads) || threads < 1) {
+    throw new UserError(`NANOGPT_WASM_THREADS must be a positive integer, got '${setting}'; 1 runs the engine on one thread`);
+  }
+  return threads;
 }
 
 /** A file's bytes for the WebAssembly engine, which has to hold them in its own 4 GiB as well. */

@@ -6,6 +6,9 @@ use nanogpt_core::sample::SampleArgs;
 use nanogpt_core::{memory, Engine, LrSchedule, ModelArgs, OptimizerArgs};
 use wasm_bindgen::prelude::*;
 
+#[cfg(all(target_arch = "wasm32", target_feature = "atomics"))]
+mod threads;
+
 /// The WebAssembly engine computes on the CPU only.
 const DEVICE: &str = "cpu";
 
