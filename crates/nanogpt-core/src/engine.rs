@@ -7,9 +7,10 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
+use crate::cuda::{self, MemoryStats};
 use crate::hf;
 use crate::model::{Gpt, ModelArgs, Mode};
-use crate::optim::{AdamW, OptimizerArgs, ParamGroups, StepStats};
+use crate::optim::{AdamW, GradScaler, OptimizerArgs, ParamGroups, StepStats};
 use crate::sample::{self, SampleArgs};
 
 pub struct Engine {
@@ -19,16 +20,45 @@ pub struct Engine {
     grads: Option<Vec<Tensor>>,
     /// Dropout masks are drawn from here, so that a seed fixes a whole run.
     rng: StdRng,
+    /// float16 only: the dynamic loss scale.
+    scaler: Option<GradScaler>,
+    /// Per-phase wall times of the last step, when [`Engine::set_profiling`] is on.
+    profile: Option<PhaseTimes>,
 }
 
-/// The device named by nanoGPT's `device` key.
-pub fn device(name: &str) -> Result<Device> {
+/// Milliseconds of the phases of the last micro-step and optimizer step, each measured up to a
+/// device synchronisation (so they add up to the step time on a GPU too).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct PhaseTimes {
+    /// Uploading the batch.
+    pub data_ms: f64,
+    pub forward_ms: f64,
+    /// Backward and accumulating the gradients.
+    pub backward_ms: f64,
+    /// Clipping and AdamW.
+    pub optimizer_ms: f64,
+}
+
+/// The device named by nanoGPT's `device` key: `cpu`, `cuda` (the first GPU) or `cuda:N`.
+/// `seed` seeds the device's own generator (dropout masks on a GPU).
+pub fn device(name: &str, seed: u64) -> Result<Device> {
     match name {
         "cpu" => Ok(Device::Cpu),
-        other if other.starts_with("cuda") => candle_core::bail!(
-            "device `{other}` needs the CUDA build of the engine, which this build is not; use --device=cpu"
-        ),
-        other => candle_core::bail!("unknown device `{other}`: use cpu or cuda"),
+        "cuda" => cuda::open(0, seed),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(ordinal)) => cuda::open(ordinal, seed),
+            _ => candle_core::bail!("unknown device `{other}`: use cpu, cuda or cuda:N"),
+        },
+    }
+}
+
+/// nanoGPT's `dtype` key: the dtype the forward and backward passes compute in.
+pub fn compute_dtype(name: &str) -> Result<DType> {
+    match name {
+        "float32" => Ok(DType::F32),
+        "bfloat16" => Ok(DType::BF16),
+        "float16" => Ok(DType::F16),
+        other => candle_core::bail!("unknown dtype `{other}`: use float32, bfloat16 or float16"),
     }
 }
 
@@ -56,14 +86,14 @@ fn configure_cpu_runtime() {
 impl Engine {
     pub fn new(args: &ModelArgs, seed: u64, device_name: &str) -> Result<Self> {
         configure_cpu_runtime();
-        let model = Gpt::new(args, seed, &device(device_name)?)?;
+        let model = Gpt::new(args, seed, &device(device_name, seed)?)?;
         Ok(Self::wrap(model, seed))
     }
 
     /// A model with `args` whose weights are the safetensors `bytes` (nanoGPT's parameter names).
     pub fn from_safetensors(args: &ModelArgs, bytes: &[u8], device_name: &str) -> Result<Self> {
         configure_cpu_runtime();
-        let device = device(device_name)?;
+        let device = device(device_name, 0)?;
         let model = Gpt::empty(args, &device)?;
         let tensors = load_safetensors(bytes, "weights")?;
         model.load(&tensors)?;
@@ -73,7 +103,7 @@ impl Engine {
     /// As [`Engine::from_safetensors`], reading the file in Rust: a GPT-2 XL checkpoint does not fit in a Node.js Buffer.
     pub fn from_safetensors_file(args: &ModelArgs, path: &str, device_name: &str) -> Result<Self> {
         configure_cpu_runtime();
-        let model = Gpt::empty(args, &device(device_name)?)?;
+        let model = Gpt::empty(args, &device(device_name, 0)?)?;
         model.load(&read_safetensors(path)?)?;
         Ok(Self::wrap(model, 0))
     }
@@ -82,7 +112,7 @@ impl Engine {
     /// with `dropout` in place of the config's.
     pub fn from_hf_gpt2(config_json: &str, bytes: &[u8], dropout: f64, device_name: &str) -> Result<Self> {
         configure_cpu_runtime();
-        let device = device(device_name)?;
+        let device = device(device_name, 0)?;
         let model = hf::import(config_json, load_safetensors(bytes, "weights")?, dropout, &device)?;
         Ok(Self::wrap(model, 0))
     }
@@ -91,7 +121,7 @@ impl Engine {
     /// fit in a Node.js Buffer. The file's bytes are dropped once the tensors are made from them.
     pub fn from_hf_gpt2_file(config_json: &str, path: &str, dropout: f64, device_name: &str) -> Result<Self> {
         configure_cpu_runtime();
-        let device = device(device_name)?;
+        let device = device(device_name, 0)?;
         let model = hf::import(config_json, read_safetensors(path)?, dropout, &device)?;
         Ok(Self::wrap(model, 0))
     }
@@ -110,7 +140,61 @@ impl Engine {
     }
 
     fn wrap(model: Gpt, seed: u64) -> Self {
-        Self { model, optimizer: None, grads: None, rng: StdRng::seed_from_u64(seed ^ 0x5eed_d809) }
+        Self { model, optimizer: None, grads: None, rng: StdRng::seed_from_u64(seed ^ 0x5eed_d809), scaler: None, profile: None }
+    }
+
+    /// nanoGPT's `dtype`: float32, or mixed precision with bfloat16 or float16 (weights and AdamW
+    /// state stay f32; float16 adds GradScaler's dynamic loss scaling). The CPU engine computes in
+    /// float32 only: candle's CPU matmul has no bfloat16.
+    pub fn set_precision(&mut self, dtype: &str) -> Result<()> {
+        let compute = compute_dtype(dtype)?;
+        if self.model.device().is_cpu() && compute != DType::F32 {
+            candle_core::bail!("dtype {dtype} needs a GPU: the cpu engine computes in float32");
+        }
+        self.set_compute_dtype(compute);
+        Ok(())
+    }
+
+    /// As [`Engine::set_precision`] without the CPU check, so that the mixed-precision path can be
+    /// tested on the CPU with float16 (which candle's CPU matmul supports).
+    pub fn set_compute_dtype(&mut self, dtype: DType) {
+        self.model.set_compute_dtype(dtype);
+        self.scaler = (dtype == DType::F16).then(GradScaler::default);
+    }
+
+    /// The loss scale in use (1 unless training in float16).
+    pub fn loss_scale(&self) -> f64 {
+        self.scaler.as_ref().map_or(1.0, GradScaler::scale)
+    }
+
+    /// Waits until the device has finished all queued work (a no-op on the CPU), for timings.
+    pub fn synchronize(&self) -> Result<()> {
+        self.model.device().synchronize()
+    }
+
+    /// Device memory figures; None on the CPU.
+    pub fn memory_stats(&self) -> Result<Option<MemoryStats>> {
+        cuda::memory_stats(self.model.device())
+    }
+
+    /// Turns per-phase timing on or off. On a GPU it synchronises between phases, which costs a
+    /// little throughput.
+    pub fn set_profiling(&mut self, on: bool) {
+        self.profile = on.then(PhaseTimes::default);
+    }
+
+    /// The phase times of the last micro-step and optimizer step, when profiling.
+    pub fn phase_times(&self) -> Option<&PhaseTimes> {
+        self.profile.as_ref()
+    }
+
+    /// Milliseconds since `start`, after the device has caught up; None (and no wait) when not profiling.
+    fn lap(&self, start: std::time::Instant) -> Result<Option<f64>> {
+        if self.profile.is_none() {
+            return Ok(None);
+        }
+        self.synchronize()?;
+        Ok(Some(start.elapsed().as_secs_f64() * 1e3))
     }
 
     pub fn model(&self) -> &Gpt {
@@ -173,9 +257,15 @@ impl Engine {
     /// Forward and backward on one micro-batch; adds `loss_scale` times the gradient to the
     /// accumulated gradients and returns the (unscaled) mean loss.
     pub fn forward_backward(&mut self, x: &[u32], y: &[i32], batch_size: usize, loss_scale: f64) -> Result<f32> {
+        let start = std::time::Instant::now();
         let (x, y) = self.batch(x, y, batch_size)?;
+        let data_ms = self.lap(start)?;
+        let start = std::time::Instant::now();
         let loss = self.model.loss(&x, &y, &mut Mode::Train(&mut self.rng))?;
+        let forward_ms = self.lap(start)?;
+        let start = std::time::Instant::now();
         // Scaling the loss scales every gradient, at the cost of one scalar op.
+        let loss_scale = loss_scale * self.loss_scale();
         let scaled = if loss_scale == 1.0 { loss.clone() } else { loss.affine(loss_scale, 0.0)? };
         let mut store = scaled.backward()?;
         let mut grads = Vec::new();
@@ -189,16 +279,29 @@ impl Engine {
             None => grads,
             Some(acc) => acc.iter().zip(&grads).map(|(a, g)| a + g).collect::<Result<_>>()?,
         });
+        let backward_ms = self.lap(start)?;
+        if let (Some(p), Some(data_ms), Some(forward_ms), Some(backward_ms)) = (self.profile.as_mut(), data_ms, forward_ms, backward_ms) {
+            (p.data_ms, p.forward_ms, p.backward_ms) = (data_ms, forward_ms, backward_ms);
+        }
         loss.to_scalar::<f32>()
     }
 
     /// Applies the accumulated gradients (clipped if configured) at learning rate `lr`, then clears them.
     pub fn step(&mut self, lr: f64) -> Result<StepStats> {
+        let start = std::time::Instant::now();
         let grads = self
             .grads
             .take()
             .ok_or_else(|| candle_core::Error::Msg("no gradients to apply: run forward_backward first".into()))?;
-        self.optimizer_mut()?.step(&grads, lr)
+        let optimizer = self.optimizer.as_mut().ok_or_else(|| candle_core::Error::Msg("configure the optimizer before training".into()))?;
+        let stats = match self.scaler.as_mut() {
+            Some(scaler) => optimizer.step_scaled(&grads, lr, scaler)?,
+            None => optimizer.step(&grads, lr)?,
+        };
+        if let Some(optimizer_ms) = self.lap(start)? {
+            self.profile.as_mut().expect("profiling is on").optimizer_ms = optimizer_ms;
+        }
+        Ok(stats)
     }
 
     /// Mean loss of one batch in evaluation mode.

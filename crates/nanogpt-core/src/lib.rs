@@ -2,6 +2,7 @@
 //! on candle. The napi and wasm bindings expose [`Engine`] and [`LrSchedule::lr_at`] unchanged.
 
 pub mod cpu_ops;
+pub mod cuda;
 pub mod engine;
 pub mod hf;
 pub mod memory;
@@ -10,7 +11,8 @@ pub mod ops;
 pub mod optim;
 pub mod sample;
 
-pub use engine::Engine;
+pub use cuda::MemoryStats;
+pub use engine::{Engine, PhaseTimes};
 pub use memory::MemoryEstimate;
 pub use model::{Gelu, Gpt, ModelArgs};
-pub use optim::{LrSchedule, OptimizerArgs, ParamGroups, StepStats};
+pub use optim::{GradScaler, LrSchedule, OptimizerArgs, ParamGroups, StepStats};

@@ -189,6 +189,8 @@ pub struct Gpt {
     pub h: Vec<Block>,
     pub ln_f: LayerNorm,
     device: Device,
+    /// The dtype activations are computed in; the parameters themselves always stay f32.
+    compute_dtype: DType,
 }
 
 impl Gpt {
@@ -230,11 +232,17 @@ impl Gpt {
             });
         }
         let ln_f = LayerNorm::new(&init, c, bias)?;
-        Ok(Self { args: args.clone(), wte, wpe, h, ln_f, device: device.clone() })
+        Ok(Self { args: args.clone(), wte, wpe, h, ln_f, device: device.clone(), compute_dtype: DType::F32 })
     }
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Mixed precision: forward and backward run in `dtype` (f32, bf16 or f16) from the embedding
+    /// sum on; the f32 weights are cast where they are used and receive f32 gradients.
+    pub fn set_compute_dtype(&mut self, dtype: DType) {
+        self.compute_dtype = dtype;
     }
 
     /// nanoGPT's `crop_block_size`: shrinks the context to `block_size` by keeping the first rows of the
@@ -301,7 +309,7 @@ impl Gpt {
         }
         let tok = self.wte.as_tensor().index_select(&idx.flatten_all()?, 0)?.reshape((b, t, self.args.n_embd))?;
         let pos = self.wpe.as_tensor().narrow(0, pos0, t)?;
-        let mut x = mode.dropout(&tok.broadcast_add(&pos)?, self.args.dropout)?;
+        let mut x = mode.dropout(&tok.broadcast_add(&pos)?.to_dtype(self.compute_dtype)?, self.args.dropout)?;
         for (i, block) in self.h.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             x = block.forward(&x, mode, layer_cache)?;
@@ -320,9 +328,9 @@ impl Gpt {
         ops::cross_entropy(&logits.flatten_to(1)?, &targets.flatten_all()?)
     }
 
-    /// Logits at every position, in evaluation mode: (batch, time, vocab).
+    /// Logits at every position, in evaluation mode: (batch, time, vocab), f32.
     pub fn logits(&self, idx: &Tensor) -> Result<Tensor> {
-        self.lm_head(&self.hidden(idx, 0, &mut Mode::Eval, None)?)
+        self.lm_head(&self.hidden(idx, 0, &mut Mode::Eval, None)?)?.to_dtype(DType::F32)
     }
 
     /// Logits of the last position only (batch, vocab), as nanoGPT's inference path; with a cache,
@@ -331,7 +339,7 @@ impl Gpt {
         let pos0 = cache.as_ref().map_or(0, |c| c.len());
         let x = self.hidden(idx, pos0, &mut Mode::Eval, cache)?;
         let t = x.dim(1)?;
-        self.lm_head(&x.i((.., t - 1, ..))?.contiguous()?)
+        self.lm_head(&x.i((.., t - 1, ..))?.contiguous()?)?.to_dtype(DType::F32)
     }
 
     /// Replaces every parameter from `tensors` (by nanoGPT name), checking names and shapes.

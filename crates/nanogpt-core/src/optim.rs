@@ -57,6 +57,46 @@ pub struct StepStats {
     /// ‖Δp‖ / ‖p‖ of this step for every parameter tensor, by name: a network-health figure
     /// (around 1e-3 is typical; much larger means the learning rate is too high for that tensor).
     pub update_ratios: Vec<(String, f64)>,
+    /// float16 only: the gradients overflowed at this loss scale, so no update was made.
+    pub skipped: bool,
+}
+
+/// torch.cuda.amp.GradScaler's dynamic loss scale, with its defaults, for float16 training: the loss
+/// is multiplied by the scale so that small gradients survive in f16; a step whose gradients
+/// overflow is skipped and halves the scale, and every 2000 good steps in a row double it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GradScaler {
+    scale: f64,
+    good_steps: u32,
+}
+
+impl Default for GradScaler {
+    fn default() -> Self {
+        Self { scale: 65536.0, good_steps: 0 }
+    }
+}
+
+impl GradScaler {
+    const GROWTH_FACTOR: f64 = 2.0;
+    const BACKOFF_FACTOR: f64 = 0.5;
+    const GROWTH_INTERVAL: u32 = 2000;
+
+    pub fn scale(&self) -> f64 {
+        self.scale
+    }
+
+    fn update(&mut self, finite: bool) {
+        if !finite {
+            self.scale *= Self::BACKOFF_FACTOR;
+            self.good_steps = 0;
+        } else {
+            self.good_steps += 1;
+            if self.good_steps == Self::GROWTH_INTERVAL {
+                self.scale *= Self::GROWTH_FACTOR;
+                self.good_steps = 0;
+            }
+        }
+    }
 }
 
 struct Slot {
@@ -110,14 +150,37 @@ impl AdamW {
     /// One update at learning rate `lr` from `grads` (one per parameter, in construction order),
     /// clipping their global norm first when configured.
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<StepStats> {
+        self.check(grads)?;
+        let grad_norm = global_norm(grads)?;
+        self.apply(grads, lr, grad_norm, 1.0)
+    }
+
+    /// As [`AdamW::step`] for gradients of a loss multiplied by `scaler`'s scale: they are unscaled
+    /// (before clipping, as GradScaler.unscale_), and a step whose gradients are not finite is skipped.
+    pub fn step_scaled(&mut self, grads: &[Tensor], lr: f64, scaler: &mut GradScaler) -> Result<StepStats> {
+        self.check(grads)?;
+        let inv_scale = 1.0 / scaler.scale();
+        let grad_norm = global_norm(grads)? * inv_scale;
+        scaler.update(grad_norm.is_finite());
+        if !grad_norm.is_finite() {
+            return Ok(StepStats { grad_norm, clipped: false, update_ratios: Vec::new(), skipped: true });
+        }
+        self.apply(grads, lr, grad_norm, inv_scale)
+    }
+
+    fn check(&self, grads: &[Tensor]) -> Result<()> {
         if grads.len() != self.slots.len() {
             candle_core::bail!("expected {} gradients, got {}", self.slots.len(), grads.len());
         }
-        let grad_norm = global_norm(grads)?;
+        Ok(())
+    }
+
+    /// The update from `grads` times `inv_scale`, whose global norm is `grad_norm`.
+    fn apply(&mut self, grads: &[Tensor], lr: f64, grad_norm: f64, inv_scale: f64) -> Result<StepStats> {
         let clip = self.args.grad_clip;
         let clipped = clip > 0.0 && grad_norm > clip;
         // As torch.nn.utils.clip_grad_norm_: scale by clip/(norm + 1e-6) whenever that is below one.
-        let grad_scale = if clip > 0.0 { (clip / (grad_norm + 1e-6)).min(1.0) } else { 1.0 };
+        let grad_scale = inv_scale * if clip > 0.0 { (clip / (grad_norm + 1e-6)).min(1.0) } else { 1.0 };
         self.step += 1;
         let (b1, b2) = (self.args.beta1, self.args.beta2);
         let bias_correction1 = 1.0 - b1.powi(self.step as i32);
@@ -125,6 +188,8 @@ impl AdamW {
         let step_size = lr / bias_correction1;
         let weight_decay = self.args.weight_decay;
         let mut update_ratios = Vec::with_capacity(self.slots.len());
+        // On a GPU the squared norms stay on the device until the end: one transfer instead of two per tensor.
+        let mut device_norms = Vec::new();
         for (slot, grad) in self.slots.iter_mut().zip(grads) {
             let decay = if slot.decays { weight_decay } else { 0.0 };
             if slot.param.device().is_cpu() {
@@ -142,12 +207,18 @@ impl AdamW {
             let p = slot.param.as_tensor();
             let decayed = (p * (1.0 - lr * decay))?;
             let updated = (decayed - (slot.exp_avg.div(&denom)? * step_size)?)?;
-            let change = (&updated - p)?.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            let size = p.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            update_ratios.push((slot.name.clone(), ratio(change, size)));
+            device_norms.push((&updated - p)?.sqr()?.sum_all()?);
+            device_norms.push(p.sqr()?.sum_all()?);
+            update_ratios.push((slot.name.clone(), 0.0));
             slot.param.set(&updated)?;
         }
-        Ok(StepStats { grad_norm, clipped, update_ratios })
+        if !device_norms.is_empty() {
+            let norms = Tensor::stack(&device_norms, 0)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+            for ((_, r), pair) in update_ratios.iter_mut().zip(norms.chunks_exact(2)) {
+                *r = ratio(pair[0], pair[1]);
+            }
+        }
+        Ok(StepStats { grad_norm, clipped, update_ratios, skipped: false })
     }
 
     /// The moments and step count, named `<param>.exp_avg` / `<param>.exp_avg_sq` plus `step`.
@@ -192,9 +263,8 @@ pub(crate) fn ratio(change_sq: f64, size_sq: f64) -> f64 {
 
 /// L2 norm of all gradients taken together, as torch.nn.utils.clip_grad_norm_ computes it.
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
-    let mut sum = 0f64;
-    for g in grads {
-        sum += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-    }
-    Ok(sum.sqrt())
+    // One transfer for all the per-tensor sums: on a GPU each transfer waits for the device.
+    let sums = grads.iter().map(|g| g.sqr()?.sum_all()).collect::<Result<Vec<_>>>()?;
+    let sums = Tensor::stack(&sums, 0)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    Ok(sums.iter().sum::<f64>().sqrt())
 }

@@ -9,7 +9,7 @@ use nanogpt_core::model::{Gpt, KvCache, Mode};
 use nanogpt_core::ops::with_composite_ops;
 use nanogpt_core::optim::AdamW;
 use nanogpt_core::sample::SampleArgs;
-use nanogpt_core::{Engine, Gelu, LrSchedule, ModelArgs, OptimizerArgs};
+use nanogpt_core::{Engine, Gelu, GradScaler, LrSchedule, ModelArgs, OptimizerArgs};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -399,5 +399,66 @@ fn bad_batches_are_rejected_with_a_reason() -> Result<()> {
     assert!(err.contains("block size"), "{err}");
     let bad = ModelArgs { n_head: 3, ..args };
     assert!(Engine::new(&bad, 1, "cpu").err().unwrap().to_string().contains("divisible"));
+    Ok(())
+}
+
+#[test]
+fn float16_training_tracks_float32_with_f32_master_weights() -> Result<()> {
+    let args = tiny(true, 0.0, Gelu::Erf);
+    let optimizer = OptimizerArgs { weight_decay: 0.1, beta1: 0.9, beta2: 0.99, grad_clip: 1.0 };
+    let (mut full, mut half) = (Engine::new(&args, 3, "cpu")?, Engine::new(&args, 3, "cpu")?);
+    // candle's CPU matmul has f16 but no bf16: the mixed-precision path is exercised here with f16.
+    half.set_compute_dtype(candle_core::DType::F16);
+    assert_eq!(half.loss_scale(), 65536.0);
+    full.configure_optimizer(&optimizer)?;
+    half.configure_optimizer(&optimizer)?;
+    let x: Vec<u32> = (0..32).map(|i| (i % 10) as u32).collect();
+    let y: Vec<i32> = x.iter().map(|&v| v as i32 + 1).collect();
+    let (mut first, mut last) = (0.0, 0.0);
+    for i in 0..40 {
+        let l_full = full.forward_backward(&x, &y, 4, 1.0)?;
+        let l_half = half.forward_backward(&x, &y, 4, 1.0)?;
+        assert!((l_full - l_half).abs() < 0.05 * l_full.max(0.2), "step {i}: f32 loss {l_full}, f16 loss {l_half}");
+        full.step(1e-2)?;
+        assert!(!half.step(1e-2)?.skipped);
+        (first, last) = (if i == 0 { l_half } else { first }, l_half);
+    }
+    assert!(last < 0.5 * first, "f16 loss {first} -> {last}");
+    for (name, var) in half.model().named_parameters() {
+        assert_eq!(var.dtype(), candle_core::DType::F32, "{name}");
+    }
+    assert!(half.model().logits(&Tensor::new(&[[1u32, 2]], &Device::Cpu)?)?.dtype() == candle_core::DType::F32);
+    Ok(())
+}
+
+#[test]
+fn cpu_engine_accepts_only_float32() -> Result<()> {
+    let mut engine = Engine::new(&tiny(false, 0.0, Gelu::Erf), 1, "cpu")?;
+    engine.set_precision("float32")?;
+    let err = engine.set_precision("bfloat16").unwrap_err().to_string();
+    assert!(err.contains("bfloat16 needs a GPU"), "{err}");
+    assert!(engine.set_precision("float64").unwrap_err().to_string().contains("float32, bfloat16 or float16"));
+    Ok(())
+}
+
+#[test]
+fn loss_scaling_skips_overflowing_steps_and_halves_the_scale() -> Result<()> {
+    let (mut opt, matrix, vector) = adamw_fixture(1.0)?;
+    let mut scaler = GradScaler::default();
+    let before = matrix.as_tensor().to_vec2::<f32>()?;
+    let overflow = vec![Tensor::new(&[[f32::INFINITY, 0.0], [0.0, 0.0]], &Device::Cpu)?, Tensor::zeros(2, candle_core::DType::F32, &Device::Cpu)?];
+    let stats = opt.step_scaled(&overflow, 1e-2, &mut scaler)?;
+    assert!(stats.skipped && opt.steps_taken() == 0);
+    assert_eq!(matrix.as_tensor().to_vec2::<f32>()?, before);
+    assert_eq!(scaler.scale(), 32768.0);
+    // Finite gradients are unscaled before clipping: the same update as unscaled gradients without a scaler.
+    let grads = [Tensor::new(&[[0.5f32, -1.0], [2.0, 0.0]], &Device::Cpu)?, Tensor::new(&[1.0f32, -0.5], &Device::Cpu)?];
+    let scaled: Vec<Tensor> = grads.iter().map(|g| g.affine(scaler.scale(), 0.0)).collect::<Result<_>>()?;
+    let stats = opt.step_scaled(&scaled, 1e-2, &mut scaler)?;
+    let (mut reference, ref_matrix, ref_vector) = adamw_fixture(1.0)?;
+    let expected = reference.step(&grads, 1e-2)?;
+    assert!(!stats.skipped && (stats.grad_norm - expected.grad_norm).abs() < 1e-6 && stats.clipped == expected.clipped);
+    assert!(max_abs_diff(matrix.as_tensor(), ref_matrix.as_tensor()) < 1e-6);
+    assert!(max_abs_diff(vector.as_tensor(), ref_vector.as_tensor()) < 1e-6);
     Ok(())
 }

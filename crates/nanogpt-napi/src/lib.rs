@@ -81,6 +81,33 @@ impl Gpt {
     }
 
     #[napi]
+    pub fn set_precision(&mut self, dtype: String) -> Result<()> {
+        self.engine.set_precision(&dtype).map_err(js_error)
+    }
+
+    #[napi]
+    pub fn synchronize(&self) -> Result<()> {
+        self.engine.synchronize().map_err(js_error)
+    }
+
+    /// JSON of the device memory figures, `null` on the CPU.
+    #[napi]
+    pub fn memory_stats(&self) -> Result<String> {
+        to_json(&self.engine.memory_stats().map_err(js_error)?)
+    }
+
+    #[napi]
+    pub fn set_profiling(&mut self, on: bool) {
+        self.engine.set_profiling(on)
+    }
+
+    /// JSON of the last step's phase times, `null` when not profiling.
+    #[napi]
+    pub fn phase_times(&self) -> Result<String> {
+        to_json(&self.engine.phase_times())
+    }
+
+    #[napi]
     pub fn eval_loss(&self, x: Uint32Array, y: Int32Array, batch_size: u32) -> Result<f64> {
         Ok(self.engine.eval_loss(&x, &y, batch_size as usize).map_err(js_error)? as f64)
     }

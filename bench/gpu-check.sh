@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# The CUDA engine on a GPU machine, against the CPU engine and against PyTorch (../shared/bench/torch_ref.py):
+#   1. correctness: logits, loss and gradients of a small model on CUDA vs CPU (float32/TF32 and bfloat16),
+#      and a few training steps in float32, bfloat16 and float16;
+#   2. throughput at GPT-2 124M shapes (B=12, T=1024, bfloat16): torch_ref.py bench, then ours;
+#   3. per-phase profile of our step (data, forward, backward, optimizer), at 124M and shakespeare_char shapes;
+#   4. the shakespeare_char recipe: torch_ref.py train, then our train; best val loss and wall time of each.
+# It builds nothing: run `bash scripts/pack-gpu-check.sh` first and carry .gpu-check with the working tree. The
+# machine needs python3 with torch, the NVIDIA driver, and CUDA 13 libraries (cuBLAS, cuRAND, NVRTC).
+#
+# Usage: bash bench/gpu-check.sh      (from the repository root; logs under $OUT, default .gpu-check/out)
+#   TRAIN_ITERS=N   length of the shakespeare_char runs on both sides (default 2000; the recipe's is 5000)
+#   BUDGET_S=N      stop starting phases after this many seconds (default 540)
+# Each phase runs under `timeout`; a failed phase is logged and the next one runs. The last lines are a table.
+set -uo pipefail
+export LC_ALL=C
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+root=$(pwd)
+out=${OUT:-$root/.gpu-check/out}
+mkdir -p "$out"
+exec > >(tee -a "$out/gpu-check.log") 2>&1
+
+start=$SECONDS
+budget=${BUDGET_S:-540}
+train_iters=${TRAIN_ITERS:-2000}
+shared=$root/../shared
+work=$(mktemp -d "${TMPDIR:-/tmp}/nanogpt-gpu-check.XXXXXX")
+app=$work/app
+node=$work/node/bin/node
+addon=$app/native/nanogpt.linux-x64-gnu.node
+
+# The driver's libcuda, the toolkit's cuBLAS/NVRTC, and cuRAND from the torch wheels, wherever this machine has them.
+for dir in /usr/local/nvidia/lib64 /usr/local/cuda-13.0/targets/x86_64-linux/lib /usr/local/cuda/lib64 \
+  /opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib; do
+  [ -d "$dir" ] && LD_LIBRARY_PATH=$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+done
+export LD_LIBRARY_PATH
+
+declare -A status
+section() { printf '\n==== %s (t=%ds) ====\n' "$*" $((SECONDS - start)); }
+# phase NAME LIMIT_S COMMAND...: runs COMMAND under timeout (capped by what is left of the budget), output to
+# $out/NAME.log and to this log; records ok / failed (rc) / timeout / skipped.
+phase() {
+  local name=$1 limit=$2
+  shift 2
+  local left=$((budget - (SECONDS - start)))
+  section "$name"
+  if ((left < 20)); then
+    echo "skipped: the time budget is spent"
+    status[$name]=skipped
+    return 1
+  fi
+  ((limit > left)) && limit=$left
+  echo "\$ $*   (timeout ${limit}s)"
+  local t0=$SECONDS rc
+  timeout --kill-after=10 "$limit" "$@" > >(tee "$out/$name.log") 2>&1
+  rc=$?
+  if ((rc == 0)); then
+    status[$name]="ok ($((SECONDS - t0))s)"
+  elif ((rc == 124 || rc == 137)); then
+    status[$name]="timeout after ${limit}s"
+  else
+    status[$name]="failed (rc $rc)"
+  fi
+  echo "-- $name: ${status[$name]}"
+  ((rc == 0))
+}
+# The JSON after `RESULT ` in a phase's log, one field of it (empty if absent).
+result() { grep -h '^RESULT ' "$out/$1.log" 2>/dev/null | tail -n1 | sed 's/^RESULT //' | python3 -c "import json,sys
+try: v = json.load(sys.stdin).get('$2')
+except Exception: v = None
+print('' if v is None else v)"; }
+
+section "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader || echo "nvidia-smi failed"
+python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' || true
+echo "logs: $out"
+
+phase unpack 120 tar -C "$work" -xJf "$root/.gpu-check/payload.tar.xz" || { echo "cannot unpack the payload: run scripts/pack-gpu-check.sh"; exit 1; }
+"$node" --version
+echo "ldd of the addon:"
+ldd "$addon" | grep -E 'cuda|cublas|curand|nvrtc|not found' || true
+
+# ---------------------------------------------------------------- 1. correctness
+phase correctness 150 "$app/tests/cuda" --nocapture --test-threads=1
+
+# ---------------------------------------------------------------- 2. throughput, 124M shapes
+shape=(--n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --batch_size=12)
+phase torch_bench 180 python3 "$shared/bench/torch_ref.py" bench "${shape[@]}"
+phase our_bench 180 "$node" "$app/dist/gpu-bench.mjs" "$addon" "${shape[@]}" --device=cuda --dtype=bfloat16
+
+# ---------------------------------------------------------------- 3. profile
+phase profile_124m 90 "$node" "$app/dist/gpu-bench.mjs" "$addon" "${shape[@]}" --device=cuda --dtype=bfloat16 \
+  --warmup=3 --iters=5 --profile
+mkdir -p "$work/data/shakespeare_char"
+cp "$shared/data/tinyshakespeare.txt" "$work/data/shakespeare_char/input.txt" 2>/dev/null \
+  || cp "$root/data/shakespeare_char/input.txt" "$work/data/shakespeare_char/input.txt"
+phase prepare 60 "$node" "$app/dist/cli.mjs" prepare shakespeare_char --data_dir "$work/data"
+char_shape=(--n_layer=6 --n_head=6 --n_embd=384 --block_size=256 --batch_size=64 --vocab_size=65)
+phase profile_char 60 "$node" "$app/dist/gpu-bench.mjs" "$addon" "${char_shape[@]}" --real_data \
+  --dataset=shakespeare_char --data_dir="$work/data" --device=cuda --dtype=bfloat16 --warmup=5 --iters=20 --profile
+
+# ---------------------------------------------------------------- 4. shakespeare_char recipe
+recipe=(--max_iters="$train_iters" --lr_decay_iters="$train_iters" --eval_iters=100)
+phase torch_train 200 python3 "$shared/bench/torch_ref.py" train --text="$work/data/shakespeare_char/input.txt" "${recipe[@]}"
+t_ours=$SECONDS
+phase our_train 240 "$node" "$app/dist/cli.mjs" train "$app/configs/train_shakespeare_char.mjs" \
+  --device=cuda --dtype=bfloat16 --compile=False --data_dir="$work/data" --out_dir="$work/out" "${recipe[@]}"
+ours_wall=$((SECONDS - t_ours))
+
+# ---------------------------------------------------------------- summary
+ours_best=$(grep -hoE 'val loss [0-9.]+' "$out/our_train.log" 2>/dev/null | awk '{print $3}' | sort -g | head -n1)
+ours_last_iter=$(grep -hoE '^iter [0-9]+' "$out/our_train.log" 2>/dev/null | tail -n1 | awk '{print $2}')
+ratio() { python3 -c "import sys
+try: print(f'{float(sys.argv[1]) / float(sys.argv[2]):.2f}')
+except Exception: print('n/a')" "$1" "$2"; }
+gib() { python3 -c "import sys
+try: print(f'{float(sys.argv[1]) / 2**30:.2f}')
+except Exception: print('n/a')" "$1"; }
+t_tok=$(result torch_bench tokens_per_s) o_tok=$(result our_bench tokens_per_s)
+t_wall=$(result torch_train wall_s) t_best=$(result torch_train best_val)
+
+section "summary"
+for name in unpack correctness torch_bench our_bench profile_124m prepare profile_char torch_train our_train; do
+  printf '%-14s %s\n' "$name" "${status[$name]:-not run}"
+done
+echo
+echo "profile (ms per step: data / forward / backward / optimizer):"
+for name in profile_124m profile_char; do
+  printf '  %-13s %s\n' "$name" "$(result "$name" phases | tr -d "{}'" )"
+done
+echo
+printf '%-34s %14s %14s %8s\n' "" "torch_ref.py" "nanogpt-rs" "ours/ref"
+printf '%-34s %14s %14s %8s\n' "124M bench bf16 tokens/s" "${t_tok:-n/a}" "${o_tok:-n/a}" "$(ratio "$o_tok" "$t_tok")"
+printf '%-34s %14s %14s %8s\n' "124M bench ms/iter" "$(result torch_bench ms_per_iter)" "$(result our_bench ms_per_iter)" \
+  "$(ratio "$(result our_bench ms_per_iter)" "$(result torch_bench ms_per_iter)")"
+printf '%-34s %14s %14s %8s\n' "124M bench peak memory GiB" "$(result torch_bench peak_mem_gb)" "$(gib "$(result our_bench peak_mem_bytes)")" ""
+printf '%-34s %14s %14s %8s\n' "char recipe ($train_iters it) best val" "${t_best:-n/a}" "${ours_best:-n/a}" ""
+printf '%-34s %14s %14s %8s\n' "char recipe wall s" "${t_wall:-n/a}" "$ours_wall (process)" "$(ratio "$ours_wall" "$t_wall")"
+[ -n "$ours_last_iter" ] && echo "(our train reached iter $ours_last_iter of $train_iters; torch's wall time excludes start-up, ours includes it)"
+exit 0

@@ -1,0 +1,146 @@
+//! The CUDA engine against the CPU engine on a small model: logits, loss and every gradient, in
+//! float32 (TF32 matmuls) and bfloat16, then a few training steps in each dtype. Built only with the
+//! `cuda` feature; each test passes with a note when no GPU can be opened.
+#![cfg(feature = "cuda")]
+
+use candle_core::{DType, Device, Result, Tensor};
+use nanogpt_core::engine::device;
+use nanogpt_core::model::{Gpt, Mode};
+use nanogpt_core::{Engine, Gelu, ModelArgs, OptimizerArgs};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+fn gpu() -> Option<Device> {
+    match device("cuda", 0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            eprintln!("skipped: no usable GPU ({e})");
+            None
+        }
+    }
+}
+
+fn args(dropout: f64) -> ModelArgs {
+    ModelArgs { n_layer: 2, n_head: 4, n_embd: 64, block_size: 32, vocab_size: 97, bias: true, dropout, gelu: Gelu::Erf }
+}
+
+fn batch(args: &ModelArgs, b: usize, seed: u64) -> (Vec<u32>, Vec<i32>) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let n = b * args.block_size;
+    let x: Vec<u32> = (0..n).map(|_| rng.random_range(0..args.vocab_size as u32)).collect();
+    // Learnable targets (the next id), so that training steps have something to reduce.
+    let y = x.iter().map(|&v| ((v + 1) % args.vocab_size as u32) as i32).collect();
+    (x, y)
+}
+
+fn tensors(x: &[u32], y: &[i32], b: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    let t = x.len() / b;
+    Ok((Tensor::from_slice(x, (b, t), device)?, Tensor::from_slice(y, (b, t), device)?.to_dtype(DType::I64)?))
+}
+
+/// ‖a − b‖ / ‖b‖, computed on the CPU in f32.
+fn rel_err(a: &Tensor, b: &Tensor) -> Result<f32> {
+    let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    let diff = (a - &b)?.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt();
+    Ok(diff / b.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt().max(1e-12))
+}
+
+/// Compares logits, loss and gradients of the same model on the GPU (computing in `dtype`) and on the CPU (f32).
+fn compare(gpu: &Device, dtype: DType, tolerance: f32) -> Result<()> {
+    let args = args(0.0);
+    let cpu_model = Gpt::new(&args, 11, &Device::Cpu)?;
+    let mut gpu_model = Gpt::new(&args, 11, gpu)?;
+    gpu_model.set_compute_dtype(dtype);
+    let (x, y) = batch(&args, 4, 5);
+    let (cx, cy) = tensors(&x, &y, 4, &Device::Cpu)?;
+    let (gx, gy) = tensors(&x, &y, 4, gpu)?;
+
+    let logits_err = rel_err(&gpu_model.logits(&gx)?, &cpu_model.logits(&cx)?)?;
+    let cpu_loss = cpu_model.loss(&cx, &cy, &mut Mode::Eval)?;
+    let gpu_loss = gpu_model.loss(&gx, &gy, &mut Mode::Eval)?;
+    let loss_err = rel_err(&gpu_loss, &cpu_loss)?;
+    eprintln!(
+        "{dtype:?}: loss cpu {:.5} gpu {:.5}; logits rel err {logits_err:.2e}, loss rel err {loss_err:.2e} (tolerance {tolerance:.0e})",
+        cpu_loss.to_scalar::<f32>()?,
+        gpu_loss.to_scalar::<f32>()?
+    );
+    assert!(logits_err < tolerance && loss_err < tolerance, "{dtype:?}: logits {logits_err}, loss {loss_err}");
+
+    let mut cpu_grads = cpu_loss.backward()?;
+    let mut gpu_grads = gpu_loss.backward()?;
+    let mut worst = (0f32, String::new());
+    for ((name, cpu_var), (_, gpu_var)) in cpu_model.named_parameters().into_iter().zip(gpu_model.named_parameters()) {
+        let g_cpu = cpu_grads.remove(cpu_var.as_tensor()).unwrap_or_else(|| panic!("no CPU gradient for {name}"));
+        let g_gpu = gpu_grads.remove(gpu_var.as_tensor()).unwrap_or_else(|| panic!("no GPU gradient for {name}"));
+        assert_eq!(g_gpu.dtype(), DType::F32, "{name}: gradients of the master weights must be f32");
+        let err = rel_err(&g_gpu, &g_cpu)?;
+        if err > worst.0 {
+            worst = (err, name.clone());
+        }
+        assert!(err < tolerance, "{dtype:?}: gradient of {name} differs by {err} (relative)");
+    }
+    eprintln!("{dtype:?}: worst gradient rel err {:.2e} ({})", worst.0, worst.1);
+    Ok(())
+}
+
+#[test]
+fn float32_matches_the_cpu_engine() -> Result<()> {
+    let Some(gpu) = gpu() else { return Ok(()) };
+    // TF32 keeps 10 mantissa bits in the matmuls.
+    compare(&gpu, DType::F32, 1e-2)
+}
+
+#[test]
+fn bfloat16_matches_the_cpu_engine() -> Result<()> {
+    let Some(gpu) = gpu() else { return Ok(()) };
+    // bf16 keeps 8 mantissa bits.
+    compare(&gpu, DType::BF16, 6e-2)
+}
+
+/// A few AdamW steps (with dropout, clipping and, for float16, loss scaling) on the GPU in each dtype
+/// follow the CPU's f32 losses.
+#[test]
+fn training_steps_track_the_cpu_engine() -> Result<()> {
+    if gpu().is_none() {
+        return Ok(());
+    }
+    let args = args(0.1);
+    let optimizer = OptimizerArgs { weight_decay: 0.1, beta1: 0.9, beta2: 0.99, grad_clip: 1.0 };
+    let (x, y) = batch(&args, 8, 9);
+    let mut cpu = Engine::new(&args, 3, "cpu")?;
+    cpu.configure_optimizer(&optimizer)?;
+    let cpu_losses: Vec<f32> = (0..30)
+        .map(|_| {
+            let loss = cpu.forward_backward(&x, &y, 8, 1.0)?;
+            cpu.step(3e-3)?;
+            Ok(loss)
+        })
+        .collect::<Result<_>>()?;
+    for dtype in ["float32", "bfloat16", "float16"] {
+        let mut engine = Engine::new(&args, 3, "cuda")?;
+        engine.set_precision(dtype)?;
+        engine.configure_optimizer(&optimizer)?;
+        let mut skipped = 0;
+        let mut losses = Vec::new();
+        for _ in 0..30 {
+            losses.push(engine.forward_backward(&x, &y, 8, 1.0)?);
+            skipped += engine.step(3e-3)?.skipped as usize;
+        }
+        let (first, last) = (losses[0], losses[29]);
+        eprintln!(
+            "{dtype}: loss {first:.4} -> {last:.4} (cpu f32 {:.4} -> {:.4}), {skipped} skipped steps, loss scale {}",
+            cpu_losses[0],
+            cpu_losses[29],
+            engine.loss_scale()
+        );
+        assert!((first - cpu_losses[0]).abs() < 0.05 * cpu_losses[0], "{dtype}: first loss {first} vs {}", cpu_losses[0]);
+        // Dropout masks differ between devices, so only the trend is compared.
+        assert!(last < 0.9 * first && (last - cpu_losses[29]).abs() < 0.15 * cpu_losses[29], "{dtype}: {losses:?} vs {cpu_losses:?}");
+        assert!(skipped <= 2, "{dtype}: {skipped} steps skipped");
+        let memory = engine.memory_stats()?.expect("memory figures on a GPU");
+        eprintln!("{dtype}: memory {memory:?}");
+        assert!(memory.peak_bytes >= memory.in_use_bytes && memory.in_use_bytes > 0 && memory.total_bytes > 0);
+    }
+    Ok(())
+}

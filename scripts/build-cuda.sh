@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Builds the CUDA engine as its own Node.js addon, native/cuda/nanogpt.linux-x64-gnu.node, beside the CPU one
+# (native/nanogpt.linux-x64-gnu.node): a CUDA build cannot even be loaded where the NVIDIA driver is missing.
+#
+#   CUDA_COMPUTE_CAP   GPU architecture of the kernels, e.g. 90 (H100/H200), 89 (L4/4090), 80 (A100);
+#                      default: the first GPU's, from nvidia-smi, else 90
+#   CUDA_ROOT          toolkit to build with; default: the one scripts/setup-cuda.sh finds or installs
+#
+# It compiles for x86-64-v3 (AVX2), not for this machine's CPU, so that the addon runs on the GPU machine
+# too, and in target/cuda so that it does not rebuild the CPU addon's dependencies.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+if [ -z "${CUDA_ROOT:-}" ] || ! command -v nvcc >/dev/null 2>&1; then
+  eval "$(bash scripts/setup-cuda.sh)"
+fi
+if [ -z "${CUDA_COMPUTE_CAP:-}" ]; then
+  CUDA_COMPUTE_CAP=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1 | tr -d '. ' || true)
+  CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
+fi
+export CUDA_COMPUTE_CAP
+# RUSTFLAGS takes precedence over .cargo/config.toml's target-cpu=native.
+export RUSTFLAGS="-C target-cpu=x86-64-v3"
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/cuda}
+echo "build-cuda: compute capability $CUDA_COMPUTE_CAP, toolkit $CUDA_ROOT, target dir $CARGO_TARGET_DIR" >&2
+
+cargo build --release -p nanogpt-napi --features cuda "$@"
+mkdir -p native/cuda
+cp "$CARGO_TARGET_DIR/release/libnanogpt_napi.so" native/cuda/nanogpt.linux-x64-gnu.node
+echo "build-cuda: wrote native/cuda/nanogpt.linux-x64-gnu.node" >&2

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Builds here everything bench/gpu-check.sh needs on a GPU machine that has no Node.js and no Rust, into one
+# archive, .gpu-check/payload.tar.xz (carry the .gpu-check folder with the working tree):
+#   app/native/nanogpt.linux-x64-gnu.node   the CUDA addon (scripts/build-cuda.sh)
+#   app/tests/cuda                          the CUDA-vs-CPU correctness test (crates/nanogpt-core/tests/cuda.rs)
+#   app/dist/cli.mjs, app/dist/gpu-bench.mjs the CLI and the bench entry, each bundled into one file
+#   app/configs/*.mjs                       the config files, as JavaScript (the bundle has no TypeScript loader)
+#   node/bin/node                           this machine's Node.js runtime
+# Needs: cargo, node_modules (npm ci), and the CUDA toolkit that scripts/build-cuda.sh sets up.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+root=$(pwd)
+out=$root/.gpu-check
+stage=$(mktemp -d "${TMPDIR:-/tmp}/nanogpt-gpu-check.XXXXXX")
+trap 'rm -rf "$stage"' EXIT
+log() { echo "pack-gpu-check: $*" >&2; }
+
+bash scripts/build-cuda.sh
+eval "$(bash scripts/setup-cuda.sh 2>/dev/null)"
+export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90} RUSTFLAGS="-C target-cpu=x86-64-v3" CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/cuda}
+test_bin=$(cargo test --release -p nanogpt-core --features cuda --test cuda --no-run --message-format=json \
+  | node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{for(const l of s.split("\n")){try{const m=JSON.parse(l);if(m.reason==="compiler-artifact"&&m.target.name==="cuda"&&m.executable)console.log(m.executable)}catch{}}})')
+[ -x "$test_bin" ] || { log "no test binary found"; exit 1; }
+
+app=$stage/app
+mkdir -p "$app/native" "$app/tests" "$app/dist" "$app/configs" "$app/node_modules/tsx"
+cp native/cuda/nanogpt.linux-x64-gnu.node "$app/native/"
+cp "$test_bin" "$app/tests/cuda"
+cp package.json "$app/"
+# The corpus module resolves tsx's location when it loads (for its worker threads); shakespeare_char needs no worker.
+cp node_modules/tsx/package.json "$app/node_modules/tsx/"
+esbuild=node_modules/.bin/esbuild
+# commander is CommonJS: the ESM bundle gets a require() for it.
+banner="import { createRequire as __createRequire } from 'node:module'; const require = __createRequire(import.meta.url);"
+for entry in ts/cli.ts bench/gpu-bench.ts; do
+  "$esbuild" "$entry" --bundle --platform=node --format=esm --target=node20 --log-level=warning \
+    --banner:js="$banner" --outfile="$app/dist/$(basename "$entry" .ts).mjs"
+done
+for config in configs/*.ts; do
+  "$esbuild" "$config" --format=esm --target=node20 --log-level=warning --outfile="$app/configs/$(basename "$config" .ts).mjs"
+done
+
+node_dir=$stage/node
+mkdir -p "$node_dir/bin"
+cp "$(command -v node)" "$node_dir/bin/node"
+
+mkdir -p "$out"
+log "compressing (xz)"
+tar -C "$stage" -cf - app node | xz -T0 -6 > "$out/payload.tar.xz.tmp"
+mv "$out/payload.tar.xz.tmp" "$out/payload.tar.xz"
+size=$(stat -c %s "$out/payload.tar.xz")
+log "wrote .gpu-check/payload.tar.xz ($((size / 1048576)) MiB; the carry limit is 64 MiB with the working tree's own files)"
+if (( size > 60 * 1048576 )); then log "warning: over 60 MiB"; exit 1; fi

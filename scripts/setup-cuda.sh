@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Makes a CUDA 13.0 toolkit available for building the CUDA engine (`npm run build:cuda`) on a machine
+# without one: when `nvcc` is not on PATH, installs NVIDIA's PyPI wheels (nvcc, headers, cuBLAS, cuRAND,
+# NVRTC, the runtime) into .cuda/ in the repository, and writes a link-time stand-in for the driver
+# library libcuda.so.1, which only comes with the NVIDIA driver. Running it again reuses what is there.
+#
+# Prints the environment to use, as lines that can be eval'd:
+#   eval "$(bash scripts/setup-cuda.sh)"
+# Progress goes to stderr.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+root=$(pwd)
+prefix=$root/.cuda
+log() { echo "setup-cuda: $*" >&2; }
+
+if command -v nvcc >/dev/null 2>&1 && [ -z "${FORCE_WHEELS:-}" ]; then
+  nvcc_dir=$(dirname "$(command -v nvcc)")
+  cuda_root=$(cd "$nvcc_dir/.." && pwd)
+  log "using the toolkit of $(command -v nvcc)"
+  echo "export CUDA_ROOT=$cuda_root"
+  exit 0
+fi
+
+# CUDA 13.0 (what the GPU machines' driver runs); cuRAND numbers its releases on its own (10.4.0 is 13.0's).
+packages=(nvidia-cuda-nvcc==13.0.* nvidia-cuda-runtime==13.0.* nvidia-cuda-cccl==13.0.* nvidia-cuda-crt==13.0.*
+  nvidia-nvvm==13.0.* nvidia-cublas==13.0.* nvidia-curand==10.4.0.* nvidia-cuda-nvrtc==13.0.*)
+site=$prefix/site
+cuda_root=$prefix/root
+if [ -x "$site/nvidia/cu13/bin/nvcc" ]; then
+  log "wheels already in $site"
+else
+  log "installing ${packages[*]} into $site"
+  python3 -m pip install --quiet --disable-pip-version-check --no-deps --target "$site" "${packages[@]}" >&2
+fi
+
+# One toolkit-shaped folder, as nvcc and cudarc's build expect: bin/ include/ lib64/ nvvm/.
+wheel=$site/nvidia/cu13
+mkdir -p "$cuda_root"
+for dir in bin include nvvm; do
+  [ -e "$cuda_root/$dir" ] || ln -s "$wheel/$dir" "$cuda_root/$dir"
+done
+mkdir -p "$cuda_root/lib64"
+for lib in "$wheel"/lib/*.so*; do
+  ln -sf "$lib" "$cuda_root/lib64/$(basename "$lib")"
+done
+# The linker looks for the unversioned names (-lcublas); the wheels ship only the sonames.
+for lib in cublas cublasLt curand nvrtc cudart; do
+  if [ ! -e "$cuda_root/lib64/lib$lib.so" ]; then
+    soname=$(cd "$cuda_root/lib64" && ls "lib$lib.so."* 2>/dev/null | sort | head -n1 || true)
+    [ -n "$soname" ] && ln -s "$soname" "$cuda_root/lib64/lib$lib.so"
+  fi
+done
+# nvcc runs its own bin/ tools (ptxas, fatbinary, cicc under nvvm/bin); the wheels do not set them executable.
+chmod +x "$wheel"/bin/* "$wheel"/nvvm/bin/* 2>/dev/null || true
+
+# libcuda.so.1 stand-in: every cu* function that cudarc declares, each returning CUDA_ERROR_STUB_LIBRARY (34),
+# so that a build linked against it fails cleanly if it is ever loaded instead of the driver's library. It must
+# define the symbols: rustc links with --as-needed, which would drop an empty library, and the addon would then
+# miss libcuda at run time. Only the link uses it (it is in lib64/stubs, never on LD_LIBRARY_PATH).
+stubs=$cuda_root/lib64/stubs
+if [ ! -e "$stubs/libcuda.so" ]; then
+  registry=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* 2>/dev/null | sort -V | tail -n1 || true)
+  if [ -z "$registry" ]; then
+    log "fetching crates to read cudarc's driver bindings"
+    cargo fetch --manifest-path "$root/Cargo.toml" >&2
+    registry=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* | sort -V | tail -n1)
+  fi
+  mkdir -p "$stubs"
+  grep -oE '^ +fn cu[A-Za-z0-9_]+\(' "$registry/src/driver/sys/mod.rs" | sed -E 's/^ +fn (cu[A-Za-z0-9_]+)\(/\1/' | sort -u \
+    | awk '{ printf "int %s(void) { return 34; }\n", $1 }' > "$stubs/libcuda-stub.c"
+  cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$stubs/libcuda.so" "$stubs/libcuda-stub.c"
+  log "wrote $stubs/libcuda.so ($(wc -l < "$stubs/libcuda-stub.c") symbols from $(basename "$registry"))"
+fi
+
+"$cuda_root/bin/nvcc" --version | tail -n 2 | head -n 1 | sed 's/^/setup-cuda: nvcc: /' >&2
+echo "export CUDA_ROOT=$cuda_root"
+echo "export PATH=$cuda_root/bin:\$PATH"
+echo "export LIBRARY_PATH=$cuda_root/lib64:$stubs\${LIBRARY_PATH:+:\$LIBRARY_PATH}"
+echo "export LD_LIBRARY_PATH=$cuda_root/lib64\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"

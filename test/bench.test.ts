@@ -1,0 +1,52 @@
+import { describe, expect, it } from 'vitest';
+import { benchDefaults, parseBenchArgs, runBench, type BenchEngine } from '../ts/bench.ts';
+import { Engine } from '../ts/engine.ts';
+
+const tiny = { n_layer: 1, n_head: 2, n_embd: 32, block_size: 16, batch_size: 2, vocab_size: 64, warmup: 1, iters: 2 };
+
+describe('bench', () => {
+  it("defaults to bench.py's GPT-2 124M shapes in bfloat16 on cuda", () => {
+    expect(parseBenchArgs([])).toEqual(benchDefaults);
+    expect(benchDefaults).toMatchObject({ batch_size: 12, block_size: 1024, n_layer: 12, n_head: 12, n_embd: 768, vocab_size: 50304, dtype: 'bfloat16' });
+    expect(parseBenchArgs(['--batch_size=4', '--real_data', '--dtype=float32', '--device=cpu'])).toMatchObject({
+      batch_size: 4,
+      real_data: true,
+      dtype: 'float32',
+      device: 'cpu',
+    });
+    expect(() => parseBenchArgs(['--batchsize=4'])).toThrow(/unknown bench argument/);
+    expect(() => parseBenchArgs(['--dtype=float64'])).toThrow(/dtype/);
+  });
+
+  it('times training steps of the CPU engine', () => {
+    const lines: string[] = [];
+    const result = runBench({ ...tiny, device: 'cpu', dtype: 'float32' }, Engine.create, (line) => lines.push(line));
+    expect(result.ms_per_iter).toBeGreaterThan(0);
+    expect(result.tokens_per_s).toBeGreaterThan(0);
+    expect(result.mfu).toBeNull();
+    expect(result.peak_mem_bytes).toBeNull();
+    expect(Number.isFinite(result.loss)).toBe(true);
+    expect(lines.some((l) => l.startsWith('time per iteration:'))).toBe(true);
+  });
+
+  it("sets the engine's precision and averages its phase times when profiling", () => {
+    const calls: string[] = [];
+    const engine: BenchEngine = {
+      numParams: () => 1000,
+      configureOptimizer: () => ({ decay_tensors: 1, decay_params: 1, no_decay_tensors: 0, no_decay_params: 0 }),
+      forwardBackward: () => 3,
+      step: () => ({ grad_norm: 1, clipped: false, update_ratios: [] }),
+      setPrecision: (dtype) => calls.push(`precision ${dtype}`),
+      synchronize: () => calls.push('sync'),
+      memoryStats: () => ({ in_use_bytes: 1, peak_bytes: 2048, free_bytes: 0, total_bytes: 4096 }),
+      setProfiling: (on) => calls.push(`profiling ${on}`),
+      phaseTimes: () => ({ data_ms: 1, forward_ms: 2, backward_ms: 4, optimizer_ms: 1 }),
+    };
+    const result = runBench({ ...tiny, device: 'cpu', profile: true }, () => engine, () => {});
+    expect(calls[0]).toBe('precision bfloat16');
+    expect(calls).toContain('profiling true');
+    expect(result.peak_mem_bytes).toBe(2048);
+    expect(result.phases).toMatchObject({ forward_ms: 2, backward_ms: 4, optimizer_ms: 1 });
+    expect(result.loss).toBe(3);
+  });
+});

@@ -1,0 +1,249 @@
+// `nanogpt-rs bench`: nanoGPT's bench.py. Times training steps of a fixed shape (GPT-2 124M, B=12, T=1024 by
+// default) on random or real tokens: burn-in steps, then timed steps; reports ms/iter, tokens/s, MFU against the
+// running GPU's peak, and peak device memory. The engine does all the work; this file only drives and times it.
+import { join } from 'node:path';
+import { BatchLoader, type Batch } from './data.ts';
+import { Engine, type ModelArgs, type OptimizerArgs, type ParamGroups, type StepStats } from './engine.ts';
+import { UserError } from './errors.ts';
+import { flopsPerIter, gpuName, peakFlops } from './mfu.ts';
+import { Rng } from './rng.ts';
+
+/** Device memory in bytes, as the engine reports it (null on the CPU). */
+export interface MemoryStats {
+  /** Held by tensors now, and at most since the device was opened (PyTorch's max_memory_allocated). */
+  in_use_bytes: number;
+  peak_bytes: number;
+  /** The whole device, every process. */
+  free_bytes: number;
+  total_bytes: number;
+}
+
+/** Milliseconds of each phase of the last step, measured up to a device synchronisation. */
+export interface PhaseTimes {
+  data_ms: number;
+  forward_ms: number;
+  backward_ms: number;
+  optimizer_ms: number;
+}
+
+/**
+ * What bench needs of an engine: the training calls of `Engine`, and the device-level calls where the engine has
+ * them (without `setPrecision` it computes in float32; without `synchronize` a step is timed until its loss is back).
+ */
+export interface BenchEngine {
+  numParams(nonEmbedding?: boolean): number;
+  configureOptimizer(args: OptimizerArgs): ParamGroups;
+  forwardBackward(x: Uint32Array, y: Int32Array, batchSize: number, lossScale?: number): number;
+  step(lr: number): StepStats;
+  setPrecision?(dtype: string): void;
+  synchronize?(): void;
+  memoryStats?(): MemoryStats | null;
+  setProfiling?(on: boolean): void;
+  phaseTimes?(): PhaseTimes | null;
+}
+
+export interface BenchOptions {
+  batch_size: number;
+  block_size: number;
+  n_layer: number;
+  n_head: number;
+  n_embd: number;
+  vocab_size: number;
+  bias: boolean;
+  /** Random batches from data/<dataset>/train.bin instead of one fixed batch of random ids. */
+  real_data: boolean;
+  dataset: string;
+  data_dir: string;
+  device: string;
+  dtype: 'float32' | 'bfloat16' | 'float16';
+  seed: number;
+  /** Burn-in steps (not timed), then timed steps: bench.py's 10 and 20. */
+  warmup: number;
+  iters: number;
+  /** Also time the phases of every timed step (synchronising between them). */
+  profile: boolean;
+}
+
+export const benchDefaults: BenchOptions = {
+  batch_size: 12,
+  block_size: 1024,
+  n_layer: 12,
+  n_head: 12,
+  n_embd: 768,
+  vocab_size: 50304,
+  bias: false,
+  real_data: false,
+  dataset: 'openwebtext',
+  data_dir: 'data',
+  device: 'cuda',
+  dtype: 'bfloat16',
+  seed: 1337,
+  warmup: 10,
+  iters: 20,
+  profile: false,
+};
+
+export interface BenchResult {
+  device: string;
+  gpu: string | null;
+  dtype: string;
+  n_params: number;
+  batch_size: number;
+  block_size: number;
+  ms_per_iter: number;
+  tokens_per_s: number;
+  tflops: number;
+  /** Against the running GPU's bf16 peak (null on a CPU or an unknown GPU). */
+  mfu: number | null;
+  warmup_s: number;
+  loss: number;
+  peak_mem_bytes: number | null;
+  /** Mean phase times over the timed steps, with `profile`; data_ms includes reading real batches. */
+  phases: PhaseTimes | null;
+}
+
+export type CreateBenchEngine = (args: ModelArgs, seed: number, device: string) => BenchEngine;
+
+/** Runs the benchmark; `log` receives bench.py's progress lines. */
+export function runBench(
+  options: Partial<BenchOptions> = {},
+  createEngine: CreateBenchEngine = Engine.create,
+  log: (line: string) => void = console.log,
+): BenchResult {
+  const o = { ...benchDefaults, ...options };
+  for (const key of ['batch_size', 'block_size', 'iters'] as const) {
+    if (!Number.isInteger(o[key]) || o[key] < 1) throw new UserError(`${key} must be a positive integer, got ${o[key]}`);
+  }
+  const args: ModelArgs = {
+    n_layer: o.n_layer,
+    n_head: o.n_head,
+    n_embd: o.n_embd,
+    block_size: o.block_size,
+    vocab_size: o.vocab_size,
+    bias: o.bias,
+    dropout: 0,
+  };
+  const engine = createEngine(args, o.seed, o.device);
+  if (engine.setPrecision) engine.setPrecision(o.dtype);
+  else if (o.dtype !== 'float32') log(`note: this engine has no setPrecision; dtype=${o.dtype} is ignored (float32)`);
+  // bench.py's optimizer: AdamW(lr 1e-4, weight decay 1e-2, betas 0.9/0.95), no clipping, no schedule.
+  engine.configureOptimizer({ weight_decay: 1e-2, beta1: 0.9, beta2: 0.95, grad_clip: 0 });
+  const lr = 1e-4;
+  const tokens = o.batch_size * o.block_size;
+
+  const nextBatch = batchSource(o);
+  const sync = () => engine.synchronize?.();
+  let loss = NaN;
+  let dataMs = 0;
+  const phases: PhaseTimes = { data_ms: 0, forward_ms: 0, backward_ms: 0, optimizer_ms: 0 };
+  const oneStep = (timed: boolean) => {
+    const t = performance.now();
+    const { x, y } = nextBatch();
+    dataMs += performance.now() - t;
+    loss = engine.forwardBackward(x, y, o.batch_size, 1);
+    engine.step(lr);
+    const p = timed ? engine.phaseTimes?.() : null;
+    if (p) for (const k of Object.keys(phases) as Array<keyof PhaseTimes>) phases[k] += p[k];
+  };
+
+  let t0 = performance.now();
+  for (let i = 0; i < o.warmup; i++) {
+    oneStep(false);
+    log(`${i + 1}/${o.warmup} loss: ${loss.toFixed(4)}`);
+  }
+  sync();
+  const warmupS = (performance.now() - t0) / 1000;
+
+  if (o.profile) engine.setProfiling?.(true);
+  dataMs = 0;
+  t0 = performance.now();
+  for (let i = 0; i < o.iters; i++) oneStep(true);
+  sync();
+  const dt = (performance.now() - t0) / 1000 / o.iters;
+  if (o.profile) engine.setProfiling?.(false);
+
+  const nParams = engine.numParams(true);
+  const flops = flopsPerIter(args, nParams, tokens);
+  const gpu = o.device.startsWith('cuda') ? gpuName() : null;
+  const peak = gpu ? peakFlops(gpu) : null;
+  const memory = engine.memoryStats?.() ?? null;
+  const profiled = o.profile && engine.phaseTimes !== undefined;
+  const result: BenchResult = {
+    device: o.device,
+    gpu,
+    dtype: engine.setPrecision ? o.dtype : 'float32',
+    n_params: nParams,
+    batch_size: o.batch_size,
+    block_size: o.block_size,
+    ms_per_iter: round(dt * 1e3, 3),
+    tokens_per_s: Math.round(tokens / dt),
+    tflops: round(flops / dt / 1e12, 2),
+    mfu: peak === null ? null : round(flops / dt / peak, 4),
+    warmup_s: round(warmupS, 2),
+    loss,
+    peak_mem_bytes: memory ? memory.peak_bytes : null,
+    phases: profiled
+      ? {
+          data_ms: round((phases.data_ms + dataMs) / o.iters, 3),
+          forward_ms: round(phases.forward_ms / o.iters, 3),
+          backward_ms: round(phases.backward_ms / o.iters, 3),
+          optimizer_ms: round(phases.optimizer_ms / o.iters, 3),
+        }
+      : null,
+  };
+  const mfu = result.mfu === null ? 'n/a' : `${(result.mfu * 100).toFixed(2)}%`;
+  log(`time per iteration: ${(dt * 1e3).toFixed(4)}ms, MFU: ${mfu}${gpu ? ` (of ${gpu}'s peak)` : ''}`);
+  log(`${result.tokens_per_s.toLocaleString('en-US')} tokens/s, ${result.tflops} TFLOP/s`);
+  if (memory) log(`peak memory: ${(memory.peak_bytes / 2 ** 30).toFixed(2)} GiB allocated, device ${((memory.total_bytes - memory.free_bytes) / 2 ** 30).toFixed(2)} of ${(memory.total_bytes / 2 ** 30).toFixed(2)} GiB in use`);
+  if (result.phases) {
+    const p = result.phases;
+    log(`per step: data ${p.data_ms} ms, forward ${p.forward_ms} ms, backward ${p.backward_ms} ms, optimizer ${p.optimizer_ms} ms`);
+  }
+  return result;
+}
+
+/** `--key=value` arguments (nanoGPT's configurator style) over the defaults; `--real_data` alone means true. */
+export function parseBenchArgs(argv: string[]): BenchOptions {
+  const options: BenchOptions = { ...benchDefaults };
+  const fields = options as unknown as Record<string, string | number | boolean>;
+  for (const arg of argv) {
+    const match = /^--([a-z_0-9]+)(?:=(.*))?$/.exec(arg);
+    if (!match || !(match[1] in benchDefaults)) {
+      throw new UserError(`unknown bench argument '${arg}'; keys: ${Object.keys(benchDefaults).join(', ')}`);
+    }
+    const [, key, text = 'true'] = match;
+    const current = fields[key];
+    if (typeof current === 'number') {
+      const n = Number(text);
+      if (!Number.isFinite(n)) throw new UserError(`--${key} expects a number, got '${text}'`);
+      fields[key] = n;
+    } else if (typeof current === 'boolean') {
+      if (!['true', 'false', 'True', 'False', '1', '0'].includes(text)) throw new UserError(`--${key} expects true or false, got '${text}'`);
+      fields[key] = ['true', 'True', '1'].includes(text);
+    } else {
+      fields[key] = text;
+    }
+  }
+  if (!['float32', 'bfloat16', 'float16'].includes(options.dtype)) {
+    throw new UserError(`--dtype must be float32, bfloat16 or float16, got '${options.dtype}'`);
+  }
+  return options;
+}
+
+/** bench.py's data: one fixed random batch reused forever, or random windows of data/<dataset>/train.bin. */
+function batchSource(o: BenchOptions): () => Batch {
+  if (o.real_data) {
+    const loader = new BatchLoader(join(o.data_dir, o.dataset), o.batch_size, o.block_size, new Rng(o.seed));
+    return () => loader.next('train');
+  }
+  const rng = new Rng(o.seed);
+  const n = o.batch_size * o.block_size;
+  const x = Uint32Array.from({ length: n }, () => rng.nextInt(o.vocab_size));
+  const y = Int32Array.from({ length: n }, () => rng.nextInt(o.vocab_size));
+  return () => ({ x, y });
+}
+
+function round(value: number, digits: number): number {
+  const f = 10 ** digits;
+  return Math.round(value * f) / f;
+}
