@@ -28,7 +28,7 @@ shared=$root/../shared
 work=$(mktemp -d "${TMPDIR:-/tmp}/nanogpt-gpu-check.XXXXXX")
 app=$work/app
 node=$work/node/bin/node
-addon=$app/native/nanogpt.linux-x64-gnu.node
+addon=$app/native/cuda/nanogpt.linux-x64-gnu.node
 
 # The driver's libcuda, the toolkit's cuBLAS/NVRTC, and cuRAND from the torch wheels, wherever this machine has them.
 for dir in /usr/local/nvidia/lib64 /usr/local/cuda-13.0/targets/x86_64-linux/lib /usr/local/cuda/lib64 \
@@ -88,17 +88,17 @@ phase correctness 150 "$app/tests/cuda" --nocapture --test-threads=1
 # ---------------------------------------------------------------- 2. throughput, 124M shapes
 shape=(--n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --batch_size=12)
 phase torch_bench 180 python3 "$shared/bench/torch_ref.py" bench "${shape[@]}"
-phase our_bench 180 "$node" "$app/dist/gpu-bench.mjs" "$addon" "${shape[@]}" --device=cuda --dtype=bfloat16
+phase our_bench 180 "$node" "$app/dist/cli.mjs" bench "${shape[@]}" --device=cuda --dtype=bfloat16
 
 # ---------------------------------------------------------------- 3. profile
-phase profile_124m 90 "$node" "$app/dist/gpu-bench.mjs" "$addon" "${shape[@]}" --device=cuda --dtype=bfloat16 \
+phase profile_124m 90 "$node" "$app/dist/cli.mjs" bench "${shape[@]}" --device=cuda --dtype=bfloat16 \
   --warmup=3 --iters=5 --profile
 mkdir -p "$work/data/shakespeare_char"
 cp "$shared/data/tinyshakespeare.txt" "$work/data/shakespeare_char/input.txt" 2>/dev/null \
   || cp "$root/data/shakespeare_char/input.txt" "$work/data/shakespeare_char/input.txt"
 phase prepare 60 "$node" "$app/dist/cli.mjs" prepare shakespeare_char --data_dir "$work/data"
 char_shape=(--n_layer=6 --n_head=6 --n_embd=384 --block_size=256 --batch_size=64 --vocab_size=65)
-phase profile_char 60 "$node" "$app/dist/gpu-bench.mjs" "$addon" "${char_shape[@]}" --real_data \
+phase profile_char 60 "$node" "$app/dist/cli.mjs" bench "${char_shape[@]}" --real_data \
   --dataset=shakespeare_char --data_dir="$work/data" --device=cuda --dtype=bfloat16 --warmup=5 --iters=20 --profile
 
 # ---------------------------------------------------------------- 4. shakespeare_char recipe

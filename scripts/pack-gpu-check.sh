@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Builds here everything bench/gpu-check.sh needs on a GPU machine that has no Node.js and no Rust, into one
 # archive, .gpu-check/payload.tar.xz (carry the .gpu-check folder with the working tree):
-#   app/native/nanogpt.linux-x64-gnu.node   the CUDA addon (scripts/build-cuda.sh)
+#   app/native/cuda/nanogpt.linux-x64-gnu.node  the CUDA addon (scripts/build-cuda.sh)
 #   app/tests/cuda                          the CUDA-vs-CPU correctness test (crates/nanogpt-core/tests/cuda.rs)
-#   app/dist/cli.mjs, app/dist/gpu-bench.mjs the CLI and the bench entry, each bundled into one file
+#   app/dist/cli.mjs                        the CLI (train, bench, prepare), bundled into one file
 #   app/configs/*.mjs                       the config files, as JavaScript (the bundle has no TypeScript loader)
 #   node/bin/node                           this machine's Node.js runtime
 # Needs: cargo, node_modules (npm ci), and the CUDA toolkit that scripts/build-cuda.sh sets up.
@@ -24,8 +24,8 @@ test_bin=$(cargo test --release -p nanogpt-core --features cuda --test cuda --no
 [ -x "$test_bin" ] || { log "no test binary found"; exit 1; }
 
 app=$stage/app
-mkdir -p "$app/native" "$app/tests" "$app/dist" "$app/configs" "$app/node_modules/tsx"
-cp native/cuda/nanogpt.linux-x64-gnu.node "$app/native/"
+mkdir -p "$app/native/cuda" "$app/tests" "$app/dist" "$app/configs" "$app/node_modules/tsx"
+cp native/cuda/nanogpt.linux-x64-gnu.node "$app/native/cuda/"
 cp "$test_bin" "$app/tests/cuda"
 cp package.json "$app/"
 # The corpus module resolves tsx's location when it loads (for its worker threads); shakespeare_char needs no worker.
@@ -33,10 +33,8 @@ cp node_modules/tsx/package.json "$app/node_modules/tsx/"
 esbuild=node_modules/.bin/esbuild
 # commander is CommonJS: the ESM bundle gets a require() for it.
 banner="import { createRequire as __createRequire } from 'node:module'; const require = __createRequire(import.meta.url);"
-for entry in ts/cli.ts bench/gpu-bench.ts; do
-  "$esbuild" "$entry" --bundle --platform=node --format=esm --target=node20 --log-level=warning \
-    --banner:js="$banner" --outfile="$app/dist/$(basename "$entry" .ts).mjs"
-done
+"$esbuild" ts/cli.ts --bundle --platform=node --format=esm --target=node20 --log-level=warning \
+  --banner:js="$banner" --outfile="$app/dist/cli.mjs"
 for config in configs/*.ts; do
   "$esbuild" "$config" --format=esm --target=node20 --log-level=warning --outfile="$app/configs/$(basename "$config" .ts).mjs"
 done

@@ -3,44 +3,16 @@
 // running GPU's peak, and peak device memory. The engine does all the work; this file only drives and times it.
 import { join } from 'node:path';
 import { BatchLoader, type Batch } from './data.ts';
-import { Engine, type ModelArgs, type OptimizerArgs, type ParamGroups, type StepStats } from './engine.ts';
+import { Engine, engineChoices, type Dtype, type EngineChoice, type ModelArgs, type PhaseTimes } from './engine.ts';
 import { UserError } from './errors.ts';
 import { flopsPerIter, gpuName, peakFlops } from './mfu.ts';
 import { Rng } from './rng.ts';
 
-/** Device memory in bytes, as the engine reports it (null on the CPU). */
-export interface MemoryStats {
-  /** Held by tensors now, and at most since the device was opened (PyTorch's max_memory_allocated). */
-  in_use_bytes: number;
-  peak_bytes: number;
-  /** The whole device, every process. */
-  free_bytes: number;
-  total_bytes: number;
-}
-
-/** Milliseconds of each phase of the last step, measured up to a device synchronisation. */
-export interface PhaseTimes {
-  data_ms: number;
-  forward_ms: number;
-  backward_ms: number;
-  optimizer_ms: number;
-}
-
-/**
- * What bench needs of an engine: the training calls of `Engine`, and the device-level calls where the engine has
- * them (without `setPrecision` it computes in float32; without `synchronize` a step is timed until its loss is back).
- */
-export interface BenchEngine {
-  numParams(nonEmbedding?: boolean): number;
-  configureOptimizer(args: OptimizerArgs): ParamGroups;
-  forwardBackward(x: Uint32Array, y: Int32Array, batchSize: number, lossScale?: number): number;
-  step(lr: number): StepStats;
-  setPrecision?(dtype: string): void;
-  synchronize?(): void;
-  memoryStats?(): MemoryStats | null;
-  setProfiling?(on: boolean): void;
-  phaseTimes?(): PhaseTimes | null;
-}
+/** What bench needs of an engine (an `Engine`, or a stand-in in tests). */
+export type BenchEngine = Pick<
+  Engine,
+  'numParams' | 'configureOptimizer' | 'forwardBackward' | 'step' | 'setPrecision' | 'synchronize' | 'memoryStats' | 'setProfiling' | 'phaseTimes'
+>;
 
 export interface BenchOptions {
   batch_size: number;
@@ -55,7 +27,9 @@ export interface BenchOptions {
   dataset: string;
   data_dir: string;
   device: string;
-  dtype: 'float32' | 'bfloat16' | 'float16';
+  /** Which engine build runs it (see `--engine` of train). */
+  engine: EngineChoice;
+  dtype: Dtype;
   seed: number;
   /** Burn-in steps (not timed), then timed steps: bench.py's 10 and 20. */
   warmup: number;
@@ -76,6 +50,7 @@ export const benchDefaults: BenchOptions = {
   dataset: 'openwebtext',
   data_dir: 'data',
   device: 'cuda',
+  engine: 'auto',
   dtype: 'bfloat16',
   seed: 1337,
   warmup: 10,
@@ -102,7 +77,7 @@ export interface BenchResult {
   phases: PhaseTimes | null;
 }
 
-export type CreateBenchEngine = (args: ModelArgs, seed: number, device: string) => BenchEngine;
+export type CreateBenchEngine = (args: ModelArgs, seed: number, device: string, engine: EngineChoice) => BenchEngine;
 
 /** Runs the benchmark; `log` receives bench.py's progress lines. */
 export function runBench(
@@ -123,16 +98,15 @@ export function runBench(
     bias: o.bias,
     dropout: 0,
   };
-  const engine = createEngine(args, o.seed, o.device);
-  if (engine.setPrecision) engine.setPrecision(o.dtype);
-  else if (o.dtype !== 'float32') log(`note: this engine has no setPrecision; dtype=${o.dtype} is ignored (float32)`);
+  const engine = createEngine(args, o.seed, o.device, o.engine);
+  engine.setPrecision(o.dtype);
   // bench.py's optimizer: AdamW(lr 1e-4, weight decay 1e-2, betas 0.9/0.95), no clipping, no schedule.
   engine.configureOptimizer({ weight_decay: 1e-2, beta1: 0.9, beta2: 0.95, grad_clip: 0 });
   const lr = 1e-4;
   const tokens = o.batch_size * o.block_size;
 
   const nextBatch = batchSource(o);
-  const sync = () => engine.synchronize?.();
+  const sync = () => engine.synchronize();
   let loss = NaN;
   let dataMs = 0;
   const phases: PhaseTimes = { data_ms: 0, forward_ms: 0, backward_ms: 0, optimizer_ms: 0 };
@@ -142,7 +116,7 @@ export function runBench(
     dataMs += performance.now() - t;
     loss = engine.forwardBackward(x, y, o.batch_size, 1);
     engine.step(lr);
-    const p = timed ? engine.phaseTimes?.() : null;
+    const p = timed ? engine.phaseTimes() : null;
     if (p) for (const k of Object.keys(phases) as Array<keyof PhaseTimes>) phases[k] += p[k];
   };
 
@@ -154,24 +128,23 @@ export function runBench(
   sync();
   const warmupS = (performance.now() - t0) / 1000;
 
-  if (o.profile) engine.setProfiling?.(true);
+  if (o.profile) engine.setProfiling(true);
   dataMs = 0;
   t0 = performance.now();
   for (let i = 0; i < o.iters; i++) oneStep(true);
   sync();
   const dt = (performance.now() - t0) / 1000 / o.iters;
-  if (o.profile) engine.setProfiling?.(false);
+  if (o.profile) engine.setProfiling(false);
 
   const nParams = engine.numParams(true);
   const flops = flopsPerIter(args, nParams, tokens);
   const gpu = o.device.startsWith('cuda') ? gpuName() : null;
   const peak = gpu ? peakFlops(gpu) : null;
-  const memory = engine.memoryStats?.() ?? null;
-  const profiled = o.profile && engine.phaseTimes !== undefined;
+  const memory = engine.memoryStats();
   const result: BenchResult = {
     device: o.device,
     gpu,
-    dtype: engine.setPrecision ? o.dtype : 'float32',
+    dtype: o.dtype,
     n_params: nParams,
     batch_size: o.batch_size,
     block_size: o.block_size,
@@ -182,7 +155,7 @@ export function runBench(
     warmup_s: round(warmupS, 2),
     loss,
     peak_mem_bytes: memory ? memory.peak_bytes : null,
-    phases: profiled
+    phases: o.profile
       ? {
           data_ms: round((phases.data_ms + dataMs) / o.iters, 3),
           forward_ms: round(phases.forward_ms / o.iters, 3),
@@ -226,6 +199,9 @@ export function parseBenchArgs(argv: string[]): BenchOptions {
   }
   if (!['float32', 'bfloat16', 'float16'].includes(options.dtype)) {
     throw new UserError(`--dtype must be float32, bfloat16 or float16, got '${options.dtype}'`);
+  }
+  if (!(engineChoices as readonly string[]).includes(options.engine)) {
+    throw new UserError(`--engine must be one of ${engineChoices.join(', ')}, got '${options.engine}'`);
   }
   return options;
 }

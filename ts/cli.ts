@@ -2,6 +2,7 @@
 // configurator, so they read exactly like nanoGPT's (`train configs/x.ts --batch_size=32`).
 import { readFileSync } from 'node:fs';
 import { Command, Option } from 'commander';
+import { benchDefaults, parseBenchArgs, runBench } from './bench.ts';
 import { describeKeys, parseArgs, sampleSchema, trainSchema } from './config.ts';
 import { defaultSeed, defaultValFraction, prepareCorpus, prepareOpenWebText } from './corpus.ts';
 import { prepare } from './data.ts';
@@ -80,6 +81,17 @@ program
   .addHelpText('after', `\nConfig keys:\n${describeKeys(sampleSchema)}`)
   .action(async (args: string[]) => {
     await sample(await parseArgs(sampleSchema, args));
+  });
+
+program
+  .command('bench')
+  .description("time training steps like nanoGPT's bench.py: ms/iter, tokens/s, MFU, peak memory (GPT-2 124M, bf16, cuda by default)")
+  .argument('[overrides...]', `--key=value overrides of: ${Object.keys(benchDefaults).join(', ')}`)
+  .allowUnknownOption()
+  .action((args: string[]) => {
+    const options = parseBenchArgs(args);
+    console.log(`bench: ${JSON.stringify(options)}`);
+    console.log(`RESULT ${JSON.stringify(runBench(options))}`);
   });
 
 program

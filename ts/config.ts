@@ -4,7 +4,7 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
-import { engineChoices } from './engine.ts';
+import { defaultDevice, engineChoices } from './engine.ts';
 import { firstLine, UserError } from './errors.ts';
 
 type Kind = 'int' | 'float' | 'bool' | 'str';
@@ -67,9 +67,9 @@ export const trainSchema = {
   lr_decay_iters: int(600000, 'iteration where the learning rate reaches min_lr'),
   min_lr: float(6e-5, 'floor of the learning rate'),
   backend: str('nccl', 'DDP backend (no effect: nanogpt-rs trains on one device)'),
-  device: str('cpu', "'cpu', or 'cuda' / 'cuda:N' where the engine was built with CUDA"),
+  device: str(defaultDevice(), "'cpu', or 'cuda' / 'cuda:N' (the default where a GPU and the CUDA build are present)"),
   engine: str('auto', "engine build: 'wasm' (portable, cpu), 'native' (napi addon), 'auto' = wasm on cpu, native otherwise", engineChoices),
-  dtype: str('float32', 'float32, bfloat16 or float16 (the cpu engine computes in float32)', dtypes),
+  dtype: str('bfloat16', 'compute precision on a GPU: float32 (TF32 matmuls), bfloat16 or float16 (loss-scaled); cpu computes in float32', dtypes),
   compile: bool(true, 'torch.compile in nanoGPT (no effect here)'),
   seed: int(1337, 'seeds model initialisation and batch sampling'),
   data_dir: str('data', 'folder holding the prepared datasets'),
@@ -85,9 +85,9 @@ export const sampleSchema = {
   temperature: float(0.8, '< 1 is more conservative, > 1 more random; must be > 0'),
   top_k: int(200, 'sample only among the k most likely tokens; 0 = all'),
   seed: int(1337, 'seeds the sampling'),
-  device: str('cpu', "'cpu', or 'cuda' / 'cuda:N' where the engine was built with CUDA"),
+  device: str(defaultDevice(), "'cpu', or 'cuda' / 'cuda:N' (the default where a GPU and the CUDA build are present)"),
   engine: str('auto', "engine build: 'wasm' (portable, cpu), 'native' (napi addon), 'auto' = wasm on cpu, native otherwise", engineChoices),
-  dtype: str('float32', 'float32, bfloat16 or float16 (the cpu engine computes in float32)', dtypes),
+  dtype: str('bfloat16', 'compute precision on a GPU: float32, bfloat16 or float16; cpu computes in float32', dtypes),
   compile: bool(false, 'torch.compile in nanoGPT (no effect here)'),
   data_dir: str('data', "folder holding the prepared datasets (for the vocabulary in meta.json; without one, GPT-2's)"),
 } satisfies Schema;

@@ -7,7 +7,7 @@ import { availableParallelism } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
-import { UserError } from './errors.ts';
+import { firstLine, UserError } from './errors.ts';
 
 /** The architecture of a model: what a checkpoint records as `model_args`. */
 export interface ModelArgs {
@@ -63,6 +63,27 @@ export interface MemoryEstimate {
   total: number;
 }
 
+/** Device memory in bytes, as the engine reports it (null on the CPU). */
+export interface MemoryStats {
+  /** Held by tensors now, and at most since the device was opened (PyTorch's max_memory_allocated). */
+  in_use_bytes: number;
+  peak_bytes: number;
+  /** The whole device, every process. */
+  free_bytes: number;
+  total_bytes: number;
+}
+
+/** Milliseconds of each phase of the last step, measured up to a device synchronisation. */
+export interface PhaseTimes {
+  data_ms: number;
+  forward_ms: number;
+  backward_ms: number;
+  optimizer_ms: number;
+}
+
+/** The compute precisions of nanoGPT's `dtype` key. */
+export type Dtype = 'float32' | 'bfloat16' | 'float16';
+
 /** Which build of the Rust engine runs a model: the WebAssembly one (CPU, portable) or the napi addon. */
 export type EngineKind = 'wasm' | 'native';
 /** `auto` picks wasm for the cpu device and the native addon otherwise. */
@@ -85,6 +106,11 @@ interface BindingGpt {
   saveGradientsFile(path: string): void;
   exportHfFile(path: string): void;
   hfConfig(): string;
+  setPrecision(dtype: string): void;
+  synchronize(): void;
+  memoryStats(): string;
+  setProfiling(on: boolean): void;
+  phaseTimes(): string;
 }
 
 interface Binding {
@@ -135,22 +161,43 @@ interface WasmModule {
 export const wasmMemoryLimit = 4 * 2 ** 30 - 64 * 2 ** 20;
 
 const packageRoot = join(dirname(fileURLToPath(import.meta.url)), '..');
-const bindings: Partial<Record<EngineKind, Binding>> = {};
+/** Loaded builds: the WebAssembly module, the CPU addon and the CUDA addon. */
+const bindings = new Map<'wasm' | 'native' | 'cuda', Binding>();
 
-function loadBinding(kind: EngineKind): Binding {
-  bindings[kind] ??= kind === 'wasm' ? loadWasm() : loadNative();
-  return bindings[kind];
+/** The build for `kind`; the native kind has a CPU addon and a CUDA addon, chosen by `device`. */
+function loadBinding(kind: EngineKind, device = 'cpu'): Binding {
+  const build = kind === 'wasm' ? 'wasm' : device.startsWith('cuda') ? 'cuda' : 'native';
+  let binding = bindings.get(build);
+  if (!binding) {
+    binding = build === 'wasm' ? loadWasm() : loadNative(build === 'cuda');
+    bindings.set(build, binding);
+  }
+  return binding;
 }
 
-function loadNative(): Binding {
-  const dir = join(packageRoot, 'native');
+/**
+ * The napi addon: native/ holds the CPU build, native/cuda/ the CUDA build (a separate file, because a CUDA build
+ * cannot even be loaded where the NVIDIA driver is missing).
+ */
+function loadNative(cuda: boolean): Binding {
+  const dir = join(packageRoot, 'native', ...(cuda ? ['cuda'] : []));
   const file = existsSync(dir) ? readdirSync(dir).find((f) => f.endsWith('.node')) : undefined;
   if (!file) {
     throw new UserError(
-      `the native engine is not built (no .node file in ${dir}); run \`npm run build:native\` (needs cargo), or use --engine=wasm on cpu`,
+      cuda
+        ? `the CUDA engine is not built (no .node file in ${dir}); run \`npm run build:cuda\` (needs cargo; it installs a CUDA toolkit from PyPI when nvcc is missing)`
+        : `the native engine is not built (no .node file in ${dir}); run \`npm run build:native\` (needs cargo), or use --engine=wasm on cpu`,
     );
   }
-  const native = createRequire(import.meta.url)(join(dir, file)) as NativeModule;
+  let native: NativeModule;
+  try {
+    native = createRequire(import.meta.url)(join(dir, file)) as NativeModule;
+  } catch (err) {
+    if (!cuda) throw err;
+    throw new UserError(
+      `cannot load the CUDA engine (${firstLine(err)}); it needs the NVIDIA driver (libcuda.so.1) and CUDA 13 cuBLAS, cuRAND and NVRTC on LD_LIBRARY_PATH`,
+    );
+  }
   return {
     kind: 'native',
     create: (args, seed, device) => native.Gpt.create(args, seed, device),
@@ -234,6 +281,18 @@ class WasmFiles implements BindingGpt {
   saveGradientsFile = (path: string) => writeFileSync(path, this.gpt.saveGradients());
   exportHfFile = (path: string) => writeFileSync(path, this.gpt.exportHf());
   hfConfig = () => this.gpt.hfConfig();
+  setPrecision = (dtype: string) => this.gpt.setPrecision(dtype);
+  synchronize = () => this.gpt.synchronize();
+  memoryStats = () => this.gpt.memoryStats();
+  setProfiling = (on: boolean) => this.gpt.setProfiling(on);
+  phaseTimes = () => this.gpt.phaseTimes();
+}
+
+/** nanoGPT trains on 'cuda' by default; here that needs the CUDA build and an NVIDIA GPU, else 'cpu'. */
+export function defaultDevice(): string {
+  const cudaDir = join(packageRoot, 'native', 'cuda');
+  const cudaBuilt = existsSync(cudaDir) && readdirSync(cudaDir).some((f) => f.endsWith('.node'));
+  return cudaBuilt && existsSync('/dev/nvidia0') ? 'cuda' : 'cpu';
 }
 
 /** The engine build that runs `device` under the user's `choice`. */
@@ -256,7 +315,7 @@ export class Engine {
   ) {}
 
   private static in(device: string, choice: EngineChoice, make: (binding: Binding) => BindingGpt): Engine {
-    const binding = loadBinding(resolveEngine(device, choice));
+    const binding = loadBinding(resolveEngine(device, choice), device);
     return new Engine(make(binding), binding.kind);
   }
 
@@ -372,6 +431,34 @@ export class Engine {
     this.gpt.saveGradientsFile(path);
   }
 
+  /**
+   * nanoGPT's `dtype`: float32 (TF32 matmuls on a GPU), or on a GPU bfloat16 / float16 compute with f32 master
+   * weights and optimizer state (float16 with dynamic loss scaling). The CPU engines compute in float32 only.
+   */
+  setPrecision(dtype: Dtype): void {
+    this.gpt.setPrecision(dtype);
+  }
+
+  /** Waits for the device to finish queued work (for timing; a no-op on the CPU). */
+  synchronize(): void {
+    this.gpt.synchronize();
+  }
+
+  /** Device memory now and at its peak (null on the CPU). */
+  memoryStats(): MemoryStats | null {
+    return JSON.parse(this.gpt.memoryStats()) as MemoryStats | null;
+  }
+
+  /** Times each phase of every step (synchronising between them on a GPU), read back with `phaseTimes`. */
+  setProfiling(on: boolean): void {
+    this.gpt.setProfiling(on);
+  }
+
+  /** The phases of the last step, when profiling. */
+  phaseTimes(): PhaseTimes | null {
+    return JSON.parse(this.gpt.phaseTimes()) as PhaseTimes | null;
+  }
+
   /** Writes the AdamW state (moments and step) to a safetensors file. */
   saveOptimizerFile(path: string): void {
     this.gpt.saveOptimizerFile(path);
@@ -381,7 +468,7 @@ export class Engine {
 /** A binding for engine-independent calls: one already loaded, else whichever build is present. */
 function anyBinding(preferred?: EngineKind): Binding {
   if (preferred) return loadBinding(preferred);
-  const loaded = bindings.wasm ?? bindings.native;
+  const loaded = bindings.values().next().value;
   if (loaded) return loaded;
   try {
     return loadBinding('wasm');

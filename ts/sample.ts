@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import { loadWithEngine, readCheckpointInfo, weightsPath } from './checkpoint.ts';
 import { noEffectNotes, resolveConfig, sampleSchema, type SampleConfig } from './config.ts';
 import { CharTokenizer, readMeta, type Meta } from './data.ts';
-import { Engine, type EngineChoice } from './engine.ts';
+import { Engine, type Dtype, type EngineChoice } from './engine.ts';
 import { firstLine, UserError } from './errors.ts';
 import { loadHfModel } from './pretrained.ts';
 import { Rng } from './rng.ts';
@@ -33,6 +33,7 @@ export async function sample(overrides: Partial<SampleConfig> = {}): Promise<str
     engine = await loadHfModel(config.init_from, 0, config.device, config.engine as EngineChoice);
   }
 
+  if (config.device !== 'cpu') engine.setPrecision(config.dtype as Dtype);
   engine.checkMemory(1, 'sample');
 
   // As sample.py: a character vocabulary only where the checkpoint's dataset has one, GPT-2's otherwise.

@@ -11,7 +11,7 @@ import {
 } from './checkpoint.ts';
 import { noEffectNotes, resolveConfig, trainSchema, type TrainConfig } from './config.ts';
 import { BatchLoader, readMeta } from './data.ts';
-import { Engine, lrAt, type EngineChoice, type ModelArgs } from './engine.ts';
+import { Engine, lrAt, type Dtype, type EngineChoice, type ModelArgs } from './engine.ts';
 import { firstLine, UserError } from './errors.ts';
 import { gpt2Models, loadHfModel } from './pretrained.ts';
 import { formatMfu, flopsPerIter, gpuName, MfuMeter, peakFlops } from './mfu.ts';
@@ -90,6 +90,8 @@ export async function train(overrides: Partial<TrainConfig> = {}): Promise<Train
       throw new UserError(`block_size ${config.block_size} exceeds the model's ${modelArgs.block_size} positions; use --block_size=${modelArgs.block_size} or less`);
     }
     console.log(`number of parameters: ${(engine.numParams(true) / 1e6).toFixed(2)}M`);
+    // The CPU engines compute in float32 whatever dtype says (noEffectNotes says so where the user set it).
+    if (config.device !== 'cpu') engine.setPrecision(config.dtype as Dtype);
     engine.checkMemory(config.batch_size, 'train');
     console.log(`engine: ${engine.kind} on ${config.device}`);
 

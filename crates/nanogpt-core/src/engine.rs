@@ -179,8 +179,12 @@ impl Engine {
 
     /// Turns per-phase timing on or off. On a GPU it synchronises between phases, which costs a
     /// little throughput.
-    pub fn set_profiling(&mut self, on: bool) {
+    pub fn set_profiling(&mut self, on: bool) -> Result<()> {
+        if on && cfg!(target_arch = "wasm32") {
+            candle_core::bail!("phase timing needs a clock, which the WebAssembly engine does not have; profile with --engine=native");
+        }
         self.profile = on.then(PhaseTimes::default);
+        Ok(())
     }
 
     /// The phase times of the last micro-step and optimizer step, when profiling.
@@ -188,11 +192,14 @@ impl Engine {
         self.profile.as_ref()
     }
 
+    /// Now, when profiling (wasm32 has no clock to read otherwise).
+    fn mark(&self) -> Option<std::time::Instant> {
+        self.profile.is_some().then(std::time::Instant::now)
+    }
+
     /// Milliseconds since `start`, after the device has caught up; None (and no wait) when not profiling.
-    fn lap(&self, start: std::time::Instant) -> Result<Option<f64>> {
-        if self.profile.is_none() {
-            return Ok(None);
-        }
+    fn lap(&self, start: Option<std::time::Instant>) -> Result<Option<f64>> {
+        let Some(start) = start else { return Ok(None) };
         self.synchronize()?;
         Ok(Some(start.elapsed().as_secs_f64() * 1e3))
     }
@@ -257,13 +264,13 @@ impl Engine {
     /// Forward and backward on one micro-batch; adds `loss_scale` times the gradient to the
     /// accumulated gradients and returns the (unscaled) mean loss.
     pub fn forward_backward(&mut self, x: &[u32], y: &[i32], batch_size: usize, loss_scale: f64) -> Result<f32> {
-        let start = std::time::Instant::now();
+        let start = self.mark();
         let (x, y) = self.batch(x, y, batch_size)?;
         let data_ms = self.lap(start)?;
-        let start = std::time::Instant::now();
+        let start = self.mark();
         let loss = self.model.loss(&x, &y, &mut Mode::Train(&mut self.rng))?;
         let forward_ms = self.lap(start)?;
-        let start = std::time::Instant::now();
+        let start = self.mark();
         // Scaling the loss scales every gradient, at the cost of one scalar op.
         let loss_scale = loss_scale * self.loss_scale();
         let scaled = if loss_scale == 1.0 { loss.clone() } else { loss.affine(loss_scale, 0.0)? };
@@ -288,7 +295,7 @@ impl Engine {
 
     /// Applies the accumulated gradients (clipped if configured) at learning rate `lr`, then clears them.
     pub fn step(&mut self, lr: f64) -> Result<StepStats> {
-        let start = std::time::Instant::now();
+        let start = self.mark();
         let grads = self
             .grads
             .take()

@@ -97,8 +97,8 @@ impl Gpt {
     }
 
     #[napi]
-    pub fn set_profiling(&mut self, on: bool) {
-        self.engine.set_profiling(on)
+    pub fn set_profiling(&mut self, on: bool) -> Result<()> {
+        self.engine.set_profiling(on).map_err(js_error)
     }
 
     /// JSON of the last step's phase times, `null` when not profiling.

@@ -83,6 +83,33 @@ impl Gpt {
         to_json(&self.engine.step(lr).map_err(js_error)?)
     }
 
+    /// float32 only: the CPU engine computes in f32 (the call exists so both bindings take the same calls).
+    #[wasm_bindgen(js_name = setPrecision)]
+    pub fn set_precision(&mut self, dtype: &str) -> Result<(), JsError> {
+        self.engine.set_precision(dtype).map_err(js_error)
+    }
+
+    pub fn synchronize(&self) -> Result<(), JsError> {
+        self.engine.synchronize().map_err(js_error)
+    }
+
+    /// JSON of the device memory figures: `null`, as on every CPU.
+    #[wasm_bindgen(js_name = memoryStats)]
+    pub fn memory_stats(&self) -> Result<String, JsError> {
+        to_json(&self.engine.memory_stats().map_err(js_error)?)
+    }
+
+    #[wasm_bindgen(js_name = setProfiling)]
+    pub fn set_profiling(&mut self, on: bool) -> Result<(), JsError> {
+        self.engine.set_profiling(on).map_err(js_error)
+    }
+
+    /// JSON of the last step's phase times, `null` when not profiling.
+    #[wasm_bindgen(js_name = phaseTimes)]
+    pub fn phase_times(&self) -> Result<String, JsError> {
+        to_json(&self.engine.phase_times())
+    }
+
     #[wasm_bindgen(js_name = evalLoss)]
     pub fn eval_loss(&self, x: &[u32], y: &[i32], batch_size: u32) -> Result<f64, JsError> {
         Ok(self.engine.eval_loss(x, y, batch_size as usize).map_err(js_error)? as f64)
