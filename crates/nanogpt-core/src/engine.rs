@@ -257,7 +257,9 @@ impl Engine {
         }
         let device = self.model.device();
         let x = Tensor::from_slice(x, (batch_size, t), device)?;
-        let y = Tensor::from_slice(y, (batch_size, t), device)?.to_dtype(DType::I64)?;
+        // Widened on the host: candle's CUDA backend has no i32 -> i64 cast.
+        let y: Vec<i64> = y.iter().map(|&v| v as i64).collect();
+        let y = Tensor::from_vec(y, (batch_size, t), device)?;
         Ok((x, y))
     }
 

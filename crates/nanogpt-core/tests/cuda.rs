@@ -35,7 +35,8 @@ fn batch(args: &ModelArgs, b: usize, seed: u64) -> (Vec<u32>, Vec<i32>) {
 
 fn tensors(x: &[u32], y: &[i32], b: usize, device: &Device) -> Result<(Tensor, Tensor)> {
     let t = x.len() / b;
-    Ok((Tensor::from_slice(x, (b, t), device)?, Tensor::from_slice(y, (b, t), device)?.to_dtype(DType::I64)?))
+    let y: Vec<i64> = y.iter().map(|&v| v as i64).collect();
+    Ok((Tensor::from_slice(x, (b, t), device)?, Tensor::from_vec(y, (b, t), device)?))
 }
 
 /// ‖a − b‖ / ‖b‖, computed on the CPU in f32.
