@@ -141,7 +141,5 @@ printf '%-34s %14s %14s %8s\n' "124M bench ms/iter" "$(result torch_bench ms_per
 printf '%-34s %14s %14s %8s\n' "124M bench peak memory GiB" "$(result torch_bench peak_mem_gb)" "$(gib "$(result our_bench peak_mem_bytes)")" ""
 printf '%-34s %14s %14s %8s\n' "char recipe ($train_iters it) best val" "${t_best:-n/a}" "${ours_best:-n/a}" ""
 printf '%-34s %14s %14s %8s\n' "char recipe wall s" "${t_wall:-n/a}" "$ours_wall" "$(ratio "${ours_wall% *}" "$t_wall")"
-grep -q 'setPrecision' "$app/dist/cli.mjs" 2>/dev/null \
-  || echo "(our train computes in float32 with TF32: this CLI build does not pass --dtype to the engine yet; torch_ref.py uses bf16 autocast)"
 [ -n "$ours_last_iter" ] && echo "(our train reached iter $ours_last_iter of $train_iters; torch's wall time excludes start-up, ours includes it)"
 exit 0

@@ -50,6 +50,8 @@ export interface StepStats {
   /** Global L2 norm of the accumulated gradients, before clipping. */
   grad_norm: number;
   clipped: boolean;
+  /** float16 only: the gradients overflowed at the current loss scale, so the step was not applied. */
+  skipped: boolean;
   /** ‖Δp‖/‖p‖ of this step for every parameter tensor, by name (a network-health figure). */
   update_ratios: Array<[string, number]>;
 }
