@@ -60,13 +60,19 @@ cleanup() { if [ "${KEEP:-0}" != 1 ]; then rm -rf "$out_dir"-*; fi; }
 trap cleanup EXIT
 
 section() { printf '\n==== %s ====\n' "$*"; }
-# Timings only compare when nothing else competes for the cores (PyTorch's threads suffer most from sharing).
+# Timings only compare when nothing else competes for the cores (PyTorch's threads suffer most from sharing). The
+# cores' busy fraction over two seconds right before a run tells (the load average would still count the run before).
 busy=''
 check_load() {
-  local load
-  load=$(cut -d' ' -f1 /proc/loadavg 2>/dev/null || echo 0)
-  echo "load:  $load (1-minute average before this run)"
-  if awk -v l="$load" 'BEGIN { exit !(l > 0.5) }'; then busy="$busy $1 (load $load)"; fi
+  local before after
+  before=$(awk '/^cpu / { print $2 + $3 + $4 + $6 + $7 + $8, $5 }' /proc/stat 2>/dev/null || echo '0 0')
+  sleep 2
+  after=$(awk '/^cpu / { print $2 + $3 + $4 + $6 + $7 + $8, $5 }' /proc/stat 2>/dev/null || echo '0 0')
+  local used
+  used=$(awk -v b="$before" -v a="$after" 'BEGIN { split(b, x, " "); split(a, y, " "); t = (y[1] - x[1]) + (y[2] - x[2]);
+    printf "%.0f", (t > 0 ? 100 * (y[1] - x[1]) / t : 0) }')
+  echo "cores busy: ${used}% (over the 2 s before this run)"
+  if (( used > 20 )); then busy="$busy $1 (${used}% busy)"; fi
 }
 
 section "machine"
