@@ -78,4 +78,5 @@ printf '{ "type": "commonjs" }\n' >"$out/package.json"
 # The browser glue fetches nanogpt_bg.wasm next to itself by default; point it at the one shared copy.
 sed 's|nanogpt_bg\.wasm|../nanogpt_bg.wasm|' "$CARGO_TARGET_DIR/bindgen/web/nanogpt.js" >"$out/web/nanogpt.js"
 cp "$CARGO_TARGET_DIR/bindgen/web/nanogpt.d.ts" "$out/web/"
+printf '{ "type": "module" }\n' >"$out/web/package.json"
 say "wrote $out/ ($(du -h "$out/nanogpt_bg.wasm" | cut -f1) of wasm)"

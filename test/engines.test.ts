@@ -1,8 +1,9 @@
 // The engine API run against both builds of the Rust engine: the napi addon and the WebAssembly module. Both must
 // be built (`npm run build:native`, `npm run build:wasm`); a missing one fails these tests rather than skipping.
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { afterAll, describe, expect, it } from 'vitest';
 import { Engine, type EngineKind, type ModelArgs } from '../ts/engine.ts';
 import { Rng } from '../ts/rng.ts';
@@ -64,6 +65,17 @@ describe('both engines', () => {
     const samples = kinds.map((other) => Array.from(Engine.create(args, 21, 'cpu', other).generate(Uint32Array.from([1, 2, 3]), 20, 0.8, 10, 5)));
     expect(samples[0]).toHaveLength(23);
     expect(samples[1]).toEqual(samples[0]);
+  });
+
+  it("load in a browser's way too: the ES module glue over the same .wasm samples the same tokens", async () => {
+    const web = (await import(fileURLToPath(new URL('../wasm/web/nanogpt.js', import.meta.url)))) as {
+      initSync(options: { module: Uint8Array }): void;
+      Gpt: { create(argsJson: string, seed: number): { generate(...a: [Uint32Array, number, number, number, number]): Uint32Array } };
+    };
+    web.initSync({ module: readFileSync(fileURLToPath(new URL('../wasm/nanogpt_bg.wasm', import.meta.url))) });
+    const prompt = Uint32Array.from([1, 2, 3]);
+    const fromWeb = web.Gpt.create(JSON.stringify(args), 21).generate(prompt, 20, 0.8, 10, 5);
+    expect(Array.from(fromWeb)).toEqual(Array.from(Engine.create(args, 21, 'cpu', 'wasm').generate(prompt, 20, 0.8, 10, 5)));
   });
 
   for (const [writer, reader] of [kinds, [...kinds].reverse()]) {
