@@ -67,6 +67,12 @@ describe('both engines', () => {
     expect(samples[1]).toEqual(samples[0]);
   });
 
+  it('are chosen by device and --engine, with one-line errors for what cannot run', () => {
+    expect(Engine.create(args, 1).kind).toBe('wasm');
+    expect(Engine.create(args, 1, 'cpu', 'native').kind).toBe('native');
+    expect(() => Engine.create(args, 1, 'cuda', 'wasm')).toThrow(/^the WebAssembly engine runs on the cpu only; use --device=cpu, or --engine=native/);
+  });
+
   it("load in a browser's way too: the ES module glue over the same .wasm samples the same tokens", async () => {
     const web = (await import(fileURLToPath(new URL('../wasm/web/nanogpt.js', import.meta.url)))) as {
       initSync(options: { module: Uint8Array }): void;

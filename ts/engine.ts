@@ -228,15 +228,12 @@ function loadWasm(): Binding {
   wasm.initSync?.();
   const threads = wasmThreads();
   if (wasm.startThreads && threads > 1) wasm.startThreads(threads);
-  const onCpu = (device: string) => {
-    if (device !== 'cpu') throw new UserError(`the WebAssembly engine runs on the cpu only; use --device=cpu, or --engine=native for --device=${device}`);
-  };
+  // `resolveEngine` sends only the cpu device here.
   return {
     kind: 'wasm',
-    create: (args, seed, device) => (onCpu(device), new WasmFiles(wasm.Gpt.create(args, seed))),
-    fromSafetensorsFile: (args, path, device) => (onCpu(device), new WasmFiles(wasm.Gpt.fromSafetensors(args, readForWasm(path)))),
-    fromHfGpt2File: (config, path, dropout, device) =>
-      (onCpu(device), new WasmFiles(wasm.Gpt.fromHfGpt2(config, readForWasm(path), dropout))),
+    create: (args, seed) => new WasmFiles(wasm.Gpt.create(args, seed)),
+    fromSafetensorsFile: (args, path) => new WasmFiles(wasm.Gpt.fromSafetensors(args, readForWasm(path))),
+    fromHfGpt2File: (config, path, dropout) => new WasmFiles(wasm.Gpt.fromHfGpt2(config, readForWasm(path), dropout)),
     lrAt: (iter, schedule) => wasm.lrAt(iter, schedule),
     estimateMemory: (args, batchSize, training) => wasm.estimateMemory(args, batchSize, training),
   };
