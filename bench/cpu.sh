@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
-# nanoGPT's README CPU recipe, run with this engine and with the PyTorch reference (../shared/bench/torch_ref.py)
+# nanoGPT's README CPU recipe, run with this engine and with the PyTorch reference (bench/torch_ref.py)
 # on the same machine, one after the other: the WebAssembly engine, the native (napi) engine and PyTorch. Prints each
 # training wall time, its ratio to PyTorch's and each val loss.
 #
 # Usage: bash bench/cpu.sh [--iters=N] [--engines=wasm,native]
 #   --iters=N         (or MAX_ITERS=N) default 2000, the recipe's length
 #   --engines=LIST    engine builds to time, in order (default: wasm,native)
-#   SHARED_DIR=<dir>  where torch_ref.py lives (default: ../shared beside the repository)
 #   KEEP=1            keep the checkpoint directory as well as the logs
 #
 # Both sides time the training loop (evaluations included) and leave out start-up: torch_ref.py reports the time
@@ -44,11 +43,8 @@ for engine in "${engines[@]}"; do
   esac
 done
 
-shared=${SHARED_DIR:-$root/../shared}
-if [ -d "$shared" ]; then shared=$(cd "$shared" && pwd); fi
-torch_ref=$shared/bench/torch_ref.py
+torch_ref=$root/bench/torch_ref.py
 text=$root/data/shakespeare_char/input.txt
-[ -f "$shared/data/tinyshakespeare.txt" ] && text=$shared/data/tinyshakespeare.txt
 
 # The same model and recipe on both sides.
 shape=(--eval_iters=20 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128
@@ -97,7 +93,7 @@ ref_ok=0
 ref_wall='' ref_val='' ref_why=''
 section "reference: torch_ref.py (PyTorch)"
 if [ ! -f "$torch_ref" ]; then
-  ref_why="$torch_ref not found (set SHARED_DIR)"
+  ref_why="$torch_ref not found"
 elif ! command -v python3 >/dev/null 2>&1; then
   ref_why="python3 is not installed"
 elif ! python3 -c 'import torch, numpy' >/dev/null 2>&1; then

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CUDA engine on a GPU machine, against the CPU engine and against PyTorch (../shared/bench/torch_ref.py):
+# The CUDA engine on a GPU machine, against the CPU engine and against PyTorch (bench/torch_ref.py):
 #   1. correctness: logits, loss and gradients of a small model on CUDA vs CPU (float32/TF32 and bfloat16),
 #      and a few training steps in float32, bfloat16 and float16;
 #   2. throughput at GPT-2 124M shapes (B=12, T=1024, bfloat16): torch_ref.py bench, then ours;
@@ -24,7 +24,6 @@ exec > >(tee -a "$out/gpu-check.log") 2>&1
 start=$SECONDS
 budget=${BUDGET_S:-540}
 train_iters=${TRAIN_ITERS:-2000}
-shared=$root/../shared
 work=$(mktemp -d "${TMPDIR:-/tmp}/nanogpt-gpu-check.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 app=$work/app
@@ -89,15 +88,14 @@ phase correctness 150 "$app/tests/cuda" --nocapture --test-threads=1 \
 
 # ---------------------------------------------------------------- 2. throughput, 124M shapes
 shape=(--n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --batch_size=12)
-phase torch_bench 180 python3 "$shared/bench/torch_ref.py" bench "${shape[@]}"
+phase torch_bench 180 python3 "$root/bench/torch_ref.py" bench "${shape[@]}"
 phase our_bench 180 "$node" "$app/dist/cli.mjs" bench "${shape[@]}" --device=cuda --dtype=bfloat16
 
 # ---------------------------------------------------------------- 3. profile
 phase profile_124m 90 "$node" "$app/dist/cli.mjs" bench "${shape[@]}" --device=cuda --dtype=bfloat16 \
   --warmup=3 --iters=5 --profile
 mkdir -p "$work/data/shakespeare_char"
-cp "$shared/data/tinyshakespeare.txt" "$work/data/shakespeare_char/input.txt" 2>/dev/null \
-  || cp "$root/data/shakespeare_char/input.txt" "$work/data/shakespeare_char/input.txt"
+cp "$root/data/shakespeare_char/input.txt" "$work/data/shakespeare_char/input.txt"
 phase prepare 60 "$node" "$app/dist/cli.mjs" prepare shakespeare_char --data_dir "$work/data"
 char_shape=(--n_layer=6 --n_head=6 --n_embd=384 --block_size=256 --batch_size=64 --vocab_size=65)
 phase profile_char 60 "$node" "$app/dist/cli.mjs" bench "${char_shape[@]}" --real_data \
@@ -105,7 +103,7 @@ phase profile_char 60 "$node" "$app/dist/cli.mjs" bench "${char_shape[@]}" --rea
 
 # ---------------------------------------------------------------- 4. shakespeare_char recipe
 recipe=(--max_iters="$train_iters" --lr_decay_iters="$train_iters" --eval_iters=100)
-phase torch_train 200 python3 "$shared/bench/torch_ref.py" train --text="$work/data/shakespeare_char/input.txt" "${recipe[@]}"
+phase torch_train 200 python3 "$root/bench/torch_ref.py" train --text="$work/data/shakespeare_char/input.txt" "${recipe[@]}"
 t_ours=$SECONDS
 phase our_train 240 "$node" "$app/dist/cli.mjs" train "$app/configs/train_shakespeare_char.mjs" \
   --device=cuda --dtype=bfloat16 --compile=False --data_dir="$work/data" --out_dir="$work/out" "${recipe[@]}"

@@ -11,7 +11,7 @@ import { prepareCorpus } from '../ts/corpus.ts';
 const targetMB = Number(process.argv[2] ?? 20);
 const root = new URL('..', import.meta.url).pathname;
 const sources: string[] = [];
-for (const dir of ['ts', 'test', 'crates/nanogpt-core/src', '../shared/reference']) {
+for (const dir of ['ts', 'test', 'crates/nanogpt-core/src', 'bench']) {
   try {
     for (const name of readdirSync(join(root, dir))) {
       const path = join(root, dir, name);

@@ -9,7 +9,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 const cli = fileURLToPath(new URL('../bin/nanogpt-rs.js', import.meta.url));
 const corpus = fileURLToPath(new URL('../data/shakespeare_char/input.txt', import.meta.url));
-const fixtureDir = fileURLToPath(new URL('../../shared/fixtures/hf-gpt2-tiny/', import.meta.url));
+const fixtureDir = fileURLToPath(new URL('./fixtures/hf-gpt2-tiny/', import.meta.url));
 const work = mkdtempSync(join(tmpdir(), 'nanogpt-e2e-'));
 afterAll(() => rmSync(work, { recursive: true, force: true }));
 

@@ -1,5 +1,5 @@
 // init_from=<GPT-2 name or path>: where the Hugging Face files are found (path, cache, download into the cache),
-// and what the engine makes of them, on the tiny GPT-2 fixture in ../shared (a 2-layer model saved by transformers).
+// and what the engine makes of them, on the tiny GPT-2 fixture in test/fixtures (a 2-layer model saved by transformers).
 import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
@@ -9,7 +9,7 @@ import { fileURLToPath } from 'node:url';
 import { afterAll, afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { findHfModel, loadHfModel } from '../ts/pretrained.ts';
 
-const fixtureDir = fileURLToPath(new URL('../../shared/fixtures/hf-gpt2-tiny/', import.meta.url));
+const fixtureDir = fileURLToPath(new URL('./fixtures/hf-gpt2-tiny/', import.meta.url));
 const work = mkdtempSync(join(tmpdir(), 'nanogpt-pretrained-'));
 afterAll(() => rmSync(work, { recursive: true, force: true }));
 

@@ -1,4 +1,4 @@
-//! Hugging Face GPT-2 import and export against `shared/fixtures/hf-gpt2-tiny`: a 2-layer GPT-2 saved
+//! Hugging Face GPT-2 import and export against `test/fixtures/hf-gpt2-tiny`: a 2-layer GPT-2 saved
 //! by transformers, with the logits, loss and greedy continuation transformers computed for it.
 
 use std::collections::HashMap;
@@ -10,9 +10,9 @@ use nanogpt_core::model::Mode;
 use nanogpt_core::sample::SampleArgs;
 use nanogpt_core::{Engine, Gelu, ModelArgs, OptimizerArgs};
 
-/// CI clones the repository with `shared/` beside it.
+/// The fixture ships with the repository under test/fixtures.
 fn fixture(file: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/hf-gpt2-tiny").join(file)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../test/fixtures/hf-gpt2-tiny").join(file)
 }
 
 fn read(file: &str) -> Vec<u8> {

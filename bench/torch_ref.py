@@ -1,0 +1,232 @@
+#!/usr/bin/env python3
+"""PyTorch reference GPT trainer: the baseline that the project's engine is measured against.
+
+It follows the same model and recipe as the original nanoGPT (pre-LayerNorm GPT-2 blocks,
+tied embeddings, AdamW(0.9, 0.95) with decay on matrices only, warmup + cosine LR,
+grad clipping at 1.0, bf16 autocast on GPU, fused SDPA attention) so that a timing of
+this script is a fair stand-in for "what a user would run instead".
+
+Modes
+  bench  random tokens, fixed shapes: prints ms/iter, tokens/s and MFU.
+  train  character-level training on a text file (90/10 split), evaluating like nanoGPT:
+         prints each eval, then the best val loss and the wall time.
+
+Every run prints one last line: `RESULT {json}`.
+Examples
+  python3 bench/torch_ref.py bench --n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --batch_size=12
+  python3 bench/torch_ref.py train --text=data/shakespeare_char/input.txt   # the shakespeare_char recipe
+  python3 bench/torch_ref.py train --text=data/shakespeare_char/input.txt --device=cpu --compile=0 \
+      --eval_iters=20 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 \
+      --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0      # the README's CPU recipe
+"""
+import argparse, json, math, os, sys, time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Block(nn.Module):
+    def __init__(self, d, h, dropout, bias):
+        super().__init__()
+        self.h, self.dropout = h, dropout
+        self.ln1 = nn.LayerNorm(d, bias=bias)
+        self.qkv = nn.Linear(d, 3 * d, bias=bias)
+        self.proj = nn.Linear(d, d, bias=bias)
+        self.ln2 = nn.LayerNorm(d, bias=bias)
+        self.fc = nn.Linear(d, 4 * d, bias=bias)
+        self.fc_out = nn.Linear(4 * d, d, bias=bias)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.h, C // self.h).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        x = x + self.drop(self.proj(y.transpose(1, 2).contiguous().view(B, T, C)))
+        x = x + self.drop(self.fc_out(F.gelu(self.fc(self.ln2(x)))))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab, block, L, H, D, dropout, bias):
+        super().__init__()
+        self.block = block
+        self.wte = nn.Embedding(vocab, D)
+        self.wpe = nn.Embedding(block, D)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(D, H, dropout, bias) for _ in range(L))
+        self.ln_f = nn.LayerNorm(D, bias=bias)
+        self.head = nn.Linear(D, vocab, bias=False)
+        self.head.weight = self.wte.weight  # tied
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                std = 0.02 / math.sqrt(2 * L) if name.endswith(("proj.weight", "fc_out.weight")) else 0.02
+                nn.init.normal_(p, 0.0, std)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+
+    def n_params(self):  # nanoGPT's count: all parameters but the position embedding
+        return sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
+
+    def forward(self, idx, targets):
+        B, T = idx.shape
+        x = self.drop(self.wte(idx) + self.wpe(torch.arange(T, device=idx.device)))
+        for blk in self.blocks:
+            x = blk(x)
+        logits = self.head(self.ln_f(x))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
+
+
+def flops_per_iter(n_params, L, H, D, T, tokens):
+    # nanoGPT's estimate: 6N per token plus the attention term 12*L*H*(D/H)*T
+    return (6 * n_params + 12 * L * H * (D // H) * T) * tokens
+
+
+def make_optimizer(model, lr, wd, beta2, device):
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    other = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": wd}, {"params": other, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2), fused=device == "cuda")
+
+
+def lr_at(it, a):
+    if it < a.warmup_iters:
+        return a.lr * (it + 1) / (a.warmup_iters + 1)
+    if it >= a.lr_decay_iters:
+        return a.min_lr
+    ratio = (it - a.warmup_iters) / (a.lr_decay_iters - a.warmup_iters)
+    return a.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (a.lr - a.min_lr)
+
+
+def setup(a):
+    torch.manual_seed(a.seed)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    dev = "cuda" if a.device.startswith("cuda") else "cpu"
+    amp = torch.autocast(dev, dtype=torch.bfloat16) if dev == "cuda" else torch.autocast("cpu", enabled=False)
+    return dev, amp
+
+
+def sync(dev):
+    if dev == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench(a):
+    dev, amp = setup(a)
+    model = GPT(a.vocab_size, a.block_size, a.n_layer, a.n_head, a.n_embd, 0.0, bool(a.bias)).to(a.device)
+    opt = make_optimizer(model, 6e-4, 0.1, 0.95, dev)
+    step = torch.compile(model) if a.compile else model
+    x = torch.randint(a.vocab_size, (a.batch_size, a.block_size), device=a.device)
+    y = torch.randint(a.vocab_size, (a.batch_size, a.block_size), device=a.device)
+
+    def one():
+        with amp:
+            loss = step(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    t0 = time.time()
+    for _ in range(a.warmup):
+        one()
+    sync(dev)
+    warm_s = time.time() - t0
+    t0 = time.time()
+    for _ in range(a.iters):
+        loss = one()
+    sync(dev)
+    dt = (time.time() - t0) / a.iters
+    tokens = a.batch_size * a.block_size
+    fl = flops_per_iter(model.n_params(), a.n_layer, a.n_head, a.n_embd, a.block_size, tokens)
+    res = dict(mode="bench", device=torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+               compile=bool(a.compile), n_params=model.n_params(), batch_size=a.batch_size,
+               block_size=a.block_size, ms_per_iter=round(dt * 1e3, 3), tokens_per_s=round(tokens / dt),
+               tflops=round(fl / dt / 1e12, 2), mfu_h100_989=round(fl / dt / 989e12, 4),
+               mfu_a100_312=round(fl / dt / 312e12, 4), warmup_s=round(warm_s, 2), loss=float(loss.detach()),
+               peak_mem_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev == "cuda" else None)
+    print(f"{res['ms_per_iter']} ms/iter  {res['tokens_per_s']} tok/s  {res['tflops']} TFLOP/s")
+    print("RESULT " + json.dumps(res))
+
+
+def train(a):
+    dev, amp = setup(a)
+    text = open(a.text, encoding="utf-8").read()
+    chars = sorted(set(text))
+    stoi = {c: i for i, c in enumerate(chars)}
+    data = torch.tensor([stoi[c] for c in text], dtype=torch.long)
+    n = int(0.9 * len(data))
+    splits = {"train": data[:n], "val": data[n:]}
+
+    def batch(split):
+        d = splits[split]
+        ix = torch.randint(len(d) - a.block_size, (a.batch_size,))
+        x = torch.stack([d[i:i + a.block_size] for i in ix])
+        y = torch.stack([d[i + 1:i + 1 + a.block_size] for i in ix])
+        return x.to(a.device), y.to(a.device)
+
+    model = GPT(len(chars), a.block_size, a.n_layer, a.n_head, a.n_embd, a.dropout, bool(a.bias)).to(a.device)
+    opt = make_optimizer(model, a.lr, a.weight_decay, a.beta2, dev)
+    step = torch.compile(model) if a.compile else model
+
+    @torch.no_grad()
+    def evaluate():
+        model.eval()
+        out = {}
+        for split in ("train", "val"):
+            losses = torch.zeros(a.eval_iters)
+            for k in range(a.eval_iters):
+                with amp:
+                    losses[k] = step(*batch(split)).item()
+            out[split] = losses.mean().item()
+        model.train()
+        return out
+
+    t0 = time.time()
+    best, history = float("inf"), []
+    for it in range(a.max_iters + 1):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(it, a)
+        if it % a.eval_interval == 0:
+            ev = evaluate()
+            best = min(best, ev["val"])
+            history.append((it, round(ev["train"], 4), round(ev["val"], 4), round(time.time() - t0, 1)))
+            print(f"step {it}: train {ev['train']:.4f} val {ev['val']:.4f}  t={time.time() - t0:.1f}s", flush=True)
+        if it == a.max_iters:
+            break
+        with amp:
+            loss = step(*batch("train"))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    sync(dev)
+    res = dict(mode="train", device=torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+               best_val=round(best, 4), wall_s=round(time.time() - t0, 1), iters=a.max_iters,
+               ms_per_iter=round((time.time() - t0) / a.max_iters * 1e3, 2), history=history)
+    print("RESULT " + json.dumps(res))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=["bench", "train"])
+    defaults = dict(  # the shakespeare_char recipe; bench overrides shapes on the command line
+        device="cuda" if torch.cuda.is_available() else "cpu", compile=1, seed=1337, threads=0,
+        n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2, bias=0,
+        lr=1e-3, min_lr=1e-4, warmup_iters=100, max_iters=5000, lr_decay_iters=5000,
+        beta2=0.99, weight_decay=0.1, eval_interval=250, eval_iters=200,
+        vocab_size=50304, warmup=10, iters=30, text="")
+    for k, v in defaults.items():
+        p.add_argument(f"--{k}", type=type(v), default=v)
+    a = p.parse_args()
+    bench(a) if a.mode == "bench" else train(a)
+
+
+if __name__ == "__main__":
+    main()
