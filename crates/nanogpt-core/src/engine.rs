@@ -2,28 +2,86 @@
 //! gradients. Inputs and outputs are plain slices and bytes so that bindings only translate types.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use rand::rngs::StdRng;
-use rand::SeedableRng;
 
 use crate::cuda::{self, MemoryStats};
 use crate::hf;
+use crate::kernels::dropout::DropoutKey;
 use crate::model::{Gpt, ModelArgs, Mode};
-use crate::optim::{AdamW, GradScaler, OptimizerArgs, ParamGroups, StepStats};
+use crate::optim::{AdamW, FlatAdamW, GradScaler, OptimizerArgs, ParamGroups, StepStats};
 use crate::sample::{self, SampleArgs};
+use crate::train_step::{self, Activations, ParamLayout};
 
+/// Trains a model either with the explicit CPU step over flat buffers (`train_step.rs`, on the CPU
+/// in float32) or through candle's autograd graph (GPU, and mixed precision).
 pub struct Engine {
+    /// The candle model: sampling, export, and the graph path's trained weights. On the flat path
+    /// its weights are refreshed from the flat parameters when something reads them.
     model: Gpt,
+    /// The CPU training step's state; None on the graph path.
+    flat: Option<FlatTrainer>,
+    /// Whether `model`'s weights are older than the flat parameters.
+    model_stale: AtomicBool,
     optimizer: Option<AdamW>,
-    /// Sum over the micro-steps since the last optimizer step, one per parameter.
+    /// Graph path: the sum over the micro-steps since the last optimizer step, one per parameter.
     grads: Option<Vec<Tensor>>,
-    /// Dropout masks are drawn from here, so that a seed fixes a whole run.
-    rng: StdRng,
+    /// Dropout masks are a hash of this seed and the micro-step's number, so that a seed fixes a whole run.
+    dropout_seed: u64,
+    micro_steps: u64,
     /// float16 only: the dynamic loss scale.
     scaler: Option<GradScaler>,
     /// Per-phase wall times of the last step, when [`Engine::set_profiling`] is on.
     profile: Option<PhaseTimes>,
+}
+
+/// The explicit CPU training step's buffers: parameters, their gradients, AdamW's moments, and the
+/// activations of the last batch shape.
+struct FlatTrainer {
+    layout: ParamLayout,
+    params: Vec<f32>,
+    /// Allocated by the first backward pass.
+    grads: Vec<f32>,
+    /// Whether `grads` holds gradients not yet applied (later micro-steps add to them).
+    has_grads: bool,
+    optimizer: Option<FlatAdamW>,
+    /// Behind a lock so that evaluation (which takes `&Engine`) can reuse them.
+    activations: Mutex<Option<Activations>>,
+}
+
+impl FlatTrainer {
+    fn new(model: &Gpt) -> Result<Self> {
+        let layout = ParamLayout::new(&model.args);
+        let mut params = vec![0f32; layout.len];
+        copy_from_model(&layout, &mut params, model)?;
+        Ok(Self { layout, params, grads: Vec::new(), has_grads: false, optimizer: None, activations: Mutex::new(None) })
+    }
+
+    /// The activations for a (b, t) batch, reallocated only when the shape changes.
+    fn activations<'a>(slot: &'a mut Option<Activations>, args: &ModelArgs, b: usize, t: usize) -> &'a mut Activations {
+        if slot.as_ref().map(Activations::shape) != Some((b, t)) {
+            *slot = None;
+            *slot = Some(Activations::new(args, b, t));
+        }
+        slot.as_mut().expect("just allocated")
+    }
+
+    fn named(&self, buffer: &[f32]) -> Result<Vec<(String, Tensor)>> {
+        self.layout.tensors.iter().map(|t| Ok((t.name.clone(), Tensor::from_slice(&buffer[t.range.clone()], t.shape.as_slice(), &Device::Cpu)?))).collect()
+    }
+}
+
+/// The model's weights into the flat buffer `params` laid out by `layout`.
+fn copy_from_model(layout: &ParamLayout, params: &mut [f32], model: &Gpt) -> Result<()> {
+    for (t, (name, var)) in layout.tensors.iter().zip(model.named_parameters()) {
+        if t.name != name || t.shape.as_slice() != var.dims() {
+            candle_core::bail!("flat layout `{}` {:?} does not match the model's `{name}` {:?}", t.name, t.shape, var.dims());
+        }
+        params[t.range.clone()].copy_from_slice(&var.as_tensor().flatten_all()?.to_vec1::<f32>()?);
+    }
+    Ok(())
 }
 
 /// Milliseconds of the phases of the last micro-step and optimizer step, each measured up to a
@@ -87,25 +145,24 @@ impl Engine {
     pub fn new(args: &ModelArgs, seed: u64, device_name: &str) -> Result<Self> {
         configure_cpu_runtime();
         let model = Gpt::new(args, seed, &device(device_name, seed)?)?;
-        Ok(Self::wrap(model, seed))
+        Self::wrap(model, seed)
     }
 
     /// A model with `args` whose weights are the safetensors `bytes` (nanoGPT's parameter names).
     pub fn from_safetensors(args: &ModelArgs, bytes: &[u8], device_name: &str) -> Result<Self> {
         configure_cpu_runtime();
         let device = device(device_name, 0)?;
-        let model = Gpt::empty(args, &device)?;
-        let tensors = load_safetensors(bytes, "weights")?;
-        model.load(&tensors)?;
-        Ok(Self::wrap(model, 0))
+        let mut engine = Self::wrap(Gpt::empty(args, &device)?, 0)?;
+        engine.load_weights(&load_safetensors(bytes, "weights")?)?;
+        Ok(engine)
     }
 
     /// As [`Engine::from_safetensors`], reading the file in Rust: a GPT-2 XL checkpoint does not fit in a Node.js Buffer.
     pub fn from_safetensors_file(args: &ModelArgs, path: &str, device_name: &str) -> Result<Self> {
         configure_cpu_runtime();
-        let model = Gpt::empty(args, &device(device_name, 0)?)?;
-        model.load(&read_safetensors(path)?)?;
-        Ok(Self::wrap(model, 0))
+        let mut engine = Self::wrap(Gpt::empty(args, &device(device_name, 0)?)?, 0)?;
+        engine.load_weights(&read_safetensors(path)?)?;
+        Ok(engine)
     }
 
     /// A Hugging Face GPT-2 (`config.json` text and `model.safetensors` bytes), e.g. OpenAI's weights,
@@ -114,7 +171,7 @@ impl Engine {
         configure_cpu_runtime();
         let device = device(device_name, 0)?;
         let model = hf::import(config_json, load_safetensors(bytes, "weights")?, dropout, &device)?;
-        Ok(Self::wrap(model, 0))
+        Self::wrap(model, 0)
     }
 
     /// As [`Engine::from_hf_gpt2`], reading `model.safetensors` from `path` in Rust: GPT-2 XL's 6.4 GB would not
@@ -123,7 +180,7 @@ impl Engine {
         configure_cpu_runtime();
         let device = device(device_name, 0)?;
         let model = hf::import(config_json, read_safetensors(path)?, dropout, &device)?;
-        Ok(Self::wrap(model, 0))
+        Self::wrap(model, 0)
     }
 
     /// The model's architecture as it is now (after any crop).
@@ -133,14 +190,53 @@ impl Engine {
 
     /// Shrinks the context to `block_size` positions (nanoGPT's `crop_block_size`).
     pub fn crop_block_size(&mut self, block_size: usize) -> Result<()> {
-        if self.optimizer.is_some() {
+        if self.optimizer.is_some() || self.flat.as_ref().is_some_and(|f| f.optimizer.is_some()) {
             candle_core::bail!("crop the block size before configuring the optimizer, which holds the old position embedding");
         }
-        self.model.crop_block_size(block_size)
+        self.sync_model()?;
+        self.model.crop_block_size(block_size)?;
+        self.use_flat_step(self.flat.is_some())
     }
 
-    fn wrap(model: Gpt, seed: u64) -> Self {
-        Self { model, optimizer: None, grads: None, rng: StdRng::seed_from_u64(seed ^ 0x5eed_d809), scaler: None, profile: None }
+    fn wrap(model: Gpt, seed: u64) -> Result<Self> {
+        let mut engine = Self {
+            model,
+            flat: None,
+            model_stale: AtomicBool::new(false),
+            optimizer: None,
+            grads: None,
+            dropout_seed: seed ^ 0x5eed_d809,
+            micro_steps: 0,
+            scaler: None,
+            profile: None,
+        };
+        engine.use_flat_step(engine.model.device().is_cpu())?;
+        Ok(engine)
+    }
+
+    /// Switches between the explicit CPU step (`on`) and the autograd graph, carrying the weights over.
+    fn use_flat_step(&mut self, on: bool) -> Result<()> {
+        self.sync_model()?;
+        self.flat = if on { Some(FlatTrainer::new(&self.model)?) } else { None };
+        Ok(())
+    }
+
+    /// Brings the candle model's weights up to date with the flat parameters.
+    fn sync_model(&self) -> Result<()> {
+        let Some(flat) = self.flat.as_ref() else { return Ok(()) };
+        if !self.model_stale.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
+        for (t, (_, var)) in flat.layout.tensors.iter().zip(self.model.named_parameters()) {
+            var.set(&Tensor::from_slice(&flat.params[t.range.clone()], t.shape.as_slice(), &Device::Cpu)?)?;
+        }
+        Ok(())
+    }
+
+    /// The candle model with current weights.
+    fn synced_model(&self) -> Result<&Gpt> {
+        self.sync_model()?;
+        Ok(&self.model)
     }
 
     /// nanoGPT's `dtype`: float32, or mixed precision with bfloat16 or float16 (weights and AdamW
@@ -151,15 +247,23 @@ impl Engine {
         if self.model.device().is_cpu() && compute != DType::F32 {
             candle_core::bail!("dtype {dtype} needs a GPU: the cpu engine computes in float32");
         }
-        self.set_compute_dtype(compute);
-        Ok(())
+        self.set_compute_dtype(compute)
     }
 
     /// As [`Engine::set_precision`] without the CPU check, so that the mixed-precision path can be
     /// tested on the CPU with float16 (which candle's CPU matmul supports).
-    pub fn set_compute_dtype(&mut self, dtype: DType) {
+    /// The explicit step computes in float32 only, so another dtype trains the CPU model through the graph.
+    pub fn set_compute_dtype(&mut self, dtype: DType) -> Result<()> {
+        let flat = self.model.device().is_cpu() && dtype == DType::F32;
+        if flat != self.flat.is_some() {
+            if self.optimizer.is_some() || self.flat.as_ref().is_some_and(|f| f.optimizer.is_some()) {
+                candle_core::bail!("set the precision before configuring the optimizer");
+            }
+            self.use_flat_step(flat)?;
+        }
         self.model.set_compute_dtype(dtype);
         self.scaler = (dtype == DType::F16).then(GradScaler::default);
+        Ok(())
     }
 
     /// The loss scale in use (1 unless training in float16).
@@ -204,7 +308,9 @@ impl Engine {
         Ok(Some(start.elapsed().as_secs_f64() * 1e3))
     }
 
+    /// The candle model with the current weights (refreshed from the training step's if they moved).
     pub fn model(&self) -> &Gpt {
+        self.sync_model().expect("the flat parameters match the model's shapes");
         &self.model
     }
 
@@ -217,6 +323,10 @@ impl Engine {
     }
 
     pub fn configure_optimizer(&mut self, args: &OptimizerArgs) -> Result<ParamGroups> {
+        if let Some(flat) = self.flat.as_mut() {
+            flat.optimizer = Some(FlatAdamW::new(&flat.layout, args.clone()));
+            return Ok(FlatAdamW::groups(&flat.layout));
+        }
         let optimizer = AdamW::new(self.params(), args.clone())?;
         let groups = optimizer.groups();
         self.optimizer = Some(optimizer);
@@ -224,23 +334,35 @@ impl Engine {
     }
 
     pub fn load_optimizer(&mut self, bytes: &[u8]) -> Result<()> {
-        let tensors = load_safetensors(bytes, "optimizer state")?;
-        self.optimizer_mut()?.load_state(&tensors)
+        self.load_optimizer_state(&load_safetensors(bytes, "optimizer state")?)
     }
 
     pub fn load_optimizer_file(&mut self, path: &str) -> Result<()> {
-        let tensors = read_safetensors(path)?;
-        self.optimizer_mut()?.load_state(&tensors)
+        self.load_optimizer_state(&read_safetensors(path)?)
     }
 
-    fn optimizer_mut(&mut self) -> Result<&mut AdamW> {
-        self.optimizer
-            .as_mut()
-            .ok_or_else(|| candle_core::Error::Msg("configure the optimizer before training".into()))
+    /// The AdamW moments and step count from tensors named as [`Engine::optimizer_state`] writes them.
+    fn load_optimizer_state(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
+        const UNCONFIGURED: &str = "configure the optimizer before training";
+        match self.flat.as_mut() {
+            Some(flat) => flat.optimizer.as_mut().ok_or_else(|| candle_core::Error::Msg(UNCONFIGURED.into()))?.load_state(&flat.layout, tensors),
+            None => self.optimizer.as_mut().ok_or_else(|| candle_core::Error::Msg(UNCONFIGURED.into()))?.load_state(tensors),
+        }
     }
 
-    fn batch(&self, x: &[u32], y: &[i32], batch_size: usize) -> Result<(Tensor, Tensor)> {
-        if batch_size == 0 || x.len() != y.len() || x.len() % batch_size != 0 {
+    /// Replaces the weights from tensors named as in nanoGPT's state dict, checking names and shapes.
+    fn load_weights(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
+        self.sync_model()?;
+        self.model.load(tensors)?;
+        if let Some(flat) = self.flat.as_mut() {
+            copy_from_model(&flat.layout, &mut flat.params, &self.model)?;
+        }
+        Ok(())
+    }
+
+    /// Checks a batch of `batch_size` rows of inputs `x` and targets `y`; returns the row length T.
+    fn check_batch(&self, x: &[u32], y: &[i32], batch_size: usize) -> Result<usize> {
+        if batch_size == 0 || x.is_empty() || x.len() != y.len() || x.len() % batch_size != 0 {
             candle_core::bail!(
                 "a batch needs inputs and targets of equal length divisible by batch_size ({} and {} for {batch_size} rows)",
                 x.len(),
@@ -255,6 +377,14 @@ impl Engine {
         if let Some(bad) = y.iter().find(|&&id| id < -1 || id as i64 >= vocab as i64) {
             candle_core::bail!("target {bad} is out of range for vocab_size {vocab} (-1 marks ignored positions)");
         }
+        if t > self.model.args.block_size {
+            candle_core::bail!("cannot forward a sequence of length {t}: block size is only {}", self.model.args.block_size);
+        }
+        Ok(t)
+    }
+
+    fn batch(&self, x: &[u32], y: &[i32], batch_size: usize) -> Result<(Tensor, Tensor)> {
+        let t = self.check_batch(x, y, batch_size)?;
         let device = self.model.device();
         let x = Tensor::from_slice(x, (batch_size, t), device)?;
         // Widened on the host: candle's CUDA backend has no i32 -> i64 cast.
@@ -266,11 +396,16 @@ impl Engine {
     /// Forward and backward on one micro-batch; adds `loss_scale` times the gradient to the
     /// accumulated gradients and returns the (unscaled) mean loss.
     pub fn forward_backward(&mut self, x: &[u32], y: &[i32], batch_size: usize, loss_scale: f64) -> Result<f32> {
+        let key = DropoutKey { seed: self.dropout_seed, step: self.micro_steps };
+        self.micro_steps += 1;
+        if self.flat.is_some() {
+            return self.flat_forward_backward(x, y, batch_size, loss_scale, key);
+        }
         let start = self.mark();
         let (x, y) = self.batch(x, y, batch_size)?;
         let data_ms = self.lap(start)?;
         let start = self.mark();
-        let loss = self.model.loss(&x, &y, &mut Mode::Train(&mut self.rng))?;
+        let loss = self.model.loss(&x, &y, &Mode::Train(key))?;
         let forward_ms = self.lap(start)?;
         let start = self.mark();
         // Scaling the loss scales every gradient, at the cost of one scalar op.
@@ -295,9 +430,48 @@ impl Engine {
         loss.to_scalar::<f32>()
     }
 
+    /// [`Engine::forward_backward`] on the explicit CPU step.
+    fn flat_forward_backward(&mut self, x: &[u32], y: &[i32], batch_size: usize, loss_scale: f64, key: DropoutKey) -> Result<f32> {
+        let start = self.mark();
+        let t = self.check_batch(x, y, batch_size)?;
+        let data_ms = self.lap(start)?;
+        let args = &self.model.args;
+        let dropout = (args.dropout > 0.0).then_some((key, args.dropout as f32));
+        let flat = self.flat.as_mut().expect("on the flat path");
+        let acts = FlatTrainer::activations(flat.activations.get_mut().expect("no panic while holding the activations"), args, batch_size, t);
+        let start = self.profile.is_some().then(std::time::Instant::now);
+        train_step::forward(args, &flat.layout, &flat.params, acts, x, dropout);
+        let loss = train_step::loss(args, acts, y, Some(loss_scale))?;
+        let forward_ms = start.map(|s| s.elapsed().as_secs_f64() * 1e3);
+        let start = self.profile.is_some().then(std::time::Instant::now);
+        if flat.grads.len() != flat.layout.len {
+            flat.grads = vec![0f32; flat.layout.len];
+        }
+        train_step::backward(args, &flat.layout, &flat.params, &mut flat.grads, acts, x, dropout, flat.has_grads);
+        flat.has_grads = true;
+        let backward_ms = start.map(|s| s.elapsed().as_secs_f64() * 1e3);
+        if let (Some(p), Some(data_ms), Some(forward_ms), Some(backward_ms)) = (self.profile.as_mut(), data_ms, forward_ms, backward_ms) {
+            (p.data_ms, p.forward_ms, p.backward_ms) = (data_ms, forward_ms, backward_ms);
+        }
+        Ok(loss)
+    }
+
     /// Applies the accumulated gradients (clipped if configured) at learning rate `lr`, then clears them.
     pub fn step(&mut self, lr: f64) -> Result<StepStats> {
         let start = self.mark();
+        if let Some(flat) = self.flat.as_mut() {
+            if !flat.has_grads {
+                candle_core::bail!("no gradients to apply: run forward_backward first");
+            }
+            let optimizer = flat.optimizer.as_mut().ok_or_else(|| candle_core::Error::Msg("configure the optimizer before training".into()))?;
+            let stats = optimizer.step(&flat.layout, &mut flat.params, &flat.grads, lr);
+            flat.has_grads = false;
+            self.model_stale.store(true, Ordering::Release);
+            if let Some(optimizer_ms) = self.lap(start)? {
+                self.profile.as_mut().expect("profiling is on").optimizer_ms = optimizer_ms;
+            }
+            return Ok(stats);
+        }
         let grads = self
             .grads
             .take()
@@ -315,8 +489,15 @@ impl Engine {
 
     /// Mean loss of one batch in evaluation mode.
     pub fn eval_loss(&self, x: &[u32], y: &[i32], batch_size: usize) -> Result<f32> {
+        if let Some(flat) = self.flat.as_ref() {
+            let t = self.check_batch(x, y, batch_size)?;
+            let mut slot = flat.activations.lock().expect("no panic while holding the activations");
+            let acts = FlatTrainer::activations(&mut slot, &self.model.args, batch_size, t);
+            train_step::forward(&self.model.args, &flat.layout, &flat.params, acts, x, None);
+            return train_step::loss(&self.model.args, acts, y, None);
+        }
         let (x, y) = self.batch(x, y, batch_size)?;
-        self.model.loss(&x, &y, &mut Mode::Eval)?.to_scalar::<f32>()
+        self.model.loss(&x, &y, &Mode::Eval)?.to_scalar::<f32>()
     }
 
     pub fn generate(&self, prompt: &[u32], args: &SampleArgs) -> Result<Vec<u32>> {
@@ -324,29 +505,33 @@ impl Engine {
         if let Some(bad) = prompt.iter().find(|&&id| id as usize >= vocab) {
             candle_core::bail!("prompt token id {bad} is out of range for vocab_size {vocab}");
         }
-        sample::generate(&self.model, prompt, args)
+        sample::generate(self.synced_model()?, prompt, args)
     }
 
-    fn weights(&self) -> Vec<(String, Tensor)> {
-        self.model.named_parameters().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect()
+    /// The weights, named as in nanoGPT's state dict.
+    fn weights(&self) -> Result<Vec<(String, Tensor)>> {
+        match self.flat.as_ref() {
+            Some(flat) => flat.named(&flat.params),
+            None => Ok(self.model.named_parameters().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect()),
+        }
     }
 
     pub fn save_weights(&self) -> Result<Vec<u8>> {
-        serialize(self.weights(), None)
+        serialize(self.weights()?, None)
     }
 
     /// The weights written straight to `path`, one tensor at a time (no whole-file buffer).
     pub fn save_weights_file(&self, path: &str) -> Result<()> {
-        serialize_to_file(self.weights(), None, path)
+        serialize_to_file(self.weights()?, None, path)
     }
 
     /// The weights as a Hugging Face GPT-2 `model.safetensors`.
     pub fn export_hf(&self) -> Result<Vec<u8>> {
-        serialize(hf::export_tensors(&self.model)?, Some(hf_metadata()))
+        serialize(hf::export_tensors(self.synced_model()?)?, Some(hf_metadata()))
     }
 
     pub fn export_hf_file(&self, path: &str) -> Result<()> {
-        serialize_to_file(hf::export_tensors(&self.model)?, Some(hf_metadata()), path)
+        serialize_to_file(hf::export_tensors(self.synced_model()?)?, Some(hf_metadata()), path)
     }
 
     /// The Hugging Face GPT-2 `config.json` that goes with [`Engine::export_hf`].
@@ -356,6 +541,12 @@ impl Engine {
 
     /// The gradients accumulated since the last step, named as the parameters (for inspection and checks).
     fn gradients(&self) -> Result<Vec<(String, Tensor)>> {
+        if let Some(flat) = self.flat.as_ref() {
+            if !flat.has_grads {
+                candle_core::bail!("no gradients: run forward_backward first");
+            }
+            return flat.named(&flat.grads);
+        }
         let grads = self.grads.as_ref().ok_or_else(|| candle_core::Error::Msg("no gradients: run forward_backward first".into()))?;
         Ok(self.model.named_parameters().into_iter().map(|(n, _)| n).zip(grads.iter().cloned()).collect())
     }
@@ -369,7 +560,11 @@ impl Engine {
     }
 
     fn optimizer_state(&self) -> Result<Vec<(String, Tensor)>> {
-        self.optimizer.as_ref().ok_or_else(|| candle_core::Error::Msg("no optimizer to save".into()))?.state()
+        let none = || candle_core::Error::Msg("no optimizer to save".into());
+        match self.flat.as_ref() {
+            Some(flat) => flat.optimizer.as_ref().ok_or_else(none)?.state(&flat.layout),
+            None => self.optimizer.as_ref().ok_or_else(none)?.state(),
+        }
     }
 
     pub fn save_optimizer(&self) -> Result<Vec<u8>> {

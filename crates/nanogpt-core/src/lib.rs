@@ -5,11 +5,13 @@ pub mod cpu_ops;
 pub mod cuda;
 pub mod engine;
 pub mod hf;
+pub mod kernels;
 pub mod memory;
 pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod sample;
+pub mod train_step;
 
 pub use cuda::MemoryStats;
 pub use engine::{Engine, PhaseTimes};

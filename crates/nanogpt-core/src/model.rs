@@ -8,6 +8,7 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 
+use crate::kernels::dropout::Site;
 use crate::ops::{self, LayerCache};
 pub use crate::ops::Mode;
 
@@ -142,13 +143,15 @@ pub struct CausalSelfAttention {
     pub c_proj: Linear,
     n_head: usize,
     dropout: f64,
+    /// The block's index, which names its dropout sites.
+    layer: usize,
 }
 
 impl CausalSelfAttention {
-    pub fn forward(&self, x: &Tensor, mode: &mut Mode, cache: Option<&mut LayerCache>) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, mode: &Mode, cache: Option<&mut LayerCache>) -> Result<Tensor> {
         let qkv = self.c_attn.forward(x)?;
-        let y = ops::causal_self_attention(&qkv, self.n_head, self.dropout, mode, cache)?;
-        mode.dropout(&self.c_proj.forward(&y)?, self.dropout)
+        let y = ops::causal_self_attention(&qkv, self.n_head, self.dropout, mode, cache, self.layer)?;
+        mode.dropout(&self.c_proj.forward(&y)?, self.dropout, Site::AttentionResidual(self.layer))
     }
 }
 
@@ -157,13 +160,14 @@ pub struct Mlp {
     pub c_proj: Linear,
     gelu: Gelu,
     dropout: f64,
+    layer: usize,
 }
 
 impl Mlp {
-    pub fn forward(&self, x: &Tensor, mode: &mut Mode) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, mode: &Mode) -> Result<Tensor> {
         let h = self.c_fc.forward(x)?;
         let h = ops::gelu(&h, self.gelu == Gelu::Tanh)?;
-        mode.dropout(&self.c_proj.forward(&h)?, self.dropout)
+        mode.dropout(&self.c_proj.forward(&h)?, self.dropout, Site::MlpResidual(self.layer))
     }
 }
 
@@ -175,7 +179,7 @@ pub struct Block {
 }
 
 impl Block {
-    pub fn forward(&self, x: &Tensor, mode: &mut Mode, cache: Option<&mut LayerCache>) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, mode: &Mode, cache: Option<&mut LayerCache>) -> Result<Tensor> {
         let x = (x + self.attn.forward(&self.ln_1.forward(x)?, mode, cache)?)?;
         &x + self.mlp.forward(&self.ln_2.forward(&x)?, mode)?
     }
@@ -213,7 +217,7 @@ impl Gpt {
         let wte = init.normal(&[args.vocab_size, c], 0.02)?;
         let wpe = init.normal(&[args.block_size, c], 0.02)?;
         let mut h = Vec::with_capacity(args.n_layer);
-        for _ in 0..args.n_layer {
+        for layer in 0..args.n_layer {
             h.push(Block {
                 ln_1: LayerNorm::new(&init, c, bias)?,
                 attn: CausalSelfAttention {
@@ -221,6 +225,7 @@ impl Gpt {
                     c_proj: Linear::new(&mut init, c, c, bias, proj_std)?,
                     n_head: args.n_head,
                     dropout: args.dropout,
+                    layer,
                 },
                 ln_2: LayerNorm::new(&init, c, bias)?,
                 mlp: Mlp {
@@ -228,6 +233,7 @@ impl Gpt {
                     c_proj: Linear::new(&mut init, 4 * c, c, bias, proj_std)?,
                     gelu: args.gelu,
                     dropout: args.dropout,
+                    layer,
                 },
             });
         }
@@ -298,7 +304,7 @@ impl Gpt {
 
     /// Hidden states after the final LayerNorm for token ids `idx` (batch, time), whose first
     /// position sits at `pos0` (non-zero only when continuing from a KV cache).
-    fn hidden(&self, idx: &Tensor, pos0: usize, mode: &mut Mode, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    fn hidden(&self, idx: &Tensor, pos0: usize, mode: &Mode, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (b, t) = idx.dims2()?;
         if pos0 + t > self.args.block_size {
             candle_core::bail!(
@@ -309,7 +315,7 @@ impl Gpt {
         }
         let tok = self.wte.as_tensor().index_select(&idx.flatten_all()?, 0)?.reshape((b, t, self.args.n_embd))?;
         let pos = self.wpe.as_tensor().narrow(0, pos0, t)?;
-        let mut x = mode.dropout(&tok.broadcast_add(&pos)?.to_dtype(self.compute_dtype)?, self.args.dropout)?;
+        let mut x = mode.dropout(&tok.broadcast_add(&pos)?.to_dtype(self.compute_dtype)?, self.args.dropout, Site::Embedding)?;
         for (i, block) in self.h.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             x = block.forward(&x, mode, layer_cache)?;
@@ -322,7 +328,7 @@ impl Gpt {
     }
 
     /// Mean cross-entropy of the next-token predictions against `targets` (-1 = ignored).
-    pub fn loss(&self, idx: &Tensor, targets: &Tensor, mode: &mut Mode) -> Result<Tensor> {
+    pub fn loss(&self, idx: &Tensor, targets: &Tensor, mode: &Mode) -> Result<Tensor> {
         let x = self.hidden(idx, 0, mode, None)?;
         let logits = self.lm_head(&x)?;
         ops::cross_entropy(&logits.flatten_to(1)?, &targets.flatten_all()?)
@@ -330,14 +336,14 @@ impl Gpt {
 
     /// Logits at every position, in evaluation mode: (batch, time, vocab), f32.
     pub fn logits(&self, idx: &Tensor) -> Result<Tensor> {
-        self.lm_head(&self.hidden(idx, 0, &mut Mode::Eval, None)?)?.to_dtype(DType::F32)
+        self.lm_head(&self.hidden(idx, 0, &Mode::Eval, None)?)?.to_dtype(DType::F32)
     }
 
     /// Logits of the last position only (batch, vocab), as nanoGPT's inference path; with a cache,
     /// `idx` holds only the tokens the cache has not seen yet.
     pub fn next_token_logits(&self, idx: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let pos0 = cache.as_ref().map_or(0, |c| c.len());
-        let x = self.hidden(idx, pos0, &mut Mode::Eval, cache)?;
+        let x = self.hidden(idx, pos0, &Mode::Eval, cache)?;
         let t = x.dim(1)?;
         self.lm_head(&x.i((.., t - 1, ..))?.contiguous()?)?.to_dtype(DType::F32)
     }

@@ -9,22 +9,30 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
-use rand::rngs::StdRng;
-use rand::Rng;
 
 use crate::cpu_ops;
+use crate::kernels::dropout::{DropoutKey, Mask, Site};
 
-/// Whether a forward pass trains (dropout active, drawing from the given generator) or evaluates.
-pub enum Mode<'a> {
-    Train(&'a mut StdRng),
+/// Whether a forward pass trains (dropout active, masks drawn for the given key) or evaluates.
+#[derive(Clone, Copy, Debug)]
+pub enum Mode {
+    Train(DropoutKey),
     Eval,
 }
 
-impl Mode<'_> {
-    pub fn dropout(&mut self, x: &Tensor, p: f64) -> Result<Tensor> {
+impl Mode {
+    pub fn dropout(&self, x: &Tensor, p: f64, site: Site) -> Result<Tensor> {
         match self {
-            Mode::Train(rng) if p > 0.0 => dropout(x, p, rng),
+            Mode::Train(key) if p > 0.0 => dropout(x, p, Mask::new(*key, site, p as f32)),
             _ => Ok(x.clone()),
+        }
+    }
+
+    /// The attention dropout mask of `layer`, when training with dropout.
+    fn attention_mask(&self, p: f64, layer: usize) -> Option<Mask> {
+        match self {
+            Mode::Train(key) if p > 0.0 => Some(Mask::new(*key, Site::Attention(layer), p as f32)),
+            _ => None,
         }
     }
 }
@@ -98,15 +106,12 @@ pub fn causal_self_attention(
     qkv: &Tensor,
     n_head: usize,
     dropout: f64,
-    mode: &mut Mode,
+    mode: &Mode,
     cache: Option<&mut LayerCache>,
+    layer: usize,
 ) -> Result<Tensor> {
     if cache.is_none() && fused(qkv) {
-        let attention_dropout = match mode {
-            Mode::Train(rng) if dropout > 0.0 => Some(cpu_ops::AttentionDropout { p: dropout as f32, seed: rng.random() }),
-            _ => None,
-        };
-        return cpu_ops::causal_attention(qkv, n_head, attention_dropout);
+        return cpu_ops::causal_attention(qkv, n_head, mode.attention_mask(dropout, layer));
     }
     let (b, t, c3) = qkv.dims3()?;
     let c = c3 / 3;
@@ -124,7 +129,7 @@ pub fn causal_self_attention(
         *cache = Some((k.clone(), v.clone()));
     }
     let att = causal_attention_weights(&q, &k)?;
-    let att = mode.dropout(&att, dropout)?;
+    let att = mode.dropout(&att, dropout, Site::Attention(layer))?;
     att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))
 }
 
@@ -207,16 +212,16 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     (picked * counted)?.sum_all()?.affine(-1.0 / n_counted as f64, 0.0)
 }
 
-/// Inverted dropout: zero each element with probability `p`, scale the rest by 1/(1-p).
-/// On the CPU the mask comes from `rng`; on a GPU it is drawn there (by the device's generator,
-/// seeded with the engine), since drawing and uploading hundreds of millions of values per step
-/// from the host would cost more than the step itself.
-fn dropout(x: &Tensor, p: f64, rng: &mut StdRng) -> Result<Tensor> {
+/// Inverted dropout: zero each element with probability `p`, scale the rest by 1/(1-p). On the CPU
+/// the decisions are `mask`'s (element i of the contiguous tensor is the mask's element i), the same
+/// as the training step's; on a GPU they are drawn there (by the device's generator, seeded with the
+/// engine), since computing and uploading hundreds of millions of values per step from the host
+/// would cost more than the step itself.
+fn dropout(x: &Tensor, p: f64, mask: Mask) -> Result<Tensor> {
     let keep = 1.0 / (1.0 - p);
     let mask = if x.device().is_cpu() {
-        let keep = keep as f32;
-        let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.random::<f64>() < p { 0.0 } else { keep }).collect();
-        Tensor::from_vec(mask, x.shape(), x.device())?
+        let scales: Vec<f32> = (0..x.elem_count()).map(|i| mask.scale(i)).collect();
+        Tensor::from_vec(scales, x.shape(), x.device())?
     } else {
         Tensor::rand(0f32, 1f32, x.shape(), x.device())?.ge(p)?.to_dtype(DType::F32)?.affine(keep, 0.0)?
     };

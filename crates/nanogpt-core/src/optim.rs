@@ -1,7 +1,11 @@
 //! AdamW with nanoGPT's two parameter groups, global-norm clipping, and the learning-rate schedule.
 
 use candle_core::{DType, Result, Tensor, Var};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+
+use crate::kernels::adamw::{ratio, AdamWUpdate};
+use crate::train_step::ParamLayout;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct OptimizerArgs {
@@ -193,11 +197,16 @@ impl AdamW {
         for (slot, grad) in self.slots.iter_mut().zip(grads) {
             let decay = if slot.decays { weight_decay } else { 0.0 };
             if slot.param.device().is_cpu() {
-                let update = crate::cpu_ops::AdamWUpdate { lr, beta1: b1, beta2: b2, eps: EPS, weight_decay: decay, grad_scale, step_size, bias_correction2_sqrt };
-                let (p, m, v, ratio) = update.apply(slot.param.as_tensor(), grad, &slot.exp_avg, &slot.exp_avg_sq)?;
-                slot.param.set(&p)?;
-                (slot.exp_avg, slot.exp_avg_sq) = (m, v);
-                update_ratios.push((slot.name.clone(), ratio));
+                let update = AdamWUpdate { lr, beta1: b1, beta2: b2, eps: EPS, weight_decay: decay, grad_scale, step_size, bias_correction2_sqrt };
+                let values = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>();
+                let (mut p, mut m, mut v) = (values(slot.param.as_tensor())?, values(&slot.exp_avg)?, values(&slot.exp_avg_sq)?);
+                let (change, size) = update.apply(&mut p, &values(grad)?, &mut m, &mut v);
+                let shape = slot.param.shape().clone();
+                let device = slot.param.device().clone();
+                slot.param.set(&Tensor::from_vec(p, shape.clone(), &device)?)?;
+                slot.exp_avg = Tensor::from_vec(m, shape.clone(), &device)?;
+                slot.exp_avg_sq = Tensor::from_vec(v, shape, &device)?;
+                update_ratios.push((slot.name.clone(), ratio(change, size)));
                 continue;
             }
             let g = grad.affine(grad_scale, 0.0)?;
@@ -252,19 +261,133 @@ impl AdamW {
     }
 }
 
-/// ‖Δp‖ / ‖p‖ from the two squared norms (0 for an all-zero tensor).
-pub(crate) fn ratio(change_sq: f64, size_sq: f64) -> f64 {
-    if size_sq > 0.0 {
-        (change_sq / size_sq).sqrt()
-    } else {
-        0.0
-    }
-}
-
 /// L2 norm of all gradients taken together, as torch.nn.utils.clip_grad_norm_ computes it.
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
     // One transfer for all the per-tensor sums: on a GPU each transfer waits for the device.
     let sums = grads.iter().map(|g| g.sqr()?.sum_all()).collect::<Result<Vec<_>>>()?;
     let sums = Tensor::stack(&sums, 0)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
     Ok(sums.iter().sum::<f64>().sqrt())
+}
+
+/// The same AdamW over flat buffers (the CPU training step's): both moments are one allocation
+/// each, laid out as the parameters, and a step is one pass over them, in parallel blocks.
+pub struct FlatAdamW {
+    args: OptimizerArgs,
+    exp_avg: Vec<f32>,
+    exp_avg_sq: Vec<f32>,
+    step: u64,
+}
+
+/// Elements per block of the parallel update: large enough to amortise a task, small enough that
+/// one big tensor (the token embedding) spreads over every thread.
+const BLOCK: usize = 1 << 15;
+
+impl FlatAdamW {
+    pub fn new(layout: &ParamLayout, args: OptimizerArgs) -> Self {
+        Self { args, exp_avg: vec![0f32; layout.len], exp_avg_sq: vec![0f32; layout.len], step: 0 }
+    }
+
+    pub fn groups(layout: &ParamLayout) -> ParamGroups {
+        let mut g = ParamGroups::default();
+        for t in &layout.tensors {
+            let n = t.range.len();
+            if t.decays() {
+                (g.decay_tensors, g.decay_params) = (g.decay_tensors + 1, g.decay_params + n);
+            } else {
+                (g.no_decay_tensors, g.no_decay_params) = (g.no_decay_tensors + 1, g.no_decay_params + n);
+            }
+        }
+        g
+    }
+
+    pub fn steps_taken(&self) -> u64 {
+        self.step
+    }
+
+    /// One update of `params` at learning rate `lr` from `grads` (laid out as `layout` says), clipping
+    /// their global norm first when configured.
+    pub fn step(&mut self, layout: &ParamLayout, params: &mut [f32], grads: &[f32], lr: f64) -> StepStats {
+        let grad_norm = grads.par_chunks(BLOCK).map(|g| crate::kernels::dot(g, g) as f64).sum::<f64>().sqrt();
+        let clip = self.args.grad_clip;
+        let clipped = clip > 0.0 && grad_norm > clip;
+        // As torch.nn.utils.clip_grad_norm_: scale by clip/(norm + 1e-6) whenever that is below one.
+        let grad_scale = if clip > 0.0 { (clip / (grad_norm + 1e-6)).min(1.0) } else { 1.0 };
+        self.step += 1;
+        let (b1, b2) = (self.args.beta1, self.args.beta2);
+        let update = AdamWUpdate {
+            lr,
+            beta1: b1,
+            beta2: b2,
+            eps: EPS,
+            weight_decay: 0.0,
+            grad_scale,
+            step_size: lr / (1.0 - b1.powi(self.step as i32)),
+            bias_correction2_sqrt: (1.0 - b2.powi(self.step as i32)).sqrt(),
+        };
+        // Blocks of at most BLOCK elements, none spanning two tensors, each knowing its tensor.
+        let mut blocks = Vec::new();
+        let (mut p_rest, mut m_rest, mut v_rest) = (params, &mut self.exp_avg[..], &mut self.exp_avg_sq[..]);
+        for (index, tensor) in layout.tensors.iter().enumerate() {
+            let mut start = tensor.range.start;
+            while start < tensor.range.end {
+                let len = BLOCK.min(tensor.range.end - start);
+                let (p, rest) = std::mem::take(&mut p_rest).split_at_mut(len);
+                p_rest = rest;
+                let (m, rest) = std::mem::take(&mut m_rest).split_at_mut(len);
+                m_rest = rest;
+                let (v, rest) = std::mem::take(&mut v_rest).split_at_mut(len);
+                v_rest = rest;
+                blocks.push((index, p, &grads[start..start + len], m, v));
+                start += len;
+            }
+        }
+        let weight_decay = self.args.weight_decay;
+        let sums: Vec<(usize, f64, f64)> = blocks
+            .into_par_iter()
+            .map(|(index, p, g, m, v)| {
+                let decay = if layout.tensors[index].decays() { weight_decay } else { 0.0 };
+                let (change, size) = AdamWUpdate { weight_decay: decay, ..update }.apply(p, g, m, v);
+                (index, change, size)
+            })
+            .collect();
+        let mut norms = vec![(0f64, 0f64); layout.tensors.len()];
+        for (index, change, size) in sums {
+            norms[index].0 += change;
+            norms[index].1 += size;
+        }
+        let update_ratios = layout.tensors.iter().zip(norms).map(|(t, (change, size))| (t.name.clone(), ratio(change, size))).collect();
+        StepStats { grad_norm, clipped, update_ratios, skipped: false }
+    }
+
+    /// The moments and step count, named `<param>.exp_avg` / `<param>.exp_avg_sq` plus `step`.
+    pub fn state(&self, layout: &ParamLayout) -> Result<Vec<(String, Tensor)>> {
+        let device = candle_core::Device::Cpu;
+        let mut out = Vec::with_capacity(2 * layout.tensors.len() + 1);
+        for t in &layout.tensors {
+            out.push((format!("{}.exp_avg", t.name), Tensor::from_slice(&self.exp_avg[t.range.clone()], t.shape.as_slice(), &device)?));
+            out.push((format!("{}.exp_avg_sq", t.name), Tensor::from_slice(&self.exp_avg_sq[t.range.clone()], t.shape.as_slice(), &device)?));
+        }
+        out.push(("step".to_string(), Tensor::new(&[self.step as f64], &device)?));
+        Ok(out)
+    }
+
+    pub fn load_state(&mut self, layout: &ParamLayout, tensors: &std::collections::HashMap<String, Tensor>) -> Result<()> {
+        let step = tensors.get("step").ok_or_else(|| candle_core::Error::Msg("optimizer state has no `step`".into()))?;
+        let step = step.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        for t in &layout.tensors {
+            for (suffix, target) in [("exp_avg", &mut self.exp_avg), ("exp_avg_sq", &mut self.exp_avg_sq)] {
+                let key = format!("{}.{suffix}", t.name);
+                let Some(value) = tensors.get(&key) else {
+                    candle_core::bail!("optimizer state has no `{key}`: it was saved for another model")
+                };
+                if value.dims() != t.shape.as_slice() {
+                    candle_core::bail!("optimizer state `{key}` has shape {:?}, expected {:?}", value.dims(), t.shape);
+                }
+                let values = value.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                target[t.range.clone()].copy_from_slice(&values);
+            }
+        }
+        self.step = step.first().copied().unwrap_or(0.0) as u64;
+        Ok(())
+    }
 }

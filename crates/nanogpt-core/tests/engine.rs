@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 
 use candle_core::{Device, IndexOp, Result, Tensor};
+use nanogpt_core::kernels::dropout::DropoutKey;
 use nanogpt_core::model::{Gpt, KvCache, Mode};
 use nanogpt_core::ops::with_composite_ops;
 use nanogpt_core::optim::AdamW;
@@ -34,8 +35,7 @@ fn tensors(x: &[u32], y: &[i32], b: usize) -> Result<(Tensor, Tensor)> {
 
 /// Loss with dropout masks drawn from a fixed seed, so that repeated evaluations see the same masks.
 fn loss_at(model: &Gpt, x: &Tensor, y: &Tensor, dropout_seed: u64) -> Result<Tensor> {
-    let mut rng = StdRng::seed_from_u64(dropout_seed);
-    model.loss(x, y, &mut Mode::Train(&mut rng))
+    model.loss(x, y, &Mode::Train(DropoutKey { seed: dropout_seed, step: 0 }))
 }
 
 fn gradients(model: &Gpt, x: &Tensor, y: &Tensor, dropout_seed: u64) -> Result<Vec<(String, Tensor)>> {
@@ -408,7 +408,7 @@ fn float16_training_tracks_float32_with_f32_master_weights() -> Result<()> {
     let optimizer = OptimizerArgs { weight_decay: 0.1, beta1: 0.9, beta2: 0.99, grad_clip: 1.0 };
     let (mut full, mut half) = (Engine::new(&args, 3, "cpu")?, Engine::new(&args, 3, "cpu")?);
     // candle's CPU matmul has f16 but no bf16: the mixed-precision path is exercised here with f16.
-    half.set_compute_dtype(candle_core::DType::F16);
+    half.set_compute_dtype(candle_core::DType::F16)?;
     assert_eq!(half.loss_scale(), 65536.0);
     full.configure_optimizer(&optimizer)?;
     half.configure_optimizer(&optimizer)?;

@@ -1,0 +1,52 @@
+//! PyTorch's AdamW arithmetic (decoupled weight decay, bias correction) on f32 slices, in place,
+//! one pass over parameter, gradient and both moments.
+
+/// The step's constants, shared by every element of one parameter group.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWUpdate {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Multiplies the gradient first (global-norm clipping, loss-scale removal).
+    pub grad_scale: f64,
+    /// lr / (1 - beta1^step).
+    pub step_size: f64,
+    /// sqrt(1 - beta2^step).
+    pub bias_correction2_sqrt: f64,
+}
+
+impl AdamWUpdate {
+    /// Updates `param`, `exp_avg` and `exp_avg_sq` from `grad`; returns the squared norms of the
+    /// change ‖Δp‖² and of the parameter before it ‖p‖², for the update/weight ratio.
+    pub fn apply(&self, param: &mut [f32], grad: &[f32], exp_avg: &mut [f32], exp_avg_sq: &mut [f32]) -> (f64, f64) {
+        let n = param.len();
+        assert!(grad.len() == n && exp_avg.len() == n && exp_avg_sq.len() == n, "adamw: buffer sizes do not match");
+        let (b1, b2) = (self.beta1 as f32, self.beta2 as f32);
+        let decay = (1.0 - self.lr * self.weight_decay) as f32;
+        let (scale, step, bc2, eps) = (self.grad_scale as f32, self.step_size as f32, self.bias_correction2_sqrt as f32, self.eps as f32);
+        // Eight partial sums per norm so the loop vectorises (see `kernels::dot`).
+        let (mut change, mut size) = ([0f32; 8], [0f32; 8]);
+        for i in 0..n {
+            let gi = grad[i] * scale;
+            let m = b1 * exp_avg[i] + (1.0 - b1) * gi;
+            let v = b2 * exp_avg_sq[i] + (1.0 - b2) * gi * gi;
+            let p0 = param[i];
+            let p = p0 * decay - step * m / (v.sqrt() / bc2 + eps);
+            (exp_avg[i], exp_avg_sq[i], param[i]) = (m, v, p);
+            change[i % 8] += (p - p0) * (p - p0);
+            size[i % 8] += p0 * p0;
+        }
+        (change.iter().sum::<f32>() as f64, size.iter().sum::<f32>() as f64)
+    }
+}
+
+/// ‖Δp‖ / ‖p‖ from the two squared norms (0 for an all-zero tensor).
+pub fn ratio(change_sq: f64, size_sq: f64) -> f64 {
+    if size_sq > 0.0 {
+        (change_sq / size_sq).sqrt()
+    } else {
+        0.0
+    }
+}

@@ -1,0 +1,77 @@
+//! Linear layer `out = inp Wᵀ + b` over rows of `inp` (N x C), W in PyTorch's (OC, C) layout, on gemm.
+
+use super::{parallelism, store};
+
+/// `out` (N x OC) = inp Wᵀ + b; with `residual`, the product is added to what `out` already holds
+/// (the residual stream), which saves a separate add pass.
+#[allow(clippy::too_many_arguments)]
+pub fn forward(out: &mut [f32], inp: &[f32], weight: &[f32], bias: Option<&[f32]>, n: usize, c: usize, oc: usize, residual: bool) {
+    assert!(out.len() == n * oc && inp.len() == n * c && weight.len() == oc * c, "linear: buffer sizes do not match ({n}x{c}) @ ({oc}x{c})ᵀ");
+    if let Some(b) = bias {
+        if residual {
+            out.chunks_exact_mut(oc).for_each(|row| row.iter_mut().zip(b).for_each(|(o, b)| *o += b));
+        } else {
+            out.chunks_exact_mut(oc).for_each(|row| row.copy_from_slice(b));
+        }
+    }
+    let read_out = residual || bias.is_some();
+    // SAFETY: out is n x oc, inp n x c, weight oc x c read transposed; all three sizes were checked above
+    // and out is a distinct mutable borrow, so it overlaps neither input.
+    unsafe {
+        gemm::gemm(
+            n, oc, c,
+            out.as_mut_ptr(), 1, oc as isize, read_out,
+            inp.as_ptr(), 1, c as isize,
+            weight.as_ptr(), c as isize, 1,
+            1.0, 1.0, false, false, false,
+            parallelism(n * oc * c),
+        );
+    }
+}
+
+/// Gradients of the input (written to `dinp`), of the weight and of the bias (written or accumulated).
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    dinp: Option<&mut [f32]>,
+    dweight: &mut [f32],
+    dbias: Option<&mut [f32]>,
+    dout: &[f32],
+    inp: &[f32],
+    weight: &[f32],
+    n: usize,
+    c: usize,
+    oc: usize,
+    accumulate: bool,
+) {
+    assert!(dout.len() == n * oc && inp.len() == n * c && weight.len() == oc * c && dweight.len() == oc * c, "linear backward: buffer sizes do not match");
+    if let Some(dinp) = dinp {
+        assert_eq!(dinp.len(), n * c);
+        // SAFETY: dinp (n x c) = dout (n x oc) @ weight (oc x c), sizes checked, dinp a distinct borrow.
+        unsafe {
+            gemm::gemm(
+                n, c, oc,
+                dinp.as_mut_ptr(), 1, c as isize, false,
+                dout.as_ptr(), 1, oc as isize,
+                weight.as_ptr(), 1, c as isize,
+                0.0, 1.0, false, false, false,
+                parallelism(n * oc * c),
+            );
+        }
+    }
+    // SAFETY: dweight (oc x c) (+)= doutᵀ (oc x n) @ inp (n x c), sizes checked, dweight a distinct borrow.
+    unsafe {
+        gemm::gemm(
+            oc, c, n,
+            dweight.as_mut_ptr(), 1, c as isize, accumulate,
+            dout.as_ptr(), oc as isize, 1,
+            inp.as_ptr(), 1, c as isize,
+            1.0, 1.0, false, false, false,
+            parallelism(n * oc * c),
+        );
+    }
+    if let Some(dbias) = dbias {
+        let mut sums = vec![0f32; oc];
+        dout.chunks_exact(oc).for_each(|row| sums.iter_mut().zip(row).for_each(|(s, g)| *s += g));
+        store(dbias, &sums, accumulate);
+    }
+}

@@ -1,0 +1,82 @@
+//! The training step's kernels: one forward/backward pair per layer kind, on f32 slices, for the CPU.
+//! Shapes are passed explicitly as llm.c does: B batch rows, T positions, C channels, NH heads, V vocab.
+//! A GPU or WebAssembly-specific implementation would be a sibling module with the same functions,
+//! chosen by `train_step` for its backend; the CPU kernels here are also what the WebAssembly build runs.
+//!
+//! Backward functions write their parameter gradients with `accumulate == false` (the first micro-step
+//! after an optimizer step) and add to them otherwise, so that no gradient buffer is ever zero-filled.
+
+pub mod adamw;
+pub mod attention;
+pub mod cross_entropy;
+pub mod dropout;
+pub mod embedding;
+pub mod gelu;
+pub mod layernorm;
+pub mod matmul;
+
+/// Dot product with eight independent partial sums: a single running sum cannot be vectorised
+/// (float addition is not associative) and waits on the adder's latency at every element.
+#[inline(always)]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ac.zip(bc) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[inline(always)]
+pub(crate) fn sum(a: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = a.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for x in chunks {
+        for k in 0..8 {
+            acc[k] += x[k];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// e^x to about 2e-7 relative error, branch-free so that loops over it vectorise
+/// (libm's `expf` is a call per element).
+#[inline(always)]
+pub(crate) fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding and subtracting it rounds to an integer
+    let x = x.clamp(-87.0, 88.0);
+    let shifted = x * LOG2E + ROUND;
+    let n = shifted - ROUND;
+    // The low mantissa bits of `shifted` hold n as an integer: 2^n without a float-to-int conversion.
+    let n_int = shifted.to_bits().wrapping_sub(ROUND.to_bits());
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
+    p * f32::from_bits(n_int.wrapping_add(127) << 23)
+}
+
+/// `dst = src` on the first micro-step, `dst += src` on later ones.
+#[inline(always)]
+pub(crate) fn store(dst: &mut [f32], src: &[f32], accumulate: bool) {
+    if accumulate {
+        dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+    } else {
+        dst.copy_from_slice(src);
+    }
+}
+
+/// gemm's threading for a product of `flops` multiply-adds: below about a million, handing work to
+/// other threads costs more than it saves.
+pub(crate) fn parallelism(flops: usize) -> gemm::Parallelism {
+    match rayon::current_num_threads() {
+        n if n > 1 && flops >= 1 << 20 => gemm::Parallelism::Rayon(n),
+        _ => gemm::Parallelism::None,
+    }
+}

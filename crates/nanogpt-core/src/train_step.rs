@@ -1,0 +1,340 @@
+//! The CPU training step, llm.c style: parameters, gradients and each AdamW moment are one f32
+//! allocation apiece, every weight tensor a named range of it (nanoGPT's state-dict names, in
+//! `Gpt::named_parameters` order); the activations of a (B, T) batch are allocated once and reused.
+//! Forward and backward are written out layer by layer below, from the kernels in `kernels/`.
+//!
+//! Shapes: B batch rows, T positions, C = n_embd channels, NH heads, V vocab, L layers.
+
+use std::ops::Range;
+
+use candle_core::Result;
+
+use crate::kernels::dropout::{DropoutKey, Mask, Site};
+use crate::kernels::{attention, cross_entropy, embedding, gelu, layernorm, matmul};
+use crate::model::{Gelu, ModelArgs};
+
+/// One parameter tensor: its nanoGPT name, shape and place in the flat buffers.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParamTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub range: Range<usize>,
+}
+
+impl ParamTensor {
+    /// nanoGPT's optimizer groups: matmul weights and embeddings (rank >= 2) decay, biases and
+    /// LayerNorm weights do not.
+    pub fn decays(&self) -> bool {
+        self.shape.len() >= 2
+    }
+}
+
+/// A weight and its optional bias, which always follows it in the flat buffers.
+#[derive(Clone, Debug)]
+struct Affine {
+    weight: Range<usize>,
+    bias: Option<Range<usize>>,
+}
+
+impl Affine {
+    /// Weight and bias slices of `buffer`.
+    fn get<'a>(&self, buffer: &'a [f32]) -> (&'a [f32], Option<&'a [f32]>) {
+        (&buffer[self.weight.clone()], self.bias.clone().map(|b| &buffer[b]))
+    }
+
+    /// Weight and bias slices of `buffer`, mutable together.
+    fn get_mut<'a>(&self, buffer: &'a mut [f32]) -> (&'a mut [f32], Option<&'a mut [f32]>) {
+        let end = self.bias.as_ref().map_or(self.weight.end, |b| b.end);
+        let (weight, bias) = buffer[self.weight.start..end].split_at_mut(self.weight.len());
+        (weight, self.bias.is_some().then_some(bias))
+    }
+}
+
+#[derive(Clone, Debug)]
+struct LayerParams {
+    ln_1: Affine,
+    c_attn: Affine,
+    attn_proj: Affine,
+    ln_2: Affine,
+    c_fc: Affine,
+    mlp_proj: Affine,
+}
+
+/// Where every parameter tensor lives in the flat buffers.
+#[derive(Clone, Debug)]
+pub struct ParamLayout {
+    pub tensors: Vec<ParamTensor>,
+    pub len: usize,
+    wte: Range<usize>,
+    wpe: Range<usize>,
+    layers: Vec<LayerParams>,
+    ln_f: Affine,
+}
+
+impl ParamLayout {
+    pub fn new(args: &ModelArgs) -> Self {
+        let c = args.n_embd;
+        let mut tensors = Vec::new();
+        let mut push = |name: String, shape: Vec<usize>| {
+            let start = tensors.last().map_or(0, |t: &ParamTensor| t.range.end);
+            let range = start..start + shape.iter().product::<usize>();
+            tensors.push(ParamTensor { name, shape, range: range.clone() });
+            range
+        };
+        let wte = push("transformer.wte.weight".into(), vec![args.vocab_size, c]);
+        let wpe = push("transformer.wpe.weight".into(), vec![args.block_size, c]);
+        let mut affine = |name: String, shape: Vec<usize>| Affine {
+            weight: push(format!("{name}.weight"), shape.clone()),
+            bias: args.bias.then(|| push(format!("{name}.bias"), vec![shape[0]])),
+        };
+        let layers = (0..args.n_layer)
+            .map(|l| {
+                let p = format!("transformer.h.{l}");
+                LayerParams {
+                    ln_1: affine(format!("{p}.ln_1"), vec![c]),
+                    c_attn: affine(format!("{p}.attn.c_attn"), vec![3 * c, c]),
+                    attn_proj: affine(format!("{p}.attn.c_proj"), vec![c, c]),
+                    ln_2: affine(format!("{p}.ln_2"), vec![c]),
+                    c_fc: affine(format!("{p}.mlp.c_fc"), vec![4 * c, c]),
+                    mlp_proj: affine(format!("{p}.mlp.c_proj"), vec![c, 4 * c]),
+                }
+            })
+            .collect();
+        let ln_f = affine("transformer.ln_f".into(), vec![c]);
+        let len = tensors.last().map_or(0, |t| t.range.end);
+        Self { tensors, len, wte, wpe, layers, ln_f }
+    }
+}
+
+/// The activations of one layer that the backward pass reads, each (B, T, width).
+struct LayerActivations {
+    ln_1: Vec<f32>,
+    ln_1_mean: Vec<f32>,
+    ln_1_rstd: Vec<f32>,
+    qkv: Vec<f32>,
+    /// The attention's merged heads, before the output projection.
+    atty: Vec<f32>,
+    /// The residual stream after the attention block.
+    residual_2: Vec<f32>,
+    ln_2: Vec<f32>,
+    ln_2_mean: Vec<f32>,
+    ln_2_rstd: Vec<f32>,
+    /// The MLP's hidden layer before and after GELU.
+    fch: Vec<f32>,
+    fch_gelu: Vec<f32>,
+    /// The residual stream after the MLP block: the next layer's input.
+    residual_3: Vec<f32>,
+}
+
+/// Everything a (B, T) step writes besides parameters and their gradients, allocated once per shape.
+pub struct Activations {
+    b: usize,
+    t: usize,
+    /// The embedding output: the first layer's input.
+    encoded: Vec<f32>,
+    layers: Vec<LayerActivations>,
+    ln_f: Vec<f32>,
+    ln_f_mean: Vec<f32>,
+    ln_f_rstd: Vec<f32>,
+    /// (B, T, V): the logits, overwritten by their gradient in training.
+    logits: Vec<f32>,
+    /// The gradient of the residual stream, carried down through the layers.
+    dresidual: Vec<f32>,
+    /// (B, T, C) scratch: a dropped-out projection in the forward pass, a LayerNorm output's
+    /// gradient or a projection's gradient in the backward pass.
+    scratch: Vec<f32>,
+    /// (B, T, C): the gradient of the attention's merged heads.
+    datty: Vec<f32>,
+    dqkv: Vec<f32>,
+    dfch: Vec<f32>,
+}
+
+/// f32 elements of each activation buffer for (B, T), by purpose, from which both the allocation
+/// and the memory estimate are made.
+pub struct ActivationSizes {
+    /// Kept from the forward pass for the backward pass (including the logits).
+    pub forward: usize,
+    /// Gradient buffers of the backward pass.
+    pub backward: usize,
+}
+
+pub fn activation_sizes(args: &ModelArgs, b: usize, t: usize) -> ActivationSizes {
+    let (n, c) = (b * t, args.n_embd);
+    // ln_1 + qkv + atty + residual_2 + ln_2 + fch + fch_gelu + residual_3, and four row statistics.
+    let layer = n * (c + 3 * c + c + c + c + 4 * c + 4 * c + c) + 4 * n;
+    let forward = n * c + args.n_layer * layer + n * c + 2 * n + n * args.vocab_size;
+    let backward = n * c * 3 + n * 3 * c + n * 4 * c;
+    ActivationSizes { forward, backward }
+}
+
+impl Activations {
+    pub fn new(args: &ModelArgs, b: usize, t: usize) -> Self {
+        let (n, c) = (b * t, args.n_embd);
+        let z = |len: usize| vec![0f32; len];
+        let layers = (0..args.n_layer)
+            .map(|_| LayerActivations {
+                ln_1: z(n * c),
+                ln_1_mean: z(n),
+                ln_1_rstd: z(n),
+                qkv: z(n * 3 * c),
+                atty: z(n * c),
+                residual_2: z(n * c),
+                ln_2: z(n * c),
+                ln_2_mean: z(n),
+                ln_2_rstd: z(n),
+                fch: z(n * 4 * c),
+                fch_gelu: z(n * 4 * c),
+                residual_3: z(n * c),
+            })
+            .collect();
+        Self {
+            b,
+            t,
+            encoded: z(n * c),
+            layers,
+            ln_f: z(n * c),
+            ln_f_mean: z(n),
+            ln_f_rstd: z(n),
+            logits: z(n * args.vocab_size),
+            dresidual: z(n * c),
+            scratch: z(n * c),
+            datty: z(n * c),
+            dqkv: z(n * 3 * c),
+            dfch: z(n * 4 * c),
+        }
+    }
+
+    pub fn shape(&self) -> (usize, usize) {
+        (self.b, self.t)
+    }
+}
+
+/// The dropout mask of `site` when training with dropout.
+fn mask(dropout: Option<(DropoutKey, f32)>, site: Site) -> Option<Mask> {
+    dropout.map(|(key, p)| Mask::new(key, site, p))
+}
+
+/// `out = residual + dropout(inp Wᵀ + b)`: the residual add fused into the matmul when nothing is dropped.
+#[allow(clippy::too_many_arguments)]
+fn residual_linear(out: &mut [f32], scratch: &mut [f32], residual: &[f32], inp: &[f32], (w, b): (&[f32], Option<&[f32]>), n: usize, c: usize, oc: usize, mask: Option<Mask>) {
+    match mask {
+        None => {
+            out.copy_from_slice(residual);
+            matmul::forward(out, inp, w, b, n, c, oc, true);
+        }
+        Some(mask) => {
+            matmul::forward(scratch, inp, w, b, n, c, oc, false);
+            mask.apply(scratch, 0);
+            out.iter_mut().zip(residual.iter().zip(scratch.iter())).for_each(|(o, (r, s))| *o = r + s);
+        }
+    }
+}
+
+/// The forward pass of `tokens` (B x T) to the logits in `acts`. `dropout` is the key and
+/// probability of a training pass with dropout; None evaluates.
+pub fn forward(args: &ModelArgs, layout: &ParamLayout, params: &[f32], acts: &mut Activations, tokens: &[u32], dropout: Option<(DropoutKey, f32)>) {
+    let (b, t) = acts.shape();
+    let (n, c, nh, v) = (b * t, args.n_embd, args.n_head, args.vocab_size);
+    let tanh = args.gelu == Gelu::Tanh;
+    let p = |r: &Range<usize>| &params[r.clone()];
+    embedding::forward(&mut acts.encoded, tokens, p(&layout.wte), p(&layout.wpe), t, c, mask(dropout, Site::Embedding));
+    for (l, lp) in layout.layers.iter().enumerate() {
+        let (before, rest) = acts.layers.split_at_mut(l);
+        let residual = before.last().map_or(&acts.encoded, |prev| &prev.residual_3);
+        let a = &mut rest[0];
+        let (w, bias) = lp.ln_1.get(params);
+        layernorm::forward(&mut a.ln_1, &mut a.ln_1_mean, &mut a.ln_1_rstd, residual, w, bias);
+        let (w, bias) = lp.c_attn.get(params);
+        matmul::forward(&mut a.qkv, &a.ln_1, w, bias, n, c, 3 * c, false);
+        attention::forward(&mut a.atty, &a.qkv, t, c, nh, mask(dropout, Site::Attention(l)));
+        residual_linear(&mut a.residual_2, &mut acts.scratch, residual, &a.atty, lp.attn_proj.get(params), n, c, c, mask(dropout, Site::AttentionResidual(l)));
+        let (w, bias) = lp.ln_2.get(params);
+        layernorm::forward(&mut a.ln_2, &mut a.ln_2_mean, &mut a.ln_2_rstd, &a.residual_2, w, bias);
+        let (w, bias) = lp.c_fc.get(params);
+        matmul::forward(&mut a.fch, &a.ln_2, w, bias, n, c, 4 * c, false);
+        gelu::forward(&mut a.fch_gelu, &a.fch, tanh);
+        residual_linear(&mut a.residual_3, &mut acts.scratch, &a.residual_2, &a.fch_gelu, lp.mlp_proj.get(params), n, 4 * c, c, mask(dropout, Site::MlpResidual(l)));
+    }
+    let residual = acts.layers.last().map_or(&acts.encoded, |a| &a.residual_3);
+    let (w, bias) = layout.ln_f.get(params);
+    layernorm::forward(&mut acts.ln_f, &mut acts.ln_f_mean, &mut acts.ln_f_rstd, residual, w, bias);
+    // The output layer is the token embedding (weight tying).
+    matmul::forward(&mut acts.logits, &acts.ln_f, p(&layout.wte), None, n, c, v, false);
+}
+
+/// Mean loss over the counted targets; with `grad_scale`, the logits become the gradient of
+/// `grad_scale` times the mean loss.
+pub fn loss(args: &ModelArgs, acts: &mut Activations, targets: &[i32], grad_scale: Option<f64>) -> Result<f32> {
+    let counted = cross_entropy::counted(targets);
+    if counted == 0 {
+        candle_core::bail!("every target is -1 (ignored): there is nothing to compute a loss on");
+    }
+    let row_scale = grad_scale.map(|s| (s / counted as f64) as f32);
+    let total = cross_entropy::forward(&mut acts.logits, targets, args.vocab_size, row_scale);
+    Ok((total / counted as f64) as f32)
+}
+
+/// The backward pass from the logits' gradient (left in `acts` by [`loss`]) to the parameter
+/// gradients `grads`: written when `accumulate` is false, added to otherwise.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    args: &ModelArgs,
+    layout: &ParamLayout,
+    params: &[f32],
+    grads: &mut [f32],
+    acts: &mut Activations,
+    tokens: &[u32],
+    dropout: Option<(DropoutKey, f32)>,
+    accumulate: bool,
+) {
+    let (b, t) = acts.shape();
+    let (n, c, nh, v) = (b * t, args.n_embd, args.n_head, args.vocab_size);
+    let tanh = args.gelu == Gelu::Tanh;
+    let Activations { encoded, layers, ln_f, ln_f_mean, ln_f_rstd, logits, dresidual, scratch, datty, dqkv, dfch, .. } = acts;
+
+    matmul::backward(Some(scratch), &mut grads[layout.wte.clone()], None, logits, ln_f, &params[layout.wte.clone()], n, c, v, accumulate);
+    let last = layers.last().map_or(&*encoded, |a| &a.residual_3);
+    let (dw, db) = layout.ln_f.get_mut(grads);
+    layernorm::backward(dresidual, dw, db, scratch, last, ln_f_mean, ln_f_rstd, layout.ln_f.get(params).0, false, accumulate);
+
+    for (l, lp) in layout.layers.iter().enumerate().rev() {
+        let residual = if l == 0 { &*encoded } else { &layers[l - 1].residual_3 };
+        let a = &layers[l];
+        // MLP block: residual_3 = residual_2 + dropout(gelu(ln_2 W_fcᵀ) W_projᵀ).
+        let dproj: &[f32] = match mask(dropout, Site::MlpResidual(l)) {
+            Some(m) => {
+                scratch.copy_from_slice(dresidual);
+                m.apply(scratch, 0);
+                scratch
+            }
+            None => dresidual,
+        };
+        let (dw, db) = lp.mlp_proj.get_mut(grads);
+        matmul::backward(Some(dfch), dw, db, dproj, &a.fch_gelu, lp.mlp_proj.get(params).0, n, 4 * c, c, accumulate);
+        gelu::backward(dfch, &a.fch, tanh);
+        let (dw, db) = lp.c_fc.get_mut(grads);
+        matmul::backward(Some(scratch), dw, db, dfch, &a.ln_2, lp.c_fc.get(params).0, n, c, 4 * c, accumulate);
+        let (dw, db) = lp.ln_2.get_mut(grads);
+        layernorm::backward(dresidual, dw, db, scratch, &a.residual_2, &a.ln_2_mean, &a.ln_2_rstd, lp.ln_2.get(params).0, true, accumulate);
+
+        // Attention block: residual_2 = residual + dropout(attention(ln_1 W_attnᵀ) W_projᵀ).
+        let dproj: &[f32] = match mask(dropout, Site::AttentionResidual(l)) {
+            Some(m) => {
+                scratch.copy_from_slice(dresidual);
+                m.apply(scratch, 0);
+                scratch
+            }
+            None => dresidual,
+        };
+        let (dw, db) = lp.attn_proj.get_mut(grads);
+        matmul::backward(Some(datty), dw, db, dproj, &a.atty, lp.attn_proj.get(params).0, n, c, c, accumulate);
+        attention::backward(dqkv, datty, &a.qkv, t, c, nh, mask(dropout, Site::Attention(l)));
+        let (dw, db) = lp.c_attn.get_mut(grads);
+        matmul::backward(Some(scratch), dw, db, dqkv, &a.ln_1, lp.c_attn.get(params).0, n, c, 3 * c, accumulate);
+        let (dw, db) = lp.ln_1.get_mut(grads);
+        layernorm::backward(dresidual, dw, db, scratch, residual, &a.ln_1_mean, &a.ln_1_rstd, lp.ln_1.get(params).0, true, accumulate);
+    }
+
+    let (dwte, dwpe) = grads[layout.wte.start..layout.wpe.end].split_at_mut(layout.wte.len());
+    embedding::backward(dwte, dwpe, dresidual, tokens, t, c, mask(dropout, Site::Embedding), accumulate);
+}
