@@ -9,7 +9,9 @@ pub mod memory;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod pickle;
 pub mod sample;
+pub mod torch_checkpoint;
 
 pub use cuda::MemoryStats;
 pub use engine::{Engine, PhaseTimes};
