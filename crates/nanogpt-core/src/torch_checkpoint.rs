@@ -329,8 +329,7 @@ pub fn write<W: Write + Seek>(out: W, model: &Gpt, optimizer: Option<&HashMap<St
     }
     zip.start_file("ckpt/version", file(false)).map_err(zipped)?;
     zip.write_all(b"3\n").map_err(io)?;
-    zip.finish().map_err(zipped)?;
-    Ok(())
+    zip.finish().map_err(zipped)?.flush().map_err(io)
 }
 
 /// Refers to `t` as the next storage, which the zip gets when the pickle is done.

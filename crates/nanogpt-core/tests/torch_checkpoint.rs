@@ -62,6 +62,11 @@ fn resume(engine: &mut Engine, path: &str, case: &Value) -> (Vec<f32>, f32) {
     (losses, window_loss(engine, case))
 }
 
+/// The first line of an error: the message, without the backtrace candle appends when RUST_BACKTRACE is set.
+fn first_line(err: impl ToString) -> String {
+    err.to_string().lines().next().unwrap_or_default().to_string()
+}
+
 /// Largest absolute difference between our losses and nanoGPT's.
 fn max_diff(ours: &[f32], theirs: &Value) -> f64 {
     let theirs = theirs.as_array().unwrap();
@@ -115,6 +120,7 @@ fn resume_matches_nanogpt() {
         let diff = max_diff(&losses, &want["resume"]["losses"]);
         assert!(diff < 1e-4, "{case}: resumed losses {losses:?} differ from nanoGPT's by {diff}");
         let want_after = want["resume"]["val_loss_after"].as_f64().unwrap();
+        println!("{case}: 10 resumed losses within {diff:.1e} of nanoGPT's, loss after them within {:.1e}", (after as f64 - want_after).abs());
         assert!((after as f64 - want_after).abs() < 1e-4, "{case}: loss after resuming {after}, nanoGPT {want_after}");
     }
 }
@@ -125,9 +131,9 @@ fn refuses_a_pickle_that_runs_code() {
     let marker = Path::new("/tmp/nanogpt-rs-pickle-payload-ran");
     let _ = std::fs::remove_file(marker);
     let path = fixture_str("malicious/ckpt.pt");
-    let err = nanogpt_checkpoint_info_file(&path).unwrap_err().to_string();
+    let err = first_line(nanogpt_checkpoint_info_file(&path).unwrap_err());
     assert!(err.contains("`posix.system`") || err.contains("`os.system`"), "{err}");
-    assert!(!err.contains('\n'), "{err}");
+    assert!(err.ends_with("nothing in the file is run)"), "{err}");
     let args = info(&fixture_str("plain/ckpt.pt")).model_args;
     assert!(Engine::from_nanogpt_checkpoint_file(&args, &path, "cpu").is_err());
     assert!(!marker.exists(), "the payload ran");
@@ -154,9 +160,8 @@ fn damaged_files_give_one_line_errors() {
         assert!(Engine::from_nanogpt_checkpoint(&args, bytes, "cpu").is_err());
     }
     let path = fixture_str("wrong_arch/ckpt.pt");
-    let err = Engine::from_nanogpt_checkpoint_file(&info(&path).model_args, &path, "cpu").err().unwrap().to_string();
-    assert!(err.contains("transformer.wte.weight") && err.contains("shape"), "{err}");
-    assert!(!err.contains('\n'), "{err}");
+    let err = first_line(Engine::from_nanogpt_checkpoint_file(&info(&path).model_args, &path, "cpu").err().unwrap());
+    assert!(err.contains("transformer.wte.weight") && err.ends_with("the model expects [58, 24]"), "{err}");
 }
 
 /// A written checkpoint reads back to the same model, optimizer state and info.
