@@ -171,6 +171,8 @@ struct Reader<'a> {
     bytes: &'a [u8],
     pos: usize,
     stack: Vec<Value>,
+    /// Values are copied into the memo, not shared: a container memoized empty, filled, then fetched again would
+    /// come back empty. torch.save and pickle.dump of plain data fetch only finished values (names, strings, tuples).
     memo: HashMap<u32, Value>,
 }
 
@@ -434,7 +436,7 @@ impl<'a> Reader<'a> {
 }
 
 fn pairs(items: Vec<Value>) -> Result<Vec<(Value, Value)>> {
-    if items.len() % 2 != 0 {
+    if !items.len().is_multiple_of(2) {
         candle_core::bail!("the pickle is malformed (a dict with an odd number of items)");
     }
     let mut out = Vec::with_capacity(items.len() / 2);
@@ -502,14 +504,19 @@ fn persistent(pid: Value) -> Result<Value> {
 }
 
 /// Writes the subset [`read`] reads, as protocol 2 (what `torch.save` writes).
-#[derive(Default)]
 pub struct Writer {
-    pub out: Vec<u8>,
+    out: Vec<u8>,
+}
+
+impl Default for Writer {
+    fn default() -> Self {
+        Self { out: vec![0x80, 2] }
+    }
 }
 
 impl Writer {
     pub fn new() -> Self {
-        Self { out: vec![0x80, 2] }
+        Self::default()
     }
 
     pub fn finish(mut self) -> Vec<u8> {
