@@ -146,6 +146,15 @@ impl Value {
         })
     }
 
+    /// How many values this one holds, itself included.
+    fn nodes(&self) -> usize {
+        1 + match self {
+            Value::List(items) | Value::Tuple(items) => items.iter().map(Value::nodes).sum(),
+            Value::Dict(items) => items.iter().map(|(k, v)| k.nodes() + v.nodes()).sum(),
+            _ => 0,
+        }
+    }
+
     fn kind(&self) -> &'static str {
         match self {
             Value::Bytes(_) => "bytes",
@@ -159,7 +168,9 @@ impl Value {
 
 /// Reads one pickle (protocols 2 to 4, the ones `torch.save` and `pickle.dump` write).
 pub fn read(bytes: &[u8]) -> Result<Value> {
-    Reader { bytes, pos: 0, stack: Vec::new(), memo: HashMap::new() }.run()
+    // Each fetch from the memo copies a value; nested fetches could make a small file expand exponentially.
+    let copy_budget = 64 * bytes.len() + (1 << 20);
+    Reader { bytes, pos: 0, stack: Vec::new(), memo: HashMap::new(), copy_budget }.run()
 }
 
 /// A pickle that holds plain data (e.g. nanoGPT's `meta.pkl`) as JSON text.
@@ -174,6 +185,8 @@ struct Reader<'a> {
     /// Values are copied into the memo, not shared: a container memoized empty, filled, then fetched again would
     /// come back empty. torch.save and pickle.dump of plain data fetch only finished values (names, strings, tuples).
     memo: HashMap<u32, Value>,
+    /// Values the memo may still copy out, in nodes.
+    copy_budget: usize,
 }
 
 fn truncated() -> candle_core::Error {
@@ -429,7 +442,11 @@ impl<'a> Reader<'a> {
     }
 
     fn get_memo(&mut self, key: u32) -> Result<()> {
-        let v = self.memo.get(&key).cloned().ok_or_else(|| candle_core::Error::Msg("the pickle is malformed (unknown memo entry)".into()))?;
+        let v = self.memo.get(&key).ok_or_else(|| candle_core::Error::Msg("the pickle is malformed (unknown memo entry)".into()))?;
+        self.copy_budget = self.copy_budget.checked_sub(v.nodes()).ok_or_else(|| {
+            candle_core::Error::Msg("the pickle repeats its values far beyond its size, which a checkpoint never does".into())
+        })?;
+        let v = v.clone();
         self.stack.push(v);
         Ok(())
     }

@@ -259,3 +259,16 @@ fn safetensors_with_bool_buffers_load() {
     assert_eq!(Engine::from_safetensors(&args, &bytes, "cpu").unwrap().eval_loss(&x, &y, 2).unwrap(), want);
     assert_eq!(Engine::from_safetensors_file(&args, path.to_str().unwrap(), "cpu").unwrap().eval_loss(&x, &y, 2).unwrap(), want);
 }
+
+/// Memo fetches that double a list each time would need 2^40 values from a few hundred bytes: refused early.
+#[test]
+fn refuses_a_pickle_that_expands_exponentially() {
+    let mut bytes = vec![0x80, 2, b']', b'q', 0];
+    for i in 0..40u8 {
+        // (memo[i], memo[i]) as a list, memoized as i + 1
+        bytes.extend_from_slice(&[b']', b'(', b'h', i, b'h', i, b'e', b'q', i + 1]);
+    }
+    bytes.push(b'.');
+    let err = first_line(pickle::read(&bytes).unwrap_err());
+    assert!(err.contains("repeats its values far beyond its size"), "{err}");
+}
