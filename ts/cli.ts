@@ -96,9 +96,10 @@ program
 
 program
   .command('export')
-  .description('write a checkpoint as a Hugging Face GPT-2 folder (config.json + model.safetensors)')
-  .requiredOption('--out_dir <dir>', 'checkpoint directory')
-  .requiredOption('--to <dir>', 'folder to write the Hugging Face model into')
+  .description("write a checkpoint as a Hugging Face GPT-2 folder (config.json + model.safetensors), or as nanoGPT's ckpt.pt")
+  .requiredOption('--out_dir <dir>', 'checkpoint directory (ours, or nanoGPT\'s holding ckpt.pt)')
+  .requiredOption('--to <dir>', "folder to write the Hugging Face model into, or `nanogpt` for nanoGPT's ckpt.pt")
+  .option('--out <file>', 'with --to=nanogpt: the ckpt.pt to write')
   .addOption(new Option('--engine <engine>', 'engine build that converts the weights').choices(engineChoices).default('auto'))
   .action((options: ExportOptions) => {
     exportHf(options);

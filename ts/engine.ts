@@ -107,6 +107,8 @@ interface BindingGpt {
   saveOptimizerFile(path: string): void;
   saveGradientsFile(path: string): void;
   exportHfFile(path: string): void;
+  loadNanogptOptimizerFile(path: string): void;
+  saveNanogptCheckpointFile(path: string, infoJson: string): void;
   hfConfig(): string;
   setPrecision(dtype: string): void;
   synchronize(): void;
@@ -120,6 +122,9 @@ interface Binding {
   create(modelArgsJson: string, seed: number, device: string): BindingGpt;
   fromSafetensorsFile(modelArgsJson: string, path: string, device: string): BindingGpt;
   fromHfGpt2File(configJson: string, path: string, dropout: number, device: string): BindingGpt;
+  fromNanogptCheckpointFile(modelArgsJson: string, path: string, device: string): BindingGpt;
+  nanogptCheckpointInfoFile(path: string): string;
+  pickleToJson(bytes: Uint8Array): string;
   lrAt(iter: number, scheduleJson: string): number;
   estimateMemory(modelArgsJson: string, batchSize: number, training: boolean): string;
 }
@@ -129,15 +134,23 @@ interface NativeModule {
     create(modelArgsJson: string, seed: number, device: string): BindingGpt;
     fromSafetensorsFile(modelArgsJson: string, path: string, device: string): BindingGpt;
     fromHfGpt2File(configJson: string, path: string, dropout: number, device: string): BindingGpt;
+    fromNanogptCheckpointFile(modelArgsJson: string, path: string, device: string): BindingGpt;
   };
+  nanogptCheckpointInfoFile(path: string): string;
+  pickleToJson(bytes: Uint8Array): string;
   lrAt(iter: number, scheduleJson: string): number;
   estimateMemory(modelArgsJson: string, batchSize: number, training: boolean): string;
 }
 
 /** The wasm-bindgen module: the same engine API, with bytes where the addon takes file paths. */
 interface WasmGpt
-  extends Omit<BindingGpt, 'loadOptimizerFile' | 'saveWeightsFile' | 'saveOptimizerFile' | 'saveGradientsFile' | 'exportHfFile'> {
+  extends Omit<
+    BindingGpt,
+    'loadOptimizerFile' | 'saveWeightsFile' | 'saveOptimizerFile' | 'saveGradientsFile' | 'exportHfFile' | 'loadNanogptOptimizerFile' | 'saveNanogptCheckpointFile'
+  > {
   loadOptimizer(bytes: Uint8Array): void;
+  loadNanogptOptimizer(bytes: Uint8Array): void;
+  saveNanogptCheckpoint(infoJson: string): Uint8Array;
   saveWeights(): Uint8Array;
   saveOptimizer(): Uint8Array;
   saveGradients(): Uint8Array;
@@ -154,7 +167,10 @@ interface WasmModule {
     create(modelArgsJson: string, seed: number): WasmGpt;
     fromSafetensors(modelArgsJson: string, bytes: Uint8Array): WasmGpt;
     fromHfGpt2(configJson: string, bytes: Uint8Array, dropout: number): WasmGpt;
+    fromNanogptCheckpoint(modelArgsJson: string, bytes: Uint8Array): WasmGpt;
   };
+  nanogptCheckpointInfo(bytes: Uint8Array): string;
+  pickleToJson(bytes: Uint8Array): string;
   lrAt(iter: number, scheduleJson: string): number;
   estimateMemory(modelArgsJson: string, batchSize: number, training: boolean): string;
 }
@@ -205,6 +221,9 @@ function loadNative(cuda: boolean): Binding {
     create: (args, seed, device) => native.Gpt.create(args, seed, device),
     fromSafetensorsFile: (args, path, device) => native.Gpt.fromSafetensorsFile(args, path, device),
     fromHfGpt2File: (config, path, dropout, device) => native.Gpt.fromHfGpt2File(config, path, dropout, device),
+    fromNanogptCheckpointFile: (args, path, device) => native.Gpt.fromNanogptCheckpointFile(args, path, device),
+    nanogptCheckpointInfoFile: (path) => native.nanogptCheckpointInfoFile(path),
+    pickleToJson: (bytes) => native.pickleToJson(bytes),
     lrAt: (iter, schedule) => native.lrAt(iter, schedule),
     estimateMemory: (args, batchSize, training) => native.estimateMemory(args, batchSize, training),
   };
@@ -234,6 +253,9 @@ function loadWasm(): Binding {
     create: (args, seed) => new WasmFiles(wasm.Gpt.create(args, seed)),
     fromSafetensorsFile: (args, path) => new WasmFiles(wasm.Gpt.fromSafetensors(args, readForWasm(path))),
     fromHfGpt2File: (config, path, dropout) => new WasmFiles(wasm.Gpt.fromHfGpt2(config, readForWasm(path), dropout)),
+    fromNanogptCheckpointFile: (args, path) => new WasmFiles(wasm.Gpt.fromNanogptCheckpoint(args, readForWasm(path))),
+    nanogptCheckpointInfoFile: (path) => wasm.nanogptCheckpointInfo(readForWasm(path)),
+    pickleToJson: (bytes) => wasm.pickleToJson(bytes),
     lrAt: (iter, schedule) => wasm.lrAt(iter, schedule),
     estimateMemory: (args, batchSize, training) => wasm.estimateMemory(args, batchSize, training),
   };
@@ -279,6 +301,8 @@ class WasmFiles implements BindingGpt {
   saveOptimizerFile = (path: string) => writeFileSync(path, this.gpt.saveOptimizer());
   saveGradientsFile = (path: string) => writeFileSync(path, this.gpt.saveGradients());
   exportHfFile = (path: string) => writeFileSync(path, this.gpt.exportHf());
+  loadNanogptOptimizerFile = (path: string) => this.gpt.loadNanogptOptimizer(readForWasm(path));
+  saveNanogptCheckpointFile = (path: string, infoJson: string) => writeFileSync(path, this.gpt.saveNanogptCheckpoint(infoJson));
   hfConfig = () => this.gpt.hfConfig();
   setPrecision = (dtype: string) => this.gpt.setPrecision(dtype);
   synchronize = () => this.gpt.synchronize();
@@ -337,6 +361,11 @@ export class Engine {
    */
   static fromHfGpt2File(configJson: string, path: string, dropout: number, device = 'cpu', engine: EngineChoice = 'auto'): Engine {
     return Engine.in(device, engine, (b) => b.fromHfGpt2File(configJson, path, dropout, device));
+  }
+
+  /** A model whose weights the engine reads from nanoGPT's `ckpt.pt` at `path` (`args`: its model_args, any dropout). */
+  static fromNanogptCheckpointFile(args: ModelArgs, path: string, device = 'cpu', engine: EngineChoice = 'auto'): Engine {
+    return Engine.in(device, engine, (b) => b.fromNanogptCheckpointFile(JSON.stringify(args), path, device));
   }
 
   /**
@@ -458,6 +487,16 @@ export class Engine {
     return JSON.parse(this.gpt.phaseTimes()) as PhaseTimes | null;
   }
 
+  /** Restores the AdamW state of nanoGPT's `ckpt.pt` (call `configureOptimizer` first). */
+  loadNanogptOptimizerFile(path: string): void {
+    this.gpt.loadNanogptOptimizerFile(path);
+  }
+
+  /** Writes nanoGPT's `ckpt.pt`: the weights, the AdamW state when configured, and `info`. */
+  saveNanogptCheckpointFile(path: string, info: { model_args: ModelArgs; iter_num: number; best_val_loss: number; config: Record<string, unknown> }): void {
+    this.gpt.saveNanogptCheckpointFile(path, JSON.stringify(info));
+  }
+
   /** Writes the AdamW state (moments and step) to a safetensors file. */
   saveOptimizerFile(path: string): void {
     this.gpt.saveOptimizerFile(path);
@@ -484,4 +523,23 @@ export function lrAt(iter: number, schedule: LrSchedule): number {
 /** The engine's estimate of what training (or sampling) `args` with `batchSize` rows needs in memory. */
 export function estimateMemory(args: ModelArgs, batchSize: number, purpose: 'train' | 'sample', kind?: EngineKind): MemoryEstimate {
   return JSON.parse(anyBinding(kind).estimateMemory(JSON.stringify(args), batchSize, purpose === 'train')) as MemoryEstimate;
+}
+
+/** The addon reads files itself, so prefer it for them; the WebAssembly build is the fallback. */
+function fileBinding(): Binding {
+  try {
+    return loadBinding('native');
+  } catch {
+    return loadBinding('wasm');
+  }
+}
+
+/** JSON of the `model_args`, `iter_num`, `best_val_loss` and `config` in nanoGPT's `ckpt.pt` at `path`. */
+export function nanogptCheckpointInfoFile(path: string): string {
+  return fileBinding().nanogptCheckpointInfoFile(path);
+}
+
+/** A pickle of plain data (nanoGPT's `meta.pkl`) as JSON text, read by the engine's pickle reader, which runs nothing. */
+export function pickleToJson(bytes: Uint8Array): string {
+  return anyBinding().pickleToJson(bytes);
 }

@@ -1,7 +1,7 @@
 // Text generation from a trained checkpoint or GPT-2 weights, as nanoGPT's sample.py (spec section 3).
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { loadWithEngine, readCheckpointInfo, weightsPath } from './checkpoint.ts';
+import { loadCheckpointWeights, readCheckpointInfo, readMetaPkl } from './checkpoint.ts';
 import { noEffectNotes, resolveConfig, sampleSchema, type SampleConfig } from './config.ts';
 import { CharTokenizer, readMeta, type Meta } from './data.ts';
 import { Engine, type Dtype, type EngineChoice } from './engine.ts';
@@ -23,12 +23,12 @@ export async function sample(overrides: Partial<SampleConfig> = {}): Promise<str
   let metaPath = '';
   if (config.init_from === 'resume') {
     const checkpoint = readCheckpointInfo(config.out_dir);
-    const weights = weightsPath(config.out_dir);
     const modelArgs = { ...checkpoint.model_args, dropout: 0 };
-    engine = loadWithEngine(config.out_dir, 'weights', () => Engine.fromSafetensorsFile(modelArgs, weights, config.device, config.engine as EngineChoice));
+    engine = loadCheckpointWeights(config.out_dir, modelArgs, config.device, config.engine as EngineChoice);
     const datasetDir = join(config.data_dir, String(checkpoint.config.dataset));
     metaPath = join(datasetDir, 'meta.json');
     meta = readMeta(datasetDir);
+    if (!meta && (meta = readMetaPkl(datasetDir))) metaPath = join(datasetDir, 'meta.pkl');
   } else {
     engine = await loadHfModel(config.init_from, 0, config.device, config.engine as EngineChoice);
   }

@@ -2,13 +2,7 @@
 // (forward, backward, AdamW); this file decides what happens when, prints progress, and checkpoints.
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
-import {
-  loadWithEngine,
-  readCheckpointInfo,
-  optimizerStatePath,
-  weightsPath,
-  saveCheckpoint,
-} from './checkpoint.ts';
+import { loadCheckpointOptimizer, loadCheckpointWeights, readCheckpointInfo, readMetaPkl, saveCheckpoint } from './checkpoint.ts';
 import { noEffectNotes, resolveConfig, trainSchema, type TrainConfig } from './config.ts';
 import { BatchLoader, readMeta } from './data.ts';
 import { Engine, lrAt, type Dtype, type EngineChoice, type ModelArgs } from './engine.ts';
@@ -48,8 +42,8 @@ export async function train(overrides: Partial<TrainConfig> = {}): Promise<Train
     // --- model ---
     let iterNum = 0;
     let bestValLoss = 1e9;
-    const meta = readMeta(datasetDir);
-    if (meta) console.log(`found vocab_size = ${meta.vocab_size} (inside ${join(datasetDir, 'meta.json')})`);
+    const meta = readMeta(datasetDir) ?? readMetaPkl(datasetDir);
+    if (meta) console.log(`found vocab_size = ${meta.vocab_size} (inside ${datasetDir})`);
     let modelArgs: ModelArgs = {
       n_layer: config.n_layer,
       n_head: config.n_head,
@@ -72,8 +66,7 @@ export async function train(overrides: Partial<TrainConfig> = {}): Promise<Train
       if (config.block_size !== saved.block_size) {
         throw new UserError(`block_size ${config.block_size} differs from the checkpoint's ${saved.block_size}, whose optimizer state holds that many positions; resume with --block_size=${saved.block_size}`);
       }
-      const weights = weightsPath(config.out_dir);
-      engine = loadWithEngine(config.out_dir, 'weights', () => Engine.fromSafetensorsFile(saved, weights, config.device, config.engine as EngineChoice));
+      engine = loadCheckpointWeights(config.out_dir, saved, config.device, config.engine as EngineChoice);
       iterNum = checkpoint.iter_num;
       bestValLoss = checkpoint.best_val_loss;
     } else {
@@ -105,8 +98,7 @@ export async function train(overrides: Partial<TrainConfig> = {}): Promise<Train
     console.log(`num decayed parameter tensors: ${groups.decay_tensors}, with ${thousands(groups.decay_params)} parameters`);
     console.log(`num non-decayed parameter tensors: ${groups.no_decay_tensors}, with ${thousands(groups.no_decay_params)} parameters`);
     if (config.init_from === 'resume') {
-      const state = optimizerStatePath(config.out_dir);
-      loadWithEngine(config.out_dir, 'optimizer', () => engine.loadOptimizerFile(state));
+      loadCheckpointOptimizer(config.out_dir, engine);
     }
 
     const estimateLoss = () => {

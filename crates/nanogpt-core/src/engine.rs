@@ -13,6 +13,7 @@ use crate::kernels::dropout::DropoutKey;
 use crate::model::{Gpt, ModelArgs, Mode};
 use crate::optim::{AdamW, FlatAdamW, GradScaler, OptimizerArgs, ParamGroups, StepStats};
 use crate::sample::{self, SampleArgs};
+use crate::torch_checkpoint::{self, CheckpointInfo, TorchCheckpoint};
 use crate::train_step::{self, Activations, ParamLayout};
 
 /// Trains a model either with the explicit CPU step over flat buffers (`train_step.rs`, on the CPU
@@ -594,12 +595,96 @@ fn serialize_to_file(tensors: Vec<(String, Tensor)>, metadata: Option<HashMap<St
         .map_err(|e| candle_core::Error::Msg(format!("cannot write {path} ({e})")))
 }
 
+/// The file is mapped, not read: only the tensors converted are paged in.
 fn read_safetensors(path: &str) -> Result<HashMap<String, Tensor>> {
-    candle_core::safetensors::load(path, &Device::Cpu)
-        .map_err(|e| candle_core::Error::Msg(format!("cannot read {path} as safetensors ({e})")))
+    let bytes = map_file(path)?;
+    let tensors = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| candle_core::Error::Msg(format!("cannot read {path} as safetensors ({e})")))?;
+    float_tensors(&tensors)
 }
 
 fn load_safetensors(bytes: &[u8], what: &str) -> Result<HashMap<String, Tensor>> {
-    candle_core::safetensors::load_buffer(bytes, &Device::Cpu)
-        .map_err(|e| candle_core::Error::Msg(format!("the {what} are not a valid safetensors file ({e})")))
+    let tensors = safetensors::SafeTensors::deserialize(bytes)
+        .map_err(|e| candle_core::Error::Msg(format!("the {what} are not a valid safetensors file ({e})")))?;
+    float_tensors(&tensors)
+}
+
+/// The floating-point tensors: every weight and optimizer moment is one. Others are buffers no model here uses
+/// (e.g. GPT-2 files hold their causal masks `attn.bias` as BOOL), skipped whatever their dtype.
+fn float_tensors(tensors: &safetensors::SafeTensors) -> Result<HashMap<String, Tensor>> {
+    use candle_core::safetensors::Load;
+    use safetensors::Dtype;
+    tensors
+        .iter()
+        .filter(|(_, view)| matches!(view.dtype(), Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64))
+        .map(|(name, view)| Ok((name.to_string(), view.load(&Device::Cpu)?)))
+        .collect()
+}
+
+/// nanoGPT's `ckpt.pt` (see [`crate::torch_checkpoint`]): the bytes variants serve the WebAssembly engine, the
+/// file variants map the file instead of reading it (a GPT-2 XL checkpoint with its AdamW state is ~19 GB).
+impl Engine {
+    /// A model with `args` (e.g. the checkpoint's, with another dropout) and the weights of a `ckpt.pt`.
+    pub fn from_nanogpt_checkpoint(args: &ModelArgs, bytes: &[u8], device_name: &str) -> Result<Self> {
+        configure_cpu_runtime();
+        let mut engine = Self::wrap(Gpt::empty(args, &device(device_name, 0)?)?, 0)?;
+        engine.load_weights(&TorchCheckpoint::read(bytes)?.weights(&engine.model)?)?;
+        Ok(engine)
+    }
+
+    pub fn from_nanogpt_checkpoint_file(args: &ModelArgs, path: &str, device_name: &str) -> Result<Self> {
+        Self::from_nanogpt_checkpoint(args, &map_file(path)?, device_name)
+    }
+
+    /// The AdamW state of a `ckpt.pt`, into the optimizer configured before; a checkpoint saved before the
+    /// first step has none and leaves the fresh state.
+    pub fn load_nanogpt_optimizer(&mut self, bytes: &[u8]) -> Result<()> {
+        match TorchCheckpoint::read(bytes)?.optimizer_state(&self.model)? {
+            Some(state) => self.load_optimizer_state(&state),
+            None => Ok(()),
+        }
+    }
+
+    pub fn load_nanogpt_optimizer_file(&mut self, path: &str) -> Result<()> {
+        self.load_nanogpt_optimizer(&map_file(path)?)
+    }
+
+    /// A `ckpt.pt` of this model, its optimizer state if configured, and `info_json` (a [`CheckpointInfo`]).
+    pub fn save_nanogpt_checkpoint(&self, info_json: &str) -> Result<Vec<u8>> {
+        let mut out = std::io::Cursor::new(Vec::new());
+        self.write_nanogpt_checkpoint(&mut out, info_json)?;
+        Ok(out.into_inner())
+    }
+
+    pub fn save_nanogpt_checkpoint_file(&self, path: &str, info_json: &str) -> Result<()> {
+        let file = std::fs::File::create(path).map_err(|e| candle_core::Error::Msg(format!("cannot write {path} ({e})")))?;
+        self.write_nanogpt_checkpoint(std::io::BufWriter::new(file), info_json)
+    }
+
+    fn write_nanogpt_checkpoint(&self, out: impl std::io::Write + std::io::Seek, info_json: &str) -> Result<()> {
+        let mut info: CheckpointInfo =
+            serde_json::from_str(info_json).map_err(|e| candle_core::Error::Msg(format!("invalid checkpoint info: {e}")))?;
+        info.model_args = self.model.args.clone();
+        let configured = self.optimizer.is_some() || self.flat.as_ref().is_some_and(|f| f.optimizer.is_some());
+        let state = match configured {
+            true => Some(self.optimizer_state()?.into_iter().collect::<HashMap<_, _>>()),
+            false => None,
+        };
+        torch_checkpoint::write(out, self.synced_model()?, state.as_ref(), &info)
+    }
+}
+
+/// The `model_args`, `iter_num`, `best_val_loss` and `config` of a `ckpt.pt`, as JSON of a [`CheckpointInfo`].
+pub fn nanogpt_checkpoint_info(bytes: &[u8]) -> Result<String> {
+    serde_json::to_string(&TorchCheckpoint::read(bytes)?.info()?).map_err(|e| candle_core::Error::Msg(e.to_string()))
+}
+
+pub fn nanogpt_checkpoint_info_file(path: &str) -> Result<String> {
+    nanogpt_checkpoint_info(&map_file(path)?)
+}
+
+/// The file's bytes, paged in as they are read. Nothing else writes a checkpoint while it is read.
+fn map_file(path: &str) -> Result<memmap2::Mmap> {
+    let file = std::fs::File::open(path).map_err(|e| candle_core::Error::Msg(format!("cannot open {path} ({e})")))?;
+    unsafe { memmap2::Mmap::map(&file) }.map_err(|e| candle_core::Error::Msg(format!("cannot map {path} ({e})")))
 }

@@ -10,7 +10,9 @@ pub mod memory;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod pickle;
 pub mod sample;
+pub mod torch_checkpoint;
 pub mod train_step;
 
 pub use cuda::MemoryStats;

@@ -1,7 +1,7 @@
 //! Node.js bindings of the engine: type translation only (JSON strings for argument structs,
 //! typed arrays for tokens, file paths for safetensors files). All logic lives in nanogpt-core.
 
-use napi::bindgen_prelude::{Int32Array, Uint32Array};
+use napi::bindgen_prelude::{Int32Array, Uint32Array, Uint8Array};
 use napi::{Error, Result};
 use napi_derive::napi;
 use nanogpt_core::sample::SampleArgs;
@@ -154,6 +154,34 @@ impl Gpt {
     pub fn save_optimizer_file(&self, path: String) -> Result<()> {
         self.engine.save_optimizer_file(&path).map_err(js_error)
     }
+
+    #[napi(factory)]
+    pub fn from_nanogpt_checkpoint_file(model_args_json: String, path: String, device: String) -> Result<Gpt> {
+        let args: ModelArgs = parse(&model_args_json, "model_args")?;
+        Ok(Gpt { engine: Engine::from_nanogpt_checkpoint_file(&args, &path, &device).map_err(js_error)? })
+    }
+
+    #[napi]
+    pub fn load_nanogpt_optimizer_file(&mut self, path: String) -> Result<()> {
+        self.engine.load_nanogpt_optimizer_file(&path).map_err(js_error)
+    }
+
+    #[napi]
+    pub fn save_nanogpt_checkpoint_file(&self, path: String, info_json: String) -> Result<()> {
+        self.engine.save_nanogpt_checkpoint_file(&path, &info_json).map_err(js_error)
+    }
+}
+
+/// JSON of the `model_args`, `iter_num`, `best_val_loss` and `config` of nanoGPT's `ckpt.pt` at `path`.
+#[napi]
+pub fn nanogpt_checkpoint_info_file(path: String) -> Result<String> {
+    nanogpt_core::engine::nanogpt_checkpoint_info_file(&path).map_err(js_error)
+}
+
+/// A pickle of plain data (e.g. nanoGPT's `meta.pkl`) as JSON; pickles that would call code are refused.
+#[napi]
+pub fn pickle_to_json(bytes: Uint8Array) -> Result<String> {
+    nanogpt_core::pickle::to_json_string(&bytes).map_err(js_error)
 }
 
 #[napi]

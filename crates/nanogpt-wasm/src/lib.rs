@@ -156,6 +156,34 @@ impl Gpt {
     pub fn save_optimizer(&self) -> Result<Vec<u8>, JsError> {
         self.engine.save_optimizer().map_err(js_error)
     }
+
+    #[wasm_bindgen(js_name = fromNanogptCheckpoint)]
+    pub fn from_nanogpt_checkpoint(model_args_json: &str, bytes: &[u8]) -> Result<Gpt, JsError> {
+        let args: ModelArgs = parse(model_args_json, "model_args")?;
+        Ok(Gpt { engine: Engine::from_nanogpt_checkpoint(&args, bytes, DEVICE).map_err(js_error)? })
+    }
+
+    #[wasm_bindgen(js_name = loadNanogptOptimizer)]
+    pub fn load_nanogpt_optimizer(&mut self, bytes: &[u8]) -> Result<(), JsError> {
+        self.engine.load_nanogpt_optimizer(bytes).map_err(js_error)
+    }
+
+    #[wasm_bindgen(js_name = saveNanogptCheckpoint)]
+    pub fn save_nanogpt_checkpoint(&self, info_json: &str) -> Result<Vec<u8>, JsError> {
+        self.engine.save_nanogpt_checkpoint(info_json).map_err(js_error)
+    }
+}
+
+/// JSON of the `model_args`, `iter_num`, `best_val_loss` and `config` of nanoGPT's `ckpt.pt` bytes.
+#[wasm_bindgen(js_name = nanogptCheckpointInfo)]
+pub fn nanogpt_checkpoint_info(bytes: &[u8]) -> Result<String, JsError> {
+    nanogpt_core::engine::nanogpt_checkpoint_info(bytes).map_err(js_error)
+}
+
+/// A pickle of plain data (e.g. nanoGPT's `meta.pkl`) as JSON; pickles that would call code are refused.
+#[wasm_bindgen(js_name = pickleToJson)]
+pub fn pickle_to_json(bytes: &[u8]) -> Result<String, JsError> {
+    nanogpt_core::pickle::to_json_string(bytes).map_err(js_error)
 }
 
 #[wasm_bindgen(js_name = lrAt)]
