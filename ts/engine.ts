@@ -148,7 +148,7 @@ interface WasmModule {
   /** Present in a build with atomics and shared memory: starts the engine's thread pool on worker threads. */
   startThreads?(count: number): void;
   initSync?(): void;
-  __wbg_wasm_module?: WebAssembly.Module;
+  __wbg_wasm_module?: unknown;
   __wbg_memory?: unknown;
   Gpt: {
     create(modelArgsJson: string, seed: number): WasmGpt;

@@ -1,4 +1,4 @@
-// Text generation from a trained checkpoint or GPT-2 weights, as nanoGPT's sample.py (spec section 3).
+// Text generation from a trained checkpoint or GPT-2 weights, as nanoGPT's sample.py.
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { loadWithEngine, readCheckpointInfo, weightsPath } from './checkpoint.ts';
@@ -10,10 +10,16 @@ import { loadHfModel } from './pretrained.ts';
 import { Rng } from './rng.ts';
 import { gpt2Tokenizer } from './tokenizer.ts';
 
-/** Prints each sample (prompt included) followed by a line of dashes, and returns them. */
-export async function sample(overrides: Partial<SampleConfig> = {}): Promise<string[]> {
+export interface SampleOptions {
+  /** Receives the set-up lines sample.py prints (notes, which vocabulary); nothing is printed. */
+  onLog?: (line: string) => void;
+}
+
+/** The samples (prompt included), `num_samples` of them. */
+export async function sample(overrides: Partial<SampleConfig> = {}, options: SampleOptions = {}): Promise<string[]> {
   const config = resolveConfig(sampleSchema, overrides);
-  for (const note of noEffectNotes(config, overrides)) console.log(note);
+  const log = options.onLog ?? (() => {});
+  for (const note of noEffectNotes(config, overrides)) log(note);
   if (config.temperature <= 0) {
     throw new UserError(`temperature must be above 0 (there is no greedy mode), got ${config.temperature}; try --temperature=0.1`);
   }
@@ -30,7 +36,7 @@ export async function sample(overrides: Partial<SampleConfig> = {}): Promise<str
     metaPath = join(datasetDir, 'meta.json');
     meta = readMeta(datasetDir);
   } else {
-    engine = await loadHfModel(config.init_from, 0, config.device, config.engine as EngineChoice);
+    engine = await loadHfModel(config.init_from, 0, config.device, config.engine as EngineChoice, log);
   }
 
   if (config.device !== 'cpu') engine.setPrecision(config.dtype as Dtype);
@@ -39,10 +45,10 @@ export async function sample(overrides: Partial<SampleConfig> = {}): Promise<str
   // As sample.py: a character vocabulary only where the checkpoint's dataset has one, GPT-2's otherwise.
   let tokenizer: { encode(text: string): ArrayLike<number>; decode(ids: ArrayLike<number>): string };
   if (meta) {
-    console.log(`Loading meta from ${metaPath}...`);
+    log(`Loading meta from ${metaPath}...`);
     tokenizer = CharTokenizer.fromMeta(meta);
   } else {
-    console.log('No meta.json found, assuming GPT-2 encodings...');
+    log('No meta.json found, assuming GPT-2 encodings...');
     tokenizer = gpt2Tokenizer;
   }
 
@@ -54,10 +60,7 @@ export async function sample(overrides: Partial<SampleConfig> = {}): Promise<str
   const samples: string[] = [];
   for (let k = 0; k < config.num_samples; k++) {
     const tokens = engine.generate(Uint32Array.from(prompt), config.max_new_tokens, config.temperature, config.top_k, rng.nextUint32());
-    const text = tokenizer.decode(tokens);
-    console.log(text);
-    console.log('---------------');
-    samples.push(text);
+    samples.push(tokenizer.decode(tokens));
   }
   return samples;
 }
