@@ -229,8 +229,8 @@ function formatValue(value: unknown, kind?: Kind): string {
 function checkKey(schema: Schema, key: string, where = ''): void {
   if (Object.hasOwn(schema, key)) return;
   const near = closest(key, Object.keys(schema));
-  const suggestion = near ? ` did you mean '${near}'?` : '';
-  throw new UserError(`unknown config key '${key}'${where};${suggestion} (--help lists every key)`);
+  const hint = near ? `did you mean '${near}'? (--help lists every key)` : '--help lists every key';
+  throw new UserError(`unknown config key '${key}'${where}; ${hint}`);
 }
 
 const integerText = /^[+-]?\d+$/;
@@ -330,6 +330,8 @@ async function loadConfigFile(arg: string): Promise<{ path: string; text: string
       ? await (await import('tsx/esm/api')).tsImport(url, import.meta.url)
       : await import(url);
     values = (module as { default?: unknown }).default;
+    // A .ts file outside an ES-module package loads as CommonJS, where `export default` lands one level down.
+    if ((values as { __esModule?: boolean } | undefined)?.__esModule) values = (values as { default?: unknown }).default;
   } catch (err) {
     throw new UserError(`cannot load config file ${arg}: ${firstLine(err)}`);
   }

@@ -191,7 +191,7 @@ export async function prepareCorpus(options: CorpusOptions): Promise<CorpusResul
       rmSync(paths.journal, { force: true });
     }
   }
-  const fds = { train: openSync(paths.train, resumed ? 'r+' : 'w'), val: openSync(paths.val, resumed ? 'r+' : 'w') };
+  const fds = { train: openSync(paths.train, resumed ? 'r+' : 'w+'), val: openSync(paths.val, resumed ? 'r+' : 'w') };
   ftruncateSync(fds.train, state.trainTokens * 2);
   ftruncateSync(fds.val, state.valTokens * 2);
   const checkpoint = (): void => {

@@ -4,7 +4,7 @@
 import { createRequire } from 'node:module';
 import { existsSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
-import { dirname, join } from 'node:path';
+import { dirname, join, relative } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
 import { firstLine, UserError } from './errors.ts';
@@ -191,6 +191,7 @@ function loadNative(cuda: boolean): Binding {
         : `the native engine is not built (no .node file in ${dir}); run \`npm run build:native\` (needs cargo), or use --engine=wasm on cpu`,
     );
   }
+  warnIfStale(join(dir, file), cuda ? 'npm run build:cuda' : 'npm run build:native');
   let native: NativeModule;
   try {
     native = createRequire(import.meta.url)(join(dir, file)) as NativeModule;
@@ -217,6 +218,7 @@ function loadWasm(): Binding {
       `the WebAssembly engine is not built (no ${glue}); run \`npm run build:wasm\` (needs cargo), or use --engine=native`,
     );
   }
+  warnIfStale(join(packageRoot, 'wasm', 'nanogpt_bg.wasm'), 'npm run build:wasm');
   // A module built with atomics asks for its pool threads through this hook while `startThreads` runs.
   (globalThis as { nanogptSpawnThread?: (thread: number) => void }).nanogptSpawnThread = (thread) => {
     const workerData = { glue, module: wasm.__wbg_wasm_module, memory: wasm.__wbg_memory, thread };
@@ -237,6 +239,28 @@ function loadWasm(): Binding {
     lrAt: (iter, schedule) => wasm.lrAt(iter, schedule),
     estimateMemory: (args, batchSize, training) => wasm.estimateMemory(args, batchSize, training),
   };
+}
+
+/**
+ * In a clone (where crates/ exists), says in one line when an engine build is older than the Rust sources; it is
+ * never rebuilt behind the user's back (an installed package has no sources, and nothing to say).
+ */
+function warnIfStale(build: string, command: string): void {
+  const crates = join(packageRoot, 'crates');
+  if (!existsSync(crates)) return;
+  const sources = [join(packageRoot, 'Cargo.toml'), join(packageRoot, 'Cargo.lock'), ...rustSources(crates)];
+  const newest = Math.max(...sources.filter((path) => existsSync(path)).map((path) => statSync(path).mtimeMs));
+  if (newest > statSync(build).mtimeMs) {
+    console.error(`warning: ${relative(packageRoot, build)} is older than the Rust sources in crates/; run \`${command}\` to rebuild it`);
+  }
+}
+
+function rustSources(dir: string): string[] {
+  return readdirSync(dir, { withFileTypes: true }).flatMap((entry) => {
+    const path = join(dir, entry.name);
+    if (entry.isDirectory()) return entry.name === 'target' ? [] : rustSources(path);
+    return entry.name.endsWith('.rs') || entry.name === 'Cargo.toml' ? [path] : [];
+  });
 }
 
 /** Threads for the WebAssembly engine's pool: NANOGPT_WASM_THREADS, else one per core. */
