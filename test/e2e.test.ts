@@ -1,11 +1,11 @@
 // The CLI as a user runs it, on a tiny model: prepare, train, resume, sample. Needs the native engine
 // (`npm run build:native`); without it these tests fail rather than skip, so CI cannot pass by accident.
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 
 const cli = fileURLToPath(new URL('../bin/nanogpt-rs.js', import.meta.url));
 const corpus = fileURLToPath(new URL('../data/shakespeare_char/input.txt', import.meta.url));
@@ -20,6 +20,21 @@ function run(...args: string[]) {
 function runWith(env: Record<string, string>, ...args: string[]) {
   const result = spawnSync(process.execPath, [cli, ...args], { cwd: work, encoding: 'utf8', env: { ...process.env, ...env } });
   return { status: result.status, stdout: result.stdout, stderr: result.stderr };
+}
+
+/** Runs the CLI, calling `onOutput` with the child and its stdout so far whenever stdout grows. */
+function runWatching(args: string[], onOutput: (child: ReturnType<typeof spawn>, stdout: string) => void) {
+  return new Promise<{ status: number | null; stdout: string; stderr: string }>((resolve) => {
+    const child = spawn(process.execPath, [cli, ...args], { cwd: work });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (chunk: Buffer) => {
+      stdout += chunk.toString();
+      onOutput(child, stdout);
+    });
+    child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+    child.on('close', (status) => resolve({ status, stdout, stderr }));
+  });
 }
 
 const tiny = [
@@ -205,7 +220,74 @@ describe('nanogpt-rs end to end', () => {
   });
 });
 
+describe('Ctrl-C during train', () => {
+  const endless = (outDir: string) => [...tiny, `--out_dir=${outDir}`, '--max_iters=100000', '--eval_interval=100000', '--log_interval=1'];
+
+  it('writes a checkpoint at the end of the current step and exits', async () => {
+    let sent = false;
+    const result = await runWatching(endless('out-int'), (child, stdout) => {
+      if (!sent && /^iter 3: /m.test(stdout)) {
+        sent = true;
+        child.kill('SIGINT');
+      }
+    });
+    expect(result.stderr).toBe('');
+    expect(result.status).toBe(130);
+    expect(result.stdout).toContain('interrupted: stopping after this step and saving a checkpoint');
+    expect(result.stdout).toContain('saving checkpoint to out-int');
+    const last = Number(/^stopped at iteration (\d+); resume with --init_from=resume --out_dir=out-int$/m.exec(result.stdout)![1]);
+    expect(last).toBeGreaterThanOrEqual(3);
+    expect(result.stdout).toMatch(new RegExp(`^iter ${last}: `, 'm'));
+    expect(JSON.parse(readFileSync(join(work, 'out-int', 'ckpt.json'), 'utf8')).iter_num).toBe(last + 1);
+  });
+
+  it('a second Ctrl-C exits at once, without a checkpoint', async () => {
+    let sent = false;
+    // Steps long enough that both signals arrive within one.
+    const slow = ['--n_layer=4', '--n_head=4', '--n_embd=256', '--block_size=128', '--batch_size=16'];
+    const result = await runWatching([...endless('out-int2'), ...slow], (child, stdout) => {
+      if (!sent && /^iter 1: /m.test(stdout)) {
+        sent = true;
+        child.kill('SIGINT');
+        child.kill('SIGINT');
+      }
+    });
+    expect(result.status).toBe(130);
+    expect(result.stdout).not.toContain('saving checkpoint');
+    expect(result.stdout).not.toContain('stopped at iteration');
+    expect(existsSync(join(work, 'out-int2', 'ckpt.json'))).toBe(false);
+  });
+});
+
 describe('library API', () => {
+  it('reports through onLog without printing, and stops on an AbortSignal with a checkpoint of the last step', async () => {
+    const { train } = await import('../ts/index.ts');
+    const printed = vi.spyOn(console, 'log');
+    const written = vi.spyOn(process.stdout, 'write');
+    const stop = new AbortController();
+    const events: Array<{ kind: string; message: string }> = [];
+    const outDir = join(work, 'out-abort');
+    const result = await train(
+      { data_dir: join(work, 'data'), dataset: 'shakespeare_char', out_dir: outDir, n_layer: 1, n_head: 2, n_embd: 16, block_size: 16, batch_size: 4, gradient_accumulation_steps: 1, max_iters: 1000, eval_interval: 1000, eval_iters: 2, log_interval: 1 },
+      {
+        signal: stop.signal,
+        onLog: (event) => {
+          events.push(event);
+          if (event.kind === 'iter' && event.iter === 3) stop.abort();
+        },
+      },
+    );
+    expect(printed).not.toHaveBeenCalled();
+    expect(written).not.toHaveBeenCalled();
+    printed.mockRestore();
+    written.mockRestore();
+    expect(result).toMatchObject({ stopped: true, iter_num: 3, iterations: 4 });
+    expect(events.map((e) => e.kind).filter((kind) => kind !== 'info')).toEqual(['eval', 'iter', 'iter', 'iter', 'iter', 'checkpoint']);
+    expect(events.map((e) => e.message)).toContain('Initializing a new model from scratch');
+    expect(events.at(-1)!.message).toBe(`saving checkpoint to ${outDir}`);
+    expect(JSON.parse(readFileSync(join(outDir, 'ckpt.json'), 'utf8')).iter_num).toBe(4);
+  });
+
   it('trains and samples with plain config objects, returning results', async () => {
     const { train, sample } = await import('../ts/index.ts');
     const dataDir = join(work, 'data');
