@@ -53,8 +53,8 @@ describe('npx nanogpt-rs in a fresh clone', () => {
   it('says in one line when an engine build is older than the Rust sources, and does not rebuild it', () => {
     const future = new Date(Date.now() + 3600_000);
     utimesSync(join(clone, 'crates', 'nanogpt-core', 'src', 'sample.rs'), future, future);
-    const result = npx.run('bench', '--device=cpu', '--engine=wasm', '--dtype=float32', '--warmup=0', '--iters=1', '--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=16', '--batch_size=1', '--vocab_size=65');
-    expect(result.stderr).toBe('warning: wasm/nanogpt_bg.wasm is older than the Rust sources in crates/; run `npm run build:wasm` to rebuild it\n');
+    const result = npx.run('bench', '--device=cpu', '--engine=native', '--dtype=float32', '--warmup=0', '--iters=1', '--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=16', '--batch_size=1', '--vocab_size=65');
+    expect(result.stderr).toMatch(/^warning: native\/nanogpt\.[\w-]+\.node is older than the Rust sources in crates\/; run `npm run build:native` to rebuild it\n$/);
     expect(result.stdout).toMatch(/^RESULT /m);
     expect(existsSync(called)).toBe(false);
   });
