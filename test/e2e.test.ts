@@ -314,4 +314,21 @@ describe('library API', () => {
     expect(samples).toHaveLength(3);
     for (const text of samples) expect(text).toMatch(/^To be[\s\S]{5}$/);
   });
+
+  it('streams the same text as sample gives for the same seed, on both engines, past the block size', async () => {
+    const { sample, generate } = await import('../ts/index.ts');
+    const options = { data_dir: join(work, 'data'), out_dir: join(work, 'out-api'), start: 'To be', num_samples: 2, max_new_tokens: 30, seed: 7 };
+    for (const engine of ['wasm', 'native']) {
+      const batch = await sample({ ...options, engine });
+      const streamed = ['', ''];
+      let chunks = 0;
+      for await (const chunk of generate({ ...options, engine })) {
+        streamed[chunk.sample] += chunk.text;
+        chunks++;
+      }
+      expect(chunks).toBe(2 * 31); // the prompt, then one chunk per character token
+      expect(streamed).toEqual(batch);
+      expect(batch[0]).not.toEqual(batch[1]);
+    }
+  });
 });

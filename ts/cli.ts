@@ -79,11 +79,15 @@ program
   .allowUnknownOption()
   .addHelpText('after', `\nConfig keys:\n${describeKeys(sampleSchema)}`)
   .action(async (args: string[]) => {
-    const { sample } = await import('./sample.ts');
-    for (const text of await sample(await parseArgs(sampleSchema, args), { onLog: console.log })) {
-      console.log(text);
-      console.log('---------------');
+    // Each sample is printed as it is generated, then a line of dashes, as sample.py prints them.
+    const { generate } = await import('./sample.ts');
+    let current = -1;
+    for await (const { sample, text } of generate(await parseArgs(sampleSchema, args), { onLog: console.log })) {
+      if (sample !== current && current >= 0) process.stdout.write('\n---------------\n');
+      current = sample;
+      process.stdout.write(text);
     }
+    if (current >= 0) process.stdout.write('\n---------------\n');
   });
 
 program

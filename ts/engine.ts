@@ -103,6 +103,8 @@ interface BindingGpt {
   step(lr: number): string;
   evalLoss(x: Uint32Array, y: Int32Array, batchSize: number): number;
   generate(prompt: Uint32Array, maxNewTokens: number, temperature: number, topK: number, seed: number): Uint32Array;
+  startSampling(prompt: Uint32Array, temperature: number, topK: number, seed: number): void;
+  nextToken(): number;
   saveWeightsFile(path: string): void;
   saveOptimizerFile(path: string): void;
   saveGradientsFile(path: string): void;
@@ -299,6 +301,9 @@ class WasmFiles implements BindingGpt {
   evalLoss = (x: Uint32Array, y: Int32Array, batchSize: number) => this.gpt.evalLoss(x, y, batchSize);
   generate = (prompt: Uint32Array, maxNewTokens: number, temperature: number, topK: number, seed: number) =>
     this.gpt.generate(prompt, maxNewTokens, temperature, topK, seed);
+  startSampling = (prompt: Uint32Array, temperature: number, topK: number, seed: number) =>
+    this.gpt.startSampling(prompt, temperature, topK, seed);
+  nextToken = () => this.gpt.nextToken();
   saveWeightsFile = (path: string) => writeFileSync(path, this.gpt.saveWeights());
   saveOptimizerFile = (path: string) => writeFileSync(path, this.gpt.saveOptimizer());
   saveGradientsFile = (path: string) => writeFileSync(path, this.gpt.saveGradients());
@@ -432,6 +437,18 @@ export class Engine {
   /** The prompt followed by `maxNewTokens` sampled tokens (topK 0 = no top-k filter). */
   generate(prompt: Uint32Array, maxNewTokens: number, temperature: number, topK: number, seed: number): Uint32Array {
     return this.gpt.generate(prompt, maxNewTokens, temperature, topK, seed);
+  }
+
+  /**
+   * Starts a generation drawn one token at a time by `nextToken`: the same tokens as `generate` with the same seed.
+   * It replaces any earlier one, and must be started again after the weights change.
+   */
+  startSampling(prompt: Uint32Array, temperature: number, topK: number, seed: number): void {
+    this.gpt.startSampling(prompt, temperature, topK, seed);
+  }
+
+  nextToken(): number {
+    return this.gpt.nextToken();
   }
 
   /** Writes the weights to a safetensors file (nanoGPT's parameter names, tied lm_head omitted). */

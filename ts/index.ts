@@ -1,6 +1,6 @@
 // The library API: the CLI's commands as functions, plus the engine itself for custom loops.
 export { train, type TrainResult, type TrainOptions, type TrainLogEvent } from './train.ts';
-export { sample, type SampleOptions } from './sample.ts';
+export { sample, generate, type SampleOptions, type TextChunk } from './sample.ts';
 export { prepare, type PrepareOptions, type PrepareResult } from './data.ts';
 export { exportHf, type ExportOptions } from './export.ts';
 export { prepareCorpus, prepareOpenWebText, type CorpusOptions, type CorpusResult } from './corpus.ts';
