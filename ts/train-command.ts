@@ -8,15 +8,13 @@ export async function runTrainCommand(overrides: Partial<TrainConfig>): Promise<
   const stop = new AbortController();
   let progress: Progress | undefined;
   const print = (line: string) => (progress ? progress.print(line) : console.log(line));
+  // Only the first Ctrl-C is caught: once its listener is gone, SIGINT's default action (exit) is back, so a second
+  // one ends the process at once, even in the middle of a step or of the checkpoint save.
   const onSigint = () => {
-    if (stop.signal.aborted) {
-      progress?.finish();
-      process.exit(130);
-    }
     stop.abort();
     print('interrupted: stopping after this step and saving a checkpoint (Ctrl-C again to quit at once)');
   };
-  process.on('SIGINT', onSigint);
+  process.once('SIGINT', onSigint);
   try {
     const result = await train(overrides, {
       signal: stop.signal,
