@@ -221,7 +221,7 @@ describe('nanogpt-rs end to end', () => {
 });
 
 describe('Ctrl-C during train', () => {
-  const endless = (outDir: string) => [...tiny, `--out_dir=${outDir}`, '--max_iters=100000', '--eval_interval=100000', '--eval_iters=1', '--log_interval=1'];
+  const endless = (outDir: string) => ['train', ...tiny, `--out_dir=${outDir}`, '--max_iters=100000', '--eval_interval=100000', '--eval_iters=1', '--log_interval=1'];
 
   it('writes a checkpoint at the end of the current step and exits', async () => {
     let sent = false;
