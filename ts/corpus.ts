@@ -21,7 +21,6 @@ import {
   closeSync,
   createReadStream,
   existsSync,
-  fstatSync,
   fsyncSync,
   ftruncateSync,
   mkdirSync,
