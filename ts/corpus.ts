@@ -249,13 +249,16 @@ export async function prepareCorpus(options: CorpusOptions): Promise<CorpusResul
 
     const drain = (): void => {
       try {
+        let wrote = false;
         for (let done = finished.get(nextToWrite); done; done = finished.get(nextToWrite)) {
           finished.delete(nextToWrite++);
           writeBatch(done.first, done.reply);
           inFlight--;
+          wrote = true;
         }
         progress.update(state);
-        if (performance.now() - lastCheckpoint >= journalEveryMs) {
+        // A batch that finished ahead of an earlier one is held back, and changes nothing on disk yet.
+        if (wrote && performance.now() - lastCheckpoint >= journalEveryMs) {
           checkpoint();
           lastCheckpoint = performance.now();
         }
