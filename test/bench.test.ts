@@ -1,5 +1,6 @@
 import { describe, expect, it } from 'vitest';
-import { benchDefaults, parseBenchArgs, runBench, type BenchEngine } from '../ts/bench.ts';
+import { parseBenchArgs, runBench, type BenchEngine } from '../ts/bench.ts';
+import { benchDefaults } from '../ts/config.ts';
 import { Engine } from '../ts/engine.ts';
 
 const tiny = { n_layer: 1, n_head: 2, n_embd: 32, block_size: 16, batch_size: 2, vocab_size: 64, warmup: 1, iters: 2 };

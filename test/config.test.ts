@@ -1,8 +1,9 @@
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
-import { defaultsOf, describeKeys, noEffectNotes, parseArgs, resolveConfig, sampleSchema, trainSchema } from '../ts/config.ts';
+import { defaultsOf, describeKeys, findConfigFile, noEffectNotes, parseArgs, resolveConfig, sampleSchema, trainSchema } from '../ts/config.ts';
 
 const quiet = () => {};
 const parse = (...args: string[]) => parseArgs(trainSchema, args, quiet);
@@ -68,6 +69,11 @@ describe('--key=value', () => {
     expect(await parse('--batch_size=4', '--batch_size=8')).toEqual({ batch_size: 8 });
   });
 
+  it('suggests nothing when no key is close', async () => {
+    await expect(parse('--zzzzzz=1')).rejects.toThrow(/^unknown config key 'zzzzzz'; --help lists every key$/);
+    await expect(parse('--lr=1e-3')).rejects.toThrow(/^unknown config key 'lr'; --help lists every key$/);
+  });
+
   it('suggests the closest key for an unknown one', async () => {
     await expect(parse('--lerning_rate=1e-3')).rejects.toThrow("unknown config key 'lerning_rate'; did you mean 'learning_rate'?");
     await expect(parse('--n_embed=64')).rejects.toThrow("did you mean 'n_embd'?");
@@ -122,8 +128,32 @@ describe('config files', () => {
     await expect(parse(file)).rejects.toThrow(`unknown config key 'n_layers' (in ${file}); did you mean 'n_layer'?`);
   });
 
-  it('that are missing name the path', async () => {
-    await expect(parse('configs/nope.ts')).rejects.toThrow('config file not found: configs/nope.ts');
+  it('that are missing name the path and list the bundled configs', async () => {
+    await expect(parse('configs/nope.ts')).rejects.toThrow(
+      'config file not found: configs/nope.ts; bundled configs (usable by name, e.g. train_gpt2): eval_gpt2.ts, eval_gpt2_large.ts, eval_gpt2_medium.ts, eval_gpt2_xl.ts, finetune_shakespeare.ts, train_gpt2.ts, train_shakespeare_char.ts',
+    );
+  });
+
+  it("resolve as nanoGPT users type them: config/ or configs/, a bare name, nanoGPT's .py name", () => {
+    const bundled = fileURLToPath(new URL('../configs/train_gpt2.ts', import.meta.url));
+    for (const arg of ['config/train_gpt2.ts', 'configs/train_gpt2.ts', './config/train_gpt2.ts', 'train_gpt2', 'train_gpt2.ts', 'config/train_gpt2.py']) {
+      expect(findConfigFile(arg), arg).toBe(bundled);
+    }
+    expect(findConfigFile('config/nope.ts')).toBeUndefined();
+    expect(findConfigFile('nope')).toBeUndefined();
+  });
+
+  it('in the working directory win over bundled ones of the same path', async () => {
+    const local = join(dir, 'configs');
+    mkdirSync(local, { recursive: true });
+    writeFileSync(join(local, 'train_gpt2.ts'), 'export default { batch_size: 3 };\n');
+    const cwd = process.cwd();
+    process.chdir(dir);
+    try {
+      expect(findConfigFile('configs/train_gpt2.ts')).toBe(join(local, 'train_gpt2.ts'));
+    } finally {
+      process.chdir(cwd);
+    }
   });
 
   it("include nanoGPT's train_shakespeare_char, found from any working directory", async () => {

@@ -134,8 +134,10 @@ describe('prepareCorpus (gpt2)', () => {
     const c = await run(2, 2, 300);
     expect(b.equals(a)).toBe(true);
     expect(c.equals(a)).toBe(false);
+    // val.bin holds exactly the documents the seed picks, and another seed picks others.
+    expect(Array.from(new Uint16Array(a.buffer, a.byteOffset, a.byteLength / 2))).toEqual(expectedSplits(docs, 1, valFraction).val);
     const valIndices = (s: number): number[] => docs.map((_, i) => i).filter((i) => isValDocument(i, s, valFraction));
-    expect(valIndices(1)).toEqual(valIndices(1));
+    expect(valIndices(1).length).toBeGreaterThan(0);
     expect(valIndices(1)).not.toEqual(valIndices(2));
     // The fraction holds at scale.
     let val = 0;
@@ -149,6 +151,37 @@ describe('prepareCorpus (gpt2)', () => {
     writeFileSync(bad, '{"text": "ok"}\n{"body": "no text"}\n');
     await expect(prepareCorpus({ name: 'c', files: [bad], dataDir: freshDir(), workers: 1, ...quiet })).rejects.toThrow(/bad\.jsonl:2: no "text"/);
     await expect(prepareCorpus({ name: 'c', inputDir: join(root, 'nowhere'), dataDir: freshDir(), ...quiet })).rejects.toThrow(/no \.parquet, \.jsonl or \.txt files/);
+  });
+});
+
+describe('prepareCorpus with few documents', () => {
+  it('splits within the token stream: the last 10% validates, and says so', async () => {
+    const files = makeDocs(2, 9).map((doc, i) => {
+      const file = join(root, `few-${i}.txt`);
+      writeFileSync(file, doc.repeat(20));
+      return file;
+    });
+    const stream = files.flatMap((file) => [...gpt2Tokenizer.encodeOrdinary(readFileSync(file, 'utf8')), endOfText]);
+    const dataDir = freshDir();
+    const lines: string[] = [];
+    const result = await prepareCorpus({ name: 'c', files, dataDir, workers: 1, ...quiet, log: (line) => lines.push(line) });
+    const cut = Math.floor(stream.length * 0.9);
+    expect(Array.from(readBin(join(dataDir, 'c', 'train.bin')))).toEqual(stream.slice(0, cut));
+    expect(Array.from(readBin(join(dataDir, 'c', 'val.bin')))).toEqual(stream.slice(cut));
+    expect(result.valTokens).toBe(stream.length - cut);
+    expect(lines.join('\n')).toContain('2 documents are too few for a val split of whole documents at --val_fraction=0.0005; val.bin is the last 10% of the token stream');
+  });
+
+  it('keeps whole documents when there are enough for the fraction', async () => {
+    const docs = makeDocs(40, 3);
+    const file = join(root, 'enough.jsonl');
+    writeJsonl(file, docs);
+    const dataDir = freshDir();
+    const result = await prepareCorpus({ name: 'c', files: [file], dataDir, seed: 4, valFraction: 0.1, workers: 1, ...quiet });
+    const expected = expectedSplits(docs, 4, 0.1);
+    expect(expected.valDocs).toBeGreaterThan(0);
+    expect(result.valDocuments).toBe(expected.valDocs);
+    expect(Array.from(readBin(join(dataDir, 'c', 'val.bin')))).toEqual(expected.val);
   });
 });
 

@@ -178,6 +178,14 @@ describe('BatchLoader', () => {
   it('rejects a block_size the data cannot fill', () => {
     expect(() => new BatchLoader(dir, 1, 1000, new Rng(1))).toThrow('too few for block_size 1000; lower --block_size');
   });
+
+  it('refuses a .bin whose size is not a whole number of uint16 tokens, naming the file and its size', () => {
+    const torn = join(root, 'torn');
+    mkdirSync(torn, { recursive: true });
+    writeFileSync(join(torn, 'train.bin'), Buffer.alloc(4001));
+    writeFileSync(join(torn, 'val.bin'), Buffer.alloc(4000));
+    expect(() => new BatchLoader(torn, 1, 8, new Rng(1))).toThrow(`${join(torn, 'train.bin')} holds 4001 bytes, not a whole number of uint16 tokens`);
+  });
 });
 
 describe('readTokens beyond 4 GiB', () => {

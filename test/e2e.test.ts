@@ -1,11 +1,11 @@
 // The CLI as a user runs it, on a tiny model: prepare, train, resume, sample. Needs the native engine
 // (`npm run build:native`); without it these tests fail rather than skip, so CI cannot pass by accident.
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 
 const cli = fileURLToPath(new URL('../bin/nanogpt-rs.js', import.meta.url));
 const corpus = fileURLToPath(new URL('../data/shakespeare_char/input.txt', import.meta.url));
@@ -20,6 +20,21 @@ function run(...args: string[]) {
 function runWith(env: Record<string, string>, ...args: string[]) {
   const result = spawnSync(process.execPath, [cli, ...args], { cwd: work, encoding: 'utf8', env: { ...process.env, ...env } });
   return { status: result.status, stdout: result.stdout, stderr: result.stderr };
+}
+
+/** Runs the CLI, calling `onOutput` with the child and its stdout so far whenever stdout grows. */
+function runWatching(args: string[], onOutput: (child: ReturnType<typeof spawn>, stdout: string) => void) {
+  return new Promise<{ status: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string }>((resolve) => {
+    const child = spawn(process.execPath, [cli, ...args], { cwd: work });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (chunk: Buffer) => {
+      stdout += chunk.toString();
+      onOutput(child, stdout);
+    });
+    child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+    child.on('close', (status, signal) => resolve({ status, signal, stdout, stderr }));
+  });
 }
 
 const tiny = [
@@ -205,7 +220,71 @@ describe('nanogpt-rs end to end', () => {
   });
 });
 
+describe('Ctrl-C during train', () => {
+  const endless = (outDir: string) => ['train', ...tiny, `--out_dir=${outDir}`, '--max_iters=100000', '--eval_interval=100000', '--eval_iters=1', '--log_interval=1'];
+
+  it('writes a checkpoint at the end of the current step and exits', async () => {
+    let sent = false;
+    const result = await runWatching(endless('out-int'), (child, stdout) => {
+      if (!sent && /^iter 3: /m.test(stdout)) {
+        sent = true;
+        child.kill('SIGINT');
+      }
+    });
+    expect(result.stderr).toBe('');
+    expect(result.status).toBe(130);
+    expect(result.stdout).toContain('interrupted: stopping after this step and saving a checkpoint');
+    expect(result.stdout).toContain('saving checkpoint to out-int');
+    const last = Number(/^stopped at iteration (\d+); resume with --init_from=resume --out_dir=out-int$/m.exec(result.stdout)![1]);
+    expect(last).toBeGreaterThanOrEqual(3);
+    expect(result.stdout).toMatch(new RegExp(`^iter ${last}: `, 'm'));
+    expect(JSON.parse(readFileSync(join(work, 'out-int', 'ckpt.json'), 'utf8')).iter_num).toBe(last + 1);
+  });
+
+  it('a second Ctrl-C exits at once, without a checkpoint', async () => {
+    const sent: string[] = [];
+    // A model whose checkpoint takes a while to write, so that the second Ctrl-C lands during the save.
+    const large = ['--n_layer=8', '--n_head=8', '--n_embd=512', '--block_size=32', '--batch_size=1', '--engine=native'];
+    const result = await runWatching([...endless('out-int2'), ...large], (child, stdout) => {
+      if (sent.length === 0 && /^iter 1: /m.test(stdout)) sent.push(String(child.kill('SIGINT')));
+      if (sent.length === 1 && stdout.includes('interrupted: stopping after this step')) sent.push(String(child.kill('SIGINT')));
+    });
+    expect(sent).toEqual(['true', 'true']);
+    expect(result.signal).toBe('SIGINT');
+    expect(result.stdout).not.toContain('stopped at iteration');
+    expect(existsSync(join(work, 'out-int2', 'ckpt.json'))).toBe(false);
+  });
+});
+
 describe('library API', () => {
+  it('reports through onLog without printing, and stops on an AbortSignal with a checkpoint of the last step', async () => {
+    const { train } = await import('../ts/index.ts');
+    const printed = vi.spyOn(console, 'log');
+    const written = vi.spyOn(process.stdout, 'write');
+    const stop = new AbortController();
+    const events: Array<{ kind: string; message: string }> = [];
+    const outDir = join(work, 'out-abort');
+    const result = await train(
+      { data_dir: join(work, 'data'), dataset: 'shakespeare_char', out_dir: outDir, n_layer: 1, n_head: 2, n_embd: 16, block_size: 16, batch_size: 4, gradient_accumulation_steps: 1, max_iters: 1000, eval_interval: 1000, eval_iters: 2, log_interval: 1 },
+      {
+        signal: stop.signal,
+        onLog: (event) => {
+          events.push(event);
+          if (event.kind === 'iter' && event.iter === 3) stop.abort();
+        },
+      },
+    );
+    expect(printed).not.toHaveBeenCalled();
+    expect(written).not.toHaveBeenCalled();
+    printed.mockRestore();
+    written.mockRestore();
+    expect(result).toMatchObject({ stopped: true, iter_num: 3, iterations: 4 });
+    expect(events.map((e) => e.kind).filter((kind) => kind !== 'info')).toEqual(['eval', 'iter', 'iter', 'iter', 'iter', 'checkpoint']);
+    expect(events.map((e) => e.message)).toContain('Initializing a new model from scratch');
+    expect(events.at(-1)!.message).toBe(`saving checkpoint to ${outDir}`);
+    expect(JSON.parse(readFileSync(join(outDir, 'ckpt.json'), 'utf8')).iter_num).toBe(4);
+  });
+
   it('trains and samples with plain config objects, returning results', async () => {
     const { train, sample } = await import('../ts/index.ts');
     const dataDir = join(work, 'data');
@@ -231,5 +310,22 @@ describe('library API', () => {
     const samples = await sample({ data_dir: dataDir, out_dir: outDir, start: 'To be', num_samples: 3, max_new_tokens: 5 });
     expect(samples).toHaveLength(3);
     for (const text of samples) expect(text).toMatch(/^To be[\s\S]{5}$/);
+  });
+
+  it('streams the same text as sample gives for the same seed, on both engines, past the block size', async () => {
+    const { sample, generate } = await import('../ts/index.ts');
+    const options = { data_dir: join(work, 'data'), out_dir: join(work, 'out-api'), start: 'To be', num_samples: 2, max_new_tokens: 30, seed: 7 };
+    for (const engine of ['wasm', 'native']) {
+      const batch = await sample({ ...options, engine });
+      const streamed = ['', ''];
+      let chunks = 0;
+      for await (const chunk of generate({ ...options, engine })) {
+        streamed[chunk.sample] += chunk.text;
+        chunks++;
+      }
+      expect(chunks).toBe(2 * 31); // the prompt, then one chunk per character token
+      expect(streamed).toEqual(batch);
+      expect(batch[0]).not.toEqual(batch[1]);
+    }
   });
 });

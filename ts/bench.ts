@@ -3,6 +3,7 @@
 // running GPU's peak, and peak device memory. The engine does all the work; this file only drives and times it.
 import { join } from 'node:path';
 import { BatchLoader, type Batch } from './data.ts';
+import { benchDefaults, type BenchOptions } from './config.ts';
 import { Engine, engineChoices, type Dtype, type EngineChoice, type ModelArgs, type PhaseTimes } from './engine.ts';
 import { UserError } from './errors.ts';
 import { flopsPerIter, gpuName, peakFlops } from './mfu.ts';
@@ -14,49 +15,6 @@ export type BenchEngine = Pick<
   'numParams' | 'configureOptimizer' | 'forwardBackward' | 'step' | 'setPrecision' | 'synchronize' | 'memoryStats' | 'setProfiling' | 'phaseTimes'
 >;
 
-export interface BenchOptions {
-  batch_size: number;
-  block_size: number;
-  n_layer: number;
-  n_head: number;
-  n_embd: number;
-  vocab_size: number;
-  bias: boolean;
-  /** Random batches from data/<dataset>/train.bin instead of one fixed batch of random ids. */
-  real_data: boolean;
-  dataset: string;
-  data_dir: string;
-  device: string;
-  /** Which engine build runs it (see `--engine` of train). */
-  engine: EngineChoice;
-  dtype: Dtype;
-  seed: number;
-  /** Burn-in steps (not timed), then timed steps: bench.py's 10 and 20. */
-  warmup: number;
-  iters: number;
-  /** Also time the phases of every timed step (synchronising between them). */
-  profile: boolean;
-}
-
-export const benchDefaults: BenchOptions = {
-  batch_size: 12,
-  block_size: 1024,
-  n_layer: 12,
-  n_head: 12,
-  n_embd: 768,
-  vocab_size: 50304,
-  bias: false,
-  real_data: false,
-  dataset: 'openwebtext',
-  data_dir: 'data',
-  device: 'cuda',
-  engine: 'auto',
-  dtype: 'bfloat16',
-  seed: 1337,
-  warmup: 10,
-  iters: 20,
-  profile: false,
-};
 
 export interface BenchResult {
   device: string;

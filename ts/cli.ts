@@ -1,17 +1,13 @@
 // `nanogpt-rs`: prepare a dataset, train, sample, export. Config arguments are passed through untouched to the
 // configurator, so they read exactly like nanoGPT's (`train configs/x.ts --batch_size=32`).
+// Each command imports its module when it runs, so that `--help` starts at once. The library functions print
+// nothing; the printing is done here.
 import { readFileSync } from 'node:fs';
 import { Command, Option } from 'commander';
-import { benchDefaults, parseBenchArgs, runBench } from './bench.ts';
-import { describeKeys, parseArgs, sampleSchema, trainSchema } from './config.ts';
-import { defaultSeed, defaultValFraction, prepareCorpus, prepareOpenWebText } from './corpus.ts';
-import { prepare } from './data.ts';
+import { benchDefaults, defaultSplitSeed, defaultValFraction, describeKeys, parseArgs, sampleSchema, trainSchema } from './config.ts';
 import { engineChoices } from './engine.ts';
 import { UserError } from './errors.ts';
-import { exportHf, type ExportOptions } from './export.ts';
-import { plot } from './plot.ts';
-import { sample } from './sample.ts';
-import { train } from './train.ts';
+import type { ExportOptions } from './export.ts';
 
 const { version } = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string };
 
@@ -30,8 +26,9 @@ program
   .option('--tokenizer <kind>', 'text: gpt2 (BPE, <|endoftext|> after each document) or char', 'gpt2')
   .option('--workers <n>', 'openwebtext/text: tokenising threads (default: all cores)', positiveInt)
   .option('--val_fraction <f>', 'openwebtext/text: fraction of documents for val', Number, defaultValFraction)
-  .option('--seed <n>', 'openwebtext/text: seed of the train/val split', positiveInt, defaultSeed)
+  .option('--seed <n>', 'openwebtext/text: seed of the train/val split', positiveInt, defaultSplitSeed)
   .action(async (dataset: string, files: string[], options: PrepareCliOptions) => {
+    const { prepareCorpus, prepareOpenWebText } = await import('./corpus.ts');
     const corpus = { dataDir: options.data_dir, workers: options.workers, valFraction: options.val_fraction, seed: options.seed };
     if (dataset === 'openwebtext') {
       await prepareOpenWebText({ ...corpus, inputDir: options.input });
@@ -43,6 +40,7 @@ program
       }
       await prepareCorpus({ ...corpus, name: options.name, files, tokenizer: options.tokenizer });
     } else {
+      const { prepare } = await import('./data.ts');
       await prepare(dataset, { dataDir: options.data_dir });
     }
   });
@@ -70,7 +68,8 @@ program
   .allowUnknownOption()
   .addHelpText('after', `\nConfig keys (defaults train GPT-2 124M on OpenWebText):\n${describeKeys(trainSchema)}`)
   .action(async (args: string[]) => {
-    await train(await parseArgs(trainSchema, args));
+    const { runTrainCommand } = await import('./train-command.ts');
+    await runTrainCommand(await parseArgs(trainSchema, args));
   });
 
 program
@@ -80,7 +79,15 @@ program
   .allowUnknownOption()
   .addHelpText('after', `\nConfig keys:\n${describeKeys(sampleSchema)}`)
   .action(async (args: string[]) => {
-    await sample(await parseArgs(sampleSchema, args));
+    // Each sample is printed as it is generated, then a line of dashes, as sample.py prints them.
+    const { generate } = await import('./sample.ts');
+    let current = -1;
+    for await (const { sample, text } of generate(await parseArgs(sampleSchema, args), { onLog: console.log })) {
+      if (sample !== current && current >= 0) process.stdout.write('\n---------------\n');
+      current = sample;
+      process.stdout.write(text);
+    }
+    if (current >= 0) process.stdout.write('\n---------------\n');
   });
 
 program
@@ -88,7 +95,8 @@ program
   .description("time training steps like nanoGPT's bench.py: ms/iter, tokens/s, MFU, peak memory (GPT-2 124M, bf16, cuda by default)")
   .argument('[overrides...]', `--key=value overrides of: ${Object.keys(benchDefaults).join(', ')}`)
   .allowUnknownOption()
-  .action((args: string[]) => {
+  .action(async (args: string[]) => {
+    const { parseBenchArgs, runBench } = await import('./bench.ts');
     const options = parseBenchArgs(args);
     console.log(`bench: ${JSON.stringify(options)}`);
     console.log(`RESULT ${JSON.stringify(runBench(options))}`);
@@ -101,7 +109,8 @@ program
   .requiredOption('--to <dir>', "folder to write the Hugging Face model into, or `nanogpt` for nanoGPT's ckpt.pt")
   .option('--out <file>', 'with --to=nanogpt: the ckpt.pt to write')
   .addOption(new Option('--engine <engine>', 'engine build that converts the weights').choices(engineChoices).default('auto'))
-  .action((options: ExportOptions) => {
+  .action(async (options: ExportOptions) => {
+    const { exportHf } = await import('./export.ts');
     exportHf(options);
   });
 
@@ -110,7 +119,8 @@ program
   .description("render a run's loss, learning-rate and gradient-norm curves (out_dir/log.jsonl) as an HTML page")
   .requiredOption('--out_dir <dir>', 'the run to plot')
   .option('--to <file>', 'where to write the page (default: <out_dir>/plot.html)')
-  .action((options: { out_dir: string; to?: string }) => {
+  .action(async (options: { out_dir: string; to?: string }) => {
+    const { plot } = await import('./plot.ts');
     console.log(`wrote ${plot(options.out_dir, options.to)}`);
   });
 

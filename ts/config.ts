@@ -1,10 +1,10 @@
 // Typed defaults for `train` and `sample`, and nanoGPT's "poor man's configurator": config files and
 // `--key=value` overrides applied left to right. Unlike configurator.py, values are checked against the type of
 // the default here, with one-line errors that say how to fix them.
-import { existsSync, readFileSync } from 'node:fs';
-import { dirname, join, resolve } from 'node:path';
+import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
+import { dirname, extname, join, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
-import { defaultDevice, engineChoices } from './engine.ts';
+import { defaultDevice, engineChoices, type Dtype, type EngineChoice } from './engine.ts';
 import { firstLine, UserError } from './errors.ts';
 
 type Kind = 'int' | 'float' | 'bool' | 'str';
@@ -35,7 +35,7 @@ const str = (value: string, help: string, choices?: readonly string[]): KeySpec<
 
 const dtypes = ['float32', 'bfloat16', 'float16'] as const;
 
-/** train.py's globals (spec 2.1), in its order; the defaults train GPT-2 124M on OpenWebText. */
+/** train.py's globals, in its order; the defaults train GPT-2 124M on OpenWebText. */
 export const trainSchema = {
   out_dir: str('out', 'checkpoint directory'),
   eval_interval: int(2000, 'evaluate (and maybe checkpoint) every N iterations'),
@@ -75,7 +75,7 @@ export const trainSchema = {
   data_dir: str('data', 'folder holding the prepared datasets'),
 } satisfies Schema;
 
-/** sample.py's globals (spec 3). */
+/** sample.py's globals. */
 export const sampleSchema = {
   init_from: str('resume', "'resume' (from out_dir), gpt2 / gpt2-medium / gpt2-large / gpt2-xl, or a Hugging Face GPT-2 folder"),
   out_dir: str('out', 'checkpoint directory'),
@@ -91,6 +91,56 @@ export const sampleSchema = {
   compile: bool(false, 'torch.compile in nanoGPT (no effect here)'),
   data_dir: str('data', "folder holding the prepared datasets (for the vocabulary in meta.json; without one, GPT-2's)"),
 } satisfies Schema;
+
+/** `bench`'s options (nanoGPT's bench.py), GPT-2 124M at batch 12 x 1024 by default. */
+export interface BenchOptions {
+  batch_size: number;
+  block_size: number;
+  n_layer: number;
+  n_head: number;
+  n_embd: number;
+  vocab_size: number;
+  bias: boolean;
+  /** Random batches from data/<dataset>/train.bin instead of one fixed batch of random ids. */
+  real_data: boolean;
+  dataset: string;
+  data_dir: string;
+  device: string;
+  /** Which engine build runs it (see `--engine` of train). */
+  engine: EngineChoice;
+  dtype: Dtype;
+  seed: number;
+  /** Burn-in steps (not timed), then timed steps: bench.py's 10 and 20. */
+  warmup: number;
+  iters: number;
+  /** Also time the phases of every timed step (synchronising between them). */
+  profile: boolean;
+}
+
+export const benchDefaults: BenchOptions = {
+  batch_size: 12,
+  block_size: 1024,
+  n_layer: 12,
+  n_head: 12,
+  n_embd: 768,
+  vocab_size: 50304,
+  bias: false,
+  real_data: false,
+  dataset: 'openwebtext',
+  data_dir: 'data',
+  device: 'cuda',
+  engine: 'auto',
+  dtype: 'bfloat16',
+  seed: 1337,
+  warmup: 10,
+  iters: 20,
+  profile: false,
+};
+
+
+/** `prepare openwebtext` / `prepare text`: nanoGPT's val fraction of documents and split seed. */
+export const defaultValFraction = 0.0005;
+export const defaultSplitSeed = 2357;
 
 export type TrainConfig = ConfigOf<typeof trainSchema>;
 export type SampleConfig = ConfigOf<typeof sampleSchema>;
@@ -178,7 +228,9 @@ function formatValue(value: unknown, kind?: Kind): string {
 
 function checkKey(schema: Schema, key: string, where = ''): void {
   if (Object.hasOwn(schema, key)) return;
-  throw new UserError(`unknown config key '${key}'${where}; did you mean '${closest(key, Object.keys(schema))}'? (--help lists every key)`);
+  const near = closest(key, Object.keys(schema));
+  const hint = near ? `did you mean '${near}'? (--help lists every key)` : '--help lists every key';
+  throw new UserError(`unknown config key '${key}'${where}; ${hint}`);
 }
 
 const integerText = /^[+-]?\d+$/;
@@ -241,14 +293,45 @@ function unquote(text: string): string {
 }
 
 const packageRoot = join(dirname(fileURLToPath(import.meta.url)), '..');
+const bundledConfigs = join(packageRoot, 'configs');
+const typeScriptExtensions = new Set(['.ts', '.mts', '.cts']);
 
-/** A config path is relative to the working directory, falling back to the package (so `configs/…` always works). */
+/**
+ * Where config argument `arg` is: a path relative to the working directory; else the same path inside the package,
+ * where `config/` (nanoGPT's folder name) and `configs/` both mean the bundled configs; else a bare name
+ * (`train_gpt2` or `train_gpt2.ts`) of a bundled config.
+ */
+export function findConfigFile(arg: string): string | undefined {
+  const inPackage = arg.replace(/^\.\//, '');
+  const candidates = [resolve(arg), resolve(packageRoot, inPackage)];
+  // nanoGPT's configs are .py files; the bundled ones are the same settings as .ts.
+  const bundled = (name: string) => [join(bundledConfigs, name), join(bundledConfigs, `${name.replace(/\.py$/, '')}.ts`)];
+  const folder = /^configs?\//.exec(inPackage);
+  if (folder) candidates.push(...bundled(inPackage.slice(folder[0].length)));
+  if (!/[\\/]/.test(arg)) candidates.push(...bundled(arg));
+  return candidates.find((candidate) => existsSync(candidate) && statSync(candidate).isFile());
+}
+
+/** The bundled config files, by name. */
+export function bundledConfigNames(): string[] {
+  return readdirSync(bundledConfigs).filter((name) => name.endsWith('.ts')).sort();
+}
+
 async function loadConfigFile(arg: string): Promise<{ path: string; text: string; values: Record<string, unknown> }> {
-  const path = [resolve(arg), resolve(packageRoot, arg)].find((candidate) => existsSync(candidate));
-  if (!path) throw new UserError(`config file not found: ${arg}`);
+  const path = findConfigFile(arg);
+  if (!path) {
+    throw new UserError(`config file not found: ${arg}; bundled configs (usable by name, e.g. train_gpt2): ${bundledConfigNames().join(', ')}`);
+  }
   let values: unknown;
   try {
-    values = ((await import(pathToFileURL(path).href)) as { default?: unknown }).default;
+    const url = pathToFileURL(path).href;
+    // Config files are usually TypeScript: its loader comes in only now, scoped to this one import.
+    const module = typeScriptExtensions.has(extname(path))
+      ? await (await import('tsx/esm/api')).tsImport(url, import.meta.url)
+      : await import(url);
+    values = (module as { default?: unknown }).default;
+    // A .ts file outside an ES-module package loads as CommonJS, where `export default` lands one level down.
+    if ((values as { __esModule?: boolean } | undefined)?.__esModule) values = (values as { default?: unknown }).default;
   } catch (err) {
     throw new UserError(`cannot load config file ${arg}: ${firstLine(err)}`);
   }
@@ -258,10 +341,13 @@ async function loadConfigFile(arg: string): Promise<{ path: string; text: string
   return { path: arg, text: readFileSync(path, 'utf8'), values: values as Record<string, unknown> };
 }
 
-/** Levenshtein distance picks the key the user most likely meant. */
-function closest(word: string, candidates: readonly string[]): string {
-  let best = candidates[0];
-  let bestDistance = Infinity;
+/**
+ * The key the user most likely meant, by Levenshtein distance; none when even the nearest needs more edits than a
+ * typo would (a third of the word, at least 2), since a far key only misleads.
+ */
+function closest(word: string, candidates: readonly string[]): string | undefined {
+  let best: string | undefined;
+  let bestDistance = Math.max(2, Math.floor(word.length / 3)) + 1;
   for (const candidate of candidates) {
     const distance = editDistance(word, candidate);
     if (distance < bestDistance) [best, bestDistance] = [candidate, distance];

@@ -1,6 +1,8 @@
 // Corpora too big for memory, prepared like nanoGPT's data/openwebtext/prepare.py: every document is GPT-2 encoded
 // (encode_ordinary, then <|endoftext|> appended) or character encoded, a fixed-seed fraction of the documents
 // (0.0005, as nanoGPT's train_test_split) goes to val, and each split's ids are streamed into a uint16 .bin.
+// A corpus with too few documents for that (fewer than one expected in val) is split within its token stream
+// instead: the last 10% validates, as in the Shakespeare datasets.
 //
 // CLI (wired in cli.ts):
 //   nanogpt-rs prepare openwebtext [--input=DIR] [--data_dir=data] [--workers=N] [--val_fraction=0.0005] [--seed=2357]
@@ -19,13 +21,13 @@ import {
   closeSync,
   createReadStream,
   existsSync,
-  fstatSync,
   fsyncSync,
   ftruncateSync,
   mkdirSync,
   openSync,
   readdirSync,
   readFileSync,
+  readSync,
   renameSync,
   rmSync,
   statSync,
@@ -35,9 +37,9 @@ import { createRequire } from 'node:module';
 import { availableParallelism, endianness } from 'node:os';
 import { basename, dirname, extname, join, resolve } from 'node:path';
 import { createInterface } from 'node:readline';
-import { pathToFileURL } from 'node:url';
+import { fileURLToPath, pathToFileURL } from 'node:url';
 import { Worker } from 'node:worker_threads';
-import { asyncBufferFromFile, parquetMetadataAsync, parquetReadObjects, parquetSchema } from 'hyparquet';
+import { defaultSplitSeed, defaultValFraction } from './config.ts';
 import { CharTokenizer } from './data.ts';
 import { firstLine, UserError } from './errors.ts';
 import { writeFileAtomic } from './files.ts';
@@ -96,8 +98,8 @@ export interface JournalState {
   textBytes: number;
 }
 
-export const defaultValFraction = 0.0005;
-export const defaultSeed = 2357;
+/** The share of the token stream that validates when whole documents cannot (the Shakespeare datasets' split). */
+export const streamValFraction = 0.1;
 const journalName = 'prepare.journal.json';
 const openWebTextParquetList = 'https://huggingface.co/api/datasets/Skylion007/openwebtext/parquet/plain_text/train';
 const inputExtensions = new Set(['.parquet', '.jsonl', '.txt']);
@@ -132,7 +134,7 @@ export async function prepareCorpus(options: CorpusOptions): Promise<CorpusResul
   const log = options.log ?? console.log;
   const tokenizer = options.tokenizer ?? 'gpt2';
   const valFraction = options.valFraction ?? defaultValFraction;
-  const seed = options.seed ?? defaultSeed;
+  const seed = options.seed ?? defaultSplitSeed;
   const workerCount = Math.max(1, Math.floor(options.workers ?? availableParallelism()));
   const batchChars = options.batchChars ?? 1 << 20;
   const journalEveryMs = options.journalEveryMs ?? 2000;
@@ -154,6 +156,8 @@ export async function prepareCorpus(options: CorpusOptions): Promise<CorpusResul
     log(`all the unique characters: ${chars}`);
     log(`vocab size: ${vocabSize.toLocaleString('en-US')}`);
   }
+  // Too few documents to expect even one in val: split the token stream instead.
+  const splitsStream = (await countDocuments(files, valFraction > 0 ? Math.ceil(1 / valFraction) : 1)) * valFraction < 1;
   const fingerprint = JSON.stringify({
     version: 1,
     tokenizer,
@@ -186,7 +190,7 @@ export async function prepareCorpus(options: CorpusOptions): Promise<CorpusResul
       rmSync(paths.journal, { force: true });
     }
   }
-  const fds = { train: openSync(paths.train, resumed ? 'r+' : 'w'), val: openSync(paths.val, resumed ? 'r+' : 'w') };
+  const fds = { train: openSync(paths.train, resumed ? 'r+' : 'w+'), val: openSync(paths.val, resumed ? 'r+' : 'w') };
   ftruncateSync(fds.train, state.trainTokens * 2);
   ftruncateSync(fds.val, state.valTokens * 2);
   const checkpoint = (): void => {
@@ -228,7 +232,7 @@ export async function prepareCorpus(options: CorpusOptions): Promise<CorpusResul
         else state.valTokens += ids.length;
       };
       reply.lengths.forEach((length, i) => {
-        const split = isValDocument(first + i, seed, valFraction) ? 'val' : 'train';
+        const split = !splitsStream && isValDocument(first + i, seed, valFraction) ? 'val' : 'train';
         if (split !== runSplit) {
           flush(at);
           runSplit = split;
@@ -245,13 +249,16 @@ export async function prepareCorpus(options: CorpusOptions): Promise<CorpusResul
 
     const drain = (): void => {
       try {
+        let wrote = false;
         for (let done = finished.get(nextToWrite); done; done = finished.get(nextToWrite)) {
           finished.delete(nextToWrite++);
           writeBatch(done.first, done.reply);
           inFlight--;
+          wrote = true;
         }
         progress.update(state);
-        if (performance.now() - lastCheckpoint >= journalEveryMs) {
+        // A batch that finished ahead of an earlier one is held back, and changes nothing on disk yet.
+        if (wrote && performance.now() - lastCheckpoint >= journalEveryMs) {
           checkpoint();
           lastCheckpoint = performance.now();
         }
@@ -297,6 +304,13 @@ export async function prepareCorpus(options: CorpusOptions): Promise<CorpusResul
     while (inFlight > 0 && failure === undefined) await new Promise<void>((resolve) => (wake = resolve));
     if (failure !== undefined) throw failure;
 
+    // All documents are in train.bin, in order, when none went to val: its tail becomes val.
+    if (state.valTokens === 0) {
+      const moved = moveStreamTail(fds.train, fds.val, state.trainTokens);
+      state.trainTokens -= moved;
+      state.valTokens = moved;
+      log(`${state.documents.toLocaleString('en-US')} documents are too few for a val split of whole documents at --val_fraction=${valFraction}; val.bin is the last ${streamValFraction * 100}% of the token stream instead`);
+    }
     checkpoint();
   } finally {
     progress.finish(state);
@@ -323,6 +337,24 @@ export async function prepareCorpus(options: CorpusOptions): Promise<CorpusResul
     vocabSize,
     resumed,
   };
+}
+
+/**
+ * Moves the last `streamValFraction` of the `tokens` uint16 ids in `trainFd` to the start of the empty `valFd`
+ * (val written and synced before train is cut), and returns how many ids moved.
+ */
+function moveStreamTail(trainFd: number, valFd: number, tokens: number): number {
+  const keep = Math.floor(tokens * (1 - streamValFraction));
+  const chunk = Buffer.alloc(1 << 24);
+  for (let from = keep * 2, to = 0; from < tokens * 2; ) {
+    const read = readSync(trainFd, chunk, 0, Math.min(chunk.length, tokens * 2 - from), from);
+    for (let done = 0; done < read; ) done += writeSync(valFd, chunk, done, read - done, to + done);
+    from += read;
+    to += read;
+  }
+  fsyncSync(valFd);
+  ftruncateSync(trainFd, keep * 2);
+  return tokens - keep;
 }
 
 function readJournal(path: string): JournalState | undefined {
@@ -400,13 +432,8 @@ async function* documents(files: string[], skip: number): AsyncGenerator<string>
         yield text;
       }
     } else {
-      const buffer = await asyncBufferFromFile(file);
-      let metadata;
-      try {
-        metadata = await parquetMetadataAsync(buffer);
-      } catch (err) {
-        throw new UserError(`${file}: not a readable parquet file (${firstLine(err)})`);
-      }
+      const { buffer, metadata } = await openParquet(file);
+      const { parquetReadObjects, parquetSchema } = await import('hyparquet');
       const columns = parquetSchema(metadata).children.map((child) => child.element.name);
       if (!columns.includes('text')) throw new UserError(`${file}: no "text" column (columns: ${columns.join(', ')})`);
       let rowStart = 0;
@@ -426,6 +453,38 @@ async function* documents(files: string[], skip: number): AsyncGenerator<string>
       }
     }
   }
+}
+
+async function openParquet(file: string) {
+  const { asyncBufferFromFile, parquetMetadataAsync } = await import('hyparquet');
+  const buffer = await asyncBufferFromFile(file);
+  try {
+    return { buffer, metadata: await parquetMetadataAsync(buffer) };
+  } catch (err) {
+    throw new UserError(`${file}: not a readable parquet file (${firstLine(err)})`);
+  }
+}
+
+/** The corpus's document count, or `limit` if it has at least that many (so a big corpus is not read twice). */
+async function countDocuments(files: string[], limit: number): Promise<number> {
+  let count = 0;
+  for (const file of files) {
+    if (count >= limit) break;
+    const ext = extname(file).toLowerCase();
+    if (ext === '.txt') {
+      count++;
+    } else if (ext === '.jsonl') {
+      const lines = createInterface({ input: createReadStream(file, { encoding: 'utf8' }), crlfDelay: Infinity });
+      for await (const line of lines) {
+        if (line.trim()) count++;
+        if (count >= limit) break;
+      }
+      lines.close();
+    } else {
+      count += Number((await openParquet(file)).metadata.num_rows);
+    }
+  }
+  return Math.min(count, limit);
 }
 
 /** nanoGPT's char vocabulary: the sorted set of characters (code points) of the whole corpus, in a first pass. */
@@ -516,17 +575,17 @@ async function downloadResumable(url: string, path: string): Promise<void> {
 // ---------------------------------------------------------------------------------------------------------------
 // Workers
 
-const tsxApi = pathToFileURL(
-  createRequire(import.meta.url).resolve('tsx/package.json').replace(/package\.json$/, 'dist/esm/api/index.mjs'),
-).href;
-const workerEntry = new URL('./tokenize-worker.ts', import.meta.url).href;
+// The worker is this module's sibling: compiled JavaScript in the package (dist/), TypeScript when the sources run
+// under tsx (the tests), where the thread has to register tsx itself since loaders are not inherited by threads.
+const ownExtension = extname(fileURLToPath(import.meta.url));
+const workerEntry = new URL(`./tokenize-worker${ownExtension}`, import.meta.url);
 
-/**
- * Starts a tokenize-worker thread. The CLI runs under tsx, whose loader is not inherited by worker threads, so
- * the thread first registers tsx itself and then imports the TypeScript worker.
- */
 function startWorker(init: WorkerInit): Worker {
-  const bootstrap = `import(${JSON.stringify(tsxApi)}).then((tsx) => { tsx.register(); return import(${JSON.stringify(workerEntry)}); });`;
+  if (ownExtension !== '.ts') return new Worker(workerEntry, { workerData: init });
+  const tsxApi = pathToFileURL(
+    createRequire(import.meta.url).resolve('tsx/package.json').replace(/package\.json$/, 'dist/esm/api/index.mjs'),
+  ).href;
+  const bootstrap = `import(${JSON.stringify(tsxApi)}).then((tsx) => { tsx.register(); return import(${JSON.stringify(workerEntry.href)}); });`;
   return new Worker(bootstrap, { eval: true, workerData: init });
 }
 

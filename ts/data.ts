@@ -233,7 +233,13 @@ export class BatchLoader {
       throw new UserError(`no ${path}: the dataset is not prepared; run \`nanogpt-rs prepare ${basename(this.datasetDir)}\` first`);
     }
     const fd = openSync(path, 'r');
-    const tokens = Math.floor(fstatSync(fd).size / 2);
+    const size = fstatSync(fd).size;
+    // uint16 ids: an odd size means a torn or foreign file (numpy's memmap refuses it too).
+    if (size % 2 !== 0) {
+      closeSync(fd);
+      throw new UserError(`${path} holds ${size} bytes, not a whole number of uint16 tokens; prepare the dataset again (\`nanogpt-rs prepare ${basename(this.datasetDir)}\`)`);
+    }
+    const tokens = size / 2;
     if (tokens <= this.blockSize) {
       closeSync(fd);
       throw new UserError(`${path} has ${tokens} tokens, too few for block_size ${this.blockSize}; lower --block_size`);

@@ -4,7 +4,7 @@
 import { createRequire } from 'node:module';
 import { existsSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
-import { dirname, join } from 'node:path';
+import { dirname, join, relative } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
 import { firstLine, UserError } from './errors.ts';
@@ -103,6 +103,8 @@ interface BindingGpt {
   step(lr: number): string;
   evalLoss(x: Uint32Array, y: Int32Array, batchSize: number): number;
   generate(prompt: Uint32Array, maxNewTokens: number, temperature: number, topK: number, seed: number): Uint32Array;
+  startSampling(prompt: Uint32Array, temperature: number, topK: number, seed: number): void;
+  nextToken(): number;
   saveWeightsFile(path: string): void;
   saveOptimizerFile(path: string): void;
   saveGradientsFile(path: string): void;
@@ -161,7 +163,7 @@ interface WasmModule {
   /** Present in a build with atomics and shared memory: starts the engine's thread pool on worker threads. */
   startThreads?(count: number): void;
   initSync?(): void;
-  __wbg_wasm_module?: WebAssembly.Module;
+  __wbg_wasm_module?: unknown;
   __wbg_memory?: unknown;
   Gpt: {
     create(modelArgsJson: string, seed: number): WasmGpt;
@@ -207,6 +209,7 @@ function loadNative(cuda: boolean): Binding {
         : `the native engine is not built (no .node file in ${dir}); run \`npm run build:native\` (needs cargo), or use --engine=wasm on cpu`,
     );
   }
+  warnIfStale(join(dir, file), cuda ? 'npm run build:cuda' : 'npm run build:native');
   let native: NativeModule;
   try {
     native = createRequire(import.meta.url)(join(dir, file)) as NativeModule;
@@ -236,6 +239,7 @@ function loadWasm(): Binding {
       `the WebAssembly engine is not built (no ${glue}); run \`npm run build:wasm\` (needs cargo), or use --engine=native`,
     );
   }
+  warnIfStale(join(packageRoot, 'wasm', 'nanogpt_bg.wasm'), 'npm run build:wasm');
   // A module built with atomics asks for its pool threads through this hook while `startThreads` runs.
   (globalThis as { nanogptSpawnThread?: (thread: number) => void }).nanogptSpawnThread = (thread) => {
     const workerData = { glue, module: wasm.__wbg_wasm_module, memory: wasm.__wbg_memory, thread };
@@ -259,6 +263,28 @@ function loadWasm(): Binding {
     lrAt: (iter, schedule) => wasm.lrAt(iter, schedule),
     estimateMemory: (args, batchSize, training) => wasm.estimateMemory(args, batchSize, training),
   };
+}
+
+/**
+ * In a clone (where crates/ exists), says in one line when an engine build is older than the Rust sources; it is
+ * never rebuilt behind the user's back (an installed package has no sources, and nothing to say).
+ */
+function warnIfStale(build: string, command: string): void {
+  const crates = join(packageRoot, 'crates');
+  if (!existsSync(crates)) return;
+  const sources = [join(packageRoot, 'Cargo.toml'), join(packageRoot, 'Cargo.lock'), ...rustSources(crates)];
+  const newest = Math.max(...sources.filter((path) => existsSync(path)).map((path) => statSync(path).mtimeMs));
+  if (newest > statSync(build).mtimeMs) {
+    console.error(`warning: ${relative(packageRoot, build)} is older than the Rust sources in crates/; run \`${command}\` to rebuild it`);
+  }
+}
+
+function rustSources(dir: string): string[] {
+  return readdirSync(dir, { withFileTypes: true }).flatMap((entry) => {
+    const path = join(dir, entry.name);
+    if (entry.isDirectory()) return entry.name === 'target' ? [] : rustSources(path);
+    return entry.name.endsWith('.rs') || entry.name === 'Cargo.toml' ? [path] : [];
+  });
 }
 
 /** Threads for the WebAssembly engine's pool: NANOGPT_WASM_THREADS, else one per core. */
@@ -297,6 +323,9 @@ class WasmFiles implements BindingGpt {
   evalLoss = (x: Uint32Array, y: Int32Array, batchSize: number) => this.gpt.evalLoss(x, y, batchSize);
   generate = (prompt: Uint32Array, maxNewTokens: number, temperature: number, topK: number, seed: number) =>
     this.gpt.generate(prompt, maxNewTokens, temperature, topK, seed);
+  startSampling = (prompt: Uint32Array, temperature: number, topK: number, seed: number) =>
+    this.gpt.startSampling(prompt, temperature, topK, seed);
+  nextToken = () => this.gpt.nextToken();
   saveWeightsFile = (path: string) => writeFileSync(path, this.gpt.saveWeights());
   saveOptimizerFile = (path: string) => writeFileSync(path, this.gpt.saveOptimizer());
   saveGradientsFile = (path: string) => writeFileSync(path, this.gpt.saveGradients());
@@ -437,6 +466,18 @@ export class Engine {
   /** The prompt followed by `maxNewTokens` sampled tokens (topK 0 = no top-k filter). */
   generate(prompt: Uint32Array, maxNewTokens: number, temperature: number, topK: number, seed: number): Uint32Array {
     return this.gpt.generate(prompt, maxNewTokens, temperature, topK, seed);
+  }
+
+  /**
+   * Starts a generation drawn one token at a time by `nextToken`: the same tokens as `generate` with the same seed.
+   * It replaces any earlier one, and must be started again after the weights change.
+   */
+  startSampling(prompt: Uint32Array, temperature: number, topK: number, seed: number): void {
+    this.gpt.startSampling(prompt, temperature, topK, seed);
+  }
+
+  nextToken(): number {
+    return this.gpt.nextToken();
   }
 
   /** Writes the weights to a safetensors file (nanoGPT's parameter names, tied lm_head omitted). */

@@ -1,5 +1,6 @@
-// Model FLOPs utilisation as nanoGPT estimates it (spec 1.14), but against the peak of the GPU that
-// actually runs, not a fixed A100 figure (which reads above 100% on an H100 and near zero on small cards).
+// Model FLOPs utilisation as nanoGPT's estimate_mfu computes it (the PaLM paper's 6N + 12LHQT FLOPs per token),
+// but against the peak of the GPU that actually runs, not a fixed A100 figure (which reads above 100% on an H100
+// and near zero on small cards).
 import { execFileSync } from 'node:child_process';
 import type { ModelArgs } from './engine.ts';
 

@@ -1,4 +1,4 @@
-// Text generation from a trained checkpoint or GPT-2 weights, as nanoGPT's sample.py (spec section 3).
+// Text generation from a trained checkpoint or GPT-2 weights, as nanoGPT's sample.py.
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { loadCheckpointWeights, readCheckpointInfo, readMetaPkl } from './checkpoint.ts';
@@ -10,10 +10,51 @@ import { loadHfModel } from './pretrained.ts';
 import { Rng } from './rng.ts';
 import { gpt2Tokenizer } from './tokenizer.ts';
 
-/** Prints each sample (prompt included) followed by a line of dashes, and returns them. */
-export async function sample(overrides: Partial<SampleConfig> = {}): Promise<string[]> {
+export interface SampleOptions {
+  /** Receives the set-up lines sample.py prints (notes, which vocabulary); nothing is printed. */
+  onLog?: (line: string) => void;
+}
+
+/** The samples (prompt included), `num_samples` of them. */
+export async function sample(overrides: Partial<SampleConfig> = {}, options: SampleOptions = {}): Promise<string[]> {
+  const { config, engine, tokenizer, prompt, seeds } = await openSampling(overrides, options);
+  return seeds.map((seed) => tokenizer.decode(engine.generate(prompt, config.max_new_tokens, config.temperature, config.top_k, seed)));
+}
+
+/** A piece of a sample's text as it is generated: the prompt first, then the new text token by token. */
+export interface TextChunk {
+  /** Which sample, from 0 to num_samples - 1. */
+  sample: number;
+  text: string;
+}
+
+/**
+ * `sample`, streamed: the samples' text arrives in chunks as the engine generates it, one token at a time. Each
+ * sample's chunks join into the text `sample` returns for the same seed.
+ */
+export async function* generate(overrides: Partial<SampleConfig> = {}, options: SampleOptions = {}): AsyncGenerator<TextChunk> {
+  const { config, engine, tokenizer, prompt, seeds } = await openSampling(overrides, options);
+  for (const [k, seed] of seeds.entries()) {
+    engine.startSampling(prompt, config.temperature, config.top_k, seed);
+    const tokens = Array.from(prompt);
+    let emitted = tokenizer.decode(tokens);
+    yield { sample: k, text: emitted };
+    for (let i = 0; i < config.max_new_tokens; i++) {
+      tokens.push(engine.nextToken());
+      // A GPT-2 token can end inside a UTF-8 character: wait for the rest before emitting it.
+      const text = tokenizer.decode(tokens);
+      if (text.endsWith('\uFFFD') && i + 1 < config.max_new_tokens) continue;
+      yield { sample: k, text: text.slice(emitted.length) };
+      emitted = text;
+    }
+  }
+}
+
+/** What `sample` and `generate` share: the model, its vocabulary, the encoded prompt and each sample's seed. */
+async function openSampling(overrides: Partial<SampleConfig>, options: SampleOptions) {
   const config = resolveConfig(sampleSchema, overrides);
-  for (const note of noEffectNotes(config, overrides)) console.log(note);
+  const log = options.onLog ?? (() => {});
+  for (const note of noEffectNotes(config, overrides)) log(note);
   if (config.temperature <= 0) {
     throw new UserError(`temperature must be above 0 (there is no greedy mode), got ${config.temperature}; try --temperature=0.1`);
   }
@@ -30,7 +71,7 @@ export async function sample(overrides: Partial<SampleConfig> = {}): Promise<str
     meta = readMeta(datasetDir);
     if (!meta && (meta = readMetaPkl(datasetDir))) metaPath = join(datasetDir, 'meta.pkl');
   } else {
-    engine = await loadHfModel(config.init_from, 0, config.device, config.engine as EngineChoice);
+    engine = await loadHfModel(config.init_from, 0, config.device, config.engine as EngineChoice, log);
   }
 
   if (config.device !== 'cpu') engine.setPrecision(config.dtype as Dtype);
@@ -39,27 +80,20 @@ export async function sample(overrides: Partial<SampleConfig> = {}): Promise<str
   // As sample.py: a character vocabulary only where the checkpoint's dataset has one, GPT-2's otherwise.
   let tokenizer: { encode(text: string): ArrayLike<number>; decode(ids: ArrayLike<number>): string };
   if (meta) {
-    console.log(`Loading meta from ${metaPath}...`);
+    log(`Loading meta from ${metaPath}...`);
     tokenizer = CharTokenizer.fromMeta(meta);
   } else {
-    console.log('No meta.json found, assuming GPT-2 encodings...');
+    log('No meta.json found, assuming GPT-2 encodings...');
     tokenizer = gpt2Tokenizer;
   }
 
-  const prompt = tokenizer.encode(readPrompt(config.start));
+  const prompt = Uint32Array.from(tokenizer.encode(readPrompt(config.start)));
   if (prompt.length === 0) throw new UserError('the prompt is empty; pass some text with --start=<text>');
 
   // One seeded stream gives each sample its own seed: samples differ, runs repeat.
   const rng = new Rng(config.seed);
-  const samples: string[] = [];
-  for (let k = 0; k < config.num_samples; k++) {
-    const tokens = engine.generate(Uint32Array.from(prompt), config.max_new_tokens, config.temperature, config.top_k, rng.nextUint32());
-    const text = tokenizer.decode(tokens);
-    console.log(text);
-    console.log('---------------');
-    samples.push(text);
-  }
-  return samples;
+  const seeds = Array.from({ length: config.num_samples }, () => rng.nextUint32());
+  return { config, engine, tokenizer, prompt, seeds };
 }
 
 function readPrompt(start: string): string {

@@ -1,5 +1,5 @@
-// The training loop, in the order of nanoGPT's train.py (spec section 2). The engine does the heavy lifting
-// (forward, backward, AdamW); this file decides what happens when, prints progress, and checkpoints.
+// The training loop, in the order of nanoGPT's train.py. The engine does the heavy lifting (forward, backward,
+// AdamW); this file decides what happens when, reports progress through `onLog`, and checkpoints.
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { loadCheckpointOptimizer, loadCheckpointWeights, readCheckpointInfo, readMetaPkl, saveCheckpoint } from './checkpoint.ts';
@@ -9,7 +9,6 @@ import { Engine, lrAt, type Dtype, type EngineChoice, type ModelArgs } from './e
 import { firstLine, UserError } from './errors.ts';
 import { gpt2Models, loadHfModel } from './pretrained.ts';
 import { formatMfu, flopsPerIter, gpuName, MfuMeter, peakFlops } from './mfu.ts';
-import { Progress } from './progress.ts';
 import { Rng } from './rng.ts';
 import { RunLog, updateRatiosByLayer } from './telemetry.ts';
 
@@ -23,16 +22,37 @@ export interface TrainResult {
   last_eval: { train: number; val: number } | null;
   wall_time_s: number;
   out_dir: string;
+  /** The run was stopped through `signal`; a checkpoint of its last step is in out_dir. */
+  stopped: boolean;
 }
 
-export async function train(overrides: Partial<TrainConfig> = {}): Promise<TrainResult> {
+/**
+ * What a run reports, each with the line the CLI prints: `iter` at each log interval, `eval` at each evaluation,
+ * `checkpoint` at each save, `info` for everything else (set-up, notes).
+ */
+export type TrainLogEvent =
+  | { kind: 'info'; message: string }
+  | { kind: 'iter'; message: string; iter: number; loss: number; time_ms: number; mfu: number | null }
+  | { kind: 'eval'; message: string; iter: number; train_loss: number; val_loss: number }
+  | { kind: 'checkpoint'; message: string; iter: number; out_dir: string };
+
+export interface TrainOptions {
+  /** Receives the run's progress; nothing is printed. */
+  onLog?: (event: TrainLogEvent) => void;
+  /** Aborting it stops the run at the end of the current step, after saving a checkpoint of that step. */
+  signal?: AbortSignal;
+}
+
+export async function train(overrides: Partial<TrainConfig> = {}, options: TrainOptions = {}): Promise<TrainResult> {
+  const report = options.onLog ?? (() => {});
+  const info = (message: string) => report({ kind: 'info', message });
   const config = resolveConfig(trainSchema, overrides);
-  for (const note of noEffectNotes(config, overrides)) console.log(note);
+  for (const note of noEffectNotes(config, overrides)) info(note);
   checkTrainConfig(config);
   const startedAt = performance.now();
 
   const tokensPerIter = config.gradient_accumulation_steps * config.batch_size * config.block_size;
-  console.log(`tokens per iteration will be: ${thousands(tokensPerIter)}`);
+  info(`tokens per iteration will be: ${thousands(tokensPerIter)}`);
   mkdirSync(config.out_dir, { recursive: true });
 
   // One seeded stream draws every batch, as torch's global RNG does in nanoGPT.
@@ -43,7 +63,7 @@ export async function train(overrides: Partial<TrainConfig> = {}): Promise<Train
     let iterNum = 0;
     let bestValLoss = 1e9;
     const meta = readMeta(datasetDir) ?? readMetaPkl(datasetDir);
-    if (meta) console.log(`found vocab_size = ${meta.vocab_size} (inside ${datasetDir})`);
+    if (meta) info(`found vocab_size = ${meta.vocab_size} (inside ${datasetDir})`);
     let modelArgs: ModelArgs = {
       n_layer: config.n_layer,
       n_head: config.n_head,
@@ -55,11 +75,11 @@ export async function train(overrides: Partial<TrainConfig> = {}): Promise<Train
     };
     let engine: Engine;
     if (config.init_from === 'scratch') {
-      console.log('Initializing a new model from scratch');
-      if (!meta) console.log('defaulting to vocab_size of GPT-2 to 50304 (50257 rounded up for efficiency)');
+      info('Initializing a new model from scratch');
+      if (!meta) info('defaulting to vocab_size of GPT-2 to 50304 (50257 rounded up for efficiency)');
       engine = createEngine(() => Engine.create(modelArgs, config.seed, config.device, config.engine as EngineChoice));
     } else if (config.init_from === 'resume') {
-      console.log(`Resuming training from ${config.out_dir}`);
+      info(`Resuming training from ${config.out_dir}`);
       const checkpoint = readCheckpointInfo(config.out_dir);
       // The architecture must match the saved weights; only dropout may change.
       const saved = { ...checkpoint.model_args, dropout: config.dropout };
@@ -71,8 +91,8 @@ export async function train(overrides: Partial<TrainConfig> = {}): Promise<Train
       bestValLoss = checkpoint.best_val_loss;
     } else {
       const source = (gpt2Models as readonly string[]).includes(config.init_from) ? 'OpenAI GPT-2' : 'Hugging Face GPT-2';
-      console.log(`Initializing from ${source} weights: ${config.init_from}`);
-      engine = await loadHfModel(config.init_from, config.dropout, config.device, config.engine as EngineChoice);
+      info(`Initializing from ${source} weights: ${config.init_from}`);
+      engine = await loadHfModel(config.init_from, config.dropout, config.device, config.engine as EngineChoice, info);
     }
     // The checkpoint records the architecture actually trained, so that it describes its own weights.
     modelArgs = engine.modelArgs();
@@ -82,11 +102,11 @@ export async function train(overrides: Partial<TrainConfig> = {}): Promise<Train
     } else if (config.block_size > modelArgs.block_size) {
       throw new UserError(`block_size ${config.block_size} exceeds the model's ${modelArgs.block_size} positions; use --block_size=${modelArgs.block_size} or less`);
     }
-    console.log(`number of parameters: ${(engine.numParams(true) / 1e6).toFixed(2)}M`);
+    info(`number of parameters: ${(engine.numParams(true) / 1e6).toFixed(2)}M`);
     // The CPU engines compute in float32 whatever dtype says (noEffectNotes says so where the user set it).
     if (config.device !== 'cpu') engine.setPrecision(config.dtype as Dtype);
     engine.checkMemory(config.batch_size, 'train');
-    console.log(`engine: ${engine.kind} on ${config.device}`);
+    info(`engine: ${engine.kind} on ${config.device}`);
 
     // --- optimizer ---
     const groups = engine.configureOptimizer({
@@ -95,8 +115,8 @@ export async function train(overrides: Partial<TrainConfig> = {}): Promise<Train
       beta2: config.beta2,
       grad_clip: config.grad_clip,
     });
-    console.log(`num decayed parameter tensors: ${groups.decay_tensors}, with ${thousands(groups.decay_params)} parameters`);
-    console.log(`num non-decayed parameter tensors: ${groups.no_decay_tensors}, with ${thousands(groups.no_decay_params)} parameters`);
+    info(`num decayed parameter tensors: ${groups.decay_tensors}, with ${thousands(groups.decay_params)} parameters`);
+    info(`num non-decayed parameter tensors: ${groups.no_decay_tensors}, with ${thousands(groups.no_decay_params)} parameters`);
     if (config.init_from === 'resume') {
       loadCheckpointOptimizer(config.out_dir, engine);
     }
@@ -124,13 +144,17 @@ export async function train(overrides: Partial<TrainConfig> = {}): Promise<Train
     const stepFlops = flopsPerIter(modelArgs, engine.numParams(true), tokensPerIter);
     const mfu = new MfuMeter(stepFlops, config.device.startsWith('cuda') ? peakFlops(gpuName() ?? '') : null);
     let runningMfu: number | null = config.device.startsWith('cuda') ? -1 : null;
-    const progress = new Progress(process.stdout, config.max_iters);
     const runLog = await RunLog.open({
       outDir: config.out_dir,
       wandb: config.wandb_log ? { project: config.wandb_project, runName: config.wandb_run_name, config } : undefined,
-      notice: (line) => progress.print(line),
+      notice: info,
     });
+    const save = () => {
+      report({ kind: 'checkpoint', message: `saving checkpoint to ${config.out_dir}`, iter: iterNum, out_dir: config.out_dir });
+      saveCheckpoint(config.out_dir, engine, { model_args: modelArgs, iter_num: iterNum, best_val_loss: bestValLoss, config });
+    };
     let lastEval: TrainResult['last_eval'] = null;
+    let stopped = false;
     const firstIter = iterNum;
     let { x, y } = batches.next('train');
     let t0 = performance.now();
@@ -139,14 +163,12 @@ export async function train(overrides: Partial<TrainConfig> = {}): Promise<Train
 
       if (iterNum % config.eval_interval === 0) {
         lastEval = estimateLoss();
-        progress.print(`step ${iterNum}: train loss ${lastEval.train.toFixed(4)}, val loss ${lastEval.val.toFixed(4)}`);
+        const message = `step ${iterNum}: train loss ${lastEval.train.toFixed(4)}, val loss ${lastEval.val.toFixed(4)}`;
+        report({ kind: 'eval', message, iter: iterNum, train_loss: lastEval.train, val_loss: lastEval.val });
         runLog.eval({ iter: iterNum, train_loss: lastEval.train, val_loss: lastEval.val, lr }, runningMfu);
         if (lastEval.val < bestValLoss || config.always_save_checkpoint) {
           bestValLoss = lastEval.val;
-          if (iterNum > 0) {
-            progress.print(`saving checkpoint to ${config.out_dir}`);
-            saveCheckpoint(config.out_dir, engine, { model_args: modelArgs, iter_num: iterNum, best_val_loss: bestValLoss, config });
-          }
+          if (iterNum > 0) save();
         }
       }
       // As in nanoGPT, eval_only stops only a run that starts at iteration 0.
@@ -167,7 +189,8 @@ export async function train(overrides: Partial<TrainConfig> = {}): Promise<Train
       if (iterNum % config.log_interval === 0) {
         runningMfu = mfu.update(iterNum - firstIter, dt);
         // Like nanoGPT, the loss shown is the last micro-batch's, not the mean over the step.
-        progress.log(`iter ${iterNum}: loss ${loss.toFixed(4)}, time ${dt.toFixed(2)}ms, mfu ${formatMfu(runningMfu)}`);
+        const message = `iter ${iterNum}: loss ${loss.toFixed(4)}, time ${dt.toFixed(2)}ms, mfu ${formatMfu(runningMfu)}`;
+        report({ kind: 'iter', message, iter: iterNum, loss, time_ms: dt, mfu: runningMfu });
         runLog.train({
           iter: iterNum,
           loss,
@@ -179,11 +202,17 @@ export async function train(overrides: Partial<TrainConfig> = {}): Promise<Train
           update_ratio: updateRatiosByLayer(stats.update_ratios),
         });
       }
-      progress.update(iterNum, loss);
       iterNum += 1;
+      // The steps are synchronous calls into the engine: let signal handlers (Ctrl-C) run between them.
+      await new Promise((resolve) => setImmediate(resolve));
+      if (options.signal?.aborted) {
+        // The step is applied: the checkpoint resumes at the next iteration.
+        stopped = true;
+        save();
+        break;
+      }
       if (iterNum > config.max_iters) break;
     }
-    progress.finish();
     await runLog.close();
 
     const iterations = iterNum - firstIter;
@@ -194,6 +223,7 @@ export async function train(overrides: Partial<TrainConfig> = {}): Promise<Train
       last_eval: lastEval,
       wall_time_s: (performance.now() - startedAt) / 1000,
       out_dir: config.out_dir,
+      stopped,
     };
   } finally {
     batches.close();

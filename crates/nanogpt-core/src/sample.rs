@@ -17,34 +17,71 @@ pub struct SampleArgs {
     pub seed: u64,
 }
 
-/// The prompt followed by `max_new_tokens` sampled tokens.
+/// The prompt followed by `max_new_tokens` sampled tokens: a `Sampler` run that many steps.
 pub fn generate(model: &Gpt, prompt: &[u32], args: &SampleArgs) -> Result<Vec<u32>> {
-    if prompt.is_empty() {
-        candle_core::bail!("the prompt is empty: give at least one token to start from");
-    }
-    if args.temperature <= 0.0 {
-        candle_core::bail!("temperature must be positive, got {}", args.temperature);
-    }
-    let block_size = model.args.block_size;
-    let mut rng = StdRng::seed_from_u64(args.seed);
-    let mut tokens = prompt.to_vec();
-    let mut cache = KvCache::new(model.args.n_layer);
+    let mut sampler = Sampler::new(model, prompt, args.temperature, args.top_k, args.seed)?;
     for _ in 0..args.max_new_tokens {
-        let logits = if tokens.len() <= block_size {
-            let unseen = &tokens[cache.len()..];
+        sampler.next_token(model)?;
+    }
+    Ok(sampler.tokens)
+}
+
+/// Generation one token at a time: the tokens so far, their KV cache and the random stream. The same
+/// seed gives the same tokens as `generate`. The cache belongs to the model given to `new`: pass that
+/// model to every `next_token`, and start a new sampler after changing its weights.
+pub struct Sampler {
+    tokens: Vec<u32>,
+    cache: KvCache,
+    rng: StdRng,
+    temperature: f64,
+    top_k: Option<usize>,
+}
+
+impl Sampler {
+    pub fn new(model: &Gpt, prompt: &[u32], temperature: f64, top_k: Option<usize>, seed: u64) -> Result<Self> {
+        if prompt.is_empty() {
+            candle_core::bail!("the prompt is empty: give at least one token to start from");
+        }
+        let vocab = model.args.vocab_size;
+        if let Some(bad) = prompt.iter().find(|&&id| id as usize >= vocab) {
+            candle_core::bail!("prompt token id {bad} is out of range for vocab_size {vocab}");
+        }
+        if temperature <= 0.0 {
+            candle_core::bail!("temperature must be positive, got {temperature}");
+        }
+        Ok(Self {
+            tokens: prompt.to_vec(),
+            cache: KvCache::new(model.args.n_layer),
+            rng: StdRng::seed_from_u64(seed),
+            temperature,
+            top_k,
+        })
+    }
+
+    /// The prompt and every token sampled so far.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Samples the next token, appends it and returns it.
+    pub fn next_token(&mut self, model: &Gpt) -> Result<u32> {
+        let block_size = model.args.block_size;
+        let logits = if self.tokens.len() <= block_size {
+            let unseen = &self.tokens[self.cache.len()..];
             let idx = Tensor::new(unseen, model.device())?.unsqueeze(0)?;
-            model.next_token_logits(&idx, Some(&mut cache))?
+            model.next_token_logits(&idx, Some(&mut self.cache))?
         } else {
             // Cropping shifts every position, so cached keys and values no longer apply: recompute
             // the window, exactly as nanoGPT does at every step.
-            let window = &tokens[tokens.len() - block_size..];
+            let window = &self.tokens[self.tokens.len() - block_size..];
             let idx = Tensor::new(window, model.device())?.unsqueeze(0)?;
             model.next_token_logits(&idx, None)?
         };
         let logits = logits.squeeze(0)?.to_vec1::<f32>()?;
-        tokens.push(sample_token(&logits, args.temperature, args.top_k, &mut rng));
+        let token = sample_token(&logits, self.temperature, self.top_k, &mut self.rng);
+        self.tokens.push(token);
+        Ok(token)
     }
-    Ok(tokens)
 }
 
 /// One multinomial draw from softmax(logits / temperature) after the top-k filter.

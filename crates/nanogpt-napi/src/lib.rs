@@ -4,7 +4,7 @@
 use napi::bindgen_prelude::{Int32Array, Uint32Array, Uint8Array};
 use napi::{Error, Result};
 use napi_derive::napi;
-use nanogpt_core::sample::SampleArgs;
+use nanogpt_core::sample::{SampleArgs, Sampler};
 use nanogpt_core::{memory, Engine, LrSchedule, ModelArgs, OptimizerArgs};
 
 fn js_error(e: impl std::fmt::Display) -> Error {
@@ -22,6 +22,14 @@ fn to_json(value: &impl serde::Serialize) -> Result<String> {
 #[napi]
 pub struct Gpt {
     engine: Engine,
+    /// The generation `start_sampling` began, continued by `next_token`.
+    sampler: Option<Sampler>,
+}
+
+impl Gpt {
+    fn new(engine: Engine) -> Gpt {
+        Gpt { engine, sampler: None }
+    }
 }
 
 #[napi]
@@ -29,18 +37,18 @@ impl Gpt {
     #[napi(factory)]
     pub fn create(model_args_json: String, seed: i64, device: String) -> Result<Gpt> {
         let args: ModelArgs = parse(&model_args_json, "model_args")?;
-        Ok(Gpt { engine: Engine::new(&args, seed as u64, &device).map_err(js_error)? })
+        Ok(Gpt::new(Engine::new(&args, seed as u64, &device).map_err(js_error)?))
     }
 
     #[napi(factory)]
     pub fn from_safetensors_file(model_args_json: String, path: String, device: String) -> Result<Gpt> {
         let args: ModelArgs = parse(&model_args_json, "model_args")?;
-        Ok(Gpt { engine: Engine::from_safetensors_file(&args, &path, &device).map_err(js_error)? })
+        Ok(Gpt::new(Engine::from_safetensors_file(&args, &path, &device).map_err(js_error)?))
     }
 
     #[napi(factory)]
     pub fn from_hf_gpt2_file(config_json: String, path: String, dropout: f64, device: String) -> Result<Gpt> {
-        Ok(Gpt { engine: Engine::from_hf_gpt2_file(&config_json, &path, dropout, &device).map_err(js_error)? })
+        Ok(Gpt::new(Engine::from_hf_gpt2_file(&config_json, &path, dropout, &device).map_err(js_error)?))
     }
 
     #[napi]
@@ -128,6 +136,22 @@ impl Gpt {
             seed: seed as u64,
         };
         Ok(Uint32Array::new(self.engine.generate(&prompt, &args).map_err(js_error)?))
+    }
+
+    /// Starts a generation to be drawn token by token with `next_token` (the same tokens as `generate`
+    /// with the same seed); it replaces any earlier one, and must be started again after the weights change.
+    #[napi]
+    pub fn start_sampling(&mut self, prompt: Uint32Array, temperature: f64, top_k: u32, seed: i64) -> Result<()> {
+        let top_k = (top_k > 0).then_some(top_k as usize);
+        let sampler = Sampler::new(self.engine.model(), &prompt, temperature, top_k, seed as u64).map_err(js_error)?;
+        self.sampler = Some(sampler);
+        Ok(())
+    }
+
+    #[napi]
+    pub fn next_token(&mut self) -> Result<u32> {
+        let sampler = self.sampler.as_mut().ok_or_else(|| js_error("call startSampling before nextToken"))?;
+        sampler.next_token(self.engine.model()).map_err(js_error)
     }
 
     #[napi]

@@ -2,7 +2,7 @@
 //! typed arrays for tokens, bytes for safetensors files, since a wasm module has no file system).
 //! All logic lives in nanogpt-core, as for the Node.js addon.
 
-use nanogpt_core::sample::SampleArgs;
+use nanogpt_core::sample::{SampleArgs, Sampler};
 use nanogpt_core::{memory, Engine, LrSchedule, ModelArgs, OptimizerArgs};
 use wasm_bindgen::prelude::*;
 
@@ -27,24 +27,32 @@ fn to_json(value: &impl serde::Serialize) -> Result<String, JsError> {
 #[wasm_bindgen]
 pub struct Gpt {
     engine: Engine,
+    /// The generation `start_sampling` began, continued by `next_token`.
+    sampler: Option<Sampler>,
+}
+
+impl Gpt {
+    fn new(engine: Engine) -> Gpt {
+        Gpt { engine, sampler: None }
+    }
 }
 
 #[wasm_bindgen]
 impl Gpt {
     pub fn create(model_args_json: &str, seed: f64) -> Result<Gpt, JsError> {
         let args: ModelArgs = parse(model_args_json, "model_args")?;
-        Ok(Gpt { engine: Engine::new(&args, seed as u64, DEVICE).map_err(js_error)? })
+        Ok(Gpt::new(Engine::new(&args, seed as u64, DEVICE).map_err(js_error)?))
     }
 
     #[wasm_bindgen(js_name = fromSafetensors)]
     pub fn from_safetensors(model_args_json: &str, bytes: &[u8]) -> Result<Gpt, JsError> {
         let args: ModelArgs = parse(model_args_json, "model_args")?;
-        Ok(Gpt { engine: Engine::from_safetensors(&args, bytes, DEVICE).map_err(js_error)? })
+        Ok(Gpt::new(Engine::from_safetensors(&args, bytes, DEVICE).map_err(js_error)?))
     }
 
     #[wasm_bindgen(js_name = fromHfGpt2)]
     pub fn from_hf_gpt2(config_json: &str, bytes: &[u8], dropout: f64) -> Result<Gpt, JsError> {
-        Ok(Gpt { engine: Engine::from_hf_gpt2(config_json, bytes, dropout, DEVICE).map_err(js_error)? })
+        Ok(Gpt::new(Engine::from_hf_gpt2(config_json, bytes, dropout, DEVICE).map_err(js_error)?))
     }
 
     #[wasm_bindgen(js_name = modelArgs)]
@@ -130,6 +138,22 @@ impl Gpt {
             seed: seed as u64,
         };
         self.engine.generate(prompt, &args).map_err(js_error)
+    }
+
+    /// Starts a generation to be drawn token by token with `next_token` (the same tokens as `generate`
+    /// with the same seed); it replaces any earlier one, and must be started again after the weights change.
+    #[wasm_bindgen(js_name = startSampling)]
+    pub fn start_sampling(&mut self, prompt: &[u32], temperature: f64, top_k: u32, seed: f64) -> Result<(), JsError> {
+        let top_k = (top_k > 0).then_some(top_k as usize);
+        let sampler = Sampler::new(self.engine.model(), prompt, temperature, top_k, seed as u64).map_err(js_error)?;
+        self.sampler = Some(sampler);
+        Ok(())
+    }
+
+    #[wasm_bindgen(js_name = nextToken)]
+    pub fn next_token(&mut self) -> Result<u32, JsError> {
+        let sampler = self.sampler.as_mut().ok_or_else(|| js_error("call startSampling before nextToken"))?;
+        sampler.next_token(self.engine.model()).map_err(js_error)
     }
 
     #[wasm_bindgen(js_name = saveWeights)]
