@@ -11,6 +11,7 @@ import { UserError } from './errors.ts';
 import { exportHf, type ExportOptions } from './export.ts';
 import { plot } from './plot.ts';
 import { sample } from './sample.ts';
+import { serve } from './serve.ts';
 import { train } from './train.ts';
 
 const { version } = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string };
@@ -111,6 +112,17 @@ program
   .option('--to <file>', 'where to write the page (default: <out_dir>/plot.html)')
   .action((options: { out_dir: string; to?: string }) => {
     console.log(`wrote ${plot(options.out_dir, options.to)}`);
+  });
+
+program
+  .command('serve')
+  .description('serve the page that trains a GPT in a browser tab (web/), cross-origin isolated for threads')
+  .option('--host <host>', 'address to listen on', '127.0.0.1')
+  .option('--port <n>', 'port (0 picks a free one)', (value: string) => (value === '0' ? 0 : positiveInt(value)), 8000)
+  .option('--isolated <bool>', 'send COOP/COEP headers (False: the page trains on one thread)', (value: string) => !/^(false|0)$/i.test(value), true)
+  .action(async (options: { host: string; port: number; isolated: boolean }) => {
+    const { url } = await serve(options);
+    console.log(`serving the training page at ${url}`);
   });
 
 try {

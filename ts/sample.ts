@@ -1,5 +1,5 @@
 // Text generation from a trained checkpoint or GPT-2 weights, as nanoGPT's sample.py (spec section 3).
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { loadWithEngine, readCheckpointInfo, weightsPath } from './checkpoint.ts';
 import { noEffectNotes, resolveConfig, sampleSchema, type SampleConfig } from './config.ts';
@@ -26,9 +26,12 @@ export async function sample(overrides: Partial<SampleConfig> = {}): Promise<str
     const weights = weightsPath(config.out_dir);
     const modelArgs = { ...checkpoint.model_args, dropout: 0 };
     engine = loadWithEngine(config.out_dir, 'weights', () => Engine.fromSafetensorsFile(modelArgs, weights, config.device, config.engine as EngineChoice));
-    const datasetDir = join(config.data_dir, String(checkpoint.config.dataset));
-    metaPath = join(datasetDir, 'meta.json');
-    meta = readMeta(datasetDir);
+    // A checkpoint may carry its vocabulary (the browser page's do); else it is the dataset's.
+    const vocabularyDir = [config.out_dir, join(config.data_dir, String(checkpoint.config.dataset))].find((dir) => existsSync(join(dir, 'meta.json')));
+    if (vocabularyDir) {
+      metaPath = join(vocabularyDir, 'meta.json');
+      meta = readMeta(vocabularyDir);
+    }
   } else {
     engine = await loadHfModel(config.init_from, 0, config.device, config.engine as EngineChoice);
   }
