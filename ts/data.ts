@@ -7,7 +7,7 @@ import { fileURLToPath } from 'node:url';
 import { firstLine, UserError } from './errors.ts';
 import { writeFileAtomic } from './files.ts';
 import type { Rng } from './rng.ts';
-import { CharTokenizer, encodeCharDataset, sampleBatch, type Batch, type Meta, type Split } from './tokens.ts';
+import { encodeCharDataset, sampleBatch, type Batch, type Meta, type Split } from './tokens.ts';
 import { gpt2Tokenizer, gpt2VocabSize } from './tokenizer.ts';
 
 export { CharTokenizer, type Batch, type Meta, type Split } from './tokens.ts';

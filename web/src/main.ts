@@ -111,7 +111,7 @@ $<HTMLInputElement>('checkpoint-files').onchange = async (event) => {
       const bytes = new Uint8Array(await file.arrayBuffer());
       files.push(...(file.name.endsWith('.zip') ? unzip(bytes) : [{ name: file.name, bytes }]));
     }
-    send({ kind: 'load', files }, files.map((file) => file.bytes.buffer as ArrayBuffer));
+    send({ kind: 'load', files }, [...new Set(files.map((file) => file.bytes.buffer as ArrayBuffer))]);
   } catch (err) {
     status(`cannot read the checkpoint: ${(err as Error).message}`, true);
   }

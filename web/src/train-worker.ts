@@ -79,21 +79,20 @@ async function loadEngine(threads: number): Promise<number> {
   const module = await WebAssembly.compileStreaming(fetch('/wasm/nanogpt_bg.wasm'));
   const { memory } = await engine.default({ module_or_path: module });
   if (threads < 2 || !engine.startThreads) return 1;
-  const started: Array<Promise<void>> = [];
-  // The engine asks for its pool threads through this hook while `startThreads` runs. Each is a nested worker
-  // on the same module and memory; it can only start once this worker returns to its event loop.
-  (globalThis as { nanogptSpawnThread?: (thread: number) => void }).nanogptSpawnThread = (thread) => {
-    const worker = new Worker('/app/thread-worker.js', { type: 'module' });
-    started.push(
-      new Promise((resolve, reject) => {
-        worker.onmessage = () => resolve();
+  // The pool's threads: nested workers on the same module and memory, each ready before the pool starts.
+  const pool = await Promise.all(
+    Array.from({ length: threads }, () => {
+      const worker = new Worker('/app/thread-worker.js', { type: 'module' });
+      worker.postMessage({ glue: glueUrl, module, memory });
+      return new Promise<Worker>((resolve, reject) => {
+        worker.onmessage = () => resolve(worker);
         worker.onerror = (event) => reject(new Error(`an engine thread failed to start: ${event.message}`));
-      }),
-    );
-    worker.postMessage({ glue: glueUrl, module, memory, thread });
-  };
+      });
+    }),
+  );
+  // The engine asks for each of its pool threads through this hook while `startThreads` runs.
+  (globalThis as { nanogptSpawnThread?: (thread: number) => void }).nanogptSpawnThread = (thread) => pool.pop()!.postMessage({ thread });
   engine.startThreads(threads);
-  await Promise.all(started);
   return threads;
 }
 
