@@ -1,3 +1,4 @@
+/// <reference lib="dom" />
 // The training page (web/, served by `nanogpt-rs serve`) in a real browser: Debian's Chromium, driven headless by
 // playwright-core (which downloads nothing). Without a Chromium (`apt-get install -y chromium`, or CHROMIUM_PATH)
 // the tests report themselves skipped.

@@ -189,7 +189,7 @@ worker.onmessage = ({ data }: MessageEvent<FromWorker>) => {
       return drawChart();
     case 'sample':
       history.samples.push(data.text);
-      $('samples').textContent = `— at iteration ${data.iter} —\n${data.text}`;
+      $('samples').textContent = `— after ${data.iter} training steps —\n${data.text}`;
       return;
     case 'stopped':
       setTraining(false);
