@@ -6,7 +6,6 @@ import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { extname, join, normalize, sep } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { build } from 'esbuild';
 import { UserError } from './errors.ts';
 
 export interface ServeOptions {
@@ -32,8 +31,12 @@ const contentTypes: Record<string, string> = {
 
 /** What the server answers, by URL path: the page, its bundled scripts, the engine, and the bundled text. */
 async function routes(): Promise<Map<string, string | Uint8Array>> {
+  const page = join(packageRoot, 'web', 'index.html');
+  if (!existsSync(page)) throw new UserError(`the browser page is not in this installation (no ${page}); run serve from a clone of the repository`);
   const glue = join(packageRoot, 'wasm', 'web', 'nanogpt.js');
   if (!existsSync(glue)) throw new UserError(`the WebAssembly engine is not built (no ${glue}); run \`npm run build:wasm\` (needs cargo)`);
+  // tsx, which runs the CLI, brings esbuild; only this command needs it.
+  const { build } = await import('esbuild');
   const bundle = await build({
     entryPoints: Object.fromEntries(entryPoints.map((name) => [name, join(packageRoot, 'web', 'src', `${name}.ts`)])),
     bundle: true,
@@ -47,7 +50,7 @@ async function routes(): Promise<Map<string, string | Uint8Array>> {
     logLevel: 'silent',
   });
   const files = new Map<string, string | Uint8Array>(bundle.outputFiles.map((file) => [file.path, file.contents]));
-  files.set('/', readFileSync(join(packageRoot, 'web', 'index.html'), 'utf8'));
+  files.set('/', readFileSync(page, 'utf8'));
   return files;
 }
 
