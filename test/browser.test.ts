@@ -133,6 +133,11 @@ describe.skipIf(!chromiumPath)('the training page in Chromium', () => {
     expect(printed).toContain(`Loading meta from ${join('out-shakespeare-char', 'meta.json')}`);
     expect(printed).toMatch(/^ROMEO:[\s\S]{40}\n-+$/m);
 
+    // The page reads its own zip back.
+    await page.setInputFiles('#checkpoint-files', zipPath);
+    await page.waitForFunction(() => document.getElementById('status')!.textContent!.startsWith('loaded'));
+    expect(await page.textContent('#status')).toBe('loaded a checkpoint at iteration 51 (best val loss ' + Math.min(...run.evals.map((e) => e.val)).toFixed(4) + '); Train resumes it');
+
     // The CLI resumes it; the page loads the CLI's checkpoint (no meta.json: the page's text has the vocabulary)
     // and resumes it in turn.
     runCli(['prepare', 'shakespeare_char']);
@@ -150,7 +155,7 @@ describe.skipIf(!chromiumPath)('the training page in Chromium', () => {
     await page.close();
   });
 
-  it('refuses a file that is not text, a text too small for block_size, and a model too large for 4 GiB', async () => {
+  it('refuses a file that is not text, a text too small for block_size, and a model too large for 4 GiB; takes a text that fits', async () => {
     const page = await openPage(browser, isolatedUrl);
     const error = async () => {
       await page.waitForFunction(() => document.getElementById('status')!.classList.contains('error'));
@@ -160,8 +165,18 @@ describe.skipIf(!chromiumPath)('the training page in Chromium', () => {
     };
     await page.setInputFiles('#text-file', { name: 'weights.bin', mimeType: 'application/octet-stream', buffer: Buffer.from([0x00, 0xff, 0xfe, 0x80, 0x81]) });
     expect(await error()).toBe('weights.bin is not a text file (not UTF-8 text); drop a plain .txt file');
-    await page.setInputFiles('#text-file', { name: 'short.txt', mimeType: 'text/plain', buffer: Buffer.from('To be, or not to be, that is the question.\n'.repeat(10)) });
+    // Dropped on the page, as a user would.
+    const dropped = await page.evaluateHandle(() => {
+      const transfer = new DataTransfer();
+      transfer.items.add(new File(['To be, or not to be, that is the question.\n'.repeat(10)], 'short.txt', { type: 'text/plain' }));
+      return transfer;
+    });
+    await page.dispatchEvent('#drop', 'drop', { dataTransfer: dropped });
     expect(await error()).toMatch(/^the text is too small for block_size 64: its last 10% \(the validation split\) holds 43 characters and needs more than 64; use a text of at least 650 characters, or lower block_size$/);
+    // A text that is long enough replaces the Shakespeare text.
+    await page.setInputFiles('#text-file', { name: 'sonnets.txt', mimeType: 'text/plain', buffer: Buffer.from('Shall I compare thee to a summer\'s day?\n'.repeat(40)) });
+    await page.waitForFunction(() => document.getElementById('dataset')!.textContent!.startsWith('sonnets'));
+    expect(await page.textContent('#dataset')).toBe('sonnets: 1,440 train and 160 val characters, vocabulary of 20');
     await setKeys(page, { n_layer: 24, n_embd: 4096, n_head: 32 });
     await page.click('#reset');
     expect(await error()).toMatch(/^this training run needs about [\d.]+ GiB \(parameters .*\), more than the WebAssembly engine's 4 GiB; lower batch_size/);
