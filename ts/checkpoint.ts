@@ -6,22 +6,15 @@
 // An out_dir of nanoGPT's own train.py holds ckpt.pt instead (and no ckpt.json); the engine reads it directly.
 import { existsSync, mkdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { checkpointFiles, checkpointInfoText, corruptCheckpoint, parseCheckpointInfo, type CheckpointInfo } from './checkpoint-info.ts';
 import type { Meta } from './data.ts';
 import { Engine, nanogptCheckpointInfoFile, pickleToJson, type EngineChoice, type ModelArgs } from './engine.ts';
 import { firstLine, UserError } from './errors.ts';
 import { replaceFileAtomic, writeFileAtomic } from './files.ts';
 
-export interface CheckpointInfo {
-  model_args: ModelArgs;
-  iter_num: number;
-  best_val_loss: number;
-  /** The training config (its `dataset` tells `sample` where the vocabulary is). */
-  config: Record<string, unknown>;
-}
+export type { CheckpointInfo } from './checkpoint-info.ts';
 
-const weightsFile = 'model.safetensors';
-const optimizerFile = 'optimizer.safetensors';
-const infoFile = 'ckpt.json';
+const { weights: weightsFile, optimizer: optimizerFile, info: infoFile } = checkpointFiles;
 const nanogptFile = 'ckpt.pt';
 
 /** nanoGPT's ckpt.pt when out_dir has one and none of ours (a run resumed here saves ours, which then wins). */
@@ -35,7 +28,7 @@ export function saveCheckpoint(outDir: string, engine: Pick<Engine, 'saveWeights
   // The engine writes the tensors itself: a large model's would not fit in a Node.js Buffer.
   replaceFileAtomic(join(outDir, weightsFile), (temp) => engine.saveWeightsFile(temp));
   replaceFileAtomic(join(outDir, optimizerFile), (temp) => engine.saveOptimizerFile(temp));
-  writeFileAtomic(join(outDir, infoFile), `${JSON.stringify(info, null, 2)}\n`);
+  writeFileAtomic(join(outDir, infoFile), checkpointInfoText(info));
 }
 
 /** Reads and checks ckpt.json, the file that says a complete checkpoint is there. */
@@ -45,22 +38,14 @@ export function readCheckpointInfo(outDir: string): CheckpointInfo {
   if (!existsSync(path)) {
     throw new UserError(`no checkpoint in ${outDir} (${infoFile} is missing), nor nanoGPT's ${nanogptFile}; train one first or point --out_dir at one`);
   }
-  let info: CheckpointInfo;
+  let text: string;
   try {
-    info = JSON.parse(nanogpt ? nanogptCheckpointInfoFile(nanogpt) : readFileSync(path, 'utf8')) as CheckpointInfo;
+    text = nanogpt ? nanogptCheckpointInfoFile(nanogpt) : readFileSync(path, 'utf8');
   } catch (err) {
     if (err instanceof UserError) throw err;
-    throw corrupt(path, firstLine(err));
+    throw corruptCheckpoint(path, firstLine(err));
   }
-  const args = info?.model_args;
-  const fields = ['n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size'] as const;
-  if (typeof args !== 'object' || args === null) throw corrupt(path, 'model_args is missing');
-  const missing = fields.find((field) => !Number.isInteger(args[field]));
-  if (missing) throw corrupt(path, `model_args.${missing} is missing`);
-  if (typeof info.iter_num !== 'number') throw corrupt(path, 'iter_num is missing');
-  if (typeof info.best_val_loss !== 'number') throw corrupt(path, 'best_val_loss is missing');
-  if (typeof info.config !== 'object' || info.config === null) throw corrupt(path, 'config is missing');
-  return info;
+  return parseCheckpointInfo(text, path);
 }
 
 /** A model with the checkpoint's weights (`modelArgs`: its model_args, any dropout), from either kind of out_dir. */
@@ -126,10 +111,6 @@ function loadFile<T>(path: string, load: () => T): T {
 
 function partPath(outDir: string, file: string): string {
   const path = join(outDir, file);
-  if (!existsSync(path)) throw corrupt(path, 'the file is missing');
+  if (!existsSync(path)) throw corruptCheckpoint(path, 'the file is missing');
   return path;
-}
-
-function corrupt(path: string, problem: string): UserError {
-  return new UserError(`checkpoint ${path} is unusable: ${problem}; train again (init_from=scratch) or restore a backup`);
 }

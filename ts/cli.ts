@@ -124,6 +124,18 @@ program
     console.log(`wrote ${plot(options.out_dir, options.to)}`);
   });
 
+program
+  .command('serve')
+  .description('serve the page that trains a GPT in a browser tab (web/), cross-origin isolated for threads')
+  .option('--host <host>', 'address to listen on', '127.0.0.1')
+  .option('--port <n>', 'port (0 picks a free one)', (value: string) => (value === '0' ? 0 : positiveInt(value)), 8000)
+  .option('--isolated <bool>', 'send COOP/COEP headers (False: the page trains on one thread)', (value: string) => !/^(false|0)$/i.test(value), true)
+  .action(async (options: { host: string; port: number; isolated: boolean }) => {
+    const { serve } = await import('./serve.ts');
+    const { url } = await serve(options);
+    console.log(`serving the training page at ${url}`);
+  });
+
 try {
   await program.parseAsync();
 } catch (err) {

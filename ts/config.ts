@@ -4,93 +4,25 @@
 import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
 import { dirname, extname, join, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
-import { defaultDevice, engineChoices, type Dtype, type EngineChoice } from './engine.ts';
+import { defaultDevice, type Dtype, type EngineChoice } from './engine.ts';
 import { firstLine, UserError } from './errors.ts';
 
-type Kind = 'int' | 'float' | 'bool' | 'str';
-interface KindValue {
-  int: number;
-  float: number;
-  bool: boolean;
-  str: string;
-}
-interface KeySpec<K extends Kind = Kind> {
-  kind: K;
-  default: KindValue[K];
-  help: string;
-  choices?: readonly string[];
-}
-type Schema = Record<string, KeySpec>;
-export type ConfigOf<S extends Schema> = { [K in keyof S]: KindValue[S[K]['kind']] };
+import {
+  defaultsOf,
+  sampleKeys,
+  trainKeys,
+  type ConfigOf,
+  type Kind,
+  type KeySpec,
+  type KindValue,
+  type Schema,
+} from './schema.ts';
 
-const int = (value: number, help: string): KeySpec<'int'> => ({ kind: 'int', default: value, help });
-const float = (value: number, help: string): KeySpec<'float'> => ({ kind: 'float', default: value, help });
-const bool = (value: boolean, help: string): KeySpec<'bool'> => ({ kind: 'bool', default: value, help });
-const str = (value: string, help: string, choices?: readonly string[]): KeySpec<'str'> => ({
-  kind: 'str',
-  default: value,
-  help,
-  ...(choices ? { choices } : {}),
-});
+export { defaultsOf, type ConfigOf, type SampleConfig, type TrainConfig } from './schema.ts';
 
-const dtypes = ['float32', 'bfloat16', 'float16'] as const;
-
-/** train.py's globals, in its order; the defaults train GPT-2 124M on OpenWebText. */
-export const trainSchema = {
-  out_dir: str('out', 'checkpoint directory'),
-  eval_interval: int(2000, 'evaluate (and maybe checkpoint) every N iterations'),
-  log_interval: int(1, 'print the training loss every N iterations'),
-  eval_iters: int(200, 'batches per split when evaluating'),
-  eval_only: bool(false, 'stop right after the first evaluation'),
-  always_save_checkpoint: bool(true, 'checkpoint after every evaluation, even if val loss did not improve'),
-  init_from: str('scratch', "'scratch', 'resume' (from out_dir), gpt2 / gpt2-medium / gpt2-large / gpt2-xl, or a Hugging Face GPT-2 folder"),
-  wandb_log: bool(false, 'also log to Weights & Biases (needs WANDB_API_KEY and the @wandb/sdk package)'),
-  wandb_project: str('owt', 'Weights & Biases project'),
-  wandb_run_name: str('gpt2', 'Weights & Biases run name'),
-  dataset: str('openwebtext', 'data is read from <data_dir>/<dataset>/'),
-  gradient_accumulation_steps: int(40, 'micro-batches per optimizer step'),
-  batch_size: int(12, 'micro-batch size'),
-  block_size: int(1024, 'context length in tokens'),
-  n_layer: int(12, 'transformer blocks'),
-  n_head: int(12, 'attention heads'),
-  n_embd: int(768, 'embedding width'),
-  dropout: float(0.0, 'dropout rate (0.1+ suits finetuning)'),
-  bias: bool(false, 'biases in Linear and LayerNorm layers'),
-  learning_rate: float(6e-4, 'peak learning rate'),
-  max_iters: int(600000, 'last iteration (max_iters + 1 optimizer steps in all)'),
-  weight_decay: float(1e-1, 'AdamW weight decay of the matrices and embeddings'),
-  beta1: float(0.9, 'AdamW beta1'),
-  beta2: float(0.95, 'AdamW beta2'),
-  grad_clip: float(1.0, 'clip gradients at this global norm; 0 disables clipping'),
-  decay_lr: bool(true, 'warm up then cosine-decay the learning rate; False keeps it constant'),
-  warmup_iters: int(2000, 'linear warmup iterations'),
-  lr_decay_iters: int(600000, 'iteration where the learning rate reaches min_lr'),
-  min_lr: float(6e-5, 'floor of the learning rate'),
-  backend: str('nccl', 'DDP backend (no effect: nanogpt-rs trains on one device)'),
-  device: str(defaultDevice(), "'cpu', or 'cuda' / 'cuda:N' (the default where a GPU and the CUDA build are present)"),
-  engine: str('auto', "engine build: 'wasm' (portable, cpu), 'native' (napi addon), 'auto' = wasm on cpu, native otherwise", engineChoices),
-  dtype: str('bfloat16', 'compute precision on a GPU: float32 (TF32 matmuls), bfloat16 or float16 (loss-scaled); cpu computes in float32', dtypes),
-  compile: bool(true, 'torch.compile in nanoGPT (no effect here)'),
-  seed: int(1337, 'seeds model initialisation and batch sampling'),
-  data_dir: str('data', 'folder holding the prepared datasets'),
-} satisfies Schema;
-
-/** sample.py's globals. */
-export const sampleSchema = {
-  init_from: str('resume', "'resume' (from out_dir), gpt2 / gpt2-medium / gpt2-large / gpt2-xl, or a Hugging Face GPT-2 folder"),
-  out_dir: str('out', 'checkpoint directory'),
-  start: str('\n', "prompt text ('<|endoftext|>' is GPT-2's special token), or 'FILE:<path>' to read it from a file"),
-  num_samples: int(10, 'samples to draw'),
-  max_new_tokens: int(500, 'tokens generated per sample'),
-  temperature: float(0.8, '< 1 is more conservative, > 1 more random; must be > 0'),
-  top_k: int(200, 'sample only among the k most likely tokens; 0 = all'),
-  seed: int(1337, 'seeds the sampling'),
-  device: str(defaultDevice(), "'cpu', or 'cuda' / 'cuda:N' (the default where a GPU and the CUDA build are present)"),
-  engine: str('auto', "engine build: 'wasm' (portable, cpu), 'native' (napi addon), 'auto' = wasm on cpu, native otherwise", engineChoices),
-  dtype: str('bfloat16', 'compute precision on a GPU: float32, bfloat16 or float16; cpu computes in float32', dtypes),
-  compile: bool(false, 'torch.compile in nanoGPT (no effect here)'),
-  data_dir: str('data', "folder holding the prepared datasets (for the vocabulary in meta.json; without one, GPT-2's)"),
-} satisfies Schema;
+/** The keys with this machine's default device: cuda where a GPU and the CUDA build are present. */
+export const trainSchema = withDefaultDevice(trainKeys);
+export const sampleSchema = withDefaultDevice(sampleKeys);
 
 /** `bench`'s options (nanoGPT's bench.py), GPT-2 124M at batch 12 x 1024 by default. */
 export interface BenchOptions {
@@ -137,16 +69,12 @@ export const benchDefaults: BenchOptions = {
   profile: false,
 };
 
-
 /** `prepare openwebtext` / `prepare text`: nanoGPT's val fraction of documents and split seed. */
 export const defaultValFraction = 0.0005;
 export const defaultSplitSeed = 2357;
 
-export type TrainConfig = ConfigOf<typeof trainSchema>;
-export type SampleConfig = ConfigOf<typeof sampleSchema>;
-
-export function defaultsOf<S extends Schema>(schema: S): ConfigOf<S> {
-  return Object.fromEntries(Object.entries(schema).map(([key, spec]) => [key, spec.default])) as ConfigOf<S>;
+function withDefaultDevice<S extends { device: KeySpec<'str'> }>(keys: S): S {
+  return { ...keys, device: { ...keys.device, default: defaultDevice() } };
 }
 
 /**

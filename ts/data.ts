@@ -7,66 +7,10 @@ import { fileURLToPath } from 'node:url';
 import { firstLine, UserError } from './errors.ts';
 import { writeFileAtomic } from './files.ts';
 import type { Rng } from './rng.ts';
+import { encodeCharDataset, sampleBatch, type Batch, type Meta, type Split } from './tokens.ts';
 import { gpt2Tokenizer, gpt2VocabSize } from './tokenizer.ts';
 
-export interface Meta {
-  vocab_size: number;
-  itos: Record<string, string>;
-  stoi: Record<string, number>;
-}
-
-/** nanoGPT's character-level tokenizer: the vocabulary is the sorted set of characters (by code point). */
-export class CharTokenizer {
-  private readonly stoi: Map<string, number>;
-
-  private constructor(private readonly itos: readonly string[]) {
-    this.stoi = new Map(itos.map((char, id) => [char, id]));
-  }
-
-  static fromText(text: string): CharTokenizer {
-    const chars = [...new Set(text)].sort((a, b) => a.codePointAt(0)! - b.codePointAt(0)!);
-    return new CharTokenizer(chars);
-  }
-
-  static fromMeta(meta: Meta): CharTokenizer {
-    return new CharTokenizer(Array.from({ length: meta.vocab_size }, (_, id) => meta.itos[id] ?? ''));
-  }
-
-  get vocabSize(): number {
-    return this.itos.length;
-  }
-
-  /** The whole vocabulary in id order. */
-  get characters(): string {
-    return this.itos.join('');
-  }
-
-  encode(text: string): Uint16Array {
-    const chars = [...text];
-    const ids = new Uint16Array(chars.length);
-    chars.forEach((char, i) => {
-      const id = this.stoi.get(char);
-      if (id === undefined) {
-        const code = `U+${char.codePointAt(0)!.toString(16).toUpperCase().padStart(4, '0')}`;
-        throw new UserError(`character ${JSON.stringify(char)} (${code}) is not in the ${this.vocabSize}-character vocabulary of this model; remove it from the prompt`);
-      }
-      ids[i] = id;
-    });
-    return ids;
-  }
-
-  decode(ids: ArrayLike<number>): string {
-    return Array.from(ids, (id) => this.itos[id]).join('');
-  }
-
-  toMeta(): Meta {
-    return {
-      vocab_size: this.vocabSize,
-      itos: Object.fromEntries(this.itos.map((char, id) => [id, char])),
-      stoi: Object.fromEntries(this.stoi),
-    };
-  }
-}
+export { CharTokenizer, type Batch, type Meta, type Split } from './tokens.ts';
 
 /** The vocabulary recorded next to a dataset, or undefined for datasets without one (GPT-2 BPE). */
 export function readMeta(datasetDir: string): Meta | undefined {
@@ -129,14 +73,10 @@ const packagedShakespeare = fileURLToPath(new URL('../data/shakespeare_char/inpu
 /** data/shakespeare_char/prepare.py: the first 90% of the characters train, the rest validate. */
 async function prepareShakespeareChar(dir: string, log: (line: string) => void): Promise<PrepareResult> {
   const text = await readShakespeare(dirname(dir));
-  const tokenizer = CharTokenizer.fromText(text);
-  const ids = tokenizer.encode(text);
-  log(`length of dataset in characters: ${ids.length.toLocaleString('en-US')}`);
+  const { tokenizer, train, val } = encodeCharDataset(text);
+  log(`length of dataset in characters: ${(train.length + val.length).toLocaleString('en-US')}`);
   log(`all the unique characters: ${tokenizer.characters}`);
   log(`vocab size: ${tokenizer.vocabSize.toLocaleString('en-US')}`);
-  const split = Math.floor(ids.length * 0.9);
-  const train = ids.subarray(0, split);
-  const val = ids.subarray(split);
   log(`train has ${train.length.toLocaleString('en-US')} tokens`);
   log(`val has ${val.length.toLocaleString('en-US')} tokens`);
   writeFileAtomic(join(dir, 'train.bin'), toUint16LE(train));
@@ -179,19 +119,9 @@ function toUint16LE(ids: Uint16Array): Buffer {
   return bytes;
 }
 
-export type Split = 'train' | 'val';
-
-export interface Batch {
-  /** batch_size rows of block_size input ids, row-major. */
-  x: Uint32Array;
-  /** The same windows shifted by one token: the targets. */
-  y: Int32Array;
-}
-
 /**
- * nanoGPT's get_batch: each row is a window at a uniformly random offset in [0, tokens - block_size), drawn with
- * replacement. Windows are read straight from the file at their byte offsets, so datasets larger than memory
- * (OpenWebText's train.bin is 17 GB) cost nothing to open.
+ * nanoGPT's get_batch over `<dataset>/{train,val}.bin`. Windows are read straight from the file at their byte
+ * offsets, so datasets larger than memory (OpenWebText's train.bin is 17 GB) cost nothing to open.
  */
 export class BatchLoader {
   private readonly files = new Map<Split, { fd: number; tokens: number }>();
@@ -209,17 +139,12 @@ export class BatchLoader {
 
   next(split: Split): Batch {
     const { fd, tokens } = this.files.get(split)!;
-    const T = this.blockSize;
-    const x = new Uint32Array(this.batchSize * T);
-    const y = new Int32Array(this.batchSize * T);
-    for (let row = 0; row < this.batchSize; row++) {
-      readTokens(fd, this.rng.nextInt(tokens - T), this.window);
-      for (let t = 0; t < T; t++) {
-        x[row * T + t] = this.window.readUInt16LE(t * 2);
-        y[row * T + t] = this.window.readUInt16LE(t * 2 + 2);
-      }
-    }
-    return { x, y };
+    const ids = new Uint16Array(this.blockSize + 1);
+    return sampleBatch(tokens, this.batchSize, this.blockSize, this.rng, (offset) => {
+      readTokens(fd, offset, this.window);
+      for (let t = 0; t < ids.length; t++) ids[t] = this.window.readUInt16LE(t * 2);
+      return ids;
+    });
   }
 
   close(): void {

@@ -8,6 +8,7 @@ import { dirname, join, relative } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
 import { firstLine, UserError } from './errors.ts';
+import { wasmMemoryLimit, wasmMemoryRefusal } from './wasm-memory.ts';
 
 /** The architecture of a model: what a checkpoint records as `model_args`. */
 export interface ModelArgs {
@@ -90,7 +91,7 @@ export type Dtype = 'float32' | 'bfloat16' | 'float16';
 export type EngineKind = 'wasm' | 'native';
 /** `auto` picks wasm for the cpu device and the native addon otherwise. */
 export type EngineChoice = 'auto' | EngineKind;
-export const engineChoices = ['auto', 'wasm', 'native'] as const;
+export { engineChoices } from './schema.ts';
 
 /** One model inside a binding. Both bindings are driven through this shape; files are named by path. */
 interface BindingGpt {
@@ -177,8 +178,7 @@ interface WasmModule {
   estimateMemory(modelArgsJson: string, batchSize: number, training: boolean): string;
 }
 
-/** wasm32 addresses 4 GiB; the engine's code, stack and allocator slack take a little of it. */
-export const wasmMemoryLimit = 4 * 2 ** 30 - 64 * 2 ** 20;
+export { wasmMemoryLimit } from './wasm-memory.ts';
 
 const packageRoot = join(dirname(fileURLToPath(import.meta.url)), '..');
 /** Loaded builds: the WebAssembly module, the CPU addon and the CUDA addon. */
@@ -404,19 +404,8 @@ export class Engine {
   checkMemory(batchSize: number, purpose: 'train' | 'sample'): MemoryEstimate {
     const args = this.modelArgs();
     const need = estimateMemory(args, batchSize, purpose, this.kind);
-    if (this.kind === 'wasm' && need.total > wasmMemoryLimit) {
-      const parts =
-        purpose === 'train'
-          ? `parameters ${gib(need.parameters)}, gradients ${gib(need.gradients)}, AdamW state ${gib(need.optimizer)}, activations ${gib(need.activations)}`
-          : `parameters ${gib(need.parameters)}, KV cache and logits ${gib(need.activations)}`;
-      const lower =
-        purpose === 'train'
-          ? `lower batch_size (now ${batchSize}; raise gradient_accumulation_steps to keep the tokens per step) or block_size (${args.block_size})`
-          : `lower num_samples or block_size (${args.block_size})`;
-      throw new UserError(
-        `this ${purpose === 'train' ? 'training run' : 'sampling run'} needs about ${gib(need.total)} (${parts}), more than the WebAssembly engine's 4 GiB; ${lower}, use a smaller model, or --engine=native`,
-      );
-    }
+    const refusal = this.kind === 'wasm' ? wasmMemoryRefusal(need, purpose, batchSize, args.block_size) : undefined;
+    if (refusal) throw new UserError(`${refusal}, or --engine=native`);
     return need;
   }
 

@@ -1,5 +1,5 @@
 // Text generation from a trained checkpoint or GPT-2 weights, as nanoGPT's sample.py.
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { loadCheckpointWeights, readCheckpointInfo, readMetaPkl } from './checkpoint.ts';
 import { noEffectNotes, resolveConfig, sampleSchema, type SampleConfig } from './config.ts';
@@ -66,10 +66,16 @@ async function openSampling(overrides: Partial<SampleConfig>, options: SampleOpt
     const checkpoint = readCheckpointInfo(config.out_dir);
     const modelArgs = { ...checkpoint.model_args, dropout: 0 };
     engine = loadCheckpointWeights(config.out_dir, modelArgs, config.device, config.engine as EngineChoice);
+    // A checkpoint may carry its vocabulary (the browser page's do); else it is the dataset's: meta.json, or the
+    // meta.pkl of a dataset prepared by nanoGPT itself.
     const datasetDir = join(config.data_dir, String(checkpoint.config.dataset));
-    metaPath = join(datasetDir, 'meta.json');
-    meta = readMeta(datasetDir);
-    if (!meta && (meta = readMetaPkl(datasetDir))) metaPath = join(datasetDir, 'meta.pkl');
+    const vocabularyDir = [config.out_dir, datasetDir].find((dir) => existsSync(join(dir, 'meta.json')));
+    if (vocabularyDir) {
+      metaPath = join(vocabularyDir, 'meta.json');
+      meta = readMeta(vocabularyDir);
+    } else if ((meta = readMetaPkl(datasetDir))) {
+      metaPath = join(datasetDir, 'meta.pkl');
+    }
   } else {
     engine = await loadHfModel(config.init_from, 0, config.device, config.engine as EngineChoice, log);
   }
