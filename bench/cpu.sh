@@ -3,9 +3,14 @@
 # on the same machine, one after the other: the WebAssembly engine, the native (napi) engine and PyTorch. Prints each
 # training wall time, its ratio to PyTorch's and each val loss.
 #
-# Usage: bash bench/cpu.sh [--iters=N] [--engines=wasm,native]
+# Then times single training steps (ms/iter, native engine and PyTorch, like bench.py) at two larger shapes: the
+# GPU shakespeare_char model (6 layers, 6 heads, 384 wide, T=256, vocab 65) at batch 8, and GPT-2 124M
+# (12/12/768, vocab 50304) at batch 1 x T=256.
+#
+# Usage: bash bench/cpu.sh [--iters=N] [--engines=wasm,native] [--shapes=0]
 #   --iters=N         (or MAX_ITERS=N) default 2000, the recipe's length
 #   --engines=LIST    engine builds to time, in order (default: wasm,native)
+#   --shapes=0        skip the larger shapes
 #   KEEP=1            keep the checkpoint directory as well as the logs
 #
 # Both sides time the training loop (evaluations included) and leave out start-up: torch_ref.py reports the time
@@ -19,12 +24,14 @@ root=$(pwd)
 
 iters=${MAX_ITERS:-2000}
 engine_list=wasm,native
+shapes=1
 for arg in "$@"; do
   case "$arg" in
     --iters=*) iters=${arg#--iters=} ;;
     --engines=*) engine_list=${arg#--engines=} ;;
-    -h | --help) sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "error: unknown argument '$arg'; usage: bash bench/cpu.sh [--iters=N] [--engines=wasm,native]" >&2; exit 2 ;;
+    --shapes=*) shapes=${arg#--shapes=} ;;
+    -h | --help) sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "error: unknown argument '$arg'; usage: bash bench/cpu.sh [--iters=N] [--engines=wasm,native] [--shapes=0]" >&2; exit 2 ;;
   esac
 done
 if ! [[ "$iters" =~ ^[1-9][0-9]*$ ]]; then
@@ -196,6 +203,50 @@ for engine in "${engines[@]}"; do
 done
 echo "training wall = the training loop with its evaluations, start-up excluded."
 echo "eval_iters=20 makes each val loss noisy (about +-0.03)."
+
+# ---------------------------------------------------------------- larger shapes, one training step at a time
+# name, then the shape flags both benches take.
+step_shapes=(
+  "shakespeare_char GPU model, B=8 x T=256|--n_layer=6 --n_head=6 --n_embd=384 --block_size=256 --vocab_size=65 --batch_size=8"
+  "GPT-2 124M, B=1 x T=256|--n_layer=12 --n_head=12 --n_embd=768 --block_size=256 --vocab_size=50304 --batch_size=1"
+)
+# The ms_per_iter of the last RESULT line of a log.
+ms_per_iter() {
+  node -e 'const l = require("fs").readFileSync(process.argv[1], "utf8").split("\n").filter((l) => l.startsWith("RESULT ")).pop();
+    if (!l) process.exit(1); console.log(JSON.parse(l.slice(7)).ms_per_iter)' "$1"
+}
+declare -a shape_rows=()
+if [ "$shapes" != 0 ]; then
+  section "training step at larger shapes (native engine vs PyTorch, 3 burn-in + 10 timed steps)"
+  for entry in "${step_shapes[@]}"; do
+    name=${entry%%|*}
+    read -r -a flags <<< "${entry#*|}"
+    echo "-- $name"
+    ours_ms='n/a' torch_ms='n/a'
+    check_load "$name (ours)"
+    log=$work/step-ours-${#shape_rows[@]}.log
+    if node bin/nanogpt-rs.js bench --device=cpu --engine=native --dtype=float32 --warmup=3 --iters=10 "${flags[@]}" > "$log" 2>&1; then
+      ours_ms=$(ms_per_iter "$log") || ours_ms='n/a'
+    else
+      tail -n 5 "$log" >&2
+    fi
+    if [ "$ref_ok" = 1 ] || python3 -c 'import torch, numpy' >/dev/null 2>&1; then
+      check_load "$name (torch)"
+      log=$work/step-torch-${#shape_rows[@]}.log
+      if python3 "$torch_ref" bench --device=cpu --compile=0 --warmup=3 --iters=10 "${flags[@]}" > "$log" 2>&1; then
+        torch_ms=$(ms_per_iter "$log") || torch_ms='n/a'
+      else
+        tail -n 5 "$log" >&2
+      fi
+    fi
+    ratio='n/a'
+    if [ "$ours_ms" != n/a ] && [ "$torch_ms" != n/a ]; then ratio=$(awk -v a="$ours_ms" -v b="$torch_ms" 'BEGIN { printf "%.2f", a / b }'); fi
+    shape_rows+=("$(printf '%-42s %14s %14s %14s' "$name" "$ours_ms" "$torch_ms" "$ratio")")
+  done
+  echo
+  printf '%-42s %14s %14s %14s\n' "" "ours ms/iter" "torch ms/iter" "ratio"
+  for row in "${shape_rows[@]}"; do echo "$row"; done
+fi
 if [ -n "$busy" ]; then
   echo "warning: other processes were using the CPU before:$busy; the times (and the ratios) are unreliable, rerun on an idle machine"
 fi

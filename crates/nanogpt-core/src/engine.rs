@@ -80,7 +80,13 @@ fn copy_from_model(layout: &ParamLayout, params: &mut [f32], model: &Gpt) -> Res
         if t.name != name || t.shape.as_slice() != var.dims() {
             candle_core::bail!("flat layout `{}` {:?} does not match the model's `{name}` {:?}", t.name, t.shape, var.dims());
         }
-        params[t.range.clone()].copy_from_slice(&var.as_tensor().flatten_all()?.to_vec1::<f32>()?);
+        // Straight from the storage: a temporary copy per tensor would stay in the process's heap.
+        let tensor = var.as_tensor();
+        let (storage, layout) = tensor.storage_and_layout();
+        let (candle_core::Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {
+            candle_core::bail!("the training step needs the weights in contiguous CPU memory");
+        };
+        params[t.range.clone()].copy_from_slice(&cpu.as_slice::<f32>()?[start..end]);
     }
     Ok(())
 }

@@ -1,5 +1,5 @@
 //! Hugging Face GPT-2 checkpoints (`config.json` + `model.safetensors` of a `GPT2LMHeadModel`), read
-//! and written with one name and layout table, as nanoGPT's `from_pretrained` (spec 1.12) reads them.
+//! and written with one name and layout table, as nanoGPT's `from_pretrained` reads them (HF's Conv1D weights transposed).
 //!
 //! Differences from nanoGPT's state dict: keys may lack the `transformer.` prefix (the hub's own
 //! files do), the attention mask buffers `attn.bias` / `attn.masked_bias` may be present, the

@@ -5,12 +5,14 @@
 use serde::Serialize;
 
 use crate::model::ModelArgs;
+use crate::train_step;
 
 /// Bytes by purpose. Every tensor the engine trains with is f32.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct MemoryEstimate {
+    /// The weights (training keeps two copies: the training step's and the candle model's).
     pub parameters: u64,
-    /// The gradients of one backward pass plus the running sum over gradient-accumulation micro-steps.
+    /// The gradients (micro-steps add into the same buffer).
     pub gradients: u64,
     /// AdamW's two moments (zero when only sampling).
     pub optimizer: u64,
@@ -24,27 +26,22 @@ const F32: u64 = 4;
 
 /// Parameters of the model `args` describes (the tied lm_head counted once, as nanoGPT does).
 pub fn parameter_count(args: &ModelArgs) -> u64 {
-    let c = args.n_embd as u64;
-    let b = u64::from(args.bias);
-    let layer_norm = c + b * c;
-    let block = 2 * layer_norm + (3 * c * c + b * 3 * c) + (c * c + b * c) + (4 * c * c + b * 4 * c) + (4 * c * c + b * c);
-    args.vocab_size as u64 * c + args.block_size as u64 * c + args.n_layer as u64 * block + layer_norm
+    train_step::ParamLayout::new(args).len as u64
 }
 
-/// Training with micro-batches of `batch_size` rows of `args.block_size` tokens.
+/// Training with micro-batches of `batch_size` rows of `args.block_size` tokens, on the CPU training
+/// step: its flat parameter, gradient and moment buffers and its activations, sized by the same
+/// functions it allocates with, plus the candle model's copy of the weights (kept for sampling and
+/// export), each thread's attention scratch and a fixed allowance for the runtime.
 pub fn training(args: &ModelArgs, batch_size: usize) -> MemoryEstimate {
-    let tokens = (batch_size * args.block_size) as u64;
-    let c = args.n_embd as u64;
-    // Per token and layer the forward pass keeps about 20 widths alive for the backward pass (block input,
-    // two LayerNorm outputs, q/k/v, attention output, two residual sums, the 4x-wide MLP hidden before and
-    // after GELU, the projections). Attention probabilities are recomputed in the backward pass, not kept.
-    let saved = tokens * (20 * c * args.n_layer as u64 + 2 * c);
-    // The logits, their softmax and its gradient are the largest single tensors for small models.
-    let logits = 3 * tokens * args.vocab_size as u64;
-    // During the backward pass each saved activation gets a gradient of its own before it is freed.
-    let activations = F32 * (2 * saved + logits);
-    let params = F32 * parameter_count(args);
-    estimate(params, 2 * params, 2 * params, activations)
+    let params = parameter_count(args);
+    let sizes = train_step::activation_sizes(args, batch_size, args.block_size);
+    let attention_scratch = 3 * (args.block_size * args.block_size) as u64 * rayon::current_num_threads() as u64;
+    // What the buffers leave out: gemm's per-thread packing buffers, thread stacks and the allocator's
+    // slack; a fixed allowance, from measuring a small run's resident memory on Linux x86-64.
+    const RUNTIME: u64 = 16 << 20;
+    let activations = F32 * (sizes.forward as u64 + sizes.backward as u64 + attention_scratch) + RUNTIME;
+    estimate(2 * F32 * params, F32 * params, 2 * F32 * params, activations)
 }
 
 /// Sampling `batch_size` sequences with a KV cache over the whole context.

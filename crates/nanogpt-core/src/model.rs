@@ -69,7 +69,7 @@ impl Init {
         let normal = Normal::new(0f32, std as f32).expect("a positive standard deviation");
         let n = shape.iter().product();
         let values: Vec<f32> = (0..n).map(|_| normal.sample(rng)).collect();
-        Var::from_tensor(&Tensor::from_vec(values, shape, &self.device)?)
+        Var::from_vec(values, shape, &self.device)
     }
 
     fn constant(&self, shape: &[usize], value: f32) -> Result<Var> {
