@@ -10,6 +10,9 @@ Modes
   bench  random tokens, fixed shapes: prints ms/iter, tokens/s and MFU.
   train  character-level training on a text file (90/10 split), evaluating like nanoGPT:
          prints each eval, then the best val loss and the wall time.
+  sample nanoGPT's sample.py loop on a model of the given shape: num_samples sequences one after the
+         other, each token from a forward pass over the whole (cropped) context, no KV cache;
+         prints tokens/s.
 
 Every run prints one last line: `RESULT {json}`.
 Examples
@@ -70,13 +73,28 @@ class GPT(nn.Module):
     def n_params(self):  # nanoGPT's count: all parameters but the position embedding
         return sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
 
-    def forward(self, idx, targets):
+    def forward(self, idx, targets=None):
         B, T = idx.shape
         x = self.drop(self.wte(idx) + self.wpe(torch.arange(T, device=idx.device)))
         for blk in self.blocks:
             x = blk(x)
-        logits = self.head(self.ln_f(x))
+        x = self.ln_f(x)
+        if targets is None:  # inference: the last position's logits only, as nanoGPT
+            return self.head(x[:, [-1], :])
+        logits = self.head(x)
         return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature, top_k):
+        for _ in range(max_new_tokens):
+            idx_cond = idx if idx.size(1) <= self.block else idx[:, -self.block:]
+            logits = self(idx_cond)[:, -1, :] / temperature
+            if top_k:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("Inf")
+            idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
 
 
 def flops_per_iter(n_params, L, H, D, T, tokens):
@@ -213,19 +231,39 @@ def train(a):
     print("RESULT " + json.dumps(res))
 
 
+def sample(a):
+    dev, amp = setup(a)
+    model = GPT(a.vocab_size, a.block_size, a.n_layer, a.n_head, a.n_embd, 0.0, bool(a.bias)).to(a.device)
+    model.eval()
+    start = torch.zeros((1, 1), dtype=torch.long, device=a.device)
+    t0 = time.time()
+    with amp:
+        for _ in range(a.num_samples):
+            model.generate(start, a.max_new_tokens, a.temperature, a.top_k)
+    sync(dev)
+    dt = time.time() - t0
+    tokens = a.num_samples * a.max_new_tokens
+    res = dict(mode="sample", device=torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+               n_params=model.n_params(), num_samples=a.num_samples, max_new_tokens=a.max_new_tokens,
+               seconds=round(dt, 3), tokens_per_s=round(tokens / dt, 1))
+    print(f"{tokens} tokens in {dt:.2f} s: {res['tokens_per_s']} tokens/s")
+    print("RESULT " + json.dumps(res))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["bench", "train"])
+    p.add_argument("mode", choices=["bench", "train", "sample"])
     defaults = dict(  # the shakespeare_char recipe; bench overrides shapes on the command line
         device="cuda" if torch.cuda.is_available() else "cpu", compile=1, seed=1337, threads=0,
         n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2, bias=0,
         lr=1e-3, min_lr=1e-4, warmup_iters=100, max_iters=5000, lr_decay_iters=5000,
         beta2=0.99, weight_decay=0.1, eval_interval=250, eval_iters=200,
-        vocab_size=50304, warmup=10, iters=30, text="")
+        vocab_size=50304, warmup=10, iters=30, text="",
+        num_samples=10, max_new_tokens=500, temperature=0.8, top_k=200)
     for k, v in defaults.items():
         p.add_argument(f"--{k}", type=type(v), default=v)
     a = p.parse_args()
-    bench(a) if a.mode == "bench" else train(a)
+    {"bench": bench, "train": train, "sample": sample}[a.mode](a)
 
 
 if __name__ == "__main__":

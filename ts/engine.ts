@@ -104,8 +104,9 @@ interface BindingGpt {
   step(lr: number): string;
   evalLoss(x: Uint32Array, y: Int32Array, batchSize: number): number;
   generate(prompt: Uint32Array, maxNewTokens: number, temperature: number, topK: number, seed: number): Uint32Array;
-  startSampling(prompt: Uint32Array, temperature: number, topK: number, seed: number): void;
-  nextToken(): number;
+  generateBatch(prompt: Uint32Array, seeds: Uint32Array, maxNewTokens: number, temperature: number, topK: number): Uint32Array;
+  startSampling(prompt: Uint32Array, seeds: Uint32Array, temperature: number, topK: number): void;
+  nextTokens(): Uint32Array;
   saveWeightsFile(path: string): void;
   saveOptimizerFile(path: string): void;
   saveGradientsFile(path: string): void;
@@ -323,9 +324,11 @@ class WasmFiles implements BindingGpt {
   evalLoss = (x: Uint32Array, y: Int32Array, batchSize: number) => this.gpt.evalLoss(x, y, batchSize);
   generate = (prompt: Uint32Array, maxNewTokens: number, temperature: number, topK: number, seed: number) =>
     this.gpt.generate(prompt, maxNewTokens, temperature, topK, seed);
-  startSampling = (prompt: Uint32Array, temperature: number, topK: number, seed: number) =>
-    this.gpt.startSampling(prompt, temperature, topK, seed);
-  nextToken = () => this.gpt.nextToken();
+  generateBatch = (prompt: Uint32Array, seeds: Uint32Array, maxNewTokens: number, temperature: number, topK: number) =>
+    this.gpt.generateBatch(prompt, seeds, maxNewTokens, temperature, topK);
+  startSampling = (prompt: Uint32Array, seeds: Uint32Array, temperature: number, topK: number) =>
+    this.gpt.startSampling(prompt, seeds, temperature, topK);
+  nextTokens = () => this.gpt.nextTokens();
   saveWeightsFile = (path: string) => writeFileSync(path, this.gpt.saveWeights());
   saveOptimizerFile = (path: string) => writeFileSync(path, this.gpt.saveOptimizer());
   saveGradientsFile = (path: string) => writeFileSync(path, this.gpt.saveGradients());
@@ -458,15 +461,26 @@ export class Engine {
   }
 
   /**
-   * Starts a generation drawn one token at a time by `nextToken`: the same tokens as `generate` with the same seed.
-   * It replaces any earlier one, and must be started again after the weights change.
+   * One sequence per seed, each what `generate` gives for that seed; on the CPU they decode together as one batch,
+   * from a KV cache preallocated for the whole block.
    */
-  startSampling(prompt: Uint32Array, temperature: number, topK: number, seed: number): void {
-    this.gpt.startSampling(prompt, temperature, topK, seed);
+  generateBatch(prompt: Uint32Array, seeds: Uint32Array, maxNewTokens: number, temperature: number, topK: number): Uint32Array[] {
+    const all = this.gpt.generateBatch(prompt, seeds, maxNewTokens, temperature, topK);
+    const length = prompt.length + maxNewTokens;
+    return Array.from(seeds, (_, i) => all.subarray(i * length, (i + 1) * length));
   }
 
-  nextToken(): number {
-    return this.gpt.nextToken();
+  /**
+   * Starts sequences (one per seed) drawn one token at a time by `nextTokens`: the tokens `generateBatch` gives.
+   * It replaces any earlier generation; a training step ends it.
+   */
+  startSampling(prompt: Uint32Array, seeds: Uint32Array, temperature: number, topK: number): void {
+    this.gpt.startSampling(prompt, seeds, temperature, topK);
+  }
+
+  /** The next token of every sequence `startSampling` began. */
+  nextTokens(): Uint32Array {
+    return this.gpt.nextTokens();
   }
 
   /** Writes the weights to a safetensors file (nanoGPT's parameter names, tied lm_head omitted). */

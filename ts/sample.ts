@@ -18,7 +18,9 @@ export interface SampleOptions {
 /** The samples (prompt included), `num_samples` of them. */
 export async function sample(overrides: Partial<SampleConfig> = {}, options: SampleOptions = {}): Promise<string[]> {
   const { config, engine, tokenizer, prompt, seeds } = await openSampling(overrides, options);
-  return seeds.map((seed) => tokenizer.decode(engine.generate(prompt, config.max_new_tokens, config.temperature, config.top_k, seed)));
+  // One batch: on the CPU the samples decode together, each from its own seed.
+  const sequences = engine.generateBatch(prompt, Uint32Array.from(seeds), config.max_new_tokens, config.temperature, config.top_k);
+  return sequences.map((tokens) => tokenizer.decode(tokens));
 }
 
 /** A piece of a sample's text as it is generated: the prompt first, then the new text token by token. */
@@ -35,12 +37,12 @@ export interface TextChunk {
 export async function* generate(overrides: Partial<SampleConfig> = {}, options: SampleOptions = {}): AsyncGenerator<TextChunk> {
   const { config, engine, tokenizer, prompt, seeds } = await openSampling(overrides, options);
   for (const [k, seed] of seeds.entries()) {
-    engine.startSampling(prompt, config.temperature, config.top_k, seed);
+    engine.startSampling(prompt, Uint32Array.of(seed), config.temperature, config.top_k);
     const tokens = Array.from(prompt);
     let emitted = tokenizer.decode(tokens);
     yield { sample: k, text: emitted };
     for (let i = 0; i < config.max_new_tokens; i++) {
-      tokens.push(engine.nextToken());
+      tokens.push(engine.nextTokens()[0]);
       // A GPT-2 token can end inside a UTF-8 character: wait for the rest before emitting it.
       const text = tokenizer.decode(tokens);
       if (text.endsWith('\uFFFD') && i + 1 < config.max_new_tokens) continue;

@@ -24,8 +24,9 @@ pub struct MemoryStats {
 pub fn open(ordinal: usize, seed: u64) -> Result<Device> {
     use cudarc::driver::{result, sys};
 
-    let device = Device::new_cuda(ordinal)
-        .map_err(|e| candle_core::Error::Msg(format!("cannot open CUDA device {ordinal} ({}): is there an NVIDIA GPU, and its driver?", first_line(&e))))?;
+    let device = Device::new_cuda(ordinal).map_err(|e| {
+        candle_core::Error::Msg(format!("cannot open CUDA device {ordinal} ({}): is there an NVIDIA GPU, and its driver?", first_line(&e)))
+    })?;
     candle_core::cuda::set_gemm_reduced_precision_f32(true);
     device.set_seed(seed)?;
     let pool = mem_pool(device.as_cuda_device()?)?;
@@ -75,8 +76,7 @@ pub fn memory_stats(device: &Device) -> Result<Option<MemoryStats>> {
     let pool = mem_pool(cuda)?;
     let attribute = |attr: sys::CUmemPool_attribute| -> Result<u64> {
         let mut value = 0u64;
-        unsafe { result::mem_pool::get_attribute(pool, attr, &mut value as *mut u64 as *mut std::ffi::c_void) }
-            .map_err(driver_error)?;
+        unsafe { result::mem_pool::get_attribute(pool, attr, &mut value as *mut u64 as *mut std::ffi::c_void) }.map_err(driver_error)?;
         Ok(value)
     };
     let (free, total) = result::mem_get_info().map_err(driver_error)?;

@@ -8,11 +8,12 @@ use std::sync::Mutex;
 use candle_core::{DType, Device, Result, Tensor, Var};
 
 use crate::cuda::{self, MemoryStats};
+use crate::decode;
 use crate::hf;
 use crate::kernels::dropout::DropoutKey;
-use crate::model::{Gpt, ModelArgs, Mode};
+use crate::model::{Gpt, Mode, ModelArgs};
 use crate::optim::{AdamW, FlatAdamW, GradScaler, OptimizerArgs, ParamGroups, StepStats};
-use crate::sample::{self, SampleArgs};
+use crate::sample::{self, SampleArgs, Sampler};
 use crate::torch_checkpoint::{self, CheckpointInfo, TorchCheckpoint};
 use crate::train_step::{self, Activations, ParamLayout};
 
@@ -36,6 +37,15 @@ pub struct Engine {
     scaler: Option<GradScaler>,
     /// Per-phase wall times of the last step, when [`Engine::set_profiling`] is on.
     profile: Option<PhaseTimes>,
+    /// The generation `start_sampling` began, continued by `next_tokens`.
+    sampling: Option<Sampling>,
+}
+
+/// Sequences drawn token by token: by the CPU decoder over the flat parameters, or by the candle
+/// model (one KV-cached sampler per sequence).
+enum Sampling {
+    Decoder(decode::Generation),
+    Graph(Vec<Sampler>),
 }
 
 /// The explicit CPU training step's buffers: parameters, their gradients, AdamW's moments, and the
@@ -69,8 +79,17 @@ impl FlatTrainer {
         slot.as_mut().expect("just allocated")
     }
 
+    /// The model as the decoder reads it.
+    fn weights<'a>(&'a self, args: &'a ModelArgs) -> decode::Weights<'a> {
+        decode::Weights { args, layout: &self.layout, params: &self.params }
+    }
+
     fn named(&self, buffer: &[f32]) -> Result<Vec<(String, Tensor)>> {
-        self.layout.tensors.iter().map(|t| Ok((t.name.clone(), Tensor::from_slice(&buffer[t.range.clone()], t.shape.as_slice(), &Device::Cpu)?))).collect()
+        self.layout
+            .tensors
+            .iter()
+            .map(|t| Ok((t.name.clone(), Tensor::from_slice(&buffer[t.range.clone()], t.shape.as_slice(), &Device::Cpu)?)))
+            .collect()
     }
 }
 
@@ -197,6 +216,7 @@ impl Engine {
 
     /// Shrinks the context to `block_size` positions (nanoGPT's `crop_block_size`).
     pub fn crop_block_size(&mut self, block_size: usize) -> Result<()> {
+        self.sampling = None;
         if self.optimizer.is_some() || self.flat.as_ref().is_some_and(|f| f.optimizer.is_some()) {
             candle_core::bail!("crop the block size before configuring the optimizer, which holds the old position embedding");
         }
@@ -216,6 +236,7 @@ impl Engine {
             micro_steps: 0,
             scaler: None,
             profile: None,
+            sampling: None,
         };
         engine.use_flat_step(engine.model.device().is_cpu())?;
         Ok(engine)
@@ -352,13 +373,16 @@ impl Engine {
     fn load_optimizer_state(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
         const UNCONFIGURED: &str = "configure the optimizer before training";
         match self.flat.as_mut() {
-            Some(flat) => flat.optimizer.as_mut().ok_or_else(|| candle_core::Error::Msg(UNCONFIGURED.into()))?.load_state(&flat.layout, tensors),
+            Some(flat) => {
+                flat.optimizer.as_mut().ok_or_else(|| candle_core::Error::Msg(UNCONFIGURED.into()))?.load_state(&flat.layout, tensors)
+            }
             None => self.optimizer.as_mut().ok_or_else(|| candle_core::Error::Msg(UNCONFIGURED.into()))?.load_state(tensors),
         }
     }
 
     /// Replaces the weights from tensors named as in nanoGPT's state dict, checking names and shapes.
     fn load_weights(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
+        self.sampling = None;
         self.sync_model()?;
         self.model.load(tensors)?;
         if let Some(flat) = self.flat.as_mut() {
@@ -421,9 +445,7 @@ impl Engine {
         let mut store = scaled.backward()?;
         let mut grads = Vec::new();
         for (name, var) in self.model.named_parameters() {
-            let g = store
-                .remove(var.as_tensor())
-                .ok_or_else(|| candle_core::Error::Msg(format!("no gradient reached `{name}`")))?;
+            let g = store.remove(var.as_tensor()).ok_or_else(|| candle_core::Error::Msg(format!("no gradient reached `{name}`")))?;
             grads.push(g);
         }
         self.grads = Some(match self.grads.take() {
@@ -445,7 +467,8 @@ impl Engine {
         let args = &self.model.args;
         let dropout = (args.dropout > 0.0).then_some((key, args.dropout as f32));
         let flat = self.flat.as_mut().expect("on the flat path");
-        let acts = FlatTrainer::activations(flat.activations.get_mut().expect("no panic while holding the activations"), args, batch_size, t);
+        let acts =
+            FlatTrainer::activations(flat.activations.get_mut().expect("no panic while holding the activations"), args, batch_size, t);
         let start = self.profile.is_some().then(std::time::Instant::now);
         train_step::forward(args, &flat.layout, &flat.params, acts, x, dropout);
         let loss = train_step::loss(args, acts, y, Some(loss_scale))?;
@@ -465,12 +488,14 @@ impl Engine {
 
     /// Applies the accumulated gradients (clipped if configured) at learning rate `lr`, then clears them.
     pub fn step(&mut self, lr: f64) -> Result<StepStats> {
+        self.sampling = None;
         let start = self.mark();
         if let Some(flat) = self.flat.as_mut() {
             if !flat.has_grads {
                 candle_core::bail!("no gradients to apply: run forward_backward first");
             }
-            let optimizer = flat.optimizer.as_mut().ok_or_else(|| candle_core::Error::Msg("configure the optimizer before training".into()))?;
+            let optimizer =
+                flat.optimizer.as_mut().ok_or_else(|| candle_core::Error::Msg("configure the optimizer before training".into()))?;
             let stats = optimizer.step(&flat.layout, &mut flat.params, &flat.grads, lr);
             flat.has_grads = false;
             self.model_stale.store(true, Ordering::Release);
@@ -479,10 +504,7 @@ impl Engine {
             }
             return Ok(stats);
         }
-        let grads = self
-            .grads
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("no gradients to apply: run forward_backward first".into()))?;
+        let grads = self.grads.take().ok_or_else(|| candle_core::Error::Msg("no gradients to apply: run forward_backward first".into()))?;
         let optimizer = self.optimizer.as_mut().ok_or_else(|| candle_core::Error::Msg("configure the optimizer before training".into()))?;
         let stats = match self.scaler.as_mut() {
             Some(scaler) => optimizer.step_scaled(&grads, lr, scaler)?,
@@ -507,12 +529,46 @@ impl Engine {
         self.model.loss(&x, &y, &Mode::Eval)?.to_scalar::<f32>()
     }
 
+    /// The prompt followed by `args.max_new_tokens` tokens sampled with `args.seed`.
     pub fn generate(&self, prompt: &[u32], args: &SampleArgs) -> Result<Vec<u32>> {
-        let vocab = self.model.args.vocab_size;
-        if let Some(bad) = prompt.iter().find(|&&id| id as usize >= vocab) {
-            candle_core::bail!("prompt token id {bad} is out of range for vocab_size {vocab}");
+        Ok(self.generate_batch(prompt, &[args.seed], args)?.remove(0))
+    }
+
+    /// One sequence per seed, each the prompt followed by `args.max_new_tokens` tokens sampled with its own
+    /// seed (`args.seed` is not used), each what [`Engine::generate`] gives for that seed. On the CPU they
+    /// decode together as one batch.
+    pub fn generate_batch(&self, prompt: &[u32], seeds: &[u64], args: &SampleArgs) -> Result<Vec<Vec<u32>>> {
+        match self.flat.as_ref() {
+            Some(flat) => decode::generate(flat.weights(&self.model.args), prompt, seeds, args),
+            None => {
+                let model = self.synced_model()?;
+                seeds.iter().map(|&seed| sample::generate(model, prompt, &SampleArgs { seed, ..args.clone() })).collect()
+            }
         }
-        sample::generate(self.synced_model()?, prompt, args)
+    }
+
+    /// Starts sequences (one per seed) to be drawn token by token with [`Engine::next_tokens`]; the tokens
+    /// are those [`Engine::generate_batch`] gives. Training steps end it.
+    pub fn start_sampling(&mut self, prompt: &[u32], seeds: &[u64], temperature: f64, top_k: Option<usize>) -> Result<()> {
+        let args = SampleArgs { max_new_tokens: 0, temperature, top_k, seed: 0 };
+        self.sampling = Some(match self.flat.as_ref() {
+            Some(_) => Sampling::Decoder(decode::Generation::new(&self.model.args, prompt, seeds, &args)?),
+            None => {
+                let model = self.synced_model()?;
+                Sampling::Graph(seeds.iter().map(|&seed| Sampler::new(model, prompt, temperature, top_k, seed)).collect::<Result<_>>()?)
+            }
+        });
+        Ok(())
+    }
+
+    /// The next token of every sequence [`Engine::start_sampling`] began.
+    pub fn next_tokens(&mut self) -> Result<Vec<u32>> {
+        match (self.sampling.as_mut(), self.flat.as_ref()) {
+            (Some(Sampling::Decoder(generation)), Some(flat)) => Ok(generation.next_tokens(flat.weights(&self.model.args)).to_vec()),
+            // Without the flat step the candle model holds the weights itself.
+            (Some(Sampling::Graph(samplers)), None) => samplers.iter_mut().map(|s| s.next_token(&self.model)).collect(),
+            _ => candle_core::bail!("no generation to continue: call start_sampling first (training steps end a generation)"),
+        }
     }
 
     /// The weights, named as in nanoGPT's state dict.

@@ -38,14 +38,14 @@ fn default_activation() -> String {
 
 /// The model arguments of a HF GPT-2 `config.json`; GPT-2 always has biases.
 pub fn model_args(config_json: &str, dropout: f64) -> Result<ModelArgs> {
-    let config: HfConfig = serde_json::from_str(config_json)
-        .map_err(|e| candle_core::Error::Msg(format!("config.json is not a GPT-2 config ({e})")))?;
+    let config: HfConfig =
+        serde_json::from_str(config_json).map_err(|e| candle_core::Error::Msg(format!("config.json is not a GPT-2 config ({e})")))?;
     let gelu = match config.activation_function.as_str() {
         "gelu_new" | "gelu_pytorch_tanh" => Gelu::Tanh,
         "gelu" => Gelu::Erf,
-        other => candle_core::bail!(
-            "config.json has activation_function `{other}`; only gelu_new, gelu_pytorch_tanh and gelu are supported"
-        ),
+        other => {
+            candle_core::bail!("config.json has activation_function `{other}`; only gelu_new, gelu_pytorch_tanh and gelu are supported")
+        }
     };
     if let Some(inner) = config.n_inner.filter(|&inner| inner != 4 * config.n_embd) {
         candle_core::bail!("config.json has n_inner {inner}; only the GPT-2 default of 4 * n_embd is supported");

@@ -3,6 +3,7 @@
 
 pub mod cpu_ops;
 pub mod cuda;
+pub mod decode;
 pub mod engine;
 pub mod hf;
 pub mod kernels;

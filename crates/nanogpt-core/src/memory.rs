@@ -4,6 +4,7 @@
 
 use serde::Serialize;
 
+use crate::decode;
 use crate::model::ModelArgs;
 use crate::train_step;
 
@@ -24,6 +25,15 @@ pub struct MemoryEstimate {
 
 const F32: u64 = 4;
 
+/// What the buffers leave out: gemm's per-thread packing buffers, thread stacks and the allocator's
+/// slack; a fixed allowance, from measuring a small run's resident memory on Linux x86-64.
+const RUNTIME: u64 = 16 << 20;
+
+/// The attention kernel's per-thread (T, T) score buffers.
+fn attention_scratch(args: &ModelArgs) -> u64 {
+    3 * (args.block_size * args.block_size) as u64 * rayon::current_num_threads() as u64
+}
+
 /// Parameters of the model `args` describes (the tied lm_head counted once, as nanoGPT does).
 pub fn parameter_count(args: &ModelArgs) -> u64 {
     train_step::ParamLayout::new(args).len as u64
@@ -36,21 +46,16 @@ pub fn parameter_count(args: &ModelArgs) -> u64 {
 pub fn training(args: &ModelArgs, batch_size: usize) -> MemoryEstimate {
     let params = parameter_count(args);
     let sizes = train_step::activation_sizes(args, batch_size, args.block_size);
-    let attention_scratch = 3 * (args.block_size * args.block_size) as u64 * rayon::current_num_threads() as u64;
-    // What the buffers leave out: gemm's per-thread packing buffers, thread stacks and the allocator's
-    // slack; a fixed allowance, from measuring a small run's resident memory on Linux x86-64.
-    const RUNTIME: u64 = 16 << 20;
-    let activations = F32 * (sizes.forward as u64 + sizes.backward as u64 + attention_scratch) + RUNTIME;
+    let activations = F32 * (sizes.forward as u64 + sizes.backward as u64 + attention_scratch(args)) + RUNTIME;
     estimate(2 * F32 * params, F32 * params, 2 * F32 * params, activations)
 }
 
-/// Sampling `batch_size` sequences with a KV cache over the whole context.
+/// Sampling `batch_size` sequences on the CPU decoder: its KV cache for the whole block and its
+/// per-position buffers, sized by the function it allocates with, the attention scratch of a window's
+/// prefill, and both copies of the weights (the flat parameters and the candle model's).
 pub fn sampling(args: &ModelArgs, batch_size: usize) -> MemoryEstimate {
-    let rows = (batch_size * args.block_size) as u64;
-    let kv_cache = 2 * rows * args.n_embd as u64 * args.n_layer as u64;
-    // Recomputing a full window (after the context fills up) holds a layer's activations and its logits.
-    let window = rows * (20 * args.n_embd as u64 + args.vocab_size as u64);
-    estimate(F32 * parameter_count(args), 0, 0, F32 * (kv_cache + window))
+    let activations = F32 * (decode::buffer_len(args, batch_size) as u64 + attention_scratch(args)) + RUNTIME;
+    estimate(2 * F32 * parameter_count(args), 0, 0, activations)
 }
 
 fn estimate(parameters: u64, gradients: u64, optimizer: u64, activations: u64) -> MemoryEstimate {
@@ -74,7 +79,16 @@ mod tests {
 
     #[test]
     fn gpt2_small_does_not_fit_a_4gib_training_run_at_nanogpts_batch() {
-        let args = ModelArgs { n_layer: 12, n_head: 12, n_embd: 768, block_size: 1024, vocab_size: 50304, bias: false, dropout: 0.0, gelu: Gelu::Erf };
+        let args = ModelArgs {
+            n_layer: 12,
+            n_head: 12,
+            n_embd: 768,
+            block_size: 1024,
+            vocab_size: 50304,
+            bias: false,
+            dropout: 0.0,
+            gelu: Gelu::Erf,
+        };
         assert_eq!(parameter_count(&args), 124_373_760);
         assert!(training(&args, 12).total > 4 << 30);
         assert!(training(&args, 1).total > sampling(&args, 1).total);

@@ -9,8 +9,8 @@ use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 
 use crate::kernels::dropout::Site;
-use crate::ops::{self, LayerCache};
 pub use crate::ops::Mode;
+use crate::ops::{self, LayerCache};
 
 /// The activation of the MLP. nanoGPT uses PyTorch's exact `nn.GELU()`; OpenAI's GPT-2 weights
 /// were trained with the tanh approximation, so loading them needs `Tanh` to reproduce their outputs.
@@ -85,10 +85,7 @@ pub struct Linear {
 
 impl Linear {
     fn new(init: &mut Init, fan_in: usize, fan_out: usize, bias: bool, std: f64) -> Result<Self> {
-        Ok(Self {
-            weight: init.normal(&[fan_out, fan_in], std)?,
-            bias: if bias { Some(init.constant(&[fan_out], 0.0)?) } else { None },
-        })
+        Ok(Self { weight: init.normal(&[fan_out, fan_in], std)?, bias: if bias { Some(init.constant(&[fan_out], 0.0)?) } else { None } })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -103,10 +100,7 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     fn new(init: &Init, n: usize, bias: bool) -> Result<Self> {
-        Ok(Self {
-            weight: init.constant(&[n], 1.0)?,
-            bias: if bias { Some(init.constant(&[n], 0.0)?) } else { None },
-        })
+        Ok(Self { weight: init.constant(&[n], 1.0)?, bias: if bias { Some(init.constant(&[n], 0.0)?) } else { None } })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -255,10 +249,7 @@ impl Gpt {
     /// position embedding, e.g. to finetune GPT-2 (1024 positions) on shorter blocks.
     pub fn crop_block_size(&mut self, block_size: usize) -> Result<()> {
         if block_size == 0 || block_size > self.args.block_size {
-            candle_core::bail!(
-                "cannot crop the block size to {block_size}: it must be between 1 and the model's {}",
-                self.args.block_size
-            );
+            candle_core::bail!("cannot crop the block size to {block_size}: it must be between 1 and the model's {}", self.args.block_size);
         }
         self.wpe = Var::from_tensor(&self.wpe.as_tensor().narrow(0, 0, block_size)?.contiguous()?)?;
         self.args.block_size = block_size;
@@ -267,10 +258,7 @@ impl Gpt {
 
     /// Every parameter once, named as in nanoGPT's state dict (the tied `lm_head.weight` is `transformer.wte.weight`).
     pub fn named_parameters(&self) -> Vec<(String, &Var)> {
-        let mut params = vec![
-            ("transformer.wte.weight".to_string(), &self.wte),
-            ("transformer.wpe.weight".to_string(), &self.wpe),
-        ];
+        let mut params = vec![("transformer.wte.weight".to_string(), &self.wte), ("transformer.wpe.weight".to_string(), &self.wpe)];
         let mut layers: Vec<(String, &Var, Option<&Var>)> = Vec::new();
         for (i, block) in self.h.iter().enumerate() {
             let p = format!("transformer.h.{i}");
@@ -307,11 +295,7 @@ impl Gpt {
     fn hidden(&self, idx: &Tensor, pos0: usize, mode: &Mode, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (b, t) = idx.dims2()?;
         if pos0 + t > self.args.block_size {
-            candle_core::bail!(
-                "cannot forward a sequence of length {}: block size is only {}",
-                pos0 + t,
-                self.args.block_size
-            );
+            candle_core::bail!("cannot forward a sequence of length {}: block size is only {}", pos0 + t, self.args.block_size);
         }
         let tok = self.wte.as_tensor().index_select(&idx.flatten_all()?, 0)?.reshape((b, t, self.args.n_embd))?;
         let pos = self.wpe.as_tensor().narrow(0, pos0, t)?;

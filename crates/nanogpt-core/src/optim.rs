@@ -197,7 +197,8 @@ impl AdamW {
         for (slot, grad) in self.slots.iter_mut().zip(grads) {
             let decay = if slot.decays { weight_decay } else { 0.0 };
             if slot.param.device().is_cpu() {
-                let update = AdamWUpdate { lr, beta1: b1, beta2: b2, eps: EPS, weight_decay: decay, grad_scale, step_size, bias_correction2_sqrt };
+                let update =
+                    AdamWUpdate { lr, beta1: b1, beta2: b2, eps: EPS, weight_decay: decay, grad_scale, step_size, bias_correction2_sqrt };
                 let values = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>();
                 let (mut p, mut m, mut v) = (values(slot.param.as_tensor())?, values(&slot.exp_avg)?, values(&slot.exp_avg_sq)?);
                 let (change, size) = update.apply(&mut p, &values(grad)?, &mut m, &mut v);
@@ -365,7 +366,10 @@ impl FlatAdamW {
         let mut out = Vec::with_capacity(2 * layout.tensors.len() + 1);
         for t in &layout.tensors {
             out.push((format!("{}.exp_avg", t.name), Tensor::from_slice(&self.exp_avg[t.range.clone()], t.shape.as_slice(), &device)?));
-            out.push((format!("{}.exp_avg_sq", t.name), Tensor::from_slice(&self.exp_avg_sq[t.range.clone()], t.shape.as_slice(), &device)?));
+            out.push((
+                format!("{}.exp_avg_sq", t.name),
+                Tensor::from_slice(&self.exp_avg_sq[t.range.clone()], t.shape.as_slice(), &device)?,
+            ));
         }
         out.push(("step".to_string(), Tensor::new(&[self.step as f64], &device)?));
         Ok(out)

@@ -27,7 +27,10 @@ pub enum Value {
     /// A view of a storage: `torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)`.
     Tensor(TensorRef),
     /// A persistent id `('storage', <dtype>, key, location, numel)`: the bytes are the zip entry `data/<key>`.
-    Storage { dtype: DType, key: String },
+    Storage {
+        dtype: DType,
+        key: String,
+    },
     /// An allowed global before it is called.
     Global(Global),
     /// The `MARK` opcode's stack entry.
@@ -484,12 +487,18 @@ fn call(callable: Value, args: Value) -> Result<Value> {
     };
     match global {
         Global::OrderedDict => Ok(Value::Dict(Vec::new())),
-        Global::RebuildParameter => args.into_iter().next().ok_or_else(|| candle_core::Error::Msg("the pickle rebuilds a parameter without data".into())),
+        Global::RebuildParameter => {
+            args.into_iter().next().ok_or_else(|| candle_core::Error::Msg("the pickle rebuilds a parameter without data".into()))
+        }
         Global::RebuildTensor => {
             let malformed = || candle_core::Error::Msg("the pickle rebuilds a tensor with malformed arguments".into());
             let [Value::Storage { dtype, key }, offset, size, stride, ..] = args.as_slice() else { return Err(malformed()) };
             let dims = |v: &Value| -> Result<Vec<usize>> {
-                v.as_seq().ok_or_else(malformed)?.iter().map(|d| d.as_int().and_then(|d| usize::try_from(d).ok()).ok_or_else(malformed)).collect()
+                v.as_seq()
+                    .ok_or_else(malformed)?
+                    .iter()
+                    .map(|d| d.as_int().and_then(|d| usize::try_from(d).ok()).ok_or_else(malformed))
+                    .collect()
             };
             Ok(Value::Tensor(TensorRef {
                 dtype: *dtype,

@@ -144,7 +144,9 @@ impl<'a> TorchCheckpoint<'a> {
         let mut out = HashMap::new();
         for (name, _) in model.named_parameters() {
             let t = state.get(&name).ok_or_else(|| {
-                candle_core::Error::Msg(format!("the checkpoint has no tensor `{name}`: its weights do not match its model_args (another architecture?)"))
+                candle_core::Error::Msg(format!(
+                    "the checkpoint has no tensor `{name}`: its weights do not match its model_args (another architecture?)"
+                ))
             })?;
             out.insert(name, self.tensor(t)?);
         }
@@ -155,11 +157,14 @@ impl<'a> TorchCheckpoint<'a> {
     /// the optimizer has not stepped yet.
     pub fn optimizer_state(&self, model: &Gpt) -> Result<Option<HashMap<String, Tensor>>> {
         let optimizer = self.field("optimizer")?;
-        let (Some(state), Some(groups)) = (optimizer.get("state").and_then(Value::as_dict), optimizer.get("param_groups").and_then(Value::as_seq)) else {
+        let (Some(state), Some(groups)) =
+            (optimizer.get("state").and_then(Value::as_dict), optimizer.get("param_groups").and_then(Value::as_seq))
+        else {
             return Err(damaged("`optimizer` is not a torch optimizer state dict"));
         };
         let order = torch_parameter_order(model);
-        let indices: Vec<i64> = groups.iter().flat_map(|g| g.get("params").and_then(Value::as_seq).unwrap_or(&[])).filter_map(Value::as_int).collect();
+        let indices: Vec<i64> =
+            groups.iter().flat_map(|g| g.get("params").and_then(Value::as_seq).unwrap_or(&[])).filter_map(Value::as_int).collect();
         let sizes: Vec<usize> = groups.iter().map(|g| g.get("params").and_then(Value::as_seq).map_or(0, <[Value]>::len)).collect();
         let decay = order.iter().filter(|(_, decays)| *decays).count();
         if sizes != [decay, order.len() - decay] {
@@ -177,7 +182,9 @@ impl<'a> TorchCheckpoint<'a> {
             let entry = state.iter().find(|(k, _)| k.as_int() == Some(*index)).map(|(_, v)| v);
             let entry = entry.ok_or_else(|| damaged(format!("the optimizer has no state for parameter {index} ({name})")))?;
             for moment in ["exp_avg", "exp_avg_sq"] {
-                let Some(Value::Tensor(t)) = entry.get(moment) else { return Err(damaged(format!("the optimizer state of {name} has no {moment}"))) };
+                let Some(Value::Tensor(t)) = entry.get(moment) else {
+                    return Err(damaged(format!("the optimizer state of {name} has no {moment}")));
+                };
                 out.insert(format!("{name}.{moment}"), self.tensor(t)?);
             }
             step = Some(match entry.get("step") {
@@ -310,10 +317,7 @@ pub fn write<W: Write + Seek>(out: W, model: &Gpt, optimizer: Option<&HashMap<St
 
     let mut zip = zip::ZipWriter::new(out);
     let file = |large: bool| {
-        zip::write::SimpleFileOptions::default()
-            .compression_method(zip::CompressionMethod::Stored)
-            .large_file(large)
-            .with_alignment(64)
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored).large_file(large).with_alignment(64)
     };
     let zipped = |e: zip::result::ZipError| candle_core::Error::Msg(format!("cannot write the checkpoint ({e})"));
     let io = |e: std::io::Error| candle_core::Error::Msg(format!("cannot write the checkpoint ({e})"));

@@ -31,14 +31,14 @@ impl ParamTensor {
 
 /// A weight and its optional bias, which always follows it in the flat buffers.
 #[derive(Clone, Debug)]
-struct Affine {
+pub(crate) struct Affine {
     weight: Range<usize>,
     bias: Option<Range<usize>>,
 }
 
 impl Affine {
     /// Weight and bias slices of `buffer`.
-    fn get<'a>(&self, buffer: &'a [f32]) -> (&'a [f32], Option<&'a [f32]>) {
+    pub(crate) fn get<'a>(&self, buffer: &'a [f32]) -> (&'a [f32], Option<&'a [f32]>) {
         (&buffer[self.weight.clone()], self.bias.clone().map(|b| &buffer[b]))
     }
 
@@ -51,13 +51,13 @@ impl Affine {
 }
 
 #[derive(Clone, Debug)]
-struct LayerParams {
-    ln_1: Affine,
-    c_attn: Affine,
-    attn_proj: Affine,
-    ln_2: Affine,
-    c_fc: Affine,
-    mlp_proj: Affine,
+pub(crate) struct LayerParams {
+    pub(crate) ln_1: Affine,
+    pub(crate) c_attn: Affine,
+    pub(crate) attn_proj: Affine,
+    pub(crate) ln_2: Affine,
+    pub(crate) c_fc: Affine,
+    pub(crate) mlp_proj: Affine,
 }
 
 /// Where every parameter tensor lives in the flat buffers.
@@ -65,10 +65,10 @@ struct LayerParams {
 pub struct ParamLayout {
     pub tensors: Vec<ParamTensor>,
     pub len: usize,
-    wte: Range<usize>,
-    wpe: Range<usize>,
-    layers: Vec<LayerParams>,
-    ln_f: Affine,
+    pub(crate) wte: Range<usize>,
+    pub(crate) wpe: Range<usize>,
+    pub(crate) layers: Vec<LayerParams>,
+    pub(crate) ln_f: Affine,
 }
 
 impl ParamLayout {
@@ -207,6 +207,11 @@ impl Activations {
     pub fn shape(&self) -> (usize, usize) {
         (self.b, self.t)
     }
+
+    /// (B, T, V): the logits of the last forward pass.
+    pub fn logits(&self) -> &[f32] {
+        &self.logits
+    }
 }
 
 /// The dropout mask of `site` when training with dropout.
@@ -216,7 +221,17 @@ fn mask(dropout: Option<(DropoutKey, f32)>, site: Site) -> Option<Mask> {
 
 /// `out = residual + dropout(inp Wᵀ + b)`: the residual add fused into the matmul when nothing is dropped.
 #[allow(clippy::too_many_arguments)]
-fn residual_linear(out: &mut [f32], scratch: &mut [f32], residual: &[f32], inp: &[f32], (w, b): (&[f32], Option<&[f32]>), n: usize, c: usize, oc: usize, mask: Option<Mask>) {
+fn residual_linear(
+    out: &mut [f32],
+    scratch: &mut [f32],
+    residual: &[f32],
+    inp: &[f32],
+    (w, b): (&[f32], Option<&[f32]>),
+    n: usize,
+    c: usize,
+    oc: usize,
+    mask: Option<Mask>,
+) {
     match mask {
         None => {
             out.copy_from_slice(residual);
@@ -232,7 +247,14 @@ fn residual_linear(out: &mut [f32], scratch: &mut [f32], residual: &[f32], inp: 
 
 /// The forward pass of `tokens` (B x T) to the logits in `acts`. `dropout` is the key and
 /// probability of a training pass with dropout; None evaluates.
-pub fn forward(args: &ModelArgs, layout: &ParamLayout, params: &[f32], acts: &mut Activations, tokens: &[u32], dropout: Option<(DropoutKey, f32)>) {
+pub fn forward(
+    args: &ModelArgs,
+    layout: &ParamLayout,
+    params: &[f32],
+    acts: &mut Activations,
+    tokens: &[u32],
+    dropout: Option<(DropoutKey, f32)>,
+) {
     let (b, t) = acts.shape();
     let (n, c, nh, v) = (b * t, args.n_embd, args.n_head, args.vocab_size);
     let tanh = args.gelu == Gelu::Tanh;
@@ -247,13 +269,33 @@ pub fn forward(args: &ModelArgs, layout: &ParamLayout, params: &[f32], acts: &mu
         let (w, bias) = lp.c_attn.get(params);
         matmul::forward(&mut a.qkv, &a.ln_1, w, bias, n, c, 3 * c, false);
         attention::forward(&mut a.atty, &a.qkv, t, c, nh, mask(dropout, Site::Attention(l)));
-        residual_linear(&mut a.residual_2, &mut acts.scratch, residual, &a.atty, lp.attn_proj.get(params), n, c, c, mask(dropout, Site::AttentionResidual(l)));
+        residual_linear(
+            &mut a.residual_2,
+            &mut acts.scratch,
+            residual,
+            &a.atty,
+            lp.attn_proj.get(params),
+            n,
+            c,
+            c,
+            mask(dropout, Site::AttentionResidual(l)),
+        );
         let (w, bias) = lp.ln_2.get(params);
         layernorm::forward(&mut a.ln_2, &mut a.ln_2_mean, &mut a.ln_2_rstd, &a.residual_2, w, bias);
         let (w, bias) = lp.c_fc.get(params);
         matmul::forward(&mut a.fch, &a.ln_2, w, bias, n, c, 4 * c, false);
         gelu::forward(&mut a.fch_gelu, &a.fch, tanh);
-        residual_linear(&mut a.residual_3, &mut acts.scratch, &a.residual_2, &a.fch_gelu, lp.mlp_proj.get(params), n, 4 * c, c, mask(dropout, Site::MlpResidual(l)));
+        residual_linear(
+            &mut a.residual_3,
+            &mut acts.scratch,
+            &a.residual_2,
+            &a.fch_gelu,
+            lp.mlp_proj.get(params),
+            n,
+            4 * c,
+            c,
+            mask(dropout, Site::MlpResidual(l)),
+        );
     }
     let residual = acts.layers.last().map_or(&acts.encoded, |a| &a.residual_3);
     let (w, bias) = layout.ln_f.get(params);

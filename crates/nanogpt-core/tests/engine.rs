@@ -75,10 +75,7 @@ fn finite_difference_check(args: ModelArgs) -> Result<()> {
         var.set(&original)?;
         let numeric = (plus - minus) / (2.0 * eps);
         let tolerance = 2e-3 + 2e-2 * analytic.abs();
-        assert!(
-            (numeric - analytic).abs() <= tolerance,
-            "{name}: finite difference {numeric:.6e} vs gradient {analytic:.6e}"
-        );
+        assert!((numeric - analytic).abs() <= tolerance, "{name}: finite difference {numeric:.6e} vs gradient {analytic:.6e}");
         let norm = grad.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
         assert!(norm > 1e-4, "{name}: gradient vanished (norm {norm:e})");
     }
@@ -165,7 +162,8 @@ fn initialisation_follows_nanogpt() -> Result<()> {
         }
     }
     // nanoGPT's README CPU model: 0.80M parameters without the position embedding.
-    let cpu_recipe = ModelArgs { n_layer: 4, n_head: 4, n_embd: 128, block_size: 64, vocab_size: 65, bias: false, dropout: 0.0, gelu: Gelu::Erf };
+    let cpu_recipe =
+        ModelArgs { n_layer: 4, n_head: 4, n_embd: 128, block_size: 64, vocab_size: 65, bias: false, dropout: 0.0, gelu: Gelu::Erf };
     let model = Gpt::new(&cpu_recipe, 0, &Device::Cpu)?;
     assert_eq!(model.num_params(true), 795_904);
     assert_eq!(model.num_params(false), 804_096);
@@ -223,8 +221,7 @@ fn adamw_step_matches_hand_computed_values() -> Result<()> {
         let v2 = b2 * v1 + (1.0 - b2) * gb * gb;
         p1 * (1.0 - 5e-3 * wd) - 5e-3 / (1.0 - b1 * b1) * m2 / ((v2 / (1.0 - b2 * b2)).sqrt() + eps)
     };
-    let expected_matrix =
-        [hand(1.0, 0.1, 0.2, 0.1), hand(-2.0, -0.2, 0.1, 0.1), hand(0.5, 0.3, -0.3, 0.1), hand(3.0, 0.0, 0.4, 0.1)];
+    let expected_matrix = [hand(1.0, 0.1, 0.2, 0.1), hand(-2.0, -0.2, 0.1, 0.1), hand(0.5, 0.3, -0.3, 0.1), hand(3.0, 0.0, 0.4, 0.1)];
     let expected_vector = [hand(0.25, 0.5, -0.5, 0.0), hand(-1.0, -0.05, 0.05, 0.0)];
     // The first entry worked through on paper: 1 -> 0.999 - 0.01 = 0.989 -> 0.9885055 - 0.0047899 = 0.9837156.
     assert!((expected_matrix[0] - 0.983_715_6).abs() < 1e-6, "{}", expected_matrix[0]);
@@ -357,9 +354,7 @@ fn training_reduces_the_loss() -> Result<()> {
 fn sampling_is_seeded_and_top_k_one_is_greedy() -> Result<()> {
     let args = tiny(true, 0.0, Gelu::Erf);
     let engine = Engine::new(&args, 5, "cpu")?;
-    let sample = |seed, top_k| {
-        engine.generate(&[1, 2, 3], &SampleArgs { max_new_tokens: 20, temperature: 0.8, top_k, seed }).unwrap()
-    };
+    let sample = |seed, top_k| engine.generate(&[1, 2, 3], &SampleArgs { max_new_tokens: 20, temperature: 0.8, top_k, seed }).unwrap();
     assert_eq!(sample(1, None), sample(1, None));
     assert_ne!(sample(1, None), sample(2, None));
     let out = sample(1, None);
@@ -378,13 +373,42 @@ fn sampling_is_seeded_and_top_k_one_is_greedy() -> Result<()> {
     Ok(())
 }
 
+/// nanoGPT's definitions on a hand-made vector: logits / temperature, every logit below the k-th
+/// largest set to -inf (ties with it kept), softmax.
+#[test]
+fn temperature_and_top_k_follow_nanogpt() {
+    let probabilities = |temperature: f64, top_k: Option<usize>| {
+        let mut logits = [1.0f32, 2.0, 3.0, 4.0, 4.0];
+        let total = nanogpt_core::sample::weights_in_place(&mut logits, temperature, top_k, &mut Vec::new());
+        logits.map(|w| w as f64 / total)
+    };
+    let softmax = |scaled: &[f64]| {
+        let sum: f64 = scaled.iter().map(|x| x.exp()).sum();
+        scaled.iter().map(|x| x.exp() / sum).collect::<Vec<_>>()
+    };
+    let close = |got: [f64; 5], want: Vec<f64>| {
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-6, "{got:?} vs {want:?}");
+        }
+    };
+    // Temperature 2 halves the logits; top-2 keeps the two tied 4s.
+    close(probabilities(2.0, Some(2)), vec![0.0, 0.0, 0.0, 0.5, 0.5]);
+    // Top-3 keeps 3 and both 4s.
+    let kept = softmax(&[1.5, 2.0, 2.0]);
+    close(probabilities(2.0, Some(3)), vec![0.0, 0.0, kept[0], kept[1], kept[2]]);
+    // No limit (or a limit above the vocabulary) at temperature 0.5 doubles them.
+    close(probabilities(0.5, None), softmax(&[2.0, 4.0, 6.0, 8.0, 8.0]));
+    close(probabilities(0.5, Some(200)), softmax(&[2.0, 4.0, 6.0, 8.0, 8.0]));
+}
+
 #[test]
 fn top_k_keeps_only_the_k_largest() {
     let logits = [0.0f32, 5.0, 1.0, 4.0, 3.0];
     let mut rng = StdRng::seed_from_u64(0);
     let mut seen = std::collections::HashSet::new();
+    let mut selection = Vec::new();
     for _ in 0..500 {
-        seen.insert(nanogpt_core::sample::sample_token(&logits, 1.0, Some(2), &mut rng));
+        seen.insert(nanogpt_core::sample::sample_token(&mut logits.clone(), 1.0, Some(2), &mut selection, &mut rng));
     }
     assert_eq!(seen, [1u32, 3].into_iter().collect());
 }
@@ -446,7 +470,8 @@ fn loss_scaling_skips_overflowing_steps_and_halves_the_scale() -> Result<()> {
     let (mut opt, matrix, vector) = adamw_fixture(1.0)?;
     let mut scaler = GradScaler::default();
     let before = matrix.as_tensor().to_vec2::<f32>()?;
-    let overflow = vec![Tensor::new(&[[f32::INFINITY, 0.0], [0.0, 0.0]], &Device::Cpu)?, Tensor::zeros(2, candle_core::DType::F32, &Device::Cpu)?];
+    let overflow =
+        vec![Tensor::new(&[[f32::INFINITY, 0.0], [0.0, 0.0]], &Device::Cpu)?, Tensor::zeros(2, candle_core::DType::F32, &Device::Cpu)?];
     let stats = opt.step_scaled(&overflow, 1e-2, &mut scaler)?;
     assert!(stats.skipped && opt.steps_taken() == 0);
     assert_eq!(matrix.as_tensor().to_vec2::<f32>()?, before);
@@ -460,5 +485,30 @@ fn loss_scaling_skips_overflowing_steps_and_halves_the_scale() -> Result<()> {
     assert!(!stats.skipped && (stats.grad_norm - expected.grad_norm).abs() < 1e-6 && stats.clipped == expected.clipped);
     assert!(max_abs_diff(matrix.as_tensor(), ref_matrix.as_tensor()) < 1e-6);
     assert!(max_abs_diff(vector.as_tensor(), ref_vector.as_tensor()) < 1e-6);
+    Ok(())
+}
+
+/// The CPU decoder (flat parameters, preallocated KV cache, cropped-window prefill) samples the same
+/// tokens as the candle model's generation, within and past the block; batched, streamed and single
+/// sequences agree.
+#[test]
+fn cpu_decoder_samples_what_the_candle_model_samples() -> Result<()> {
+    let args = tiny(true, 0.0, Gelu::Erf);
+    let mut engine = Engine::new(&args, 3, "cpu")?;
+    let sample = SampleArgs { max_new_tokens: 3 * args.block_size, temperature: 0.8, top_k: Some(4), seed: 21 };
+    let prompt = [1u32, 2, 3];
+    let decoded = engine.generate(&prompt, &sample)?;
+    let through_candle = nanogpt_core::sample::generate(engine.model(), &prompt, &sample)?;
+    assert_eq!(decoded, through_candle);
+    let batch = engine.generate_batch(&prompt, &[21, 22], &sample)?;
+    assert_eq!(batch[0], decoded);
+    engine.start_sampling(&prompt, &[21, 22], sample.temperature, sample.top_k)?;
+    let mut streamed = vec![prompt.to_vec(), prompt.to_vec()];
+    for _ in 0..sample.max_new_tokens {
+        for (sequence, token) in streamed.iter_mut().zip(engine.next_tokens()?) {
+            sequence.push(token);
+        }
+    }
+    assert_eq!(streamed, batch);
     Ok(())
 }

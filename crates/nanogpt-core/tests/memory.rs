@@ -16,7 +16,8 @@ fn training_estimate_covers_the_measured_growth() -> candle_core::Result<()> {
         eprintln!("skipped: no /proc/self/statm on this system to measure resident memory");
         return Ok(());
     };
-    let args = ModelArgs { n_layer: 4, n_head: 4, n_embd: 256, block_size: 128, vocab_size: 65, bias: false, dropout: 0.1, gelu: Gelu::Erf };
+    let args =
+        ModelArgs { n_layer: 4, n_head: 4, n_embd: 256, block_size: 128, vocab_size: 65, bias: false, dropout: 0.1, gelu: Gelu::Erf };
     let batch = 8;
     let mut engine = Engine::new(&args, 1, "cpu")?;
     engine.configure_optimizer(&OptimizerArgs { weight_decay: 0.1, beta1: 0.9, beta2: 0.95, grad_clip: 1.0 })?;

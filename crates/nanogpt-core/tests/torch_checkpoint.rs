@@ -50,7 +50,12 @@ fn resume(engine: &mut Engine, path: &str, case: &Value) -> (Vec<f32>, f32) {
     let r = &case["resume"];
     let f = |k: &str| r[k].as_f64().unwrap();
     engine
-        .configure_optimizer(&OptimizerArgs { weight_decay: f("weight_decay"), beta1: f("beta1"), beta2: f("beta2"), grad_clip: f("grad_clip") })
+        .configure_optimizer(&OptimizerArgs {
+            weight_decay: f("weight_decay"),
+            beta1: f("beta1"),
+            beta2: f("beta2"),
+            grad_clip: f("grad_clip"),
+        })
         .unwrap();
     engine.load_nanogpt_optimizer_file(path).unwrap();
     let batch_size = r["batch_size"].as_u64().unwrap() as usize;
@@ -120,7 +125,10 @@ fn resume_matches_nanogpt() {
         let diff = max_diff(&losses, &want["resume"]["losses"]);
         assert!(diff < 1e-5, "{case}: resumed losses {losses:?} differ from nanoGPT's by {diff}");
         let want_after = want["resume"]["val_loss_after"].as_f64().unwrap();
-        println!("{case}: 10 resumed losses within {diff:.1e} of nanoGPT's, loss after them within {:.1e}", (after as f64 - want_after).abs());
+        println!(
+            "{case}: 10 resumed losses within {diff:.1e} of nanoGPT's, loss after them within {:.1e}",
+            (after as f64 - want_after).abs()
+        );
         assert!((after as f64 - want_after).abs() < 1e-5, "{case}: loss after resuming {after}, nanoGPT {want_after}");
     }
 }
@@ -173,7 +181,12 @@ fn export_round_trips() {
     let r = &want["resume"];
     let f = |k: &str| r[k].as_f64().unwrap();
     engine
-        .configure_optimizer(&OptimizerArgs { weight_decay: f("weight_decay"), beta1: f("beta1"), beta2: f("beta2"), grad_clip: f("grad_clip") })
+        .configure_optimizer(&OptimizerArgs {
+            weight_decay: f("weight_decay"),
+            beta1: f("beta1"),
+            beta2: f("beta2"),
+            grad_clip: f("grad_clip"),
+        })
         .unwrap();
     engine.load_nanogpt_optimizer_file(&path).unwrap();
     let info_json = nanogpt_checkpoint_info_file(&path).unwrap();
@@ -205,7 +218,12 @@ fn export_loads_in_pytorch() {
     let r = &want["resume"];
     let f = |k: &str| r[k].as_f64().unwrap();
     with_optimizer
-        .configure_optimizer(&OptimizerArgs { weight_decay: f("weight_decay"), beta1: f("beta1"), beta2: f("beta2"), grad_clip: f("grad_clip") })
+        .configure_optimizer(&OptimizerArgs {
+            weight_decay: f("weight_decay"),
+            beta1: f("beta1"),
+            beta2: f("beta2"),
+            grad_clip: f("grad_clip"),
+        })
         .unwrap();
     with_optimizer.load_nanogpt_optimizer_file(&path).unwrap();
     let dir = temp_dir("pytorch");
@@ -241,7 +259,8 @@ fn reads_meta_pkl_as_json() {
 fn safetensors_with_bool_buffers_load() {
     use safetensors::tensor::TensorView;
     use safetensors::Dtype;
-    let args = ModelArgs { n_layer: 1, n_head: 2, n_embd: 8, block_size: 4, vocab_size: 10, bias: true, dropout: 0.0, gelu: Default::default() };
+    let args =
+        ModelArgs { n_layer: 1, n_head: 2, n_embd: 8, block_size: 4, vocab_size: 10, bias: true, dropout: 0.0, gelu: Default::default() };
     let engine = Engine::new(&args, 7, "cpu").unwrap();
     let weights = engine.save_weights().unwrap();
     let parsed = safetensors::SafeTensors::deserialize(&weights).unwrap();

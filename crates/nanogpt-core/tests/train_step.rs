@@ -41,7 +41,16 @@ fn dropout_of(args: &ModelArgs, key: DropoutKey) -> Option<(DropoutKey, f32)> {
 
 /// Loss of the explicit step; with `grads`, its backward pass writes (or adds to) them.
 #[allow(clippy::too_many_arguments)]
-fn flat_step(args: &ModelArgs, layout: &ParamLayout, params: &[f32], x: &[u32], y: &[i32], b: usize, key: DropoutKey, grads: Option<(&mut [f32], bool)>) -> Result<f32> {
+fn flat_step(
+    args: &ModelArgs,
+    layout: &ParamLayout,
+    params: &[f32],
+    x: &[u32],
+    y: &[i32],
+    b: usize,
+    key: DropoutKey,
+    grads: Option<(&mut [f32], bool)>,
+) -> Result<f32> {
     let t = x.len() / b;
     let mut acts = Activations::new(args, b, t);
     let dropout = dropout_of(args, key);
@@ -59,7 +68,11 @@ fn reference_gradients(model: &Gpt, x: &[u32], y: &[i32], b: usize, key: Dropout
     let yt = Tensor::from_slice(y, (b, t), &Device::Cpu)?.to_dtype(candle_core::DType::I64)?;
     let loss = model.loss(&xt, &yt, &Mode::Train(key))?;
     let mut store = loss.backward()?;
-    let grads = model.named_parameters().into_iter().map(|(name, var)| (name.clone(), store.remove(var.as_tensor()).unwrap_or_else(|| panic!("no gradient reached {name}")))).collect();
+    let grads = model
+        .named_parameters()
+        .into_iter()
+        .map(|(name, var)| (name.clone(), store.remove(var.as_tensor()).unwrap_or_else(|| panic!("no gradient reached {name}"))))
+        .collect();
     Ok((loss.to_scalar::<f32>()?, grads))
 }
 
@@ -91,7 +104,10 @@ fn explicit_step_matches_candle_autograd() -> Result<()> {
         let (composite_loss, composite) = with_composite_ops(|| reference_gradients(&model, &x, &y, b, key))?;
         let (fused_loss, fused) = reference_gradients(&model, &x, &y, b, key)?;
         let case = format!("bias={bias} dropout={dropout} gelu={gelu:?}");
-        assert!((loss - composite_loss).abs() < 1e-5 && (loss - fused_loss).abs() < 1e-5, "{case}: loss {loss} vs {composite_loss} / {fused_loss}");
+        assert!(
+            (loss - composite_loss).abs() < 1e-5 && (loss - fused_loss).abs() < 1e-5,
+            "{case}: loss {loss} vs {composite_loss} / {fused_loss}"
+        );
         for ((tensor, (name, c)), (_, f)) in layout.tensors.iter().zip(&composite).zip(&fused) {
             let c = c.flatten_all()?.to_vec1::<f32>()?;
             let f = f.flatten_all()?.to_vec1::<f32>()?;
@@ -176,7 +192,8 @@ fn flat_adamw_matches_hand_computed_values_and_clips_by_global_norm() -> Result<
         let opt = OptimizerArgs { weight_decay: 0.1, beta1: 0.9, beta2: 0.99, grad_clip };
         let mut adamw = FlatAdamW::new(&layout, opt.clone());
         let mut flat = params.clone();
-        let (mut expected, mut m, mut v): (Vec<f64>, Vec<f64>, Vec<f64>) = (params.iter().map(|&p| p as f64).collect(), vec![0.0; layout.len], vec![0.0; layout.len]);
+        let (mut expected, mut m, mut v): (Vec<f64>, Vec<f64>, Vec<f64>) =
+            (params.iter().map(|&p| p as f64).collect(), vec![0.0; layout.len], vec![0.0; layout.len]);
         for (step, g) in grads.iter().enumerate() {
             let lr = 1e-2 * (step + 1) as f64;
             let stats = adamw.step(&layout, &mut flat, g, lr);
@@ -188,7 +205,8 @@ fn flat_adamw_matches_hand_computed_values_and_clips_by_global_norm() -> Result<
             for t in &layout.tensors {
                 let wd = if t.shape.len() >= 2 { 0.1 } else { 0.0 };
                 for i in t.range.clone() {
-                    (expected[i], m[i], v[i]) = adamw_by_hand(expected[i], g[i] as f64 * scale, m[i], v[i], step as i32 + 1, lr, wd, (0.9, 0.99));
+                    (expected[i], m[i], v[i]) =
+                        adamw_by_hand(expected[i], g[i] as f64 * scale, m[i], v[i], step as i32 + 1, lr, wd, (0.9, 0.99));
                 }
             }
             for (i, (&got, &want)) in flat.iter().zip(&expected).enumerate() {
@@ -198,12 +216,19 @@ fn flat_adamw_matches_hand_computed_values_and_clips_by_global_norm() -> Result<
         assert!(grad_clip == 0.0 || grads.iter().any(|g| g.iter().map(|x| x * x).sum::<f32>().sqrt() > 1.0), "the clipping case must clip");
         // The per-tensor optimizer of the graph path agrees, and both save the same state.
         let model = Gpt::new(&args, 0, &Device::Cpu)?;
-        let loaded: HashMap<String, Tensor> =
-            layout.tensors.iter().map(|t| Ok((t.name.clone(), Tensor::from_slice(&params[t.range.clone()], t.shape.as_slice(), &Device::Cpu)?))).collect::<Result<_>>()?;
+        let loaded: HashMap<String, Tensor> = layout
+            .tensors
+            .iter()
+            .map(|t| Ok((t.name.clone(), Tensor::from_slice(&params[t.range.clone()], t.shape.as_slice(), &Device::Cpu)?)))
+            .collect::<Result<_>>()?;
         model.load(&loaded)?;
         let mut per_tensor = AdamW::new(model.named_parameters().into_iter().map(|(n, v)| (n, v.clone())).collect(), opt)?;
         for (step, g) in grads.iter().enumerate() {
-            let g: Vec<Tensor> = layout.tensors.iter().map(|t| Tensor::from_slice(&g[t.range.clone()], t.shape.as_slice(), &Device::Cpu)).collect::<Result<_>>()?;
+            let g: Vec<Tensor> = layout
+                .tensors
+                .iter()
+                .map(|t| Tensor::from_slice(&g[t.range.clone()], t.shape.as_slice(), &Device::Cpu))
+                .collect::<Result<_>>()?;
             per_tensor.step(&g, 1e-2 * (step + 1) as f64)?;
         }
         for (t, (_, var)) in layout.tensors.iter().zip(model.named_parameters()) {

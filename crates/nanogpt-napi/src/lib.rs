@@ -1,11 +1,11 @@
 //! Node.js bindings of the engine: type translation only (JSON strings for argument structs,
 //! typed arrays for tokens, file paths for safetensors files). All logic lives in nanogpt-core.
 
+use nanogpt_core::sample::SampleArgs;
+use nanogpt_core::{memory, Engine, LrSchedule, ModelArgs, OptimizerArgs};
 use napi::bindgen_prelude::{Int32Array, Uint32Array, Uint8Array};
 use napi::{Error, Result};
 use napi_derive::napi;
-use nanogpt_core::sample::{SampleArgs, Sampler};
-use nanogpt_core::{memory, Engine, LrSchedule, ModelArgs, OptimizerArgs};
 
 fn js_error(e: impl std::fmt::Display) -> Error {
     Error::from_reason(e.to_string())
@@ -22,13 +22,11 @@ fn to_json(value: &impl serde::Serialize) -> Result<String> {
 #[napi]
 pub struct Gpt {
     engine: Engine,
-    /// The generation `start_sampling` began, continued by `next_token`.
-    sampler: Option<Sampler>,
 }
 
 impl Gpt {
     fn new(engine: Engine) -> Gpt {
-        Gpt { engine, sampler: None }
+        Gpt { engine }
     }
 }
 
@@ -121,14 +119,7 @@ impl Gpt {
     }
 
     #[napi]
-    pub fn generate(
-        &self,
-        prompt: Uint32Array,
-        max_new_tokens: u32,
-        temperature: f64,
-        top_k: u32,
-        seed: i64,
-    ) -> Result<Uint32Array> {
+    pub fn generate(&self, prompt: Uint32Array, max_new_tokens: u32, temperature: f64, top_k: u32, seed: i64) -> Result<Uint32Array> {
         let args = SampleArgs {
             max_new_tokens: max_new_tokens as usize,
             temperature,
@@ -138,20 +129,33 @@ impl Gpt {
         Ok(Uint32Array::new(self.engine.generate(&prompt, &args).map_err(js_error)?))
     }
 
-    /// Starts a generation to be drawn token by token with `next_token` (the same tokens as `generate`
-    /// with the same seed); it replaces any earlier one, and must be started again after the weights change.
+    /// One sequence per seed, decoded together; the sequences (all of one length) end to end.
     #[napi]
-    pub fn start_sampling(&mut self, prompt: Uint32Array, temperature: f64, top_k: u32, seed: i64) -> Result<()> {
-        let top_k = (top_k > 0).then_some(top_k as usize);
-        let sampler = Sampler::new(self.engine.model(), &prompt, temperature, top_k, seed as u64).map_err(js_error)?;
-        self.sampler = Some(sampler);
-        Ok(())
+    pub fn generate_batch(
+        &self,
+        prompt: Uint32Array,
+        seeds: Uint32Array,
+        max_new_tokens: u32,
+        temperature: f64,
+        top_k: u32,
+    ) -> Result<Uint32Array> {
+        let args =
+            SampleArgs { max_new_tokens: max_new_tokens as usize, temperature, top_k: (top_k > 0).then_some(top_k as usize), seed: 0 };
+        let seeds: Vec<u64> = seeds.iter().map(|&s| s as u64).collect();
+        Ok(Uint32Array::new(self.engine.generate_batch(&prompt, &seeds, &args).map_err(js_error)?.concat()))
     }
 
+    /// Starts sequences (one per seed) drawn token by token with `next_tokens`: the tokens `generate_batch` gives.
     #[napi]
-    pub fn next_token(&mut self) -> Result<u32> {
-        let sampler = self.sampler.as_mut().ok_or_else(|| js_error("call startSampling before nextToken"))?;
-        sampler.next_token(self.engine.model()).map_err(js_error)
+    pub fn start_sampling(&mut self, prompt: Uint32Array, seeds: Uint32Array, temperature: f64, top_k: u32) -> Result<()> {
+        let seeds: Vec<u64> = seeds.iter().map(|&s| s as u64).collect();
+        self.engine.start_sampling(&prompt, &seeds, temperature, (top_k > 0).then_some(top_k as usize)).map_err(js_error)
+    }
+
+    /// The next token of every sequence.
+    #[napi]
+    pub fn next_tokens(&mut self) -> Result<Uint32Array> {
+        Ok(Uint32Array::new(self.engine.next_tokens().map_err(js_error)?))
     }
 
     #[napi]

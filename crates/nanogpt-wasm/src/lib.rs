@@ -2,7 +2,7 @@
 //! typed arrays for tokens, bytes for safetensors files, since a wasm module has no file system).
 //! All logic lives in nanogpt-core, as for the Node.js addon.
 
-use nanogpt_core::sample::{SampleArgs, Sampler};
+use nanogpt_core::sample::SampleArgs;
 use nanogpt_core::{memory, Engine, LrSchedule, ModelArgs, OptimizerArgs};
 use wasm_bindgen::prelude::*;
 
@@ -27,13 +27,11 @@ fn to_json(value: &impl serde::Serialize) -> Result<String, JsError> {
 #[wasm_bindgen]
 pub struct Gpt {
     engine: Engine,
-    /// The generation `start_sampling` began, continued by `next_token`.
-    sampler: Option<Sampler>,
 }
 
 impl Gpt {
     fn new(engine: Engine) -> Gpt {
-        Gpt { engine, sampler: None }
+        Gpt { engine }
     }
 }
 
@@ -123,14 +121,7 @@ impl Gpt {
         Ok(self.engine.eval_loss(x, y, batch_size as usize).map_err(js_error)? as f64)
     }
 
-    pub fn generate(
-        &self,
-        prompt: &[u32],
-        max_new_tokens: u32,
-        temperature: f64,
-        top_k: u32,
-        seed: f64,
-    ) -> Result<Vec<u32>, JsError> {
+    pub fn generate(&self, prompt: &[u32], max_new_tokens: u32, temperature: f64, top_k: u32, seed: f64) -> Result<Vec<u32>, JsError> {
         let args = SampleArgs {
             max_new_tokens: max_new_tokens as usize,
             temperature,
@@ -140,20 +131,33 @@ impl Gpt {
         self.engine.generate(prompt, &args).map_err(js_error)
     }
 
-    /// Starts a generation to be drawn token by token with `next_token` (the same tokens as `generate`
-    /// with the same seed); it replaces any earlier one, and must be started again after the weights change.
-    #[wasm_bindgen(js_name = startSampling)]
-    pub fn start_sampling(&mut self, prompt: &[u32], temperature: f64, top_k: u32, seed: f64) -> Result<(), JsError> {
-        let top_k = (top_k > 0).then_some(top_k as usize);
-        let sampler = Sampler::new(self.engine.model(), prompt, temperature, top_k, seed as u64).map_err(js_error)?;
-        self.sampler = Some(sampler);
-        Ok(())
+    /// One sequence per seed, decoded together; the sequences (all of one length) end to end.
+    #[wasm_bindgen(js_name = generateBatch)]
+    pub fn generate_batch(
+        &self,
+        prompt: &[u32],
+        seeds: &[u32],
+        max_new_tokens: u32,
+        temperature: f64,
+        top_k: u32,
+    ) -> Result<Vec<u32>, JsError> {
+        let args =
+            SampleArgs { max_new_tokens: max_new_tokens as usize, temperature, top_k: (top_k > 0).then_some(top_k as usize), seed: 0 };
+        let seeds: Vec<u64> = seeds.iter().map(|&s| s as u64).collect();
+        Ok(self.engine.generate_batch(prompt, &seeds, &args).map_err(js_error)?.concat())
     }
 
-    #[wasm_bindgen(js_name = nextToken)]
-    pub fn next_token(&mut self) -> Result<u32, JsError> {
-        let sampler = self.sampler.as_mut().ok_or_else(|| js_error("call startSampling before nextToken"))?;
-        sampler.next_token(self.engine.model()).map_err(js_error)
+    /// Starts sequences (one per seed) drawn token by token with `nextTokens`: the tokens `generateBatch` gives.
+    #[wasm_bindgen(js_name = startSampling)]
+    pub fn start_sampling(&mut self, prompt: &[u32], seeds: &[u32], temperature: f64, top_k: u32) -> Result<(), JsError> {
+        let seeds: Vec<u64> = seeds.iter().map(|&s| s as u64).collect();
+        self.engine.start_sampling(prompt, &seeds, temperature, (top_k > 0).then_some(top_k as usize)).map_err(js_error)
+    }
+
+    /// The next token of every sequence.
+    #[wasm_bindgen(js_name = nextTokens)]
+    pub fn next_tokens(&mut self) -> Result<Vec<u32>, JsError> {
+        self.engine.next_tokens().map_err(js_error)
     }
 
     #[wasm_bindgen(js_name = saveWeights)]

@@ -33,11 +33,24 @@ impl View {
 #[allow(clippy::too_many_arguments)]
 unsafe fn matmul_into(dst: *mut f32, dst_row_stride: usize, m: usize, n: usize, k: usize, lhs: View, rhs: View, scale: f32) {
     gemm::gemm(
-        m, n, k,
-        dst, 1, dst_row_stride as isize, false,
-        lhs.ptr, lhs.col_stride, lhs.row_stride,
-        rhs.ptr, rhs.col_stride, rhs.row_stride,
-        0.0, scale, false, false, false,
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_row_stride as isize,
+        false,
+        lhs.ptr,
+        lhs.col_stride,
+        lhs.row_stride,
+        rhs.ptr,
+        rhs.col_stride,
+        rhs.row_stride,
+        0.0,
+        scale,
+        false,
+        false,
+        false,
         gemm::Parallelism::None,
     );
 }
@@ -100,7 +113,10 @@ pub fn forward(out: &mut [f32], qkv: &[f32], t: usize, c: usize, n_head: usize, 
 /// `dqkv` (written in full) from the gradient `dout` of the merged heads.
 pub fn backward(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], t: usize, c: usize, n_head: usize, dropout: Option<Mask>) {
     let (c3, hs) = (3 * c, c / n_head);
-    assert!(qkv.len() == dout.len() * 3 && dqkv.len() == qkv.len() && dout.len() % (t * c) == 0, "attention backward: buffer sizes do not match");
+    assert!(
+        qkv.len() == dout.len() * 3 && dqkv.len() == qkv.len() && dout.len() % (t * c) == 0,
+        "attention backward: buffer sizes do not match"
+    );
     let scale = 1.0 / (hs as f32).sqrt();
     dqkv.par_chunks_mut(t * c3).zip(qkv.par_chunks(t * c3).zip(dout.par_chunks(t * c))).enumerate().for_each(|(row, (dqkv, (qkv, dy)))| {
         let mut scores = Scores::new(t);

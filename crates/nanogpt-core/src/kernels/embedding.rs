@@ -21,7 +21,16 @@ pub fn forward(out: &mut [f32], tokens: &[u32], wte: &[f32], wpe: &[f32], t: usi
 /// place). The token table's gradient is always added to (the tied output layer wrote it first);
 /// the position table's is written or accumulated as `accumulate` says.
 #[allow(clippy::too_many_arguments)]
-pub fn backward(dwte: &mut [f32], dwpe: &mut [f32], dout: &mut [f32], tokens: &[u32], t: usize, c: usize, mask: Option<Mask>, accumulate: bool) {
+pub fn backward(
+    dwte: &mut [f32],
+    dwpe: &mut [f32],
+    dout: &mut [f32],
+    tokens: &[u32],
+    t: usize,
+    c: usize,
+    mask: Option<Mask>,
+    accumulate: bool,
+) {
     assert!(dout.len() == tokens.len() * c && dwpe.len() >= t * c, "embedding backward: buffer sizes do not match");
     if let Some(mask) = mask {
         dout.par_chunks_mut(c).enumerate().for_each(|(row, d)| mask.apply(d, row * c));

@@ -56,7 +56,10 @@ pub fn backward(
     accumulate: bool,
 ) {
     let c = weight.len();
-    assert!(dinp.len() == inp.len() && dout.len() == inp.len() && inp.len() == mean.len() * c, "layernorm backward: buffer sizes do not match");
+    assert!(
+        dinp.len() == inp.len() && dout.len() == inp.len() && inp.len() == mean.len() * c,
+        "layernorm backward: buffer sizes do not match"
+    );
     dinp.par_chunks_mut(c).zip(dout.par_chunks(c).zip(inp.par_chunks(c))).zip(mean.par_iter().zip(rstd.par_iter())).for_each(
         |((dx, (dy, x)), (&mu, &rs))| {
             let (mut dnorm_mean, mut dnorm_norm_mean) = (0f32, 0f32);

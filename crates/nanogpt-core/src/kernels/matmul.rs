@@ -6,7 +6,10 @@ use super::{parallelism, store};
 /// (the residual stream), which saves a separate add pass.
 #[allow(clippy::too_many_arguments)]
 pub fn forward(out: &mut [f32], inp: &[f32], weight: &[f32], bias: Option<&[f32]>, n: usize, c: usize, oc: usize, residual: bool) {
-    assert!(out.len() == n * oc && inp.len() == n * c && weight.len() == oc * c, "linear: buffer sizes do not match ({n}x{c}) @ ({oc}x{c})ᵀ");
+    assert!(
+        out.len() == n * oc && inp.len() == n * c && weight.len() == oc * c,
+        "linear: buffer sizes do not match ({n}x{c}) @ ({oc}x{c})ᵀ"
+    );
     if let Some(b) = bias {
         if residual {
             out.chunks_exact_mut(oc).for_each(|row| row.iter_mut().zip(b).for_each(|(o, b)| *o += b));
@@ -19,11 +22,24 @@ pub fn forward(out: &mut [f32], inp: &[f32], weight: &[f32], bias: Option<&[f32]
     // and out is a distinct mutable borrow, so it overlaps neither input.
     unsafe {
         gemm::gemm(
-            n, oc, c,
-            out.as_mut_ptr(), 1, oc as isize, read_out,
-            inp.as_ptr(), 1, c as isize,
-            weight.as_ptr(), c as isize, 1,
-            1.0, 1.0, false, false, false,
+            n,
+            oc,
+            c,
+            out.as_mut_ptr(),
+            1,
+            oc as isize,
+            read_out,
+            inp.as_ptr(),
+            1,
+            c as isize,
+            weight.as_ptr(),
+            c as isize,
+            1,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
             parallelism(n * oc * c),
         );
     }
@@ -43,17 +59,33 @@ pub fn backward(
     oc: usize,
     accumulate: bool,
 ) {
-    assert!(dout.len() == n * oc && inp.len() == n * c && weight.len() == oc * c && dweight.len() == oc * c, "linear backward: buffer sizes do not match");
+    assert!(
+        dout.len() == n * oc && inp.len() == n * c && weight.len() == oc * c && dweight.len() == oc * c,
+        "linear backward: buffer sizes do not match"
+    );
     if let Some(dinp) = dinp {
         assert_eq!(dinp.len(), n * c);
         // SAFETY: dinp (n x c) = dout (n x oc) @ weight (oc x c), sizes checked, dinp a distinct borrow.
         unsafe {
             gemm::gemm(
-                n, c, oc,
-                dinp.as_mut_ptr(), 1, c as isize, false,
-                dout.as_ptr(), 1, oc as isize,
-                weight.as_ptr(), 1, c as isize,
-                0.0, 1.0, false, false, false,
+                n,
+                c,
+                oc,
+                dinp.as_mut_ptr(),
+                1,
+                c as isize,
+                false,
+                dout.as_ptr(),
+                1,
+                oc as isize,
+                weight.as_ptr(),
+                1,
+                c as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
                 parallelism(n * oc * c),
             );
         }
@@ -61,11 +93,24 @@ pub fn backward(
     // SAFETY: dweight (oc x c) (+)= doutᵀ (oc x n) @ inp (n x c), sizes checked, dweight a distinct borrow.
     unsafe {
         gemm::gemm(
-            oc, c, n,
-            dweight.as_mut_ptr(), 1, c as isize, accumulate,
-            dout.as_ptr(), oc as isize, 1,
-            inp.as_ptr(), 1, c as isize,
-            1.0, 1.0, false, false, false,
+            oc,
+            c,
+            n,
+            dweight.as_mut_ptr(),
+            1,
+            c as isize,
+            accumulate,
+            dout.as_ptr(),
+            oc as isize,
+            1,
+            inp.as_ptr(),
+            1,
+            c as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
             parallelism(n * oc * c),
         );
     }

@@ -57,8 +57,7 @@ pub(crate) fn exp(x: f32) -> f32 {
     // The low mantissa bits of `shifted` hold n as an integer: 2^n without a float-to-int conversion.
     let n_int = shifted.to_bits().wrapping_sub(ROUND.to_bits());
     let r = x - n * LN2_HI - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
+    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
     p * f32::from_bits(n_int.wrapping_add(127) << 23)
 }
 

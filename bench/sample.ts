@@ -1,0 +1,62 @@
+// Sampling speed: this engine's decode path against nanoGPT's sample.py loop (bench/torch_ref.py sample: one
+// sequence after another, a full forward pass over the cropped context per token), in one command, at two shapes
+// and on both engine builds. Weights are random: the work per token does not depend on them.
+// Usage: npm run bench:sample [-- --engines=native,wasm] [--quick]
+import { execFileSync } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+import { Engine, type EngineChoice, type ModelArgs } from '../ts/engine.ts';
+
+const shapes = [
+  { name: 'README CPU recipe (4 x 128, block 64)', n_layer: 4, n_head: 4, n_embd: 128, block_size: 64, samples: 10, tokens: 500 },
+  { name: 'GPU shakespeare_char config (6 x 384, block 256)', n_layer: 6, n_head: 6, n_embd: 384, block_size: 256, samples: 2, tokens: 300 },
+];
+const args = process.argv.slice(2);
+const engines = (args.find((a) => a.startsWith('--engines='))?.slice('--engines='.length) ?? 'native,wasm').split(',') as EngineChoice[];
+const quick = args.includes('--quick');
+const torchRef = fileURLToPath(new URL('./torch_ref.py', import.meta.url));
+const rssMiB = () => process.memoryUsage().rss / 2 ** 20;
+
+interface Row { shape: string; side: string; tokensPerS: number; note: string }
+const rows: Row[] = [];
+
+for (const shape of shapes) {
+  const tokens = quick ? Math.ceil(shape.tokens / 5) : shape.tokens;
+  const modelArgs: ModelArgs = { n_layer: shape.n_layer, n_head: shape.n_head, n_embd: shape.n_embd, block_size: shape.block_size, vocab_size: 65, bias: false, dropout: 0 };
+  console.log(`\n==== ${shape.name}: ${shape.samples} samples x ${tokens} tokens ====`);
+  let torchTps = NaN;
+  try {
+    const out = execFileSync('python3', [torchRef, 'sample', '--device=cpu', '--compile=0', `--n_layer=${shape.n_layer}`, `--n_head=${shape.n_head}`,
+      `--n_embd=${shape.n_embd}`, `--block_size=${shape.block_size}`, '--vocab_size=65', `--num_samples=${shape.samples}`, `--max_new_tokens=${tokens}`], { encoding: 'utf8' });
+    torchTps = JSON.parse(out.split('\n').find((l) => l.startsWith('RESULT '))!.slice('RESULT '.length)).tokens_per_s;
+    rows.push({ shape: shape.name, side: 'PyTorch (nanoGPT sample.py loop)', tokensPerS: torchTps, note: '' });
+    console.log(`torch_ref.py: ${torchTps} tokens/s`);
+  } catch (err) {
+    console.log(`torch_ref.py could not run (${String(err).split('\n')[0]}); pip install torch numpy for the reference`);
+  }
+  for (const kind of engines) {
+    const engine = Engine.create(modelArgs, 1337, 'cpu', kind);
+    const seeds = Uint32Array.from({ length: shape.samples }, (_, i) => 1000 + i);
+    engine.generateBatch(Uint32Array.of(0), seeds, 8, 0.8, 200); // warm-up: thread pool, page faults
+    const rssBefore = rssMiB();
+    const t0 = performance.now();
+    const sequences = engine.generateBatch(Uint32Array.of(0), seeds, tokens, 0.8, 200);
+    const seconds = (performance.now() - t0) / 1e3;
+    const rssAfter = rssMiB();
+    if (sequences.length !== shape.samples || sequences[0].length !== tokens + 1) throw new Error('generateBatch returned the wrong shape');
+    const tps = (shape.samples * tokens) / seconds;
+    const note = `RSS ${rssBefore.toFixed(0)} -> ${rssAfter.toFixed(0)} MiB`;
+    rows.push({ shape: shape.name, side: `nanogpt-rs ${kind}`, tokensPerS: tps, note });
+    console.log(`nanogpt-rs ${kind}: ${tps.toFixed(1)} tokens/s (${note})`);
+    const ratio = tps / torchTps;
+    console.log(`RESULT ${JSON.stringify({ shape: shape.name, engine: kind, tokens_per_s: Math.round(tps * 10) / 10, torch_tokens_per_s: torchTps, ratio: Number.isFinite(ratio) ? Math.round(ratio * 100) / 100 : null })}`);
+  }
+}
+
+console.log('\n==== summary (tokens/s; ratio = ours / PyTorch in this run) ====');
+for (const shape of shapes) {
+  const torch = rows.find((r) => r.shape === shape.name && r.side.startsWith('PyTorch'))?.tokensPerS ?? NaN;
+  for (const row of rows.filter((r) => r.shape === shape.name)) {
+    const ratio = row.side.startsWith('PyTorch') ? '1.00' : Number.isFinite(torch) ? (row.tokensPerS / torch).toFixed(2) : 'n/a';
+    console.log(`${row.shape.padEnd(50)} ${row.side.padEnd(34)} ${row.tokensPerS.toFixed(1).padStart(9)}  x${ratio}  ${row.note}`);
+  }
+}
