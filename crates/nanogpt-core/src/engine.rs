@@ -44,7 +44,7 @@ pub struct Engine {
 /// Sequences drawn token by token: by the CPU decoder over the flat parameters, or by the candle
 /// model (one KV-cached sampler per sequence).
 enum Sampling {
-    Decoder(decode::Generation),
+    Decoder(Box<decode::Generation>),
     Graph(Vec<Sampler>),
 }
 
@@ -393,7 +393,7 @@ impl Engine {
 
     /// Checks a batch of `batch_size` rows of inputs `x` and targets `y`; returns the row length T.
     fn check_batch(&self, x: &[u32], y: &[i32], batch_size: usize) -> Result<usize> {
-        if batch_size == 0 || x.is_empty() || x.len() != y.len() || x.len() % batch_size != 0 {
+        if batch_size == 0 || x.is_empty() || x.len() != y.len() || !x.len().is_multiple_of(batch_size) {
             candle_core::bail!(
                 "a batch needs inputs and targets of equal length divisible by batch_size ({} and {} for {batch_size} rows)",
                 x.len(),
@@ -552,7 +552,7 @@ impl Engine {
     pub fn start_sampling(&mut self, prompt: &[u32], seeds: &[u64], temperature: f64, top_k: Option<usize>) -> Result<()> {
         let args = SampleArgs { max_new_tokens: 0, temperature, top_k, seed: 0 };
         self.sampling = Some(match self.flat.as_ref() {
-            Some(_) => Sampling::Decoder(decode::Generation::new(&self.model.args, prompt, seeds, &args)?),
+            Some(_) => Sampling::Decoder(Box::new(decode::Generation::new(&self.model.args, prompt, seeds, &args)?)),
             None => {
                 let model = self.synced_model()?;
                 Sampling::Graph(seeds.iter().map(|&seed| Sampler::new(model, prompt, temperature, top_k, seed)).collect::<Result<_>>()?)

@@ -41,7 +41,7 @@ impl ModelArgs {
         if self.n_layer == 0 || self.n_head == 0 || self.n_embd == 0 || self.block_size == 0 || self.vocab_size == 0 {
             candle_core::bail!("n_layer, n_head, n_embd, block_size and vocab_size must all be positive");
         }
-        if self.n_embd % self.n_head != 0 {
+        if !self.n_embd.is_multiple_of(self.n_head) {
             candle_core::bail!(
                 "n_embd ({}) must be divisible by n_head ({}); pick n_head among the divisors of n_embd",
                 self.n_embd,

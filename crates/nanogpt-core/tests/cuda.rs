@@ -58,8 +58,8 @@ fn compare(gpu: &Device, dtype: DType, tolerance: f32) -> Result<()> {
     let (gx, gy) = tensors(&x, &y, 4, gpu)?;
 
     let logits_err = rel_err(&gpu_model.logits(&gx)?, &cpu_model.logits(&cx)?)?;
-    let cpu_loss = cpu_model.loss(&cx, &cy, &mut Mode::Eval)?;
-    let gpu_loss = gpu_model.loss(&gx, &gy, &mut Mode::Eval)?;
+    let cpu_loss = cpu_model.loss(&cx, &cy, &Mode::Eval)?;
+    let gpu_loss = gpu_model.loss(&gx, &gy, &Mode::Eval)?;
     let loss_err = rel_err(&gpu_loss, &cpu_loss)?;
     eprintln!(
         "{dtype:?}: loss cpu {:.5} gpu {:.5}; logits rel err {logits_err:.2e}, loss rel err {loss_err:.2e} (tolerance {tolerance:.0e})",

@@ -124,17 +124,17 @@ fn ignored_targets_do_not_count() -> Result<()> {
     let model = Gpt::new(&args, 1, &Device::Cpu)?;
     let (x, mut y) = batch(&args, 2, 4);
     let (xt, yt) = tensors(&x, &y, 2)?;
-    let full = model.loss(&xt, &yt, &mut Mode::Eval)?.to_scalar::<f32>()?;
+    let full = model.loss(&xt, &yt, &Mode::Eval)?.to_scalar::<f32>()?;
     // Ignoring the second row leaves the mean loss of the first row only.
     let t = args.block_size;
     y[t..].iter_mut().for_each(|v| *v = -1);
     let (_, yt_half) = tensors(&x, &y, 2)?;
-    let first_row_only = model.loss(&xt, &yt_half, &mut Mode::Eval)?.to_scalar::<f32>()?;
+    let first_row_only = model.loss(&xt, &yt_half, &Mode::Eval)?.to_scalar::<f32>()?;
     let (x1, y1) = tensors(&x[..t], &y[..t], 1)?;
-    let expected = model.loss(&x1, &y1, &mut Mode::Eval)?.to_scalar::<f32>()?;
+    let expected = model.loss(&x1, &y1, &Mode::Eval)?.to_scalar::<f32>()?;
     assert!((first_row_only - expected).abs() < 1e-6, "{first_row_only} vs {expected}");
     assert!((first_row_only - full).abs() > 1e-4);
-    let composite = with_composite_ops(|| model.loss(&xt, &yt_half, &mut Mode::Eval))?.to_scalar::<f32>()?;
+    let composite = with_composite_ops(|| model.loss(&xt, &yt_half, &Mode::Eval))?.to_scalar::<f32>()?;
     assert!((composite - expected).abs() < 1e-5);
     Ok(())
 }

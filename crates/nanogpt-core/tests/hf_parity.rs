@@ -72,7 +72,7 @@ fn logits_and_loss_match_transformers() -> Result<()> {
     let next = reference["input_ids"].i((.., 1..))?;
     let targets = Tensor::cat(&[next, Tensor::full(-1i64, (b, 1), &Device::Cpu)?], 1)?;
     assert_eq!(targets.dims(), &[b, t]);
-    let loss = engine.model().loss(&ids, &targets, &mut Mode::Eval)?.to_scalar::<f32>()?;
+    let loss = engine.model().loss(&ids, &targets, &Mode::Eval)?.to_scalar::<f32>()?;
     let expected = reference["loss"].to_scalar::<f32>()?;
     assert!((loss - expected).abs() <= 1e-5, "loss {loss}, transformers {expected}");
     Ok(())

@@ -173,6 +173,7 @@ fn accumulating_two_micro_steps_adds_their_gradients() -> Result<()> {
 }
 
 /// PyTorch's AdamW for one element, in f64, written out from its documentation.
+#[allow(clippy::too_many_arguments)]
 fn adamw_by_hand(p: f64, g: f64, m: f64, v: f64, t: i32, lr: f64, wd: f64, (b1, b2): (f64, f64)) -> (f64, f64, f64) {
     let m = b1 * m + (1.0 - b1) * g;
     let v = b2 * v + (1.0 - b2) * g * g;

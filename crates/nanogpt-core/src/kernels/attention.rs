@@ -95,7 +95,7 @@ impl Scores {
 /// `out` (B, T, C) from `qkv` (B, T, 3C): softmax(q kᵀ / sqrt(hs)) v per head, causal.
 pub fn forward(out: &mut [f32], qkv: &[f32], t: usize, c: usize, n_head: usize, dropout: Option<Mask>) {
     let (c3, hs) = (3 * c, c / n_head);
-    assert!(qkv.len() == out.len() * 3 && out.len() % (t * c) == 0 && c % n_head == 0, "attention: buffer sizes do not match");
+    assert!(qkv.len() == out.len() * 3 && out.len().is_multiple_of(t * c) && c.is_multiple_of(n_head), "attention: buffer sizes do not match");
     let scale = 1.0 / (hs as f32).sqrt();
     out.par_chunks_mut(t * c).zip(qkv.par_chunks(t * c3)).enumerate().for_each(|(row, (y, qkv))| {
         let mut scores = Scores::new(t);
@@ -114,7 +114,7 @@ pub fn forward(out: &mut [f32], qkv: &[f32], t: usize, c: usize, n_head: usize, 
 pub fn backward(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], t: usize, c: usize, n_head: usize, dropout: Option<Mask>) {
     let (c3, hs) = (3 * c, c / n_head);
     assert!(
-        qkv.len() == dout.len() * 3 && dqkv.len() == qkv.len() && dout.len() % (t * c) == 0,
+        qkv.len() == dout.len() * 3 && dqkv.len() == qkv.len() && dout.len().is_multiple_of(t * c),
         "attention backward: buffer sizes do not match"
     );
     let scale = 1.0 / (hs as f32).sqrt();
