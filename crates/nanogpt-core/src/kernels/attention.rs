@@ -95,7 +95,10 @@ impl Scores {
 /// `out` (B, T, C) from `qkv` (B, T, 3C): softmax(q kᵀ / sqrt(hs)) v per head, causal.
 pub fn forward(out: &mut [f32], qkv: &[f32], t: usize, c: usize, n_head: usize, dropout: Option<Mask>) {
     let (c3, hs) = (3 * c, c / n_head);
-    assert!(qkv.len() == out.len() * 3 && out.len().is_multiple_of(t * c) && c.is_multiple_of(n_head), "attention: buffer sizes do not match");
+    assert!(
+        qkv.len() == out.len() * 3 && out.len().is_multiple_of(t * c) && c.is_multiple_of(n_head),
+        "attention: buffer sizes do not match"
+    );
     let scale = 1.0 / (hs as f32).sqrt();
     out.par_chunks_mut(t * c).zip(qkv.par_chunks(t * c3)).enumerate().for_each(|(row, (y, qkv))| {
         let mut scores = Scores::new(t);
