@@ -1,6 +1,7 @@
 //! Times the training step at the README CPU recipe's shapes (or those given as arguments:
 //! n_layer n_head n_embd block_size vocab_size batch_size), phase by phase: forward (with the loss),
-//! backward, optimizer, and an evaluation forward.
+//! backward, optimizer, and an evaluation forward: the median of each over 50 steps, which a shared
+//! or busy machine disturbs less than the mean.
 use std::time::Instant;
 
 use nanogpt_core::{Engine, ModelArgs, OptimizerArgs};
@@ -19,7 +20,7 @@ fn main() -> candle_core::Result<()> {
     let x: Vec<u32> = (0..b * t).map(|i| (i * 7 % vocab_size) as u32).collect();
     let y: Vec<i32> = (0..b * t).map(|i| (i * 11 % vocab_size) as i32).collect();
     let (warmup, iters) = (5, 50);
-    let (mut forward, mut backward, mut optimizer, mut eval) = (0.0, 0.0, 0.0, 0.0);
+    let (mut forward, mut backward, mut optimizer, mut eval) = (vec![], vec![], vec![], vec![]);
     for i in 0..warmup + iters {
         engine.forward_backward(&x, &y, b, 1.0)?;
         engine.step(1e-3)?;
@@ -27,19 +28,22 @@ fn main() -> candle_core::Result<()> {
         engine.eval_loss(&x, &y, b)?;
         if i >= warmup {
             let phases = engine.phase_times().expect("profiling is on");
-            forward += phases.forward_ms;
-            backward += phases.backward_ms;
-            optimizer += phases.optimizer_ms;
-            eval += start.elapsed().as_secs_f64() * 1e3;
+            forward.push(phases.forward_ms);
+            backward.push(phases.backward_ms);
+            optimizer.push(phases.optimizer_ms);
+            eval.push(start.elapsed().as_secs_f64() * 1e3);
         }
     }
-    let ms = |total: f64| total / iters as f64;
+    let median = |mut times: Vec<f64>| {
+        times.sort_by(f64::total_cmp);
+        times[times.len() / 2]
+    };
     println!(
-        "forward {:.2} ms, backward {:.2} ms, optimizer {:.2} ms, eval forward {:.2} ms ({} threads)",
-        ms(forward),
-        ms(backward),
-        ms(optimizer),
-        ms(eval),
+        "forward {:.2} ms, backward {:.2} ms, optimizer {:.2} ms, eval forward {:.2} ms (medians, {} threads)",
+        median(forward),
+        median(backward),
+        median(optimizer),
+        median(eval),
         rayon::current_num_threads()
     );
     Ok(())

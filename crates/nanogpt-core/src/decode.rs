@@ -280,7 +280,7 @@ mod tests {
     fn recomputed(args: &ModelArgs, layout: &ParamLayout, params: &[f32], tokens: &[u32]) -> Vec<f32> {
         let mut acts = Activations::new(args, 1, tokens.len());
         train_step::forward(args, layout, params, &mut acts, tokens, None);
-        acts.logits()[(tokens.len() - 1) * args.vocab_size..].to_vec()
+        acts.last_logits(args.vocab_size).to_vec()
     }
 
     #[test]

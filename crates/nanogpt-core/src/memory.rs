@@ -47,7 +47,7 @@ pub fn training(args: &ModelArgs, batch_size: usize) -> MemoryEstimate {
     let params = parameter_count(args);
     let sizes = train_step::activation_sizes(args, batch_size, args.block_size);
     let activations = F32 * (sizes.forward as u64 + sizes.backward as u64 + attention_scratch(args)) + RUNTIME;
-    estimate(2 * F32 * params, F32 * params, 2 * F32 * params, activations)
+    estimate(2 * F32 * params, F32 * (params + sizes.shard_gradients as u64), 2 * F32 * params, activations)
 }
 
 /// Sampling `batch_size` sequences on the CPU decoder: its KV cache for the whole block and its

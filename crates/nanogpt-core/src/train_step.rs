@@ -8,6 +8,7 @@
 use std::ops::Range;
 
 use candle_core::Result;
+use rayon::prelude::*;
 
 use crate::kernels::dropout::{DropoutKey, Mask, Site};
 use crate::kernels::{attention, cross_entropy, embedding, gelu, layernorm, matmul};
@@ -126,27 +127,45 @@ struct LayerActivations {
     residual_3: Vec<f32>,
 }
 
-/// Everything a (B, T) step writes besides parameters and their gradients, allocated once per shape.
-pub struct Activations {
-    b: usize,
-    t: usize,
+/// The activations of a run of whole batch rows, `first_row` onwards: everything a step writes
+/// for them besides parameters and gradients.
+struct Shard {
+    first_row: usize,
+    rows: usize,
     /// The embedding output: the first layer's input.
     encoded: Vec<f32>,
     layers: Vec<LayerActivations>,
     ln_f: Vec<f32>,
     ln_f_mean: Vec<f32>,
     ln_f_rstd: Vec<f32>,
-    /// (B, T, V): the logits, overwritten by their gradient in training.
+    /// (rows, T, V): the logits, overwritten by their gradient in training.
     logits: Vec<f32>,
     /// The gradient of the residual stream, carried down through the layers.
     dresidual: Vec<f32>,
-    /// (B, T, C) scratch: a dropped-out projection in the forward pass, a LayerNorm output's
+    /// (rows, T, C) scratch: a dropped-out projection in the forward pass, a LayerNorm output's
     /// gradient or a projection's gradient in the backward pass.
     scratch: Vec<f32>,
-    /// (B, T, C): the gradient of the attention's merged heads.
+    /// (rows, T, C): the gradient of the attention's merged heads.
     datty: Vec<f32>,
     dqkv: Vec<f32>,
     dfch: Vec<f32>,
+}
+
+/// Everything a (B, T) step writes besides parameters and their gradients, allocated once per shape.
+///
+/// The batch is split into shards of whole rows, one per thread: each thread runs its rows through
+/// the whole forward and backward pass on its own, with no synchronisation until its parameter
+/// gradients are added to the others' at the end. At small widths this keeps both cores of a
+/// two-core machine busy where splitting every matrix product between them does not (each product
+/// is too short to amortise handing work over). The shards after the first write their parameter
+/// gradients to buffers of their own, so sharding costs one gradient buffer per extra thread;
+/// [`shard_count`] keeps that within what the activations take.
+pub struct Activations {
+    b: usize,
+    t: usize,
+    shards: Vec<Shard>,
+    /// The parameter gradients of shards 1.., allocated by the first backward pass.
+    shard_grads: Vec<Vec<f32>>,
 }
 
 /// f32 elements of each activation buffer for (B, T), by purpose, from which both the allocation
@@ -156,20 +175,36 @@ pub struct ActivationSizes {
     pub forward: usize,
     /// Gradient buffers of the backward pass.
     pub backward: usize,
+    /// The parameter gradients of the shards after the first (see [`Activations`]).
+    pub shard_gradients: usize,
 }
 
-pub fn activation_sizes(args: &ModelArgs, b: usize, t: usize) -> ActivationSizes {
+fn row_sizes(args: &ModelArgs, b: usize, t: usize) -> (usize, usize) {
     let (n, c) = (b * t, args.n_embd);
     // ln_1 + qkv + atty + residual_2 + ln_2 + fch + fch_gelu + residual_3, and four row statistics.
     let layer = n * (c + 3 * c + c + c + c + 4 * c + 4 * c + c) + 4 * n;
     let forward = n * c + args.n_layer * layer + n * c + 2 * n + n * args.vocab_size;
     let backward = n * c * 3 + n * 3 * c + n * 4 * c;
-    ActivationSizes { forward, backward }
+    (forward, backward)
 }
 
-impl Activations {
-    pub fn new(args: &ModelArgs, b: usize, t: usize) -> Self {
-        let (n, c) = (b * t, args.n_embd);
+/// How many shards a (B, T) batch runs as: one per thread, at most one per batch row, and no more
+/// than keep the extra gradient buffers within the size of the activations.
+pub fn shard_count(args: &ModelArgs, b: usize, t: usize) -> usize {
+    let (forward, backward) = row_sizes(args, b, t);
+    let params = ParamLayout::new(args).len.max(1);
+    rayon::current_num_threads().min(b).min(1 + (forward + backward) / params).max(1)
+}
+
+pub fn activation_sizes(args: &ModelArgs, b: usize, t: usize) -> ActivationSizes {
+    let (forward, backward) = row_sizes(args, b, t);
+    let shard_gradients = (shard_count(args, b, t) - 1) * ParamLayout::new(args).len;
+    ActivationSizes { forward, backward, shard_gradients }
+}
+
+impl Shard {
+    fn new(args: &ModelArgs, first_row: usize, rows: usize, t: usize) -> Self {
+        let (n, c) = (rows * t, args.n_embd);
         let z = |len: usize| vec![0f32; len];
         let layers = (0..args.n_layer)
             .map(|_| LayerActivations {
@@ -188,8 +223,8 @@ impl Activations {
             })
             .collect();
         Self {
-            b,
-            t,
+            first_row,
+            rows,
             encoded: z(n * c),
             layers,
             ln_f: z(n * c),
@@ -203,20 +238,44 @@ impl Activations {
             dfch: z(n * 4 * c),
         }
     }
+}
+
+impl Activations {
+    pub fn new(args: &ModelArgs, b: usize, t: usize) -> Self {
+        let count = shard_count(args, b, t);
+        let shards = (0..count)
+            .map(|s| {
+                let first_row = s * b / count;
+                Shard::new(args, first_row, (s + 1) * b / count - first_row, t)
+            })
+            .collect();
+        Self { b, t, shards, shard_grads: Vec::new() }
+    }
 
     pub fn shape(&self) -> (usize, usize) {
         (self.b, self.t)
     }
 
-    /// (B, T, V): the logits of the last forward pass.
-    pub fn logits(&self) -> &[f32] {
-        &self.logits
+    /// The logits of the last position of the last batch row, from the last forward pass.
+    pub fn last_logits(&self, v: usize) -> &[f32] {
+        let logits = &self.shards.last().expect("at least one shard").logits;
+        &logits[logits.len() - v..]
+    }
+
+    /// Runs `f` on every shard, in parallel when there are several. With one, `f` runs on the calling
+    /// thread, and the kernels split their own work between threads instead.
+    fn for_each_shard<R: Send>(&mut self, f: impl Fn(&mut Shard) -> R + Sync + Send) -> Vec<R> {
+        match self.shards.as_mut_slice() {
+            [only] => vec![f(only)],
+            shards => shards.par_iter_mut().map(f).collect(),
+        }
     }
 }
 
-/// The dropout mask of `site` when training with dropout.
-fn mask(dropout: Option<(DropoutKey, f32)>, site: Site) -> Option<Mask> {
-    dropout.map(|(key, p)| Mask::new(key, site, p))
+/// The dropout mask of `site` when training with dropout, for a buffer whose first element is
+/// element `offset` of the site's whole-batch tensor.
+fn mask(dropout: Option<(DropoutKey, f32)>, site: Site, offset: usize) -> Option<Mask> {
+    dropout.map(|(key, p)| Mask::new(key, site, p).starting_at(offset))
 }
 
 /// `out = residual + dropout(inp Wᵀ + b)`: the residual add fused into the matmul when nothing is dropped.
@@ -255,53 +314,8 @@ pub fn forward(
     tokens: &[u32],
     dropout: Option<(DropoutKey, f32)>,
 ) {
-    let (b, t) = acts.shape();
-    let (n, c, nh, v) = (b * t, args.n_embd, args.n_head, args.vocab_size);
-    let tanh = args.gelu == Gelu::Tanh;
-    let p = |r: &Range<usize>| &params[r.clone()];
-    embedding::forward(&mut acts.encoded, tokens, p(&layout.wte), p(&layout.wpe), t, c, mask(dropout, Site::Embedding));
-    for (l, lp) in layout.layers.iter().enumerate() {
-        let (before, rest) = acts.layers.split_at_mut(l);
-        let residual = before.last().map_or(&acts.encoded, |prev| &prev.residual_3);
-        let a = &mut rest[0];
-        let (w, bias) = lp.ln_1.get(params);
-        layernorm::forward(&mut a.ln_1, &mut a.ln_1_mean, &mut a.ln_1_rstd, residual, w, bias);
-        let (w, bias) = lp.c_attn.get(params);
-        matmul::forward(&mut a.qkv, &a.ln_1, w, bias, n, c, 3 * c, false);
-        attention::forward(&mut a.atty, &a.qkv, t, c, nh, mask(dropout, Site::Attention(l)));
-        residual_linear(
-            &mut a.residual_2,
-            &mut acts.scratch,
-            residual,
-            &a.atty,
-            lp.attn_proj.get(params),
-            n,
-            c,
-            c,
-            mask(dropout, Site::AttentionResidual(l)),
-        );
-        let (w, bias) = lp.ln_2.get(params);
-        layernorm::forward(&mut a.ln_2, &mut a.ln_2_mean, &mut a.ln_2_rstd, &a.residual_2, w, bias);
-        let (w, bias) = lp.c_fc.get(params);
-        matmul::forward(&mut a.fch, &a.ln_2, w, bias, n, c, 4 * c, false);
-        gelu::forward(&mut a.fch_gelu, &a.fch, tanh);
-        residual_linear(
-            &mut a.residual_3,
-            &mut acts.scratch,
-            &a.residual_2,
-            &a.fch_gelu,
-            lp.mlp_proj.get(params),
-            n,
-            4 * c,
-            c,
-            mask(dropout, Site::MlpResidual(l)),
-        );
-    }
-    let residual = acts.layers.last().map_or(&acts.encoded, |a| &a.residual_3);
-    let (w, bias) = layout.ln_f.get(params);
-    layernorm::forward(&mut acts.ln_f, &mut acts.ln_f_mean, &mut acts.ln_f_rstd, residual, w, bias);
-    // The output layer is the token embedding (weight tying).
-    matmul::forward(&mut acts.logits, &acts.ln_f, p(&layout.wte), None, n, c, v, false);
+    let t = acts.t;
+    acts.for_each_shard(|shard| shard.forward(args, layout, params, &tokens[shard.first_row * t..][..shard.rows * t], t, dropout));
 }
 
 /// Mean loss over the counted targets; with `grad_scale`, the logits become the gradient of
@@ -312,8 +326,11 @@ pub fn loss(args: &ModelArgs, acts: &mut Activations, targets: &[i32], grad_scal
         candle_core::bail!("every target is -1 (ignored): there is nothing to compute a loss on");
     }
     let row_scale = grad_scale.map(|s| (s / counted as f64) as f32);
-    let total = cross_entropy::forward(&mut acts.logits, targets, args.vocab_size, row_scale);
-    Ok((total / counted as f64) as f32)
+    let t = acts.t;
+    let totals = acts.for_each_shard(|shard| {
+        cross_entropy::forward(&mut shard.logits, &targets[shard.first_row * t..][..shard.rows * t], args.vocab_size, row_scale)
+    });
+    Ok((totals.iter().sum::<f64>() / counted as f64) as f32)
 }
 
 /// The backward pass from the logits' gradient (left in `acts` by [`loss`]) to the parameter
@@ -329,54 +346,175 @@ pub fn backward(
     dropout: Option<(DropoutKey, f32)>,
     accumulate: bool,
 ) {
-    let (b, t) = acts.shape();
-    let (n, c, nh, v) = (b * t, args.n_embd, args.n_head, args.vocab_size);
-    let tanh = args.gelu == Gelu::Tanh;
-    let Activations { encoded, layers, ln_f, ln_f_mean, ln_f_rstd, logits, dresidual, scratch, datty, dqkv, dfch, .. } = acts;
+    let t = acts.t;
+    let tokens_of = |shard: &Shard| &tokens[shard.first_row * t..][..shard.rows * t];
+    let (first, rest) = acts.shards.split_first_mut().expect("at least one shard");
+    if rest.is_empty() {
+        return first.backward(args, layout, params, grads, tokens_of(first), t, dropout, accumulate);
+    }
+    acts.shard_grads.resize_with(rest.len(), || vec![0f32; layout.len]);
+    rayon::join(
+        || first.backward(args, layout, params, grads, tokens_of(first), t, dropout, accumulate),
+        || {
+            rest.par_iter_mut()
+                .zip(acts.shard_grads.par_iter_mut())
+                .for_each(|(shard, own)| shard.backward(args, layout, params, own, tokens_of(shard), t, dropout, false))
+        },
+    );
+    let others = &acts.shard_grads;
+    grads.par_chunks_mut(BLOCK).enumerate().for_each(|(i, g)| {
+        for other in others {
+            g.iter_mut().zip(&other[i * BLOCK..]).for_each(|(g, o)| *g += o);
+        }
+    });
+}
 
-    matmul::backward(Some(scratch), &mut grads[layout.wte.clone()], None, logits, ln_f, &params[layout.wte.clone()], n, c, v, accumulate);
-    let last = layers.last().map_or(&*encoded, |a| &a.residual_3);
-    let (dw, db) = layout.ln_f.get_mut(grads);
-    layernorm::backward(dresidual, dw, db, scratch, last, ln_f_mean, ln_f_rstd, layout.ln_f.get(params).0, false, accumulate);
+/// Elements per parallel task of the gradient sum.
+const BLOCK: usize = 1 << 14;
 
-    for (l, lp) in layout.layers.iter().enumerate().rev() {
-        let residual = if l == 0 { &*encoded } else { &layers[l - 1].residual_3 };
-        let a = &layers[l];
-        // MLP block: residual_3 = residual_2 + dropout(gelu(ln_2 W_fcᵀ) W_projᵀ).
-        let dproj: &[f32] = match mask(dropout, Site::MlpResidual(l)) {
-            Some(m) => {
-                scratch.copy_from_slice(dresidual);
-                m.apply(scratch, 0);
-                scratch
-            }
-            None => dresidual,
-        };
-        let (dw, db) = lp.mlp_proj.get_mut(grads);
-        matmul::backward(Some(dfch), dw, db, dproj, &a.fch_gelu, lp.mlp_proj.get(params).0, n, 4 * c, c, accumulate);
-        gelu::backward(dfch, &a.fch, tanh);
-        let (dw, db) = lp.c_fc.get_mut(grads);
-        matmul::backward(Some(scratch), dw, db, dfch, &a.ln_2, lp.c_fc.get(params).0, n, c, 4 * c, accumulate);
-        let (dw, db) = lp.ln_2.get_mut(grads);
-        layernorm::backward(dresidual, dw, db, scratch, &a.residual_2, &a.ln_2_mean, &a.ln_2_rstd, lp.ln_2.get(params).0, true, accumulate);
-
-        // Attention block: residual_2 = residual + dropout(attention(ln_1 W_attnᵀ) W_projᵀ).
-        let dproj: &[f32] = match mask(dropout, Site::AttentionResidual(l)) {
-            Some(m) => {
-                scratch.copy_from_slice(dresidual);
-                m.apply(scratch, 0);
-                scratch
-            }
-            None => dresidual,
-        };
-        let (dw, db) = lp.attn_proj.get_mut(grads);
-        matmul::backward(Some(datty), dw, db, dproj, &a.atty, lp.attn_proj.get(params).0, n, c, c, accumulate);
-        attention::backward(dqkv, datty, &a.qkv, t, c, nh, mask(dropout, Site::Attention(l)));
-        let (dw, db) = lp.c_attn.get_mut(grads);
-        matmul::backward(Some(scratch), dw, db, dqkv, &a.ln_1, lp.c_attn.get(params).0, n, c, 3 * c, accumulate);
-        let (dw, db) = lp.ln_1.get_mut(grads);
-        layernorm::backward(dresidual, dw, db, scratch, residual, &a.ln_1_mean, &a.ln_1_rstd, lp.ln_1.get(params).0, true, accumulate);
+impl Shard {
+    fn forward(
+        &mut self,
+        args: &ModelArgs,
+        layout: &ParamLayout,
+        params: &[f32],
+        tokens: &[u32],
+        t: usize,
+        dropout: Option<(DropoutKey, f32)>,
+    ) {
+        let (n, c, nh, v) = (self.rows * t, args.n_embd, args.n_head, args.vocab_size);
+        let tanh = args.gelu == Gelu::Tanh;
+        let p = |r: &Range<usize>| &params[r.clone()];
+        // Offsets of this shard's first element in the whole batch's (B, T, C) and (B, NH, T, T) tensors.
+        let (rows_at, scores_at) = (self.first_row * t * c, self.first_row * nh * t * t);
+        embedding::forward(&mut self.encoded, tokens, p(&layout.wte), p(&layout.wpe), t, c, mask(dropout, Site::Embedding, rows_at));
+        for (l, lp) in layout.layers.iter().enumerate() {
+            let (before, rest) = self.layers.split_at_mut(l);
+            let residual = before.last().map_or(&self.encoded, |prev| &prev.residual_3);
+            let a = &mut rest[0];
+            let (w, bias) = lp.ln_1.get(params);
+            layernorm::forward(&mut a.ln_1, &mut a.ln_1_mean, &mut a.ln_1_rstd, residual, w, bias);
+            let (w, bias) = lp.c_attn.get(params);
+            matmul::forward(&mut a.qkv, &a.ln_1, w, bias, n, c, 3 * c, false);
+            attention::forward(&mut a.atty, &a.qkv, t, c, nh, mask(dropout, Site::Attention(l), scores_at));
+            residual_linear(
+                &mut a.residual_2,
+                &mut self.scratch,
+                residual,
+                &a.atty,
+                lp.attn_proj.get(params),
+                n,
+                c,
+                c,
+                mask(dropout, Site::AttentionResidual(l), rows_at),
+            );
+            let (w, bias) = lp.ln_2.get(params);
+            layernorm::forward(&mut a.ln_2, &mut a.ln_2_mean, &mut a.ln_2_rstd, &a.residual_2, w, bias);
+            let (w, bias) = lp.c_fc.get(params);
+            matmul::forward(&mut a.fch, &a.ln_2, w, bias, n, c, 4 * c, false);
+            gelu::forward(&mut a.fch_gelu, &a.fch, tanh);
+            residual_linear(
+                &mut a.residual_3,
+                &mut self.scratch,
+                &a.residual_2,
+                &a.fch_gelu,
+                lp.mlp_proj.get(params),
+                n,
+                4 * c,
+                c,
+                mask(dropout, Site::MlpResidual(l), rows_at),
+            );
+        }
+        let residual = self.layers.last().map_or(&self.encoded, |a| &a.residual_3);
+        let (w, bias) = layout.ln_f.get(params);
+        layernorm::forward(&mut self.ln_f, &mut self.ln_f_mean, &mut self.ln_f_rstd, residual, w, bias);
+        // The output layer is the token embedding (weight tying).
+        matmul::forward(&mut self.logits, &self.ln_f, p(&layout.wte), None, n, c, v, false);
     }
 
-    let (dwte, dwpe) = grads[layout.wte.start..layout.wpe.end].split_at_mut(layout.wte.len());
-    embedding::backward(dwte, dwpe, dresidual, tokens, t, c, mask(dropout, Site::Embedding), accumulate);
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &mut self,
+        args: &ModelArgs,
+        layout: &ParamLayout,
+        params: &[f32],
+        grads: &mut [f32],
+        tokens: &[u32],
+        t: usize,
+        dropout: Option<(DropoutKey, f32)>,
+        accumulate: bool,
+    ) {
+        let (n, c, nh, v) = (self.rows * t, args.n_embd, args.n_head, args.vocab_size);
+        let tanh = args.gelu == Gelu::Tanh;
+        let (rows_at, scores_at) = (self.first_row * t * c, self.first_row * nh * t * t);
+        let Shard { encoded, layers, ln_f, ln_f_mean, ln_f_rstd, logits, dresidual, scratch, datty, dqkv, dfch, .. } = self;
+
+        matmul::backward(
+            Some(scratch),
+            &mut grads[layout.wte.clone()],
+            None,
+            logits,
+            ln_f,
+            &params[layout.wte.clone()],
+            n,
+            c,
+            v,
+            accumulate,
+        );
+        let last = layers.last().map_or(&*encoded, |a| &a.residual_3);
+        let (dw, db) = layout.ln_f.get_mut(grads);
+        layernorm::backward(dresidual, dw, db, scratch, last, ln_f_mean, ln_f_rstd, layout.ln_f.get(params).0, false, accumulate);
+
+        for (l, lp) in layout.layers.iter().enumerate().rev() {
+            let residual = if l == 0 { &*encoded } else { &layers[l - 1].residual_3 };
+            let a = &layers[l];
+            // MLP block: residual_3 = residual_2 + dropout(gelu(ln_2 W_fcᵀ) W_projᵀ).
+            let dproj: &[f32] = match mask(dropout, Site::MlpResidual(l), rows_at) {
+                Some(m) => {
+                    scratch.copy_from_slice(dresidual);
+                    m.apply(scratch, 0);
+                    scratch
+                }
+                None => dresidual,
+            };
+            let (dw, db) = lp.mlp_proj.get_mut(grads);
+            matmul::backward(Some(dfch), dw, db, dproj, &a.fch_gelu, lp.mlp_proj.get(params).0, n, 4 * c, c, accumulate);
+            gelu::backward(dfch, &a.fch, tanh);
+            let (dw, db) = lp.c_fc.get_mut(grads);
+            matmul::backward(Some(scratch), dw, db, dfch, &a.ln_2, lp.c_fc.get(params).0, n, c, 4 * c, accumulate);
+            let (dw, db) = lp.ln_2.get_mut(grads);
+            layernorm::backward(
+                dresidual,
+                dw,
+                db,
+                scratch,
+                &a.residual_2,
+                &a.ln_2_mean,
+                &a.ln_2_rstd,
+                lp.ln_2.get(params).0,
+                true,
+                accumulate,
+            );
+
+            // Attention block: residual_2 = residual + dropout(attention(ln_1 W_attnᵀ) W_projᵀ).
+            let dproj: &[f32] = match mask(dropout, Site::AttentionResidual(l), rows_at) {
+                Some(m) => {
+                    scratch.copy_from_slice(dresidual);
+                    m.apply(scratch, 0);
+                    scratch
+                }
+                None => dresidual,
+            };
+            let (dw, db) = lp.attn_proj.get_mut(grads);
+            matmul::backward(Some(datty), dw, db, dproj, &a.atty, lp.attn_proj.get(params).0, n, c, c, accumulate);
+            attention::backward(dqkv, datty, &a.qkv, t, c, nh, mask(dropout, Site::Attention(l), scores_at));
+            let (dw, db) = lp.c_attn.get_mut(grads);
+            matmul::backward(Some(scratch), dw, db, dqkv, &a.ln_1, lp.c_attn.get(params).0, n, c, 3 * c, accumulate);
+            let (dw, db) = lp.ln_1.get_mut(grads);
+            layernorm::backward(dresidual, dw, db, scratch, residual, &a.ln_1_mean, &a.ln_1_rstd, lp.ln_1.get(params).0, true, accumulate);
+        }
+
+        let (dwte, dwpe) = grads[layout.wte.start..layout.wpe.end].split_at_mut(layout.wte.len());
+        embedding::backward(dwte, dwpe, dresidual, tokens, t, c, mask(dropout, Site::Embedding, rows_at), accumulate);
+    }
 }

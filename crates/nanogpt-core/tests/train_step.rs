@@ -172,6 +172,38 @@ fn accumulating_two_micro_steps_adds_their_gradients() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn batch_shards_on_several_threads_give_the_one_thread_step() -> Result<()> {
+    let args = args(true, 0.2, Gelu::Erf);
+    let model = Gpt::new(&args, 6, &Device::Cpu)?;
+    let (layout, params) = flat_params(&model)?;
+    let (x, y) = batch(&args, 5, 8, 4);
+    let key = DropoutKey { seed: 2, step: 3 };
+    let on_threads = |threads: usize, accumulate: bool, grads: &mut Vec<f32>| -> Result<(usize, f32)> {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("a thread pool");
+        pool.install(|| {
+            Ok((train_step::shard_count(&args, 5, 8), flat_step(&args, &layout, &params, &x, &y, 5, key, Some((grads, accumulate)))?))
+        })
+    };
+    let (mut one, mut three) = (vec![f32::NAN; layout.len], vec![f32::NAN; layout.len]);
+    let (shards, loss) = on_threads(1, false, &mut one)?;
+    assert_eq!(shards, 1);
+    // Three shards of 5 rows: 1, 2 and 2 rows; twice, the second adding to the first.
+    let (shards, sharded_loss) = on_threads(3, false, &mut three)?;
+    assert_eq!(shards, 3);
+    assert!((loss - sharded_loss).abs() < 1e-6, "loss {loss} vs {sharded_loss}");
+    for (tensor, (a, b)) in layout.tensors.iter().map(|t| (t, (&one[t.range.clone()], &three[t.range.clone()]))) {
+        let diff = a.iter().zip(b).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(diff <= 1e-6 * (1.0 + a.iter().fold(0f32, |m, v| m.max(v.abs()))), "{}: sharded gradients differ by {diff}", tensor.name);
+    }
+    on_threads(3, true, &mut three)?;
+    assert!(
+        one.iter().zip(&three).all(|(a, b)| (2.0 * a - b).abs() <= 1e-5 * (1.0 + b.abs())),
+        "accumulated sharded gradients are not twice one step's"
+    );
+    Ok(())
+}
+
 /// PyTorch's AdamW for one element, in f64, written out from its documentation.
 #[allow(clippy::too_many_arguments)]
 fn adamw_by_hand(p: f64, g: f64, m: f64, v: f64, t: i32, lr: f64, wd: f64, (b1, b2): (f64, f64)) -> (f64, f64, f64) {

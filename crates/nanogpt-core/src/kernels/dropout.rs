@@ -47,6 +47,8 @@ impl Site {
 #[derive(Clone, Copy, Debug)]
 pub struct Mask {
     stream: u64,
+    /// The index, in the site's whole tensor, of element 0 of the buffers this mask is applied to.
+    base: usize,
     threshold: u32,
     keep_scale: f32,
 }
@@ -56,12 +58,18 @@ impl Mask {
         let stream = mix(mix(key.seed ^ key.step.wrapping_mul(GOLDEN)) ^ site.id().wrapping_mul(GOLDEN));
         // Elements draw a uniform 24-bit integer u and are dropped when u / 2^24 < p.
         let threshold = (p as f64 * (1u64 << 24) as f64).ceil() as u32;
-        Self { stream, threshold, keep_scale: 1.0 / (1.0 - p) }
+        Self { stream, base: 0, threshold, keep_scale: 1.0 / (1.0 - p) }
+    }
+
+    /// The same decisions, for buffers that hold the site's tensor from element `base` on (one shard's rows).
+    pub fn starting_at(self, base: usize) -> Self {
+        Self { base: self.base + base, ..self }
     }
 
     /// 1/(1-p) where element `i` is kept, 0 where it is dropped.
     #[inline(always)]
     pub fn scale(&self, i: usize) -> f32 {
+        let i = self.base + i;
         let u = (mix(self.stream ^ (i as u64).wrapping_mul(GOLDEN)) >> 40) as u32;
         if u < self.threshold {
             0.0

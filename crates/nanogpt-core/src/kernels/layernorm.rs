@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use super::sum;
+use super::{madd, sum};
 
 pub const EPS: f32 = 1e-5;
 
@@ -32,9 +32,10 @@ pub fn forward(out: &mut [f32], mean: &mut [f32], rstd: &mut [f32], inp: &[f32],
     out.par_chunks_mut(c).zip(inp.par_chunks(c)).zip(mean.par_iter_mut().zip(rstd.par_iter_mut())).for_each(|((y, x), (m, r))| {
         let (mu, rs) = row_stats(x);
         (*m, *r) = (mu, rs);
+        let normed = x.iter().zip(weight).map(|(x, w)| (x - mu) * rs * w);
         match bias {
-            Some(b) => (0..c).for_each(|i| y[i] = (x[i] - mu) * rs * weight[i] + b[i]),
-            None => (0..c).for_each(|i| y[i] = (x[i] - mu) * rs * weight[i]),
+            Some(b) => y.iter_mut().zip(normed.zip(b)).for_each(|(y, (n, b))| *y = n + b),
+            None => y.iter_mut().zip(normed).for_each(|(y, n)| *y = n),
         }
     });
 }
@@ -62,18 +63,27 @@ pub fn backward(
     );
     dinp.par_chunks_mut(c).zip(dout.par_chunks(c).zip(inp.par_chunks(c))).zip(mean.par_iter().zip(rstd.par_iter())).for_each(
         |((dx, (dy, x)), (&mu, &rs))| {
-            let (mut dnorm_mean, mut dnorm_norm_mean) = (0f32, 0f32);
-            for i in 0..c {
-                let dnorm = weight[i] * dy[i];
-                dnorm_mean += dnorm;
-                dnorm_norm_mean += dnorm * (x[i] - mu) * rs;
+            // Means over the row of dnorm = weight * dy and of dnorm * (x - mean), in eight lanes each so
+            // that the sums vectorise (see `kernels::dot`).
+            let (mut dnorm_sum, mut dnorm_centred_sum) = ([0f32; 8], [0f32; 8]);
+            for ((w, dy), x) in weight.chunks_exact(8).zip(dy.chunks_exact(8)).zip(x.chunks_exact(8)) {
+                for k in 0..8 {
+                    let dnorm = w[k] * dy[k];
+                    dnorm_sum[k] += dnorm;
+                    dnorm_centred_sum[k] = madd(dnorm, x[k] - mu, dnorm_centred_sum[k]);
+                }
             }
-            dnorm_mean /= c as f32;
-            dnorm_norm_mean /= c as f32;
-            for i in 0..c {
-                let norm = (x[i] - mu) * rs;
-                let g = (weight[i] * dy[i] - dnorm_mean - norm * dnorm_norm_mean) * rs;
-                dx[i] = if add_to_dinp { dx[i] + g } else { g };
+            for ((w, dy), x) in weight.iter().zip(dy).zip(x).skip(c / 8 * 8) {
+                dnorm_sum[0] += w * dy;
+                dnorm_centred_sum[0] += w * dy * (x - mu);
+            }
+            let dnorm_mean = dnorm_sum.iter().sum::<f32>() / c as f32;
+            let dnorm_norm_mean = dnorm_centred_sum.iter().sum::<f32>() * rs / c as f32;
+            let grads = weight.iter().zip(dy).zip(x).map(|((w, dy), x)| (madd(-(x - mu) * rs, dnorm_norm_mean, w * dy) - dnorm_mean) * rs);
+            if add_to_dinp {
+                dx.iter_mut().zip(grads).for_each(|(d, g)| *d += g);
+            } else {
+                dx.iter_mut().zip(grads).for_each(|(d, g)| *d = g);
             }
         },
     );
@@ -82,7 +92,7 @@ pub fn backward(
         dweight.fill(0.0);
     }
     for ((dy, x), (&mu, &rs)) in dout.chunks_exact(c).zip(inp.chunks_exact(c)).zip(mean.iter().zip(rstd)) {
-        (0..c).for_each(|i| dweight[i] += (x[i] - mu) * rs * dy[i]);
+        dweight.iter_mut().zip(x.iter().zip(dy)).for_each(|(d, (x, dy))| *d = madd((x - mu) * rs, *dy, *d));
     }
     if let Some(dbias) = dbias {
         if !accumulate {

@@ -43,6 +43,17 @@ pub(crate) fn sum(a: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// a * b + c, fused where the target has FMA: Rust never contracts `a * b + c` on its own, and a
+/// polynomial of separate multiplies and adds is a chain of twice the latency. Without FMA (WebAssembly)
+/// `mul_add` would be a libm call per element, so it stays two operations there.
+#[inline(always)]
+pub(crate) fn madd(a: f32, b: f32, c: f32) -> f32 {
+    #[cfg(target_feature = "fma")]
+    return a.mul_add(b, c);
+    #[cfg(not(target_feature = "fma"))]
+    return a * b + c;
+}
+
 /// e^x to about 2e-7 relative error, branch-free so that loops over it vectorise
 /// (libm's `expf` is a call per element).
 #[inline(always)]
@@ -52,12 +63,16 @@ pub(crate) fn exp(x: f32) -> f32 {
     const LN2_LO: f32 = 1.428_606_8e-6;
     const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding and subtracting it rounds to an integer
     let x = x.clamp(-87.0, 88.0);
-    let shifted = x * LOG2E + ROUND;
+    let shifted = madd(x, LOG2E, ROUND);
     let n = shifted - ROUND;
     // The low mantissa bits of `shifted` hold n as an integer: 2^n without a float-to-int conversion.
     let n_int = shifted.to_bits().wrapping_sub(ROUND.to_bits());
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
+    let r = madd(-n, LN2_LO, madd(-n, LN2_HI, x));
+    // Taylor terms to r^7 / 7!, by Horner's rule.
+    let mut p = 1.0 / 5040.0;
+    for coefficient in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = madd(p, r, coefficient);
+    }
     p * f32::from_bits(n_int.wrapping_add(127) << 23)
 }
 
@@ -72,10 +87,11 @@ pub(crate) fn store(dst: &mut [f32], src: &[f32], accumulate: bool) {
 }
 
 /// gemm's threading for a product of `flops` multiply-adds: below about a million, handing work to
-/// other threads costs more than it saves.
+/// other threads costs more than it saves; and on a thread of the pool, the caller already split its
+/// work between threads (batch shards, attention heads), so the product stays on that thread.
 pub(crate) fn parallelism(flops: usize) -> gemm::Parallelism {
     match rayon::current_num_threads() {
-        n if n > 1 && flops >= 1 << 20 => gemm::Parallelism::Rayon(n),
+        n if n > 1 && flops >= 1 << 20 && rayon::current_thread_index().is_none() => gemm::Parallelism::Rayon(n),
         _ => gemm::Parallelism::None,
     }
 }
