@@ -6,8 +6,8 @@ use nanogpt_core::files;
 use nanogpt_core::sample::SampleArgs;
 use nanogpt_core::torch_checkpoint::CheckpointInfo;
 use nanogpt_core::{memory, Engine, LrSchedule, ModelArgs, OptimizerArgs};
-use napi::bindgen_prelude::{Int32Array, Uint32Array, Uint8Array};
-use napi::{Error, Result};
+use napi::bindgen_prelude::{Function, Int32Array, JsObjectValue, Uint32Array, Uint8Array, Unknown};
+use napi::{Env, Error, Result, JSON};
 use napi_derive::napi;
 use serde_json::Value;
 
@@ -19,19 +19,14 @@ fn from_js<T: serde::de::DeserializeOwned>(value: Value, what: &str) -> Result<T
     serde_json::from_value(value).map_err(|e| js_error(format!("invalid {what}: {e}")))
 }
 
-fn to_js(value: &impl serde::Serialize) -> Result<Value> {
-    Ok(js_numbers(serde_json::to_value(value).map_err(js_error)?))
-}
-
-/// Integers as f64, the type of every JavaScript number: napi would make a BigInt of one above
-/// u32::MAX (a byte count of a few GiB).
-fn js_numbers(value: Value) -> Value {
-    match value {
-        Value::Number(n) => n.as_f64().map_or(Value::Number(n), Value::from),
-        Value::Array(items) => Value::Array(items.into_iter().map(js_numbers).collect()),
-        Value::Object(fields) => Value::Object(fields.into_iter().map(|(k, v)| (k, js_numbers(v))).collect()),
-        other => other,
-    }
+/// The JavaScript object of `value`, as `JSON.parse` makes it from serde's JSON: struct fields in
+/// their order, every number an f64. (napi's own serializer would make a BigInt of an integer above
+/// u32::MAX, such as a byte count of a few GiB; a `serde_json::Value` would sort the fields.)
+fn to_js<'env>(env: &'env Env, value: &impl serde::Serialize) -> Result<Unknown<'env>> {
+    let text = serde_json::to_string(value).map_err(js_error)?;
+    let json: JSON = env.get_global()?.get_named_property_unchecked("JSON")?;
+    let parse: Function<String, Unknown> = json.get_named_property_unchecked("parse")?;
+    parse.call(text)
 }
 
 #[napi]
@@ -67,8 +62,8 @@ impl Gpt {
     }
 
     #[napi]
-    pub fn model_args(&self) -> Result<Value> {
-        to_js(self.engine.model_args())
+    pub fn model_args<'env>(&self, env: &'env Env) -> Result<Unknown<'env>> {
+        to_js(env, self.engine.model_args())
     }
 
     #[napi]
@@ -82,9 +77,9 @@ impl Gpt {
     }
 
     #[napi]
-    pub fn configure_optimizer(&mut self, optimizer_args: Value) -> Result<Value> {
+    pub fn configure_optimizer<'env>(&mut self, env: &'env Env, optimizer_args: Value) -> Result<Unknown<'env>> {
         let args: OptimizerArgs = from_js(optimizer_args, "optimizer arguments")?;
-        to_js(&self.engine.configure_optimizer(&args).map_err(js_error)?)
+        to_js(env, &self.engine.configure_optimizer(&args).map_err(js_error)?)
     }
 
     #[napi]
@@ -99,8 +94,8 @@ impl Gpt {
     }
 
     #[napi]
-    pub fn step(&mut self, lr: f64) -> Result<Value> {
-        to_js(&self.engine.step(lr).map_err(js_error)?)
+    pub fn step<'env>(&mut self, env: &'env Env, lr: f64) -> Result<Unknown<'env>> {
+        to_js(env, &self.engine.step(lr).map_err(js_error)?)
     }
 
     #[napi]
@@ -115,8 +110,8 @@ impl Gpt {
 
     /// The device memory figures, `null` on the CPU.
     #[napi]
-    pub fn memory_stats(&self) -> Result<Value> {
-        to_js(&self.engine.memory_stats().map_err(js_error)?)
+    pub fn memory_stats<'env>(&self, env: &'env Env) -> Result<Unknown<'env>> {
+        to_js(env, &self.engine.memory_stats().map_err(js_error)?)
     }
 
     #[napi]
@@ -126,8 +121,8 @@ impl Gpt {
 
     /// The last step's phase times, `null` when not profiling.
     #[napi]
-    pub fn phase_times(&self) -> Result<Value> {
-        to_js(&self.engine.phase_times())
+    pub fn phase_times<'env>(&self, env: &'env Env) -> Result<Unknown<'env>> {
+        to_js(env, &self.engine.phase_times())
     }
 
     #[napi]
@@ -221,9 +216,9 @@ impl Gpt {
 
 /// The `model_args`, `iter_num`, `best_val_loss` and `config` of nanoGPT's `ckpt.pt` at `path`.
 #[napi]
-pub fn nanogpt_checkpoint_info_file(path: String) -> Result<Value> {
+pub fn nanogpt_checkpoint_info_file(env: &Env, path: String) -> Result<Unknown<'_>> {
     let bytes = files::map(&path).map_err(js_error)?;
-    to_js(&nanogpt_core::engine::nanogpt_checkpoint_info(&bytes).map_err(js_error)?)
+    to_js(env, &nanogpt_core::engine::nanogpt_checkpoint_info(&bytes).map_err(js_error)?)
 }
 
 /// A pickle of plain data (e.g. nanoGPT's `meta.pkl`) as JSON; pickles that would call code are refused.
@@ -240,8 +235,8 @@ pub fn lr_at(iter: f64, schedule: Value) -> Result<f64> {
 
 /// Memory a run with `batch_size` rows needs, by purpose, in bytes (a `MemoryEstimate`).
 #[napi]
-pub fn estimate_memory(model_args: Value, batch_size: u32, training: bool) -> Result<Value> {
+pub fn estimate_memory(env: &Env, model_args: Value, batch_size: u32, training: bool) -> Result<Unknown<'_>> {
     let args: ModelArgs = from_js(model_args, "model_args")?;
     let batch_size = batch_size as usize;
-    to_js(&if training { memory::training(&args, batch_size) } else { memory::sampling(&args, batch_size) })
+    to_js(env, &if training { memory::training(&args, batch_size) } else { memory::sampling(&args, batch_size) })
 }
