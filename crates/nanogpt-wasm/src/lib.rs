@@ -20,7 +20,11 @@ fn js_error(e: impl std::fmt::Display) -> JsError {
 }
 
 fn from_js<T: serde::de::DeserializeOwned>(value: JsValue, what: &str) -> Result<T, JsError> {
-    serde_wasm_bindgen::from_value(value).map_err(|e| js_error(format!("invalid {what}: {e}")))
+    serde_wasm_bindgen::from_value(value).map_err(|e| {
+        // The message alone: the error is a JavaScript Error, whose text starts with "Error: ".
+        let message = String::from(js_sys::Error::from(JsValue::from(e)).message());
+        js_error(format!("invalid {what}: {message}"))
+    })
 }
 
 /// Plain objects, and `null` for None, as the Node.js addon gives them (not Maps and `undefined`).
