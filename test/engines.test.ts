@@ -76,11 +76,11 @@ describe('both engines', () => {
   it("load in a browser's way too: the ES module glue over the same .wasm samples the same tokens", async () => {
     const web = (await import(fileURLToPath(new URL('../wasm/web/nanogpt.js', import.meta.url)))) as {
       initSync(options: { module: Uint8Array }): void;
-      Gpt: { create(argsJson: string, seed: number): { generate(...a: [Uint32Array, number, number, number, number]): Uint32Array } };
+      Gpt: { create(args: ModelArgs, seed: number): { generate(...a: [Uint32Array, number, number, number, number]): Uint32Array } };
     };
     web.initSync({ module: readFileSync(fileURLToPath(new URL('../wasm/nanogpt_bg.wasm', import.meta.url))) });
     const prompt = Uint32Array.from([1, 2, 3]);
-    const fromWeb = web.Gpt.create(JSON.stringify(args), 21).generate(prompt, 20, 0.8, 10, 5);
+    const fromWeb = web.Gpt.create(args, 21).generate(prompt, 20, 0.8, 10, 5);
     expect(Array.from(fromWeb)).toEqual(Array.from(Engine.create(args, 21, 'cpu', 'wasm').generate(prompt, 20, 0.8, 10, 5)));
   });
 

@@ -37,6 +37,9 @@ describe('the packed npm package', () => {
     const installed = join(project, 'node_modules', 'nanogpt-rs');
     expect(existsSync(join(installed, 'dist', 'cli.js'))).toBe(true);
     expect(existsSync(join(installed, 'dist', 'index.d.ts'))).toBe(true);
+    // The engine's types, generated from its Rust structs, that index.d.ts re-exports.
+    expect(existsSync(join(installed, 'dist', 'engine-types.d.ts'))).toBe(true);
+    expect(readFileSync(join(installed, 'dist', 'engine-types.d.ts'), 'utf8')).toContain('export type ModelArgs');
     expect(existsSync(join(installed, 'dist', 'tokenize-worker.js'))).toBe(true);
     expect(existsSync(join(installed, 'wasm', 'nanogpt_bg.wasm'))).toBe(true);
     expect(existsSync(join(installed, 'wasm', 'web', 'nanogpt.js'))).toBe(true);

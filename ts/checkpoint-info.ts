@@ -1,15 +1,9 @@
 // What a checkpoint folder holds, without a file system, so that the browser page writes and reads the same
 // folders as the CLI (checkpoint.ts does the atomic file writes).
-import type { ModelArgs } from './engine.ts';
+import type { CheckpointInfo } from './engine-types.ts';
 import { firstLine, UserError } from './errors.ts';
 
-export interface CheckpointInfo {
-  model_args: ModelArgs;
-  iter_num: number;
-  best_val_loss: number;
-  /** The training config (its `dataset` tells `sample` where the vocabulary is). */
-  config: Record<string, unknown>;
-}
+export type { CheckpointInfo } from './engine-types.ts';
 
 export const checkpointFiles = {
   weights: 'model.safetensors',
@@ -29,6 +23,11 @@ export function parseCheckpointInfo(text: string, path: string): CheckpointInfo 
   } catch (err) {
     throw corruptCheckpoint(path, firstLine(err));
   }
+  return checkCheckpointInfo(info, path);
+}
+
+/** Checks the fields of a checkpoint's info, read from `path`, that training and sampling rely on. */
+export function checkCheckpointInfo(info: CheckpointInfo, path: string): CheckpointInfo {
   const args = info?.model_args;
   const fields = ['n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size'] as const;
   if (typeof args !== 'object' || args === null) throw corruptCheckpoint(path, 'model_args is missing');

@@ -6,7 +6,14 @@
 // An out_dir of nanoGPT's own train.py holds ckpt.pt instead (and no ckpt.json); the engine reads it directly.
 import { existsSync, mkdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { checkpointFiles, checkpointInfoText, corruptCheckpoint, parseCheckpointInfo, type CheckpointInfo } from './checkpoint-info.ts';
+import {
+  checkCheckpointInfo,
+  checkpointFiles,
+  checkpointInfoText,
+  corruptCheckpoint,
+  parseCheckpointInfo,
+  type CheckpointInfo,
+} from './checkpoint-info.ts';
 import type { Meta } from './data.ts';
 import { Engine, nanogptCheckpointInfoFile, pickleToJson, type EngineChoice, type ModelArgs } from './engine.ts';
 import { firstLine, UserError } from './errors.ts';
@@ -38,14 +45,14 @@ export function readCheckpointInfo(outDir: string): CheckpointInfo {
   if (!existsSync(path)) {
     throw new UserError(`no checkpoint in ${outDir} (${infoFile} is missing), nor nanoGPT's ${nanogptFile}; train one first or point --out_dir at one`);
   }
-  let text: string;
+  let read: CheckpointInfo | string;
   try {
-    text = nanogpt ? nanogptCheckpointInfoFile(nanogpt) : readFileSync(path, 'utf8');
+    read = nanogpt ? nanogptCheckpointInfoFile(nanogpt) : readFileSync(path, 'utf8');
   } catch (err) {
     if (err instanceof UserError) throw err;
     throw corruptCheckpoint(path, firstLine(err));
   }
-  return parseCheckpointInfo(text, path);
+  return typeof read === 'string' ? parseCheckpointInfo(read, path) : checkCheckpointInfo(read, path);
 }
 
 /** A model with the checkpoint's weights (`modelArgs`: its model_args, any dropout), from either kind of out_dir. */

@@ -10,79 +10,20 @@ import { Worker } from 'node:worker_threads';
 import { firstLine, UserError } from './errors.ts';
 import { wasmMemoryLimit, wasmMemoryRefusal } from './wasm-memory.ts';
 
-/** The architecture of a model: what a checkpoint records as `model_args`. */
-export interface ModelArgs {
-  n_layer: number;
-  n_head: number;
-  n_embd: number;
-  block_size: number;
-  bias: boolean;
-  vocab_size: number;
-  dropout: number;
-  /** 'erf' (nanoGPT's nn.GELU) unless a checkpoint says otherwise; GPT-2 weights use 'tanh'. */
-  gelu?: 'erf' | 'tanh';
-}
+import type {
+  CheckpointInfo,
+  LrSchedule,
+  MemoryEstimate,
+  MemoryStats,
+  ModelArgs,
+  OptimizerArgs,
+  ParamGroups,
+  PhaseTimes,
+  StepStats,
+} from './engine-types.ts';
 
-export interface OptimizerArgs {
-  weight_decay: number;
-  beta1: number;
-  beta2: number;
-  /** Global-norm clipping threshold; 0 disables clipping. */
-  grad_clip: number;
-}
-
-export interface LrSchedule {
-  learning_rate: number;
-  min_lr: number;
-  warmup_iters: number;
-  lr_decay_iters: number;
-  decay_lr: boolean;
-}
-
-/** nanoGPT's two AdamW groups: tensors of rank >= 2 decay, the rest do not. */
-export interface ParamGroups {
-  decay_tensors: number;
-  decay_params: number;
-  no_decay_tensors: number;
-  no_decay_params: number;
-}
-
-export interface StepStats {
-  /** Global L2 norm of the accumulated gradients, before clipping. */
-  grad_norm: number;
-  clipped: boolean;
-  /** float16 only: the gradients overflowed at the current loss scale, so the step was not applied. */
-  skipped: boolean;
-  /** ‖Δp‖/‖p‖ of this step for every parameter tensor, by name (a network-health figure). */
-  update_ratios: Array<[string, number]>;
-}
-
-/** Bytes by purpose, as the engine estimates them before a run (all tensors are f32). */
-export interface MemoryEstimate {
-  parameters: number;
-  gradients: number;
-  optimizer: number;
-  activations: number;
-  total: number;
-}
-
-/** Device memory in bytes, as the engine reports it (null on the CPU). */
-export interface MemoryStats {
-  /** Held by tensors now, and at most since the device was opened (PyTorch's max_memory_allocated). */
-  in_use_bytes: number;
-  peak_bytes: number;
-  /** The whole device, every process. */
-  free_bytes: number;
-  total_bytes: number;
-}
-
-/** Milliseconds of each phase of the last step, measured up to a device synchronisation. */
-export interface PhaseTimes {
-  data_ms: number;
-  forward_ms: number;
-  backward_ms: number;
-  optimizer_ms: number;
-}
+// The engine's own types, generated from its Rust structs (`npm run gen:types`).
+export type * from './engine-types.ts';
 
 /** The compute precisions of nanoGPT's `dtype` key. */
 export type Dtype = 'float32' | 'bfloat16' | 'float16';
@@ -93,15 +34,18 @@ export type EngineKind = 'wasm' | 'native';
 export type EngineChoice = 'auto' | EngineKind;
 export { engineChoices } from './schema.ts';
 
-/** One model inside a binding. Both bindings are driven through this shape; files are named by path. */
+/**
+ * One model inside a binding. Both bindings are driven through this shape; files are named by path. The engine's
+ * structs cross as plain objects.
+ */
 interface BindingGpt {
-  modelArgs(): string;
+  modelArgs(): ModelArgs;
   cropBlockSize(blockSize: number): void;
   numParams(nonEmbedding: boolean): number;
-  configureOptimizer(optimizerArgsJson: string): string;
+  configureOptimizer(optimizerArgs: OptimizerArgs): ParamGroups;
   loadOptimizerFile(path: string): void;
   forwardBackward(x: Uint32Array, y: Int32Array, batchSize: number, lossScale: number): number;
-  step(lr: number): string;
+  step(lr: number): StepStats;
   evalLoss(x: Uint32Array, y: Int32Array, batchSize: number): number;
   generate(prompt: Uint32Array, maxNewTokens: number, temperature: number, topK: number, seed: number): Uint32Array;
   generateBatch(prompt: Uint32Array, seeds: Uint32Array, maxNewTokens: number, temperature: number, topK: number): Uint32Array;
@@ -112,38 +56,38 @@ interface BindingGpt {
   saveGradientsFile(path: string): void;
   exportHfFile(path: string): void;
   loadNanogptOptimizerFile(path: string): void;
-  saveNanogptCheckpointFile(path: string, infoJson: string): void;
+  saveNanogptCheckpointFile(path: string, info: CheckpointInfo): void;
   hfConfig(): string;
   setPrecision(dtype: string): void;
   synchronize(): void;
-  memoryStats(): string;
+  memoryStats(): MemoryStats | null;
   setProfiling(on: boolean): void;
-  phaseTimes(): string;
+  phaseTimes(): PhaseTimes | null;
 }
 
 interface Binding {
   kind: EngineKind;
-  create(modelArgsJson: string, seed: number, device: string): BindingGpt;
-  fromSafetensorsFile(modelArgsJson: string, path: string, device: string): BindingGpt;
+  create(modelArgs: ModelArgs, seed: number, device: string): BindingGpt;
+  fromSafetensorsFile(modelArgs: ModelArgs, path: string, device: string): BindingGpt;
   fromHfGpt2File(configJson: string, path: string, dropout: number, device: string): BindingGpt;
-  fromNanogptCheckpointFile(modelArgsJson: string, path: string, device: string): BindingGpt;
-  nanogptCheckpointInfoFile(path: string): string;
+  fromNanogptCheckpointFile(modelArgs: ModelArgs, path: string, device: string): BindingGpt;
+  nanogptCheckpointInfoFile(path: string): CheckpointInfo;
   pickleToJson(bytes: Uint8Array): string;
-  lrAt(iter: number, scheduleJson: string): number;
-  estimateMemory(modelArgsJson: string, batchSize: number, training: boolean): string;
+  lrAt(iter: number, schedule: LrSchedule): number;
+  estimateMemory(modelArgs: ModelArgs, batchSize: number, training: boolean): MemoryEstimate;
 }
 
 interface NativeModule {
   Gpt: {
-    create(modelArgsJson: string, seed: number, device: string): BindingGpt;
-    fromSafetensorsFile(modelArgsJson: string, path: string, device: string): BindingGpt;
+    create(modelArgs: ModelArgs, seed: number, device: string): BindingGpt;
+    fromSafetensorsFile(modelArgs: ModelArgs, path: string, device: string): BindingGpt;
     fromHfGpt2File(configJson: string, path: string, dropout: number, device: string): BindingGpt;
-    fromNanogptCheckpointFile(modelArgsJson: string, path: string, device: string): BindingGpt;
+    fromNanogptCheckpointFile(modelArgs: ModelArgs, path: string, device: string): BindingGpt;
   };
-  nanogptCheckpointInfoFile(path: string): string;
+  nanogptCheckpointInfoFile(path: string): CheckpointInfo;
   pickleToJson(bytes: Uint8Array): string;
-  lrAt(iter: number, scheduleJson: string): number;
-  estimateMemory(modelArgsJson: string, batchSize: number, training: boolean): string;
+  lrAt(iter: number, schedule: LrSchedule): number;
+  estimateMemory(modelArgs: ModelArgs, batchSize: number, training: boolean): MemoryEstimate;
 }
 
 /** The wasm-bindgen module: the same engine API, with bytes where the addon takes file paths. */
@@ -154,7 +98,7 @@ interface WasmGpt
   > {
   loadOptimizer(bytes: Uint8Array): void;
   loadNanogptOptimizer(bytes: Uint8Array): void;
-  saveNanogptCheckpoint(infoJson: string): Uint8Array;
+  saveNanogptCheckpoint(info: CheckpointInfo): Uint8Array;
   saveWeights(): Uint8Array;
   saveOptimizer(): Uint8Array;
   saveGradients(): Uint8Array;
@@ -168,15 +112,15 @@ interface WasmModule {
   __wbg_wasm_module?: unknown;
   __wbg_memory?: unknown;
   Gpt: {
-    create(modelArgsJson: string, seed: number): WasmGpt;
-    fromSafetensors(modelArgsJson: string, bytes: Uint8Array): WasmGpt;
+    create(modelArgs: ModelArgs, seed: number): WasmGpt;
+    fromSafetensors(modelArgs: ModelArgs, bytes: Uint8Array): WasmGpt;
     fromHfGpt2(configJson: string, bytes: Uint8Array, dropout: number): WasmGpt;
-    fromNanogptCheckpoint(modelArgsJson: string, bytes: Uint8Array): WasmGpt;
+    fromNanogptCheckpoint(modelArgs: ModelArgs, bytes: Uint8Array): WasmGpt;
   };
-  nanogptCheckpointInfo(bytes: Uint8Array): string;
+  nanogptCheckpointInfo(bytes: Uint8Array): CheckpointInfo;
   pickleToJson(bytes: Uint8Array): string;
-  lrAt(iter: number, scheduleJson: string): number;
-  estimateMemory(modelArgsJson: string, batchSize: number, training: boolean): string;
+  lrAt(iter: number, schedule: LrSchedule): number;
+  estimateMemory(modelArgs: ModelArgs, batchSize: number, training: boolean): MemoryEstimate;
 }
 
 export { wasmMemoryLimit } from './wasm-memory.ts';
@@ -316,7 +260,7 @@ class WasmFiles implements BindingGpt {
   modelArgs = () => this.gpt.modelArgs();
   cropBlockSize = (blockSize: number) => this.gpt.cropBlockSize(blockSize);
   numParams = (nonEmbedding: boolean) => this.gpt.numParams(nonEmbedding);
-  configureOptimizer = (json: string) => this.gpt.configureOptimizer(json);
+  configureOptimizer = (args: OptimizerArgs) => this.gpt.configureOptimizer(args);
   loadOptimizerFile = (path: string) => this.gpt.loadOptimizer(readForWasm(path));
   forwardBackward = (x: Uint32Array, y: Int32Array, batchSize: number, lossScale: number) =>
     this.gpt.forwardBackward(x, y, batchSize, lossScale);
@@ -334,7 +278,7 @@ class WasmFiles implements BindingGpt {
   saveGradientsFile = (path: string) => writeFileSync(path, this.gpt.saveGradients());
   exportHfFile = (path: string) => writeFileSync(path, this.gpt.exportHf());
   loadNanogptOptimizerFile = (path: string) => this.gpt.loadNanogptOptimizer(readForWasm(path));
-  saveNanogptCheckpointFile = (path: string, infoJson: string) => writeFileSync(path, this.gpt.saveNanogptCheckpoint(infoJson));
+  saveNanogptCheckpointFile = (path: string, info: CheckpointInfo) => writeFileSync(path, this.gpt.saveNanogptCheckpoint(info));
   hfConfig = () => this.gpt.hfConfig();
   setPrecision = (dtype: string) => this.gpt.setPrecision(dtype);
   synchronize = () => this.gpt.synchronize();
@@ -376,7 +320,7 @@ export class Engine {
 
   /** A freshly initialised model (nanoGPT's init), deterministic for a given seed. */
   static create(args: ModelArgs, seed: number, device = 'cpu', engine: EngineChoice = 'auto'): Engine {
-    return Engine.in(device, engine, (b) => b.create(JSON.stringify(args), seed, device));
+    return Engine.in(device, engine, (b) => b.create(args, seed, device));
   }
 
   /**
@@ -384,7 +328,7 @@ export class Engine {
    * Files are read and written by the engine, not through Node.js Buffers, which stop at 2 GB to 4 GB.
    */
   static fromSafetensorsFile(args: ModelArgs, path: string, device = 'cpu', engine: EngineChoice = 'auto'): Engine {
-    return Engine.in(device, engine, (b) => b.fromSafetensorsFile(JSON.stringify(args), path, device));
+    return Engine.in(device, engine, (b) => b.fromSafetensorsFile(args, path, device));
   }
 
   /**
@@ -397,7 +341,7 @@ export class Engine {
 
   /** A model whose weights the engine reads from nanoGPT's `ckpt.pt` at `path` (`args`: its model_args, any dropout). */
   static fromNanogptCheckpointFile(args: ModelArgs, path: string, device = 'cpu', engine: EngineChoice = 'auto'): Engine {
-    return Engine.in(device, engine, (b) => b.fromNanogptCheckpointFile(JSON.stringify(args), path, device));
+    return Engine.in(device, engine, (b) => b.fromNanogptCheckpointFile(args, path, device));
   }
 
   /**
@@ -414,7 +358,7 @@ export class Engine {
 
   /** The architecture as it is now (after any `cropBlockSize`). */
   modelArgs(): ModelArgs {
-    return JSON.parse(this.gpt.modelArgs()) as ModelArgs;
+    return this.gpt.modelArgs();
   }
 
   /** nanoGPT's crop_block_size: keeps the first `blockSize` positions. Call it before `configureOptimizer`. */
@@ -428,7 +372,7 @@ export class Engine {
   }
 
   configureOptimizer(args: OptimizerArgs): ParamGroups {
-    return JSON.parse(this.gpt.configureOptimizer(JSON.stringify(args))) as ParamGroups;
+    return this.gpt.configureOptimizer(args);
   }
 
   /** Restores AdamW moments and step count written by `saveOptimizerFile`. */
@@ -447,7 +391,7 @@ export class Engine {
 
   /** Clips (if configured), applies AdamW at `lr` to both groups, and clears the gradients. */
   step(lr: number): StepStats {
-    return JSON.parse(this.gpt.step(lr)) as StepStats;
+    return this.gpt.step(lr);
   }
 
   /** Mean loss of a batch in evaluation mode (no dropout, no gradients). */
@@ -518,7 +462,7 @@ export class Engine {
 
   /** Device memory now and at its peak (null on the CPU). */
   memoryStats(): MemoryStats | null {
-    return JSON.parse(this.gpt.memoryStats()) as MemoryStats | null;
+    return this.gpt.memoryStats();
   }
 
   /** Times each phase of every step (synchronising between them on a GPU), read back with `phaseTimes`. */
@@ -528,7 +472,7 @@ export class Engine {
 
   /** The phases of the last step, when profiling. */
   phaseTimes(): PhaseTimes | null {
-    return JSON.parse(this.gpt.phaseTimes()) as PhaseTimes | null;
+    return this.gpt.phaseTimes();
   }
 
   /** Restores the AdamW state of nanoGPT's `ckpt.pt` (call `configureOptimizer` first). */
@@ -537,8 +481,8 @@ export class Engine {
   }
 
   /** Writes nanoGPT's `ckpt.pt`: the weights, the AdamW state when configured, and `info`. */
-  saveNanogptCheckpointFile(path: string, info: { model_args: ModelArgs; iter_num: number; best_val_loss: number; config: Record<string, unknown> }): void {
-    this.gpt.saveNanogptCheckpointFile(path, JSON.stringify(info));
+  saveNanogptCheckpointFile(path: string, info: CheckpointInfo): void {
+    this.gpt.saveNanogptCheckpointFile(path, info);
   }
 
   /** Writes the AdamW state (moments and step) to a safetensors file. */
@@ -561,12 +505,12 @@ function anyBinding(preferred?: EngineKind): Binding {
 
 /** nanoGPT's learning rate at iteration `iter`: linear warmup, cosine decay, floor at min_lr. */
 export function lrAt(iter: number, schedule: LrSchedule): number {
-  return anyBinding().lrAt(iter, JSON.stringify(schedule));
+  return anyBinding().lrAt(iter, schedule);
 }
 
 /** The engine's estimate of what training (or sampling) `args` with `batchSize` rows needs in memory. */
 export function estimateMemory(args: ModelArgs, batchSize: number, purpose: 'train' | 'sample', kind?: EngineKind): MemoryEstimate {
-  return JSON.parse(anyBinding(kind).estimateMemory(JSON.stringify(args), batchSize, purpose === 'train')) as MemoryEstimate;
+  return anyBinding(kind).estimateMemory(args, batchSize, purpose === 'train');
 }
 
 /** The addon reads files itself, so prefer it for them; the WebAssembly build is the fallback. */
@@ -578,8 +522,8 @@ function fileBinding(): Binding {
   }
 }
 
-/** JSON of the `model_args`, `iter_num`, `best_val_loss` and `config` in nanoGPT's `ckpt.pt` at `path`. */
-export function nanogptCheckpointInfoFile(path: string): string {
+/** The `model_args`, `iter_num`, `best_val_loss` and `config` in nanoGPT's `ckpt.pt` at `path`. */
+export function nanogptCheckpointInfoFile(path: string): CheckpointInfo {
   return fileBinding().nanogptCheckpointInfoFile(path);
 }
 

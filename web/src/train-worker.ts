@@ -1,7 +1,7 @@
 // The training worker: the engine (the WebAssembly build, with its thread pool on nested workers where the page
 // is cross-origin isolated) and nanoGPT's training loop, in the order of ts/train.ts, so the page never blocks.
 import { checkpointFiles, checkpointInfoText, parseCheckpointInfo, type CheckpointInfo } from '../../ts/checkpoint-info.ts';
-import type { MemoryEstimate, ModelArgs, OptimizerArgs } from '../../ts/engine.ts';
+import type { LrSchedule, MemoryEstimate, ModelArgs, OptimizerArgs, ParamGroups, StepStats } from '../../ts/engine-types.ts';
 import { firstLine } from '../../ts/errors.ts';
 import { Rng } from '../../ts/rng.ts';
 import { defaultsOf, trainKeys, type TrainConfig } from '../../ts/schema.ts';
@@ -14,20 +14,20 @@ import type { ZipEntry } from './zip.ts';
 interface EngineGlue {
   default(options: { module_or_path: WebAssembly.Module }): Promise<{ memory: WebAssembly.Memory }>;
   startThreads?(count: number): void;
-  lrAt(iter: number, scheduleJson: string): number;
-  estimateMemory(modelArgsJson: string, batchSize: number, training: boolean): string;
+  lrAt(iter: number, schedule: LrSchedule): number;
+  estimateMemory(modelArgs: ModelArgs, batchSize: number, training: boolean): MemoryEstimate;
   Gpt: {
-    create(modelArgsJson: string, seed: number): Gpt;
-    fromSafetensors(modelArgsJson: string, bytes: Uint8Array): Gpt;
+    create(modelArgs: ModelArgs, seed: number): Gpt;
+    fromSafetensors(modelArgs: ModelArgs, bytes: Uint8Array): Gpt;
   };
 }
 
 interface Gpt {
   numParams(nonEmbedding: boolean): number;
-  configureOptimizer(optimizerArgsJson: string): string;
+  configureOptimizer(optimizerArgs: OptimizerArgs): ParamGroups;
   loadOptimizer(bytes: Uint8Array): void;
   forwardBackward(x: Uint32Array, y: Int32Array, batchSize: number, lossScale: number): number;
-  step(lr: number): string;
+  step(lr: number): StepStats;
   evalLoss(x: Uint32Array, y: Int32Array, batchSize: number): number;
   generate(prompt: Uint32Array, maxNewTokens: number, temperature: number, topK: number, seed: number): Uint32Array;
   saveWeights(): Uint8Array;
@@ -127,12 +127,12 @@ function startRun(config: TrainConfig): void {
     vocab_size: dataset.tokenizer.vocabSize,
     dropout: config.dropout,
   };
-  const need = JSON.parse(engine.estimateMemory(JSON.stringify(modelArgs), config.batch_size, true)) as MemoryEstimate;
+  const need = engine.estimateMemory(modelArgs, config.batch_size, true);
   const refusal = wasmMemoryRefusal(need, 'train', config.batch_size, config.block_size);
   if (refusal) throw new PageError(refusal);
   run?.gpt.free();
-  const gpt = engine.Gpt.create(JSON.stringify(modelArgs), config.seed);
-  gpt.configureOptimizer(JSON.stringify(optimizerArgs(config)));
+  const gpt = engine.Gpt.create(modelArgs, config.seed);
+  gpt.configureOptimizer(optimizerArgs(config));
   run = { gpt, config, modelArgs, tokenizer: dataset.tokenizer, iter: 0, bestValLoss: 1e9, rng: new Rng(config.seed) };
   post({ kind: 'model', params: gpt.numParams(true), memoryBytes: need.total, iter: 0 });
 }
@@ -170,7 +170,7 @@ async function train(requested: TrainConfig, fresh: boolean): Promise<void> {
     };
     return { train: mean('train'), val: mean('val') };
   };
-  const schedule = JSON.stringify(pick(config, ['learning_rate', 'min_lr', 'warmup_iters', 'lr_decay_iters', 'decay_lr']));
+  const schedule: LrSchedule = pick(config, ['learning_rate', 'min_lr', 'warmup_iters', 'lr_decay_iters', 'decay_lr']);
   const tokensPerIter = config.gradient_accumulation_steps * config.batch_size * T;
   const firstIter = current.iter;
   const startedAt = performance.now();
@@ -251,8 +251,8 @@ function load(files: ZipEntry[]): void {
   const config = { ...defaultsOf(trainKeys), ...Object.fromEntries(saved) } as TrainConfig;
   const modelArgs = { ...info.model_args, dropout: config.dropout };
   run?.gpt.free();
-  const gpt = engine.Gpt.fromSafetensors(JSON.stringify(modelArgs), byName.get(checkpointFiles.weights)!);
-  gpt.configureOptimizer(JSON.stringify(optimizerArgs(config)));
+  const gpt = engine.Gpt.fromSafetensors(modelArgs, byName.get(checkpointFiles.weights)!);
+  gpt.configureOptimizer(optimizerArgs(config));
   const optimizer = byName.get(checkpointFiles.optimizer);
   if (optimizer) gpt.loadOptimizer(optimizer);
   run = { gpt, config, modelArgs, tokenizer: vocabulary, iter: info.iter_num, bestValLoss: info.best_val_loss, rng: new Rng(config.seed + info.iter_num) };

@@ -5,7 +5,7 @@ use candle_core::{Device, Result};
 use serde::Serialize;
 
 /// Device memory, in bytes.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, ts_rs::TS)]
 pub struct MemoryStats {
     /// Held by tensors now, and the most held at once since the device was opened (the allocator
     /// pool's own counters: what PyTorch's `memory_allocated` / `max_memory_allocated` measure).

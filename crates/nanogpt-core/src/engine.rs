@@ -1,7 +1,9 @@
 //! The engine API that every binding exposes: one model, its optimizer and its accumulated
-//! gradients. Inputs and outputs are plain slices and bytes so that bindings only translate types.
+//! gradients. Inputs are plain slices and bytes, files are written to a [`Write`] sink (see
+//! [`crate::files`]), so that bindings only translate types.
 
 use std::collections::HashMap;
+use std::io::{Seek, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
@@ -112,7 +114,7 @@ fn copy_from_model(layout: &ParamLayout, params: &mut [f32], model: &Gpt) -> Res
 
 /// Milliseconds of the phases of the last micro-step and optimizer step, each measured up to a
 /// device synchronisation (so they add up to the step time on a GPU too).
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, ts_rs::TS)]
 pub struct PhaseTimes {
     /// Uploading the batch.
     pub data_ms: f64,
@@ -183,29 +185,13 @@ impl Engine {
         Ok(engine)
     }
 
-    /// As [`Engine::from_safetensors`], reading the file in Rust: a GPT-2 XL checkpoint does not fit in a Node.js Buffer.
-    pub fn from_safetensors_file(args: &ModelArgs, path: &str, device_name: &str) -> Result<Self> {
-        configure_cpu_runtime();
-        let mut engine = Self::wrap(Gpt::empty(args, &device(device_name, 0)?)?, 0)?;
-        engine.load_weights(&read_safetensors(path)?)?;
-        Ok(engine)
-    }
-
     /// A Hugging Face GPT-2 (`config.json` text and `model.safetensors` bytes), e.g. OpenAI's weights,
-    /// with `dropout` in place of the config's.
+    /// with `dropout` in place of the config's. GPT-2 XL's 6.4 GB come from a mapped file
+    /// ([`crate::files::map`]): they would not fit in a Node.js Buffer.
     pub fn from_hf_gpt2(config_json: &str, bytes: &[u8], dropout: f64, device_name: &str) -> Result<Self> {
         configure_cpu_runtime();
         let device = device(device_name, 0)?;
         let model = hf::import(config_json, load_safetensors(bytes, "weights")?, dropout, &device)?;
-        Self::wrap(model, 0)
-    }
-
-    /// As [`Engine::from_hf_gpt2`], reading `model.safetensors` from `path` in Rust: GPT-2 XL's 6.4 GB would not
-    /// fit in a Node.js Buffer. The file's bytes are dropped once the tensors are made from them.
-    pub fn from_hf_gpt2_file(config_json: &str, path: &str, dropout: f64, device_name: &str) -> Result<Self> {
-        configure_cpu_runtime();
-        let device = device(device_name, 0)?;
-        let model = hf::import(config_json, read_safetensors(path)?, dropout, &device)?;
         Self::wrap(model, 0)
     }
 
@@ -363,10 +349,6 @@ impl Engine {
 
     pub fn load_optimizer(&mut self, bytes: &[u8]) -> Result<()> {
         self.load_optimizer_state(&load_safetensors(bytes, "optimizer state")?)
-    }
-
-    pub fn load_optimizer_file(&mut self, path: &str) -> Result<()> {
-        self.load_optimizer_state(&read_safetensors(path)?)
     }
 
     /// The AdamW moments and step count from tensors named as [`Engine::optimizer_state`] writes them.
@@ -579,22 +561,14 @@ impl Engine {
         }
     }
 
-    pub fn save_weights(&self) -> Result<Vec<u8>> {
-        serialize(self.weights()?, None)
+    /// Writes the weights as a safetensors file to `out`.
+    pub fn save_weights(&self, out: &mut impl Write) -> Result<()> {
+        write_safetensors(self.weights()?, None, out)
     }
 
-    /// The weights written straight to `path`, one tensor at a time (no whole-file buffer).
-    pub fn save_weights_file(&self, path: &str) -> Result<()> {
-        serialize_to_file(self.weights()?, None, path)
-    }
-
-    /// The weights as a Hugging Face GPT-2 `model.safetensors`.
-    pub fn export_hf(&self) -> Result<Vec<u8>> {
-        serialize(hf::export_tensors(self.synced_model()?)?, Some(hf_metadata()))
-    }
-
-    pub fn export_hf_file(&self, path: &str) -> Result<()> {
-        serialize_to_file(hf::export_tensors(self.synced_model()?)?, Some(hf_metadata()), path)
+    /// Writes the weights as a Hugging Face GPT-2 `model.safetensors` to `out`.
+    pub fn export_hf(&self, out: &mut impl Write) -> Result<()> {
+        write_safetensors(hf::export_tensors(self.synced_model()?)?, Some(hf_metadata()), out)
     }
 
     /// The Hugging Face GPT-2 `config.json` that goes with [`Engine::export_hf`].
@@ -614,12 +588,9 @@ impl Engine {
         Ok(self.model.named_parameters().into_iter().map(|(n, _)| n).zip(grads.iter().cloned()).collect())
     }
 
-    pub fn save_gradients(&self) -> Result<Vec<u8>> {
-        serialize(self.gradients()?, None)
-    }
-
-    pub fn save_gradients_file(&self, path: &str) -> Result<()> {
-        serialize_to_file(self.gradients()?, None, path)
+    /// Writes the gradients as a safetensors file to `out`.
+    pub fn save_gradients(&self, out: &mut impl Write) -> Result<()> {
+        write_safetensors(self.gradients()?, None, out)
     }
 
     fn optimizer_state(&self) -> Result<Vec<(String, Tensor)>> {
@@ -630,12 +601,9 @@ impl Engine {
         }
     }
 
-    pub fn save_optimizer(&self) -> Result<Vec<u8>> {
-        serialize(self.optimizer_state()?, None)
-    }
-
-    pub fn save_optimizer_file(&self, path: &str) -> Result<()> {
-        serialize_to_file(self.optimizer_state()?, None, path)
+    /// Writes the AdamW state (moments and step) as a safetensors file to `out`.
+    pub fn save_optimizer(&self, out: &mut impl Write) -> Result<()> {
+        write_safetensors(self.optimizer_state()?, None, out)
     }
 }
 
@@ -648,21 +616,34 @@ fn on_cpu(tensors: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>> {
     tensors.into_iter().map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?))).collect()
 }
 
-fn serialize(tensors: Vec<(String, Tensor)>, metadata: Option<HashMap<String, String>>) -> Result<Vec<u8>> {
-    safetensors::serialize(on_cpu(tensors)?, metadata).map_err(|e| candle_core::Error::Msg(format!("cannot serialize: {e}")))
-}
-
-fn serialize_to_file(tensors: Vec<(String, Tensor)>, metadata: Option<HashMap<String, String>>, path: &str) -> Result<()> {
-    safetensors::serialize_to_file(on_cpu(tensors)?, metadata, std::path::Path::new(path))
-        .map_err(|e| candle_core::Error::Msg(format!("cannot write {path} ({e})")))
-}
-
-/// The file is mapped, not read: only the tensors converted are paged in.
-fn read_safetensors(path: &str) -> Result<HashMap<String, Tensor>> {
-    let bytes = map_file(path)?;
-    let tensors = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| candle_core::Error::Msg(format!("cannot read {path} as safetensors ({e})")))?;
-    float_tensors(&tensors)
+/// Writes `tensors` as a safetensors file to `out`, one tensor at a time: the bytes
+/// `safetensors::serialize` makes, without holding them all (the crate streams only to a path).
+fn write_safetensors(tensors: Vec<(String, Tensor)>, metadata: Option<HashMap<String, String>>, out: &mut impl Write) -> Result<()> {
+    use safetensors::tensor::{Metadata, TensorInfo};
+    use safetensors::View;
+    let invalid = |e: &dyn std::fmt::Display| candle_core::Error::Msg(format!("cannot serialize: {e}"));
+    let mut tensors = on_cpu(tensors)?;
+    // The crate's order: by descending dtype alignment, then by name.
+    tensors.sort_by(|(a_name, a), (b_name, b)| View::dtype(b).cmp(&View::dtype(a)).then(a_name.cmp(b_name)));
+    let mut offset = 0;
+    let infos = tensors
+        .iter()
+        .map(|(name, t)| {
+            let data_offsets = (offset, offset + View::data_len(t));
+            offset = data_offsets.1;
+            (name.clone(), TensorInfo { dtype: View::dtype(t), shape: t.dims().to_vec(), data_offsets })
+        })
+        .collect();
+    let metadata = Metadata::new(metadata, infos).map_err(|e| invalid(&e))?;
+    let mut header = serde_json::to_vec(&metadata).map_err(|e| invalid(&e))?;
+    // The tensor data starts 8-byte aligned.
+    header.resize(header.len().next_multiple_of(8), b' ');
+    out.write_all(&(header.len() as u64).to_le_bytes())?;
+    out.write_all(&header)?;
+    for (_, t) in &tensors {
+        out.write_all(&View::data(t))?;
+    }
+    Ok(())
 }
 
 fn load_safetensors(bytes: &[u8], what: &str) -> Result<HashMap<String, Tensor>> {
@@ -683,8 +664,8 @@ fn float_tensors(tensors: &safetensors::SafeTensors) -> Result<HashMap<String, T
         .collect()
 }
 
-/// nanoGPT's `ckpt.pt` (see [`crate::torch_checkpoint`]): the bytes variants serve the WebAssembly engine, the
-/// file variants map the file instead of reading it (a GPT-2 XL checkpoint with its AdamW state is ~19 GB).
+/// nanoGPT's `ckpt.pt` (see [`crate::torch_checkpoint`]), read from bytes (a mapped file, [`crate::files::map`],
+/// for the native engine: a GPT-2 XL checkpoint with its AdamW state is ~19 GB) and written to a sink.
 impl Engine {
     /// A model with `args` (e.g. the checkpoint's, with another dropout) and the weights of a `ckpt.pt`.
     pub fn from_nanogpt_checkpoint(args: &ModelArgs, bytes: &[u8], device_name: &str) -> Result<Self> {
@@ -692,10 +673,6 @@ impl Engine {
         let mut engine = Self::wrap(Gpt::empty(args, &device(device_name, 0)?)?, 0)?;
         engine.load_weights(&TorchCheckpoint::read(bytes)?.weights(&engine.model)?)?;
         Ok(engine)
-    }
-
-    pub fn from_nanogpt_checkpoint_file(args: &ModelArgs, path: &str, device_name: &str) -> Result<Self> {
-        Self::from_nanogpt_checkpoint(args, &map_file(path)?, device_name)
     }
 
     /// The AdamW state of a `ckpt.pt`, into the optimizer configured before; a checkpoint saved before the
@@ -707,26 +684,10 @@ impl Engine {
         }
     }
 
-    pub fn load_nanogpt_optimizer_file(&mut self, path: &str) -> Result<()> {
-        self.load_nanogpt_optimizer(&map_file(path)?)
-    }
-
-    /// A `ckpt.pt` of this model, its optimizer state if configured, and `info_json` (a [`CheckpointInfo`]).
-    pub fn save_nanogpt_checkpoint(&self, info_json: &str) -> Result<Vec<u8>> {
-        let mut out = std::io::Cursor::new(Vec::new());
-        self.write_nanogpt_checkpoint(&mut out, info_json)?;
-        Ok(out.into_inner())
-    }
-
-    pub fn save_nanogpt_checkpoint_file(&self, path: &str, info_json: &str) -> Result<()> {
-        let file = std::fs::File::create(path).map_err(|e| candle_core::Error::Msg(format!("cannot write {path} ({e})")))?;
-        self.write_nanogpt_checkpoint(std::io::BufWriter::new(file), info_json)
-    }
-
-    fn write_nanogpt_checkpoint(&self, out: impl std::io::Write + std::io::Seek, info_json: &str) -> Result<()> {
-        let mut info: CheckpointInfo =
-            serde_json::from_str(info_json).map_err(|e| candle_core::Error::Msg(format!("invalid checkpoint info: {e}")))?;
-        info.model_args = self.model.args.clone();
+    /// Writes a `ckpt.pt` of this model, its optimizer state if configured, and `info` (whose
+    /// `model_args` are replaced by the model's own) to `out`.
+    pub fn save_nanogpt_checkpoint(&self, out: &mut (impl Write + Seek), info: &CheckpointInfo) -> Result<()> {
+        let info = CheckpointInfo { model_args: self.model.args.clone(), ..info.clone() };
         let configured = self.optimizer.is_some() || self.flat.as_ref().is_some_and(|f| f.optimizer.is_some());
         let state = match configured {
             true => Some(self.optimizer_state()?.into_iter().collect::<HashMap<_, _>>()),
@@ -736,17 +697,29 @@ impl Engine {
     }
 }
 
-/// The `model_args`, `iter_num`, `best_val_loss` and `config` of a `ckpt.pt`, as JSON of a [`CheckpointInfo`].
-pub fn nanogpt_checkpoint_info(bytes: &[u8]) -> Result<String> {
-    serde_json::to_string(&TorchCheckpoint::read(bytes)?.info()?).map_err(|e| candle_core::Error::Msg(e.to_string()))
+/// The `model_args`, `iter_num`, `best_val_loss` and `config` of a `ckpt.pt`.
+pub fn nanogpt_checkpoint_info(bytes: &[u8]) -> Result<CheckpointInfo> {
+    TorchCheckpoint::read(bytes)?.info()
 }
 
-pub fn nanogpt_checkpoint_info_file(path: &str) -> Result<String> {
-    nanogpt_checkpoint_info(&map_file(path)?)
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// The file's bytes, paged in as they are read. Nothing else writes a checkpoint while it is read.
-fn map_file(path: &str) -> Result<memmap2::Mmap> {
-    let file = std::fs::File::open(path).map_err(|e| candle_core::Error::Msg(format!("cannot open {path} ({e})")))?;
-    unsafe { memmap2::Mmap::map(&file) }.map_err(|e| candle_core::Error::Msg(format!("cannot map {path} ({e})")))
+    /// The streamed writer must make the bytes the safetensors crate makes: every checkpoint depends on it.
+    #[test]
+    fn write_safetensors_matches_the_crate() -> Result<()> {
+        let tensors = vec![
+            ("wte.weight".to_string(), Tensor::arange(0f32, 12., &Device::Cpu)?.reshape((3, 4))?),
+            ("h.0.ln_1.bias".to_string(), Tensor::new(&[1.5f32, -2.], &Device::Cpu)?),
+            ("step".to_string(), Tensor::new(&[7f64], &Device::Cpu)?),
+            ("half".to_string(), Tensor::new(&[1f32, 2., 3.], &Device::Cpu)?.to_dtype(DType::F16)?),
+        ];
+        for metadata in [None, Some(hf_metadata())] {
+            let mut streamed = Vec::new();
+            write_safetensors(tensors.clone(), metadata.clone(), &mut streamed)?;
+            assert_eq!(streamed, safetensors::serialize(tensors.clone(), metadata).unwrap());
+        }
+        Ok(())
+    }
 }

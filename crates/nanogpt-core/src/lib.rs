@@ -5,6 +5,7 @@ pub mod cpu_ops;
 pub mod cuda;
 pub mod decode;
 pub mod engine;
+pub mod files;
 pub mod hf;
 pub mod kernels;
 pub mod memory;

@@ -9,7 +9,7 @@ use crate::model::ModelArgs;
 use crate::train_step;
 
 /// Bytes by purpose. Every tensor the engine trains with is f32.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, ts_rs::TS)]
 pub struct MemoryEstimate {
     /// The weights (training keeps two copies: the training step's and the candle model's).
     pub parameters: u64,

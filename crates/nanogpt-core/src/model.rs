@@ -14,7 +14,7 @@ use crate::ops::{self, LayerCache};
 
 /// The activation of the MLP. nanoGPT uses PyTorch's exact `nn.GELU()`; OpenAI's GPT-2 weights
 /// were trained with the tanh approximation, so loading them needs `Tanh` to reproduce their outputs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ts_rs::TS)]
 #[serde(rename_all = "lowercase")]
 pub enum Gelu {
     #[default]
@@ -23,7 +23,7 @@ pub enum Gelu {
 }
 
 /// The architecture, recorded in checkpoints as `model_args` (nanoGPT's GPTConfig).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ts_rs::TS)]
 pub struct ModelArgs {
     pub n_layer: usize,
     pub n_head: usize,
@@ -32,7 +32,9 @@ pub struct ModelArgs {
     pub vocab_size: usize,
     pub bias: bool,
     pub dropout: f64,
+    /// 'erf' (nanoGPT's nn.GELU) unless a checkpoint says otherwise; GPT-2 weights use 'tanh'.
     #[serde(default)]
+    #[ts(optional, as = "Option<Gelu>")]
     pub gelu: Gelu,
 }
 

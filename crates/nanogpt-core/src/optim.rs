@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::kernels::adamw::{ratio, AdamWUpdate};
 use crate::train_step::ParamLayout;
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ts_rs::TS)]
 pub struct OptimizerArgs {
     pub weight_decay: f64,
     pub beta1: f64,
@@ -17,7 +17,7 @@ pub struct OptimizerArgs {
 }
 
 /// nanoGPT's `get_lr` inputs.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ts_rs::TS)]
 pub struct LrSchedule {
     pub learning_rate: f64,
     pub min_lr: f64,
@@ -45,7 +45,7 @@ impl LrSchedule {
 }
 
 /// Tensor and element counts of the two groups, for nanoGPT's start-up lines.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ts_rs::TS)]
 pub struct ParamGroups {
     pub decay_tensors: usize,
     pub decay_params: usize,
@@ -53,7 +53,7 @@ pub struct ParamGroups {
     pub no_decay_params: usize,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ts_rs::TS)]
 pub struct StepStats {
     /// Global L2 norm of the gradients before clipping.
     pub grad_norm: f64,

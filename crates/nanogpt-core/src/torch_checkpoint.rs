@@ -22,12 +22,13 @@ use crate::model::{Gpt, ModelArgs};
 use crate::pickle::{self, TensorRef, Value};
 
 /// What a checkpoint says besides its tensors (the same fields as this project's `ckpt.json`).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ts_rs::TS)]
 pub struct CheckpointInfo {
     pub model_args: ModelArgs,
     pub iter_num: u64,
     pub best_val_loss: f64,
     /// The run's config keys (its `dataset` says where the vocabulary is).
+    #[ts(type = "Record<string, unknown>")]
     pub config: Json,
 }
 

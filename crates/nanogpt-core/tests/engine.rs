@@ -10,7 +10,7 @@ use nanogpt_core::model::{Gpt, KvCache, Mode};
 use nanogpt_core::ops::with_composite_ops;
 use nanogpt_core::optim::AdamW;
 use nanogpt_core::sample::SampleArgs;
-use nanogpt_core::{Engine, Gelu, GradScaler, LrSchedule, ModelArgs, OptimizerArgs};
+use nanogpt_core::{files, Engine, Gelu, GradScaler, LrSchedule, ModelArgs, OptimizerArgs};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -295,9 +295,9 @@ fn checkpoint_round_trip_restores_weights_and_optimizer() -> Result<()> {
         a.forward_backward(&x, &y, 2, 1.0)?;
         a.step(1e-3)?;
     }
-    let mut b = Engine::from_safetensors(&args, &a.save_weights()?, "cpu")?;
+    let mut b = Engine::from_safetensors(&args, &files::to_vec(|out| a.save_weights(out))?, "cpu")?;
     b.configure_optimizer(&opt)?;
-    b.load_optimizer(&a.save_optimizer()?)?;
+    b.load_optimizer(&files::to_vec(|out| a.save_optimizer(out))?)?;
     assert_eq!(a.eval_loss(&x, &y, 2)?, b.eval_loss(&x, &y, 2)?);
     // The next step from restored state is the same step.
     for e in [&mut a, &mut b] {
@@ -307,7 +307,7 @@ fn checkpoint_round_trip_restores_weights_and_optimizer() -> Result<()> {
     assert_eq!(a.eval_loss(&x, &y, 2)?, b.eval_loss(&x, &y, 2)?);
 
     let other = ModelArgs { n_embd: 32, ..args.clone() };
-    let err = Engine::from_safetensors(&other, &a.save_weights()?, "cpu").err().expect("shape mismatch must fail");
+    let err = Engine::from_safetensors(&other, &files::to_vec(|out| a.save_weights(out))?, "cpu").err().expect("shape mismatch must fail");
     assert!(err.to_string().contains("shape"), "{err}");
     assert!(Engine::from_safetensors(&args, b"not a checkpoint", "cpu").is_err());
     Ok(())

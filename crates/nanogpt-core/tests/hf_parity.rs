@@ -8,7 +8,7 @@ use candle_core::{DType, Device, IndexOp, Result, Tensor};
 use nanogpt_core::hf;
 use nanogpt_core::model::Mode;
 use nanogpt_core::sample::SampleArgs;
-use nanogpt_core::{Engine, Gelu, ModelArgs, OptimizerArgs};
+use nanogpt_core::{files, Engine, Gelu, ModelArgs, OptimizerArgs};
 
 /// The fixture ships with the repository under test/fixtures.
 fn fixture(file: &str) -> PathBuf {
@@ -144,7 +144,7 @@ fn export_round_trips_and_has_the_hf_layout() -> Result<()> {
     let ids = input_ids(&reference())?;
     for (bias, gelu, activation) in [(true, Gelu::Tanh, "gelu_new"), (false, Gelu::Erf, "gelu")] {
         let engine = trained(bias, gelu)?;
-        let bytes = engine.export_hf()?;
+        let bytes = files::to_vec(|out| engine.export_hf(out))?;
         let config = engine.hf_config();
         let exported = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?;
         assert_eq!(layout(&exported), layout(&fixture), "bias={bias}");

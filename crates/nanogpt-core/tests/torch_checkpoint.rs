@@ -3,9 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use nanogpt_core::engine::{nanogpt_checkpoint_info, nanogpt_checkpoint_info_file};
+use nanogpt_core::engine::nanogpt_checkpoint_info;
 use nanogpt_core::torch_checkpoint::CheckpointInfo;
-use nanogpt_core::{pickle, Engine, ModelArgs, OptimizerArgs};
+use nanogpt_core::{files, pickle, Engine, ModelArgs, OptimizerArgs};
 use serde_json::Value;
 
 fn fixture(path: &str) -> PathBuf {
@@ -32,11 +32,11 @@ fn tokens<T: TryFrom<i64>>(v: &Value) -> Vec<T> {
 }
 
 fn info(path: &str) -> CheckpointInfo {
-    serde_json::from_str(&nanogpt_checkpoint_info_file(path).unwrap()).unwrap()
+    nanogpt_checkpoint_info(&files::map(path).unwrap()).unwrap()
 }
 
 fn load(path: &str) -> Engine {
-    Engine::from_nanogpt_checkpoint_file(&info(path).model_args, path, "cpu").unwrap()
+    Engine::from_nanogpt_checkpoint(&info(path).model_args, &files::map(path).unwrap(), "cpu").unwrap()
 }
 
 fn window_loss(engine: &Engine, case: &Value) -> f32 {
@@ -57,7 +57,7 @@ fn resume(engine: &mut Engine, path: &str, case: &Value) -> (Vec<f32>, f32) {
             grad_clip: f("grad_clip"),
         })
         .unwrap();
-    engine.load_nanogpt_optimizer_file(path).unwrap();
+    engine.load_nanogpt_optimizer(&files::map(path).unwrap()).unwrap();
     let batch_size = r["batch_size"].as_u64().unwrap() as usize;
     let mut losses = Vec::new();
     for (batch, lr) in r["batches"].as_array().unwrap().iter().zip(r["lrs"].as_array().unwrap()) {
@@ -139,11 +139,11 @@ fn refuses_a_pickle_that_runs_code() {
     let marker = Path::new("/tmp/nanogpt-rs-pickle-payload-ran");
     let _ = std::fs::remove_file(marker);
     let path = fixture_str("malicious/ckpt.pt");
-    let err = first_line(nanogpt_checkpoint_info_file(&path).unwrap_err());
+    let err = first_line(nanogpt_checkpoint_info(&files::map(&path).unwrap()).unwrap_err());
     assert!(err.contains("`posix.system`") || err.contains("`os.system`"), "{err}");
     assert!(err.ends_with("nothing in the file is run)"), "{err}");
     let args = info(&fixture_str("plain/ckpt.pt")).model_args;
-    assert!(Engine::from_nanogpt_checkpoint_file(&args, &path, "cpu").is_err());
+    assert!(Engine::from_nanogpt_checkpoint(&args, &files::map(&path).unwrap(), "cpu").is_err());
     assert!(!marker.exists(), "the payload ran");
 }
 
@@ -168,7 +168,7 @@ fn damaged_files_give_one_line_errors() {
         assert!(Engine::from_nanogpt_checkpoint(&args, bytes, "cpu").is_err());
     }
     let path = fixture_str("wrong_arch/ckpt.pt");
-    let err = first_line(Engine::from_nanogpt_checkpoint_file(&info(&path).model_args, &path, "cpu").err().unwrap());
+    let err = first_line(Engine::from_nanogpt_checkpoint(&info(&path).model_args, &files::map(&path).unwrap(), "cpu").err().unwrap());
     assert!(err.contains("transformer.wte.weight") && err.ends_with("the model expects [58, 24]"), "{err}");
 }
 
@@ -188,12 +188,11 @@ fn export_round_trips() {
             grad_clip: f("grad_clip"),
         })
         .unwrap();
-    engine.load_nanogpt_optimizer_file(&path).unwrap();
-    let info_json = nanogpt_checkpoint_info_file(&path).unwrap();
+    engine.load_nanogpt_optimizer(&files::map(&path).unwrap()).unwrap();
     let out = temp_dir("round-trip").join("ckpt.pt");
     let out = out.to_str().unwrap();
-    engine.save_nanogpt_checkpoint_file(out, &info_json).unwrap();
-    assert_eq!(engine.save_nanogpt_checkpoint(&info_json).unwrap(), std::fs::read(out).unwrap());
+    files::write(out, |sink| engine.save_nanogpt_checkpoint(sink, &info(&path))).unwrap();
+    assert_eq!(files::to_vec(|sink| engine.save_nanogpt_checkpoint(sink, &info(&path))).unwrap(), std::fs::read(out).unwrap());
 
     assert_eq!(info(out), info(&path));
     let mut again = load(out);
@@ -225,14 +224,14 @@ fn export_loads_in_pytorch() {
             grad_clip: f("grad_clip"),
         })
         .unwrap();
-    with_optimizer.load_nanogpt_optimizer_file(&path).unwrap();
+    with_optimizer.load_nanogpt_optimizer(&files::map(&path).unwrap()).unwrap();
     let dir = temp_dir("pytorch");
     let case = dir.join("case.json");
     std::fs::write(&case, want.to_string()).unwrap();
-    let info_json = nanogpt_checkpoint_info_file(&path).unwrap();
+    let checkpoint_info = info(&path);
     for (name, engine) in [("weights-only", &engine), ("with-optimizer", &with_optimizer)] {
         let out = dir.join(format!("{name}.pt"));
-        engine.save_nanogpt_checkpoint_file(out.to_str().unwrap(), &info_json).unwrap();
+        files::write(out.to_str().unwrap(), |sink| engine.save_nanogpt_checkpoint(sink, &checkpoint_info)).unwrap();
         let run = std::process::Command::new("python3").arg(fixture("check_export.py")).arg(&out).arg(&case).output().unwrap();
         assert!(run.status.success(), "{name}: {}", String::from_utf8_lossy(&run.stderr));
         let got: Value = serde_json::from_slice(&run.stdout).unwrap();
@@ -262,7 +261,7 @@ fn safetensors_with_bool_buffers_load() {
     let args =
         ModelArgs { n_layer: 1, n_head: 2, n_embd: 8, block_size: 4, vocab_size: 10, bias: true, dropout: 0.0, gelu: Default::default() };
     let engine = Engine::new(&args, 7, "cpu").unwrap();
-    let weights = engine.save_weights().unwrap();
+    let weights = files::to_vec(|out| engine.save_weights(out)).unwrap();
     let parsed = safetensors::SafeTensors::deserialize(&weights).unwrap();
     let mask = [1u8; 16];
     let steps = 3i64.to_le_bytes();
@@ -276,7 +275,8 @@ fn safetensors_with_bool_buffers_load() {
     let (x, y) = ([1u32, 2, 3, 4, 5, 6, 7, 8], [2i32, 3, 4, 5, 6, 7, 8, 9]);
     let want = engine.eval_loss(&x, &y, 2).unwrap();
     assert_eq!(Engine::from_safetensors(&args, &bytes, "cpu").unwrap().eval_loss(&x, &y, 2).unwrap(), want);
-    assert_eq!(Engine::from_safetensors_file(&args, path.to_str().unwrap(), "cpu").unwrap().eval_loss(&x, &y, 2).unwrap(), want);
+    let mapped = files::map(path.to_str().unwrap()).unwrap();
+    assert_eq!(Engine::from_safetensors(&args, &mapped, "cpu").unwrap().eval_loss(&x, &y, 2).unwrap(), want);
 }
 
 /// Memo fetches that double a list each time would need 2^40 values from a few hundred bytes: refused early.

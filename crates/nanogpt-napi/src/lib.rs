@@ -1,22 +1,32 @@
-//! Node.js bindings of the engine: type translation only (JSON strings for argument structs,
-//! typed arrays for tokens, file paths for safetensors files). All logic lives in nanogpt-core.
+//! Node.js bindings of the engine: type translation only (objects of the structs that
+//! ts/engine-types.ts declares, typed arrays for tokens, and file paths: the engine maps the files
+//! it reads and writes the ones it saves through [`files`]). All logic lives in nanogpt-core.
 
+use nanogpt_core::files;
 use nanogpt_core::sample::SampleArgs;
+use nanogpt_core::torch_checkpoint::CheckpointInfo;
 use nanogpt_core::{memory, Engine, LrSchedule, ModelArgs, OptimizerArgs};
-use napi::bindgen_prelude::{Int32Array, Uint32Array, Uint8Array};
-use napi::{Error, Result};
+use napi::bindgen_prelude::{Function, Int32Array, JsObjectValue, Uint32Array, Uint8Array, Unknown};
+use napi::{Env, Error, Result, JSON};
 use napi_derive::napi;
+use serde_json::Value;
 
 fn js_error(e: impl std::fmt::Display) -> Error {
     Error::from_reason(e.to_string())
 }
 
-fn parse<T: serde::de::DeserializeOwned>(json: &str, what: &str) -> Result<T> {
-    serde_json::from_str(json).map_err(|e| js_error(format!("invalid {what}: {e}")))
+fn from_js<T: serde::de::DeserializeOwned>(value: Value, what: &str) -> Result<T> {
+    serde_json::from_value(value).map_err(|e| js_error(format!("invalid {what}: {e}")))
 }
 
-fn to_json(value: &impl serde::Serialize) -> Result<String> {
-    serde_json::to_string(value).map_err(js_error)
+/// The JavaScript object of `value`, as `JSON.parse` makes it from serde's JSON: struct fields in
+/// their order, every number an f64. (napi's own serializer would make a BigInt of an integer above
+/// u32::MAX, such as a byte count of a few GiB; a `serde_json::Value` would sort the fields.)
+fn to_js<'env>(env: &'env Env, value: &impl serde::Serialize) -> Result<Unknown<'env>> {
+    let text = serde_json::to_string(value).map_err(js_error)?;
+    let json: JSON = env.get_global()?.get_named_property_unchecked("JSON")?;
+    let parse: Function<String, Unknown> = json.get_named_property_unchecked("parse")?;
+    parse.call(text)
 }
 
 #[napi]
@@ -33,25 +43,27 @@ impl Gpt {
 #[napi]
 impl Gpt {
     #[napi(factory)]
-    pub fn create(model_args_json: String, seed: i64, device: String) -> Result<Gpt> {
-        let args: ModelArgs = parse(&model_args_json, "model_args")?;
+    pub fn create(model_args: Value, seed: i64, device: String) -> Result<Gpt> {
+        let args: ModelArgs = from_js(model_args, "model_args")?;
         Ok(Gpt::new(Engine::new(&args, seed as u64, &device).map_err(js_error)?))
     }
 
     #[napi(factory)]
-    pub fn from_safetensors_file(model_args_json: String, path: String, device: String) -> Result<Gpt> {
-        let args: ModelArgs = parse(&model_args_json, "model_args")?;
-        Ok(Gpt::new(Engine::from_safetensors_file(&args, &path, &device).map_err(js_error)?))
+    pub fn from_safetensors_file(model_args: Value, path: String, device: String) -> Result<Gpt> {
+        let args: ModelArgs = from_js(model_args, "model_args")?;
+        let bytes = files::map(&path).map_err(js_error)?;
+        Ok(Gpt::new(Engine::from_safetensors(&args, &bytes, &device).map_err(js_error)?))
     }
 
     #[napi(factory)]
     pub fn from_hf_gpt2_file(config_json: String, path: String, dropout: f64, device: String) -> Result<Gpt> {
-        Ok(Gpt::new(Engine::from_hf_gpt2_file(&config_json, &path, dropout, &device).map_err(js_error)?))
+        let bytes = files::map(&path).map_err(js_error)?;
+        Ok(Gpt::new(Engine::from_hf_gpt2(&config_json, &bytes, dropout, &device).map_err(js_error)?))
     }
 
     #[napi]
-    pub fn model_args(&self) -> Result<String> {
-        to_json(self.engine.model_args())
+    pub fn model_args<'env>(&self, env: &'env Env) -> Result<Unknown<'env>> {
+        to_js(env, self.engine.model_args())
     }
 
     #[napi]
@@ -65,14 +77,14 @@ impl Gpt {
     }
 
     #[napi]
-    pub fn configure_optimizer(&mut self, optimizer_args_json: String) -> Result<String> {
-        let args: OptimizerArgs = parse(&optimizer_args_json, "optimizer arguments")?;
-        to_json(&self.engine.configure_optimizer(&args).map_err(js_error)?)
+    pub fn configure_optimizer<'env>(&mut self, env: &'env Env, optimizer_args: Value) -> Result<Unknown<'env>> {
+        let args: OptimizerArgs = from_js(optimizer_args, "optimizer arguments")?;
+        to_js(env, &self.engine.configure_optimizer(&args).map_err(js_error)?)
     }
 
     #[napi]
     pub fn load_optimizer_file(&mut self, path: String) -> Result<()> {
-        self.engine.load_optimizer_file(&path).map_err(js_error)
+        self.engine.load_optimizer(&files::map(&path).map_err(js_error)?).map_err(js_error)
     }
 
     #[napi]
@@ -82,8 +94,8 @@ impl Gpt {
     }
 
     #[napi]
-    pub fn step(&mut self, lr: f64) -> Result<String> {
-        to_json(&self.engine.step(lr).map_err(js_error)?)
+    pub fn step<'env>(&mut self, env: &'env Env, lr: f64) -> Result<Unknown<'env>> {
+        to_js(env, &self.engine.step(lr).map_err(js_error)?)
     }
 
     #[napi]
@@ -96,10 +108,10 @@ impl Gpt {
         self.engine.synchronize().map_err(js_error)
     }
 
-    /// JSON of the device memory figures, `null` on the CPU.
+    /// The device memory figures, `null` on the CPU.
     #[napi]
-    pub fn memory_stats(&self) -> Result<String> {
-        to_json(&self.engine.memory_stats().map_err(js_error)?)
+    pub fn memory_stats<'env>(&self, env: &'env Env) -> Result<Unknown<'env>> {
+        to_js(env, &self.engine.memory_stats().map_err(js_error)?)
     }
 
     #[napi]
@@ -107,10 +119,10 @@ impl Gpt {
         self.engine.set_profiling(on).map_err(js_error)
     }
 
-    /// JSON of the last step's phase times, `null` when not profiling.
+    /// The last step's phase times, `null` when not profiling.
     #[napi]
-    pub fn phase_times(&self) -> Result<String> {
-        to_json(&self.engine.phase_times())
+    pub fn phase_times<'env>(&self, env: &'env Env) -> Result<Unknown<'env>> {
+        to_js(env, &self.engine.phase_times())
     }
 
     #[napi]
@@ -160,12 +172,12 @@ impl Gpt {
 
     #[napi]
     pub fn save_weights_file(&self, path: String) -> Result<()> {
-        self.engine.save_weights_file(&path).map_err(js_error)
+        files::write(&path, |out| self.engine.save_weights(out)).map_err(js_error)
     }
 
     #[napi]
     pub fn export_hf_file(&self, path: String) -> Result<()> {
-        self.engine.export_hf_file(&path).map_err(js_error)
+        files::write(&path, |out| self.engine.export_hf(out)).map_err(js_error)
     }
 
     #[napi]
@@ -175,35 +187,38 @@ impl Gpt {
 
     #[napi]
     pub fn save_gradients_file(&self, path: String) -> Result<()> {
-        self.engine.save_gradients_file(&path).map_err(js_error)
+        files::write(&path, |out| self.engine.save_gradients(out)).map_err(js_error)
     }
 
     #[napi]
     pub fn save_optimizer_file(&self, path: String) -> Result<()> {
-        self.engine.save_optimizer_file(&path).map_err(js_error)
+        files::write(&path, |out| self.engine.save_optimizer(out)).map_err(js_error)
     }
 
     #[napi(factory)]
-    pub fn from_nanogpt_checkpoint_file(model_args_json: String, path: String, device: String) -> Result<Gpt> {
-        let args: ModelArgs = parse(&model_args_json, "model_args")?;
-        Ok(Gpt { engine: Engine::from_nanogpt_checkpoint_file(&args, &path, &device).map_err(js_error)? })
+    pub fn from_nanogpt_checkpoint_file(model_args: Value, path: String, device: String) -> Result<Gpt> {
+        let args: ModelArgs = from_js(model_args, "model_args")?;
+        let bytes = files::map(&path).map_err(js_error)?;
+        Ok(Gpt::new(Engine::from_nanogpt_checkpoint(&args, &bytes, &device).map_err(js_error)?))
     }
 
     #[napi]
     pub fn load_nanogpt_optimizer_file(&mut self, path: String) -> Result<()> {
-        self.engine.load_nanogpt_optimizer_file(&path).map_err(js_error)
+        self.engine.load_nanogpt_optimizer(&files::map(&path).map_err(js_error)?).map_err(js_error)
     }
 
     #[napi]
-    pub fn save_nanogpt_checkpoint_file(&self, path: String, info_json: String) -> Result<()> {
-        self.engine.save_nanogpt_checkpoint_file(&path, &info_json).map_err(js_error)
+    pub fn save_nanogpt_checkpoint_file(&self, path: String, info: Value) -> Result<()> {
+        let info: CheckpointInfo = from_js(info, "checkpoint info")?;
+        files::write(&path, |out| self.engine.save_nanogpt_checkpoint(out, &info)).map_err(js_error)
     }
 }
 
-/// JSON of the `model_args`, `iter_num`, `best_val_loss` and `config` of nanoGPT's `ckpt.pt` at `path`.
+/// The `model_args`, `iter_num`, `best_val_loss` and `config` of nanoGPT's `ckpt.pt` at `path`.
 #[napi]
-pub fn nanogpt_checkpoint_info_file(path: String) -> Result<String> {
-    nanogpt_core::engine::nanogpt_checkpoint_info_file(&path).map_err(js_error)
+pub fn nanogpt_checkpoint_info_file(env: &Env, path: String) -> Result<Unknown<'_>> {
+    let bytes = files::map(&path).map_err(js_error)?;
+    to_js(env, &nanogpt_core::engine::nanogpt_checkpoint_info(&bytes).map_err(js_error)?)
 }
 
 /// A pickle of plain data (e.g. nanoGPT's `meta.pkl`) as JSON; pickles that would call code are refused.
@@ -213,15 +228,15 @@ pub fn pickle_to_json(bytes: Uint8Array) -> Result<String> {
 }
 
 #[napi]
-pub fn lr_at(iter: f64, schedule_json: String) -> Result<f64> {
-    let schedule: LrSchedule = parse(&schedule_json, "learning-rate schedule")?;
+pub fn lr_at(iter: f64, schedule: Value) -> Result<f64> {
+    let schedule: LrSchedule = from_js(schedule, "learning-rate schedule")?;
     Ok(schedule.lr_at(iter as u64))
 }
 
-/// Memory a run with `batch_size` rows needs, by purpose, in bytes (JSON of `MemoryEstimate`).
+/// Memory a run with `batch_size` rows needs, by purpose, in bytes (a `MemoryEstimate`).
 #[napi]
-pub fn estimate_memory(model_args_json: String, batch_size: u32, training: bool) -> Result<String> {
-    let args: ModelArgs = parse(&model_args_json, "model_args")?;
+pub fn estimate_memory(env: &Env, model_args: Value, batch_size: u32, training: bool) -> Result<Unknown<'_>> {
+    let args: ModelArgs = from_js(model_args, "model_args")?;
     let batch_size = batch_size as usize;
-    to_json(&if training { memory::training(&args, batch_size) } else { memory::sampling(&args, batch_size) })
+    to_js(env, &if training { memory::training(&args, batch_size) } else { memory::sampling(&args, batch_size) })
 }

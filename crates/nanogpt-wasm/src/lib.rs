@@ -1,8 +1,11 @@
-//! WebAssembly bindings of the engine: type translation only (JSON strings for argument structs,
-//! typed arrays for tokens, bytes for safetensors files, since a wasm module has no file system).
+//! WebAssembly bindings of the engine: type translation only (objects of the structs that
+//! ts/engine-types.ts declares, typed arrays for tokens, and bytes for the engine's files, since a
+//! wasm module has no file system: the engine writes them through [`files::to_vec`]).
 //! All logic lives in nanogpt-core, as for the Node.js addon.
 
+use nanogpt_core::files;
 use nanogpt_core::sample::SampleArgs;
+use nanogpt_core::torch_checkpoint::CheckpointInfo;
 use nanogpt_core::{memory, Engine, LrSchedule, ModelArgs, OptimizerArgs};
 use wasm_bindgen::prelude::*;
 
@@ -16,12 +19,17 @@ fn js_error(e: impl std::fmt::Display) -> JsError {
     JsError::new(&e.to_string())
 }
 
-fn parse<T: serde::de::DeserializeOwned>(json: &str, what: &str) -> Result<T, JsError> {
-    serde_json::from_str(json).map_err(|e| js_error(format!("invalid {what}: {e}")))
+fn from_js<T: serde::de::DeserializeOwned>(value: JsValue, what: &str) -> Result<T, JsError> {
+    serde_wasm_bindgen::from_value(value).map_err(|e| {
+        // The message alone: the error is a JavaScript Error, whose text starts with "Error: ".
+        let message = String::from(js_sys::Error::from(JsValue::from(e)).message());
+        js_error(format!("invalid {what}: {message}"))
+    })
 }
 
-fn to_json(value: &impl serde::Serialize) -> Result<String, JsError> {
-    serde_json::to_string(value).map_err(js_error)
+/// Plain objects, and `null` for None, as the Node.js addon gives them (not Maps and `undefined`).
+fn to_js(value: &impl serde::Serialize) -> Result<JsValue, JsError> {
+    value.serialize(&serde_wasm_bindgen::Serializer::json_compatible()).map_err(js_error)
 }
 
 #[wasm_bindgen]
@@ -37,14 +45,14 @@ impl Gpt {
 
 #[wasm_bindgen]
 impl Gpt {
-    pub fn create(model_args_json: &str, seed: f64) -> Result<Gpt, JsError> {
-        let args: ModelArgs = parse(model_args_json, "model_args")?;
+    pub fn create(model_args: JsValue, seed: f64) -> Result<Gpt, JsError> {
+        let args: ModelArgs = from_js(model_args, "model_args")?;
         Ok(Gpt::new(Engine::new(&args, seed as u64, DEVICE).map_err(js_error)?))
     }
 
     #[wasm_bindgen(js_name = fromSafetensors)]
-    pub fn from_safetensors(model_args_json: &str, bytes: &[u8]) -> Result<Gpt, JsError> {
-        let args: ModelArgs = parse(model_args_json, "model_args")?;
+    pub fn from_safetensors(model_args: JsValue, bytes: &[u8]) -> Result<Gpt, JsError> {
+        let args: ModelArgs = from_js(model_args, "model_args")?;
         Ok(Gpt::new(Engine::from_safetensors(&args, bytes, DEVICE).map_err(js_error)?))
     }
 
@@ -54,8 +62,8 @@ impl Gpt {
     }
 
     #[wasm_bindgen(js_name = modelArgs)]
-    pub fn model_args(&self) -> Result<String, JsError> {
-        to_json(self.engine.model_args())
+    pub fn model_args(&self) -> Result<JsValue, JsError> {
+        to_js(self.engine.model_args())
     }
 
     #[wasm_bindgen(js_name = cropBlockSize)]
@@ -69,9 +77,9 @@ impl Gpt {
     }
 
     #[wasm_bindgen(js_name = configureOptimizer)]
-    pub fn configure_optimizer(&mut self, optimizer_args_json: &str) -> Result<String, JsError> {
-        let args: OptimizerArgs = parse(optimizer_args_json, "optimizer arguments")?;
-        to_json(&self.engine.configure_optimizer(&args).map_err(js_error)?)
+    pub fn configure_optimizer(&mut self, optimizer_args: JsValue) -> Result<JsValue, JsError> {
+        let args: OptimizerArgs = from_js(optimizer_args, "optimizer arguments")?;
+        to_js(&self.engine.configure_optimizer(&args).map_err(js_error)?)
     }
 
     #[wasm_bindgen(js_name = loadOptimizer)]
@@ -85,8 +93,8 @@ impl Gpt {
         Ok(loss as f64)
     }
 
-    pub fn step(&mut self, lr: f64) -> Result<String, JsError> {
-        to_json(&self.engine.step(lr).map_err(js_error)?)
+    pub fn step(&mut self, lr: f64) -> Result<JsValue, JsError> {
+        to_js(&self.engine.step(lr).map_err(js_error)?)
     }
 
     /// float32 only: the CPU engine computes in f32 (the call exists so both bindings take the same calls).
@@ -99,10 +107,10 @@ impl Gpt {
         self.engine.synchronize().map_err(js_error)
     }
 
-    /// JSON of the device memory figures: `null`, as on every CPU.
+    /// The device memory figures: `null`, as on every CPU.
     #[wasm_bindgen(js_name = memoryStats)]
-    pub fn memory_stats(&self) -> Result<String, JsError> {
-        to_json(&self.engine.memory_stats().map_err(js_error)?)
+    pub fn memory_stats(&self) -> Result<JsValue, JsError> {
+        to_js(&self.engine.memory_stats().map_err(js_error)?)
     }
 
     #[wasm_bindgen(js_name = setProfiling)]
@@ -110,10 +118,10 @@ impl Gpt {
         self.engine.set_profiling(on).map_err(js_error)
     }
 
-    /// JSON of the last step's phase times, `null` when not profiling.
+    /// The last step's phase times, `null` when not profiling.
     #[wasm_bindgen(js_name = phaseTimes)]
-    pub fn phase_times(&self) -> Result<String, JsError> {
-        to_json(&self.engine.phase_times())
+    pub fn phase_times(&self) -> Result<JsValue, JsError> {
+        to_js(&self.engine.phase_times())
     }
 
     #[wasm_bindgen(js_name = evalLoss)]
@@ -162,12 +170,12 @@ impl Gpt {
 
     #[wasm_bindgen(js_name = saveWeights)]
     pub fn save_weights(&self) -> Result<Vec<u8>, JsError> {
-        self.engine.save_weights().map_err(js_error)
+        files::to_vec(|out| self.engine.save_weights(out)).map_err(js_error)
     }
 
     #[wasm_bindgen(js_name = exportHf)]
     pub fn export_hf(&self) -> Result<Vec<u8>, JsError> {
-        self.engine.export_hf().map_err(js_error)
+        files::to_vec(|out| self.engine.export_hf(out)).map_err(js_error)
     }
 
     #[wasm_bindgen(js_name = hfConfig)]
@@ -177,18 +185,18 @@ impl Gpt {
 
     #[wasm_bindgen(js_name = saveGradients)]
     pub fn save_gradients(&self) -> Result<Vec<u8>, JsError> {
-        self.engine.save_gradients().map_err(js_error)
+        files::to_vec(|out| self.engine.save_gradients(out)).map_err(js_error)
     }
 
     #[wasm_bindgen(js_name = saveOptimizer)]
     pub fn save_optimizer(&self) -> Result<Vec<u8>, JsError> {
-        self.engine.save_optimizer().map_err(js_error)
+        files::to_vec(|out| self.engine.save_optimizer(out)).map_err(js_error)
     }
 
     #[wasm_bindgen(js_name = fromNanogptCheckpoint)]
-    pub fn from_nanogpt_checkpoint(model_args_json: &str, bytes: &[u8]) -> Result<Gpt, JsError> {
-        let args: ModelArgs = parse(model_args_json, "model_args")?;
-        Ok(Gpt { engine: Engine::from_nanogpt_checkpoint(&args, bytes, DEVICE).map_err(js_error)? })
+    pub fn from_nanogpt_checkpoint(model_args: JsValue, bytes: &[u8]) -> Result<Gpt, JsError> {
+        let args: ModelArgs = from_js(model_args, "model_args")?;
+        Ok(Gpt::new(Engine::from_nanogpt_checkpoint(&args, bytes, DEVICE).map_err(js_error)?))
     }
 
     #[wasm_bindgen(js_name = loadNanogptOptimizer)]
@@ -197,15 +205,16 @@ impl Gpt {
     }
 
     #[wasm_bindgen(js_name = saveNanogptCheckpoint)]
-    pub fn save_nanogpt_checkpoint(&self, info_json: &str) -> Result<Vec<u8>, JsError> {
-        self.engine.save_nanogpt_checkpoint(info_json).map_err(js_error)
+    pub fn save_nanogpt_checkpoint(&self, info: JsValue) -> Result<Vec<u8>, JsError> {
+        let info: CheckpointInfo = from_js(info, "checkpoint info")?;
+        files::to_vec(|out| self.engine.save_nanogpt_checkpoint(out, &info)).map_err(js_error)
     }
 }
 
-/// JSON of the `model_args`, `iter_num`, `best_val_loss` and `config` of nanoGPT's `ckpt.pt` bytes.
+/// The `model_args`, `iter_num`, `best_val_loss` and `config` of nanoGPT's `ckpt.pt` bytes.
 #[wasm_bindgen(js_name = nanogptCheckpointInfo)]
-pub fn nanogpt_checkpoint_info(bytes: &[u8]) -> Result<String, JsError> {
-    nanogpt_core::engine::nanogpt_checkpoint_info(bytes).map_err(js_error)
+pub fn nanogpt_checkpoint_info(bytes: &[u8]) -> Result<JsValue, JsError> {
+    to_js(&nanogpt_core::engine::nanogpt_checkpoint_info(bytes).map_err(js_error)?)
 }
 
 /// A pickle of plain data (e.g. nanoGPT's `meta.pkl`) as JSON; pickles that would call code are refused.
@@ -215,15 +224,15 @@ pub fn pickle_to_json(bytes: &[u8]) -> Result<String, JsError> {
 }
 
 #[wasm_bindgen(js_name = lrAt)]
-pub fn lr_at(iter: f64, schedule_json: &str) -> Result<f64, JsError> {
-    let schedule: LrSchedule = parse(schedule_json, "learning-rate schedule")?;
+pub fn lr_at(iter: f64, schedule: JsValue) -> Result<f64, JsError> {
+    let schedule: LrSchedule = from_js(schedule, "learning-rate schedule")?;
     Ok(schedule.lr_at(iter as u64))
 }
 
-/// Memory a run with `batch_size` rows needs, by purpose, in bytes (JSON of `MemoryEstimate`).
+/// Memory a run with `batch_size` rows needs, by purpose, in bytes (a `MemoryEstimate`).
 #[wasm_bindgen(js_name = estimateMemory)]
-pub fn estimate_memory(model_args_json: &str, batch_size: u32, training: bool) -> Result<String, JsError> {
-    let args: ModelArgs = parse(model_args_json, "model_args")?;
+pub fn estimate_memory(model_args: JsValue, batch_size: u32, training: bool) -> Result<JsValue, JsError> {
+    let args: ModelArgs = from_js(model_args, "model_args")?;
     let batch_size = batch_size as usize;
-    to_json(&if training { memory::training(&args, batch_size) } else { memory::sampling(&args, batch_size) })
+    to_js(&if training { memory::training(&args, batch_size) } else { memory::sampling(&args, batch_size) })
 }
