@@ -278,6 +278,18 @@ fn mask(dropout: Option<(DropoutKey, f32)>, site: Site, offset: usize) -> Option
     dropout.map(|(key, p)| Mask::new(key, site, p).starting_at(offset))
 }
 
+/// The gradient `grad` back through a dropout `mask`: `grad` itself without one, else its masked copy in `scratch`.
+fn through_dropout<'a>(grad: &'a [f32], scratch: &'a mut [f32], mask: Option<Mask>) -> &'a [f32] {
+    match mask {
+        Some(m) => {
+            scratch.copy_from_slice(grad);
+            m.apply(scratch, 0);
+            scratch
+        }
+        None => grad,
+    }
+}
+
 /// `out = residual + dropout(inp Wᵀ + b)`: the residual add fused into the matmul when nothing is dropped.
 #[allow(clippy::too_many_arguments)]
 fn residual_linear(
@@ -469,14 +481,7 @@ impl Shard {
             let residual = if l == 0 { &*encoded } else { &layers[l - 1].residual_3 };
             let a = &layers[l];
             // MLP block: residual_3 = residual_2 + dropout(gelu(ln_2 W_fcᵀ) W_projᵀ).
-            let dproj: &[f32] = match mask(dropout, Site::MlpResidual(l), rows_at) {
-                Some(m) => {
-                    scratch.copy_from_slice(dresidual);
-                    m.apply(scratch, 0);
-                    scratch
-                }
-                None => dresidual,
-            };
+            let dproj = through_dropout(dresidual, scratch, mask(dropout, Site::MlpResidual(l), rows_at));
             let (dw, db) = lp.mlp_proj.get_mut(grads);
             matmul::backward(Some(dfch), dw, db, dproj, &a.fch_gelu, lp.mlp_proj.get(params).0, n, 4 * c, c, accumulate);
             gelu::backward(dfch, &a.fch, tanh);
@@ -497,14 +502,7 @@ impl Shard {
             );
 
             // Attention block: residual_2 = residual + dropout(attention(ln_1 W_attnᵀ) W_projᵀ).
-            let dproj: &[f32] = match mask(dropout, Site::AttentionResidual(l), rows_at) {
-                Some(m) => {
-                    scratch.copy_from_slice(dresidual);
-                    m.apply(scratch, 0);
-                    scratch
-                }
-                None => dresidual,
-            };
+            let dproj = through_dropout(dresidual, scratch, mask(dropout, Site::AttentionResidual(l), rows_at));
             let (dw, db) = lp.attn_proj.get_mut(grads);
             matmul::backward(Some(datty), dw, db, dproj, &a.atty, lp.attn_proj.get(params).0, n, c, c, accumulate);
             attention::backward(dqkv, datty, &a.qkv, t, c, nh, mask(dropout, Site::Attention(l), scores_at));
