@@ -32,155 +32,196 @@ struct Decoder {
     batch: usize,
     /// Positions already in the cache, the same for every sequence.
     cached: usize,
-    /// (L, B, block, C) each.
+    /// Every buffer, sequence-major so that a contiguous run of sequences owns one slice of each.
+    buffers: Buffers,
+}
+
+/// Per-sequence buffers, sequence after sequence: `B x len` elements each, with `len` as listed.
+struct Buffers {
+    /// (L, block, C) keys and values.
     keys: Vec<f32>,
     values: Vec<f32>,
-    /// Per-position buffers for up to B x block rows.
+    /// (block, C) or (block, 3C) or (block, 4C): rows of the positions in a pass.
     residual: Vec<f32>,
     ln: Vec<f32>,
-    mean: Vec<f32>,
-    rstd: Vec<f32>,
     qkv: Vec<f32>,
     atty: Vec<f32>,
     fch: Vec<f32>,
     fch_gelu: Vec<f32>,
-    /// (B, block): one attention row per sequence.
+    /// (block): LayerNorm statistics, and one attention row.
+    mean: Vec<f32>,
+    rstd: Vec<f32>,
     scores: Vec<f32>,
-    /// (B, C): the last position of each sequence after the final LayerNorm.
-    last: Vec<f32>,
-    /// (B, V).
+    /// (V): the next token's logits.
     logits: Vec<f32>,
+}
+
+/// The buffers of a run of sequences, as the one thread that decodes them sees them.
+struct Shard<'a> {
+    keys: &'a mut [f32],
+    values: &'a mut [f32],
+    residual: &'a mut [f32],
+    ln: &'a mut [f32],
+    qkv: &'a mut [f32],
+    atty: &'a mut [f32],
+    fch: &'a mut [f32],
+    fch_gelu: &'a mut [f32],
+    mean: &'a mut [f32],
+    rstd: &'a mut [f32],
+    scores: &'a mut [f32],
+    logits: &'a mut [f32],
+}
+
+/// f32 elements per sequence of each buffer, in the order of [`Buffers`]' fields.
+fn lengths_per_sequence(args: &ModelArgs) -> [usize; 12] {
+    let (block, c) = (args.block_size, args.n_embd);
+    let cache = args.n_layer * block * c;
+    [cache, cache, block * c, block * c, block * 3 * c, block * c, block * 4 * c, block * 4 * c, block, block, block, args.vocab_size]
 }
 
 /// f32 elements the decoder of `batch` sequences allocates.
 pub fn buffer_len(args: &ModelArgs, batch: usize) -> usize {
-    let (rows, c) = (batch * args.block_size, args.n_embd);
-    let cache = 2 * args.n_layer * rows * c;
-    let per_row = c + c + 2 + 3 * c + c + 4 * c + 4 * c + args.block_size;
-    cache + rows * per_row + batch * (c + args.vocab_size)
+    batch * lengths_per_sequence(args).iter().sum::<usize>()
 }
 
 impl Decoder {
     fn new(args: &ModelArgs, batch: usize) -> Self {
-        let (rows, c) = (batch * args.block_size, args.n_embd);
-        let z = |len: usize| vec![0f32; len];
-        Self {
-            batch,
-            cached: 0,
-            keys: z(args.n_layer * rows * c),
-            values: z(args.n_layer * rows * c),
-            residual: z(rows * c),
-            ln: z(rows * c),
-            mean: z(rows),
-            rstd: z(rows),
-            qkv: z(rows * 3 * c),
-            atty: z(rows * c),
-            fch: z(rows * 4 * c),
-            fch_gelu: z(rows * 4 * c),
-            scores: z(rows),
-            last: z(batch * c),
-            logits: z(batch * args.vocab_size),
-        }
+        let [keys, values, residual, ln, qkv, atty, fch, fch_gelu, mean, rstd, scores, logits] =
+            lengths_per_sequence(args).map(|len| vec![0f32; batch * len]);
+        let buffers = Buffers { keys, values, residual, ln, qkv, atty, fch, fch_gelu, mean, rstd, scores, logits };
+        Self { batch, cached: 0, buffers }
     }
 
     /// Runs `tokens` (B x T, the next T positions of every sequence) through the model, appending
     /// their keys and values to the cache, and leaves the logits of each sequence's last position
-    /// in `self.logits`. With an empty cache this is the prefill of a prompt or window.
+    /// in `logits`. With an empty cache this is the prefill of a prompt or window.
+    ///
+    /// The sequences split into one shard per thread, each decoded start to end on its own thread
+    /// with single-threaded kernels: a pass is too short to share each small product between
+    /// threads. A single sequence runs on the calling thread, where the products use every thread.
     fn forward(&mut self, model: Weights, tokens: &[u32], t: usize) {
+        let block = model.args.block_size;
+        let pos0 = self.cached;
+        assert!(tokens.len() == self.batch * t && pos0 + t <= block, "decode: {t} new positions after {pos0} do not fit the block of {block}");
+        let per_shard = self.batch.div_ceil(rayon::current_num_threads().min(self.batch));
+        let shards = self.shards(model.args, per_shard);
+        if shards.len() == 1 {
+            shards.into_iter().for_each(|shard| shard.forward(model, tokens, t, pos0));
+        } else {
+            shards.into_par_iter().zip(tokens.par_chunks(per_shard * t)).for_each(|(shard, tokens)| shard.forward(model, tokens, t, pos0));
+        }
+        self.cached += t;
+    }
+
+    /// The buffers cut into runs of `per_shard` sequences (the last run may be shorter).
+    fn shards(&mut self, args: &ModelArgs, per_shard: usize) -> Vec<Shard<'_>> {
+        let Buffers { keys, values, residual, ln, qkv, atty, fch, fch_gelu, mean, rstd, scores, logits } = &mut self.buffers;
+        let buffers = [keys, values, residual, ln, qkv, atty, fch, fch_gelu, mean, rstd, scores, logits];
+        let mut parts = buffers.into_iter().zip(lengths_per_sequence(args)).map(|(buf, len)| buf.chunks_mut(per_shard * len)).collect::<Vec<_>>();
+        (0..self.batch.div_ceil(per_shard))
+            .map(|_| {
+                let [keys, values, residual, ln, qkv, atty, fch, fch_gelu, mean, rstd, scores, logits] =
+                    std::array::from_fn(|i| parts[i].next().expect("every buffer has a part per shard"));
+                Shard { keys, values, residual, ln, qkv, atty, fch, fch_gelu, mean, rstd, scores, logits }
+            })
+            .collect()
+    }
+}
+
+impl Shard<'_> {
+    /// [`Decoder::forward`] for this shard's sequences: `tokens` holds T positions of each.
+    fn forward(self, model: Weights, tokens: &[u32], t: usize, pos0: usize) {
         let Weights { args, layout, params } = model;
-        let (b, c, nh, block) = (self.batch, args.n_embd, args.n_head, args.block_size);
-        let (n, pos0) = (b * t, self.cached);
-        assert!(tokens.len() == n && pos0 + t <= block, "decode: {t} new positions after {pos0} do not fit the block of {block}");
+        let (c, nh, block, v) = (args.n_embd, args.n_head, args.block_size, args.vocab_size);
+        let (b, n) = (tokens.len() / t, tokens.len());
         let p = |r: &std::ops::Range<usize>| &params[r.clone()];
-        let [x, ln, qkv, atty, fch, fch_gelu] =
-            [&mut self.residual, &mut self.ln, &mut self.qkv, &mut self.atty, &mut self.fch, &mut self.fch_gelu].map(|buf| &mut buf[..]);
-        let (x, ln, qkv, atty) = (&mut x[..n * c], &mut ln[..n * c], &mut qkv[..n * 3 * c], &mut atty[..n * c]);
-        let (fch, fch_gelu) = (&mut fch[..n * 4 * c], &mut fch_gelu[..n * 4 * c]);
+        let (x, ln, qkv, atty) = (&mut self.residual[..n * c], &mut self.ln[..n * c], &mut self.qkv[..n * 3 * c], &mut self.atty[..n * c]);
+        let (fch, fch_gelu) = (&mut self.fch[..n * 4 * c], &mut self.fch_gelu[..n * 4 * c]);
         let (mean, rstd) = (&mut self.mean[..n], &mut self.rstd[..n]);
+        let layer_cache = block * c;
 
         embedding::forward(x, tokens, p(&layout.wte), &p(&layout.wpe)[pos0 * c..], t, c, None);
-        let layer_cache = b * block * c;
         for (l, lp) in layout.layers.iter().enumerate() {
             let (w, bias) = lp.ln_1.get(params);
             layernorm::forward(ln, mean, rstd, x, w, bias);
             let (w, bias) = lp.c_attn.get(params);
             matmul::forward(qkv, ln, w, bias, n, c, 3 * c, false);
-            let keys = &mut self.keys[l * layer_cache..][..layer_cache];
-            let values = &mut self.values[l * layer_cache..][..layer_cache];
             for (row, qkv_row) in qkv.chunks_exact(3 * c).enumerate() {
-                let slot = ((row / t) * block + pos0 + row % t) * c;
-                keys[slot..slot + c].copy_from_slice(&qkv_row[c..2 * c]);
-                values[slot..slot + c].copy_from_slice(&qkv_row[2 * c..]);
+                let slot = (((row / t) * args.n_layer + l) * block + pos0 + row % t) * c;
+                self.keys[slot..slot + c].copy_from_slice(&qkv_row[c..2 * c]);
+                self.values[slot..slot + c].copy_from_slice(&qkv_row[2 * c..]);
             }
-            if pos0 == 0 {
-                attention::forward(atty, qkv, t, c, nh, None);
+            // After the last layer's keys and values, only each sequence's last position matters:
+            // its row alone goes on, through attention to the cache and the MLP.
+            let last_only = l + 1 == args.n_layer && t > 1;
+            let (rows, queries, first) = if last_only {
+                for seq in 0..b {
+                    let last = seq * t + t - 1;
+                    x.copy_within(last * c..(last + 1) * c, seq * c);
+                    qkv.copy_within(last * 3 * c..(last + 1) * 3 * c, seq * 3 * c);
+                }
+                (b, 1, pos0 + t - 1)
             } else {
-                attend_to_cache(atty, &mut self.scores, qkv, keys, values, t, pos0, c, nh, block);
+                (n, t, pos0)
+            };
+            let (x, ln, atty) = (&mut x[..rows * c], &mut ln[..rows * c], &mut atty[..rows * c]);
+            let (fch, fch_gelu) = (&mut fch[..rows * 4 * c], &mut fch_gelu[..rows * 4 * c]);
+            let (mean, rstd) = (&mut mean[..rows], &mut rstd[..rows]);
+            if first == 0 && queries > 1 {
+                attention::forward(atty, &qkv[..rows * 3 * c], queries, c, nh, None);
+            } else {
+                for seq in 0..b {
+                    let cache = (seq * args.n_layer + l) * layer_cache..(seq * args.n_layer + l + 1) * layer_cache;
+                    let (out, queries_qkv) = (&mut atty[seq * queries * c..][..queries * c], &qkv[seq * queries * 3 * c..][..queries * 3 * c]);
+                    attend_to_cache(out, self.scores, queries_qkv, &self.keys[cache.clone()], &self.values[cache], first, c, nh);
+                }
             }
             let (w, bias) = lp.attn_proj.get(params);
-            matmul::forward(x, atty, w, bias, n, c, c, true);
+            matmul::forward(x, atty, w, bias, rows, c, c, true);
             let (w, bias) = lp.ln_2.get(params);
             layernorm::forward(ln, mean, rstd, x, w, bias);
             let (w, bias) = lp.c_fc.get(params);
-            matmul::forward(fch, ln, w, bias, n, c, 4 * c, false);
+            matmul::forward(fch, ln, w, bias, rows, c, 4 * c, false);
             gelu::forward(fch_gelu, fch, args.gelu == Gelu::Tanh);
             let (w, bias) = lp.mlp_proj.get(params);
-            matmul::forward(x, fch_gelu, w, bias, n, 4 * c, c, true);
+            matmul::forward(x, fch_gelu, w, bias, rows, 4 * c, c, true);
         }
-        // Only the last position of each sequence predicts the next token.
-        for (last, seq) in self.last.chunks_exact_mut(c).zip(x.chunks_exact(t * c)) {
-            last.copy_from_slice(&seq[(t - 1) * c..]);
-        }
+        // Each sequence's last position is now its row of x (T = 1, or the last layer kept only it).
+        let (x, ln) = (&x[..b * c], &mut ln[..b * c]);
         let (w, bias) = layout.ln_f.get(params);
-        layernorm::forward(&mut ln[..b * c], &mut mean[..b], &mut rstd[..b], &self.last, w, bias);
-        matmul::forward(&mut self.logits, &ln[..b * c], p(&layout.wte), None, b, c, args.vocab_size, false);
-        self.cached += t;
+        layernorm::forward(ln, &mut mean[..b], &mut rstd[..b], x, w, bias);
+        matmul::forward(&mut self.logits[..b * v], ln, p(&layout.wte), None, b, c, v, false);
     }
 }
 
-/// Causal attention of T new positions per sequence (queries in `qkv`, rows (B, T, 3C)) over the
-/// `pos0 + T` cached positions, into `atty` (B, T, C); sequences run in parallel.
+/// Causal attention of one sequence's T new positions (queries in `qkv`, rows (T, 3C)) over the
+/// `pos0 + T` positions in its layer's cache (`keys`, `values`: (block, C)), into `atty` (T, C).
 #[allow(clippy::too_many_arguments)]
-fn attend_to_cache(
-    atty: &mut [f32],
-    scores: &mut [f32],
-    qkv: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    t: usize,
-    pos0: usize,
-    c: usize,
-    nh: usize,
-    block: usize,
-) {
+fn attend_to_cache(atty: &mut [f32], scores: &mut [f32], qkv: &[f32], keys: &[f32], values: &[f32], pos0: usize, c: usize, nh: usize) {
     let hs = c / nh;
     let scale = 1.0 / (hs as f32).sqrt();
-    atty.par_chunks_mut(t * c).zip(scores.par_chunks_mut(block)).enumerate().for_each(|(seq, (out, scores))| {
-        let (keys, values) = (&keys[seq * block * c..][..block * c], &values[seq * block * c..][..block * c]);
-        for i in 0..t {
-            let q_row = &qkv[(seq * t + i) * 3 * c..][..c];
-            let seen = pos0 + i + 1;
-            for h in 0..nh {
-                let q = &q_row[h * hs..][..hs];
-                let scores = &mut scores[..seen];
-                for (j, s) in scores.iter_mut().enumerate() {
-                    *s = dot(q, &keys[j * c + h * hs..][..hs]) * scale;
-                }
-                let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let mut total = 0f32;
-                scores.iter_mut().for_each(|s| {
-                    *s = exp(*s - max);
-                    total += *s;
-                });
-                let y = &mut out[i * c + h * hs..][..hs];
-                y.fill(0.0);
-                for (j, &s) in scores.iter().enumerate() {
-                    let weight = s / total;
-                    y.iter_mut().zip(&values[j * c + h * hs..][..hs]).for_each(|(y, v)| *y += weight * v);
-                }
+    for (i, (out, q_row)) in atty.chunks_exact_mut(c).zip(qkv.chunks_exact(3 * c)).enumerate() {
+        let seen = pos0 + i + 1;
+        for h in 0..nh {
+            let q = &q_row[h * hs..][..hs];
+            let scores = &mut scores[..seen];
+            for (j, s) in scores.iter_mut().enumerate() {
+                *s = dot(q, &keys[j * c + h * hs..][..hs]) * scale;
+            }
+            let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let mut total = 0f32;
+            scores.iter_mut().for_each(|s| {
+                *s = exp(*s - max);
+                total += *s;
+            });
+            let y = &mut out[h * hs..][..hs];
+            y.fill(0.0);
+            for (j, &s) in scores.iter().enumerate() {
+                let weight = s / total;
+                y.iter_mut().zip(&values[j * c + h * hs..][..hs]).for_each(|(y, v)| *y += weight * v);
             }
         }
-    });
+    }
 }
 
 /// Sequences sampled together from one prompt, each with its own generator (seeded from its
@@ -234,7 +275,7 @@ impl Generation {
         }
         let v = model.args.vocab_size;
         self.sampled.clear();
-        for ((logits, rng), seq) in self.decoder.logits.chunks_exact_mut(v).zip(&mut self.rngs).zip(&mut self.tokens) {
+        for ((logits, rng), seq) in self.decoder.buffers.logits.chunks_exact_mut(v).zip(&mut self.rngs).zip(&mut self.tokens) {
             let token = sample::sample_token(logits, self.temperature, self.top_k, &mut self.selection, rng);
             seq.push(token);
             self.sampled.push(token);
@@ -296,7 +337,7 @@ mod tests {
                     decoder.forward(model, &tokens[len - 1..len], 1);
                 }
                 let expected = recomputed(&args, &layout, &params, &tokens[..len]);
-                for (a, b) in decoder.logits.iter().zip(&expected) {
+                for (a, b) in decoder.buffers.logits.iter().zip(&expected) {
                     assert!((a - b).abs() < 1e-5, "position {len}: cached {a} vs recomputed {b}");
                 }
             }
@@ -327,7 +368,9 @@ mod tests {
         let sample = SampleArgs { max_new_tokens: 2 * args.block_size + 3, temperature: 0.9, top_k: Some(5), seed: 0 };
         let seeds = [11u64, 12, 13];
         let model = Weights { args: &args, layout: &layout, params: &params };
-        let batched = generate(model, &[4, 5], &seeds, &sample).unwrap();
+        // Two threads make two shards (two sequences and one) on any machine.
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let batched = pool.install(|| generate(model, &[4, 5], &seeds, &sample)).unwrap();
         for (seed, together) in seeds.iter().zip(&batched) {
             let alone = generate(model, &[4, 5], &[*seed], &sample).unwrap().remove(0);
             assert_eq!(together, &alone, "seed {seed}");
@@ -342,11 +385,11 @@ mod tests {
         let model = Weights { args: &args, layout: &layout, params: &params };
         let mut generation = Generation::new(&args, &[1], &[1, 2], &sample).unwrap();
         generation.next_tokens(model);
-        let before = generation.decoder.keys.capacity() + generation.decoder.residual.capacity() + generation.feed.capacity();
+        let before = generation.decoder.buffers.keys.capacity() + generation.decoder.buffers.residual.capacity() + generation.feed.capacity();
         for _ in 0..3 * args.block_size {
             generation.next_tokens(model);
         }
-        let after = generation.decoder.keys.capacity() + generation.decoder.residual.capacity() + generation.feed.capacity();
+        let after = generation.decoder.buffers.keys.capacity() + generation.decoder.buffers.residual.capacity() + generation.feed.capacity();
         assert_eq!(before, after);
         assert_eq!(generation.sequences()[0].len(), 2 + 3 * args.block_size);
     }
