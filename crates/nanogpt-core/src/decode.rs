@@ -102,7 +102,10 @@ impl Decoder {
     fn forward(&mut self, model: Weights, tokens: &[u32], t: usize) {
         let block = model.args.block_size;
         let pos0 = self.cached;
-        assert!(tokens.len() == self.batch * t && pos0 + t <= block, "decode: {t} new positions after {pos0} do not fit the block of {block}");
+        assert!(
+            tokens.len() == self.batch * t && pos0 + t <= block,
+            "decode: {t} new positions after {pos0} do not fit the block of {block}"
+        );
         let per_shard = self.batch.div_ceil(rayon::current_num_threads().min(self.batch));
         let shards = self.shards(model.args, per_shard);
         if shards.len() == 1 {
@@ -117,7 +120,8 @@ impl Decoder {
     fn shards(&mut self, args: &ModelArgs, per_shard: usize) -> Vec<Shard<'_>> {
         let Buffers { keys, values, residual, ln, qkv, atty, fch, fch_gelu, mean, rstd, scores, logits } = &mut self.buffers;
         let buffers = [keys, values, residual, ln, qkv, atty, fch, fch_gelu, mean, rstd, scores, logits];
-        let mut parts = buffers.into_iter().zip(lengths_per_sequence(args)).map(|(buf, len)| buf.chunks_mut(per_shard * len)).collect::<Vec<_>>();
+        let mut parts =
+            buffers.into_iter().zip(lengths_per_sequence(args)).map(|(buf, len)| buf.chunks_mut(per_shard * len)).collect::<Vec<_>>();
         (0..self.batch.div_ceil(per_shard))
             .map(|_| {
                 let [keys, values, residual, ln, qkv, atty, fch, fch_gelu, mean, rstd, scores, logits] =
@@ -172,7 +176,8 @@ impl Shard<'_> {
             } else {
                 for seq in 0..b {
                     let cache = (seq * args.n_layer + l) * layer_cache..(seq * args.n_layer + l + 1) * layer_cache;
-                    let (out, queries_qkv) = (&mut atty[seq * queries * c..][..queries * c], &qkv[seq * queries * 3 * c..][..queries * 3 * c]);
+                    let (out, queries_qkv) =
+                        (&mut atty[seq * queries * c..][..queries * c], &qkv[seq * queries * 3 * c..][..queries * 3 * c]);
                     attend_to_cache(out, self.scores, queries_qkv, &self.keys[cache.clone()], &self.values[cache], first, c, nh);
                 }
             }
@@ -385,11 +390,13 @@ mod tests {
         let model = Weights { args: &args, layout: &layout, params: &params };
         let mut generation = Generation::new(&args, &[1], &[1, 2], &sample).unwrap();
         generation.next_tokens(model);
-        let before = generation.decoder.buffers.keys.capacity() + generation.decoder.buffers.residual.capacity() + generation.feed.capacity();
+        let before =
+            generation.decoder.buffers.keys.capacity() + generation.decoder.buffers.residual.capacity() + generation.feed.capacity();
         for _ in 0..3 * args.block_size {
             generation.next_tokens(model);
         }
-        let after = generation.decoder.buffers.keys.capacity() + generation.decoder.buffers.residual.capacity() + generation.feed.capacity();
+        let after =
+            generation.decoder.buffers.keys.capacity() + generation.decoder.buffers.residual.capacity() + generation.feed.capacity();
         assert_eq!(before, after);
         assert_eq!(generation.sequences()[0].len(), 2 + 3 * args.block_size);
     }
