@@ -133,7 +133,7 @@ describe('nanogpt-rs end to end', () => {
     expect(readFileSync(join(work, 'out-tiny', 'plot.html'), 'utf8').match(/<svg/g)).toHaveLength(3);
   });
 
-  it('samples text, each sample followed by dashes', () => {
+  it('samples text, each sample followed by dashes: what the library samples for the same seed', async () => {
     const result = run('sample', '--out_dir=out-tiny', '--start=ROMEO:', '--num_samples=2', '--max_new_tokens=40');
     expect(result.stderr).toBe('');
     const [settings, body] = result.stdout.split('Loading meta from data/shakespeare_char/meta.json...\n');
@@ -143,6 +143,9 @@ describe('nanogpt-rs end to end', () => {
     expect(samples.pop()).toBe('');
     for (const sample of samples) expect(sample).toMatch(/^ROMEO:[\s\S]{40}\n$/);
     expect(samples[0]).not.toBe(samples[1]);
+    const { sample } = await import('../ts/index.ts');
+    const fromLibrary = await sample({ data_dir: join(work, 'data'), out_dir: join(work, 'out-tiny'), start: 'ROMEO:', num_samples: 2, max_new_tokens: 40 });
+    expect(samples).toEqual(fromLibrary.map((text) => `${text}\n`));
   });
 
   it('names a prompt character outside the vocabulary', () => {

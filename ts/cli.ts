@@ -79,15 +79,15 @@ program
   .allowUnknownOption()
   .addHelpText('after', `\nConfig keys:\n${describeKeys(sampleSchema)}`)
   .action(async (args: string[]) => {
-    // Each sample is printed as it is generated, then a line of dashes, as sample.py prints them.
+    // Each sample followed by a line of dashes, as sample.py prints them. The samples decode together: the first is
+    // printed as it is generated, the others once they are complete.
     const { generate } = await import('./sample.ts');
-    let current = -1;
+    const texts: string[] = [];
     for await (const { sample, text } of generate(await parseArgs(sampleSchema, args), { onLog: console.log })) {
-      if (sample !== current && current >= 0) process.stdout.write('\n---------------\n');
-      current = sample;
-      process.stdout.write(text);
+      if (sample === 0) process.stdout.write(text);
+      texts[sample] = (texts[sample] ?? '') + text;
     }
-    if (current >= 0) process.stdout.write('\n---------------\n');
+    for (const [k, text] of texts.entries()) process.stdout.write(`${k === 0 ? '' : text}\n---------------\n`);
   });
 
 program

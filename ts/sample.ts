@@ -31,23 +31,25 @@ export interface TextChunk {
 }
 
 /**
- * `sample`, streamed: the samples' text arrives in chunks as the engine generates it, one token at a time. Each
- * sample's chunks join into the text `sample` returns for the same seed.
+ * `sample`, streamed: the samples' text arrives in chunks as the engine generates it. All samples decode together as
+ * one batch (as in `sample`), so their chunks interleave: each sample's prompt first, then at every step a chunk per
+ * sample that has new text. Each sample's chunks join into the text `sample` returns for the same seed.
  */
 export async function* generate(overrides: Partial<SampleConfig> = {}, options: SampleOptions = {}): AsyncGenerator<TextChunk> {
   const { config, engine, tokenizer, prompt, seeds } = await openSampling(overrides, options);
-  for (const [k, seed] of seeds.entries()) {
-    engine.startSampling(prompt, Uint32Array.of(seed), config.temperature, config.top_k);
-    const tokens = Array.from(prompt);
-    let emitted = tokenizer.decode(tokens);
-    yield { sample: k, text: emitted };
-    for (let i = 0; i < config.max_new_tokens; i++) {
-      tokens.push(engine.nextTokens()[0]);
+  engine.startSampling(prompt, Uint32Array.from(seeds), config.temperature, config.top_k);
+  const tokens = seeds.map(() => Array.from(prompt));
+  const emitted = tokens.map((sequence) => tokenizer.decode(sequence));
+  for (const [k, text] of emitted.entries()) yield { sample: k, text };
+  for (let i = 0; i < config.max_new_tokens; i++) {
+    const next = engine.nextTokens();
+    for (const [k, sequence] of tokens.entries()) {
+      sequence.push(next[k]);
       // A GPT-2 token can end inside a UTF-8 character: wait for the rest before emitting it.
-      const text = tokenizer.decode(tokens);
+      const text = tokenizer.decode(sequence);
       if (text.endsWith('\uFFFD') && i + 1 < config.max_new_tokens) continue;
-      yield { sample: k, text: text.slice(emitted.length) };
-      emitted = text;
+      yield { sample: k, text: text.slice(emitted[k].length) };
+      emitted[k] = text;
     }
   }
 }
