@@ -4,7 +4,8 @@
 #      and a few training steps in float32, bfloat16 and float16;
 #   2. throughput at GPT-2 124M shapes (B=12, T=1024, bfloat16): torch_ref.py bench, then ours;
 #   3. per-phase profile of our step (data, forward, backward, optimizer), at 124M and shakespeare_char shapes;
-#   4. the shakespeare_char recipe: torch_ref.py train, then our train; best val loss and wall time of each.
+#   4. sampling from a GPT-2 XL-shaped model (bench/sample.ts): torch_ref.py sample, then ours; tokens/s of each;
+#   5. the shakespeare_char recipe: torch_ref.py train, then our train; best val loss and wall time of each.
 # It builds nothing: run `bash scripts/pack-gpu-check.sh` first and carry .gpu-check with the working tree. The
 # machine needs python3 with torch, the NVIDIA driver, and CUDA 13 libraries (cuBLAS, cuRAND, NVRTC).
 #
@@ -83,8 +84,8 @@ echo "ldd of the addon:"
 ldd "$addon" | grep -E 'cuda|cublas|curand|nvrtc|not found' || true
 
 # ---------------------------------------------------------------- 1. correctness
-phase correctness 150 "$app/tests/cuda" --nocapture --test-threads=1 \
-  && grep -q 'skipped: no usable GPU' "$out/correctness.log" && status[correctness]="skipped: no usable GPU"
+phase correctness 150 "$app/tests/cuda" --ignored --nocapture --test-threads=1 \
+  || { grep -q 'no usable GPU' "$out/correctness.log" && status[correctness]="failed: no usable GPU"; }
 
 # ---------------------------------------------------------------- 2. throughput, 124M shapes
 shape=(--n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --batch_size=12)
@@ -101,7 +102,10 @@ char_shape=(--n_layer=6 --n_head=6 --n_embd=384 --block_size=256 --batch_size=64
 phase profile_char 60 "$node" "$app/dist/cli.mjs" bench "${char_shape[@]}" --real_data \
   --dataset=shakespeare_char --data_dir="$work/data" --device=cuda --dtype=bfloat16 --warmup=5 --iters=20 --profile
 
-# ---------------------------------------------------------------- 4. shakespeare_char recipe
+# ---------------------------------------------------------------- 4. sampling
+phase sample_xl 150 "$node" "$app/bench/sample.mjs" --device=cuda --shapes=gpt2-xl
+
+# ---------------------------------------------------------------- 5. shakespeare_char recipe
 recipe=(--max_iters="$train_iters" --lr_decay_iters="$train_iters" --eval_iters=100)
 phase torch_train 200 python3 "$root/bench/torch_ref.py" train --text="$work/data/shakespeare_char/input.txt" "${recipe[@]}"
 t_ours=$SECONDS
@@ -123,7 +127,7 @@ t_tok=$(result torch_bench tokens_per_s) o_tok=$(result our_bench tokens_per_s)
 t_wall=$(result torch_train wall_s) t_best=$(result torch_train best_val)
 
 section "summary"
-for name in unpack correctness torch_bench our_bench profile_124m prepare profile_char torch_train our_train; do
+for name in unpack correctness torch_bench our_bench profile_124m prepare profile_char sample_xl torch_train our_train; do
   printf '%-14s %s\n' "$name" "${status[$name]:-not run}"
 done
 echo
@@ -137,6 +141,8 @@ printf '%-34s %14s %14s %8s\n' "124M bench bf16 tokens/s" "${t_tok:-n/a}" "${o_t
 printf '%-34s %14s %14s %8s\n' "124M bench ms/iter" "$(result torch_bench ms_per_iter)" "$(result our_bench ms_per_iter)" \
   "$(ratio "$(result our_bench ms_per_iter)" "$(result torch_bench ms_per_iter)")"
 printf '%-34s %14s %14s %8s\n' "124M bench peak memory GiB" "$(result torch_bench peak_mem_gb)" "$(gib "$(result our_bench peak_mem_bytes)")" ""
+printf '%-34s %14s %14s %8s\n' "GPT-2 XL sampling tokens/s" "$(result sample_xl torch_tokens_per_s)" "$(result sample_xl tokens_per_s)" \
+  "$(result sample_xl ratio)"
 printf '%-34s %14s %14s %8s\n' "char recipe ($train_iters it) best val" "${t_best:-n/a}" "${ours_best:-n/a}" ""
 printf '%-34s %14s %14s %8s\n' "char recipe wall s" "${t_wall:-n/a}" "$ours_wall" "$(ratio "${ours_wall% *}" "$t_wall")"
 [ -n "$ours_last_iter" ] && echo "(our train reached iter $ours_last_iter of $train_iters; torch's wall time excludes start-up, ours includes it)"

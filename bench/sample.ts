@@ -1,17 +1,28 @@
 // Sampling speed: this engine's decode path against nanoGPT's sample.py loop (bench/torch_ref.py sample: one
-// sequence after another, a full forward pass over the cropped context per token), in one command, at two shapes
-// and on both engine builds. Weights are random: the work per token does not depend on them.
-// Usage: npm run bench:sample [-- --engines=native,wasm] [--quick]
+// sequence after another, a full forward pass over the cropped context per token), in one command, at each shape
+// and on each engine build. Weights are random: the work per token does not depend on them.
+// Usage: npm run bench:sample [-- --engines=native,wasm] [--shapes=recipe,char] [--quick]
+//        npm run bench:sample -- --device=cuda --shapes=gpt2-xl   (the CUDA build in bfloat16, against torch's autocast)
 import { execFileSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { Engine, type EngineChoice, type ModelArgs } from '../ts/engine.ts';
 
-const shapes = [
-  { name: 'README CPU recipe (4 x 128, block 64)', n_layer: 4, n_head: 4, n_embd: 128, block_size: 64, samples: 10, tokens: 500 },
-  { name: 'GPU shakespeare_char config (6 x 384, block 256)', n_layer: 6, n_head: 6, n_embd: 384, block_size: 256, samples: 2, tokens: 300 },
-];
+const allShapes = {
+  recipe: { name: 'README CPU recipe (4 x 128, block 64)', n_layer: 4, n_head: 4, n_embd: 128, block_size: 64, vocab_size: 65, samples: 10, tokens: 500 },
+  char: { name: 'GPU shakespeare_char config (6 x 384, block 256)', n_layer: 6, n_head: 6, n_embd: 384, block_size: 256, vocab_size: 65, samples: 2, tokens: 300 },
+  'gpt2-xl': { name: 'GPT-2 XL shape (48 x 1600, block 1024)', n_layer: 48, n_head: 25, n_embd: 1600, block_size: 1024, vocab_size: 50257, samples: 2, tokens: 100 },
+};
+type ShapeName = keyof typeof allShapes;
 const args = process.argv.slice(2);
-const engines = (args.find((a) => a.startsWith('--engines='))?.slice('--engines='.length) ?? 'native,wasm').split(',') as EngineChoice[];
+const option = (key: string) => args.find((a) => a.startsWith(`--${key}=`))?.slice(key.length + 3);
+const device = option('device') ?? 'cpu';
+const onGpu = device.startsWith('cuda');
+const engines = (option('engines') ?? (onGpu ? 'native' : 'native,wasm')).split(',') as EngineChoice[];
+const shapeNames = (option('shapes') ?? (onGpu ? 'gpt2-xl' : 'recipe,char')).split(',');
+for (const name of shapeNames) {
+  if (!(name in allShapes)) throw new Error(`unknown shape ${name}: use ${Object.keys(allShapes).join(', ')}`);
+}
+const shapes = shapeNames.map((name) => allShapes[name as ShapeName]);
 const quick = args.includes('--quick');
 const torchRef = fileURLToPath(new URL('./torch_ref.py', import.meta.url));
 const rssMiB = () => process.memoryUsage().rss / 2 ** 20;
@@ -21,12 +32,12 @@ const rows: Row[] = [];
 
 for (const shape of shapes) {
   const tokens = quick ? Math.ceil(shape.tokens / 5) : shape.tokens;
-  const modelArgs: ModelArgs = { n_layer: shape.n_layer, n_head: shape.n_head, n_embd: shape.n_embd, block_size: shape.block_size, vocab_size: 65, bias: false, dropout: 0 };
+  const modelArgs: ModelArgs = { n_layer: shape.n_layer, n_head: shape.n_head, n_embd: shape.n_embd, block_size: shape.block_size, vocab_size: shape.vocab_size, bias: false, dropout: 0 };
   console.log(`\n==== ${shape.name}: ${shape.samples} samples x ${tokens} tokens ====`);
   let torchTps = NaN;
   try {
-    const out = execFileSync('python3', [torchRef, 'sample', '--device=cpu', '--compile=0', `--n_layer=${shape.n_layer}`, `--n_head=${shape.n_head}`,
-      `--n_embd=${shape.n_embd}`, `--block_size=${shape.block_size}`, '--vocab_size=65', `--num_samples=${shape.samples}`, `--max_new_tokens=${tokens}`], { encoding: 'utf8' });
+    const out = execFileSync('python3', [torchRef, 'sample', `--device=${device}`, '--compile=0', `--n_layer=${shape.n_layer}`, `--n_head=${shape.n_head}`,
+      `--n_embd=${shape.n_embd}`, `--block_size=${shape.block_size}`, `--vocab_size=${shape.vocab_size}`, `--num_samples=${shape.samples}`, `--max_new_tokens=${tokens}`], { encoding: 'utf8' });
     torchTps = JSON.parse(out.split('\n').find((l) => l.startsWith('RESULT '))!.slice('RESULT '.length)).tokens_per_s;
     rows.push({ shape: shape.name, side: 'PyTorch (nanoGPT sample.py loop)', tokensPerS: torchTps, note: '' });
     console.log(`torch_ref.py: ${torchTps} tokens/s`);
@@ -34,7 +45,8 @@ for (const shape of shapes) {
     console.log(`torch_ref.py could not run (${String(err).split('\n')[0]}); pip install torch numpy for the reference`);
   }
   for (const kind of engines) {
-    const engine = Engine.create(modelArgs, 1337, 'cpu', kind);
+    const engine = Engine.create(modelArgs, 1337, device, kind);
+    if (onGpu) engine.setPrecision('bfloat16');
     const seeds = Uint32Array.from({ length: shape.samples }, (_, i) => 1000 + i);
     engine.generateBatch(Uint32Array.of(0), seeds, 8, 0.8, 200); // warm-up: thread pool, page faults
     const rssBefore = rssMiB();

@@ -5,6 +5,7 @@
 #   app/tests/cuda                          the CUDA-vs-CPU correctness test (crates/nanogpt-core/tests/cuda.rs)
 #   app/dist/cli.mjs                        the CLI (train, bench, prepare), bundled into one file
 #   app/configs/*.mjs                       the config files, as JavaScript (the bundle has no TypeScript loader)
+#   app/bench/sample.mjs, torch_ref.py      the sampling benchmark (bench/sample.ts), bundled, and its reference
 #   node/bin/node                           this machine's Node.js runtime
 # Needs: cargo, node_modules (npm ci), and the CUDA toolkit that scripts/build-cuda.sh sets up.
 set -euo pipefail
@@ -24,7 +25,7 @@ test_bin=$(cargo test --release -p nanogpt-core --features cuda --test cuda --no
 [ -x "$test_bin" ] || { log "no test binary found"; exit 1; }
 
 app=$stage/app
-mkdir -p "$app/native/cuda" "$app/tests" "$app/dist" "$app/configs" "$app/node_modules/tsx"
+mkdir -p "$app/native/cuda" "$app/tests" "$app/dist" "$app/configs" "$app/bench" "$app/node_modules/tsx"
 cp native/cuda/nanogpt.linux-x64-gnu.node "$app/native/cuda/"
 cp "$test_bin" "$app/tests/cuda"
 cp package.json "$app/"
@@ -35,6 +36,9 @@ esbuild=node_modules/.bin/esbuild
 banner="import { createRequire as __createRequire } from 'node:module'; const require = __createRequire(import.meta.url);"
 "$esbuild" ts/cli.ts --bundle --platform=node --format=esm --target=node20 --log-level=warning \
   --banner:js="$banner" --outfile="$app/dist/cli.mjs"
+"$esbuild" bench/sample.ts --bundle --platform=node --format=esm --target=node20 --log-level=warning \
+  --banner:js="$banner" --outfile="$app/bench/sample.mjs"
+cp bench/torch_ref.py "$app/bench/"
 for config in configs/*.ts; do
   "$esbuild" "$config" --format=esm --target=node20 --log-level=warning --outfile="$app/configs/$(basename "$config" .ts).mjs"
 done
