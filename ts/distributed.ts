@@ -58,12 +58,16 @@ export async function launch(nproc: number, args: string[]): Promise<number> {
   if (process.getuid?.() === 0) Object.assign(env, { OMPI_ALLOW_RUN_AS_ROOT: '1', OMPI_ALLOW_RUN_AS_ROOT_CONFIRM: '1' });
   const command = [process.execPath, ...process.execArgv, process.argv[1], 'train', ...args];
   const mpirun = spawn('mpirun', ['-np', String(nproc), '--oversubscribe', ...command], { env, stdio: ['inherit', 'inherit', 'pipe'] });
+  // Ctrl-C reaches mpirun too, which ends the job; this process waits to report how.
+  const ignore = () => {};
+  process.on('SIGINT', ignore);
   let stderr = '';
   mpirun.stderr.on('data', (chunk: Buffer) => {
     process.stderr.write(chunk);
     stderr += chunk.toString();
   });
   const [code, signal] = await new Promise<[number | null, NodeJS.Signals | null]>((resolve) => mpirun.on('close', (c, s) => resolve([c, s])));
+  process.off('SIGINT', ignore);
   if (code === 0) return 0;
   console.error(`error: ${failedRank(stderr) ?? `mpirun ended with ${signal ?? `exit code ${code}`}`}; the job was stopped`);
   return code || 1;
@@ -75,7 +79,8 @@ export function failedRank(mpirunStderr: string): string | undefined {
   const signalled = /noticed that process rank (\d+) with PID (\d+) on node \S+ exited on signal (\d+)(?: \(([^)]+)\))?/.exec(text);
   if (signalled) {
     const [, rank, pid, signal, name] = signalled;
-    return `rank ${rank} (pid ${pid}) was killed by signal ${signal}${name ? ` (${name})` : ''}`;
+    // OpenMPI 4.1 reports pid 0 for a process it did not see exit.
+    return `rank ${rank}${pid === '0' ? '' : ` (pid ${pid})`} was killed by signal ${signal}${name ? ` (${name})` : ''}`;
   }
   const exited = /Process name: \[\[?[^\]]*?[,@][^\]]*?\]?,(\d+)\] Exit code: (\d+)/.exec(text);
   if (exited) return `rank ${exited[1]} exited with code ${exited[2]} (its error is above)`;

@@ -327,8 +327,8 @@ impl Engine {
     }
 
     /// Makes this model one rank of a data-parallel run over `collective`: its weights become rank 0's,
-    /// and each [`Engine::step`] averages the gradients over the ranks first. Only the CPU training
-    /// step (float32) exchanges gradients.
+    /// its dropout masks its own, and each [`Engine::step`] averages the gradients over the ranks first.
+    /// Only the CPU training step (float32) exchanges gradients.
     pub fn join(&mut self, mut collective: Box<dyn Collective>) -> Result<()> {
         if collective.world_size() > 1 {
             let Some(flat) = self.flat.as_mut() else {
@@ -340,6 +340,9 @@ impl Engine {
             self.sampling = None;
             collective.broadcast(&mut flat.params, 0);
             self.model_stale.store(true, Ordering::Release);
+            // Each rank its own dropout masks, also where the model came from a file (whose seed is 0 on every rank);
+            // rank 0 keeps its own, so that it trains as a single process would.
+            self.dropout_seed ^= (collective.rank() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         }
         self.collective = collective;
         Ok(())

@@ -2,9 +2,9 @@
 //! ts/engine-types.ts declares, typed arrays for tokens, and file paths: the engine maps the files
 //! it reads and writes the ones it saves through [`files`]). All logic lives in nanogpt-core.
 
-use nanogpt_core::{collective, files};
 use nanogpt_core::sample::SampleArgs;
 use nanogpt_core::torch_checkpoint::CheckpointInfo;
+use nanogpt_core::{collective, files};
 use nanogpt_core::{memory, Engine, LrSchedule, ModelArgs, OptimizerArgs};
 use napi::bindgen_prelude::{Function, Int32Array, JsObjectValue, Uint32Array, Uint8Array, Unknown};
 use napi::{Env, Error, Result, JSON};
