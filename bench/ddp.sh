@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
 # Data-parallel scaling on this machine: the README CPU recipe's model (4 layers, 4 heads, 128 wide, batch 12 x 64)
 # with a global batch of 2 micro-batches per step, trained by one process (both micro-batches on it) and by two ranks
-# under mpirun (`--nproc_per_node=2`, one micro-batch each), with the engine's threads per process as given.
-# Prints the whole job's tokens/s (median over the logged steps after the first 5) for each.
+# under mpirun (`--nproc_per_node=2`, one micro-batch each): with their default share of the cores each, and with
+# every rank using all of them. The three runs take turns, `--rounds` times, so that other load on the machine falls on
+# all of them alike. Prints the whole job's tokens/s of each run (the median over its logged steps after the first 5)
+# and the median over the rounds.
 #
-# Usage: bash bench/ddp.sh [--iters=N]   (default 40). Needs OpenMPI and `npm run build:native:mpi`.
+# Usage: bash bench/ddp.sh [--iters=N] [--rounds=N]   (default 40 and 3). Needs OpenMPI and `npm run build:native:mpi`.
 set -euo pipefail
 export LC_ALL=C
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$(pwd)
 iters=40
+rounds=3
 for arg in "$@"; do
   case "$arg" in
     --iters=*) iters=${arg#--iters=} ;;
-    *) echo "error: unknown argument '$arg'; usage: bash bench/ddp.sh [--iters=N]" >&2; exit 1 ;;
+    --rounds=*) rounds=${arg#--rounds=} ;;
+    *) echo "error: unknown argument '$arg'; usage: bash bench/ddp.sh [--iters=N] [--rounds=N]" >&2; exit 1 ;;
   esac
 done
 
@@ -35,14 +39,27 @@ tokens_per_s() {
     console.log(Math.round(rates[Math.floor(rates.length / 2)]));' "$1/log.jsonl"
 }
 
+# Trains with the extra arguments (and environment) given, and appends its tokens/s to results/$1.
 run() {
-  local label=$1 threads=$2 out=$3
-  shift 3
-  RAYON_NUM_THREADS=$threads node "$root/bin/nanogpt-rs.js" train "$root/${recipe[0]}" "${recipe[@]:1}" --out_dir="$out" "$@" >/dev/null
-  printf '%-40s %8s tokens/s\n' "$label" "$(tokens_per_s "$out")"
+  local name=$1
+  shift
+  rm -rf "out-$name"
+  node "$root/bin/nanogpt-rs.js" train "$root/${recipe[0]}" "${recipe[@]:1}" --out_dir="out-$name" "$@" >/dev/null
+  tokens_per_s "out-$name" >>"results/$name"
 }
 
-echo "$(nproc) cores, $iters iterations of 2 x 12 x 64 tokens"
-run "1 process, $(nproc) threads" "$(nproc)" out-1
-run "2 ranks, $(nproc) threads each" "$(nproc)" out-2 --nproc_per_node=2
-run "2 ranks, 1 thread each" 1 out-2x1 --nproc_per_node=2
+cores=$(nproc)
+mkdir -p results
+for ((round = 1; round <= rounds; round++)); do
+  run one
+  run ranks --nproc_per_node=2
+  RAYON_NUM_THREADS=$cores run ranks-all --nproc_per_node=2
+done
+
+report() {
+  printf '%-48s %8s tokens/s   (rounds: %s)\n' "$2" "$(sort -n "results/$1" | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }')" "$(paste -sd ' ' "results/$1")"
+}
+echo "$cores cores, $iters iterations of 2 x 12 x 64 tokens, median of $rounds rounds"
+report one "1 process, $cores threads"
+report ranks "2 ranks, $((cores / 2 > 1 ? cores / 2 : 1)) thread(s) each (the default)"
+report ranks-all "2 ranks, $cores threads each (RAYON_NUM_THREADS)"

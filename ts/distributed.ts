@@ -58,8 +58,10 @@ export async function launch(nproc: number, args: string[]): Promise<number> {
   if (process.getuid?.() === 0) Object.assign(env, { OMPI_ALLOW_RUN_AS_ROOT: '1', OMPI_ALLOW_RUN_AS_ROOT_CONFIRM: '1' });
   const command = [process.execPath, ...process.execArgv, process.argv[1], 'train', ...args];
   const mpirun = spawn('mpirun', ['-np', String(nproc), '--oversubscribe', ...command], { env, stdio: ['inherit', 'inherit', 'pipe'] });
-  // Ctrl-C reaches mpirun too, which ends the job; this process waits to report how.
-  const ignore = () => {};
+  // Ctrl-C reaches mpirun too, which ends the job at once (the ranks, in process groups of their own, do not see it
+  // and save nothing); this process waits to say so.
+  let interrupted = false;
+  const ignore = () => (interrupted = true);
   process.on('SIGINT', ignore);
   let stderr = '';
   mpirun.stderr.on('data', (chunk: Buffer) => {
@@ -69,6 +71,10 @@ export async function launch(nproc: number, args: string[]): Promise<number> {
   const [code, signal] = await new Promise<[number | null, NodeJS.Signals | null]>((resolve) => mpirun.on('close', (c, s) => resolve([c, s])));
   process.off('SIGINT', ignore);
   if (code === 0) return 0;
+  if (interrupted) {
+    console.error('interrupted: mpirun stopped the ranks; the last checkpoint saved is in out_dir (resume with --init_from=resume)');
+    return 130;
+  }
   console.error(`error: ${failedRank(stderr) ?? `mpirun ended with ${signal ?? `exit code ${code}`}`}; the job was stopped`);
   return code || 1;
 }

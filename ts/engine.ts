@@ -8,7 +8,7 @@ import { dirname, join, relative } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
 import { firstLine, UserError } from './errors.ts';
-import { launchRanks } from './ranks.ts';
+import { launchRanks, localWorldSize } from './ranks.ts';
 import { wasmMemoryLimit, wasmMemoryRefusal } from './wasm-memory.ts';
 
 import type {
@@ -177,6 +177,11 @@ function loadNative(build: 'native' | 'mpi' | 'cuda'): Binding {
     );
   }
   warnIfStale(join(dir, file), { native: 'npm run build:native', mpi: 'npm run build:native:mpi', cuda: 'npm run build:cuda' }[build]);
+  // Ranks sharing a machine share its cores: as torchrun does with OMP_NUM_THREADS, each gets its part of them
+  // unless RAYON_NUM_THREADS says otherwise (read by the engine's thread pool when it starts).
+  if (build === 'mpi' && !process.env.RAYON_NUM_THREADS) {
+    process.env.RAYON_NUM_THREADS = String(Math.max(1, Math.floor(availableParallelism() / localWorldSize())));
+  }
   let native: NativeModule;
   try {
     native = createRequire(import.meta.url)(join(dir, file)) as NativeModule;

@@ -23,3 +23,9 @@ export function launchRanks(env: NodeJS.ProcessEnv = process.env): Ranks {
   }
   return { rank: 0, worldSize: 1 };
 }
+
+/** How many ranks of the run share this machine: mpirun's and torchrun's count, else all of them. */
+export function localWorldSize(env: NodeJS.ProcessEnv = process.env): number {
+  const local = Number(env.OMPI_COMM_WORLD_LOCAL_SIZE ?? env.LOCAL_WORLD_SIZE);
+  return Number.isInteger(local) && local >= 1 ? local : launchRanks(env).worldSize;
+}
