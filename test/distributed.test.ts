@@ -60,7 +60,6 @@ the job to be terminated. The first process to do so was:
   Process name: [[51234,1],1]
   Exit code:    1`;
     expect(failedRank(exited)).toBe('rank 1 exited with code 1 (its error is above)');
-    expect(failedRank('Process name: [prterun-host-77@1,0]\n  Exit code:    3')).toBe('rank 0 exited with code 3 (its error is above)');
     expect(failedRank('some other failure')).toBeUndefined();
   });
 });

@@ -63,10 +63,11 @@ export async function launch(nproc: number, args: string[]): Promise<number> {
   let interrupted = false;
   const ignore = () => (interrupted = true);
   process.on('SIGINT', ignore);
+  // mpirun's report comes last: the tail of its output is enough.
   let stderr = '';
   mpirun.stderr.on('data', (chunk: Buffer) => {
     process.stderr.write(chunk);
-    stderr += chunk.toString();
+    stderr = (stderr + chunk.toString()).slice(-65536);
   });
   const [code, signal] = await new Promise<[number | null, NodeJS.Signals | null]>((resolve) => mpirun.on('close', (c, s) => resolve([c, s])));
   process.off('SIGINT', ignore);
@@ -79,7 +80,7 @@ export async function launch(nproc: number, args: string[]): Promise<number> {
   return code || 1;
 }
 
-/** Which rank ended the job and how, from mpirun's report (OpenMPI 4 and 5 word it alike); undefined if it gave none. */
+/** Which rank ended the job and how, from mpirun's report (OpenMPI 4.1's wording); undefined if it gave none. */
 export function failedRank(mpirunStderr: string): string | undefined {
   const text = mpirunStderr.replace(/\s+/g, ' ');
   const signalled = /noticed that process rank (\d+) with PID (\d+) on node \S+ exited on signal (\d+)(?: \(([^)]+)\))?/.exec(text);
@@ -88,7 +89,7 @@ export function failedRank(mpirunStderr: string): string | undefined {
     // OpenMPI 4.1 reports pid 0 for a process it did not see exit.
     return `rank ${rank}${pid === '0' ? '' : ` (pid ${pid})`} was killed by signal ${signal}${name ? ` (${name})` : ''}`;
   }
-  const exited = /Process name: \[\[?[^\]]*?[,@][^\]]*?\]?,(\d+)\] Exit code: (\d+)/.exec(text);
+  const exited = /Process name: \[\[\d+,\d+\],(\d+)\] Exit code: (\d+)/.exec(text);
   if (exited) return `rank ${exited[1]} exited with code ${exited[2]} (its error is above)`;
   return undefined;
 }
