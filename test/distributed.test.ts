@@ -175,6 +175,16 @@ describe.skipIf(!canRun)('data-parallel training on two ranks (mpirun)', () => {
     expect(resumed.stdout).toContain('iter 2: ');
   });
 
+  it('runs under mpirun started by hand', () => {
+    const rootAllowed = { OMPI_ALLOW_RUN_AS_ROOT: '1', OMPI_ALLOW_RUN_AS_ROOT_CONFIRM: '1' };
+    const args = ['-np', '2', '--oversubscribe', process.execPath, cli, 'train', ...tiny, '--gradient_accumulation_steps=2', '--max_iters=2', '--out_dir=out-mpirun'];
+    const result = spawnSync('mpirun', args, { cwd: work, encoding: 'utf8', env: { ...process.env, ...rootAllowed } });
+    expect(result.stderr).toBe('');
+    expect(result.status).toBe(0);
+    expect(result.stdout).toContain('data parallel: 2 processes, 1 gradient accumulation steps each');
+    expect(result.stdout.match(/^iter 2: /gm)).toHaveLength(1);
+  });
+
   it('ends the job when a rank dies, naming the rank', async () => {
     const marker = `nanogpt-ddp-kill-${process.pid}`;
     const child = spawn(process.execPath, [cli, 'train', ...tiny, '--nproc_per_node=2', '--gradient_accumulation_steps=2', '--max_iters=100000', '--eval_interval=100000', '--out_dir=out-kill'], {
