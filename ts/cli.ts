@@ -4,9 +4,10 @@
 // nothing; the printing is done here.
 import { readFileSync } from 'node:fs';
 import { Command, Option } from 'commander';
-import { benchDefaults, defaultSplitSeed, defaultValFraction, describeKeys, parseArgs, sampleSchema, trainSchema } from './config.ts';
+import { benchDefaults, defaultSplitSeed, defaultValFraction, describeKeys, parseArgs, resolveConfig, sampleSchema, trainSchema } from './config.ts';
 import { engineChoices } from './engine.ts';
 import { UserError } from './errors.ts';
+import { launchRanks } from './ranks.ts';
 import type { ExportOptions } from './export.ts';
 
 const { version } = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string };
@@ -68,8 +69,20 @@ program
   .allowUnknownOption()
   .addHelpText('after', `\nConfig keys (defaults train GPT-2 124M on OpenWebText):\n${describeKeys(trainSchema)}`)
   .action(async (args: string[]) => {
+    // torchrun's flag: as many processes under mpirun, each running this command without it.
+    const { launch, takeNprocPerNode, checkDataParallel } = await import('./distributed.ts');
+    const { nproc, rest } = takeNprocPerNode(args);
+    // The ranks print the overrides, rank 0 alone (the launcher leaves it to them).
+    const quiet = (nproc ?? 1) > 1 || launchRanks().rank !== 0;
+    const overrides = await parseArgs(trainSchema, rest, quiet ? () => {} : undefined);
+    if (nproc !== undefined && nproc > 1) {
+      if (launchRanks().worldSize > 1) throw new UserError('--nproc_per_node starts mpirun itself; under mpirun, leave it out');
+      checkDataParallel(resolveConfig(trainSchema, overrides), nproc);
+      process.exitCode = await launch(nproc, rest);
+      return;
+    }
     const { runTrainCommand } = await import('./train-command.ts');
-    await runTrainCommand(await parseArgs(trainSchema, args));
+    await runTrainCommand(overrides);
   });
 
 program
@@ -141,6 +154,17 @@ try {
 } catch (err) {
   // Mistakes the user can fix get one line; anything else is a bug, where the stack trace helps.
   if (!(err instanceof UserError)) throw err;
-  console.error(`error: ${err.message}`);
+  // Each rank of a data-parallel run says which it is: mpirun interleaves their output.
+  console.error(`error${rankLabel()}: ${err.message}`);
   process.exitCode = 1;
+}
+
+/** ` (rank N)` in a process that is one of several ranks, else nothing. */
+function rankLabel(): string {
+  try {
+    const { rank, worldSize } = launchRanks();
+    return worldSize > 1 ? ` (rank ${rank})` : '';
+  } catch {
+    return '';
+  }
 }

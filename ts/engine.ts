@@ -8,6 +8,7 @@ import { dirname, join, relative } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
 import { firstLine, UserError } from './errors.ts';
+import { launchRanks, localWorldSize } from './ranks.ts';
 import { wasmMemoryLimit, wasmMemoryRefusal } from './wasm-memory.ts';
 
 import type {
@@ -63,6 +64,9 @@ interface BindingGpt {
   memoryStats(): MemoryStats | null;
   setProfiling(on: boolean): void;
   phaseTimes(): PhaseTimes | null;
+  /** The addon only: joins the ranks mpirun started (an MPI build), returning [rank, world size]. */
+  joinMpi?(): number[];
+  barrier?(): void;
 }
 
 interface Binding {
@@ -75,6 +79,8 @@ interface Binding {
   pickleToJson(bytes: Uint8Array): string;
   lrAt(iter: number, schedule: LrSchedule): number;
   estimateMemory(modelArgs: ModelArgs, batchSize: number, training: boolean): MemoryEstimate;
+  /** The addon only: ends MPI in this process. */
+  finalizeMpi?(): void;
 }
 
 interface NativeModule {
@@ -88,6 +94,7 @@ interface NativeModule {
   pickleToJson(bytes: Uint8Array): string;
   lrAt(iter: number, schedule: LrSchedule): number;
   estimateMemory(modelArgs: ModelArgs, batchSize: number, training: boolean): MemoryEstimate;
+  finalizeMpi(): void;
 }
 
 /** The wasm-bindgen module: the same engine API, with bytes where the addon takes file paths. */
@@ -126,35 +133,55 @@ interface WasmModule {
 export { wasmMemoryLimit } from './wasm-memory.ts';
 
 const packageRoot = join(dirname(fileURLToPath(import.meta.url)), '..');
-/** Loaded builds: the WebAssembly module, the CPU addon and the CUDA addon. */
-const bindings = new Map<'wasm' | 'native' | 'cuda', Binding>();
+/** Loaded builds: the WebAssembly module, the CPU addon, the CPU addon with MPI and the CUDA addon. */
+const bindings = new Map<'wasm' | 'native' | 'mpi' | 'cuda', Binding>();
 
-/** The build for `kind`; the native kind has a CPU addon and a CUDA addon, chosen by `device`. */
+/** The native engine built with MPI (`npm run build:native:mpi`), which the ranks of a data-parallel run load. */
+const mpiBuildDir = join(packageRoot, 'native', 'mpi');
+
+export const mpiBuildMissing = `the native engine with MPI is not built (no .node file in ${mpiBuildDir}); run \`npm run build:native:mpi\` (needs OpenMPI: apt-get install -y libopenmpi-dev openmpi-bin libclang-dev)`;
+
+export function mpiBuilt(): boolean {
+  return existsSync(mpiBuildDir) && readdirSync(mpiBuildDir).some((f) => f.endsWith('.node'));
+}
+
+/**
+ * The build for `kind`; the native kind has a CPU addon and a CUDA addon, chosen by `device`, and on the CPU, in a
+ * process that is one of several ranks, the addon built with MPI.
+ */
 function loadBinding(kind: EngineKind, device = 'cpu'): Binding {
-  const build = kind === 'wasm' ? 'wasm' : device.startsWith('cuda') ? 'cuda' : 'native';
+  const build = kind === 'wasm' ? 'wasm' : device.startsWith('cuda') ? 'cuda' : launchRanks().worldSize > 1 ? 'mpi' : 'native';
   let binding = bindings.get(build);
   if (!binding) {
-    binding = build === 'wasm' ? loadWasm() : loadNative(build === 'cuda');
+    binding = build === 'wasm' ? loadWasm() : loadNative(build);
     bindings.set(build, binding);
   }
   return binding;
 }
 
 /**
- * The napi addon: native/ holds the CPU build, native/cuda/ the CUDA build (a separate file, because a CUDA build
- * cannot even be loaded where the NVIDIA driver is missing).
+ * The napi addon: native/ holds the CPU build, native/mpi/ the CPU build with MPI and native/cuda/ the CUDA build
+ * (separate files, because these cannot even be loaded where OpenMPI or the NVIDIA driver is missing).
  */
-function loadNative(cuda: boolean): Binding {
-  const dir = join(packageRoot, 'native', ...(cuda ? ['cuda'] : []));
+function loadNative(build: 'native' | 'mpi' | 'cuda'): Binding {
+  const cuda = build === 'cuda';
+  const dir = build === 'mpi' ? mpiBuildDir : join(packageRoot, 'native', ...(cuda ? ['cuda'] : []));
   const file = existsSync(dir) ? readdirSync(dir).find((f) => f.endsWith('.node')) : undefined;
   if (!file) {
     throw new UserError(
-      cuda
-        ? `the CUDA engine is not built (no .node file in ${dir}); run \`npm run build:cuda\` (needs cargo; it installs a CUDA toolkit from PyPI when nvcc is missing)`
-        : `the native engine is not built (no .node file in ${dir}); run \`npm run build:native\` (needs cargo), or use --engine=wasm on cpu`,
+      build === 'mpi'
+        ? mpiBuildMissing
+        : cuda
+          ? `the CUDA engine is not built (no .node file in ${dir}); run \`npm run build:cuda\` (needs cargo; it installs a CUDA toolkit from PyPI when nvcc is missing)`
+          : `the native engine is not built (no .node file in ${dir}); run \`npm run build:native\` (needs cargo), or use --engine=wasm on cpu`,
     );
   }
-  warnIfStale(join(dir, file), cuda ? 'npm run build:cuda' : 'npm run build:native');
+  warnIfStale(join(dir, file), { native: 'npm run build:native', mpi: 'npm run build:native:mpi', cuda: 'npm run build:cuda' }[build]);
+  // Ranks sharing a machine share its cores: as torchrun does with OMP_NUM_THREADS, each gets its part of them
+  // unless RAYON_NUM_THREADS says otherwise (read by the engine's thread pool when it starts).
+  if (build === 'mpi' && !process.env.RAYON_NUM_THREADS) {
+    process.env.RAYON_NUM_THREADS = String(Math.max(1, Math.floor(availableParallelism() / localWorldSize())));
+  }
   let native: NativeModule;
   try {
     native = createRequire(import.meta.url)(join(dir, file)) as NativeModule;
@@ -174,6 +201,7 @@ function loadNative(cuda: boolean): Binding {
     pickleToJson: (bytes) => native.pickleToJson(bytes),
     lrAt: (iter, schedule) => native.lrAt(iter, schedule),
     estimateMemory: (args, batchSize, training) => native.estimateMemory(args, batchSize, training),
+    finalizeMpi: () => native.finalizeMpi(),
   };
 }
 
@@ -309,13 +337,14 @@ const gib = (bytes: number) => `${(bytes / 2 ** 30).toFixed(2)} GiB`;
 export class Engine {
   private constructor(
     private readonly gpt: BindingGpt,
+    private readonly binding: Binding,
     /** The engine build this model lives in. */
     readonly kind: EngineKind,
   ) {}
 
   private static in(device: string, choice: EngineChoice, make: (binding: Binding) => BindingGpt): Engine {
     const binding = loadBinding(resolveEngine(device, choice), device);
-    return new Engine(make(binding), binding.kind);
+    return new Engine(make(binding), binding, binding.kind);
   }
 
   /** A freshly initialised model (nanoGPT's init), deterministic for a given seed. */
@@ -488,6 +517,34 @@ export class Engine {
   /** Writes the AdamW state (moments and step) to a safetensors file. */
   saveOptimizerFile(path: string): void {
     this.gpt.saveOptimizerFile(path);
+  }
+
+  /**
+   * Makes this model one rank of the data-parallel run mpirun started (see distributed.ts): its weights become rank
+   * 0's, and every `step` averages the gradients over the ranks first. Call it once the weights are loaded, before
+   * the first step. MPI is ended when the process exits successfully; after a failure it is not, so that mpirun
+   * stops the other ranks rather than leave them waiting.
+   */
+  joinDataParallel(): { rank: number; worldSize: number } {
+    const expected = launchRanks();
+    if (!this.gpt.joinMpi) {
+      throw new UserError(`the WebAssembly engine has no collectives for data-parallel training across ${expected.worldSize} processes; use --engine=native`);
+    }
+    const [rank, worldSize] = this.gpt.joinMpi();
+    if (rank !== expected.rank || worldSize !== expected.worldSize) {
+      throw new UserError(
+        `the environment says rank ${expected.rank} of ${expected.worldSize} but MPI sees rank ${rank} of ${worldSize}; start the processes with mpirun -np ${expected.worldSize}`,
+      );
+    }
+    process.once('exit', (code) => {
+      if (code === 0) this.binding.finalizeMpi?.();
+    });
+    return { rank, worldSize };
+  }
+
+  /** Returns once every rank of the data-parallel run has called it. */
+  barrier(): void {
+    this.gpt.barrier?.();
   }
 }
 

@@ -2,9 +2,13 @@
 // to stop after the current step, with a checkpoint of it; a second Ctrl-C exits at once.
 import { trainSchema, type TrainConfig } from './config.ts';
 import { Progress } from './progress.ts';
+import { launchRanks } from './ranks.ts';
 import { train } from './train.ts';
 
 export async function runTrainCommand(overrides: Partial<TrainConfig>): Promise<void> {
+  // mpirun gives its ranks a pseudo-terminal whatever its own output is, so a run of several processes prints
+  // nanoGPT's plain lines rather than a progress bar.
+  const output = launchRanks().worldSize > 1 ? { write: process.stdout.write.bind(process.stdout), isTTY: false } : process.stdout;
   const stop = new AbortController();
   let progress: Progress | undefined;
   const print = (line: string) => (progress ? progress.print(line) : console.log(line));
@@ -20,7 +24,7 @@ export async function runTrainCommand(overrides: Partial<TrainConfig>): Promise<
       signal: stop.signal,
       onLog: (event) => {
         if (event.kind === 'iter') {
-          progress ??= new Progress(process.stdout, overrides.max_iters ?? trainSchema.max_iters.default);
+          progress ??= new Progress(output, overrides.max_iters ?? trainSchema.max_iters.default);
           progress.log(event.message);
           progress.update(event.iter, event.loss);
         } else {

@@ -5,10 +5,12 @@ import { join } from 'node:path';
 import { loadCheckpointOptimizer, loadCheckpointWeights, readCheckpointInfo, readMetaPkl, saveCheckpoint } from './checkpoint.ts';
 import { noEffectNotes, resolveConfig, trainSchema, type TrainConfig } from './config.ts';
 import { BatchLoader, readMeta } from './data.ts';
+import { checkDataParallel } from './distributed.ts';
 import { Engine, lrAt, type Dtype, type EngineChoice, type ModelArgs } from './engine.ts';
 import { firstLine, UserError } from './errors.ts';
 import { gpt2Models, loadHfModel } from './pretrained.ts';
 import { formatMfu, flopsPerIter, gpuName, MfuMeter, peakFlops } from './mfu.ts';
+import { launchRanks } from './ranks.ts';
 import { Rng } from './rng.ts';
 import { RunLog, updateRatiosByLayer } from './telemetry.ts';
 
@@ -44,20 +46,27 @@ export interface TrainOptions {
 }
 
 export async function train(overrides: Partial<TrainConfig> = {}, options: TrainOptions = {}): Promise<TrainResult> {
-  const report = options.onLog ?? (() => {});
+  // A data-parallel run (several processes under mpirun, see distributed.ts) follows nanoGPT's DDP rules: the ranks
+  // share out the gradient accumulation steps, each seeds `seed + rank`, and rank 0 alone evaluates, logs and saves.
+  const { rank, worldSize } = launchRanks();
+  const master = rank === 0;
+  const report = (master && options.onLog) || (() => {});
   const info = (message: string) => report({ kind: 'info', message });
   const config = resolveConfig(trainSchema, overrides);
   for (const note of noEffectNotes(config, overrides)) info(note);
   checkTrainConfig(config);
+  checkDataParallel(config, worldSize);
   const startedAt = performance.now();
 
+  const accumulationSteps = config.gradient_accumulation_steps / worldSize;
   const tokensPerIter = config.gradient_accumulation_steps * config.batch_size * config.block_size;
   info(`tokens per iteration will be: ${thousands(tokensPerIter)}`);
-  mkdirSync(config.out_dir, { recursive: true });
+  if (master) mkdirSync(config.out_dir, { recursive: true });
 
   // One seeded stream draws every batch, as torch's global RNG does in nanoGPT.
   const datasetDir = join(config.data_dir, config.dataset);
-  const batches = new BatchLoader(datasetDir, config.batch_size, config.block_size, new Rng(config.seed));
+  const seed = config.seed + rank;
+  const batches = new BatchLoader(datasetDir, config.batch_size, config.block_size, new Rng(seed));
   try {
     // --- model ---
     let iterNum = 0;
@@ -77,7 +86,7 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
     if (config.init_from === 'scratch') {
       info('Initializing a new model from scratch');
       if (!meta) info('defaulting to vocab_size of GPT-2 to 50304 (50257 rounded up for efficiency)');
-      engine = createEngine(() => Engine.create(modelArgs, config.seed, config.device, config.engine as EngineChoice));
+      engine = createEngine(() => Engine.create(modelArgs, seed, config.device, config.engine as EngineChoice));
     } else if (config.init_from === 'resume') {
       info(`Resuming training from ${config.out_dir}`);
       const checkpoint = readCheckpointInfo(config.out_dir);
@@ -107,6 +116,10 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
     if (config.device !== 'cpu') engine.setPrecision(config.dtype as Dtype);
     engine.checkMemory(config.batch_size, 'train');
     info(`engine: ${engine.kind} on ${config.device}`);
+    if (worldSize > 1) {
+      engine.joinDataParallel();
+      info(`data parallel: ${worldSize} processes, ${accumulationSteps} gradient accumulation steps each`);
+    }
 
     // --- optimizer ---
     const groups = engine.configureOptimizer({
@@ -141,15 +154,19 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
       lr_decay_iters: config.lr_decay_iters,
       decay_lr: config.decay_lr,
     };
-    const stepFlops = flopsPerIter(modelArgs, engine.numParams(true), tokensPerIter);
+    // As nanoGPT's estimate_mfu: the work of one rank against one device's peak.
+    const stepFlops = flopsPerIter(modelArgs, engine.numParams(true), tokensPerIter / worldSize);
     const mfu = new MfuMeter(stepFlops, config.device.startsWith('cuda') ? peakFlops(gpuName() ?? '') : null);
     let runningMfu: number | null = config.device.startsWith('cuda') ? -1 : null;
-    const runLog = await RunLog.open({
-      outDir: config.out_dir,
-      wandb: config.wandb_log ? { project: config.wandb_project, runName: config.wandb_run_name, config } : undefined,
-      notice: info,
-    });
+    const runLog = master
+      ? await RunLog.open({
+          outDir: config.out_dir,
+          wandb: config.wandb_log ? { project: config.wandb_project, runName: config.wandb_run_name, config } : undefined,
+          notice: info,
+        })
+      : undefined;
     const save = () => {
+      if (!master) return;
       report({ kind: 'checkpoint', message: `saving checkpoint to ${config.out_dir}`, iter: iterNum, out_dir: config.out_dir });
       saveCheckpoint(config.out_dir, engine, { model_args: modelArgs, iter_num: iterNum, best_val_loss: bestValLoss, config });
     };
@@ -161,11 +178,13 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
     for (;;) {
       const lr = config.decay_lr ? lrAt(iterNum, schedule) : config.learning_rate;
 
-      if (iterNum % config.eval_interval === 0) {
+      // Every rank has finished the step before: a checkpoint rank 0 writes now is of a step the whole run took.
+      if (iterNum % config.eval_interval === 0) engine.barrier();
+      if (iterNum % config.eval_interval === 0 && master) {
         lastEval = estimateLoss();
         const message = `step ${iterNum}: train loss ${lastEval.train.toFixed(4)}, val loss ${lastEval.val.toFixed(4)}`;
         report({ kind: 'eval', message, iter: iterNum, train_loss: lastEval.train, val_loss: lastEval.val });
-        runLog.eval({ iter: iterNum, train_loss: lastEval.train, val_loss: lastEval.val, lr }, runningMfu);
+        runLog?.eval({ iter: iterNum, train_loss: lastEval.train, val_loss: lastEval.val, lr }, runningMfu);
         if (lastEval.val < bestValLoss || config.always_save_checkpoint) {
           bestValLoss = lastEval.val;
           if (iterNum > 0) save();
@@ -174,14 +193,15 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
       // As in nanoGPT, eval_only stops only a run that starts at iteration 0.
       if (iterNum === 0 && config.eval_only) break;
 
-      // Gradients accumulate over the micro-steps, each scaled so the sum is the mean over all of them.
+      // Gradients accumulate over the micro-steps, each scaled so the sum is the mean over all of them; the engine then
+      // averages these sums over the ranks.
       let loss = 0;
-      for (let microStep = 0; microStep < config.gradient_accumulation_steps; microStep++) {
-        loss = engine.forwardBackward(x, y, config.batch_size, 1 / config.gradient_accumulation_steps);
+      for (let microStep = 0; microStep < accumulationSteps; microStep++) {
+        loss = engine.forwardBackward(x, y, config.batch_size, 1 / accumulationSteps);
         ({ x, y } = batches.next('train'));
       }
       const stats = engine.step(lr);
-      runLog.countStep(stats.clipped);
+      runLog?.countStep(stats.clipped);
 
       const t1 = performance.now();
       const dt = t1 - t0;
@@ -191,7 +211,7 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
         // Like nanoGPT, the loss shown is the last micro-batch's, not the mean over the step.
         const message = `iter ${iterNum}: loss ${loss.toFixed(4)}, time ${dt.toFixed(2)}ms, mfu ${formatMfu(runningMfu)}`;
         report({ kind: 'iter', message, iter: iterNum, loss, time_ms: dt, mfu: runningMfu });
-        runLog.train({
+        runLog?.train({
           iter: iterNum,
           loss,
           lr,
@@ -213,7 +233,7 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
       }
       if (iterNum > config.max_iters) break;
     }
-    await runLog.close();
+    await runLog?.close();
 
     const iterations = iterNum - firstIter;
     return {

@@ -9,6 +9,7 @@ use std::sync::Mutex;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 
+use crate::collective::{Collective, SingleProcess};
 use crate::cuda::{self, MemoryStats};
 use crate::decode;
 use crate::hf;
@@ -41,6 +42,8 @@ pub struct Engine {
     profile: Option<PhaseTimes>,
     /// The generation `start_sampling` began, continued by `next_tokens`.
     sampling: Option<Sampling>,
+    /// The ranks of a data-parallel run, which average their gradients before every step.
+    collective: Box<dyn Collective>,
 }
 
 /// Sequences drawn token by token: by the CPU decoder over the flat parameters, or by the candle
@@ -223,6 +226,7 @@ impl Engine {
             scaler: None,
             profile: None,
             sampling: None,
+            collective: Box::new(SingleProcess),
         };
         engine.use_flat_step(engine.model.device().is_cpu())?;
         Ok(engine)
@@ -320,6 +324,38 @@ impl Engine {
         let Some(start) = start else { return Ok(None) };
         self.synchronize()?;
         Ok(Some(start.elapsed().as_secs_f64() * 1e3))
+    }
+
+    /// Makes this model one rank of a data-parallel run over `collective`: its weights become rank 0's,
+    /// its dropout masks its own, and each [`Engine::step`] averages the gradients over the ranks first.
+    /// Only the CPU training step (float32) exchanges gradients.
+    pub fn join(&mut self, mut collective: Box<dyn Collective>) -> Result<()> {
+        if collective.world_size() > 1 {
+            let Some(flat) = self.flat.as_mut() else {
+                candle_core::bail!("data-parallel training runs on the CPU engine in float32 only; use --device=cpu");
+            };
+            if flat.has_grads {
+                candle_core::bail!("join the data-parallel run before the first forward_backward");
+            }
+            self.sampling = None;
+            collective.broadcast(&mut flat.params, 0);
+            self.model_stale.store(true, Ordering::Release);
+            // Each rank its own dropout masks, also where the model came from a file (whose seed is 0 on every rank);
+            // rank 0 keeps its own, so that it trains as a single process would.
+            self.dropout_seed ^= (collective.rank() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+        self.collective = collective;
+        Ok(())
+    }
+
+    /// This process's rank and the number of ranks.
+    pub fn rank(&self) -> (usize, usize) {
+        (self.collective.rank(), self.collective.world_size())
+    }
+
+    /// Returns once every rank has called it.
+    pub fn barrier(&self) {
+        self.collective.barrier();
     }
 
     /// The candle model with the current weights (refreshed from the training step's if they moved).
@@ -478,6 +514,8 @@ impl Engine {
             }
             let optimizer =
                 flat.optimizer.as_mut().ok_or_else(|| candle_core::Error::Msg("configure the optimizer before training".into()))?;
+            // As DDP: the clip and AdamW see the mean over all ranks' gradients.
+            self.collective.all_reduce_mean(&mut flat.grads);
             let stats = optimizer.step(&flat.layout, &mut flat.params, &flat.grads, lr);
             flat.has_grads = false;
             self.model_stale.store(true, Ordering::Release);
@@ -485,6 +523,9 @@ impl Engine {
                 self.profile.as_mut().expect("profiling is on").optimizer_ms = optimizer_ms;
             }
             return Ok(stats);
+        }
+        if self.collective.world_size() > 1 {
+            candle_core::bail!("data-parallel training runs on the CPU training step in float32 only; use --device=cpu");
         }
         let grads = self.grads.take().ok_or_else(|| candle_core::Error::Msg("no gradients to apply: run forward_backward first".into()))?;
         let optimizer = self.optimizer.as_mut().ok_or_else(|| candle_core::Error::Msg("configure the optimizer before training".into()))?;

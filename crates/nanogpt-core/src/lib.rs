@@ -1,6 +1,7 @@
 //! nanogpt-rs's engine: a GPT-2 style model with its training step, evaluation and sampling,
 //! on candle. The napi and wasm bindings expose [`Engine`] and [`LrSchedule::lr_at`] unchanged.
 
+pub mod collective;
 pub mod cpu_ops;
 pub mod cuda;
 pub mod decode;

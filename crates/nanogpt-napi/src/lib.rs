@@ -2,9 +2,9 @@
 //! ts/engine-types.ts declares, typed arrays for tokens, and file paths: the engine maps the files
 //! it reads and writes the ones it saves through [`files`]). All logic lives in nanogpt-core.
 
-use nanogpt_core::files;
 use nanogpt_core::sample::SampleArgs;
 use nanogpt_core::torch_checkpoint::CheckpointInfo;
+use nanogpt_core::{collective, files};
 use nanogpt_core::{memory, Engine, LrSchedule, ModelArgs, OptimizerArgs};
 use napi::bindgen_prelude::{Function, Int32Array, JsObjectValue, Uint32Array, Uint8Array, Unknown};
 use napi::{Env, Error, Result, JSON};
@@ -195,6 +195,22 @@ impl Gpt {
         files::write(&path, |out| self.engine.save_optimizer(out)).map_err(js_error)
     }
 
+    /// Joins the data-parallel run of the processes mpirun started (a build with the `mpi` feature):
+    /// the weights become rank 0's, and each step averages the gradients over the ranks. Returns
+    /// `[rank, world_size]`.
+    #[napi]
+    pub fn join_mpi(&mut self) -> Result<Vec<u32>> {
+        self.engine.join(collective::open_mpi().map_err(js_error)?).map_err(js_error)?;
+        let (rank, world_size) = self.engine.rank();
+        Ok(vec![rank as u32, world_size as u32])
+    }
+
+    /// Returns once every rank has called it.
+    #[napi]
+    pub fn barrier(&self) {
+        self.engine.barrier();
+    }
+
     #[napi(factory)]
     pub fn from_nanogpt_checkpoint_file(model_args: Value, path: String, device: String) -> Result<Gpt> {
         let args: ModelArgs = from_js(model_args, "model_args")?;
@@ -219,6 +235,12 @@ impl Gpt {
 pub fn nanogpt_checkpoint_info_file(env: &Env, path: String) -> Result<Unknown<'_>> {
     let bytes = files::map(&path).map_err(js_error)?;
     to_js(env, &nanogpt_core::engine::nanogpt_checkpoint_info(&bytes).map_err(js_error)?)
+}
+
+/// Ends MPI in this process once every rank has finished (nothing without MPI).
+#[napi]
+pub fn finalize_mpi() {
+    collective::finalize_mpi();
 }
 
 /// A pickle of plain data (e.g. nanoGPT's `meta.pkl`) as JSON; pickles that would call code are refused.
