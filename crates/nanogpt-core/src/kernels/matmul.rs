@@ -1,6 +1,6 @@
-//! Linear layer `out = inp Wᵀ + b` over rows of `inp` (N x C), W in PyTorch's (OC, C) layout, on gemm.
+//! Linear layer `out = inp Wᵀ + b` over rows of `inp` (N x C), W in PyTorch's (OC, C) layout, on `kernels::gemm`.
 
-use super::{parallelism, store};
+use super::{gemm, parallelism, store};
 
 /// `out` (N x OC) = inp Wᵀ + b; with `residual`, the product is added to what `out` already holds
 /// (the residual stream), which saves a separate add pass.
@@ -21,7 +21,7 @@ pub fn forward(out: &mut [f32], inp: &[f32], weight: &[f32], bias: Option<&[f32]
     // SAFETY: out is n x oc, inp n x c, weight oc x c read transposed; all three sizes were checked above
     // and out is a distinct mutable borrow, so it overlaps neither input.
     unsafe {
-        gemm::gemm(
+        gemm(
             n,
             oc,
             c,
@@ -37,9 +37,6 @@ pub fn forward(out: &mut [f32], inp: &[f32], weight: &[f32], bias: Option<&[f32]
             1,
             1.0,
             1.0,
-            false,
-            false,
-            false,
             parallelism(n * oc * c),
         );
     }
@@ -67,7 +64,7 @@ pub fn backward(
         assert_eq!(dinp.len(), n * c);
         // SAFETY: dinp (n x c) = dout (n x oc) @ weight (oc x c), sizes checked, dinp a distinct borrow.
         unsafe {
-            gemm::gemm(
+            gemm(
                 n,
                 c,
                 oc,
@@ -83,16 +80,13 @@ pub fn backward(
                 c as isize,
                 0.0,
                 1.0,
-                false,
-                false,
-                false,
                 parallelism(n * oc * c),
             );
         }
     }
     // SAFETY: dweight (oc x c) (+)= doutᵀ (oc x n) @ inp (n x c), sizes checked, dweight a distinct borrow.
     unsafe {
-        gemm::gemm(
+        gemm(
             oc,
             c,
             n,
@@ -108,9 +102,6 @@ pub fn backward(
             c as isize,
             1.0,
             1.0,
-            false,
-            false,
-            false,
             parallelism(n * oc * c),
         );
     }

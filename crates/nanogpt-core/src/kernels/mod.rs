@@ -11,6 +11,8 @@ pub mod attention;
 pub mod cross_entropy;
 pub mod dropout;
 pub mod embedding;
+#[cfg(any(target_arch = "wasm32", test))]
+mod gemm_wasm;
 pub mod gelu;
 pub mod layernorm;
 pub mod matmul;
@@ -84,6 +86,43 @@ pub(crate) fn store(dst: &mut [f32], src: &[f32], accumulate: bool) {
     } else {
         dst.copy_from_slice(src);
     }
+}
+
+/// dst (m x n) = alpha * dst + beta * lhs (m x k) * rhs (k x n) when `read_dst`, else beta * lhs * rhs; every
+/// matrix is addressed by a column stride and a row stride, as `gemm::gemm` takes them. The WebAssembly build runs
+/// its own kernel (fused multiply-adds with relaxed SIMD, larger register tiles); other targets run `gemm`.
+///
+/// Safety: every operand must address valid memory for its shape, and dst must not overlap lhs or rhs.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+pub(crate) unsafe fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_cs: isize,
+    dst_rs: isize,
+    read_dst: bool,
+    lhs: *const f32,
+    lhs_cs: isize,
+    lhs_rs: isize,
+    rhs: *const f32,
+    rhs_cs: isize,
+    rhs_rs: isize,
+    alpha: f32,
+    beta: f32,
+    parallelism: gemm::Parallelism,
+) {
+    #[cfg(target_arch = "wasm32")]
+    {
+        let threads = match parallelism {
+            gemm::Parallelism::Rayon(n) => n,
+            gemm::Parallelism::None => 1,
+        };
+        gemm_wasm::gemm(m, n, k, dst, dst_cs, dst_rs, read_dst, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs, alpha, beta, threads);
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    gemm::gemm(m, n, k, dst, dst_cs, dst_rs, read_dst, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs, alpha, beta, false, false, false, parallelism);
 }
 
 /// gemm's threading for a product of `flops` multiply-adds: below about a million, handing work to
