@@ -111,3 +111,28 @@ pub fn backward(
         store(dbias, &sums, accumulate);
     }
 }
+
+/// Runs the products of one linear layer `reps` times, the forward (inp Wᵀ) or the backward (dout W and doutᵀ
+/// inp), on fixed data, on one thread of rayon's pool as the training step's batch shards run them: for timing
+/// the matrix products (`npm run bench:gemm`). Returns a checksum of the last outputs (each weighted by its
+/// position, so that a misplaced element changes it too): the work is never idle, and builds can be compared.
+pub fn repeat(backward: bool, n: usize, c: usize, oc: usize, reps: usize) -> f32 {
+    let fill = |len: usize, seed: usize| -> Vec<f32> { (0..len).map(|i| ((i * 7 + seed) % 17) as f32 / 16.0 - 0.5).collect() };
+    let (inp, weight, dout) = (fill(n * c, 1), fill(oc * c, 2), fill(n * oc, 3));
+    let (mut out, mut dinp, mut dweight) = (vec![0f32; n * oc], vec![0f32; n * c], vec![0f32; oc * c]);
+    let mut checksum = 0.0;
+    rayon::scope(|s| {
+        s.spawn(|_| {
+            for _ in 0..reps {
+                if backward {
+                    self::backward(Some(&mut dinp), &mut dweight, None, &dout, &inp, &weight, n, c, oc, false);
+                } else {
+                    forward(&mut out, &inp, &weight, None, n, c, oc, false);
+                }
+            }
+            let weighted = |v: &[f32]| v.iter().enumerate().map(|(i, x)| x * (i % 11 + 1) as f32).sum::<f32>();
+            checksum = if backward { weighted(&dinp) + weighted(&dweight) } else { weighted(&out) };
+        })
+    });
+    checksum
+}
