@@ -309,7 +309,10 @@ mod tests {
         for i in 0..m {
             for j in 0..n {
                 let product: f32 = (0..k)
-                    .map(|p| lhs[(i as isize * lhs_rs + p as isize * lhs_cs) as usize] * rhs[(p as isize * rhs_rs + j as isize * rhs_cs) as usize])
+                    .map(|p| {
+                        lhs[(i as isize * lhs_rs + p as isize * lhs_cs) as usize]
+                            * rhs[(p as isize * rhs_rs + j as isize * rhs_cs) as usize]
+                    })
                     .sum();
                 let expected = if read_dst { alpha * initial[i * dst_rs + j] + beta * product } else { beta * product };
                 let got = dst[i * dst_rs + j];
@@ -320,7 +323,10 @@ mod tests {
             }
             for pad in n..dst_rs {
                 let untouched = dst[i * dst_rs + pad];
-                assert!(if read_dst { untouched == initial[i * dst_rs + pad] } else { untouched.is_nan() }, "wrote past column {n} in row {i}");
+                assert!(
+                    if read_dst { untouched == initial[i * dst_rs + pad] } else { untouched.is_nan() },
+                    "wrote past column {n} in row {i}"
+                );
             }
         }
     }

@@ -11,9 +11,9 @@ pub mod attention;
 pub mod cross_entropy;
 pub mod dropout;
 pub mod embedding;
+pub mod gelu;
 #[cfg(any(target_arch = "wasm32", test))]
 mod gemm_wasm;
-pub mod gelu;
 pub mod layernorm;
 pub mod matmul;
 
@@ -122,10 +122,30 @@ pub(crate) unsafe fn gemm(
         gemm_wasm::gemm(m, n, k, dst, dst_cs, dst_rs, read_dst, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs, alpha, beta, threads);
     }
     #[cfg(not(target_arch = "wasm32"))]
-    gemm::gemm(m, n, k, dst, dst_cs, dst_rs, read_dst, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs, alpha, beta, false, false, false, parallelism);
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        dst_cs,
+        dst_rs,
+        read_dst,
+        lhs,
+        lhs_cs,
+        lhs_rs,
+        rhs,
+        rhs_cs,
+        rhs_rs,
+        alpha,
+        beta,
+        false,
+        false,
+        false,
+        parallelism,
+    );
 }
 
-/// gemm's threading for a product of `flops` multiply-adds: below about a million, handing work to
+/// The threading of a product of `flops` multiply-adds (`gemm`'s, or the row split of the WebAssembly kernel): below about a million, handing work to
 /// other threads costs more than it saves; and on a thread of the pool, the caller already split its
 /// work between threads (batch shards, attention heads), so the product stays on that thread.
 pub(crate) fn parallelism(flops: usize) -> gemm::Parallelism {
