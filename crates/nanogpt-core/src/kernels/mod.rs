@@ -145,9 +145,9 @@ pub(crate) unsafe fn gemm(
     );
 }
 
-/// The threading of a product of `flops` multiply-adds (`gemm`'s, or the row split of the WebAssembly kernel): below about a million, handing work to
-/// other threads costs more than it saves; and on a thread of the pool, the caller already split its
-/// work between threads (batch shards, attention heads), so the product stays on that thread.
+/// The threading of a product of `flops` multiply-adds (gemm's, or the WebAssembly kernel's row split): below
+/// about a million, handing work to other threads costs more than it saves; and on a thread of the pool, the
+/// caller already split its work between threads (batch shards, attention heads), so the product stays there.
 pub(crate) fn parallelism(flops: usize) -> gemm::Parallelism {
     match rayon::current_num_threads() {
         n if n > 1 && flops >= 1 << 20 && rayon::current_thread_index().is_none() => gemm::Parallelism::Rayon(n),
