@@ -3,6 +3,10 @@
 # Node.js (nanogpt.js, CommonJS; thread.cjs runs one pool thread) and for browsers (web/nanogpt.js, an ES module
 # that loads the same .wasm).
 #
+# The module is built twice: nanogpt_relaxed_bg.wasm with relaxed SIMD (its matrix products use fused
+# multiply-adds) and nanogpt_bg.wasm with SIMD128 only, for runtimes without relaxed SIMD. Both export the same
+# functions, so one glue serves both; the loader (ts/wasm-build.ts) picks the module when it instantiates it.
+#
 # The module is built with SIMD and with atomics and shared memory, so that the engine's thread pool runs on
 # worker threads. Shared memory needs the standard library rebuilt with atomics (-Zbuild-std): from rustup's
 # rust-src where rustup can download it, otherwise (offline machines, Debian) from Debian's rustc-web and its
@@ -13,15 +17,16 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 target=wasm32-unknown-unknown
 out=wasm
 wasm_bindgen_version=$(sed -n 's/^wasm-bindgen = "=\(.*\)"$/\1/p' crates/nanogpt-wasm/Cargo.toml)
-# simd128 is where gemm and candle's kernels are fast; every current browser and Node.js >= 16 has it. Threads
+# simd128 is where the engine's kernels and candle's are fast; every current browser and Node.js >= 16 has it.
+# Relaxed SIMD is newer (Node.js >= 21, or 20 behind a flag; Chrome >= 114; Firefox >= 145), hence two builds. Threads
 # need atomics, a shared imported memory (up to wasm32's 4 GiB) and the thread-local storage symbols that
 # wasm-bindgen uses to give each thread its own stack.
-rustflags="-C target-feature=+simd128,+atomics,+bulk-memory,+mutable-globals --cfg getrandom_backend=\"wasm_js\""
+thread_features=+atomics,+bulk-memory,+mutable-globals
+link_flags='--cfg getrandom_backend="wasm_js"'
 for arg in --shared-memory --import-memory --max-memory=4294967296 \
   --export=__wasm_init_tls --export=__tls_size --export=__tls_align --export=__tls_base; do
-  rustflags="$rustflags -C link-arg=$arg"
+  link_flags="$link_flags -C link-arg=$arg"
 done
-export CARGO_TARGET_DIR=target/wasm
 
 say() { printf 'build-wasm: %s\n' "$*" >&2; }
 
@@ -54,7 +59,15 @@ build_with_debian_rustc() {
     "$cargo" build --release --target "$target" -Zbuild-std=std,panic_abort -p nanogpt-wasm
 }
 
-build_with_rustup || build_with_debian_rustc
+# compile FEATURES TARGET_DIR: one build of the module; each keeps its own target directory, so that a rebuild of
+# either recompiles only what changed.
+compile() {
+  rustflags="-C target-feature=$1,$thread_features $link_flags"
+  export CARGO_TARGET_DIR=$2
+  build_with_rustup || build_with_debian_rustc
+}
+compile +simd128 target/wasm
+compile +simd128,+relaxed-simd target/wasm-relaxed
 
 wasm_bindgen=wasm-bindgen
 if ! { command -v wasm-bindgen >/dev/null 2>&1 && wasm-bindgen --version | grep -q " $wasm_bindgen_version\$"; }; then
@@ -66,17 +79,31 @@ if ! { command -v wasm-bindgen >/dev/null 2>&1 && wasm-bindgen --version | grep 
   fi
 fi
 
-module="$CARGO_TARGET_DIR/$target/release/nanogpt_wasm.wasm"
-rm -rf "$out" "$CARGO_TARGET_DIR/bindgen"
-"$wasm_bindgen" --target nodejs --weak-refs --out-dir "$CARGO_TARGET_DIR/bindgen/node" --out-name nanogpt "$module"
-"$wasm_bindgen" --target web --weak-refs --out-dir "$CARGO_TARGET_DIR/bindgen/web" --out-name nanogpt "$module"
+module=target/wasm/$target/release/nanogpt_wasm.wasm
+relaxed_module=target/wasm-relaxed/$target/release/nanogpt_wasm.wasm
+bindgen=target/wasm/bindgen
+rm -rf "$out" "$bindgen"
+"$wasm_bindgen" --target nodejs --weak-refs --out-dir "$bindgen/node" --out-name nanogpt "$module"
+"$wasm_bindgen" --target web --weak-refs --out-dir "$bindgen/web" --out-name nanogpt "$module"
+"$wasm_bindgen" --target nodejs --weak-refs --out-dir "$bindgen/node-relaxed" --out-name nanogpt "$relaxed_module"
+if ! cmp -s "$bindgen/node/nanogpt.js" "$bindgen/node-relaxed/nanogpt.js"; then
+  say "error: wasm-bindgen wrote different glue for the relaxed-SIMD module; both modules must export the same functions"
+  exit 1
+fi
 mkdir -p "$out/web"
-cp "$CARGO_TARGET_DIR/bindgen/node/nanogpt_bg.wasm" "$out/"
-cp "$CARGO_TARGET_DIR/bindgen/node/nanogpt.js" "$CARGO_TARGET_DIR/bindgen/node/nanogpt.d.ts" crates/nanogpt-wasm/js/thread.cjs "$out/"
+cp "$bindgen/node/nanogpt_bg.wasm" "$out/"
+cp "$bindgen/node-relaxed/nanogpt_bg.wasm" "$out/nanogpt_relaxed_bg.wasm"
+# The loader chooses the module and instantiates it (ts/engine.ts); the glue must not load one on its own first.
+sed '/^if (require(.worker_threads.)\.isMainThread) {$/,/^}$/d' "$bindgen/node/nanogpt.js" >"$out/nanogpt.js"
+if grep -q '^    exports.initSync();$' "$out/nanogpt.js"; then
+  say "error: could not remove the Node.js glue's own initialisation (has wasm-bindgen changed it?)"
+  exit 1
+fi
+cp "$bindgen/node/nanogpt.d.ts" crates/nanogpt-wasm/js/thread.cjs "$out/"
 # The package is an ES module package; the Node.js glue is CommonJS.
 printf '{ "type": "commonjs" }\n' >"$out/package.json"
 # The browser glue fetches nanogpt_bg.wasm next to itself by default; point it at the one shared copy.
-sed 's|nanogpt_bg\.wasm|../nanogpt_bg.wasm|' "$CARGO_TARGET_DIR/bindgen/web/nanogpt.js" >"$out/web/nanogpt.js"
-cp "$CARGO_TARGET_DIR/bindgen/web/nanogpt.d.ts" "$out/web/"
+sed 's|nanogpt_bg\.wasm|../nanogpt_bg.wasm|' "$bindgen/web/nanogpt.js" >"$out/web/nanogpt.js"
+cp "$bindgen/web/nanogpt.d.ts" "$out/web/"
 printf '{ "type": "module" }\n' >"$out/web/package.json"
-say "wrote $out/ ($(du -h "$out/nanogpt_bg.wasm" | cut -f1) of wasm)"
+say "wrote $out/ ($(du -h "$out/nanogpt_bg.wasm" | cut -f1) of wasm, twice: with and without relaxed SIMD)"

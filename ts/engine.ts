@@ -6,9 +6,11 @@ import { existsSync, readdirSync, readFileSync, statSync, writeFileSync } from '
 import { availableParallelism } from 'node:os';
 import { dirname, join, relative } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { setFlagsFromString } from 'node:v8';
 import { Worker } from 'node:worker_threads';
 import { firstLine, UserError } from './errors.ts';
 import { launchRanks, localWorldSize } from './ranks.ts';
+import { hasRelaxedSimd, pickWasmBuild, wasmBuilds, type WasmBuild, type WasmBuildChoice } from './wasm-build.ts';
 import { wasmMemoryLimit, wasmMemoryRefusal } from './wasm-memory.ts';
 
 import type {
@@ -71,6 +73,8 @@ interface BindingGpt {
 
 interface Binding {
   kind: EngineKind;
+  /** The build, as engine info and benchmark output name it: 'native', 'cuda', 'wasm (relaxed-simd)', 'wasm (simd128)'. */
+  build: string;
   create(modelArgs: ModelArgs, seed: number, device: string): BindingGpt;
   fromSafetensorsFile(modelArgs: ModelArgs, path: string, device: string): BindingGpt;
   fromHfGpt2File(configJson: string, path: string, dropout: number, device: string): BindingGpt;
@@ -81,6 +85,7 @@ interface Binding {
   estimateMemory(modelArgs: ModelArgs, batchSize: number, training: boolean): MemoryEstimate;
   /** The addon only: ends MPI in this process. */
   finalizeMpi?(): void;
+  repeatLinear(backward: boolean, n: number, c: number, oc: number, reps: number): number;
 }
 
 interface NativeModule {
@@ -95,6 +100,7 @@ interface NativeModule {
   lrAt(iter: number, schedule: LrSchedule): number;
   estimateMemory(modelArgs: ModelArgs, batchSize: number, training: boolean): MemoryEstimate;
   finalizeMpi(): void;
+  repeatLinear(backward: boolean, n: number, c: number, oc: number, reps: number): number;
 }
 
 /** The wasm-bindgen module: the same engine API, with bytes where the addon takes file paths. */
@@ -115,7 +121,7 @@ interface WasmGpt
 interface WasmModule {
   /** Present in a build with atomics and shared memory: starts the engine's thread pool on worker threads. */
   startThreads?(count: number): void;
-  initSync?(): void;
+  initSync(options: { module: Uint8Array }): void;
   __wbg_wasm_module?: unknown;
   __wbg_memory?: unknown;
   Gpt: {
@@ -128,6 +134,7 @@ interface WasmModule {
   pickleToJson(bytes: Uint8Array): string;
   lrAt(iter: number, schedule: LrSchedule): number;
   estimateMemory(modelArgs: ModelArgs, batchSize: number, training: boolean): MemoryEstimate;
+  repeatLinear(backward: boolean, n: number, c: number, oc: number, reps: number): number;
 }
 
 export { wasmMemoryLimit } from './wasm-memory.ts';
@@ -193,6 +200,7 @@ function loadNative(build: 'native' | 'mpi' | 'cuda'): Binding {
   }
   return {
     kind: 'native',
+    build: cuda ? 'cuda' : 'native',
     create: (args, seed, device) => native.Gpt.create(args, seed, device),
     fromSafetensorsFile: (args, path, device) => native.Gpt.fromSafetensorsFile(args, path, device),
     fromHfGpt2File: (config, path, dropout, device) => native.Gpt.fromHfGpt2File(config, path, dropout, device),
@@ -202,6 +210,7 @@ function loadNative(build: 'native' | 'mpi' | 'cuda'): Binding {
     lrAt: (iter, schedule) => native.lrAt(iter, schedule),
     estimateMemory: (args, batchSize, training) => native.estimateMemory(args, batchSize, training),
     finalizeMpi: () => native.finalizeMpi(),
+    repeatLinear: (backward, n, c, oc, reps) => native.repeatLinear(backward, n, c, oc, reps),
   };
 }
 
@@ -212,7 +221,12 @@ function loadWasm(): Binding {
       `the WebAssembly engine is not built (no ${glue}); run \`npm run build:wasm\` (needs cargo), or use --engine=native`,
     );
   }
-  warnIfStale(join(packageRoot, 'wasm', 'nanogpt_bg.wasm'), 'npm run build:wasm');
+  const build = nodeWasmBuild();
+  const modulePath = join(packageRoot, 'wasm', build.file);
+  if (!existsSync(modulePath)) {
+    throw new UserError(`the WebAssembly engine is not built (no ${modulePath}); run \`npm run build:wasm\` (needs cargo), or use --engine=native`);
+  }
+  warnIfStale(modulePath, 'npm run build:wasm');
   // A module built with atomics asks for its pool threads through this hook while `startThreads` runs.
   (globalThis as { nanogptSpawnThread?: (thread: number) => void }).nanogptSpawnThread = (thread) => {
     const workerData = { glue, module: wasm.__wbg_wasm_module, memory: wasm.__wbg_memory, thread };
@@ -220,13 +234,14 @@ function loadWasm(): Binding {
     new Worker(join(packageRoot, 'wasm', 'thread.cjs'), { workerData }).unref();
   };
   const wasm = createRequire(import.meta.url)(glue) as WasmModule;
-  // The threaded glue instantiates itself only on a process's main thread; elsewhere (a worker) it waits to be asked.
-  wasm.initSync?.();
+  // Both builds share this glue, which leaves the choice of module to its loader (scripts/build-wasm.sh).
+  wasm.initSync({ module: readFileSync(modulePath) });
   const threads = wasmThreads();
   if (wasm.startThreads && threads > 1) wasm.startThreads(threads);
   // `resolveEngine` sends only the cpu device here.
   return {
     kind: 'wasm',
+    build: build.name,
     create: (args, seed) => new WasmFiles(wasm.Gpt.create(args, seed)),
     fromSafetensorsFile: (args, path) => new WasmFiles(wasm.Gpt.fromSafetensors(args, readForWasm(path))),
     fromHfGpt2File: (config, path, dropout) => new WasmFiles(wasm.Gpt.fromHfGpt2(config, readForWasm(path), dropout)),
@@ -235,6 +250,7 @@ function loadWasm(): Binding {
     pickleToJson: (bytes) => wasm.pickleToJson(bytes),
     lrAt: (iter, schedule) => wasm.lrAt(iter, schedule),
     estimateMemory: (args, batchSize, training) => wasm.estimateMemory(args, batchSize, training),
+    repeatLinear: (backward, n, c, oc, reps) => wasm.repeatLinear(backward, n, c, oc, reps),
   };
 }
 
@@ -258,6 +274,24 @@ function rustSources(dir: string): string[] {
     if (entry.isDirectory()) return entry.name === 'target' ? [] : rustSources(path);
     return entry.name.endsWith('.rs') || entry.name === 'Cargo.toml' ? [path] : [];
   });
+}
+
+/**
+ * The WebAssembly build to load: NANOGPT_WASM_BUILD (relaxed-simd or simd128) to choose one, else the relaxed-SIMD
+ * build where V8 compiles relaxed SIMD, which Node.js 20 does behind a flag (set here, before any module compiles;
+ * the pool's worker threads instantiate the module compiled on this thread).
+ */
+function nodeWasmBuild(): WasmBuild {
+  if (!hasRelaxedSimd()) setFlagsFromString('--experimental-wasm-relaxed-simd');
+  const setting = process.env.NANOGPT_WASM_BUILD;
+  if (setting === undefined || setting === '') return pickWasmBuild();
+  if (!Object.hasOwn(wasmBuilds, setting)) {
+    throw new UserError(`NANOGPT_WASM_BUILD must be one of ${Object.keys(wasmBuilds).join(', ')}, got '${setting}'`);
+  }
+  if (setting === 'relaxed-simd' && !hasRelaxedSimd()) {
+    throw new UserError(`NANOGPT_WASM_BUILD=relaxed-simd, but this Node.js ${process.version} cannot compile relaxed SIMD; use simd128`);
+  }
+  return wasmBuilds[setting as WasmBuildChoice];
 }
 
 /** Threads for the WebAssembly engine's pool: NANOGPT_WASM_THREADS, else one per core. */
@@ -340,11 +374,13 @@ export class Engine {
     private readonly binding: Binding,
     /** The engine build this model lives in. */
     readonly kind: EngineKind,
+    /** That build in more detail: 'native', 'cuda', 'wasm (relaxed-simd)' or 'wasm (simd128)'. */
+    readonly build: string,
   ) {}
 
   private static in(device: string, choice: EngineChoice, make: (binding: Binding) => BindingGpt): Engine {
     const binding = loadBinding(resolveEngine(device, choice), device);
-    return new Engine(make(binding), binding, binding.kind);
+    return new Engine(make(binding), binding, binding.kind, binding.build);
   }
 
   /** A freshly initialised model (nanoGPT's init), deterministic for a given seed. */
@@ -568,6 +604,20 @@ export function lrAt(iter: number, schedule: LrSchedule): number {
 /** The engine's estimate of what training (or sampling) `args` with `batchSize` rows needs in memory. */
 export function estimateMemory(args: ModelArgs, batchSize: number, purpose: 'train' | 'sample', kind?: EngineKind): MemoryEstimate {
   return anyBinding(kind).estimateMemory(args, batchSize, purpose === 'train');
+}
+
+/** The CPU build of `kind` in detail, as `Engine.build` names it: 'native', 'wasm (relaxed-simd)' or 'wasm (simd128)'. */
+export function engineBuild(kind: EngineKind): string {
+  return loadBinding(kind).build;
+}
+
+/**
+ * Runs the matrix products of one linear layer (n rows, c -> oc) `reps` times in the `kind` CPU build, on one thread
+ * of its pool as the training step runs them: the forward inp Wᵀ, or the backward dout W and doutᵀ inp (twice the
+ * work). For timing them (bench/gemm.ts).
+ */
+export function repeatLinear(kind: EngineKind, pass: 'forward' | 'backward', n: number, c: number, oc: number, reps: number): number {
+  return loadBinding(kind).repeatLinear(pass === 'backward', n, c, oc, reps);
 }
 
 /** The addon reads files itself, so prefer it for them; the WebAssembly build is the fallback. */

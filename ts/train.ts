@@ -115,7 +115,7 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
     // The CPU engines compute in float32 whatever dtype says (noEffectNotes says so where the user set it).
     if (config.device !== 'cpu') engine.setPrecision(config.dtype as Dtype);
     engine.checkMemory(config.batch_size, 'train');
-    info(`engine: ${engine.kind} on ${config.device}`);
+    info(`engine: ${engine.build} on ${config.device}`);
     if (worldSize > 1) {
       engine.joinDataParallel();
       info(`data parallel: ${worldSize} processes, ${accumulationSteps} gradient accumulation steps each`);

@@ -162,7 +162,7 @@ worker.onmessage = ({ data }: MessageEvent<FromWorker>) => {
   switch (data.kind) {
     case 'engine':
       history.threads = data.threads;
-      $('threads').textContent = `${data.threads} thread${data.threads > 1 ? 's' : ''}${crossOriginIsolated ? '' : ' (the page is not cross-origin isolated)'}`;
+      $('threads').textContent = `${data.build}, ${data.threads} thread${data.threads > 1 ? 's' : ''}${crossOriginIsolated ? '' : ' (the page is not cross-origin isolated)'}`;
       void fetch('/data/shakespeare_char/input.txt')
         .then((response) => response.text())
         .then((text) => send({ kind: 'data', name: 'shakespeare_char', text, blockSize: recipe.block_size }));

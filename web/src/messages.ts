@@ -17,7 +17,8 @@ export type ToWorker =
   | { kind: 'load'; files: ZipEntry[] };
 
 export type FromWorker =
-  | { kind: 'engine'; threads: number }
+  /** The threads the engine runs on, and which build of the module it is (wasm-build.ts). */
+  | { kind: 'engine'; threads: number; build: string }
   | { kind: 'dataset'; name: string; trainTokens: number; valTokens: number; vocabSize: number }
   | { kind: 'model'; params: number; memoryBytes: number; iter: number }
   | { kind: 'iter'; iter: number; loss: number; lr: number; stepMs: number; tokensPerSecond: number; etaSeconds: number }

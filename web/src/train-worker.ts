@@ -6,6 +6,7 @@ import { firstLine } from '../../ts/errors.ts';
 import { Rng } from '../../ts/rng.ts';
 import { defaultsOf, trainKeys, type TrainConfig } from '../../ts/schema.ts';
 import { CharTokenizer, encodeCharDataset, sampleBatch, type Meta, type Split } from '../../ts/tokens.ts';
+import { pickWasmBuild } from '../../ts/wasm-build.ts';
 import { wasmMemoryRefusal } from '../../ts/wasm-memory.ts';
 import type { FromWorker, ToWorker } from './messages.ts';
 import type { ZipEntry } from './zip.ts';
@@ -53,7 +54,7 @@ self.onmessage = async ({ data }: MessageEvent<ToWorker>) => {
   try {
     switch (data.kind) {
       case 'engine':
-        return post({ kind: 'engine', threads: await loadEngine(data.threads) });
+        return post({ kind: 'engine', ...(await loadEngine(data.threads)) });
       case 'data':
         return prepare(data.name, data.text, data.blockSize);
       case 'train':
@@ -73,12 +74,16 @@ self.onmessage = async ({ data }: MessageEvent<ToWorker>) => {
   }
 };
 
-/** Instantiates the engine, and its thread pool when asked for more than one thread. */
-async function loadEngine(threads: number): Promise<number> {
+/**
+ * Instantiates the engine (the relaxed-SIMD build where the browser has relaxed SIMD), and its thread pool when
+ * asked for more than one thread.
+ */
+async function loadEngine(threads: number): Promise<{ threads: number; build: string }> {
   engine = (await import(glueUrl)) as EngineGlue;
-  const module = await WebAssembly.compileStreaming(fetch('/wasm/nanogpt_bg.wasm'));
+  const build = pickWasmBuild();
+  const module = await WebAssembly.compileStreaming(fetch(`/wasm/${build.file}`));
   const { memory } = await engine.default({ module_or_path: module });
-  if (threads < 2 || !engine.startThreads) return 1;
+  if (threads < 2 || !engine.startThreads) return { threads: 1, build: build.name };
   // The pool's threads: nested workers on the same module and memory, each ready before the pool starts.
   const pool = await Promise.all(
     Array.from({ length: threads }, () => {
@@ -93,7 +98,7 @@ async function loadEngine(threads: number): Promise<number> {
   // The engine asks for each of its pool threads through this hook while `startThreads` runs.
   (globalThis as { nanogptSpawnThread?: (thread: number) => void }).nanogptSpawnThread = (thread) => pool.pop()!.postMessage({ thread });
   engine.startThreads(threads);
-  return threads;
+  return { threads, build: build.name };
 }
 
 function prepare(name: string, text: string, blockSize: number): void {

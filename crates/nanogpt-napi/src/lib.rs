@@ -262,3 +262,10 @@ pub fn estimate_memory(env: &Env, model_args: Value, batch_size: u32, training: 
     let batch_size = batch_size as usize;
     to_js(env, &if training { memory::training(&args, batch_size) } else { memory::sampling(&args, batch_size) })
 }
+
+/// Runs one linear layer's matrix products `reps` times on one pool thread (`kernels::matmul::repeat`), for
+/// timing them from JavaScript (`npm run bench:gemm`).
+#[napi]
+pub fn repeat_linear(backward: bool, n: u32, c: u32, oc: u32, reps: u32) -> f64 {
+    nanogpt_core::kernels::matmul::repeat(backward, n as usize, c as usize, oc as usize, reps as usize) as f64
+}

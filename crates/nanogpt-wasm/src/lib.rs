@@ -236,3 +236,10 @@ pub fn estimate_memory(model_args: JsValue, batch_size: u32, training: bool) -> 
     let batch_size = batch_size as usize;
     to_js(&if training { memory::training(&args, batch_size) } else { memory::sampling(&args, batch_size) })
 }
+
+/// Runs one linear layer's matrix products `reps` times on one pool thread (`kernels::matmul::repeat`), for
+/// timing them from JavaScript (`npm run bench:gemm`).
+#[wasm_bindgen(js_name = repeatLinear)]
+pub fn repeat_linear(backward: bool, n: u32, c: u32, oc: u32, reps: u32) -> f32 {
+    nanogpt_core::kernels::matmul::repeat(backward, n as usize, c as usize, oc as usize, reps as usize)
+}

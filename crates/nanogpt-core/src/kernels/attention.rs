@@ -7,7 +7,7 @@
 use rayon::prelude::*;
 
 use super::dropout::Mask;
-use super::{dot, exp, sum};
+use super::{dot, exp, gemm, sum};
 
 /// A matrix view into a slice: element (r, c) sits at `ptr + r * row_stride + c * col_stride`.
 #[derive(Clone, Copy)]
@@ -32,7 +32,7 @@ impl View {
 /// Safety: every view must address valid memory for its shape, and dst must not overlap lhs or rhs.
 #[allow(clippy::too_many_arguments)]
 unsafe fn matmul_into(dst: *mut f32, dst_row_stride: usize, m: usize, n: usize, k: usize, lhs: View, rhs: View, scale: f32) {
-    gemm::gemm(
+    gemm(
         m,
         n,
         k,
@@ -48,9 +48,6 @@ unsafe fn matmul_into(dst: *mut f32, dst_row_stride: usize, m: usize, n: usize, 
         rhs.row_stride,
         0.0,
         scale,
-        false,
-        false,
-        false,
         gemm::Parallelism::None,
     );
 }

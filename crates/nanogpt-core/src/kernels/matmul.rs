@@ -1,6 +1,6 @@
-//! Linear layer `out = inp Wᵀ + b` over rows of `inp` (N x C), W in PyTorch's (OC, C) layout, on gemm.
+//! Linear layer `out = inp Wᵀ + b` over rows of `inp` (N x C), W in PyTorch's (OC, C) layout, on `kernels::gemm`.
 
-use super::{parallelism, store};
+use super::{gemm, parallelism, store};
 
 /// `out` (N x OC) = inp Wᵀ + b; with `residual`, the product is added to what `out` already holds
 /// (the residual stream), which saves a separate add pass.
@@ -21,7 +21,7 @@ pub fn forward(out: &mut [f32], inp: &[f32], weight: &[f32], bias: Option<&[f32]
     // SAFETY: out is n x oc, inp n x c, weight oc x c read transposed; all three sizes were checked above
     // and out is a distinct mutable borrow, so it overlaps neither input.
     unsafe {
-        gemm::gemm(
+        gemm(
             n,
             oc,
             c,
@@ -37,9 +37,6 @@ pub fn forward(out: &mut [f32], inp: &[f32], weight: &[f32], bias: Option<&[f32]
             1,
             1.0,
             1.0,
-            false,
-            false,
-            false,
             parallelism(n * oc * c),
         );
     }
@@ -67,7 +64,7 @@ pub fn backward(
         assert_eq!(dinp.len(), n * c);
         // SAFETY: dinp (n x c) = dout (n x oc) @ weight (oc x c), sizes checked, dinp a distinct borrow.
         unsafe {
-            gemm::gemm(
+            gemm(
                 n,
                 c,
                 oc,
@@ -83,16 +80,13 @@ pub fn backward(
                 c as isize,
                 0.0,
                 1.0,
-                false,
-                false,
-                false,
                 parallelism(n * oc * c),
             );
         }
     }
     // SAFETY: dweight (oc x c) (+)= doutᵀ (oc x n) @ inp (n x c), sizes checked, dweight a distinct borrow.
     unsafe {
-        gemm::gemm(
+        gemm(
             oc,
             c,
             n,
@@ -108,9 +102,6 @@ pub fn backward(
             c as isize,
             1.0,
             1.0,
-            false,
-            false,
-            false,
             parallelism(n * oc * c),
         );
     }
@@ -119,4 +110,29 @@ pub fn backward(
         dout.chunks_exact(oc).for_each(|row| sums.iter_mut().zip(row).for_each(|(s, g)| *s += g));
         store(dbias, &sums, accumulate);
     }
+}
+
+/// Runs the products of one linear layer `reps` times, the forward (inp Wᵀ) or the backward (dout W and doutᵀ
+/// inp), on fixed data, on one thread of rayon's pool as the training step's batch shards run them: for timing
+/// the matrix products (`npm run bench:gemm`). Returns a checksum of the last outputs (each weighted by its
+/// position, so that a misplaced element changes it too): the work is never idle, and builds can be compared.
+pub fn repeat(backward: bool, n: usize, c: usize, oc: usize, reps: usize) -> f32 {
+    let fill = |len: usize, seed: usize| -> Vec<f32> { (0..len).map(|i| ((i * 7 + seed) % 17) as f32 / 16.0 - 0.5).collect() };
+    let (inp, weight, dout) = (fill(n * c, 1), fill(oc * c, 2), fill(n * oc, 3));
+    let (mut out, mut dinp, mut dweight) = (vec![0f32; n * oc], vec![0f32; n * c], vec![0f32; oc * c]);
+    let mut checksum = 0.0;
+    rayon::scope(|s| {
+        s.spawn(|_| {
+            for _ in 0..reps {
+                if backward {
+                    self::backward(Some(&mut dinp), &mut dweight, None, &dout, &inp, &weight, n, c, oc, false);
+                } else {
+                    forward(&mut out, &inp, &weight, None, n, c, oc, false);
+                }
+            }
+            let weighted = |v: &[f32]| v.iter().enumerate().map(|(i, x)| x * (i % 11 + 1) as f32).sum::<f32>();
+            checksum = if backward { weighted(&dinp) + weighted(&dweight) } else { weighted(&out) };
+        })
+    });
+    checksum
 }

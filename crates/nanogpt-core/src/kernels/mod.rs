@@ -12,6 +12,8 @@ pub mod cross_entropy;
 pub mod dropout;
 pub mod embedding;
 pub mod gelu;
+#[cfg(any(target_arch = "wasm32", test))]
+mod gemm_wasm;
 pub mod layernorm;
 pub mod matmul;
 
@@ -86,9 +88,66 @@ pub(crate) fn store(dst: &mut [f32], src: &[f32], accumulate: bool) {
     }
 }
 
-/// gemm's threading for a product of `flops` multiply-adds: below about a million, handing work to
-/// other threads costs more than it saves; and on a thread of the pool, the caller already split its
-/// work between threads (batch shards, attention heads), so the product stays on that thread.
+/// dst (m x n) = alpha * dst + beta * lhs (m x k) * rhs (k x n) when `read_dst`, else beta * lhs * rhs; every
+/// matrix is addressed by a column stride and a row stride, as `gemm::gemm` takes them. The WebAssembly build runs
+/// its own kernel (fused multiply-adds with relaxed SIMD, larger register tiles); other targets run `gemm`.
+///
+/// Safety: every operand must address valid memory for its shape, and dst must not overlap lhs or rhs.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+pub(crate) unsafe fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_cs: isize,
+    dst_rs: isize,
+    read_dst: bool,
+    lhs: *const f32,
+    lhs_cs: isize,
+    lhs_rs: isize,
+    rhs: *const f32,
+    rhs_cs: isize,
+    rhs_rs: isize,
+    alpha: f32,
+    beta: f32,
+    parallelism: gemm::Parallelism,
+) {
+    #[cfg(target_arch = "wasm32")]
+    {
+        let threads = match parallelism {
+            gemm::Parallelism::Rayon(n) => n,
+            gemm::Parallelism::None => 1,
+        };
+        gemm_wasm::gemm(m, n, k, dst, dst_cs, dst_rs, read_dst, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs, alpha, beta, threads);
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        dst_cs,
+        dst_rs,
+        read_dst,
+        lhs,
+        lhs_cs,
+        lhs_rs,
+        rhs,
+        rhs_cs,
+        rhs_rs,
+        alpha,
+        beta,
+        false,
+        false,
+        false,
+        parallelism,
+    );
+}
+
+/// The threading of a product of `flops` multiply-adds (gemm's, or the WebAssembly kernel's row split): below
+/// about a million, handing work to other threads costs more than it saves; and on a thread of the pool, the
+/// caller already split its work between threads (batch shards, attention heads), so the product stays there.
 pub(crate) fn parallelism(flops: usize) -> gemm::Parallelism {
     match rayon::current_num_threads() {
         n if n > 1 && flops >= 1 << 20 && rayon::current_thread_index().is_none() => gemm::Parallelism::Rayon(n),

@@ -1,0 +1,356 @@
+//! f32 matrix products for the WebAssembly build, in place of the `gemm` crate's simd128 kernels (no fused
+//! multiply-add, tiles of at most 3x4). Blocked as in BLIS: a KC x NC block of the right operand and an
+//! MC x KC block of the left one are copied into panels of NR columns and MR rows, laid out in the order the
+//! microkernel reads them, so its loop is unit-stride whatever the operands' strides; the microkernel keeps an
+//! MR x NR tile of the product in registers for the KC steps of one block.
+//!
+//! The tile fits V8's register file on x64 (16 xmm registers): MR x NR/4 accumulators, NR/4 loads of the right
+//! panel and one broadcast of the left. With relaxed SIMD (`+relaxed-simd`) a step is one `f32x4.relaxed_madd`,
+//! which V8 compiles to an FMA where the CPU has one; otherwise a multiply and an add. Outside WebAssembly (the
+//! unit tests) the same blocking and packing run with a scalar microkernel.
+
+/// Rows of the register tile.
+const MR: usize = 4;
+/// Columns of the register tile (NR / 4 vectors of four lanes).
+const NR: usize = 8;
+/// Depth of one block: an NR-column panel of the right operand (KC x NR) stays in L1.
+const KC: usize = 256;
+/// Rows of one packed block of the left operand (MC x KC, in L2).
+const MC: usize = 96;
+/// Columns of one packed block of the right operand (KC x NC).
+const NC: usize = 256;
+
+/// A matrix operand: element (row, col) at `ptr + row * row_stride + col * col_stride`.
+#[derive(Clone, Copy)]
+struct Operand {
+    ptr: *const f32,
+    row_stride: isize,
+    col_stride: isize,
+}
+
+impl Operand {
+    /// Safety: (row, col) must lie inside the operand.
+    #[inline(always)]
+    unsafe fn at(&self, row: usize, col: usize) -> f32 {
+        *self.ptr.offset(row as isize * self.row_stride + col as isize * self.col_stride)
+    }
+
+    unsafe fn row(self, row: usize) -> Self {
+        Self { ptr: self.ptr.offset(row as isize * self.row_stride), ..self }
+    }
+}
+
+/// `dst` (m x n) = alpha * dst + beta * lhs (m x k) * rhs (k x n) when `read_dst`, else beta * lhs * rhs (dst
+/// is then never read). The arguments are those of `gemm::gemm` (column stride, then row stride); with `threads`
+/// above one the rows are split into that many parts, run on rayon's pool.
+///
+/// Safety: every operand must address valid memory for its shape, and dst must not overlap lhs or rhs.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_cs: isize,
+    dst_rs: isize,
+    read_dst: bool,
+    lhs: *const f32,
+    lhs_cs: isize,
+    lhs_rs: isize,
+    rhs: *const f32,
+    rhs_cs: isize,
+    rhs_rs: isize,
+    alpha: f32,
+    beta: f32,
+    threads: usize,
+) {
+    let dst = Dst { ptr: dst, row_stride: dst_rs, col_stride: dst_cs };
+    let lhs = Operand { ptr: lhs, row_stride: lhs_rs, col_stride: lhs_cs };
+    let rhs = Operand { ptr: rhs, row_stride: rhs_rs, col_stride: rhs_cs };
+    let scale = Scale { alpha: if read_dst { Some(alpha) } else { None }, beta };
+    if threads <= 1 || m < 2 * MR {
+        return product(m, n, k, dst, lhs, rhs, scale);
+    }
+    // Parts of whole tiles, so that only the last part has a ragged edge.
+    let part = m.div_ceil(threads).next_multiple_of(MR);
+    let shared = SendPtrs(dst, lhs, rhs);
+    rayon::scope(move |s| {
+        for first in (0..m).step_by(part) {
+            s.spawn(move |_| {
+                let (dst, lhs, rhs) = shared.get();
+                // SAFETY: the parts are disjoint row ranges of dst; lhs and rhs are only read.
+                unsafe { product(part.min(m - first), n, k, dst.row(first), lhs.row(first), rhs, scale) }
+            });
+        }
+    });
+}
+
+/// The destination: element (row, col) at `ptr + row * row_stride + col * col_stride`.
+#[derive(Clone, Copy)]
+struct Dst {
+    ptr: *mut f32,
+    row_stride: isize,
+    col_stride: isize,
+}
+
+impl Dst {
+    unsafe fn row(self, row: usize) -> Self {
+        Self { ptr: self.ptr.offset(row as isize * self.row_stride), ..self }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SendPtrs(Dst, Operand, Operand);
+// SAFETY: the pointers are only dereferenced inside the disjoint parts `gemm` hands out.
+unsafe impl Send for SendPtrs {}
+
+impl SendPtrs {
+    /// By method, so that a closure captures the whole (Send) value rather than its fields.
+    fn get(self) -> (Dst, Operand, Operand) {
+        (self.0, self.1, self.2)
+    }
+}
+
+/// How a result is stored: dst = alpha * dst + beta * product, or beta * product when alpha is None.
+#[derive(Clone, Copy)]
+struct Scale {
+    alpha: Option<f32>,
+    beta: f32,
+}
+
+/// The blocked product on this thread.
+unsafe fn product(m: usize, n: usize, k: usize, dst: Dst, lhs: Operand, rhs: Operand, scale: Scale) {
+    if k == 0 {
+        for i in 0..m {
+            for j in 0..n {
+                let d = dst.ptr.offset(i as isize * dst.row_stride + j as isize * dst.col_stride);
+                *d = scale.alpha.map_or(0.0, |alpha| alpha * *d);
+            }
+        }
+        return;
+    }
+    let mut rhs_panels = vec![0f32; KC.min(k) * n.min(NC).next_multiple_of(NR)];
+    let mut lhs_panels = vec![0f32; KC.min(k) * m.min(MC).next_multiple_of(MR)];
+    for jc in (0..n).step_by(NC) {
+        let nc = NC.min(n - jc);
+        for pc in (0..k).step_by(KC) {
+            let kc = KC.min(k - pc);
+            // The first block of the depth stores over dst as asked; later ones add to it.
+            let block_scale = if pc == 0 { scale } else { Scale { alpha: Some(1.0), beta: scale.beta } };
+            pack_rhs(&mut rhs_panels, rhs, pc, kc, jc, nc);
+            for ic in (0..m).step_by(MC) {
+                let mc = MC.min(m - ic);
+                pack_lhs(&mut lhs_panels, lhs, ic, mc, pc, kc);
+                for jr in (0..nc).step_by(NR) {
+                    let b = &rhs_panels[jr * kc..(jr + NR) * kc];
+                    for ir in (0..mc).step_by(MR) {
+                        let a = &lhs_panels[ir * kc..(ir + MR) * kc];
+                        let tile = microkernel(kc, a, b);
+                        store(&tile, dst, ic + ir, MR.min(mc - ir), jc + jr, NR.min(nc - jr), block_scale);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Copies rhs[pc.., jc..] (kc x nc) into panels of NR columns: panel j holds, for each step p, its NR values of
+/// row p (zeros past column nc). The read order follows whichever stride of rhs is unit.
+unsafe fn pack_rhs(panels: &mut [f32], rhs: Operand, pc: usize, kc: usize, jc: usize, nc: usize) {
+    for (panel, j0) in panels.chunks_exact_mut(kc * NR).zip((0..nc).step_by(NR)) {
+        let width = NR.min(nc - j0);
+        if rhs.row_stride == 1 {
+            for j in 0..NR {
+                for p in 0..kc {
+                    panel[p * NR + j] = if j < width { rhs.at(pc + p, jc + j0 + j) } else { 0.0 };
+                }
+            }
+        } else {
+            for (p, step) in panel.chunks_exact_mut(NR).enumerate() {
+                for (j, value) in step.iter_mut().enumerate() {
+                    *value = if j < width { rhs.at(pc + p, jc + j0 + j) } else { 0.0 };
+                }
+            }
+        }
+    }
+}
+
+/// Copies lhs[ic.., pc..] (mc x kc) into panels of MR rows: panel i holds, for each step p, its MR values of
+/// column p (zeros past row mc).
+unsafe fn pack_lhs(panels: &mut [f32], lhs: Operand, ic: usize, mc: usize, pc: usize, kc: usize) {
+    for (panel, i0) in panels.chunks_exact_mut(kc * MR).zip((0..mc).step_by(MR)) {
+        let height = MR.min(mc - i0);
+        if lhs.col_stride == 1 {
+            for i in 0..MR {
+                for p in 0..kc {
+                    panel[p * MR + i] = if i < height { lhs.at(ic + i0 + i, pc + p) } else { 0.0 };
+                }
+            }
+        } else {
+            for (p, step) in panel.chunks_exact_mut(MR).enumerate() {
+                for (i, value) in step.iter_mut().enumerate() {
+                    *value = if i < height { lhs.at(ic + i0 + i, pc + p) } else { 0.0 };
+                }
+            }
+        }
+    }
+}
+
+/// Writes the rows x cols corner of a tile into dst at (row, col).
+unsafe fn store(tile: &[[f32; NR]; MR], dst: Dst, row: usize, rows: usize, col: usize, cols: usize, scale: Scale) {
+    for (i, values) in tile.iter().enumerate().take(rows) {
+        let base = dst.ptr.offset((row + i) as isize * dst.row_stride + col as isize * dst.col_stride);
+        for (j, &value) in values.iter().enumerate().take(cols) {
+            let d = base.offset(j as isize * dst.col_stride);
+            *d = match scale.alpha {
+                Some(alpha) => alpha * *d + scale.beta * value,
+                None => scale.beta * value,
+            };
+        }
+    }
+}
+
+/// a (kc x MR panel) times b (kc x NR panel): the MR x NR tile of their product.
+#[cfg(target_arch = "wasm32")]
+#[inline(always)]
+fn microkernel(kc: usize, a: &[f32], b: &[f32]) -> [[f32; NR]; MR] {
+    use core::arch::wasm32::*;
+    const LANES: usize = 4;
+    assert!(a.len() >= kc * MR && b.len() >= kc * NR);
+    let mut acc = [[f32x4_splat(0.0); NR / LANES]; MR];
+    for p in 0..kc {
+        // SAFETY: p < kc, and both panels hold kc steps (checked above).
+        unsafe {
+            let b_step = b.as_ptr().add(p * NR);
+            let bv: [v128; NR / LANES] = std::array::from_fn(|v| v128_load(b_step.add(v * LANES) as *const v128));
+            for (i, row) in acc.iter_mut().enumerate() {
+                let a_value = v128_load32_splat(a.as_ptr().add(p * MR + i) as *const u32);
+                for (c, &b_value) in row.iter_mut().zip(&bv) {
+                    *c = madd(a_value, b_value, *c);
+                }
+            }
+        }
+    }
+    let mut tile = [[0f32; NR]; MR];
+    for (out, row) in tile.iter_mut().zip(&acc) {
+        for (v, value) in row.iter().enumerate() {
+            // SAFETY: out holds NR = row.len() * LANES floats.
+            unsafe { v128_store(out.as_mut_ptr().add(v * LANES) as *mut v128, *value) };
+        }
+    }
+    tile
+}
+
+/// a * b + c per lane: fused (one rounding) where relaxed SIMD lets the engine use the CPU's FMA.
+#[cfg(target_arch = "wasm32")]
+#[inline(always)]
+fn madd(a: core::arch::wasm32::v128, b: core::arch::wasm32::v128, c: core::arch::wasm32::v128) -> core::arch::wasm32::v128 {
+    use core::arch::wasm32::*;
+    #[cfg(target_feature = "relaxed-simd")]
+    return f32x4_relaxed_madd(a, b, c);
+    #[cfg(not(target_feature = "relaxed-simd"))]
+    return f32x4_add(f32x4_mul(a, b), c);
+}
+
+/// The scalar microkernel the unit tests run: the same panels, the same tile.
+#[cfg(not(target_arch = "wasm32"))]
+fn microkernel(kc: usize, a: &[f32], b: &[f32]) -> [[f32; NR]; MR] {
+    let mut tile = [[0f32; NR]; MR];
+    for (a_step, b_step) in a.chunks_exact(MR).zip(b.chunks_exact(NR)).take(kc) {
+        for (row, &a_value) in tile.iter_mut().zip(a_step) {
+            for (c, &b_value) in row.iter_mut().zip(b_step) {
+                *c += a_value * b_value;
+            }
+        }
+    }
+    tile
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A deterministic matrix of small integers-over-eight, so that products are exact in f32.
+    fn matrix(len: usize, seed: usize) -> Vec<f32> {
+        (0..len).map(|i| ((i * 7 + seed * 13) % 17) as f32 / 8.0 - 1.0).collect()
+    }
+
+    /// Runs `gemm` for one layout of each operand (row-major, or transposed storage) against a naive product.
+    #[allow(clippy::too_many_arguments)]
+    fn check(m: usize, n: usize, k: usize, lhs_t: bool, rhs_t: bool, read_dst: bool, alpha: f32, beta: f32, threads: usize) {
+        let (lhs, rhs) = (matrix(m * k, 1), matrix(k * n, 2));
+        // Element (i, p) of lhs sits at i * k + p (row-major) or p * m + i (stored transposed).
+        let (lhs_rs, lhs_cs) = if lhs_t { (1, m as isize) } else { (k as isize, 1) };
+        let (rhs_rs, rhs_cs) = if rhs_t { (1, k as isize) } else { (n as isize, 1) };
+        // dst rows padded by 3, as attention writes one head's columns of a wider row.
+        let dst_rs = n + 3;
+        let initial = matrix(m * dst_rs, 3);
+        let mut dst = if read_dst { initial.clone() } else { vec![f32::NAN; m * dst_rs] };
+        unsafe {
+            gemm(
+                m,
+                n,
+                k,
+                dst.as_mut_ptr(),
+                1,
+                dst_rs as isize,
+                read_dst,
+                lhs.as_ptr(),
+                lhs_cs,
+                lhs_rs,
+                rhs.as_ptr(),
+                rhs_cs,
+                rhs_rs,
+                alpha,
+                beta,
+                threads,
+            )
+        };
+        for i in 0..m {
+            for j in 0..n {
+                let product: f32 = (0..k)
+                    .map(|p| {
+                        lhs[(i as isize * lhs_rs + p as isize * lhs_cs) as usize]
+                            * rhs[(p as isize * rhs_rs + j as isize * rhs_cs) as usize]
+                    })
+                    .sum();
+                let expected = if read_dst { alpha * initial[i * dst_rs + j] + beta * product } else { beta * product };
+                let got = dst[i * dst_rs + j];
+                assert!(
+                    (got - expected).abs() <= 1e-4 * expected.abs().max(1.0),
+                    "{m}x{k} @ {k}x{n} (lhs_t {lhs_t}, rhs_t {rhs_t}, read {read_dst}, threads {threads}): ({i}, {j}) = {got}, expected {expected}"
+                );
+            }
+            for pad in n..dst_rs {
+                let untouched = dst[i * dst_rs + pad];
+                assert!(
+                    if read_dst { untouched == initial[i * dst_rs + pad] } else { untouched.is_nan() },
+                    "wrote past column {n} in row {i}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn matches_a_naive_product_at_ragged_shapes_and_all_layouts() {
+        // Not multiples of the tile, across block edges (MC, KC, NC) and below one tile.
+        let shapes = [(1, 1, 1), (3, 5, 7), (13, 11, 9), (MC + 5, NC + 9, KC + 3), (2 * MC + 1, 2 * NR + 1, 2 * KC + 1), (64, 32, 64)];
+        for &(m, n, k) in &shapes {
+            for (lhs_t, rhs_t) in [(false, false), (false, true), (true, false), (true, true)] {
+                check(m, n, k, lhs_t, rhs_t, false, 0.0, 1.0, 1);
+                check(m, n, k, lhs_t, rhs_t, true, 1.0, 1.0, 1);
+            }
+        }
+        check(37, 19, 23, false, true, false, 0.0, 0.125, 1);
+        check(37, 19, 23, true, false, true, 0.5, -2.0, 1);
+        check(37, 19, 0, false, false, true, 0.5, 1.0, 1);
+    }
+
+    #[test]
+    fn splits_rows_between_threads() {
+        for threads in [2, 3] {
+            check(MC + 5, 21, 40, false, true, true, 1.0, 1.0, threads);
+            check(2 * MR + 1, 9, KC + 1, true, false, false, 0.0, 1.0, threads);
+        }
+    }
+}
