@@ -48,9 +48,11 @@ struct Buffers {
     atty: Vec<f32>,
     fch: Vec<f32>,
     fch_gelu: Vec<f32>,
-    /// (block): LayerNorm statistics, and one attention row.
+    /// (block): LayerNorm statistics.
     mean: Vec<f32>,
     rstd: Vec<f32>,
+    /// The attention's working memory: its (block, block) matrices in a prefill, one row of them
+    /// against the cache.
     scores: Vec<f32>,
     /// (V): the next token's logits.
     logits: Vec<f32>,
@@ -76,7 +78,20 @@ struct Shard<'a> {
 fn lengths_per_sequence(args: &ModelArgs) -> [usize; 12] {
     let (block, c) = (args.block_size, args.n_embd);
     let cache = args.n_layer * block * c;
-    [cache, cache, block * c, block * c, block * 3 * c, block * c, block * 4 * c, block * 4 * c, block, block, block, args.vocab_size]
+    [
+        cache,
+        cache,
+        block * c,
+        block * c,
+        block * 3 * c,
+        block * c,
+        block * 4 * c,
+        block * 4 * c,
+        block,
+        block,
+        attention::scratch_len(block),
+        args.vocab_size,
+    ]
 }
 
 /// f32 elements the decoder of `batch` sequences allocates.
@@ -172,7 +187,7 @@ impl Shard<'_> {
             let (fch, fch_gelu) = (&mut fch[..rows * 4 * c], &mut fch_gelu[..rows * 4 * c]);
             let (mean, rstd) = (&mut mean[..rows], &mut rstd[..rows]);
             if first == 0 && queries > 1 {
-                attention::forward(atty, &qkv[..rows * 3 * c], queries, c, nh, None);
+                attention::forward_in(atty, &qkv[..rows * 3 * c], queries, c, nh, self.scores);
             } else {
                 for seq in 0..b {
                     let cache = (seq * args.n_layer + l) * layer_cache..(seq * args.n_layer + l + 1) * layer_cache;

@@ -54,15 +54,17 @@ unsafe fn matmul_into(dst: *mut f32, dst_row_stride: usize, m: usize, n: usize, 
 
 /// The (T, T) attention matrices of one (batch row, head): the probabilities and the weights
 /// actually applied to the values (the probabilities after dropout).
-struct Scores {
+struct Scores<'a> {
     t: usize,
-    probs: Vec<f32>,
-    weights: Vec<f32>,
+    probs: &'a mut [f32],
+    weights: &'a mut [f32],
 }
 
-impl Scores {
-    fn new(t: usize) -> Self {
-        Self { t, probs: vec![0f32; t * t], weights: vec![0f32; t * t] }
+impl<'a> Scores<'a> {
+    /// Over the first [`scratch_len`]`(t)` elements of `buffer`.
+    fn new(t: usize, buffer: &'a mut [f32]) -> Self {
+        let (probs, weights) = buffer[..scratch_len(t)].split_at_mut(t * t);
+        Self { t, probs, weights }
     }
 
     /// probs = causal softmax(q kᵀ * scale); weights = probs after dropout (`first` is the mask
@@ -79,35 +81,56 @@ impl Scores {
             let inv = 1.0 / sum(seen);
             seen.iter_mut().for_each(|x| *x *= inv);
         }
-        match dropout {
-            Some((mask, first)) => {
-                self.weights.copy_from_slice(&self.probs);
-                mask.apply(&mut self.weights, first);
-            }
-            None => self.weights.copy_from_slice(&self.probs),
+        self.weights.copy_from_slice(self.probs);
+        if let Some((mask, first)) = dropout {
+            mask.apply(self.weights, first);
         }
     }
 }
 
+/// Elements of the working memory one batch row's attention needs: its two (T, T) matrices.
+pub fn scratch_len(t: usize) -> usize {
+    2 * t * t
+}
+
 /// `out` (B, T, C) from `qkv` (B, T, 3C): softmax(q kᵀ / sqrt(hs)) v per head, causal.
 pub fn forward(out: &mut [f32], qkv: &[f32], t: usize, c: usize, n_head: usize, dropout: Option<Mask>) {
-    let (c3, hs) = (3 * c, c / n_head);
+    check(out, qkv, t, c, n_head);
+    out.par_chunks_mut(t * c).zip(qkv.par_chunks(t * 3 * c)).enumerate().for_each(|(row, (y, qkv))| {
+        forward_row(y, qkv, &mut vec![0f32; scratch_len(t)], t, c, n_head, dropout.map(|m| (m, row)));
+    });
+}
+
+/// [`forward`] without dropout, with each batch row's working memory taken from `scratch`
+/// ([`scratch_len`] elements per row) rather than allocated: for callers that run it again and
+/// again, as decoding does.
+pub fn forward_in(out: &mut [f32], qkv: &[f32], t: usize, c: usize, n_head: usize, scratch: &mut [f32]) {
+    check(out, qkv, t, c, n_head);
+    let rows = out.par_chunks_mut(t * c).zip(qkv.par_chunks(t * 3 * c));
+    rows.zip(scratch.par_chunks_mut(scratch_len(t))).for_each(|((y, qkv), scratch)| forward_row(y, qkv, scratch, t, c, n_head, None));
+}
+
+fn check(out: &[f32], qkv: &[f32], t: usize, c: usize, n_head: usize) {
     assert!(
         qkv.len() == out.len() * 3 && out.len().is_multiple_of(t * c) && c.is_multiple_of(n_head),
         "attention: buffer sizes do not match"
     );
+}
+
+/// One batch row of [`forward`]; `dropout` holds the mask and the row's index.
+#[allow(clippy::too_many_arguments)]
+fn forward_row(y: &mut [f32], qkv: &[f32], scratch: &mut [f32], t: usize, c: usize, n_head: usize, dropout: Option<(Mask, usize)>) {
+    let (c3, hs) = (3 * c, c / n_head);
     let scale = 1.0 / (hs as f32).sqrt();
-    out.par_chunks_mut(t * c).zip(qkv.par_chunks(t * c3)).enumerate().for_each(|(row, (y, qkv))| {
-        let mut scores = Scores::new(t);
-        for h in 0..n_head {
-            let view = |offset: usize| View::rows(qkv[offset..].as_ptr(), c3);
-            let first = (row * n_head + h) * t * t;
-            scores.compute(view(h * hs), view(c + h * hs), hs, scale, dropout.map(|m| (m, first)));
-            let weights = View::rows(scores.weights.as_ptr(), t);
-            // SAFETY: head h's columns of y's t rows lie inside this batch row's slab.
-            unsafe { matmul_into(y[h * hs..].as_mut_ptr(), c, t, hs, t, weights, view(2 * c + h * hs), 1.0) };
-        }
-    });
+    let mut scores = Scores::new(t, scratch);
+    for h in 0..n_head {
+        let view = |offset: usize| View::rows(qkv[offset..].as_ptr(), c3);
+        let mask = dropout.map(|(m, row)| (m, (row * n_head + h) * t * t));
+        scores.compute(view(h * hs), view(c + h * hs), hs, scale, mask);
+        let weights = View::rows(scores.weights.as_ptr(), t);
+        // SAFETY: head h's columns of y's t rows lie inside this batch row's slab.
+        unsafe { matmul_into(y[h * hs..].as_mut_ptr(), c, t, hs, t, weights, view(2 * c + h * hs), 1.0) };
+    }
 }
 
 /// `dqkv` (written in full) from the gradient `dout` of the merged heads.
@@ -119,7 +142,8 @@ pub fn backward(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], t: usize, c: usize,
     );
     let scale = 1.0 / (hs as f32).sqrt();
     dqkv.par_chunks_mut(t * c3).zip(qkv.par_chunks(t * c3).zip(dout.par_chunks(t * c))).enumerate().for_each(|(row, (dqkv, (qkv, dy)))| {
-        let mut scores = Scores::new(t);
+        let mut buffer = vec![0f32; scratch_len(t)];
+        let mut scores = Scores::new(t, &mut buffer);
         let mut grad = vec![0f32; t * t];
         for h in 0..n_head {
             let (q, k, v) = (h * hs, c + h * hs, 2 * c + h * hs);
