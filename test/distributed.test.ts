@@ -9,7 +9,7 @@ import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { trainSchema, resolveConfig } from '../ts/config.ts';
 import { BatchLoader } from '../ts/data.ts';
-import { checkDataParallel, failedRank, takeNprocPerNode } from '../ts/distributed.ts';
+import { checkDataParallel, failedRank } from '../ts/distributed.ts';
 import { Engine, mpiBuilt } from '../ts/engine.ts';
 import { launchRanks } from '../ts/ranks.ts';
 import { Rng } from '../ts/rng.ts';
@@ -27,13 +27,6 @@ describe('launching ranks', () => {
     expect(launchRanks({ RANK: '3', WORLD_SIZE: '4' })).toEqual({ rank: 3, worldSize: 4 });
     expect(launchRanks({})).toEqual({ rank: 0, worldSize: 1 });
     expect(() => launchRanks({ RANK: '4', WORLD_SIZE: '4' })).toThrow(/RANK=4 and WORLD_SIZE=4 do not name a rank/);
-  });
-
-  it('takes --nproc_per_node out of the arguments, in either spelling', () => {
-    expect(takeNprocPerNode(['cfg.ts', '--nproc_per_node=2', '--device=cpu'])).toEqual({ nproc: 2, rest: ['cfg.ts', '--device=cpu'] });
-    expect(takeNprocPerNode(['--nproc_per_node', '3', '--max_iters=5'])).toEqual({ nproc: 3, rest: ['--max_iters=5'] });
-    expect(takeNprocPerNode(['--max_iters=5'])).toEqual({ nproc: undefined, rest: ['--max_iters=5'] });
-    expect(() => takeNprocPerNode(['--nproc_per_node=two'])).toThrow("--nproc_per_node must be a positive integer, got 'two'");
   });
 
   it("applies nanoGPT's rules before any process starts", () => {

@@ -69,16 +69,14 @@ program
   .allowUnknownOption()
   .addHelpText('after', `\nConfig keys (defaults train GPT-2 124M on OpenWebText):\n${describeKeys(trainSchema)}`)
   .action(async (args: string[]) => {
-    // torchrun's flag: as many processes under mpirun, each running this command without it.
-    const { launch, takeNprocPerNode, checkDataParallel } = await import('./distributed.ts');
-    const { nproc, rest } = takeNprocPerNode(args);
+    // torchrun's flags: the ranks of a data-parallel run, each running this command without them.
+    const { launchTraining, takeLaunchFlags } = await import('./launch-ranks.ts');
+    const { flags, rest } = takeLaunchFlags(args);
     // The ranks print the overrides, rank 0 alone (the launcher leaves it to them).
-    const quiet = (nproc ?? 1) > 1 || launchRanks().rank !== 0;
+    const quiet = (flags?.worldSize ?? 1) > 1 || launchRanks().rank !== 0;
     const overrides = await parseArgs(trainSchema, rest, quiet ? () => {} : undefined);
-    if (nproc !== undefined && nproc > 1) {
-      if (launchRanks().worldSize > 1) throw new UserError('--nproc_per_node starts mpirun itself; under mpirun, leave it out');
-      checkDataParallel(resolveConfig(trainSchema, overrides), nproc);
-      process.exitCode = await launch(nproc, rest);
+    if (flags && flags.worldSize > 1) {
+      process.exitCode = await launchTraining(flags, rest, resolveConfig(trainSchema, overrides));
       return;
     }
     const { runTrainCommand } = await import('./train-command.ts');

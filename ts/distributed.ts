@@ -27,24 +27,6 @@ export function checkDataParallel(config: TrainConfig, worldSize: number): void 
 }
 
 /**
- * `--nproc_per_node=N` (torchrun's flag), in either spelling, taken out of `args`; undefined when absent.
- */
-export function takeNprocPerNode(args: string[]): { nproc: number | undefined; rest: string[] } {
-  const rest: string[] = [];
-  let value: string | undefined;
-  for (let i = 0; i < args.length; i++) {
-    const arg = args[i];
-    if (arg === '--nproc_per_node') value = args[++i] ?? '';
-    else if (arg.startsWith('--nproc_per_node=')) value = arg.slice('--nproc_per_node='.length);
-    else rest.push(arg);
-  }
-  if (value === undefined) return { nproc: undefined, rest };
-  const nproc = Number(value);
-  if (!Number.isInteger(nproc) || nproc < 1) throw new UserError(`--nproc_per_node must be a positive integer, got '${value}'`);
-  return { nproc, rest };
-}
-
-/**
  * Runs `train <args>` on `nproc` processes under mpirun and waits for it. mpirun ends the whole job when any rank
  * exits abnormally; its report of which rank and why is turned into one line, and the exit code is passed on.
  */
