@@ -217,4 +217,14 @@ describe('the launcher, on stand-in ranks', () => {
     expect([0, 1, 2].map((rank) => rankFile(rank).pid).filter(alive)).toEqual([]);
     expect(result.stderr).not.toMatch(/^error/m);
   });
+
+  it('stops the ranks when it is asked to stop', async () => {
+    const { pgid, done } = startLauncher(5000, ['--nproc_per_node=2'], 'sigint');
+    await allStarted(2);
+    process.kill(pgid, 'SIGTERM');
+    const result = await done;
+    expect(result.code).toBe(143);
+    expect([0, 1].map((rank) => rankFile(rank).pid).filter(alive)).toEqual([]);
+    expect(existsSync(join(dir, 'saved-0')) || existsSync(join(dir, 'saved-1'))).toBe(false);
+  });
 });

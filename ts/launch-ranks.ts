@@ -98,11 +98,13 @@ export const stopGraceMs = 10_000;
 
 /**
  * Starts this machine's `flags.nprocPerNode` ranks, each running `command` with torchrun's environment, and watches
- * them, as torchrun does. Rank 0's output is passed on, and the others' stderr (their errors). When a rank exits
- * non-zero or is killed, the others are stopped (SIGTERM, then SIGKILL after `graceMs`) and one line says which rank
- * and how. Ctrl-C (SIGINT) is passed on to every rank, which stops after its step with a checkpoint, and waited for;
- * SIGTERM stops the ranks. Resolves with the exit code for the launcher: 0, the failed rank's code (128 + the signal
- * number for a killed rank), 130 after Ctrl-C, 143 after SIGTERM.
+ * them, as torchrun does. The first rank's output is passed on (rank 0's, on the first machine), and the others'
+ * stderr (their errors). When a rank exits non-zero or is killed, the others are stopped (SIGTERM, then SIGKILL after
+ * `graceMs`) and one line says which rank and how. Ctrl-C (SIGINT) is passed on to every rank, which stops after its
+ * step with a checkpoint, and waited for. SIGTERM, or SIGHUP (the terminal closed), stops the ranks as a failure
+ * does: in process groups of their own, they would outlive the launcher. Resolves with the exit code for the
+ * launcher: 0, the failed rank's code (128 + the signal number for a killed rank), 130 after Ctrl-C, 128 + the signal
+ * number after SIGTERM or SIGHUP.
  */
 export async function superviseRanks(flags: LaunchFlags, command: readonly string[], graceMs = stopGraceMs): Promise<number> {
   // A rank started here must not take itself for a rank of an mpirun job this launcher runs in.
@@ -136,17 +138,18 @@ export async function superviseRanks(flags: LaunchFlags, command: readonly strin
     killTimer = setTimeout(() => signalAll('SIGKILL'), graceMs);
   };
   let interrupted = false;
-  let terminated = false;
+  let stoppedBy: NodeJS.Signals | undefined;
   const onSigint = () => {
     interrupted = true;
     signalAll('SIGINT');
   };
-  const onSigterm = () => {
-    terminated = true;
+  const onStop = (signal: NodeJS.Signals) => {
+    stoppedBy = signal;
     stopAll();
   };
   process.on('SIGINT', onSigint);
-  process.on('SIGTERM', onSigterm);
+  process.on('SIGTERM', onStop);
+  process.on('SIGHUP', onStop);
 
   let failure: { message: string; code: number } | undefined;
   try {
@@ -155,7 +158,7 @@ export async function superviseRanks(flags: LaunchFlags, command: readonly strin
         const end = await rank.ended;
         running.delete(rank);
         // Once the job is being stopped, the ranks' ends are its doing.
-        if (failure || terminated || endedWell(end, interrupted)) return;
+        if (failure || stoppedBy || endedWell(end, interrupted)) return;
         failure = describeEnd(rank.rank, rank.pid, end);
         stopAll();
       }),
@@ -163,13 +166,14 @@ export async function superviseRanks(flags: LaunchFlags, command: readonly strin
   } finally {
     clearTimeout(killTimer);
     process.off('SIGINT', onSigint);
-    process.off('SIGTERM', onSigterm);
+    process.off('SIGTERM', onStop);
+    process.off('SIGHUP', onStop);
   }
   if (failure) {
     console.error(`error: ${failure.message}; the job was stopped`);
     return failure.code;
   }
-  return terminated ? 128 + constants.signals.SIGTERM : interrupted ? 130 : 0;
+  return stoppedBy ? 128 + constants.signals[stoppedBy] : interrupted ? 130 : 0;
 }
 
 interface RankEnd {
