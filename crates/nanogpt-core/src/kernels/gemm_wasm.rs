@@ -19,6 +19,15 @@ const KC: usize = 256;
 const MC: usize = 96;
 /// Columns of one packed block of the right operand (KC x NC).
 const NC: usize = 256;
+/// f32 lanes of a SIMD vector.
+#[cfg(target_arch = "wasm32")]
+const LANES: usize = 4;
+
+/// An MR x NR tile of the product: in registers, as NR / LANES vectors per row, where the microkernel is SIMD.
+#[cfg(target_arch = "wasm32")]
+type Tile = [[core::arch::wasm32::v128; NR / LANES]; MR];
+#[cfg(not(target_arch = "wasm32"))]
+type Tile = [[f32; NR]; MR];
 
 /// A matrix operand: element (row, col) at `ptr + row * row_stride + col * col_stride`.
 #[derive(Clone, Copy)]
@@ -129,18 +138,37 @@ unsafe fn product(m: usize, n: usize, k: usize, dst: Dst, lhs: Operand, rhs: Ope
         }
         return;
     }
-    let mut rhs_panels = vec![0f32; KC.min(k) * n.min(NC).next_multiple_of(NR)];
-    let mut lhs_panels = vec![0f32; KC.min(k) * m.min(MC).next_multiple_of(MR)];
+    PANELS.with_borrow_mut(|(rhs_panels, lhs_panels)| {
+        let (rhs_len, lhs_len) = (KC.min(k) * n.min(NC).next_multiple_of(NR), KC.min(k) * m.min(MC).next_multiple_of(MR));
+        // Grown, never shrunk: a training step calls this with the same few shapes over and over.
+        if rhs_panels.len() < rhs_len {
+            rhs_panels.resize(rhs_len, 0.0);
+        }
+        if lhs_panels.len() < lhs_len {
+            lhs_panels.resize(lhs_len, 0.0);
+        }
+        blocked(m, n, k, dst, lhs, rhs, scale, &mut rhs_panels[..rhs_len], &mut lhs_panels[..lhs_len]);
+    });
+}
+
+thread_local! {
+    /// This thread's packed panels of the right and the left operand.
+    static PANELS: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// The loops over blocks and tiles, packing into the panels given.
+#[allow(clippy::too_many_arguments)]
+unsafe fn blocked(m: usize, n: usize, k: usize, dst: Dst, lhs: Operand, rhs: Operand, scale: Scale, rhs_panels: &mut [f32], lhs_panels: &mut [f32]) {
     for jc in (0..n).step_by(NC) {
         let nc = NC.min(n - jc);
         for pc in (0..k).step_by(KC) {
             let kc = KC.min(k - pc);
             // The first block of the depth stores over dst as asked; later ones add to it.
             let block_scale = if pc == 0 { scale } else { Scale { alpha: Some(1.0), beta: scale.beta } };
-            pack_rhs(&mut rhs_panels, rhs, pc, kc, jc, nc);
+            pack_rhs(rhs_panels, rhs, pc, kc, jc, nc);
             for ic in (0..m).step_by(MC) {
                 let mc = MC.min(m - ic);
-                pack_lhs(&mut lhs_panels, lhs, ic, mc, pc, kc);
+                pack_lhs(lhs_panels, lhs, ic, mc, pc, kc);
                 for jr in (0..nc).step_by(NR) {
                     let b = &rhs_panels[jr * kc..(jr + NR) * kc];
                     for ir in (0..mc).step_by(MR) {
@@ -165,6 +193,10 @@ unsafe fn pack_rhs(panels: &mut [f32], rhs: Operand, pc: usize, kc: usize, jc: u
                     panel[p * NR + j] = if j < width { rhs.at(pc + p, jc + j0 + j) } else { 0.0 };
                 }
             }
+        } else if rhs.col_stride == 1 && width == NR {
+            for (p, step) in panel.chunks_exact_mut(NR).enumerate() {
+                step.copy_from_slice(std::slice::from_raw_parts(rhs.row(pc + p).ptr.add(jc + j0), NR));
+            }
         } else {
             for (p, step) in panel.chunks_exact_mut(NR).enumerate() {
                 for (j, value) in step.iter_mut().enumerate() {
@@ -186,6 +218,11 @@ unsafe fn pack_lhs(panels: &mut [f32], lhs: Operand, ic: usize, mc: usize, pc: u
                     panel[p * MR + i] = if i < height { lhs.at(ic + i0 + i, pc + p) } else { 0.0 };
                 }
             }
+        } else if lhs.row_stride == 1 && height == MR {
+            for (p, step) in panel.chunks_exact_mut(MR).enumerate() {
+                let column = lhs.ptr.offset((pc + p) as isize * lhs.col_stride).add(ic + i0);
+                step.copy_from_slice(std::slice::from_raw_parts(column, MR));
+            }
         } else {
             for (p, step) in panel.chunks_exact_mut(MR).enumerate() {
                 for (i, value) in step.iter_mut().enumerate() {
@@ -196,8 +233,41 @@ unsafe fn pack_lhs(panels: &mut [f32], lhs: Operand, ic: usize, mc: usize, pc: u
     }
 }
 
-/// Writes the rows x cols corner of a tile into dst at (row, col).
-unsafe fn store(tile: &[[f32; NR]; MR], dst: Dst, row: usize, rows: usize, col: usize, cols: usize, scale: Scale) {
+/// Writes the rows x cols corner of a tile into dst at (row, col): a whole tile into unit-stride rows straight from
+/// the registers, four lanes at a time; an edge tile, or a destination with strided columns, one value at a time.
+#[cfg(target_arch = "wasm32")]
+#[inline(always)]
+unsafe fn store(tile: &Tile, dst: Dst, row: usize, rows: usize, col: usize, cols: usize, scale: Scale) {
+    use core::arch::wasm32::*;
+    if rows < MR || cols < NR || dst.col_stride != 1 {
+        let mut values = [[0f32; NR]; MR];
+        for (out, vectors) in values.iter_mut().zip(tile) {
+            for (v, vector) in vectors.iter().enumerate() {
+                v128_store(out.as_mut_ptr().add(v * LANES) as *mut v128, *vector);
+            }
+        }
+        return store_values(&values, dst, row, rows, col, cols, scale);
+    }
+    let beta = f32x4_splat(scale.beta);
+    for (i, vectors) in tile.iter().enumerate() {
+        let base = dst.ptr.offset((row + i) as isize * dst.row_stride + col as isize);
+        for (v, &vector) in vectors.iter().enumerate() {
+            let d = base.add(v * LANES) as *mut v128;
+            let value = match scale.alpha {
+                Some(alpha) => madd(beta, vector, f32x4_mul(f32x4_splat(alpha), v128_load(d))),
+                None => f32x4_mul(beta, vector),
+            };
+            v128_store(d, value);
+        }
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+unsafe fn store(tile: &Tile, dst: Dst, row: usize, rows: usize, col: usize, cols: usize, scale: Scale) {
+    store_values(tile, dst, row, rows, col, cols, scale)
+}
+
+unsafe fn store_values(tile: &[[f32; NR]; MR], dst: Dst, row: usize, rows: usize, col: usize, cols: usize, scale: Scale) {
     for (i, values) in tile.iter().enumerate().take(rows) {
         let base = dst.ptr.offset((row + i) as isize * dst.row_stride + col as isize * dst.col_stride);
         for (j, &value) in values.iter().enumerate().take(cols) {
@@ -213,9 +283,8 @@ unsafe fn store(tile: &[[f32; NR]; MR], dst: Dst, row: usize, rows: usize, col: 
 /// a (kc x MR panel) times b (kc x NR panel): the MR x NR tile of their product.
 #[cfg(target_arch = "wasm32")]
 #[inline(always)]
-fn microkernel(kc: usize, a: &[f32], b: &[f32]) -> [[f32; NR]; MR] {
+fn microkernel(kc: usize, a: &[f32], b: &[f32]) -> Tile {
     use core::arch::wasm32::*;
-    const LANES: usize = 4;
     assert!(a.len() >= kc * MR && b.len() >= kc * NR);
     let mut acc = [[f32x4_splat(0.0); NR / LANES]; MR];
     for p in 0..kc {
@@ -231,14 +300,7 @@ fn microkernel(kc: usize, a: &[f32], b: &[f32]) -> [[f32; NR]; MR] {
             }
         }
     }
-    let mut tile = [[0f32; NR]; MR];
-    for (out, row) in tile.iter_mut().zip(&acc) {
-        for (v, value) in row.iter().enumerate() {
-            // SAFETY: out holds NR = row.len() * LANES floats.
-            unsafe { v128_store(out.as_mut_ptr().add(v * LANES) as *mut v128, *value) };
-        }
-    }
-    tile
+    acc
 }
 
 /// a * b + c per lane: fused (one rounding) where relaxed SIMD lets the engine use the CPU's FMA.
@@ -254,7 +316,7 @@ fn madd(a: core::arch::wasm32::v128, b: core::arch::wasm32::v128, c: core::arch:
 
 /// The scalar microkernel the unit tests run: the same panels, the same tile.
 #[cfg(not(target_arch = "wasm32"))]
-fn microkernel(kc: usize, a: &[f32], b: &[f32]) -> [[f32; NR]; MR] {
+fn microkernel(kc: usize, a: &[f32], b: &[f32]) -> Tile {
     let mut tile = [[0f32; NR]; MR];
     for (a_step, b_step) in a.chunks_exact(MR).zip(b.chunks_exact(NR)).take(kc) {
         for (row, &a_value) in tile.iter_mut().zip(a_step) {
