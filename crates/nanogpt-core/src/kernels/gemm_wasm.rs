@@ -158,7 +158,17 @@ thread_local! {
 
 /// The loops over blocks and tiles, packing into the panels given.
 #[allow(clippy::too_many_arguments)]
-unsafe fn blocked(m: usize, n: usize, k: usize, dst: Dst, lhs: Operand, rhs: Operand, scale: Scale, rhs_panels: &mut [f32], lhs_panels: &mut [f32]) {
+unsafe fn blocked(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: Dst,
+    lhs: Operand,
+    rhs: Operand,
+    scale: Scale,
+    rhs_panels: &mut [f32],
+    lhs_panels: &mut [f32],
+) {
     for jc in (0..n).step_by(NC) {
         let nc = NC.min(n - jc);
         for pc in (0..k).step_by(KC) {
