@@ -198,8 +198,13 @@ unsafe fn pack_rhs(panels: &mut [f32], rhs: Operand, pc: usize, kc: usize, jc: u
     for (panel, j0) in panels.chunks_exact_mut(kc * NR).zip((0..nc).step_by(NR)) {
         let width = NR.min(nc - j0);
         if rhs.row_stride == 1 {
+            let done = if width == NR {
+                transpose_into(panel, NR, rhs.ptr.offset((jc + j0) as isize * rhs.col_stride).add(pc), rhs.col_stride, kc)
+            } else {
+                0
+            };
             for j in 0..NR {
-                for p in 0..kc {
+                for p in done..kc {
                     panel[p * NR + j] = if j < width { rhs.at(pc + p, jc + j0 + j) } else { 0.0 };
                 }
             }
@@ -223,8 +228,9 @@ unsafe fn pack_lhs(panels: &mut [f32], lhs: Operand, ic: usize, mc: usize, pc: u
     for (panel, i0) in panels.chunks_exact_mut(kc * MR).zip((0..mc).step_by(MR)) {
         let height = MR.min(mc - i0);
         if lhs.col_stride == 1 {
+            let done = if height == MR { transpose_into(panel, MR, lhs.row(ic + i0).ptr.add(pc), lhs.row_stride, kc) } else { 0 };
             for i in 0..MR {
-                for p in 0..kc {
+                for p in done..kc {
                     panel[p * MR + i] = if i < height { lhs.at(ic + i0 + i, pc + p) } else { 0.0 };
                 }
             }
@@ -241,6 +247,41 @@ unsafe fn pack_lhs(panels: &mut [f32], lhs: Operand, ic: usize, mc: usize, pc: u
             }
         }
     }
+}
+
+/// Copies `width` runs of steps, run r starting at `src + r * stride`, into a panel that interleaves them
+/// (`panel[p * width + r]` = step p of run r), four steps of four runs at a time by 4 x 4 transposes in
+/// registers. Returns how many steps it copied: kc rounded down to a multiple of four (none on other targets,
+/// where the caller's loop copies them all).
+#[cfg(target_arch = "wasm32")]
+#[inline(always)]
+unsafe fn transpose_into(panel: &mut [f32], width: usize, src: *const f32, stride: isize, kc: usize) -> usize {
+    use core::arch::wasm32::*;
+    let steps = kc / LANES * LANES;
+    assert!(width % LANES == 0 && panel.len() >= kc * width);
+    for first_run in (0..width).step_by(LANES) {
+        let runs: [*const f32; LANES] = std::array::from_fn(|r| src.offset((first_run + r) as isize * stride));
+        for p in (0..steps).step_by(LANES) {
+            let [r0, r1, r2, r3] = runs.map(|run| v128_load(run.add(p) as *const v128));
+            let (low01, low23) = (i32x4_shuffle::<0, 4, 1, 5>(r0, r1), i32x4_shuffle::<0, 4, 1, 5>(r2, r3));
+            let (high01, high23) = (i32x4_shuffle::<2, 6, 3, 7>(r0, r1), i32x4_shuffle::<2, 6, 3, 7>(r2, r3));
+            let columns = [
+                i64x2_shuffle::<0, 2>(low01, low23),
+                i64x2_shuffle::<1, 3>(low01, low23),
+                i64x2_shuffle::<0, 2>(high01, high23),
+                i64x2_shuffle::<1, 3>(high01, high23),
+            ];
+            for (q, column) in columns.into_iter().enumerate() {
+                v128_store(panel.as_mut_ptr().add((p + q) * width + first_run) as *mut v128, column);
+            }
+        }
+    }
+    steps
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+unsafe fn transpose_into(_panel: &mut [f32], _width: usize, _src: *const f32, _stride: isize, _kc: usize) -> usize {
+    0
 }
 
 /// Writes the rows x cols corner of a tile into dst at (row, col): a whole tile into unit-stride rows straight from
