@@ -14,7 +14,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rayon::prelude::*;
 
-use crate::kernels::{attention, dot, embedding, exp, gelu, layernorm, matmul};
+use crate::kernels::{attention, dot, embedding, exp, gelu, layernorm, matmul, max};
 use crate::model::{Gelu, ModelArgs};
 use crate::sample::{self, SampleArgs};
 use crate::train_step::ParamLayout;
@@ -228,7 +228,7 @@ fn attend_to_cache(atty: &mut [f32], scores: &mut [f32], qkv: &[f32], keys: &[f3
             for (j, s) in scores.iter_mut().enumerate() {
                 *s = dot(q, &keys[j * c + h * hs..][..hs]) * scale;
             }
-            let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let max = max(scores);
             let mut total = 0f32;
             scores.iter_mut().for_each(|s| {
                 *s = exp(*s - max);

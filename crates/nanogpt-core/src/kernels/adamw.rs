@@ -1,6 +1,9 @@
 //! PyTorch's AdamW arithmetic (decoupled weight decay, bias correction) on f32 slices, in place,
 //! one pass over parameter, gradient and both moments.
 
+/// Elements updated together: two SIMD vectors of f32 on most targets.
+const LANES: usize = 8;
+
 /// The step's constants, shared by every element of one parameter group.
 #[derive(Clone, Copy, Debug)]
 pub struct AdamWUpdate {
@@ -26,18 +29,33 @@ impl AdamWUpdate {
         let (b1, b2) = (self.beta1 as f32, self.beta2 as f32);
         let decay = (1.0 - self.lr * self.weight_decay) as f32;
         let (scale, step, bc2, eps) = (self.grad_scale as f32, self.step_size as f32, self.bias_correction2_sqrt as f32, self.eps as f32);
-        // Eight partial sums per norm so the loop vectorises (see `kernels::dot`).
-        let (mut change, mut size) = ([0f32; 8], [0f32; 8]);
-        for i in 0..n {
-            let gi = grad[i] * scale;
-            let m = b1 * exp_avg[i] + (1.0 - b1) * gi;
-            let v = b2 * exp_avg_sq[i] + (1.0 - b2) * gi * gi;
-            let p0 = param[i];
-            let p = p0 * decay - step * m / (v.sqrt() / bc2 + eps);
-            (exp_avg[i], exp_avg_sq[i], param[i]) = (m, v, p);
-            change[i % 8] += (p - p0) * (p - p0);
-            size[i % 8] += p0 * p0;
+        // Eight elements at a time, with eight partial sums per norm, so that the loop vectorises (see `kernels::dot`).
+        let (mut change, mut size) = ([0f32; LANES], [0f32; LANES]);
+        let update = |param: &mut [f32],
+                      grad: &[f32],
+                      exp_avg: &mut [f32],
+                      exp_avg_sq: &mut [f32],
+                      change: &mut [f32; LANES],
+                      size: &mut [f32; LANES]| {
+            for k in 0..param.len().min(LANES) {
+                let gi = grad[k] * scale;
+                let m = b1 * exp_avg[k] + (1.0 - b1) * gi;
+                let v = b2 * exp_avg_sq[k] + (1.0 - b2) * gi * gi;
+                let p0 = param[k];
+                let p = p0 * decay - step * m / (v.sqrt() / bc2 + eps);
+                (exp_avg[k], exp_avg_sq[k], param[k]) = (m, v, p);
+                change[k] += (p - p0) * (p - p0);
+                size[k] += p0 * p0;
+            }
+        };
+        let mut params = param.chunks_exact_mut(LANES);
+        let mut grads = grad.chunks_exact(LANES);
+        let mut avgs = exp_avg.chunks_exact_mut(LANES);
+        let mut avgs_sq = exp_avg_sq.chunks_exact_mut(LANES);
+        for (((p, g), m), v) in (&mut params).zip(&mut grads).zip(&mut avgs).zip(&mut avgs_sq) {
+            update(p, g, m, v, &mut change, &mut size);
         }
+        update(params.into_remainder(), grads.remainder(), avgs.into_remainder(), avgs_sq.into_remainder(), &mut change, &mut size);
         (change.iter().sum::<f32>() as f64, size.iter().sum::<f32>() as f64)
     }
 }

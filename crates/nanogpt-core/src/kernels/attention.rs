@@ -7,7 +7,7 @@
 use rayon::prelude::*;
 
 use super::dropout::Mask;
-use super::{dot, exp, gemm, sum};
+use super::{dot, exp, gemm, max, sum};
 
 /// A matrix view into a slice: element (r, c) sits at `ptr + r * row_stride + c * col_stride`.
 #[derive(Clone, Copy)]
@@ -76,7 +76,7 @@ impl<'a> Scores<'a> {
         for (i, row) in self.probs.chunks_exact_mut(t).enumerate() {
             let (seen, future) = row.split_at_mut(i + 1);
             future.fill(0.0);
-            let max = seen.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let max = max(seen);
             seen.iter_mut().for_each(|x| *x = exp(*x - max));
             let inv = 1.0 / sum(seen);
             seen.iter_mut().for_each(|x| *x *= inv);

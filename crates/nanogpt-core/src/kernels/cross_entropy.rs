@@ -4,12 +4,12 @@
 
 use rayon::prelude::*;
 
-use super::exp;
+use super::{exp, max};
 
 /// Log-sum-exp of one row.
 #[inline(always)]
 fn log_sum_exp(row: &[f32]) -> f32 {
-    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let max = max(row);
     max + row.iter().map(|&x| exp(x - max)).sum::<f32>().ln()
 }
 

@@ -78,6 +78,22 @@ pub(crate) fn exp(x: f32) -> f32 {
     p * f32::from_bits(n_int.wrapping_add(127) << 23)
 }
 
+/// The largest element of `a` (-inf when empty; NaNs are passed over), with eight running maxima so that the loop
+/// vectorises, as in [`sum`].
+#[inline(always)]
+pub(crate) fn max(a: &[f32]) -> f32 {
+    let larger = |m: f32, x: f32| if x > m { x } else { m };
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let chunks = a.chunks_exact(8);
+    let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &x| larger(m, x));
+    for x in chunks {
+        for k in 0..8 {
+            acc[k] = larger(acc[k], x[k]);
+        }
+    }
+    acc.into_iter().fold(tail, larger)
+}
+
 /// `dst = src` on the first micro-step, `dst += src` on later ones.
 #[inline(always)]
 pub(crate) fn store(dst: &mut [f32], src: &[f32], accumulate: bool) {
