@@ -285,6 +285,38 @@ describe.skipIf(!canRun)('data-parallel training on two ranks (mpirun)', () => {
     }
   });
 
+  it('pauses the whole job on Ctrl-Z, for longer than ddp_timeout, and carries on after fg', async () => {
+    const marker = `nanogpt-ddp-pause-${process.pid}`;
+    const job = startJob(work, marker, [...tiny, '--nproc_per_node=2', '--gradient_accumulation_steps=2', '--max_iters=300', '--eval_interval=100000', '--ddp_timeout=2', '--out_dir=out-pause']);
+    try {
+      let paused: Promise<void> | undefined;
+      job.onStdout((stdout) => {
+        if (!/^iter 3: /m.test(stdout)) return false;
+        job.child.kill('SIGTSTP');
+        paused = (async () => {
+          try {
+            await new Promise((resolve) => setTimeout(resolve, 1000));
+            const ranks = [0, 1].map((rank) => rankProcess(marker, rank));
+            expect(ranks.map(processState)).toEqual(['T', 'T']);
+            const printed = job.stdout().length;
+            await new Promise((resolve) => setTimeout(resolve, 3000));
+            expect(job.stdout().length).toBe(printed);
+          } finally {
+            job.child.kill('SIGCONT');
+          }
+        })();
+        return true;
+      });
+      const status = await job.closed;
+      await paused;
+      expect(job.stderr()).toBe('');
+      expect(status).toBe(0);
+      expect(job.stdout()).toContain('iter 300: ');
+    } finally {
+      job.kill();
+    }
+  });
+
   it('ends the job when a rank dies, naming the rank', async () => {
     const marker = `nanogpt-ddp-kill-${process.pid}`;
     const child = spawn(process.execPath, [cli, 'train', ...tiny, '--nproc_per_node=2', '--gradient_accumulation_steps=2', '--max_iters=100000', '--eval_interval=100000', '--out_dir=out-kill'], {
@@ -315,6 +347,11 @@ function rankProcess(marker: string, rank: number): number {
   const pid = jobProcesses(marker).find(({ environ }) => environ.includes(`OMPI_COMM_WORLD_RANK=${rank}`))?.pid;
   if (pid === undefined) throw new Error(`no process of rank ${rank} found`);
   return pid;
+}
+
+/** The state letter of process `pid` (R running, S sleeping, T stopped, ...). */
+function processState(pid: number): string {
+  return /\) (\S) /.exec(readFileSync(`/proc/${pid}/stat`, 'latin1'))![1];
 }
 
 /** The live processes (launcher, mpirun, ranks) whose environment holds NANOGPT_TEST_JOB=`marker`. */

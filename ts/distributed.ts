@@ -71,9 +71,17 @@ export async function launch(nproc: number, args: string[]): Promise<number> {
   const interrupt = () => mpirun.kill(++interrupts === 1 ? 'SIGUSR2' : 'SIGINT');
   // Outside the terminal's process group, mpirun would outlive this process: the signals that end it end the job.
   const forward = (signal: NodeJS.Signals) => mpirun.kill(signal);
+  // Nor would Ctrl-Z reach it: it pauses the ranks (mpirun forwards SIGTSTP and SIGCONT), then this process.
+  const pause = () => {
+    mpirun.kill('SIGTSTP');
+    process.kill(process.pid, 'SIGSTOP');
+  };
+  const resume = () => mpirun.kill('SIGCONT');
   process.on('SIGINT', interrupt);
   process.on('SIGTERM', forward);
   process.on('SIGHUP', forward);
+  process.on('SIGTSTP', pause);
+  process.on('SIGCONT', resume);
   // mpirun's report comes last: the tail of its output is enough.
   let stderr = '';
   mpirun.stderr.on('data', (chunk: Buffer) => {
@@ -86,6 +94,8 @@ export async function launch(nproc: number, args: string[]): Promise<number> {
   process.off('SIGINT', interrupt);
   process.off('SIGTERM', forward);
   process.off('SIGHUP', forward);
+  process.off('SIGTSTP', pause);
+  process.off('SIGCONT', resume);
   // The ranks stopped together, with a checkpoint (they exit 0 so that mpirun lets rank 0 finish saving).
   if (code === 0) return interrupts > 0 ? 130 : 0;
   if (interrupts > 0) {

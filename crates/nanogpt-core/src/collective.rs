@@ -90,6 +90,8 @@ const ANY_RANK: usize = 2;
 const BROADCAST: usize = 3;
 const BARRIER: usize = 4;
 
+/// How often the watchdog's thread wakes, to notice that this process was stopped for a while.
+const POLL: Duration = Duration::from_millis(100);
 /// How much later than asked the watchdog's thread may wake before it takes this process to have been
 /// suspended: far more than a busy machine delays a thread, far less than anyone stops a process for.
 const SUSPENDED: Duration = Duration::from_millis(200);
@@ -136,14 +138,14 @@ impl Watchdog {
         let thread = thread::Builder::new()
             .name("collective-watchdog".into())
             .spawn(move || {
-                // Parked while idle; woken at the deadline of the call in progress, or by drop.
+                // Parked between polls; woken at the deadline of the call in progress, or by drop.
                 while !watched.closing.load(Ordering::Acquire) {
                     let deadline_ns = watched.deadline_ns.load(Ordering::Acquire);
                     let now = watched.epoch.elapsed();
                     let pause = if deadline_ns == 0 {
-                        timeout
+                        POLL
                     } else if (now.as_nanos() as u64) < deadline_ns {
-                        Duration::from_nanos(deadline_ns - now.as_nanos() as u64)
+                        Duration::from_nanos(deadline_ns - now.as_nanos() as u64).min(POLL)
                     } else {
                         let call = CALLS[watched.call.load(Ordering::Acquire)];
                         on_timeout(&format!(
@@ -156,8 +158,8 @@ impl Watchdog {
                     thread::park_timeout(pause);
                     // Woken much later than asked, this process did not run in between (stopped by SIGSTOP or
                     // Ctrl-Z, then continued): the call did not wait for the others all that time, and the rank
-                    // that was stopped must not blame the others. The deadline moves by as much, unless the call
-                    // ended or another began meanwhile.
+                    // that was stopped must not blame the others. The deadline moves by as much (less at most one
+                    // poll), unless the call ended or another began meanwhile.
                     let late = watched.epoch.elapsed().saturating_sub(now + pause);
                     let deadline_ns = watched.deadline_ns.load(Ordering::Acquire);
                     if late > SUSPENDED && deadline_ns != 0 {
