@@ -17,8 +17,10 @@ describe('defaults', () => {
     expect(d.bias).toBe(false);
     expect(d.always_save_checkpoint).toBe(true);
     expect(d.seed).toBe(1337);
-    // train.py's globals, data_dir (nanoGPT hard-codes data/), and engine (which build of the engine runs it).
-    expect(Object.keys(d)).toHaveLength(36);
+    // train.py's globals, data_dir (nanoGPT hard-codes data/), engine (which build of the engine runs it) and
+    // ddp_timeout (torch's process group timeout).
+    expect(Object.keys(d)).toHaveLength(37);
+    expect(d.ddp_timeout).toBe(600);
     expect(d.engine).toBe('auto');
   });
 

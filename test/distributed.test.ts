@@ -39,6 +39,11 @@ describe('launching ranks', () => {
     expect(() => checkDataParallel(config({ gradient_accumulation_steps: 4, device: 'cuda' }), 2)).toThrow(/no NCCL/);
     expect(() => checkDataParallel(config({ gradient_accumulation_steps: 4 }), 2)).not.toThrow();
     expect(() => checkDataParallel(config({ gradient_accumulation_steps: 5, engine: 'wasm' }), 1)).not.toThrow();
+    for (const ddp_timeout of [0, -5]) {
+      expect(() => checkDataParallel(config({ gradient_accumulation_steps: 4, ddp_timeout }), 2)).toThrow(
+        `ddp_timeout must be a positive number of seconds, got ${ddp_timeout}; use e.g. --ddp_timeout=600`,
+      );
+    }
   });
 
   it("names the rank that ended the job from mpirun's report", () => {
@@ -178,6 +183,133 @@ describe.skipIf(!canRun)('data-parallel training on two ranks (mpirun)', () => {
     expect(result.stdout.match(/^iter 2: /gm)).toHaveLength(1);
   });
 
+  it('refuses a world size that does not divide gradient_accumulation_steps, also when resuming', () => {
+    const trained = run('train', ...tiny, '--gradient_accumulation_steps=2', '--max_iters=2', '--eval_interval=2', '--out_dir=out-one');
+    expect(trained.status).toBe(0);
+    const resumed = run('train', ...tiny, '--init_from=resume', '--out_dir=out-one', '--nproc_per_node=2', '--gradient_accumulation_steps=3', '--max_iters=4');
+    expect(resumed.status).toBe(1);
+    expect(resumed.stdout).toBe('');
+    expect(resumed.stderr).toBe('error: gradient_accumulation_steps=3 must be divisible by the 2 processes, which share them out; use a multiple of 2\n');
+  });
+
+  it('resumes a checkpoint of one process on two', () => {
+    // out-one (above) holds iteration 2 of a single process.
+    const resumed = run('train', ...tiny, '--init_from=resume', '--out_dir=out-one', '--nproc_per_node=2', '--gradient_accumulation_steps=2', '--max_iters=4', '--eval_interval=4');
+    expect(resumed.stderr).toBe('');
+    expect(resumed.status).toBe(0);
+    expect(resumed.stdout).toContain('data parallel: 2 processes, 1 gradient accumulation steps each');
+    expect(resumed.stdout.match(/^iter \d+: /gm)).toEqual(['iter 2: ', 'iter 3: ', 'iter 4: ']);
+    expect(JSON.parse(readFileSync(join(work, 'out-one', 'ckpt.json'), 'utf8')).iter_num).toBe(4);
+  });
+
+  it('stops every rank after the same step on Ctrl-C, saving a checkpoint that resumes on one process and on two', async () => {
+    const marker = `nanogpt-ddp-stop-${process.pid}`;
+    const job = startJob(work, marker, [...tiny, '--nproc_per_node=2', '--gradient_accumulation_steps=2', '--max_iters=100000', '--eval_interval=100000', '--out_dir=out-stop']);
+    try {
+      job.onStdout((stdout) => {
+        if (/^iter 3: /m.test(stdout)) {
+          job.child.kill('SIGINT');
+          return true;
+        }
+        return false;
+      });
+      const status = await job.closed;
+      expect(job.stderr()).toBe('');
+      expect(status).toBe(130);
+      const stdout = job.stdout();
+      expect(stdout.match(/^interrupted: stopping after this step and saving a checkpoint/gm)).toHaveLength(1);
+      const stopped = /^stopped at iteration (\d+); resume with --init_from=resume --out_dir=out-stop$/m.exec(stdout);
+      expect(stopped).not.toBeNull();
+      expect(stdout.match(/^stopped at iteration/gm)).toHaveLength(1);
+      const last = Number(stopped![1]);
+      expect(last).toBeGreaterThanOrEqual(3);
+      expect(stdout).toContain(`iter ${last}: `);
+      expect(stdout).not.toContain(`iter ${last + 1}: `);
+      // The checkpoint resumes at the step after the last one taken.
+      expect(JSON.parse(readFileSync(join(work, 'out-stop', 'ckpt.json'), 'utf8')).iter_num).toBe(last + 1);
+      expect(await leftBehind(marker)).toEqual([]);
+
+      // Neither resume checkpoints (no evaluation before max_iters), so both start from the same one.
+      const resume = ['train', ...tiny, '--init_from=resume', '--out_dir=out-stop', '--gradient_accumulation_steps=2', `--max_iters=${last + 2}`, '--eval_interval=100000'];
+      for (const processes of [[], ['--nproc_per_node=2']]) {
+        const resumed = run(...resume, ...processes);
+        expect(resumed.stderr).toBe('');
+        expect(resumed.status).toBe(0);
+        expect(resumed.stdout.match(/^iter \d+: /gm)).toEqual([`iter ${last + 1}: `, `iter ${last + 2}: `]);
+      }
+    } finally {
+      job.kill();
+    }
+  });
+
+  it('stops the job when a rank hangs, once ddp_timeout has passed', async () => {
+    const marker = `nanogpt-ddp-hang-${process.pid}`;
+    const timeout = 4;
+    const job = startJob(work, marker, [...tiny, '--nproc_per_node=2', '--gradient_accumulation_steps=2', '--max_iters=100000', '--eval_interval=100000', `--ddp_timeout=${timeout}`, '--out_dir=out-hang']);
+    try {
+      let hungAt = 0;
+      job.onStdout((stdout) => {
+        if (!/^iter 3: /m.test(stdout)) return false;
+        process.kill(rankProcess(marker, 1), 'SIGSTOP');
+        hungAt = performance.now();
+        return true;
+      });
+      const status = await job.closed;
+      const waited = (performance.now() - hungAt) / 1000;
+      expect(hungAt).toBeGreaterThan(0);
+      expect(status).toBe(1);
+      // Rank 0 may have been waiting for a step already when rank 1 stopped; mpirun then needs a moment to end the job.
+      expect(waited).toBeGreaterThan(timeout - 1);
+      expect(waited).toBeLessThan(timeout + 15);
+      const lines = job.stderr().trim().split('\n');
+      expect(lines).toContainEqual(
+        expect.stringMatching(
+          new RegExp(
+            `^error: rank 0 waited ${timeout} s in (the gradient all-reduce|the all-reduce of the stop flag) for the other ranks; one of them is hung \\(or rank 0 evaluated for longer than that\\); the job was stopped; resume from the last checkpoint with --init_from=resume, or raise ddp_timeout$`,
+          ),
+        ),
+      );
+      // mpirun continues the stopped rank to end it: that rank was not waiting for the others, and says nothing.
+      expect(lines.filter((line) => line.startsWith('error: rank 1 '))).toEqual([]);
+      expect(lines.at(-1)).toBe('error: rank 0 exited with code 1 (its error is above); the job was stopped');
+      expect(await leftBehind(marker)).toEqual([]);
+    } finally {
+      job.kill();
+    }
+  });
+
+  it('pauses the whole job on Ctrl-Z, for longer than ddp_timeout, and carries on after fg', async () => {
+    const marker = `nanogpt-ddp-pause-${process.pid}`;
+    const job = startJob(work, marker, [...tiny, '--nproc_per_node=2', '--gradient_accumulation_steps=2', '--max_iters=300', '--eval_interval=100000', '--ddp_timeout=2', '--out_dir=out-pause']);
+    try {
+      let paused: Promise<void> | undefined;
+      job.onStdout((stdout) => {
+        if (!/^iter 3: /m.test(stdout)) return false;
+        job.child.kill('SIGTSTP');
+        paused = (async () => {
+          try {
+            await new Promise((resolve) => setTimeout(resolve, 1000));
+            const ranks = [0, 1].map((rank) => rankProcess(marker, rank));
+            expect(ranks.map(processState)).toEqual(['T', 'T']);
+            const printed = job.stdout().length;
+            await new Promise((resolve) => setTimeout(resolve, 3000));
+            expect(job.stdout().length).toBe(printed);
+          } finally {
+            job.child.kill('SIGCONT');
+          }
+        })();
+        return true;
+      });
+      const status = await job.closed;
+      await paused;
+      expect(job.stderr()).toBe('');
+      expect(status).toBe(0);
+      expect(job.stdout()).toContain('iter 300: ');
+    } finally {
+      job.kill();
+    }
+  });
+
   it('ends the job when a rank dies, naming the rank', async () => {
     const marker = `nanogpt-ddp-kill-${process.pid}`;
     const child = spawn(process.execPath, [cli, 'train', ...tiny, '--nproc_per_node=2', '--gradient_accumulation_steps=2', '--max_iters=100000', '--eval_interval=100000', '--out_dir=out-kill'], {
@@ -205,15 +337,68 @@ describe.skipIf(!canRun)('data-parallel training on two ranks (mpirun)', () => {
 
 /** The pid of rank `rank` among the processes whose environment holds NANOGPT_TEST_JOB=`marker`. */
 function rankProcess(marker: string, rank: number): number {
+  const pid = jobProcesses(marker).find(({ environ }) => environ.includes(`OMPI_COMM_WORLD_RANK=${rank}`))?.pid;
+  if (pid === undefined) throw new Error(`no process of rank ${rank} found`);
+  return pid;
+}
+
+/** The state letter of process `pid` (R running, S sleeping, T stopped, ...). */
+function processState(pid: number): string {
+  return /\) (\S) /.exec(readFileSync(`/proc/${pid}/stat`, 'latin1'))![1];
+}
+
+/** The live processes (launcher, mpirun, ranks) whose environment holds NANOGPT_TEST_JOB=`marker`. */
+function jobProcesses(marker: string): { pid: number; environ: string[] }[] {
+  const found: { pid: number; environ: string[] }[] = [];
   for (const entry of readdirSync('/proc')) {
     if (!/^\d+$/.test(entry)) continue;
-    let environ: string[];
     try {
-      environ = readFileSync(join('/proc', entry, 'environ'), 'latin1').split('\0');
+      const environ = readFileSync(join('/proc', entry, 'environ'), 'latin1').split('\0');
+      // A zombie (exited, not yet reaped) has no environment left and is no longer running.
+      if (environ.includes(`NANOGPT_TEST_JOB=${marker}`)) found.push({ pid: Number(entry), environ });
     } catch {
       continue;
     }
-    if (environ.includes(`NANOGPT_TEST_JOB=${marker}`) && environ.includes(`OMPI_COMM_WORLD_RANK=${rank}`)) return Number(entry);
   }
-  throw new Error(`no process of rank ${rank} found`);
+  return found;
+}
+
+/** The job's processes still alive a few seconds after it ended (mpirun's children are reaped by then). */
+async function leftBehind(marker: string): Promise<number[]> {
+  for (let tries = 0; tries < 50 && jobProcesses(marker).length > 0; tries++) await new Promise((resolve) => setTimeout(resolve, 100));
+  return jobProcesses(marker).map(({ pid }) => pid);
+}
+
+/**
+ * `nanogpt-rs train <args>` on the launcher in `cwd`, its processes marked with `marker`; `onStdout` sees the output so far
+ * after each chunk until it returns true. `kill` continues and kills whatever of the job is left.
+ */
+function startJob(cwd: string, marker: string, args: string[]) {
+  const child = spawn(process.execPath, [cli, 'train', ...args], { cwd, env: { ...process.env, NANOGPT_TEST_JOB: marker } });
+  let stdout = '';
+  let stderr = '';
+  let watcher: ((stdout: string) => boolean) | undefined;
+  child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+  child.stdout.on('data', (chunk: Buffer) => {
+    stdout += chunk.toString();
+    if (watcher?.(stdout)) watcher = undefined;
+  });
+  return {
+    child,
+    closed: new Promise<number | null>((resolve) => child.on('close', resolve)),
+    onStdout: (watch: (stdout: string) => boolean) => (watcher = watch),
+    stdout: () => stdout,
+    stderr: () => stderr,
+    kill: () => {
+      for (const { pid } of jobProcesses(marker)) {
+        for (const signal of ['SIGCONT', 'SIGKILL'] as const) {
+          try {
+            process.kill(pid, signal);
+          } catch {
+            // Gone already.
+          }
+        }
+      }
+    },
+  };
 }

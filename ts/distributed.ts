@@ -12,6 +12,9 @@ import { UserError } from './errors.ts';
  * accumulation steps are shared out among the ranks, and only the native CPU engine exchanges gradients.
  */
 export function checkDataParallel(config: TrainConfig, worldSize: number): void {
+  if (!(config.ddp_timeout > 0)) {
+    throw new UserError(`ddp_timeout must be a positive number of seconds, got ${config.ddp_timeout}; use e.g. --ddp_timeout=600`);
+  }
   if (worldSize === 1) return;
   if (config.gradient_accumulation_steps % worldSize !== 0) {
     throw new UserError(
@@ -29,6 +32,8 @@ export function checkDataParallel(config: TrainConfig, worldSize: number): void 
 /**
  * Runs `train <args>` on `nproc` processes under mpirun and waits for it. mpirun ends the whole job when any rank
  * exits abnormally; its report of which rank and why is turned into one line, and the exit code is passed on.
+ * Ctrl-C asks the ranks to stop after the current step, rank 0 saving a checkpoint of it; a second one ends the job
+ * at once.
  */
 export async function launch(nproc: number, args: string[]): Promise<number> {
   if (spawnSync('mpirun', ['--version'], { stdio: 'ignore' }).error) {
@@ -39,22 +44,43 @@ export async function launch(nproc: number, args: string[]): Promise<number> {
   // OpenMPI refuses to run as root unless told twice (containers and CI run as root).
   if (process.getuid?.() === 0) Object.assign(env, { OMPI_ALLOW_RUN_AS_ROOT: '1', OMPI_ALLOW_RUN_AS_ROOT_CONFIRM: '1' });
   const command = [process.execPath, ...process.execArgv, process.argv[1], 'train', ...args];
-  const mpirun = spawn('mpirun', ['-np', String(nproc), '--oversubscribe', ...command], { env, stdio: ['inherit', 'inherit', 'pipe'] });
-  // Ctrl-C reaches mpirun too, which ends the job at once (the ranks, in process groups of their own, do not see it
-  // and save nothing); this process waits to say so.
-  let interrupted = false;
-  const ignore = () => (interrupted = true);
-  process.on('SIGINT', ignore);
+  // mpirun runs in a session of its own, so that Ctrl-C (SIGINT to the terminal's foreground process group) reaches
+  // this process alone, which tells the ranks through mpirun: it forwards SIGUSR2 to every rank (OpenMPI's default),
+  // and each rank then stops after the step they all agree on (see train.ts), rank 0 saving a checkpoint and printing
+  // how to resume. A second Ctrl-C is passed on as SIGINT, on which mpirun ends the job at once.
+  const mpirun = spawn('mpirun', ['-np', String(nproc), '--oversubscribe', ...command], { env, stdio: ['inherit', 'inherit', 'pipe'], detached: true });
+  let interrupts = 0;
+  const interrupt = () => mpirun.kill(++interrupts === 1 ? 'SIGUSR2' : 'SIGINT');
+  // Outside the terminal's process group, mpirun would outlive this process: the signals that end it end the job.
+  const forward = (signal: NodeJS.Signals) => mpirun.kill(signal);
+  // Nor would Ctrl-Z reach it: it pauses the ranks (mpirun forwards SIGTSTP and SIGCONT), then this process.
+  const pause = () => {
+    mpirun.kill('SIGTSTP');
+    process.kill(process.pid, 'SIGSTOP');
+  };
+  const resume = () => mpirun.kill('SIGCONT');
+  process.on('SIGINT', interrupt);
+  process.on('SIGTERM', forward);
+  process.on('SIGHUP', forward);
+  process.on('SIGTSTP', pause);
+  process.on('SIGCONT', resume);
   // mpirun's report comes last: the tail of its output is enough.
   let stderr = '';
   mpirun.stderr.on('data', (chunk: Buffer) => {
-    process.stderr.write(chunk);
-    stderr = (stderr + chunk.toString()).slice(-65536);
+    // mpirun announces each signal it forwards; the ranks say what the stop does.
+    const text = chunk.toString().replace(/^mpirun: Forwarding signal \d+ to job\n/gm, '');
+    process.stderr.write(text);
+    stderr = (stderr + text).slice(-65536);
   });
   const [code, signal] = await new Promise<[number | null, NodeJS.Signals | null]>((resolve) => mpirun.on('close', (c, s) => resolve([c, s])));
-  process.off('SIGINT', ignore);
-  if (code === 0) return 0;
-  if (interrupted) {
+  process.off('SIGINT', interrupt);
+  process.off('SIGTERM', forward);
+  process.off('SIGHUP', forward);
+  process.off('SIGTSTP', pause);
+  process.off('SIGCONT', resume);
+  // The ranks stopped together, with a checkpoint (they exit 0 so that mpirun lets rank 0 finish saving).
+  if (code === 0) return interrupts > 0 ? 130 : 0;
+  if (interrupts > 0) {
     console.error('interrupted: mpirun stopped the ranks; the last checkpoint saved is in out_dir (resume with --init_from=resume)');
     return 130;
   }

@@ -67,8 +67,9 @@ interface BindingGpt {
   setProfiling(on: boolean): void;
   phaseTimes(): PhaseTimes | null;
   /** The addon only: joins the ranks mpirun started (an MPI build), returning [rank, world size]. */
-  joinMpi?(): number[];
+  joinMpi?(timeoutSeconds: number): number[];
   barrier?(): void;
+  anyRank?(flag: boolean): boolean;
 }
 
 interface Binding {
@@ -558,15 +559,16 @@ export class Engine {
   /**
    * Makes this model one rank of the data-parallel run mpirun started (see distributed.ts): its weights become rank
    * 0's, and every `step` averages the gradients over the ranks first. Call it once the weights are loaded, before
-   * the first step. MPI is ended when the process exits successfully; after a failure it is not, so that mpirun
-   * stops the other ranks rather than leave them waiting.
+   * the first step. A collective call that waits more than `timeoutSeconds` for the other ranks ends the process.
+   * MPI is ended when the process exits successfully; after a failure it is not, so that mpirun stops the other
+   * ranks rather than leave them waiting.
    */
-  joinDataParallel(): { rank: number; worldSize: number } {
+  joinDataParallel(timeoutSeconds: number): { rank: number; worldSize: number } {
     const expected = launchRanks();
     if (!this.gpt.joinMpi) {
       throw new UserError(`the WebAssembly engine has no collectives for data-parallel training across ${expected.worldSize} processes; use --engine=native`);
     }
-    const [rank, worldSize] = this.gpt.joinMpi();
+    const [rank, worldSize] = this.gpt.joinMpi(timeoutSeconds);
     if (rank !== expected.rank || worldSize !== expected.worldSize) {
       throw new UserError(
         `the environment says rank ${expected.rank} of ${expected.worldSize} but MPI sees rank ${rank} of ${worldSize}; start the processes with mpirun -np ${expected.worldSize}`,
@@ -581,6 +583,11 @@ export class Engine {
   /** Returns once every rank of the data-parallel run has called it. */
   barrier(): void {
     this.gpt.barrier?.();
+  }
+
+  /** Whether `flag` is set on any rank of the data-parallel run (`flag` itself on one process). */
+  anyRank(flag: boolean): boolean {
+    return this.gpt.anyRank?.(flag) ?? flag;
   }
 }
 

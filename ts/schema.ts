@@ -66,6 +66,7 @@ export const trainKeys = {
   lr_decay_iters: int(600000, 'iteration where the learning rate reaches min_lr'),
   min_lr: float(6e-5, 'floor of the learning rate'),
   backend: str('nccl', 'DDP backend (no effect: nanogpt-rs trains on one device)'),
+  ddp_timeout: float(600, 'seconds a rank of a data-parallel run waits in one all-reduce, broadcast or barrier for the others before it stops the job (one of them hangs)'),
   device: str('cpu', "'cpu', or 'cuda' / 'cuda:N' (the default where a GPU and the CUDA build are present)"),
   engine: str('auto', "engine build: 'wasm' (portable, cpu), 'native' (napi addon), 'auto' = wasm on cpu, native otherwise", engineChoices),
   dtype: str('bfloat16', 'compute precision on a GPU: float32 (TF32 matmuls), bfloat16 or float16 (loss-scaled); cpu computes in float32', dtypes),

@@ -1,24 +1,33 @@
 // `nanogpt-rs train`: runs `train` and prints what it reports (a progress bar on a terminal). Ctrl-C asks the run
-// to stop after the current step, with a checkpoint of it; a second Ctrl-C exits at once.
+// to stop after the current step, with a checkpoint of it; a second Ctrl-C exits at once. The ranks of a data-parallel
+// run get the request as SIGUSR2, which their launcher sends mpirun on Ctrl-C and mpirun forwards to each of them.
 import { trainSchema, type TrainConfig } from './config.ts';
 import { Progress } from './progress.ts';
 import { launchRanks } from './ranks.ts';
 import { train } from './train.ts';
 
 export async function runTrainCommand(overrides: Partial<TrainConfig>): Promise<void> {
+  const { rank, worldSize } = launchRanks();
   // mpirun gives its ranks a pseudo-terminal whatever its own output is, so a run of several processes prints
   // nanoGPT's plain lines rather than a progress bar.
-  const output = launchRanks().worldSize > 1 ? { write: process.stdout.write.bind(process.stdout), isTTY: false } : process.stdout;
+  const output = worldSize > 1 ? { write: process.stdout.write.bind(process.stdout), isTTY: false } : process.stdout;
   const stop = new AbortController();
   let progress: Progress | undefined;
-  const print = (line: string) => (progress ? progress.print(line) : console.log(line));
-  // Only the first Ctrl-C is caught: once its listener is gone, SIGINT's default action (exit) is back, so a second
-  // one ends the process at once, even in the middle of a step or of the checkpoint save.
-  const onSigint = () => {
+  // Rank 0 speaks for the run.
+  const print = (line: string) => {
+    if (rank !== 0) return;
+    if (progress) progress.print(line);
+    else console.log(line);
+  };
+  // Only the first request is caught: once the listeners are gone, the signals' default action (exit) is back, so a
+  // second one ends the process at once, even in the middle of a step or of the checkpoint save.
+  const stopSignals: NodeJS.Signals[] = worldSize > 1 ? ['SIGINT', 'SIGUSR2'] : ['SIGINT'];
+  const onStop = () => {
+    for (const signal of stopSignals) process.off(signal, onStop);
     stop.abort();
     print('interrupted: stopping after this step and saving a checkpoint (Ctrl-C again to quit at once)');
   };
-  process.once('SIGINT', onSigint);
+  for (const signal of stopSignals) process.on(signal, onStop);
   try {
     const result = await train(overrides, {
       signal: stop.signal,
@@ -34,10 +43,12 @@ export async function runTrainCommand(overrides: Partial<TrainConfig>): Promise<
     });
     progress?.finish();
     if (result.stopped) {
-      console.log(`stopped at iteration ${result.iter_num}; resume with --init_from=resume --out_dir=${result.out_dir}`);
-      process.exitCode = 130;
+      if (rank === 0) console.log(`stopped at iteration ${result.iter_num}; resume with --init_from=resume --out_dir=${result.out_dir}`);
+      // A rank exits 0: on any other code mpirun ends the job at once, and MPI is finalised on 0 only (see
+      // Engine.joinDataParallel); the launcher, which asked for the stop, exits 130.
+      process.exitCode = worldSize > 1 ? 0 : 130;
     }
   } finally {
-    process.off('SIGINT', onSigint);
+    for (const signal of stopSignals) process.off(signal, onStop);
   }
 }

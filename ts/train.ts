@@ -117,7 +117,7 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
     engine.checkMemory(config.batch_size, 'train');
     info(`engine: ${engine.build} on ${config.device}`);
     if (worldSize > 1) {
-      engine.joinDataParallel();
+      engine.joinDataParallel(config.ddp_timeout);
       info(`data parallel: ${worldSize} processes, ${accumulationSteps} gradient accumulation steps each`);
     }
 
@@ -225,7 +225,9 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
       iterNum += 1;
       // The steps are synchronous calls into the engine: let signal handlers (Ctrl-C) run between them.
       await new Promise((resolve) => setImmediate(resolve));
-      if (options.signal?.aborted) {
+      // The ranks of a data-parallel run stop after the same step, whichever of them was asked: a rank that left
+      // alone would leave the others waiting in the next all-reduce.
+      if (engine.anyRank(options.signal?.aborted ?? false)) {
         // The step is applied: the checkpoint resumes at the next iteration.
         stopped = true;
         save();

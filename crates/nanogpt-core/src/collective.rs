@@ -4,7 +4,13 @@
 //! weights start equal because rank 0's are broadcast to the others.
 //!
 //! [`SingleProcess`] is a run of one; [`open_mpi`] joins the ranks `mpirun` started (only in a build
-//! with the `mpi` feature: OpenMPI through the `mpi` crate).
+//! with the `mpi` feature: OpenMPI through the `mpi` crate). [`Watchdog`] bounds how long any
+//! backend's calls may wait for the other ranks.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
 
 /// Elements per all-reduce call: 4 MiB of f32. Each call is one MPI message of at most this size,
 /// so the MPI backend's staging buffer stays small whatever the model's size.
@@ -37,6 +43,17 @@ pub trait Collective {
             bucket.iter_mut().for_each(|g| *g *= scale);
         }
     }
+
+    /// Whether `flag` is set on any rank, so that all of them take the same decision (e.g. to stop
+    /// after the same step rather than leave the others waiting for a rank that left).
+    fn any_rank(&mut self, flag: bool) -> bool {
+        if self.world_size() == 1 {
+            return flag;
+        }
+        let mut count = [f32::from(u8::from(flag))];
+        self.all_reduce_sum_bucket(&mut count);
+        count[0] > 0.0
+    }
 }
 
 /// A run of one process: nothing to exchange.
@@ -56,6 +73,182 @@ impl Collective for SingleProcess {
     fn broadcast(&mut self, _buffer: &mut [f32], _root: usize) {}
 
     fn barrier(&self) {}
+}
+
+/// The calls a [`Watchdog`] names when one of them times out, by their index in `CALLS`.
+const CALLS: [&str; 5] = [
+    "an all-reduce",
+    // The engine averages only the gradients.
+    "the gradient all-reduce",
+    "the all-reduce of the stop flag",
+    "a broadcast",
+    "a barrier",
+];
+const ALL_REDUCE: usize = 0;
+const ALL_REDUCE_MEAN: usize = 1;
+const ANY_RANK: usize = 2;
+const BROADCAST: usize = 3;
+const BARRIER: usize = 4;
+
+/// How often the watchdog's thread wakes, to notice that this process was stopped for a while.
+const POLL: Duration = Duration::from_millis(100);
+/// How much later than asked the watchdog's thread may wake before it takes this process to have been
+/// suspended: far more than a busy machine delays a thread, far less than anyone stops a process for.
+const SUSPENDED: Duration = Duration::from_millis(200);
+
+/// A [`Collective`] whose calls may wait at most `timeout` for the other ranks. A rank that hangs
+/// without dying (stopped, deadlocked) would leave the others inside the backend's call forever:
+/// the watchdog's thread, which never calls the backend, sees the call outlive its deadline, prints
+/// one line that says so on stderr and ends this process with exit code 1, so that the launcher
+/// (mpirun) stops the whole job.
+pub struct Watchdog {
+    inner: Box<dyn Collective>,
+    watch: Arc<Watch>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// What the calling thread and the watchdog's thread share.
+struct Watch {
+    timeout: Duration,
+    epoch: Instant,
+    /// Nanoseconds after `epoch` at which the call in progress times out; 0 while none is.
+    deadline_ns: AtomicU64,
+    /// The call in progress, an index into `CALLS`.
+    call: AtomicUsize,
+    closing: AtomicBool,
+}
+
+impl Watchdog {
+    pub fn new(inner: Box<dyn Collective>, timeout: Duration) -> Self {
+        Self::with_action(inner, timeout, Box::new(exit_on_timeout))
+    }
+
+    /// `on_timeout` receives the line that names the problem and the fix.
+    fn with_action(inner: Box<dyn Collective>, timeout: Duration, on_timeout: Box<dyn Fn(&str) + Send>) -> Self {
+        let watch = Arc::new(Watch {
+            timeout,
+            epoch: Instant::now(),
+            deadline_ns: AtomicU64::new(0),
+            call: AtomicUsize::new(0),
+            closing: AtomicBool::new(false),
+        });
+        let rank = inner.rank();
+        let seconds = timeout.as_secs_f64();
+        let watched = Arc::clone(&watch);
+        let thread = thread::Builder::new()
+            .name("collective-watchdog".into())
+            .spawn(move || {
+                // Parked between polls; woken at the deadline of the call in progress, or by drop.
+                while !watched.closing.load(Ordering::Acquire) {
+                    let deadline_ns = watched.deadline_ns.load(Ordering::Acquire);
+                    let now = watched.epoch.elapsed();
+                    let pause = if deadline_ns == 0 {
+                        POLL
+                    } else if (now.as_nanos() as u64) < deadline_ns {
+                        Duration::from_nanos(deadline_ns - now.as_nanos() as u64).min(POLL)
+                    } else {
+                        let call = CALLS[watched.call.load(Ordering::Acquire)];
+                        on_timeout(&format!(
+                            "error: rank {rank} waited {seconds} s in {call} for the other ranks; one of them is hung \
+                             (or rank 0 evaluated for longer than that); the job was stopped; resume from the last \
+                             checkpoint with --init_from=resume, or raise ddp_timeout"
+                        ));
+                        return;
+                    };
+                    thread::park_timeout(pause);
+                    // Woken much later than asked, this process did not run in between (stopped by SIGSTOP or
+                    // Ctrl-Z, then continued): the call did not wait for the others all that time, and the rank
+                    // that was stopped must not blame the others. The deadline moves by as much (less at most one
+                    // poll), unless the call ended or another began meanwhile.
+                    let late = watched.epoch.elapsed().saturating_sub(now + pause);
+                    let deadline_ns = watched.deadline_ns.load(Ordering::Acquire);
+                    if late > SUSPENDED && deadline_ns != 0 {
+                        let moved = deadline_ns + late.as_nanos() as u64;
+                        let _ = watched.deadline_ns.compare_exchange(deadline_ns, moved, Ordering::AcqRel, Ordering::Acquire);
+                    }
+                }
+            })
+            .expect("the watchdog thread starts");
+        Self { inner, watch, thread: Some(thread) }
+    }
+}
+
+impl Watch {
+    /// Starts the clock on `call`; it stops when the returned guard drops.
+    fn begin(&self, call: usize) -> InCall<'_> {
+        let deadline = self.epoch.elapsed() + self.timeout;
+        self.call.store(call, Ordering::Release);
+        self.deadline_ns.store(deadline.as_nanos() as u64, Ordering::Release);
+        InCall(self)
+    }
+}
+
+/// A collective call in progress.
+struct InCall<'a>(&'a Watch);
+
+impl Drop for InCall<'_> {
+    fn drop(&mut self) {
+        self.0.deadline_ns.store(0, Ordering::Release);
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.watch.closing.store(true, Ordering::Release);
+        if let Some(thread) = self.thread.take() {
+            thread.thread().unpark();
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Collective for Watchdog {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+
+    fn all_reduce_sum_bucket(&mut self, bucket: &mut [f32]) {
+        let _call = self.watch.begin(ALL_REDUCE);
+        self.inner.all_reduce_sum_bucket(bucket);
+    }
+
+    fn broadcast(&mut self, buffer: &mut [f32], root: usize) {
+        let _call = self.watch.begin(BROADCAST);
+        self.inner.broadcast(buffer, root);
+    }
+
+    fn barrier(&self) {
+        let _call = self.watch.begin(BARRIER);
+        self.inner.barrier();
+    }
+
+    // The backend's own versions, which may do better than one call per bucket.
+    fn all_reduce_mean(&mut self, buffer: &mut [f32]) {
+        let _call = self.watch.begin(ALL_REDUCE_MEAN);
+        self.inner.all_reduce_mean(buffer);
+    }
+
+    fn any_rank(&mut self, flag: bool) -> bool {
+        let _call = self.watch.begin(ANY_RANK);
+        self.inner.any_rank(flag)
+    }
+}
+
+/// Prints `message` and ends the process at once, from the watchdog's thread.
+fn exit_on_timeout(message: &str) {
+    eprintln!("{message}");
+    // Without running exit handlers: the main thread is inside the backend's call, whose state they may need.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: _exit only ends the process.
+    unsafe {
+        libc::_exit(1)
+    };
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    std::process::exit(1);
 }
 
 /// The world of the processes `mpirun` started, initialising MPI on the first call.
@@ -201,5 +394,117 @@ mod tests {
         assert_eq!(replicas.buckets, [BUCKET_LEN, BUCKET_LEN, 123]);
         // The mean of four equal values is that value: multiplying by 4 and by 0.25 is exact.
         assert_eq!(buffer, original);
+    }
+
+    /// Rank 1 of two, whose peers answer each call after `delay`, or, without one, only once the
+    /// watchdog's action releases the call (a peer that hangs).
+    struct Peers {
+        delay: Option<Duration>,
+        released: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    }
+
+    impl Peers {
+        fn wait(&self) {
+            match self.delay {
+                Some(delay) => thread::sleep(delay),
+                None => {
+                    let (lock, freed) = &*self.released;
+                    let mut released = lock.lock().unwrap();
+                    while !*released {
+                        released = freed.wait(released).unwrap();
+                    }
+                }
+            }
+        }
+    }
+
+    impl Collective for Peers {
+        fn rank(&self) -> usize {
+            1
+        }
+
+        fn world_size(&self) -> usize {
+            2
+        }
+
+        fn all_reduce_sum_bucket(&mut self, _bucket: &mut [f32]) {
+            self.wait();
+        }
+
+        fn broadcast(&mut self, _buffer: &mut [f32], _root: usize) {
+            self.wait();
+        }
+
+        fn barrier(&self) {
+            self.wait();
+        }
+    }
+
+    /// A watchdog over `Peers` whose action records the message and releases the hung call.
+    fn watched(delay: Option<Duration>, timeout: Duration) -> (Watchdog, Arc<std::sync::Mutex<Vec<String>>>) {
+        let released = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let messages = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (release, record) = (Arc::clone(&released), Arc::clone(&messages));
+        let on_timeout = Box::new(move |message: &str| {
+            record.lock().unwrap().push(message.to_string());
+            *release.0.lock().unwrap() = true;
+            release.1.notify_all();
+        });
+        (Watchdog::with_action(Box::new(Peers { delay, released }), timeout, on_timeout), messages)
+    }
+
+    #[test]
+    fn watchdog_stops_a_call_that_waits_past_the_timeout() {
+        let timeout = Duration::from_millis(250);
+        let (mut watchdog, messages) = watched(None, timeout);
+        let start = Instant::now();
+        watchdog.all_reduce_mean(&mut [1.0; 8]);
+        let waited = start.elapsed();
+        assert!(waited >= timeout && waited < timeout * 8, "waited {waited:?}");
+        assert_eq!(
+            *messages.lock().unwrap(),
+            ["error: rank 1 waited 0.25 s in the gradient all-reduce for the other ranks; one of them is hung (or rank 0 \
+              evaluated for longer than that); the job was stopped; resume from the last checkpoint with \
+              --init_from=resume, or raise ddp_timeout"]
+        );
+    }
+
+    #[test]
+    fn watchdog_names_the_call_that_hung() {
+        let (watchdog, messages) = watched(None, Duration::from_millis(50));
+        watchdog.barrier();
+        let (mut watchdog_of_flag, flag_messages) = watched(None, Duration::from_millis(50));
+        watchdog_of_flag.any_rank(true);
+        assert!(messages.lock().unwrap()[0].contains(" in a barrier for the other ranks;"));
+        assert!(flag_messages.lock().unwrap()[0].contains(" in the all-reduce of the stop flag for the other ranks;"));
+    }
+
+    #[test]
+    fn watchdog_lets_calls_within_the_timeout_run_for_longer_in_all() {
+        // Twenty calls of 25 ms each take twice the timeout together, none of them alone.
+        let (mut watchdog, messages) = watched(Some(Duration::from_millis(25)), Duration::from_millis(250));
+        let start = Instant::now();
+        for _ in 0..10 {
+            watchdog.all_reduce_mean(&mut [1.0; 8]);
+            watchdog.broadcast(&mut [1.0; 8], 0);
+        }
+        assert!(start.elapsed() >= Duration::from_millis(500));
+        assert!(messages.lock().unwrap().is_empty());
+        // Dropping it ends its thread at once, not at the next timeout.
+        let (idle, _) = watched(None, Duration::from_secs(600));
+        let start = Instant::now();
+        drop(idle);
+        assert!(start.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn any_rank_is_the_flag_alone_and_else_asks_the_others() {
+        assert!(SingleProcess.any_rank(true));
+        assert!(!SingleProcess.any_rank(false));
+        // Four ranks agreeing that none is set, or that one is: the sum over them is 4 times each rank's.
+        assert!(!Replicas { world_size: 4, buckets: Vec::new() }.any_rank(false));
+        let mut replicas = Replicas { world_size: 4, buckets: Vec::new() };
+        assert!(replicas.any_rank(true));
+        assert_eq!(replicas.buckets, [1]);
     }
 }

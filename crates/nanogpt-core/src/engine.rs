@@ -9,7 +9,7 @@ use std::sync::Mutex;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 
-use crate::collective::{Collective, SingleProcess};
+use crate::collective::{Collective, SingleProcess, Watchdog};
 use crate::cuda::{self, MemoryStats};
 use crate::decode;
 use crate::hf;
@@ -328,9 +328,11 @@ impl Engine {
 
     /// Makes this model one rank of a data-parallel run over `collective`: its weights become rank 0's,
     /// its dropout masks its own, and each [`Engine::step`] averages the gradients over the ranks first.
-    /// Only the CPU training step (float32) exchanges gradients.
-    pub fn join(&mut self, mut collective: Box<dyn Collective>) -> Result<()> {
+    /// Only the CPU training step (float32) exchanges gradients. A call that waits longer than `timeout`
+    /// for the other ranks ends the process (see [`Watchdog`]).
+    pub fn join(&mut self, mut collective: Box<dyn Collective>, timeout: std::time::Duration) -> Result<()> {
         if collective.world_size() > 1 {
+            collective = Box::new(Watchdog::new(collective, timeout));
             let Some(flat) = self.flat.as_mut() else {
                 candle_core::bail!("data-parallel training runs on the CPU engine in float32 only; use --device=cpu");
             };
@@ -356,6 +358,11 @@ impl Engine {
     /// Returns once every rank has called it.
     pub fn barrier(&self) {
         self.collective.barrier();
+    }
+
+    /// Whether `flag` is set on any rank: every rank gets the same answer.
+    pub fn any_rank(&mut self, flag: bool) -> bool {
+        self.collective.any_rank(flag)
     }
 
     /// The candle model with the current weights (refreshed from the training step's if they moved).

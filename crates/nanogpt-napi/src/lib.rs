@@ -196,11 +196,16 @@ impl Gpt {
     }
 
     /// Joins the data-parallel run of the processes mpirun started (a build with the `mpi` feature):
-    /// the weights become rank 0's, and each step averages the gradients over the ranks. Returns
+    /// the weights become rank 0's, and each step averages the gradients over the ranks. A collective
+    /// call that waits more than `timeout_s` seconds for the other ranks ends the process. Returns
     /// `[rank, world_size]`.
     #[napi]
-    pub fn join_mpi(&mut self) -> Result<Vec<u32>> {
-        self.engine.join(collective::open_mpi().map_err(js_error)?).map_err(js_error)?;
+    pub fn join_mpi(&mut self, timeout_s: f64) -> Result<Vec<u32>> {
+        let timeout = std::time::Duration::try_from_secs_f64(timeout_s)
+            .ok()
+            .filter(|timeout| !timeout.is_zero())
+            .ok_or_else(|| js_error(format!("the collective timeout must be a positive number of seconds, got {timeout_s}")))?;
+        self.engine.join(collective::open_mpi().map_err(js_error)?, timeout).map_err(js_error)?;
         let (rank, world_size) = self.engine.rank();
         Ok(vec![rank as u32, world_size as u32])
     }
@@ -209,6 +214,12 @@ impl Gpt {
     #[napi]
     pub fn barrier(&self) {
         self.engine.barrier();
+    }
+
+    /// Whether `flag` is set on any rank of the data-parallel run: every rank gets the same answer.
+    #[napi]
+    pub fn any_rank(&mut self, flag: bool) -> bool {
+        self.engine.any_rank(flag)
     }
 
     #[napi(factory)]
