@@ -14,6 +14,7 @@ pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod pickle;
+pub mod rendezvous;
 pub mod sample;
 pub mod torch_checkpoint;
 pub mod train_step;
