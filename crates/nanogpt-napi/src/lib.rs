@@ -2,6 +2,9 @@
 //! ts/engine-types.ts declares, typed arrays for tokens, and file paths: the engine maps the files
 //! it reads and writes the ones it saves through [`files`]). All logic lives in nanogpt-core.
 
+use std::time::Duration;
+
+use nanogpt_core::rendezvous::Rendezvous;
 use nanogpt_core::sample::SampleArgs;
 use nanogpt_core::torch_checkpoint::CheckpointInfo;
 use nanogpt_core::{collective, files};
@@ -201,6 +204,25 @@ impl Gpt {
     #[napi]
     pub fn join_mpi(&mut self) -> Result<Vec<u32>> {
         self.engine.join(collective::open_mpi().map_err(js_error)?).map_err(js_error)?;
+        let (rank, world_size) = self.engine.rank();
+        Ok(vec![rank as u32, world_size as u32])
+    }
+
+    /// Joins the data-parallel run of the processes torchrun started, each on its own GPU (a build with the
+    /// `nccl` feature): the ranks meet at `master_addr:master_port` within `timeout_s` seconds, the weights become
+    /// rank 0's, and each step averages the gradients over NCCL. Returns `[rank, world_size]`.
+    #[napi]
+    pub fn join_nccl(&mut self, master_addr: String, master_port: u32, rank: u32, world_size: u32, timeout_s: f64) -> Result<Vec<u32>> {
+        let master_port = u16::try_from(master_port).map_err(|_| js_error(format!("MASTER_PORT={master_port} is not a port; use 1-65535")))?;
+        let rendezvous = Rendezvous {
+            master_addr,
+            master_port,
+            rank: rank as usize,
+            world_size: world_size as usize,
+            timeout: Duration::try_from_secs_f64(timeout_s).map_err(|_| js_error(format!("a rendezvous timeout of {timeout_s} s is not a duration")))?,
+        };
+        let collective = collective::open_nccl(self.engine.device(), &rendezvous).map_err(js_error)?;
+        self.engine.join(collective).map_err(js_error)?;
         let (rank, world_size) = self.engine.rank();
         Ok(vec![rank as u32, world_size as u32])
     }
