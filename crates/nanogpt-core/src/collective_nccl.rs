@@ -34,12 +34,9 @@ impl NcclWorld {
             let id = Id::new().map_err(|e| nccl_error("rank 0 cannot make NCCL's unique id", e))?;
             Ok(id.internal().iter().map(|&c| c as u8).collect())
         })?;
-        let internal: [c_char; 128] = id
-            .iter()
-            .map(|&b| b as c_char)
-            .collect::<Vec<_>>()
-            .try_into()
-            .map_err(|bytes: Vec<c_char>| candle_core::Error::Msg(format!("rank 0 sent {} bytes for NCCL's 128-byte unique id", bytes.len())))?;
+        let internal: [c_char; 128] = id.iter().map(|&b| b as c_char).collect::<Vec<_>>().try_into().map_err(|bytes: Vec<c_char>| {
+            candle_core::Error::Msg(format!("rank 0 sent {} bytes for NCCL's 128-byte unique id", bytes.len()))
+        })?;
         let stream = cuda.cuda_stream();
         // NCCL makes the communicator on the calling thread's current device.
         stream.context().bind_to_thread().map_err(|e| candle_core::Error::Msg(format!("CUDA driver: {e}")))?;
@@ -152,7 +149,8 @@ impl Collective for NcclWorld {
 
     /// An all-reduce of one number, waited for: as torch.distributed's barrier on NCCL.
     fn barrier(&self) {
-        self.staged(&mut [0f32], "barrier", |comm, buffer| comm.all_reduce_in_place(buffer, &ReduceOp::Sum)).unwrap_or_else(|e| panic!("{e}"));
+        self.staged(&mut [0f32], "barrier", |comm, buffer| comm.all_reduce_in_place(buffer, &ReduceOp::Sum))
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// On the device, also with one rank (so that a run of one exercises the same path).

@@ -47,6 +47,9 @@ impl Rendezvous {
                 self.world_size
             );
         }
+        if self.world_size > 1 && self.master_port == 0 {
+            candle_core::bail!("MASTER_PORT=0 is not a port the ranks can meet at; set MASTER_PORT (torchrun's default is 29500)");
+        }
         let deadline = Instant::now() + self.timeout;
         if self.rank == 0 {
             self.serve(payload()?, deadline)

@@ -213,13 +213,15 @@ impl Gpt {
     /// rank 0's, and each step averages the gradients over NCCL. Returns `[rank, world_size]`.
     #[napi]
     pub fn join_nccl(&mut self, master_addr: String, master_port: u32, rank: u32, world_size: u32, timeout_s: f64) -> Result<Vec<u32>> {
-        let master_port = u16::try_from(master_port).map_err(|_| js_error(format!("MASTER_PORT={master_port} is not a port; use 1-65535")))?;
+        let master_port =
+            u16::try_from(master_port).map_err(|_| js_error(format!("MASTER_PORT={master_port} is not a port; use 1-65535")))?;
         let rendezvous = Rendezvous {
             master_addr,
             master_port,
             rank: rank as usize,
             world_size: world_size as usize,
-            timeout: Duration::try_from_secs_f64(timeout_s).map_err(|_| js_error(format!("a rendezvous timeout of {timeout_s} s is not a duration")))?,
+            timeout: Duration::try_from_secs_f64(timeout_s)
+                .map_err(|_| js_error(format!("a rendezvous timeout of {timeout_s} s is not a duration")))?,
         };
         let collective = collective::open_nccl(self.engine.device(), &rendezvous).map_err(js_error)?;
         self.engine.join(collective).map_err(js_error)?;
