@@ -68,7 +68,7 @@ interface BindingGpt {
   phaseTimes(): PhaseTimes | null;
   /** The addon only: joins the ranks mpirun started (an MPI build), returning [rank, world size]. */
   joinMpi?(): number[];
-  /** The CUDA build with NCCL only: joins the GPU ranks torchrun started, returning [rank, world size]. */
+  /** The addon only (the CUDA build with NCCL; others refuse): joins the GPU ranks torchrun started, returning [rank, world size]. */
   joinNccl?(masterAddr: string, masterPort: number, rank: number, worldSize: number, timeoutS: number): number[];
   barrier?(): void;
 }
@@ -576,7 +576,8 @@ export class Engine {
    */
   joinDataParallel(): { rank: number; worldSize: number } {
     const expected = launchRanks();
-    if (this.gpt.joinNccl) return this.joinNccl(expected);
+    // Every addon has the NCCL entry (refusing where NCCL is not built in); only the GPU ranks' build uses it.
+    if (this.build === 'cuda-nccl') return this.joinNccl(expected);
     if (!this.gpt.joinMpi) {
       throw new UserError(`the WebAssembly engine has no collectives for data-parallel training across ${expected.worldSize} processes; use --engine=native`);
     }
