@@ -42,7 +42,7 @@ fn losses(dtype: &str, nccl: bool) -> Result<Vec<f32>> {
     for s in 0..STEPS {
         let (x, y) = batch(s);
         losses.push(engine.forward_backward(&x, &y, 4, 1.0)?);
-        engine.step(1e-3)?;
+        engine.step(3e-3)?;
         engine.barrier();
     }
     Ok(losses)
