@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The CUDA engine on a GPU machine, against the CPU engine and against PyTorch (bench/torch_ref.py):
 #   1. correctness: logits, loss and gradients of a small model on CUDA vs CPU (float32/TF32 and bfloat16),
-#      and a few training steps in float32, bfloat16 and float16;
+#      and a few training steps in float32, bfloat16 and float16; then a run of one rank over NCCL (rendezvous on
+#      localhost) against the same run without it (crates/nanogpt-core/tests/nccl.rs);
 #   2. throughput at GPT-2 124M shapes (B=12, T=1024, bfloat16): torch_ref.py bench, then ours;
 #   3. per-phase profile of our step (data, forward, backward, optimizer), at 124M and shakespeare_char shapes;
 #   4. sampling from a GPT-2 XL-shaped model (bench/sample.ts): torch_ref.py sample, then ours; tokens/s of each;
 #   5. the shakespeare_char recipe: torch_ref.py train, then our train; best val loss and wall time of each.
 # It builds nothing: run `bash scripts/pack-gpu-check.sh` first and carry .gpu-check with the working tree. The
-# machine needs python3 with torch, the NVIDIA driver, and CUDA 13 libraries (cuBLAS, cuRAND, NVRTC).
+# machine needs python3 with torch, the NVIDIA driver, and CUDA 13 libraries (cuBLAS, cuRAND, NVRTC; NCCL for the nccl phase).
 #
 # Usage: bash bench/gpu-check.sh      (from the repository root; logs under $OUT, default .gpu-check/out)
 #   TRAIN_ITERS=N   length of the shakespeare_char runs on both sides (default 2000; the recipe's is 5000)
@@ -31,9 +32,9 @@ app=$work/app
 node=$work/node/bin/node
 addon=$app/native/cuda/nanogpt.linux-x64-gnu.node
 
-# The driver's libcuda, the toolkit's cuBLAS/NVRTC, and cuRAND from the torch wheels, wherever this machine has them.
+# The driver's libcuda, the toolkit's cuBLAS/NVRTC, and cuRAND and NCCL from the torch wheels, wherever this machine has them.
 for dir in /usr/local/nvidia/lib64 /usr/local/cuda-13.0/targets/x86_64-linux/lib /usr/local/cuda/lib64 \
-  /opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib; do
+  /opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib /opt/torch/.venv/lib/python3.12/site-packages/nvidia/nccl/lib; do
   [ -d "$dir" ] && LD_LIBRARY_PATH=$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 done
 export LD_LIBRARY_PATH
@@ -82,10 +83,13 @@ phase unpack 120 tar -C "$work" -xJf "$root/.gpu-check/payload.tar.xz" || { echo
 "$node" --version
 echo "ldd of the addon:"
 ldd "$addon" | grep -E 'cuda|cublas|curand|nvrtc|not found' || true
+echo "NCCL of the nccl test:"
+ldd "$app/tests/nccl" | grep -E 'nccl|not found' || true
 
 # ---------------------------------------------------------------- 1. correctness
 phase correctness 150 "$app/tests/cuda" --ignored --nocapture --test-threads=1 \
   || { grep -q 'no usable GPU' "$out/correctness.log" && status[correctness]="failed: no usable GPU"; }
+phase nccl 120 "$app/tests/nccl" --ignored --nocapture --test-threads=1
 
 # ---------------------------------------------------------------- 2. throughput, 124M shapes
 shape=(--n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --batch_size=12)
@@ -127,7 +131,7 @@ t_tok=$(result torch_bench tokens_per_s) o_tok=$(result our_bench tokens_per_s)
 t_wall=$(result torch_train wall_s) t_best=$(result torch_train best_val)
 
 section "summary"
-for name in unpack correctness torch_bench our_bench profile_124m prepare profile_char sample_xl torch_train our_train; do
+for name in unpack correctness nccl torch_bench our_bench profile_124m prepare profile_char sample_xl torch_train our_train; do
   printf '%-14s %s\n' "$name" "${status[$name]:-not run}"
 done
 echo

@@ -3,6 +3,7 @@
 # archive, .gpu-check/payload.tar.xz (carry the .gpu-check folder with the working tree):
 #   app/native/cuda/nanogpt.linux-x64-gnu.node  the CUDA addon (scripts/build-cuda.sh)
 #   app/tests/cuda                          the CUDA-vs-CPU correctness test (crates/nanogpt-core/tests/cuda.rs)
+#   app/tests/nccl                          the one-rank NCCL run against one without (crates/nanogpt-core/tests/nccl.rs)
 #   app/dist/cli.mjs                        the CLI (train, bench, prepare), bundled into one file
 #   app/configs/*.mjs                       the config files, as JavaScript (the bundle has no TypeScript loader)
 #   app/bench/sample.mjs, torch_ref.py      the sampling benchmark (bench/sample.ts), bundled, and its reference
@@ -18,16 +19,24 @@ trap 'rm -rf "$stage"' EXIT
 log() { echo "pack-gpu-check: $*" >&2; }
 
 bash scripts/build-cuda.sh
-eval "$(bash scripts/setup-cuda.sh 2>/dev/null)"
+eval "$(bash scripts/setup-cuda.sh --with-nccl 2>/dev/null)"
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90} RUSTFLAGS="-C target-cpu=x86-64-v3" CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/cuda}
-test_bin=$(cargo test --release -p nanogpt-core --features cuda --test cuda --no-run --message-format=json \
-  | node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{for(const l of s.split("\n")){try{const m=JSON.parse(l);if(m.reason==="compiler-artifact"&&m.target.name==="cuda"&&m.executable)console.log(m.executable)}catch{}}})')
-[ -x "$test_bin" ] || { log "no test binary found"; exit 1; }
+# test_binary FEATURE NAME: builds the test crates/nanogpt-core/tests/NAME.rs with FEATURE and prints its path.
+test_binary() {
+  local bin
+  bin=$(cargo test --release -p nanogpt-core --features "$1" --test "$2" --no-run --message-format=json \
+    | node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{for(const l of s.split("\n")){try{const m=JSON.parse(l);if(m.reason==="compiler-artifact"&&m.target.name===process.argv[1]&&m.executable)console.log(m.executable)}catch{}}})' "$2")
+  [ -x "$bin" ] || { log "no test binary found for tests/$2.rs"; exit 1; }
+  echo "$bin"
+}
+test_bin=$(test_binary cuda cuda)
+nccl_test_bin=$(test_binary nccl nccl)
 
 app=$stage/app
 mkdir -p "$app/native/cuda" "$app/tests" "$app/dist" "$app/configs" "$app/bench" "$app/node_modules/tsx"
 cp native/cuda/nanogpt.linux-x64-gnu.node "$app/native/cuda/"
 cp "$test_bin" "$app/tests/cuda"
+cp "$nccl_test_bin" "$app/tests/nccl"
 cp package.json "$app/"
 # The corpus module resolves tsx's location when it loads (for its worker threads); shakespeare_char needs no worker.
 cp node_modules/tsx/package.json "$app/node_modules/tsx/"

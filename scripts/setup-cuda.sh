@@ -6,6 +6,7 @@
 #
 # Prints the environment to use, as lines that can be eval'd:
 #   eval "$(bash scripts/setup-cuda.sh)"
+#   eval "$(bash scripts/setup-cuda.sh --with-nccl)"   # also NCCL, for the `nccl` feature (npm run build:cuda:nccl)
 # Progress goes to stderr.
 set -euo pipefail
 
@@ -13,12 +14,31 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$(pwd)
 prefix=$root/.cuda
 log() { echo "setup-cuda: $*" >&2; }
+with_nccl=
+[ "${1:-}" = --with-nccl ] && with_nccl=1
+
+# NCCL 2.30 (the version of cudarc's NCCL bindings; later 2.x keep its ABI) from NVIDIA's wheel, in a folder of
+# its own: pip --target skips a top-level folder (nvidia/) that is already there. Prints its lib/ folder. Only the
+# link needs it here; the GPU machine loads its own (e.g. torch's).
+nccl_wheel() {
+  local lib=$prefix/nccl/nvidia/nccl/lib
+  if [ ! -e "$lib/libnccl.so.2" ]; then
+    log "installing nvidia-nccl-cu13==2.30.* into $prefix/nccl"
+    python3 -m pip install --quiet --disable-pip-version-check --no-deps --target "$prefix/nccl" 'nvidia-nccl-cu13==2.30.*' >&2
+  fi
+  # The linker looks for libnccl.so; the wheel ships only the soname.
+  ln -sf libnccl.so.2 "$lib/libnccl.so"
+  echo "$lib"
+}
 
 if command -v nvcc >/dev/null 2>&1 && [ -z "${FORCE_WHEELS:-}" ]; then
   nvcc_dir=$(dirname "$(command -v nvcc)")
   cuda_root=$(cd "$nvcc_dir/.." && pwd)
   log "using the toolkit of $(command -v nvcc)"
   echo "export CUDA_ROOT=$cuda_root"
+  if [ -n "$with_nccl" ] && ! ldconfig -p 2>/dev/null | grep -q 'libnccl\.so '; then
+    echo "export LIBRARY_PATH=$(nccl_wheel)\${LIBRARY_PATH:+:\$LIBRARY_PATH}"
+  fi
   exit 0
 fi
 
@@ -44,6 +64,11 @@ mkdir -p "$cuda_root/lib64"
 for lib in "$wheel"/lib/*.so*; do
   ln -sf "$lib" "$cuda_root/lib64/$(basename "$lib")"
 done
+if [ -n "$with_nccl" ]; then
+  nccl_lib=$(nccl_wheel)
+  ln -sf "$nccl_lib/libnccl.so.2" "$cuda_root/lib64/libnccl.so.2"
+  ln -sf libnccl.so.2 "$cuda_root/lib64/libnccl.so"
+fi
 # The linker looks for the unversioned names (-lcublas); the wheels ship only the sonames.
 for lib in cublas cublasLt curand nvrtc cudart; do
   if [ ! -e "$cuda_root/lib64/lib$lib.so" ]; then

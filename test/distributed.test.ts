@@ -10,7 +10,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { trainSchema, resolveConfig } from '../ts/config.ts';
 import { BatchLoader } from '../ts/data.ts';
 import { checkDataParallel, failedRank } from '../ts/distributed.ts';
-import { Engine, mpiBuilt } from '../ts/engine.ts';
+import { Engine, mpiBuilt, ncclBuilt } from '../ts/engine.ts';
 import { launchRanks } from '../ts/ranks.ts';
 import { Rng } from '../ts/rng.ts';
 import type { TrainRecord } from '../ts/telemetry.ts';
@@ -36,7 +36,11 @@ describe('launching ranks', () => {
     );
     expect(() => checkDataParallel(config({ gradient_accumulation_steps: 4, engine: 'wasm' }), 2)).toThrow(/--engine=native$/);
     expect(() => checkDataParallel(config({ gradient_accumulation_steps: 4, engine: 'auto' }), 2)).toThrow(/--engine=native$/);
-    expect(() => checkDataParallel(config({ gradient_accumulation_steps: 4, device: 'cuda' }), 2)).toThrow(/no NCCL/);
+    // GPU ranks need the CUDA engine built with NCCL (not built where there is no GPU).
+    const gpuRanks = () => checkDataParallel(config({ gradient_accumulation_steps: 4, device: 'cuda' }), 2);
+    if (ncclBuilt()) expect(gpuRanks).not.toThrow();
+    else expect(gpuRanks).toThrow(/run `npm run build:cuda:nccl`$/);
+    expect(() => checkDataParallel(config({ gradient_accumulation_steps: 4, device: 'mps' }), 2)).toThrow(/use --device=cpu or --device=cuda$/);
     expect(() => checkDataParallel(config({ gradient_accumulation_steps: 4 }), 2)).not.toThrow();
     expect(() => checkDataParallel(config({ gradient_accumulation_steps: 5, engine: 'wasm' }), 1)).not.toThrow();
     for (const ddp_timeout of [0, -5]) {

@@ -6,6 +6,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { resolveConfig, trainSchema } from '../ts/config.ts';
+import { ncclBuilt } from '../ts/engine.ts';
 import { launchTraining, rankEnvironment, takeLaunchFlags } from '../ts/launch-ranks.ts';
 import { launchPlacement, localWorldSize } from '../ts/ranks.ts';
 
@@ -49,13 +50,18 @@ describe("torchrun's flags", () => {
     expect(rankEnvironment(flags!, 1)).toEqual({ RANK: '9', LOCAL_RANK: '1', WORLD_SIZE: '12', LOCAL_WORLD_SIZE: '4', MASTER_ADDR: 'gpu0', MASTER_PORT: '29500' });
   });
 
-  it('leaves CPU ranks across machines to mpirun --hostfile, and GPU ranks to NCCL', async () => {
+  it('leaves CPU ranks across machines to mpirun --hostfile', async () => {
     const config = (device: string) => resolveConfig(trainSchema, { device, engine: 'native', gradient_accumulation_steps: 8 });
     const { flags } = takeLaunchFlags(['--nproc_per_node=2', '--nnodes=2', '--master_addr=host0']);
     await expect(launchTraining(flags!, [], config('cpu'))).rejects.toThrow(
       'CPU ranks across machines run under mpirun --hostfile (mpirun --hostfile HOSTS -np N npx nanogpt-rs train ...); --nnodes is for GPU ranks',
     );
-    await expect(launchTraining(flags!, [], config('cuda'))).rejects.toThrow(/no NCCL/);
+  });
+
+  it.skipIf(ncclBuilt())('refuses GPU ranks where the CUDA engine with NCCL is not built', async () => {
+    const config = resolveConfig(trainSchema, { device: 'cuda', engine: 'native', gradient_accumulation_steps: 8 });
+    const { flags } = takeLaunchFlags(['--nproc_per_node=2', '--nnodes=2', '--master_addr=host0']);
+    await expect(launchTraining(flags!, [], config)).rejects.toThrow(/run `npm run build:cuda:nccl`$/);
   });
 });
 

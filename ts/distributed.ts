@@ -4,12 +4,13 @@
 // runs `mpirun -np N npx nanogpt-rs train ...` directly.
 import { spawn, spawnSync } from 'node:child_process';
 import type { TrainConfig } from './config.ts';
-import { mpiBuildMissing, mpiBuilt, resolveEngine, type EngineChoice } from './engine.ts';
+import { mpiBuildMissing, mpiBuilt, ncclBuildMissing, ncclBuilt, resolveEngine, type EngineChoice } from './engine.ts';
 import { UserError } from './errors.ts';
 
 /**
  * nanoGPT's rules for a run of `worldSize` ranks that can be checked before any process starts: the gradient
- * accumulation steps are shared out among the ranks, and only the native CPU engine exchanges gradients.
+ * accumulation steps are shared out among the ranks, and gradients are exchanged by the native CPU engine (MPI) or
+ * the CUDA engine built with NCCL.
  */
 export function checkDataParallel(config: TrainConfig, worldSize: number): void {
   if (!(config.ddp_timeout > 0)) {
@@ -21,8 +22,12 @@ export function checkDataParallel(config: TrainConfig, worldSize: number): void 
       `gradient_accumulation_steps=${config.gradient_accumulation_steps} must be divisible by the ${worldSize} processes, which share them out; use a multiple of ${worldSize}`,
     );
   }
+  if (config.device.startsWith('cuda')) {
+    if (!ncclBuilt()) throw new UserError(ncclBuildMissing);
+    return;
+  }
   if (config.device !== 'cpu') {
-    throw new UserError(`data-parallel training runs on the cpu only so far (no NCCL); use --device=cpu --engine=native`);
+    throw new UserError(`data-parallel training runs on cpu (MPI) or cuda (NCCL), not on ${config.device}; use --device=cpu or --device=cuda`);
   }
   if (resolveEngine(config.device, config.engine as EngineChoice) === 'wasm') {
     throw new UserError(`the WebAssembly engine has no collectives for data-parallel training across ${worldSize} processes; use --engine=native`);

@@ -9,7 +9,7 @@ import { fileURLToPath } from 'node:url';
 import { setFlagsFromString } from 'node:v8';
 import { Worker } from 'node:worker_threads';
 import { firstLine, UserError } from './errors.ts';
-import { launchRanks, localWorldSize } from './ranks.ts';
+import { launchPlacement, launchRanks, localWorldSize, type Ranks } from './ranks.ts';
 import { hasRelaxedSimd, pickWasmBuild, wasmBuilds, type WasmBuild, type WasmBuildChoice } from './wasm-build.ts';
 import { wasmMemoryLimit, wasmMemoryRefusal } from './wasm-memory.ts';
 
@@ -68,13 +68,15 @@ interface BindingGpt {
   phaseTimes(): PhaseTimes | null;
   /** The addon only: joins the ranks mpirun started (an MPI build), returning [rank, world size]. */
   joinMpi?(timeoutSeconds: number): number[];
+  /** The addon only (the CUDA build with NCCL; others refuse): joins the GPU ranks torchrun started, returning [rank, world size]. */
+  joinNccl?(masterAddr: string, masterPort: number, rank: number, worldSize: number, rendezvousTimeoutSeconds: number, timeoutSeconds: number): number[];
   barrier?(): void;
   anyRank?(flag: boolean): boolean;
 }
 
 interface Binding {
   kind: EngineKind;
-  /** The build, as engine info and benchmark output name it: 'native', 'cuda', 'wasm (relaxed-simd)', 'wasm (simd128)'. */
+  /** The build, as engine info and benchmark output name it: 'native', 'cuda', 'cuda-nccl', 'wasm (relaxed-simd)', 'wasm (simd128)'. */
   build: string;
   create(modelArgs: ModelArgs, seed: number, device: string): BindingGpt;
   fromSafetensorsFile(modelArgs: ModelArgs, path: string, device: string): BindingGpt;
@@ -141,8 +143,12 @@ interface WasmModule {
 export { wasmMemoryLimit } from './wasm-memory.ts';
 
 const packageRoot = join(dirname(fileURLToPath(import.meta.url)), '..');
-/** Loaded builds: the WebAssembly module, the CPU addon, the CPU addon with MPI and the CUDA addon. */
-const bindings = new Map<'wasm' | 'native' | 'mpi' | 'cuda', Binding>();
+/** How long the GPU ranks of a data-parallel run wait for each other to start (torchrun's own rendezvous waits 900 s). */
+const rendezvousTimeoutS = 900;
+
+/** Loaded builds: the WebAssembly module, the CPU addon, the CPU addon with MPI, the CUDA addon and the CUDA addon with NCCL. */
+const bindings = new Map<'wasm' | NativeBuild, Binding>();
+type NativeBuild = 'native' | 'mpi' | 'cuda' | 'cuda-nccl';
 
 /** The native engine built with MPI (`npm run build:native:mpi`), which the ranks of a data-parallel run load. */
 const mpiBuildDir = join(packageRoot, 'native', 'mpi');
@@ -150,15 +156,29 @@ const mpiBuildDir = join(packageRoot, 'native', 'mpi');
 export const mpiBuildMissing = `the native engine with MPI is not built (no .node file in ${mpiBuildDir}); run \`npm run build:native:mpi\` (needs OpenMPI: apt-get install -y libopenmpi-dev openmpi-bin libclang-dev)`;
 
 export function mpiBuilt(): boolean {
-  return existsSync(mpiBuildDir) && readdirSync(mpiBuildDir).some((f) => f.endsWith('.node'));
+  return hasAddon(mpiBuildDir);
+}
+
+/** The CUDA engine built with NCCL (`npm run build:cuda:nccl`), which the GPU ranks of a data-parallel run load. */
+const ncclBuildDir = join(packageRoot, 'native', 'cuda-nccl');
+
+export const ncclBuildMissing = `the CUDA engine with NCCL, which the GPU ranks of a data-parallel run load, is not built (no .node file in ${ncclBuildDir}); run \`npm run build:cuda:nccl\``;
+
+export function ncclBuilt(): boolean {
+  return hasAddon(ncclBuildDir);
+}
+
+function hasAddon(dir: string): boolean {
+  return existsSync(dir) && readdirSync(dir).some((f) => f.endsWith('.node'));
 }
 
 /**
- * The build for `kind`; the native kind has a CPU addon and a CUDA addon, chosen by `device`, and on the CPU, in a
- * process that is one of several ranks, the addon built with MPI.
+ * The build for `kind`; the native kind has a CPU addon and a CUDA addon, chosen by `device`, and in a process that
+ * is one of several ranks, the addon built with MPI (CPU) or with NCCL (CUDA).
  */
 function loadBinding(kind: EngineKind, device = 'cpu'): Binding {
-  const build = kind === 'wasm' ? 'wasm' : device.startsWith('cuda') ? 'cuda' : launchRanks().worldSize > 1 ? 'mpi' : 'native';
+  const ranks = launchRanks().worldSize > 1;
+  const build = kind === 'wasm' ? 'wasm' : device.startsWith('cuda') ? (ranks ? 'cuda-nccl' : 'cuda') : ranks ? 'mpi' : 'native';
   let binding = bindings.get(build);
   if (!binding) {
     binding = build === 'wasm' ? loadWasm() : loadNative(build);
@@ -168,23 +188,29 @@ function loadBinding(kind: EngineKind, device = 'cpu'): Binding {
 }
 
 /**
- * The napi addon: native/ holds the CPU build, native/mpi/ the CPU build with MPI and native/cuda/ the CUDA build
- * (separate files, because these cannot even be loaded where OpenMPI or the NVIDIA driver is missing).
+ * The napi addon: native/ holds the CPU build, native/mpi/ the CPU build with MPI, native/cuda/ the CUDA build and
+ * native/cuda-nccl/ the CUDA build with NCCL (separate files, because these cannot even be loaded where OpenMPI, the
+ * NVIDIA driver or NCCL is missing).
  */
-function loadNative(build: 'native' | 'mpi' | 'cuda'): Binding {
-  const cuda = build === 'cuda';
-  const dir = build === 'mpi' ? mpiBuildDir : join(packageRoot, 'native', ...(cuda ? ['cuda'] : []));
+function loadNative(build: NativeBuild): Binding {
+  const cuda = build === 'cuda' || build === 'cuda-nccl';
+  const dir = build === 'mpi' ? mpiBuildDir : join(packageRoot, 'native', ...(build === 'native' ? [] : [build]));
   const file = existsSync(dir) ? readdirSync(dir).find((f) => f.endsWith('.node')) : undefined;
   if (!file) {
     throw new UserError(
       build === 'mpi'
         ? mpiBuildMissing
-        : cuda
+        : build === 'cuda-nccl'
+          ? ncclBuildMissing
+          : cuda
           ? `the CUDA engine is not built (no .node file in ${dir}); run \`npm run build:cuda\` (needs cargo; it installs a CUDA toolkit from PyPI when nvcc is missing)`
           : `the native engine is not built (no .node file in ${dir}); run \`npm run build:native\` (needs cargo), or use --engine=wasm on cpu`,
     );
   }
-  warnIfStale(join(dir, file), { native: 'npm run build:native', mpi: 'npm run build:native:mpi', cuda: 'npm run build:cuda' }[build]);
+  warnIfStale(
+    join(dir, file),
+    { native: 'npm run build:native', mpi: 'npm run build:native:mpi', cuda: 'npm run build:cuda', 'cuda-nccl': 'npm run build:cuda:nccl' }[build],
+  );
   // Ranks sharing a machine share its cores: as torchrun does with OMP_NUM_THREADS, each gets its part of them
   // unless RAYON_NUM_THREADS says otherwise (read by the engine's thread pool when it starts).
   if (build === 'mpi' && !process.env.RAYON_NUM_THREADS) {
@@ -196,12 +222,12 @@ function loadNative(build: 'native' | 'mpi' | 'cuda'): Binding {
   } catch (err) {
     if (!cuda) throw err;
     throw new UserError(
-      `cannot load the CUDA engine (${firstLine(err)}); it needs the NVIDIA driver (libcuda.so.1) and CUDA 13 cuBLAS, cuRAND and NVRTC on LD_LIBRARY_PATH`,
+      `cannot load the CUDA engine (${firstLine(err)}); it needs the NVIDIA driver (libcuda.so.1) and CUDA 13 cuBLAS, cuRAND and NVRTC${build === 'cuda-nccl' ? ' and NCCL 2 (libnccl.so.2)' : ''} on LD_LIBRARY_PATH`,
     );
   }
   return {
     kind: 'native',
-    build: cuda ? 'cuda' : 'native',
+    build: build === 'mpi' ? 'native' : build,
     create: (args, seed, device) => native.Gpt.create(args, seed, device),
     fromSafetensorsFile: (args, path, device) => native.Gpt.fromSafetensorsFile(args, path, device),
     fromHfGpt2File: (config, path, dropout, device) => native.Gpt.fromHfGpt2File(config, path, dropout, device),
@@ -375,7 +401,7 @@ export class Engine {
     private readonly binding: Binding,
     /** The engine build this model lives in. */
     readonly kind: EngineKind,
-    /** That build in more detail: 'native', 'cuda', 'wasm (relaxed-simd)' or 'wasm (simd128)'. */
+    /** That build in more detail: 'native', 'cuda', 'cuda-nccl', 'wasm (relaxed-simd)' or 'wasm (simd128)'. */
     readonly build: string,
   ) {}
 
@@ -565,6 +591,8 @@ export class Engine {
    */
   joinDataParallel(timeoutSeconds: number): { rank: number; worldSize: number } {
     const expected = launchRanks();
+    // Every addon has the NCCL entry (refusing where NCCL is not built in); only the GPU ranks' build uses it.
+    if (this.build === 'cuda-nccl') return this.joinNccl(expected, timeoutSeconds);
     if (!this.gpt.joinMpi) {
       throw new UserError(`the WebAssembly engine has no collectives for data-parallel training across ${expected.worldSize} processes; use --engine=native`);
     }
@@ -578,6 +606,19 @@ export class Engine {
       if (code === 0) this.binding.finalizeMpi?.();
     });
     return { rank, worldSize };
+  }
+
+  /**
+   * The GPU ranks torchrun started (one per GPU: `cuda:LOCAL_RANK`) meet at MASTER_ADDR:MASTER_PORT, where rank 0 hands
+   * out NCCL's id; then the weights become rank 0's and every `step` averages the gradients over NCCL on the GPUs.
+   */
+  private joinNccl({ rank, worldSize }: Ranks, timeoutSeconds: number): { rank: number; worldSize: number } {
+    const { master } = launchPlacement();
+    if (!master) {
+      throw new UserError(`the GPU ranks meet at MASTER_ADDR:MASTER_PORT, which are unset; start them with --nproc_per_node=${worldSize} or torchrun, or set both`);
+    }
+    const [joinedRank, joinedWorldSize] = this.gpt.joinNccl!(master.addr, master.port, rank, worldSize, rendezvousTimeoutS, timeoutSeconds);
+    return { rank: joinedRank, worldSize: joinedWorldSize };
   }
 
   /** Returns once every rank of the data-parallel run has called it. */

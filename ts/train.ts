@@ -56,6 +56,8 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
   for (const note of noEffectNotes(config, overrides)) info(note);
   checkTrainConfig(config);
   checkDataParallel(config, worldSize);
+  // As nanoGPT's DDP: each rank of a GPU run trains on its own GPU, cuda:LOCAL_RANK (torchrun sets it).
+  const device = worldSize > 1 && config.device === 'cuda' ? `cuda:${process.env.LOCAL_RANK ?? rank}` : config.device;
   const startedAt = performance.now();
 
   const accumulationSteps = config.gradient_accumulation_steps / worldSize;
@@ -86,7 +88,7 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
     if (config.init_from === 'scratch') {
       info('Initializing a new model from scratch');
       if (!meta) info('defaulting to vocab_size of GPT-2 to 50304 (50257 rounded up for efficiency)');
-      engine = createEngine(() => Engine.create(modelArgs, seed, config.device, config.engine as EngineChoice));
+      engine = createEngine(() => Engine.create(modelArgs, seed, device, config.engine as EngineChoice));
     } else if (config.init_from === 'resume') {
       info(`Resuming training from ${config.out_dir}`);
       const checkpoint = readCheckpointInfo(config.out_dir);
@@ -95,13 +97,13 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
       if (config.block_size !== saved.block_size) {
         throw new UserError(`block_size ${config.block_size} differs from the checkpoint's ${saved.block_size}, whose optimizer state holds that many positions; resume with --block_size=${saved.block_size}`);
       }
-      engine = loadCheckpointWeights(config.out_dir, saved, config.device, config.engine as EngineChoice);
+      engine = loadCheckpointWeights(config.out_dir, saved, device, config.engine as EngineChoice);
       iterNum = checkpoint.iter_num;
       bestValLoss = checkpoint.best_val_loss;
     } else {
       const source = (gpt2Models as readonly string[]).includes(config.init_from) ? 'OpenAI GPT-2' : 'Hugging Face GPT-2';
       info(`Initializing from ${source} weights: ${config.init_from}`);
-      engine = await loadHfModel(config.init_from, config.dropout, config.device, config.engine as EngineChoice, info);
+      engine = await loadHfModel(config.init_from, config.dropout, device, config.engine as EngineChoice, info);
     }
     // The checkpoint records the architecture actually trained, so that it describes its own weights.
     modelArgs = engine.modelArgs();
@@ -115,7 +117,7 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
     // The CPU engines compute in float32 whatever dtype says (noEffectNotes says so where the user set it).
     if (config.device !== 'cpu') engine.setPrecision(config.dtype as Dtype);
     engine.checkMemory(config.batch_size, 'train');
-    info(`engine: ${engine.build} on ${config.device}`);
+    info(`engine: ${engine.build} on ${device}`);
     if (worldSize > 1) {
       engine.joinDataParallel(config.ddp_timeout);
       info(`data parallel: ${worldSize} processes, ${accumulationSteps} gradient accumulation steps each`);

@@ -4,13 +4,18 @@
 //! weights start equal because rank 0's are broadcast to the others.
 //!
 //! [`SingleProcess`] is a run of one; [`open_mpi`] joins the ranks `mpirun` started (only in a build
-//! with the `mpi` feature: OpenMPI through the `mpi` crate). [`Watchdog`] bounds how long any
-//! backend's calls may wait for the other ranks.
+//! with the `mpi` feature: OpenMPI through the `mpi` crate); [`open_nccl`] joins the ranks `torchrun`
+//! started, each on its own GPU (only in a build with the `nccl` feature, `collective_nccl.rs`).
+//! [`Watchdog`] bounds how long any backend's calls may wait for the other ranks.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::rendezvous::Rendezvous;
 
 /// Elements per all-reduce call: 4 MiB of f32. Each call is one MPI message of at most this size,
 /// so the MPI backend's staging buffer stays small whatever the model's size.
@@ -53,6 +58,34 @@ pub trait Collective {
         let mut count = [f32::from(u8::from(flag))];
         self.all_reduce_sum_bucket(&mut count);
         count[0] > 0.0
+    }
+
+    /// Replaces every tensor (the graph path's per-parameter gradients) by its mean over all ranks. This
+    /// default goes through host memory; a GPU backend reduces on the device.
+    fn all_reduce_mean_tensors(&mut self, tensors: &mut [Tensor]) -> candle_core::Result<()> {
+        if self.world_size() == 1 {
+            return Ok(());
+        }
+        for tensor in tensors.iter_mut() {
+            let mut host = tensor.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            self.all_reduce_mean(&mut host);
+            *tensor = Tensor::from_vec(host, tensor.shape(), tensor.device())?.to_dtype(tensor.dtype())?;
+        }
+        Ok(())
+    }
+
+    /// Replaces every variable (the graph path's weights) on every rank by rank `root`'s. This default goes
+    /// through host memory; a GPU backend broadcasts on the device.
+    fn broadcast_vars(&mut self, vars: &[Var], root: usize) -> candle_core::Result<()> {
+        if self.world_size() == 1 {
+            return Ok(());
+        }
+        for var in vars {
+            let mut host = var.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            self.broadcast(&mut host, root);
+            var.set(&Tensor::from_vec(host, var.shape(), var.device())?.to_dtype(var.dtype())?)?;
+        }
+        Ok(())
     }
 }
 
@@ -236,6 +269,16 @@ impl Collective for Watchdog {
         let _call = self.watch.begin(ANY_RANK);
         self.inner.any_rank(flag)
     }
+
+    fn all_reduce_mean_tensors(&mut self, tensors: &mut [Tensor]) -> candle_core::Result<()> {
+        let _call = self.watch.begin(ALL_REDUCE_MEAN);
+        self.inner.all_reduce_mean_tensors(tensors)
+    }
+
+    fn broadcast_vars(&mut self, vars: &[Var], root: usize) -> candle_core::Result<()> {
+        let _call = self.watch.begin(BROADCAST);
+        self.inner.broadcast_vars(vars, root)
+    }
 }
 
 /// Prints `message` and ends the process at once, from the watchdog's thread.
@@ -260,6 +303,19 @@ pub fn open_mpi() -> candle_core::Result<Box<dyn Collective>> {
 #[cfg(not(feature = "mpi"))]
 pub fn open_mpi() -> candle_core::Result<Box<dyn Collective>> {
     candle_core::bail!("this engine build has no MPI; build the one that has with `npm run build:native:mpi` (needs OpenMPI)")
+}
+
+/// The world of the ranks `torchrun` started (or any launcher that sets its variables), this one on `device`
+/// (its GPU, `cuda:LOCAL_RANK`): they meet at `rendezvous` (`MASTER_ADDR:MASTER_PORT`), where rank 0 hands out
+/// NCCL's unique id, then exchange gradients and weights over NCCL on the device.
+#[cfg(feature = "nccl")]
+pub fn open_nccl(device: &Device, rendezvous: &Rendezvous) -> candle_core::Result<Box<dyn Collective>> {
+    Ok(Box::new(crate::collective_nccl::NcclWorld::open(device, rendezvous)?))
+}
+
+#[cfg(not(feature = "nccl"))]
+pub fn open_nccl(_device: &Device, _rendezvous: &Rendezvous) -> candle_core::Result<Box<dyn Collective>> {
+    candle_core::bail!("this engine build has no NCCL; build the one that has with `npm run build:cuda:nccl`")
 }
 
 /// Finalises MPI if [`open_mpi`] initialised it (a no-op otherwise). Call it once, when every rank

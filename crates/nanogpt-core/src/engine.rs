@@ -328,24 +328,25 @@ impl Engine {
 
     /// Makes this model one rank of a data-parallel run over `collective`: its weights become rank 0's,
     /// its dropout masks its own, and each [`Engine::step`] averages the gradients over the ranks first.
-    /// Only the CPU training step (float32) exchanges gradients. A call that waits longer than `timeout`
-    /// for the other ranks ends the process (see [`Watchdog`]).
+    /// A call that waits longer than `timeout` for the other ranks ends the process (see [`Watchdog`]).
     pub fn join(&mut self, mut collective: Box<dyn Collective>, timeout: std::time::Duration) -> Result<()> {
+        if self.grads.is_some() || self.flat.as_ref().is_some_and(|f| f.has_grads) {
+            candle_core::bail!("join the data-parallel run before the first forward_backward");
+        }
         if collective.world_size() > 1 {
             collective = Box::new(Watchdog::new(collective, timeout));
-            let Some(flat) = self.flat.as_mut() else {
-                candle_core::bail!("data-parallel training runs on the CPU engine in float32 only; use --device=cpu");
-            };
-            if flat.has_grads {
-                candle_core::bail!("join the data-parallel run before the first forward_backward");
-            }
-            self.sampling = None;
-            collective.broadcast(&mut flat.params, 0);
-            self.model_stale.store(true, Ordering::Release);
-            // Each rank its own dropout masks, also where the model came from a file (whose seed is 0 on every rank);
-            // rank 0 keeps its own, so that it trains as a single process would.
-            self.dropout_seed ^= (collective.rank() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         }
+        self.sampling = None;
+        match self.flat.as_mut() {
+            Some(flat) => {
+                collective.broadcast(&mut flat.params, 0);
+                self.model_stale.store(true, Ordering::Release);
+            }
+            None => collective.broadcast_vars(&self.params().into_iter().map(|(_, v)| v).collect::<Vec<_>>(), 0)?,
+        }
+        // Each rank its own dropout masks, also where the model came from a file (whose seed is 0 on every rank);
+        // rank 0 keeps its own, so that it trains as a single process would.
+        self.dropout_seed ^= (collective.rank() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         self.collective = collective;
         Ok(())
     }
@@ -363,6 +364,11 @@ impl Engine {
     /// Whether `flag` is set on any rank: every rank gets the same answer.
     pub fn any_rank(&mut self, flag: bool) -> bool {
         self.collective.any_rank(flag)
+    }
+
+    /// The device the model is on.
+    pub fn device(&self) -> &Device {
+        self.model.device()
     }
 
     /// The candle model with the current weights (refreshed from the training step's if they moved).
@@ -531,10 +537,10 @@ impl Engine {
             }
             return Ok(stats);
         }
-        if self.collective.world_size() > 1 {
-            candle_core::bail!("data-parallel training runs on the CPU training step in float32 only; use --device=cpu");
-        }
-        let grads = self.grads.take().ok_or_else(|| candle_core::Error::Msg("no gradients to apply: run forward_backward first".into()))?;
+        let mut grads =
+            self.grads.take().ok_or_else(|| candle_core::Error::Msg("no gradients to apply: run forward_backward first".into()))?;
+        // As DDP: the clip, the float16 overflow check and AdamW see the mean over all ranks' gradients.
+        self.collective.all_reduce_mean_tensors(&mut grads)?;
         let optimizer = self.optimizer.as_mut().ok_or_else(|| candle_core::Error::Msg("configure the optimizer before training".into()))?;
         let stats = match self.scaler.as_mut() {
             Some(scaler) => optimizer.step_scaled(&grads, lr, scaler)?,

@@ -2,6 +2,8 @@
 //! on candle. The napi and wasm bindings expose [`Engine`] and [`LrSchedule::lr_at`] unchanged.
 
 pub mod collective;
+#[cfg(feature = "nccl")]
+mod collective_nccl;
 pub mod cpu_ops;
 pub mod cuda;
 pub mod decode;
@@ -14,6 +16,7 @@ pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod pickle;
+pub mod rendezvous;
 pub mod sample;
 pub mod torch_checkpoint;
 pub mod train_step;

@@ -2,6 +2,9 @@
 //! ts/engine-types.ts declares, typed arrays for tokens, and file paths: the engine maps the files
 //! it reads and writes the ones it saves through [`files`]). All logic lives in nanogpt-core.
 
+use std::time::Duration;
+
+use nanogpt_core::rendezvous::Rendezvous;
 use nanogpt_core::sample::SampleArgs;
 use nanogpt_core::torch_checkpoint::CheckpointInfo;
 use nanogpt_core::{collective, files};
@@ -201,11 +204,37 @@ impl Gpt {
     /// `[rank, world_size]`.
     #[napi]
     pub fn join_mpi(&mut self, timeout_s: f64) -> Result<Vec<u32>> {
-        let timeout = std::time::Duration::try_from_secs_f64(timeout_s)
-            .ok()
-            .filter(|timeout| !timeout.is_zero())
-            .ok_or_else(|| js_error(format!("the collective timeout must be a positive number of seconds, got {timeout_s}")))?;
+        let timeout = positive_seconds(timeout_s, "the collective timeout")?;
         self.engine.join(collective::open_mpi().map_err(js_error)?, timeout).map_err(js_error)?;
+        let (rank, world_size) = self.engine.rank();
+        Ok(vec![rank as u32, world_size as u32])
+    }
+
+    /// Joins the data-parallel run of the processes torchrun started, each on its own GPU (a build with the
+    /// `nccl` feature): the ranks meet at `master_addr:master_port` within `rendezvous_timeout_s` seconds, the
+    /// weights become rank 0's, and each step averages the gradients over NCCL; a collective call that waits
+    /// longer than `timeout_s` ends the process. Returns `[rank, world_size]`.
+    #[napi]
+    pub fn join_nccl(
+        &mut self,
+        master_addr: String,
+        master_port: u32,
+        rank: u32,
+        world_size: u32,
+        rendezvous_timeout_s: f64,
+        timeout_s: f64,
+    ) -> Result<Vec<u32>> {
+        let master_port =
+            u16::try_from(master_port).map_err(|_| js_error(format!("MASTER_PORT={master_port} is not a port; use 1-65535")))?;
+        let rendezvous = Rendezvous {
+            master_addr,
+            master_port,
+            rank: rank as usize,
+            world_size: world_size as usize,
+            timeout: positive_seconds(rendezvous_timeout_s, "the rendezvous timeout")?,
+        };
+        let collective = collective::open_nccl(self.engine.device(), &rendezvous).map_err(js_error)?;
+        self.engine.join(collective, positive_seconds(timeout_s, "the collective timeout")?).map_err(js_error)?;
         let (rank, world_size) = self.engine.rank();
         Ok(vec![rank as u32, world_size as u32])
     }
@@ -279,4 +308,12 @@ pub fn estimate_memory(env: &Env, model_args: Value, batch_size: u32, training: 
 #[napi]
 pub fn repeat_linear(backward: bool, n: u32, c: u32, oc: u32, reps: u32) -> f64 {
     nanogpt_core::kernels::matmul::repeat(backward, n as usize, c as usize, oc as usize, reps as usize) as f64
+}
+
+/// `seconds` as a duration, refused unless positive and finite: `what` names it in the error.
+fn positive_seconds(seconds: f64, what: &str) -> Result<Duration> {
+    Duration::try_from_secs_f64(seconds)
+        .ok()
+        .filter(|duration| !duration.is_zero())
+        .ok_or_else(|| js_error(format!("{what} must be a positive number of seconds, got {seconds}")))
 }

@@ -1,0 +1,168 @@
+//! The collective of a data-parallel run on GPUs, one rank per GPU: NCCL (through cudarc) on candle's own
+//! stream of this rank's device, so that the reductions queue behind the backward pass and ahead of the
+//! optimizer without the host waiting. A step's per-parameter gradients are averaged in place in one NCCL
+//! group (one launch for all of them, as DDP's buckets), and the weights are broadcast from rank 0 at join.
+
+use std::ffi::{c_char, CStr};
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CudaStorage, DType, Device, InplaceOp1, Layout, Result, Tensor, Var};
+use cudarc::driver::{CudaSlice, CudaStream, CudaViewMut};
+use cudarc::nccl::result::{NcclError, NcclStatus};
+use cudarc::nccl::safe::{group_end, group_start, Comm, Id, ReduceOp};
+
+use crate::collective::Collective;
+use crate::rendezvous::Rendezvous;
+
+pub(crate) struct NcclWorld {
+    comm: Comm,
+    /// candle's stream of this rank's GPU, on which NCCL runs too.
+    stream: Arc<CudaStream>,
+}
+
+impl NcclWorld {
+    /// Meets the other ranks at `rendezvous` and makes the NCCL communicator on `device`'s stream; returns when
+    /// every rank has (NCCL's initialisation is itself collective).
+    pub(crate) fn open(device: &Device, rendezvous: &Rendezvous) -> Result<Self> {
+        let Device::Cuda(cuda) = device else {
+            candle_core::bail!(
+                "NCCL exchanges GPU memory and this model is on the CPU; use --device=cuda (data-parallel runs on the CPU use the MPI build: npm run build:native:mpi)"
+            );
+        };
+        let id = rendezvous.share(|| {
+            let id = Id::new().map_err(|e| nccl_error("rank 0 cannot make NCCL's unique id", e))?;
+            Ok(id.internal().iter().map(|&c| c as u8).collect())
+        })?;
+        let internal: [c_char; 128] = id.iter().map(|&b| b as c_char).collect::<Vec<_>>().try_into().map_err(|bytes: Vec<c_char>| {
+            candle_core::Error::Msg(format!("rank 0 sent {} bytes for NCCL's 128-byte unique id", bytes.len()))
+        })?;
+        let stream = cuda.cuda_stream();
+        // NCCL makes the communicator on the calling thread's current device.
+        stream.context().bind_to_thread().map_err(|e| candle_core::Error::Msg(format!("CUDA driver: {e}")))?;
+        let comm = Comm::from_rank(stream.clone(), rendezvous.rank, rendezvous.world_size, Id::uninit(internal)).map_err(|e| {
+            nccl_error(&format!("rank {} of {} cannot make the NCCL communicator", rendezvous.rank, rendezvous.world_size), e)
+        })?;
+        Ok(Self { comm, stream })
+    }
+
+    /// Runs `op` on a device copy of `host` and copies the result back: the host-memory side of [`Collective`].
+    fn staged(&self, host: &mut [f32], what: &str, op: impl FnOnce(&Comm, &mut CudaSlice<f32>) -> NcclResult) -> Result<()> {
+        let driver = |e: cudarc::driver::DriverError| candle_core::Error::Msg(format!("NCCL {what}: CUDA driver: {e}"));
+        let mut buffer = self.stream.clone_htod(host).map_err(driver)?;
+        op(&self.comm, &mut buffer).map_err(|e| nccl_error(&format!("NCCL {what} failed"), e))?;
+        self.stream.memcpy_dtoh(&buffer, host).map_err(driver)?;
+        self.stream.synchronize().map_err(driver)
+    }
+
+    /// Applies `exchange` in place to every tensor, queued as one NCCL group.
+    fn exchange<'t>(&self, tensors: impl IntoIterator<Item = &'t Tensor>, exchange: Exchange) -> Result<()> {
+        let op = InPlace { comm: &self.comm, exchange };
+        group_start().map_err(|e| nccl_error("NCCL group start", e))?;
+        let queued = tensors.into_iter().try_for_each(|t| t.inplace_op1(&op));
+        // The group is closed whatever happened, or NCCL would hold every later call.
+        let launched = group_end().map_err(|e| nccl_error(exchange.describe(), e));
+        queued.and(launched.map(|_| ()))
+    }
+}
+
+type NcclResult = std::result::Result<NcclStatus, NcclError>;
+
+/// An NCCL failure as one line: what was being done, NCCL's code and its description.
+fn nccl_error(what: &str, e: NcclError) -> candle_core::Error {
+    // SAFETY: NCCL returns a static string for every result code.
+    let text = unsafe { CStr::from_ptr(cudarc::nccl::sys::ncclGetErrorString(e.0)) }.to_string_lossy();
+    candle_core::Error::Msg(format!("{what}: {:?} ({text})", e.0))
+}
+
+#[derive(Clone, Copy)]
+enum Exchange {
+    /// Every rank's tensor becomes the mean over the ranks (NCCL's `ncclAvg`).
+    Mean,
+    /// Every rank's tensor becomes this rank's.
+    BroadcastFrom(usize),
+}
+
+impl Exchange {
+    fn describe(self) -> &'static str {
+        match self {
+            Exchange::Mean => "NCCL all-reduce of the gradients failed",
+            Exchange::BroadcastFrom(_) => "NCCL broadcast of the weights failed",
+        }
+    }
+}
+
+/// The exchange as a candle in-place op: the only way to a tensor's device memory for writing.
+struct InPlace<'a> {
+    comm: &'a Comm,
+    exchange: Exchange,
+}
+
+impl InPlace<'_> {
+    fn run(&self, mut view: CudaViewMut<'_, f32>) -> Result<()> {
+        let done = match self.exchange {
+            Exchange::Mean => self.comm.all_reduce_in_place(&mut view, &ReduceOp::Avg),
+            Exchange::BroadcastFrom(root) => self.comm.broadcast_in_place(&mut view, root as i32),
+        };
+        done.map(|_| ()).map_err(|e| nccl_error(self.exchange.describe(), e))
+    }
+}
+
+impl InplaceOp1 for InPlace<'_> {
+    fn name(&self) -> &'static str {
+        "nccl"
+    }
+
+    fn cpu_fwd(&self, _storage: &mut CpuStorage, _layout: &Layout) -> Result<()> {
+        candle_core::bail!("NCCL exchanges GPU memory, and this tensor is on the CPU")
+    }
+
+    fn cuda_fwd(&self, storage: &mut CudaStorage, layout: &Layout) -> Result<()> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("NCCL exchanges contiguous tensors only");
+        };
+        if storage.dtype() != DType::F32 {
+            // The master weights and their gradients are f32 in every precision.
+            candle_core::bail!("NCCL exchanges f32 weights and gradients, not {:?}", storage.dtype());
+        }
+        self.run(storage.as_cuda_slice_mut::<f32>()?.slice_mut(start..end))
+    }
+}
+
+impl Collective for NcclWorld {
+    fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    fn world_size(&self) -> usize {
+        self.comm.world_size()
+    }
+
+    fn all_reduce_sum_bucket(&mut self, bucket: &mut [f32]) {
+        self.staged(bucket, "all-reduce", |comm, buffer| comm.all_reduce_in_place(buffer, &ReduceOp::Sum))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    fn broadcast(&mut self, buffer: &mut [f32], root: usize) {
+        self.staged(buffer, "broadcast", |comm, device| comm.broadcast_in_place(device, root as i32)).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// An all-reduce of one number, waited for: as torch.distributed's barrier on NCCL.
+    fn barrier(&self) {
+        self.staged(&mut [0f32], "barrier", |comm, buffer| comm.all_reduce_in_place(buffer, &ReduceOp::Sum))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// On the device, also with one rank (so that a run of one exercises the same path).
+    fn all_reduce_mean_tensors(&mut self, tensors: &mut [Tensor]) -> Result<()> {
+        // Gradients are fresh tensors of the backward pass, so writing them in place touches nothing else.
+        for tensor in tensors.iter_mut().filter(|t| !t.is_contiguous()) {
+            *tensor = tensor.contiguous()?;
+        }
+        self.exchange(tensors.iter(), Exchange::Mean)
+    }
+
+    fn broadcast_vars(&mut self, vars: &[Var], root: usize) -> Result<()> {
+        self.exchange(vars.iter().map(Var::as_tensor), Exchange::BroadcastFrom(root))
+    }
+}

@@ -1,0 +1,73 @@
+//! Data-parallel training over NCCL (the `nccl` feature): a run of one rank, meeting at a rendezvous on
+//! localhost, trains as a process without a collective does, through the same NCCL calls a run of several
+//! GPUs makes (the broadcast of the weights at join, the in-place average of every gradient at each step,
+//! the barrier). It needs a GPU and NCCL's library, so `cargo test` lists it as ignored: run it with
+//! `cargo test --release -p nanogpt-core --features nccl --test nccl -- --ignored` (bench/gpu-check.sh does).
+#![cfg(feature = "nccl")]
+
+use std::net::TcpListener;
+use std::time::Duration;
+
+use candle_core::Result;
+use nanogpt_core::collective::open_nccl;
+use nanogpt_core::rendezvous::Rendezvous;
+use nanogpt_core::{Engine, Gelu, ModelArgs, OptimizerArgs};
+
+const STEPS: usize = 5;
+
+fn args() -> ModelArgs {
+    ModelArgs { n_layer: 2, n_head: 4, n_embd: 64, block_size: 32, vocab_size: 97, bias: true, dropout: 0.0, gelu: Gelu::Erf }
+}
+
+/// Step `s`'s batch of 4 rows: the learnable next-id task, shifted per step.
+fn batch(s: usize) -> (Vec<u32>, Vec<i32>) {
+    let x: Vec<u32> = (0..4 * 32).map(|i| ((i * 7 + s * 3) % 97) as u32).collect();
+    let y = x.iter().map(|&v| ((v + 1) % 97) as i32).collect();
+    (x, y)
+}
+
+/// The losses of `STEPS` steps on cuda:0 computing in `dtype`, as one rank of an NCCL run or alone.
+fn losses(dtype: &str, nccl: bool) -> Result<Vec<f32>> {
+    let mut engine = Engine::new(&args(), 7, "cuda").unwrap_or_else(|e| panic!("no usable GPU: {e}"));
+    engine.set_precision(dtype)?;
+    if nccl {
+        let port = TcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port();
+        let rendezvous =
+            Rendezvous { master_addr: "127.0.0.1".into(), master_port: port, rank: 0, world_size: 1, timeout: Duration::from_secs(30) };
+        engine.join(open_nccl(engine.device(), &rendezvous)?, Duration::from_secs(600))?;
+        assert_eq!(engine.rank(), (0, 1));
+    }
+    engine.configure_optimizer(&OptimizerArgs { weight_decay: 0.1, beta1: 0.9, beta2: 0.95, grad_clip: 1.0 })?;
+    let mut losses = Vec::new();
+    for s in 0..STEPS {
+        let (x, y) = batch(s);
+        losses.push(engine.forward_backward(&x, &y, 4, 1.0)?);
+        engine.step(3e-3)?;
+        engine.barrier();
+    }
+    Ok(losses)
+}
+
+fn same_losses_with_and_without_nccl(dtype: &str) -> Result<()> {
+    let alone = losses(dtype, false)?;
+    let over_nccl = losses(dtype, true)?;
+    eprintln!("{dtype}: alone {alone:?}, over NCCL {over_nccl:?}");
+    assert!(alone[STEPS - 1] < alone[0], "{dtype}: training did not lower the loss: {alone:?}");
+    for (s, (a, n)) in alone.iter().zip(&over_nccl).enumerate() {
+        // One rank's average is its own gradient; only the GPU's reduction order may differ between runs.
+        assert!((a - n).abs() <= 1e-4 * a.abs(), "{dtype} step {s}: loss {n} over NCCL, {a} alone");
+    }
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU and NCCL"]
+fn one_rank_over_nccl_trains_as_alone_in_float32() -> Result<()> {
+    same_losses_with_and_without_nccl("float32")
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU and NCCL"]
+fn one_rank_over_nccl_trains_as_alone_in_bfloat16() -> Result<()> {
+    same_losses_with_and_without_nccl("bfloat16")
+}
