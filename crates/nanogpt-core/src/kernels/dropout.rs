@@ -46,11 +46,11 @@ impl Site {
 /// The keep/drop decisions of one site at one micro-step, with probability `p` of dropping.
 #[derive(Clone, Copy, Debug)]
 pub struct Mask {
-    stream: u64,
+    pub(crate) stream: u64,
     /// The index, in the site's whole tensor, of element 0 of the buffers this mask is applied to.
-    base: usize,
-    threshold: u32,
-    keep_scale: f32,
+    pub(crate) base: usize,
+    pub(crate) threshold: u32,
+    pub(crate) keep_scale: f32,
 }
 
 impl Mask {

@@ -9,6 +9,7 @@
 pub mod adamw;
 pub mod attention;
 pub mod cross_entropy;
+pub mod cuda;
 pub mod dropout;
 pub mod embedding;
 pub mod gelu;

@@ -1,0 +1,176 @@
+// CUDA's built-ins for kernels compiled as C++ and run by launcher.cpp: one OS thread per CUDA thread,
+// one block at a time (see lib.rs). Force-included ahead of the kernel sources.
+#pragma once
+
+#include <assert.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <atomic>
+#include <cmath>
+#include <type_traits>
+#include <utility>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __noinline__
+#define __launch_bounds__(...)
+// Blocks run one at a time, so a function's static variable is exactly its block's shared variable.
+#define __shared__ static
+#define DYNAMIC_SHARED(type, name) type* name = reinterpret_cast<type*>(cuda_on_cpu::dynamic_shared())
+
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+};
+typedef dim3 uint3;
+
+extern thread_local dim3 threadIdx;
+extern thread_local dim3 blockIdx;
+extern dim3 blockDim;
+extern dim3 gridDim;
+
+namespace cuda_on_cpu {
+void* dynamic_shared();
+void syncthreads();
+void syncwarp();
+// This thread's index within its block (x fastest), and the block's per-thread exchange slots that
+// warp shuffles pass values through.
+unsigned thread_in_block();
+uint64_t* shuffle_slots();
+
+// Each lane publishes its value, the warp waits, each lane reads lane `source(lane)` (its own value
+// where the source is out of range), and the warp waits again before the slots can be reused.
+template <typename T, typename Source>
+T shuffle(T value, Source source) {
+  static_assert(sizeof(T) <= 8, "shuffles move at most 8 bytes");
+  const unsigned tid = thread_in_block(), lane = tid % 32, first = tid - lane;
+  const unsigned threads = blockDim.x * blockDim.y * blockDim.z;
+  uint64_t bits = 0;
+  memcpy(&bits, &value, sizeof(T));
+  shuffle_slots()[tid] = bits;
+  syncwarp();
+  const int from = source((int)lane);
+  T result = value;
+  if (from >= 0 && from < 32 && first + from < threads) memcpy(&result, &shuffle_slots()[first + from], sizeof(T));
+  syncwarp();
+  return result;
+}
+
+template <typename... A, size_t... I>
+void invoke(void (*kernel)(A...), void** params, std::index_sequence<I...>) {
+  kernel(*static_cast<std::remove_cv_t<A>*>(params[I])...);
+}
+
+void add_kernel(const char* name, size_t arity, void (*thunk)(void* kernel, void** params), void* kernel);
+
+template <typename... A>
+void register_kernel(const char* name, void (*kernel)(A...)) {
+  add_kernel(
+      name, sizeof...(A),
+      [](void* k, void** params) { invoke(reinterpret_cast<void (*)(A...)>(k), params, std::index_sequence_for<A...>{}); },
+      reinterpret_cast<void*>(kernel));
+}
+}  // namespace cuda_on_cpu
+
+inline void __syncthreads() { cuda_on_cpu::syncthreads(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { cuda_on_cpu::syncwarp(); }
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline void __threadfence_block() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+
+template <typename T>
+T __shfl_xor_sync(unsigned, T value, int lane_mask, int width = 32) {
+  return cuda_on_cpu::shuffle(value, [&](int lane) {
+    const int from = lane ^ lane_mask;
+    return from / width > lane / width ? lane : from;
+  });
+}
+template <typename T>
+T __shfl_down_sync(unsigned, T value, unsigned delta, int width = 32) {
+  return cuda_on_cpu::shuffle(value, [&](int lane) { return lane % width + (int)delta < width ? lane + (int)delta : lane; });
+}
+template <typename T>
+T __shfl_up_sync(unsigned, T value, unsigned delta, int width = 32) {
+  return cuda_on_cpu::shuffle(value, [&](int lane) { return lane % width >= (int)delta ? lane - (int)delta : lane; });
+}
+template <typename T>
+T __shfl_sync(unsigned, T value, int source_lane, int width = 32) {
+  return cuda_on_cpu::shuffle(value, [&](int lane) { return lane / width * width + source_lane % width; });
+}
+
+template <typename T>
+T atomicAdd(T* address, T value) {
+  return std::atomic_ref<T>(*address).fetch_add(value);
+}
+template <typename T>
+T atomicMax(T* address, T value) {
+  std::atomic_ref<T> ref(*address);
+  T old = ref.load();
+  while (old < value && !ref.compare_exchange_weak(old, value)) {
+  }
+  return old;
+}
+template <typename T>
+T atomicCAS(T* address, T compare, T value) {
+  std::atomic_ref<T>(*address).compare_exchange_strong(compare, value);
+  return compare;
+}
+
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
+inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
+inline long long min(long long a, long long b) { return a < b ? a : b; }
+inline long long max(long long a, long long b) { return a > b ? a : b; }
+inline float min(float a, float b) { return fminf(a, b); }
+inline float max(float a, float b) { return fmaxf(a, b); }
+
+inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+inline float __expf(float x) { return expf(x); }
+inline float __logf(float x) { return logf(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float __frcp_rn(float x) { return 1.0f / x; }
+inline float __fsqrt_rn(float x) { return sqrtf(x); }
+inline float __fmaf_rn(float a, float b, float c) { return fmaf(a, b, c); }
+inline float __saturatef(float x) { return fminf(fmaxf(x, 0.0f), 1.0f); }
+template <typename T>
+T __ldg(const T* p) {
+  return *p;
+}
+
+struct alignas(8) float2 {
+  float x, y;
+};
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+struct alignas(16) int4 {
+  int x, y, z, w;
+};
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+inline float2 make_float2(float x, float y) { return {x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+
+// bf16 as the GPU stores it: the top half of an IEEE float, rounded to nearest even.
+struct __nv_bfloat16 {
+  uint16_t bits;
+};
+inline float __bfloat162float(__nv_bfloat16 h) {
+  const uint32_t u = (uint32_t)h.bits << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+inline __nv_bfloat16 __float2bfloat16(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return {(uint16_t)((u >> 16) | 0x40)};
+  u += 0x7fffu + ((u >> 16) & 1);
+  return {(uint16_t)(u >> 16)};
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __float2bfloat16(f); }

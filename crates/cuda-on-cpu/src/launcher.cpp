@@ -1,0 +1,157 @@
+// Runs a registered kernel over its grid: for each block in turn, the launch's worker threads (one per
+// CUDA thread of a block) run the kernel together, with a fresh barrier per block for __syncthreads, one
+// per warp for shuffles and __syncwarp, and dynamic shared memory filled with NaNs so that a read before
+// a write shows. A thread that returns leaves its barriers, as an exited CUDA thread stops counting.
+
+#include <pthread.h>
+
+#include <barrier>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "cuda_on_cpu.h"
+
+thread_local dim3 threadIdx;
+thread_local dim3 blockIdx;
+dim3 blockDim;
+dim3 gridDim;
+
+extern "C" void cuda_on_cpu_register_all();
+
+namespace cuda_on_cpu {
+namespace {
+
+struct Kernel {
+  size_t arity;
+  void (*thunk)(void*, void**);
+  void* function;
+};
+
+std::map<std::string, Kernel>& kernels() {
+  static std::map<std::string, Kernel> table;
+  return table;
+}
+
+// The launch in progress; launches are serialised.
+struct Launch {
+  const Kernel* kernel;
+  void** params;
+  unsigned threads;
+  uint64_t blocks;
+  std::unique_ptr<std::barrier<>> block_start, block_end;
+  std::unique_ptr<std::barrier<>> block_sync;
+  std::vector<std::unique_ptr<std::barrier<>>> warp_sync;
+  std::vector<uint64_t> slots;
+  std::vector<unsigned char> shared;
+};
+Launch* current = nullptr;
+thread_local unsigned thread_index;
+
+dim3 unflatten(uint64_t i, dim3 shape) {
+  dim3 d;
+  d.x = (unsigned)(i % shape.x);
+  d.y = (unsigned)(i / shape.x % shape.y);
+  d.z = (unsigned)(i / shape.x / shape.y);
+  return d;
+}
+
+void* worker(void* arg) {
+  thread_index = (unsigned)(uintptr_t)arg;
+  threadIdx = unflatten(thread_index, blockDim);
+  Launch& launch = *current;
+  for (uint64_t b = 0; b < launch.blocks; ++b) {
+    launch.block_start->arrive_and_wait();
+    blockIdx = unflatten(b, gridDim);
+    launch.kernel->thunk(launch.kernel->function, launch.params);
+    launch.block_sync->arrive_and_drop();
+    launch.warp_sync[thread_index / 32]->arrive_and_drop();
+    launch.block_end->arrive_and_wait();
+  }
+  return nullptr;
+}
+
+void fresh_block(Launch& launch) {
+  launch.block_sync = std::make_unique<std::barrier<>>(launch.threads);
+  launch.warp_sync.clear();
+  for (unsigned first = 0; first < launch.threads; first += 32)
+    launch.warp_sync.push_back(std::make_unique<std::barrier<>>(std::min(32u, launch.threads - first)));
+  memset(launch.shared.data(), 0xff, launch.shared.size());
+}
+
+int fail(char* error, size_t len, const std::string& message) {
+  snprintf(error, len, "%s", message.c_str());
+  return 1;
+}
+
+}  // namespace
+
+void* dynamic_shared() { return current->shared.data(); }
+void syncthreads() { current->block_sync->arrive_and_wait(); }
+void syncwarp() { current->warp_sync[thread_index / 32]->arrive_and_wait(); }
+unsigned thread_in_block() { return thread_index; }
+uint64_t* shuffle_slots() { return current->slots.data(); }
+
+void add_kernel(const char* name, size_t arity, void (*thunk)(void*, void**), void* function) {
+  kernels()[name] = Kernel{arity, thunk, function};
+}
+
+}  // namespace cuda_on_cpu
+
+extern "C" int cuda_on_cpu_launch(const char* name, const uint32_t* grid, const uint32_t* block, uint32_t shared_bytes,
+                                  void** params, size_t n_params, char* error, size_t error_len) {
+  using namespace cuda_on_cpu;
+  static std::mutex one_at_a_time;
+  static std::once_flag registered;
+  std::lock_guard<std::mutex> lock(one_at_a_time);
+  std::call_once(registered, cuda_on_cpu_register_all);
+
+  auto found = kernels().find(name);
+  if (found == kernels().end()) return fail(error, error_len, std::string("no CUDA kernel named ") + name);
+  const Kernel& kernel = found->second;
+  if (kernel.arity != n_params)
+    return fail(error, error_len,
+                std::string(name) + " takes " + std::to_string(kernel.arity) + " arguments, not " + std::to_string(n_params));
+  const uint64_t threads = (uint64_t)block[0] * block[1] * block[2];
+  if (threads == 0 || threads > 1024 || block[2] > 64)
+    return fail(error, error_len, std::string(name) + ": a block has 1 to 1024 threads, at most 64 in z");
+  if (grid[0] == 0 || grid[1] == 0 || grid[2] == 0 || grid[1] > 65535 || grid[2] > 65535)
+    return fail(error, error_len, std::string(name) + ": grid dimensions are 1 to 2^31-1 in x and 1 to 65535 in y and z");
+  if (shared_bytes > 227 * 1024)
+    return fail(error, error_len, std::string(name) + ": more than the 227 KiB of shared memory a Hopper block can have");
+
+  Launch launch;
+  launch.kernel = &kernel;
+  launch.params = params;
+  launch.threads = (unsigned)threads;
+  launch.blocks = (uint64_t)grid[0] * grid[1] * grid[2];
+  launch.block_start = std::make_unique<std::barrier<>>(threads + 1);
+  launch.block_end = std::make_unique<std::barrier<>>(threads + 1);
+  launch.slots.assign(threads, 0);
+  launch.shared.assign(shared_bytes, 0);
+  current = &launch;
+  blockDim = dim3{block[0], block[1], block[2]};
+  gridDim = dim3{grid[0], grid[1], grid[2]};
+
+  pthread_attr_t attributes;
+  pthread_attr_init(&attributes);
+  pthread_attr_setstacksize(&attributes, 1 << 20);
+  std::vector<pthread_t> workers(threads);
+  for (unsigned t = 0; t < threads; ++t) {
+    if (pthread_create(&workers[t], &attributes, worker, (void*)(uintptr_t)t) != 0) {
+      fprintf(stderr, "cuda-on-cpu: cannot start thread %u of %s\n", t, name);
+      abort();
+    }
+  }
+  pthread_attr_destroy(&attributes);
+  for (uint64_t b = 0; b < launch.blocks; ++b) {
+    fresh_block(launch);
+    launch.block_start->arrive_and_wait();
+    launch.block_end->arrive_and_wait();
+  }
+  for (pthread_t worker : workers) pthread_join(worker, nullptr);
+  current = nullptr;
+  return 0;
+}

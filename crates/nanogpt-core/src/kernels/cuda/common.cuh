@@ -1,0 +1,67 @@
+// Shared by the engine's CUDA kernels. nvcc compiles them to PTX for the `cuda` build; the crate
+// `cuda-on-cpu` compiles the same sources as C++ for the CPU, with its own definitions of CUDA's
+// built-ins (threadIdx, __syncthreads, warp shuffles, atomics, bf16), so the kernels' tests run anywhere.
+//
+// Conventions of every kernel (see mod.rs):
+// - X, the activation type, is float or bf16; each kernel is instantiated twice, `name_f32` and `name_bf16`.
+// - Arithmetic is in float. Parameter gradients, LayerNorm statistics and losses are float, and parameter
+//   gradients are always added to: the training step zeroes them once per optimizer step.
+// - Kernel entry points are `extern "C" __global__ void name(...)`, one per line start, so the CPU build
+//   can find and register them.
+#pragma once
+
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+#include <stdint.h>
+#define DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
+
+typedef __nv_bfloat16 bf16;
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(bf16 x) { return __bfloat162float(x); }
+
+template <typename X>
+__device__ __forceinline__ X from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ bf16 from_float<bf16>(float x) { return __float2bfloat16(x); }
+
+constexpr int WARP_SIZE = 32;
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int offset = WARP_SIZE / 2; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int offset = WARP_SIZE / 2; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+// The sum over a 1-D block (blockDim.x a multiple of 32), returned to every thread. `scratch` is 32
+// floats of shared memory; the first barrier lets a previous call's readers finish before it is reused.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+  const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE, warps = blockDim.x / WARP_SIZE;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  return warp_sum(lane < warps ? scratch[lane] : 0.0f);
+}
+
+// Dropout decisions, bit for bit those of kernels/dropout.rs's `Mask::scale`: element i of a site is
+// dropped when the top 24 bits of a hash of (stream, i) fall below `threshold`. The host derives `stream`,
+// `threshold` and `keep_scale` from (seed, micro-step, site, p) and passes them as three kernel arguments
+// (`Arg::dropout`); threshold 0 keeps everything.
+__device__ __forceinline__ uint64_t dropout_mix(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+__device__ __forceinline__ float dropout_scale(uint64_t stream, uint32_t threshold, float keep_scale, uint64_t i) {
+  const uint32_t u = (uint32_t)(dropout_mix(stream ^ (i * 0x9E3779B97F4A7C15ull)) >> 40);
+  return u < threshold ? 0.0f : keep_scale;
+}
