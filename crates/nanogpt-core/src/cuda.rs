@@ -1,5 +1,5 @@
-//! CUDA devices: opening one for training, and its memory figures. Without the `cuda` feature the
-//! same functions exist and say that this build has no CUDA.
+//! CUDA devices: opening one for training, its memory figures, and the engine's own kernels on it.
+//! Without the `cuda` feature the same functions exist and say that this build has no CUDA.
 
 use candle_core::{Device, Result};
 use serde::Serialize;
@@ -91,4 +91,67 @@ pub fn memory_stats(device: &Device) -> Result<Option<MemoryStats>> {
 #[cfg(not(feature = "cuda"))]
 pub fn memory_stats(_device: &Device) -> Result<Option<MemoryStats>> {
     Ok(None)
+}
+
+/// The engine's CUDA kernels (kernels/cuda, compiled to one PTX module by build.rs) on a CUDA device's
+/// stream: the [`Gpu`](crate::kernels::cuda::Gpu) of the `cuda` build.
+#[cfg(feature = "cuda")]
+pub struct Kernels {
+    device: candle_core::CudaDevice,
+    functions: std::sync::Mutex<std::collections::HashMap<String, cudarc::driver::CudaFunction>>,
+}
+
+#[cfg(feature = "cuda")]
+impl Kernels {
+    const PTX: &'static str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
+
+    pub fn new(device: &Device) -> Result<Self> {
+        Ok(Self { device: device.as_cuda_device()?.clone(), functions: Default::default() })
+    }
+
+    pub fn device(&self) -> &candle_core::CudaDevice {
+        &self.device
+    }
+
+    /// The kernel's function handle, loaded once; kernels asking for more than the default 48 KiB of
+    /// dynamic shared memory are allowed the most they have asked for so far.
+    fn function(&self, name: &str, shared_bytes: u32) -> Result<cudarc::driver::CudaFunction> {
+        use cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+        let mut functions = self.functions.lock().unwrap();
+        let function = match functions.get(name) {
+            Some(f) => f.clone(),
+            None => {
+                let f = (*self.device.get_or_load_custom_func(name, "nanogpt_kernels", Self::PTX)?).clone();
+                functions.insert(name.to_string(), f.clone());
+                f
+            }
+        };
+        if shared_bytes > 48 * 1024 {
+            function.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_bytes as i32).map_err(driver_error)?;
+        }
+        Ok(function)
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl crate::kernels::cuda::Gpu for Kernels {
+    fn launch(&self, kernel: &str, grid: [u32; 3], block: [u32; 3], shared_bytes: u32, args: &[crate::kernels::cuda::Arg]) -> Result<()> {
+        let function = self.function(kernel, shared_bytes)?;
+        let mut args = args.to_vec();
+        let mut params = crate::kernels::cuda::Arg::kernel_params(&mut args);
+        let stream = self.device.cuda_stream();
+        // SAFETY: the launch functions of kernels/cuda pass the arguments the kernel declares, in its order;
+        // cuLaunchKernel copies them before returning, while `args` is alive.
+        unsafe {
+            cudarc::driver::result::launch_kernel(
+                function.cu_function(),
+                (grid[0], grid[1], grid[2]),
+                (block[0], block[1], block[2]),
+                shared_bytes,
+                stream.cu_stream(),
+                &mut params,
+            )
+        }
+        .map_err(|e| candle_core::Error::Msg(format!("launching CUDA kernel {kernel}: {e}")))
+    }
 }

@@ -1,4 +1,10 @@
-//! The emulated GPU the kernel tests launch on, and helpers for their buffers.
+//! The GPU the kernel tests launch on, and helpers for their buffers. By default that is the emulator
+//! (`cuda-on-cpu`). A `cuda` build run with `NANOGPT_TEST_DEVICE=cuda` runs the same tests on the
+//! first CUDA device instead: the tests' host buffers are page-locked and mapped for the duration of
+//! each launch, so the kernels read and write them in place.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
 
 use candle_core::Result;
 use half::bf16;
@@ -6,8 +12,20 @@ use nanogpt_core::kernels::cuda::{Arg, Gpu};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-/// `cuda-on-cpu` as a [`Gpu`]: buffers are host memory, addressed as the kernels would address device memory.
-pub struct Emulated;
+/// Every buffer handed to a kernel through [`addr`]: its address and length in bytes.
+fn buffers() -> &'static Mutex<HashMap<u64, usize>> {
+    static BUFFERS: OnceLock<Mutex<HashMap<u64, usize>>> = OnceLock::new();
+    BUFFERS.get_or_init(Default::default)
+}
+
+/// The address a kernel sees for `buffer`.
+pub fn addr<T>(buffer: &[T]) -> u64 {
+    let address = buffer.as_ptr() as u64;
+    buffers().lock().unwrap().insert(address, std::mem::size_of_val(buffer));
+    address
+}
+
+struct Emulated;
 
 impl Gpu for Emulated {
     fn launch(&self, kernel: &str, grid: [u32; 3], block: [u32; 3], shared_bytes: u32, args: &[Arg]) -> Result<()> {
@@ -19,9 +37,84 @@ impl Gpu for Emulated {
     }
 }
 
-/// The address a kernel sees for `buffer`.
-pub fn addr<T>(buffer: &[T]) -> u64 {
-    buffer.as_ptr() as u64
+/// Where the tests run, chosen once per test process.
+pub fn gpu() -> &'static dyn Gpu {
+    static GPU: OnceLock<Box<dyn Gpu + Send + Sync>> = OnceLock::new();
+    GPU.get_or_init(|| match std::env::var("NANOGPT_TEST_DEVICE").as_deref() {
+        Ok("cuda") => device::open(),
+        Ok(other) if !other.is_empty() => panic!("NANOGPT_TEST_DEVICE={other}: use `cuda`, or leave it unset for the emulator"),
+        _ => Box::new(Emulated),
+    })
+    .as_ref()
+}
+
+#[cfg(not(feature = "cuda"))]
+mod device {
+    pub fn open() -> Box<dyn super::Gpu + Send + Sync> {
+        panic!("NANOGPT_TEST_DEVICE=cuda needs this test built with `--features cuda`")
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod device {
+    use cudarc::driver::sys;
+
+    use super::*;
+
+    /// The engine's kernels on a CUDA device, reading and writing the tests' host buffers in place.
+    struct Device(nanogpt_core::cuda::Kernels);
+
+    pub fn open() -> Box<dyn Gpu + Send + Sync> {
+        let device = nanogpt_core::cuda::open(0, 0).expect("NANOGPT_TEST_DEVICE=cuda: no CUDA device");
+        let kernels = nanogpt_core::cuda::Kernels::new(&device).unwrap();
+        let ordinal = 0;
+        let mut maps_host = 0;
+        let attribute = sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM;
+        unsafe { sys::cuDeviceGetAttribute(&mut maps_host, attribute, ordinal) }.result().unwrap();
+        assert_eq!(maps_host, 1, "this GPU cannot use host pointers to registered memory, which the kernel tests rely on");
+        eprintln!("cuda_kernels: running on CUDA device 0");
+        Box::new(Device(kernels))
+    }
+
+    fn check(what: &str, result: sys::CUresult) -> Result<()> {
+        result.result().map_err(|e| candle_core::Error::Msg(format!("{what}: {e}")))
+    }
+
+    impl Gpu for Device {
+        fn launch(&self, kernel: &str, grid: [u32; 3], block: [u32; 3], shared_bytes: u32, args: &[Arg]) -> Result<()> {
+            static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+            let _serial = ONE_AT_A_TIME.lock().unwrap();
+            // Whole pages, merged where they touch: a page can be registered only once.
+            const PAGE: u64 = 4096;
+            let known = buffers().lock().unwrap();
+            let mut ranges: Vec<(u64, u64)> = args
+                .iter()
+                .filter_map(|a| match a {
+                    Arg::Ptr(p) if *p != 0 => known.get(p).map(|&len| (p / PAGE * PAGE, (p + len as u64).div_ceil(PAGE) * PAGE)),
+                    _ => None,
+                })
+                .collect();
+            drop(known);
+            ranges.sort();
+            let mut merged: Vec<(u64, u64)> = Vec::new();
+            for (start, end) in ranges {
+                match merged.last_mut() {
+                    Some(last) if start <= last.1 => last.1 = last.1.max(end),
+                    _ => merged.push((start, end)),
+                }
+            }
+            for &(start, end) in &merged {
+                let flags = sys::CU_MEMHOSTREGISTER_PORTABLE | sys::CU_MEMHOSTREGISTER_DEVICEMAP;
+                check("registering a test buffer", unsafe { sys::cuMemHostRegister_v2(start as *mut _, (end - start) as usize, flags) })?;
+            }
+            let launched = self.0.launch(kernel, grid, block, shared_bytes, args);
+            let finished = self.0.device().cuda_stream().synchronize().map_err(|e| candle_core::Error::Msg(format!("{kernel}: {e}")));
+            for &(start, _) in &merged {
+                check("unregistering a test buffer", unsafe { sys::cuMemHostUnregister(start as *mut _) })?;
+            }
+            launched.and(finished)
+        }
+    }
 }
 
 /// Uniform values in [-scale, scale).
