@@ -13,15 +13,15 @@ use crate::gpu::{addr, assert_close, random, Emulated};
 const N: usize = 70;
 const C: usize = 83;
 
-fn check_forward(x: Precision, with_bias: bool) {
-    let inp = Buffer::new(x, &random(N * C, 2.0, 1));
-    let weight = Buffer::new(x, &random(C, 1.0, 2));
-    let bias = Buffer::new(x, &random(C, 1.0, 3));
-    let (out, mean, rstd) = (Buffer::new(x, &vec![0.0; N * C]), vec![0f32; N], vec![0f32; N]);
+fn check_forward(x: Precision, with_bias: bool, n: usize, c: usize) {
+    let inp = Buffer::new(x, &random(n * c, 2.0, 1));
+    let weight = Buffer::new(x, &random(c, 1.0, 2));
+    let bias = Buffer::new(x, &random(c, 1.0, 3));
+    let (out, mean, rstd) = (Buffer::new(x, &vec![0.0; n * c]), vec![0f32; n], vec![0f32; n]);
     let bias_addr = with_bias.then(|| bias.addr());
-    layernorm::forward(&Emulated, x, out.addr(), addr(&mean), addr(&rstd), inp.addr(), weight.addr(), bias_addr, N, C).unwrap();
+    layernorm::forward(&Emulated, x, out.addr(), addr(&mean), addr(&rstd), inp.addr(), weight.addr(), bias_addr, n, c).unwrap();
 
-    let (mut want, mut want_mean, mut want_rstd) = (vec![0.0; N * C], vec![0.0; N], vec![0.0; N]);
+    let (mut want, mut want_mean, mut want_rstd) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
     let bias_values = bias.values();
     cpu::forward(&mut want, &mut want_mean, &mut want_rstd, &inp.values(), &weight.values(), with_bias.then_some(&bias_values[..]));
     let what = format!("layernorm {x:?} bias={with_bias}");
@@ -124,9 +124,21 @@ fn check_backward(x: Precision, with_bias: bool, add_to_dinp: bool) {
 fn forward_matches_cpu_with_and_without_bias() {
     for x in [Precision::F32, Precision::Bf16] {
         for with_bias in [true, false] {
-            check_forward(x, with_bias);
+            check_forward(x, with_bias, N, C);
         }
     }
+}
+
+#[test]
+fn forward_of_wide_rows_fits_fewer_rows_a_block() {
+    // 2000 channels: 6 rows' floats fit in a block's 48 KiB of shared memory, not 8.
+    check_forward(Precision::F32, true, 13, 2000);
+}
+
+#[test]
+fn forward_refuses_rows_too_wide_for_shared_memory() {
+    let err = layernorm::forward(&Emulated, Precision::F32, 0, 0, 0, 0, 0, None, 1, 20_000).unwrap_err().to_string();
+    assert!(err.contains("C = 20000"), "{err}");
 }
 
 #[test]

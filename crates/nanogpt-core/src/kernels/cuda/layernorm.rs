@@ -104,7 +104,8 @@ pub fn backward_scratch_len(n: usize, c: usize) -> usize {
 /// written. The weight and bias gradients (C floats each; no bias when None) are added to,
 /// deterministically: the first launch writes each block's partial sums over its 32 rows to `scratch`
 /// ([`backward_scratch_len`] floats), and bias_backward adds their column sums. `mean` and `rstd` are the
-/// forward pass's; `dout` and `inp` are N x C, `weight` C, of X.
+/// forward pass's; `dout` and `inp` are N x C, `weight` C, of X. `dinp` must not overlap `dout` or
+/// `inp`: the first launch reads them again after writing dinp.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     gpu: &dyn Gpu,
