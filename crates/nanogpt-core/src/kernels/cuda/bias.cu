@@ -1,8 +1,8 @@
 // A linear layer's bias (kernels/matmul.rs adds it to the product and sums dout's columns for its
 // gradient), and dropout applied on its own, which the backward pass uses for the residual dropouts.
 namespace bias {
-// Rows summed per block of column_sums by its row lanes (threadIdx.y): with 32 columns per block (one
-// warp across them, a coalesced 128-byte f32 row segment) that is 1024 threads, enough loads in flight
+// column_sums' row lanes (threadIdx.y), each summing every 32nd row: with 32 columns a block (a warp
+// across them reads a coalesced 128-byte f32 row segment) that is 1024 threads, many loads in flight
 // per SM for a kernel that reads N x OC once.
 constexpr int ROW_LANES = 32;
 
@@ -18,7 +18,7 @@ __device__ void add(X* out, const X* row_bias, long long n, int oc) {
 // no scratch memory.
 template <typename X>
 __device__ void column_sums(float* dbias, const X* dout, int n, int oc) {
-  __shared__ float lane_sums[ROW_LANES][WARP_SIZE + 1];  // +1: the final column-wise read is free of bank conflicts
+  __shared__ float lane_sums[ROW_LANES][WARP_SIZE];
   const int col = blockIdx.x * WARP_SIZE + threadIdx.x;
   float sum = 0.0f;
   if (col < oc)
