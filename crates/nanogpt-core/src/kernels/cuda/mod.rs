@@ -6,6 +6,11 @@
 //!
 //! The conventions every kernel follows are at the top of `common.cuh`.
 
+pub mod bias;
+pub mod encoder;
+pub mod gelu;
+pub mod layernorm;
+
 use candle_core::Result;
 
 use super::dropout::Mask;

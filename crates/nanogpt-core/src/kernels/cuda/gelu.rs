@@ -1,0 +1,27 @@
+//! Launches of gelu.cu: GELU (kernels/gelu.rs), exact (erf) or the tanh approximation, forward and backward.
+
+use candle_core::{bail, Result};
+
+use super::{blocks_for, Arg, Gpu, Precision};
+
+/// Threads per block: one element per thread; 8 warps a block, several blocks per SM, keep enough loads
+/// in flight for an elementwise kernel bound by memory bandwidth.
+const THREADS: u32 = 256;
+
+/// `out` = gelu(`inp`), `n` elements of X each.
+pub fn forward(gpu: &dyn Gpu, x: Precision, out: u64, inp: u64, n: usize, tanh_approximation: bool) -> Result<()> {
+    if n == 0 {
+        bail!("gelu: no elements to launch on (n = 0)");
+    }
+    let args = [Arg::Ptr(out), Arg::Ptr(inp), Arg::I64(n as i64), Arg::I32(tanh_approximation as i32)];
+    gpu.launch(&x.kernel("gelu_forward"), [blocks_for(n, THREADS), 1, 1], [THREADS, 1, 1], 0, &args)
+}
+
+/// `dinp` = `dout` * gelu'(`inp`), `n` elements of X each, written. `dinp` may be `dout` (in place).
+pub fn backward(gpu: &dyn Gpu, x: Precision, dinp: u64, inp: u64, dout: u64, n: usize, tanh_approximation: bool) -> Result<()> {
+    if n == 0 {
+        bail!("gelu backward: no elements to launch on (n = 0)");
+    }
+    let args = [Arg::Ptr(dinp), Arg::Ptr(inp), Arg::Ptr(dout), Arg::I64(n as i64), Arg::I32(tanh_approximation as i32)];
+    gpu.launch(&x.kernel("gelu_backward"), [blocks_for(n, THREADS), 1, 1], [THREADS, 1, 1], 0, &args)
+}

@@ -1,0 +1,59 @@
+//! bias.cu against kernels/matmul.rs's bias handling (a product with a zero weight leaves only the bias's
+//! share) and kernels/dropout.rs's masks.
+
+use nanogpt_core::kernels::cuda::{bias, Precision};
+use nanogpt_core::kernels::dropout::{DropoutKey, Mask, Site};
+use nanogpt_core::kernels::matmul;
+
+use crate::gelu::{tolerance, Buffer};
+use crate::gpu::{assert_close, random, Emulated};
+
+// Odd shapes: OC not a multiple of 32, N not a multiple of the row lanes.
+const N: usize = 70;
+const OC: usize = 83;
+
+#[test]
+fn add_bias_matches_cpu() {
+    for x in [Precision::F32, Precision::Bf16] {
+        let out = Buffer::new(x, &random(N * OC, 1.0, 1));
+        let b = Buffer::new(x, &random(OC, 1.0, 2));
+        let mut want = out.values();
+        matmul::forward(&mut want, &vec![0.0; N], &vec![0.0; OC], Some(&b.values()), N, 1, OC, true);
+        bias::add(&Emulated, x, out.addr(), b.addr(), N, OC).unwrap();
+        assert_close(&format!("add_bias {x:?}"), &out.values(), &want, tolerance(x));
+    }
+}
+
+#[test]
+fn bias_backward_adds_column_sums() {
+    for x in [Precision::F32, Precision::Bf16] {
+        let dout = Buffer::new(x, &random(N * OC, 1.0, 3));
+        let dbias = random(OC, 1.0, 4);
+        let mut want = dbias.clone();
+        let mut dweight = vec![0.0; OC];
+        matmul::backward(None, &mut dweight, Some(&mut want), &dout.values(), &vec![0.0; N], &vec![0.0; OC], N, 1, OC, true);
+        bias::backward(&Emulated, x, crate::gpu::addr(&dbias), dout.addr(), N, OC).unwrap();
+        // Sums of floats in both precisions: only the order of the additions differs.
+        assert_close(&format!("bias_backward {x:?}"), &dbias, &want, 1e-5);
+    }
+}
+
+#[test]
+fn dropout_apply_matches_mask_in_place_and_not() {
+    let mask = Mask::new(DropoutKey { seed: 7, step: 3 }, Site::MlpResidual(1), 0.2);
+    let n = 1037;
+    for x in [Precision::F32, Precision::Bf16] {
+        for in_place in [true, false] {
+            let inp = Buffer::new(x, &random(n, 1.0, 5));
+            let mut want = inp.values();
+            mask.apply(&mut want, 0);
+            let out = if in_place { None } else { Some(Buffer::new(x, &vec![0.0; n])) };
+            let target = out.as_ref().unwrap_or(&inp);
+            bias::dropout(&Emulated, x, target.addr(), inp.addr(), n, mask).unwrap();
+            let got = target.values();
+            assert_close(&format!("dropout_apply {x:?} in_place={in_place}"), &got, &want, tolerance(x));
+            let dropped = got.iter().filter(|&&v| v == 0.0).count();
+            assert!(dropped > n / 10 && dropped < n * 3 / 10, "{dropped} of {n} dropped at p = 0.2");
+        }
+    }
+}

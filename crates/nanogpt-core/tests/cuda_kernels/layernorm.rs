@@ -1,0 +1,163 @@
+//! layernorm.cu against kernels/layernorm.rs: forward with and without bias, the residual add (with and
+//! without its dropout) fused into LayerNorm, and backward with add_to_dinp either way, with and without bias.
+
+use nanogpt_core::kernels::cuda::{layernorm, Precision};
+use nanogpt_core::kernels::dropout::{DropoutKey, Mask, Site};
+use nanogpt_core::kernels::layernorm as cpu;
+
+use crate::gelu::{tolerance, Buffer};
+use crate::gpu::{addr, assert_close, random, Emulated};
+
+// Odd shapes: C not a multiple of 32; N not a multiple of the forward's 8 rows a block nor of the
+// backward's 32 (3 blocks, the last one partly out of range).
+const N: usize = 70;
+const C: usize = 83;
+
+fn check_forward(x: Precision, with_bias: bool, n: usize, c: usize) {
+    let inp = Buffer::new(x, &random(n * c, 2.0, 1));
+    let weight = Buffer::new(x, &random(c, 1.0, 2));
+    let bias = Buffer::new(x, &random(c, 1.0, 3));
+    let (out, mean, rstd) = (Buffer::new(x, &vec![0.0; n * c]), vec![0f32; n], vec![0f32; n]);
+    let bias_addr = with_bias.then(|| bias.addr());
+    layernorm::forward(&Emulated, x, out.addr(), addr(&mean), addr(&rstd), inp.addr(), weight.addr(), bias_addr, n, c).unwrap();
+
+    let (mut want, mut want_mean, mut want_rstd) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
+    let bias_values = bias.values();
+    cpu::forward(&mut want, &mut want_mean, &mut want_rstd, &inp.values(), &weight.values(), with_bias.then_some(&bias_values[..]));
+    let what = format!("layernorm {x:?} bias={with_bias}");
+    assert_close(&format!("{what}: out"), &out.values(), &want, tolerance(x));
+    // The statistics are float in both precisions, of the same (rounded) inputs.
+    assert_close(&format!("{what}: mean"), &mean, &want_mean, 1e-5);
+    assert_close(&format!("{what}: rstd"), &rstd, &want_rstd, 1e-5);
+}
+
+fn check_residual_forward(x: Precision, mask: Option<Mask>) {
+    let inp = Buffer::new(x, &random(N * C, 1.0, 4));
+    let branch = Buffer::new(x, &random(N * C, 1.0, 5));
+    let weight = Buffer::new(x, &random(C, 1.0, 6));
+    let bias = Buffer::new(x, &random(C, 1.0, 7));
+    let (residual, ln) = (Buffer::new(x, &vec![0.0; N * C]), Buffer::new(x, &vec![0.0; N * C]));
+    let (mean, rstd) = (vec![0f32; N], vec![0f32; N]);
+    layernorm::residual_forward(
+        &Emulated,
+        x,
+        residual.addr(),
+        ln.addr(),
+        addr(&mean),
+        addr(&rstd),
+        inp.addr(),
+        branch.addr(),
+        weight.addr(),
+        Some(bias.addr()),
+        N,
+        C,
+        mask,
+    )
+    .unwrap();
+
+    // The training step's CPU composition: the branch through its dropout, added to the residual stream.
+    let mut dropped = branch.values();
+    if let Some(mask) = mask {
+        mask.apply(&mut dropped, 0);
+    }
+    let want_residual: Vec<f32> = inp.values().iter().zip(&dropped).map(|(r, d)| r + d).collect();
+    // The LayerNorm is of the residual as stored in X.
+    let stored_residual = Buffer::new(x, &want_residual).values();
+    let (mut want, mut want_mean, mut want_rstd) = (vec![0.0; N * C], vec![0.0; N], vec![0.0; N]);
+    cpu::forward(&mut want, &mut want_mean, &mut want_rstd, &stored_residual, &weight.values(), Some(&bias.values()));
+    let what = format!("residual_layernorm {x:?} dropout={}", mask.is_some());
+    assert_close(&format!("{what}: residual"), &residual.values(), &want_residual, tolerance(x));
+    assert_close(&format!("{what}: out"), &ln.values(), &want, tolerance(x));
+    assert_close(&format!("{what}: mean"), &mean, &want_mean, tolerance(x));
+    assert_close(&format!("{what}: rstd"), &rstd, &want_rstd, tolerance(x));
+}
+
+fn check_backward(x: Precision, with_bias: bool, add_to_dinp: bool) {
+    let inp = Buffer::new(x, &random(N * C, 2.0, 8));
+    let weight = Buffer::new(x, &random(C, 1.0, 9));
+    let dout = Buffer::new(x, &random(N * C, 1.0, 10));
+    let dinp = Buffer::new(x, &random(N * C, 1.0, 11));
+    let (mut mean, mut rstd) = (vec![0.0; N], vec![0.0; N]);
+    cpu::forward(&mut vec![0.0; N * C], &mut mean, &mut rstd, &inp.values(), &weight.values(), None);
+    // Gradients already there (earlier micro-steps'), which the kernels add to.
+    let (dweight, dbias) = (random(C, 1.0, 12), random(C, 1.0, 13));
+    let (mut want_dinp, mut want_dweight, mut want_dbias) = (dinp.values(), dweight.clone(), dbias.clone());
+    cpu::backward(
+        &mut want_dinp,
+        &mut want_dweight,
+        with_bias.then_some(&mut want_dbias[..]),
+        &dout.values(),
+        &inp.values(),
+        &mean,
+        &rstd,
+        &weight.values(),
+        add_to_dinp,
+        true,
+    );
+
+    let scratch = vec![f32::NAN; layernorm::backward_scratch_len(N, C)];
+    layernorm::backward(
+        &Emulated,
+        x,
+        dinp.addr(),
+        addr(&dweight),
+        with_bias.then(|| addr(&dbias)),
+        addr(&scratch),
+        dout.addr(),
+        inp.addr(),
+        weight.addr(),
+        addr(&mean),
+        addr(&rstd),
+        N,
+        C,
+        add_to_dinp,
+    )
+    .unwrap();
+    let what = format!("layernorm backward {x:?} bias={with_bias} add_to_dinp={add_to_dinp}");
+    assert_close(&format!("{what}: dinp"), &dinp.values(), &want_dinp, tolerance(x));
+    // Float sums of the same (rounded) inputs in both precisions.
+    assert_close(&format!("{what}: dweight"), &dweight, &want_dweight, 1e-5);
+    assert_close(&format!("{what}: dbias"), &dbias, &want_dbias, 1e-5);
+}
+
+#[test]
+fn forward_matches_cpu_with_and_without_bias() {
+    for x in [Precision::F32, Precision::Bf16] {
+        for with_bias in [true, false] {
+            check_forward(x, with_bias, N, C);
+        }
+    }
+}
+
+#[test]
+fn forward_of_wide_rows_fits_fewer_rows_a_block() {
+    // 2000 channels: 6 rows' floats fit in a block's 48 KiB of shared memory, not 8.
+    check_forward(Precision::F32, true, 13, 2000);
+}
+
+#[test]
+fn forward_refuses_rows_too_wide_for_shared_memory() {
+    let err = layernorm::forward(&Emulated, Precision::F32, 0, 0, 0, 0, 0, None, 1, 20_000).unwrap_err().to_string();
+    assert!(err.contains("C = 20000"), "{err}");
+}
+
+#[test]
+fn residual_forward_matches_cpu_with_and_without_dropout() {
+    let mask = Mask::new(DropoutKey { seed: 3, step: 1 }, Site::AttentionResidual(2), 0.2);
+    for x in [Precision::F32, Precision::Bf16] {
+        for mask in [None, Some(mask)] {
+            check_residual_forward(x, mask);
+        }
+    }
+}
+
+#[test]
+fn backward_matches_cpu() {
+    for x in [Precision::F32, Precision::Bf16] {
+        for with_bias in [true, false] {
+            for add_to_dinp in [true, false] {
+                check_backward(x, with_bias, add_to_dinp);
+            }
+        }
+    }
+}
