@@ -5,8 +5,7 @@ use nanogpt_core::kernels::cuda::{bias, Precision};
 use nanogpt_core::kernels::dropout::{DropoutKey, Mask, Site};
 use nanogpt_core::kernels::matmul;
 
-use crate::gelu::{tolerance, Buffer};
-use crate::gpu::{assert_close, random, Emulated};
+use crate::gpu::{assert_close, gpu, random, tolerance, Buffer};
 
 // Odd shapes: OC not a multiple of 32, N not a multiple of the row lanes.
 const N: usize = 70;
@@ -19,7 +18,7 @@ fn add_bias_matches_cpu() {
         let b = Buffer::new(x, &random(OC, 1.0, 2));
         let mut want = out.values();
         matmul::forward(&mut want, &vec![0.0; N], &vec![0.0; OC], Some(&b.values()), N, 1, OC, true);
-        bias::add(&Emulated, x, out.addr(), b.addr(), N, OC).unwrap();
+        bias::add(gpu(), x, out.addr(), b.addr(), N, OC).unwrap();
         assert_close(&format!("add_bias {x:?}"), &out.values(), &want, tolerance(x));
     }
 }
@@ -32,7 +31,7 @@ fn bias_backward_adds_column_sums() {
         let mut want = dbias.clone();
         let mut dweight = vec![0.0; OC];
         matmul::backward(None, &mut dweight, Some(&mut want), &dout.values(), &vec![0.0; N], &vec![0.0; OC], N, 1, OC, true);
-        bias::backward(&Emulated, x, crate::gpu::addr(&dbias), dout.addr(), N, OC).unwrap();
+        bias::backward(gpu(), x, crate::gpu::addr(&dbias), dout.addr(), N, OC).unwrap();
         // Sums of floats in both precisions: only the order of the additions differs.
         assert_close(&format!("bias_backward {x:?}"), &dbias, &want, 1e-5);
     }
@@ -49,7 +48,7 @@ fn dropout_apply_matches_mask_in_place_and_not() {
             mask.apply(&mut want, 0);
             let out = if in_place { None } else { Some(Buffer::new(x, &vec![0.0; n])) };
             let target = out.as_ref().unwrap_or(&inp);
-            bias::dropout(&Emulated, x, target.addr(), inp.addr(), n, mask).unwrap();
+            bias::dropout(gpu(), x, target.addr(), inp.addr(), n, mask).unwrap();
             let got = target.values();
             assert_close(&format!("dropout_apply {x:?} in_place={in_place}"), &got, &want, tolerance(x));
             let dropped = got.iter().filter(|&&v| v == 0.0).count();

@@ -4,8 +4,7 @@ use nanogpt_core::kernels::cuda::{encoder, Precision};
 use nanogpt_core::kernels::dropout::{DropoutKey, Mask, Site};
 use nanogpt_core::kernels::embedding as cpu;
 
-use crate::gelu::{tolerance, Buffer};
-use crate::gpu::{addr, assert_close, random, Emulated};
+use crate::gpu::{addr, assert_close, gpu, random, tolerance, Buffer};
 
 // An odd shape: C not a multiple of 32; a vocabulary small enough that tokens repeat within the batch (the
 // case dwte's atomic adds exist for); wpe with more rows than T, as a block_size beyond the batch's T.
@@ -28,7 +27,7 @@ fn check_forward(x: Precision, mask: Option<Mask>) {
     let wte = Buffer::new(x, &random(V * C, 1.0, 1));
     let wpe = Buffer::new(x, &random(POSITIONS * C, 1.0, 2));
     let out = Buffer::new(x, &vec![0.0; B * T * C]);
-    encoder::forward(&Emulated, x, out.addr(), addr(&tokens), wte.addr(), wpe.addr(), B, T, C, mask).unwrap();
+    encoder::forward(gpu(), x, out.addr(), addr(&tokens), wte.addr(), wpe.addr(), B, T, C, mask).unwrap();
     let mut want = vec![0.0; B * T * C];
     cpu::forward(&mut want, &cpu_tokens(&tokens), &wte.values(), &wpe.values(), T, C, mask);
     assert_close(&format!("encoder {x:?} dropout={}", mask.is_some()), &out.values(), &want, tolerance(x));
@@ -41,7 +40,7 @@ fn check_backward(x: Precision, mask: Option<Mask>) {
     let (dwte, dwpe) = (random(V * C, 1.0, 4), random(POSITIONS * C, 1.0, 5));
     let (mut want_dwte, mut want_dwpe, mut want_dout) = (dwte.clone(), dwpe.clone(), dout.values());
     cpu::backward(&mut want_dwte, &mut want_dwpe, &mut want_dout, &cpu_tokens(&tokens), T, C, mask, true);
-    encoder::backward(&Emulated, x, addr(&dwte), addr(&dwpe), dout.addr(), addr(&tokens), B, T, C, mask).unwrap();
+    encoder::backward(gpu(), x, addr(&dwte), addr(&dwpe), dout.addr(), addr(&tokens), B, T, C, mask).unwrap();
     let what = format!("encoder backward {x:?} dropout={}", mask.is_some());
     assert_close(&format!("{what}: dout"), &dout.values(), &want_dout, tolerance(x));
     // dwte and dwpe sum the same float gradients in both precisions (the kernel sums them before rounding dout).

@@ -1,48 +1,9 @@
 //! gelu.cu against kernels/gelu.rs, exact and tanh, forward and backward (in place and not).
 
-use half::bf16;
 use nanogpt_core::kernels::cuda::{gelu, Precision};
 use nanogpt_core::kernels::gelu as cpu;
 
-use crate::gpu::{addr, assert_close, from_bf16, random, to_bf16, Emulated};
-
-/// Activations in the kernels' precision X; the CPU kernels take `values()`, which for bf16 are the
-/// rounded values the GPU sees.
-pub enum Buffer {
-    F32(Vec<f32>),
-    Bf16(Vec<bf16>),
-}
-
-impl Buffer {
-    pub fn new(x: Precision, values: &[f32]) -> Self {
-        match x {
-            Precision::F32 => Buffer::F32(values.to_vec()),
-            Precision::Bf16 => Buffer::Bf16(to_bf16(values)),
-        }
-    }
-
-    pub fn addr(&self) -> u64 {
-        match self {
-            Buffer::F32(v) => addr(v),
-            Buffer::Bf16(v) => addr(v),
-        }
-    }
-
-    pub fn values(&self) -> Vec<f32> {
-        match self {
-            Buffer::F32(v) => v.clone(),
-            Buffer::Bf16(v) => from_bf16(v),
-        }
-    }
-}
-
-/// f32 is held to single precision's rounding; bf16 outputs are rounded to 8 significant bits.
-pub fn tolerance(x: Precision) -> f32 {
-    match x {
-        Precision::F32 => 1e-5,
-        Precision::Bf16 => 1e-2,
-    }
-}
+use crate::gpu::{assert_close, gpu, random, tolerance, Buffer};
 
 // An odd size: 5 blocks of 256 threads, the last one partly out of range.
 const N: usize = 1037;
@@ -50,7 +11,7 @@ const N: usize = 1037;
 fn check_forward(x: Precision, tanh: bool) {
     let inp = Buffer::new(x, &random(N, 5.0, 1));
     let out = Buffer::new(x, &vec![0.0; N]);
-    gelu::forward(&Emulated, x, out.addr(), inp.addr(), N, tanh).unwrap();
+    gelu::forward(gpu(), x, out.addr(), inp.addr(), N, tanh).unwrap();
     let mut want = vec![0.0; N];
     cpu::forward(&mut want, &inp.values(), tanh);
     assert_close(&format!("gelu {x:?} tanh={tanh}"), &out.values(), &want, tolerance(x));
@@ -63,7 +24,7 @@ fn check_backward(x: Precision, tanh: bool, in_place: bool) {
     cpu::backward(&mut want, &inp.values(), tanh);
     let dinp = if in_place { None } else { Some(Buffer::new(x, &vec![0.0; N])) };
     let target = dinp.as_ref().unwrap_or(&dout);
-    gelu::backward(&Emulated, x, target.addr(), inp.addr(), dout.addr(), N, tanh).unwrap();
+    gelu::backward(gpu(), x, target.addr(), inp.addr(), dout.addr(), N, tanh).unwrap();
     assert_close(&format!("gelu backward {x:?} tanh={tanh} in_place={in_place}"), &target.values(), &want, tolerance(x));
 }
 

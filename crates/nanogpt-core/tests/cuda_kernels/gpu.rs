@@ -8,7 +8,7 @@ use std::sync::{Mutex, OnceLock};
 
 use candle_core::Result;
 use half::bf16;
-use nanogpt_core::kernels::cuda::{Arg, Gpu};
+use nanogpt_core::kernels::cuda::{Arg, Gpu, Precision};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -114,6 +114,44 @@ mod device {
             }
             launched.and(finished)
         }
+    }
+}
+
+/// Activations in the kernels' precision X; the CPU kernels take `values()`, which for bf16 are the
+/// rounded values the GPU sees.
+pub enum Buffer {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+}
+
+impl Buffer {
+    pub fn new(x: Precision, values: &[f32]) -> Self {
+        match x {
+            Precision::F32 => Buffer::F32(values.to_vec()),
+            Precision::Bf16 => Buffer::Bf16(to_bf16(values)),
+        }
+    }
+
+    pub fn addr(&self) -> u64 {
+        match self {
+            Buffer::F32(v) => addr(v),
+            Buffer::Bf16(v) => addr(v),
+        }
+    }
+
+    pub fn values(&self) -> Vec<f32> {
+        match self {
+            Buffer::F32(v) => v.clone(),
+            Buffer::Bf16(v) => from_bf16(v),
+        }
+    }
+}
+
+/// f32 is held to single precision's rounding; bf16 outputs are rounded to 8 significant bits.
+pub fn tolerance(x: Precision) -> f32 {
+    match x {
+        Precision::F32 => 1e-5,
+        Precision::Bf16 => 1e-2,
     }
 }
 

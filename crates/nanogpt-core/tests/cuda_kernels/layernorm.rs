@@ -5,8 +5,7 @@ use nanogpt_core::kernels::cuda::{layernorm, Precision};
 use nanogpt_core::kernels::dropout::{DropoutKey, Mask, Site};
 use nanogpt_core::kernels::layernorm as cpu;
 
-use crate::gelu::{tolerance, Buffer};
-use crate::gpu::{addr, assert_close, random, Emulated};
+use crate::gpu::{addr, assert_close, gpu, random, tolerance, Buffer};
 
 // Odd shapes: C not a multiple of 32; N not a multiple of the forward's 8 rows a block nor of the
 // backward's 32 (3 blocks, the last one partly out of range).
@@ -19,7 +18,7 @@ fn check_forward(x: Precision, with_bias: bool, n: usize, c: usize) {
     let bias = Buffer::new(x, &random(c, 1.0, 3));
     let (out, mean, rstd) = (Buffer::new(x, &vec![0.0; n * c]), vec![0f32; n], vec![0f32; n]);
     let bias_addr = with_bias.then(|| bias.addr());
-    layernorm::forward(&Emulated, x, out.addr(), addr(&mean), addr(&rstd), inp.addr(), weight.addr(), bias_addr, n, c).unwrap();
+    layernorm::forward(gpu(), x, out.addr(), addr(&mean), addr(&rstd), inp.addr(), weight.addr(), bias_addr, n, c).unwrap();
 
     let (mut want, mut want_mean, mut want_rstd) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
     let bias_values = bias.values();
@@ -39,7 +38,7 @@ fn check_residual_forward(x: Precision, mask: Option<Mask>) {
     let (residual, ln) = (Buffer::new(x, &vec![0.0; N * C]), Buffer::new(x, &vec![0.0; N * C]));
     let (mean, rstd) = (vec![0f32; N], vec![0f32; N]);
     layernorm::residual_forward(
-        &Emulated,
+        gpu(),
         x,
         residual.addr(),
         ln.addr(),
@@ -97,7 +96,7 @@ fn check_backward(x: Precision, with_bias: bool, add_to_dinp: bool) {
 
     let scratch = vec![f32::NAN; layernorm::backward_scratch_len(N, C)];
     layernorm::backward(
-        &Emulated,
+        gpu(),
         x,
         dinp.addr(),
         addr(&dweight),
@@ -137,7 +136,7 @@ fn forward_of_wide_rows_fits_fewer_rows_a_block() {
 
 #[test]
 fn forward_refuses_rows_too_wide_for_shared_memory() {
-    let err = layernorm::forward(&Emulated, Precision::F32, 0, 0, 0, 0, 0, None, 1, 20_000).unwrap_err().to_string();
+    let err = layernorm::forward(gpu(), Precision::F32, 0, 0, 0, 0, 0, None, 1, 20_000).unwrap_err().to_string();
     assert!(err.contains("C = 20000"), "{err}");
 }
 
