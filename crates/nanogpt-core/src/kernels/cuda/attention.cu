@@ -11,13 +11,18 @@
 // element of the other side's tile of TILE = 32 (a key, or a query), so that a row's scores are one
 // register per lane and their max and sum are warp shuffles. Tiles sit in shared memory as float.
 //
-// Sizes on Hopper (228 KiB of shared memory and 64K registers per SM, static shared memory at most 48 KiB
-// per block): the forward holds K and V tiles (32 x HS each), its 16 query rows and their weights:
-// 22.6 KiB at HS=64 (9 blocks, 36 warps per SM), 42 KiB at HS=128 (5 blocks). The backward kernels hold
-// two 32 x HS tiles plus two blocks of rows; 8 rows per block (ROWS=2) keep HS=128 under 48 KiB. Rows of
-// a 32 x HS tile are padded to HS+1 floats where lane j reads row j: lane j then hits bank (j + d) % 32.
-// The score loops read one shared float per lane and ROWS broadcast floats per ROWS FMAs: these kernels
-// are bound by shared-memory bandwidth, and a register-tiled (or tensor-core) version is their next step.
+// Sizes on Hopper (per SM: 228 KiB of shared memory, 64K registers, 64 warps; at most 48 KiB of static
+// shared memory per block). The forward holds K and V tiles (32 x HS each), its 16 query rows and their
+// weights; the backward kernels hold two 32 x HS tiles and two blocks of rows, and take 8 rows per block
+// (ROWS=2) at HS=128 to stay under 48 KiB. nvcc 13 (-Xptxas -v, sm_90, no spills) reports, at HS=64 and
+// HS=128: forward 64 and 72 registers, 22.1 and 42.1 KiB; dQ kernel 96 and 64 registers, 26.3 and
+// 41.3 KiB; dK/dV kernel 80 and 56 registers, 28.5 and 42.5 KiB. That is 5 to 8 blocks (20 to 32 warps)
+// per SM at HS=64, registers limiting, and 5 blocks (20 warps) at HS=128, shared memory limiting; the
+// grids (T/16 or T/8 tiles x B*NH: 9216 blocks for the forward at B=12, NH=12, T=1024) fill 132 SMs
+// many times over. Rows of a 32 x HS tile are padded to HS+1 floats where lane j reads row j, so that
+// lane j hits bank (j + d) % 32. The score loops read one shared float per lane and ROWS broadcast floats
+// per ROWS FMAs: these kernels are bound by shared-memory bandwidth, and a register-tiled (or tensor-core)
+// version is their next step.
 namespace attention {
 
 constexpr int WARPS = 4;
@@ -51,6 +56,9 @@ __device__ __forceinline__ float dropout_at(uint64_t first, int T, int i, int j,
 template <typename X, int HS>
 __device__ void forward(X* out, float* lse, const X* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) {
   constexpr int ROWS = FORWARD_ROWS, BLOCK_ROWS = ROWS * WARPS, PER_LANE = (HS + WARP_SIZE - 1) / WARP_SIZE;
+  // A block's queries lie inside one key tile, so each of them sees a key (the tile's first) of every tile
+  // the block loads: no row has a tile with nothing to do, and the running max is finite from tile 0 on.
+  static_assert(TILE % BLOCK_ROWS == 0, "a block of queries must not straddle key tiles");
   __shared__ float k_tile[TILE][HS + 1];
   __shared__ float v_tile[TILE][HS];
   __shared__ float q_rows[BLOCK_ROWS][HS];
@@ -75,7 +83,6 @@ __device__ void forward(X* out, float* lse, const X* qkv, int T, int C, int NH, 
     load_rows<X, HS>(&k_tile[0][0], HS + 1, k, C3, k0, TILE, T);
     load_rows<X, HS>(&v_tile[0][0], HS, v, C3, k0, TILE, T);
     __syncthreads();
-    if (first_row + (ROWS - 1) * WARPS + warp < k0) continue;  // every key of the tile is in this warp's future
     const int j = k0 + lane;
     float s[ROWS] = {};
     for (int d = 0; d < HS; ++d) {
@@ -84,9 +91,8 @@ __device__ void forward(X* out, float* lse, const X* qkv, int T, int C, int NH, 
     }
     for (int r = 0; r < ROWS; ++r) {
       const int row = r * WARPS + warp, i = first_row + row;
-      if (i >= T || i < k0) continue;  // warp-uniform: i is the same on every lane
+      if (i >= T) continue;  // warp-uniform: i is the same on every lane
       const bool seen = j <= i;
-      // Key 0 is in the first tile, so m is finite from then on and no row ever subtracts infinities.
       const float m_new = fmaxf(m[r], warp_max(seen ? s[r] * scale : -INFINITY));
       const float p = seen ? __expf(s[r] * scale - m_new) : 0.0f;
       const float rescale = __expf(m[r] - m_new);
@@ -98,7 +104,7 @@ __device__ void forward(X* out, float* lse, const X* qkv, int T, int C, int NH, 
     __syncwarp();
     for (int r = 0; r < ROWS; ++r) {
       const int row = r * WARPS + warp, i = first_row + row;
-      if (i >= T || i < k0) continue;
+      if (i >= T) continue;
       const int keys = min(TILE, i - k0 + 1);
       for (int jj = 0; jj < keys; ++jj) {
         const float w = weights[row][jj];
@@ -133,6 +139,7 @@ template <typename X, int HS>
 __device__ void backward_query(X* dqkv, float* delta, const X* dout, const X* qkv, const X* out, const float* lse, int T, int C,
                                int NH, uint64_t stream, uint32_t threshold, float keep) {
   constexpr int ROWS = BACKWARD_ROWS<HS>, BLOCK_ROWS = ROWS * WARPS, PER_LANE = (HS + WARP_SIZE - 1) / WARP_SIZE;
+  static_assert(TILE % BLOCK_ROWS == 0, "a block of queries must not straddle key tiles (see forward)");
   __shared__ float k_tile[TILE][HS + 1];
   __shared__ float v_tile[TILE][HS + 1];
   __shared__ float q_rows[BLOCK_ROWS][HS];
@@ -173,7 +180,6 @@ __device__ void backward_query(X* dqkv, float* delta, const X* dout, const X* qk
     load_rows<X, HS>(&k_tile[0][0], HS + 1, k, C3, k0, TILE, T);
     load_rows<X, HS>(&v_tile[0][0], HS + 1, v, C3, k0, TILE, T);
     __syncthreads();
-    if (first_row + (ROWS - 1) * WARPS + warp < k0) continue;
     const int j = k0 + lane;
     float s[ROWS] = {}, dw[ROWS] = {};
     for (int d = 0; d < HS; ++d) {
@@ -185,7 +191,7 @@ __device__ void backward_query(X* dqkv, float* delta, const X* dout, const X* qk
     }
     for (int r = 0; r < ROWS; ++r) {
       const int row = r * WARPS + warp, i = first_row + row;
-      if (i >= T || i < k0) continue;
+      if (i >= T) continue;
       float ds = 0.0f;
       if (j <= i) {
         const float p = __expf(s[r] * scale - row_lse[r]);
@@ -196,7 +202,7 @@ __device__ void backward_query(X* dqkv, float* delta, const X* dout, const X* qk
     __syncwarp();
     for (int r = 0; r < ROWS; ++r) {
       const int row = r * WARPS + warp, i = first_row + row;
-      if (i >= T || i < k0) continue;
+      if (i >= T) continue;
       const int keys = min(TILE, i - k0 + 1);
       for (int jj = 0; jj < keys; ++jj) {
         const float g = ds_rows[row][jj];
