@@ -136,5 +136,5 @@ fn unsupported_head_sizes_are_refused() {
     let err = cuda::forward(&Emulated, Precision::F32, addr(&buffer), addr(&buffer), addr(&buffer), 1, 4, 48, 2, None).unwrap_err();
     assert!(err.to_string().contains("no CUDA kernel for head size 24"), "{err}");
     let err = cuda::backward(&Emulated, Precision::F32, 0, 0, 0, 0, 0, 0, 1, 4, 50, 3, None).unwrap_err();
-    assert!(err.to_string().contains("must be positive and divide C=50"), "{err}");
+    assert!(err.to_string().contains("n_head must divide C=50"), "{err}");
 }
