@@ -5,3 +5,4 @@
 #include "layernorm.cu"
 #include "gelu.cu"
 #include "bias.cu"
+#include "attention.cu"

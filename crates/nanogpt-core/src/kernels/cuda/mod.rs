@@ -15,6 +15,8 @@ use candle_core::Result;
 
 use super::dropout::Mask;
 
+pub mod attention;
+
 /// The type of activations and of the weights' compute copy (`X` in the kernels).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Precision {

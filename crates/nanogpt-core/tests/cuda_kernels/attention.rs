@@ -1,0 +1,140 @@
+//! kernels/cuda/attention against kernels::attention: the forward's output, its log-sum-exp (against
+//! a direct f64 computation), and the backward's dqkv, with and without dropout on the weights.
+
+use half::bf16;
+use nanogpt_core::kernels::attention;
+use nanogpt_core::kernels::cuda::{attention as cuda, Precision};
+use nanogpt_core::kernels::dropout::{DropoutKey, Mask, Site};
+
+use crate::gpu::{addr, assert_close, from_bf16, gpu, random, to_bf16};
+
+/// A buffer of the kernels' X type. Outputs start as NaN so that an element left unwritten fails.
+enum Buffer {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+}
+
+impl Buffer {
+    fn new(x: Precision, values: &[f32]) -> Self {
+        match x {
+            Precision::F32 => Buffer::F32(values.to_vec()),
+            Precision::Bf16 => Buffer::Bf16(to_bf16(values)),
+        }
+    }
+
+    fn unwritten(x: Precision, n: usize) -> Self {
+        Self::new(x, &vec![f32::NAN; n])
+    }
+
+    fn addr(&self) -> u64 {
+        match self {
+            Buffer::F32(v) => addr(v),
+            Buffer::Bf16(v) => addr(v),
+        }
+    }
+
+    fn values(&self) -> Vec<f32> {
+        match self {
+            Buffer::F32(v) => v.clone(),
+            Buffer::Bf16(v) => from_bf16(v),
+        }
+    }
+}
+
+/// Values the kernels can hold exactly in precision `x`.
+fn representable(x: Precision, values: Vec<f32>) -> Vec<f32> {
+    match x {
+        Precision::F32 => values,
+        Precision::Bf16 => from_bf16(&to_bf16(&values)),
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    b: usize,
+    t: usize,
+    n_head: usize,
+    hs: usize,
+    dropout: Option<f32>,
+}
+
+/// Each query's log of the sum of exp(scaled score) over the keys it sees, in f64.
+fn log_sum_exp(qkv: &[f32], case: Case) -> Vec<f32> {
+    let Case { b, t, n_head, hs, .. } = case;
+    let c = n_head * hs;
+    let scale = 1.0 / (hs as f64).sqrt();
+    let mut lse = Vec::with_capacity(b * n_head * t);
+    for row in 0..b {
+        for h in 0..n_head {
+            let at = |i: usize, part: usize, d: usize| qkv[(row * t + i) * 3 * c + part * c + h * hs + d] as f64;
+            for i in 0..t {
+                let scores: Vec<f64> = (0..=i).map(|j| (0..hs).map(|d| at(i, 0, d) * at(j, 1, d)).sum::<f64>() * scale).collect();
+                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                lse.push((max + scores.iter().map(|s| (s - max).exp()).sum::<f64>().ln()) as f32);
+            }
+        }
+    }
+    lse
+}
+
+/// Forward (out, lse) then backward (dqkv) on the emulated GPU against the CPU kernels, on inputs
+/// representable in `x`; the backward takes the CUDA forward's out and lse, as training would.
+fn check(x: Precision, case: Case, tol: f32) {
+    let Case { b, t, n_head, hs, dropout } = case;
+    let c = n_head * hs;
+    let what = |name: &str| format!("{name} {x:?} {case:?}");
+    let qkv = representable(x, random(b * t * 3 * c, 1.0, 11 + t as u64));
+    let dout = representable(x, random(b * t * c, 1.0, 23 + t as u64));
+    let mask = dropout.map(|p| Mask::new(DropoutKey { seed: 5, step: 2 }, Site::Attention(1), p));
+
+    let mut want_out = vec![0f32; b * t * c];
+    attention::forward(&mut want_out, &qkv, t, c, n_head, mask);
+    let mut want_dqkv = vec![0f32; qkv.len()];
+    attention::backward(&mut want_dqkv, &dout, &qkv, t, c, n_head, mask);
+
+    let (qkv_x, dout_x) = (Buffer::new(x, &qkv), Buffer::new(x, &dout));
+    let (out, lse) = (Buffer::unwritten(x, b * t * c), vec![f32::NAN; b * n_head * t]);
+    cuda::forward(gpu(), x, out.addr(), addr(&lse), qkv_x.addr(), b, t, c, n_head, mask).unwrap();
+    assert_close(&what("out"), &out.values(), &want_out, tol);
+    assert_close(&what("lse"), &lse, &log_sum_exp(&qkv, case), tol);
+
+    let (dqkv, delta) = (Buffer::unwritten(x, qkv.len()), vec![f32::NAN; b * n_head * t]);
+    cuda::backward(gpu(), x, dqkv.addr(), dout_x.addr(), qkv_x.addr(), out.addr(), addr(&lse), addr(&delta), b, t, c, n_head, mask)
+        .unwrap();
+    assert_close(&what("dqkv"), &dqkv.values(), &want_dqkv, tol);
+}
+
+/// Sequence lengths of one token, less than a tile, and over two and several tiles of 32.
+fn head_size_16_cases() -> impl Iterator<Item = Case> {
+    [1, 7, 33, 70].into_iter().flat_map(|t| [None, Some(0.2)].map(|dropout| Case { b: 2, t, n_head: 2, hs: 16, dropout }))
+}
+
+#[test]
+fn f32_matches_the_cpu_kernels_at_head_size_16() {
+    head_size_16_cases().for_each(|case| check(Precision::F32, case, 1e-5));
+}
+
+#[test]
+fn bf16_matches_the_cpu_kernels_at_head_size_16() {
+    head_size_16_cases().for_each(|case| check(Precision::Bf16, case, 1e-2));
+}
+
+#[test]
+fn every_head_size_matches_the_cpu_kernels() {
+    for hs in [32, 64, 128] {
+        for dropout in [None, Some(0.2)] {
+            let case = Case { b: 1, t: 20, n_head: 2, hs, dropout };
+            check(Precision::F32, case, 1e-5);
+            check(Precision::Bf16, case, 1e-2);
+        }
+    }
+}
+
+#[test]
+fn unsupported_head_sizes_are_refused() {
+    let buffer = [0f32; 1];
+    let err = cuda::forward(gpu(), Precision::F32, addr(&buffer), addr(&buffer), addr(&buffer), 1, 4, 48, 2, None).unwrap_err();
+    assert!(err.to_string().contains("no CUDA kernel for head size 24"), "{err}");
+    let err = cuda::backward(gpu(), Precision::F32, 0, 0, 0, 0, 0, 0, 1, 4, 50, 3, None).unwrap_err();
+    assert!(err.to_string().contains("n_head must divide C=50"), "{err}");
+}
