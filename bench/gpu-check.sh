@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The CUDA engine on a GPU machine, against the CPU engine and against PyTorch (bench/torch_ref.py):
 #   1. correctness: logits, loss and gradients of a small model on CUDA vs CPU (float32/TF32 and bfloat16),
-#      and a few training steps in float32, bfloat16 and float16; then a run of one rank over NCCL (rendezvous on
-#      localhost) against the same run without it (crates/nanogpt-core/tests/nccl.rs);
+#      and a few training steps in float32, bfloat16 and float16; the engine's CUDA kernels (kernels/cuda) against
+#      the CPU kernels they mirror, on the device (crates/nanogpt-core/tests/cuda_kernels); each kernel timed alone
+#      at GPT-2 124M shapes in bfloat16 (examples/cuda_kernels_bench.rs), then PyTorch's counterparts
+#      (torch_ref.py kernels); then a run of one rank over NCCL (rendezvous on localhost) against the same run
+#      without it (crates/nanogpt-core/tests/nccl.rs);
 #   2. throughput at GPT-2 124M shapes (B=12, T=1024, bfloat16): torch_ref.py bench, then ours;
 #   3. per-phase profile of our step (data, forward, backward, optimizer), at 124M and shakespeare_char shapes;
 #   4. sampling from a GPT-2 XL-shaped model (bench/sample.ts): torch_ref.py sample, then ours; tokens/s of each;
@@ -13,7 +16,8 @@
 # Usage: bash bench/gpu-check.sh      (from the repository root; logs under $OUT, default .gpu-check/out)
 #   TRAIN_ITERS=N   length of the shakespeare_char runs on both sides (default 2000; the recipe's is 5000)
 #   BUDGET_S=N      stop starting phases after this many seconds (default 540)
-# Each phase runs under `timeout`; a failed phase is logged and the next one runs. The last lines are a table.
+# Each phase runs under `timeout`; a failed phase is logged and the next one runs. The last lines are tables: the
+# kernels' times (ours, PyTorch's, and their ratio), then the whole runs'.
 set -uo pipefail
 export LC_ALL=C
 
@@ -89,6 +93,10 @@ ldd "$app/tests/nccl" | grep -E 'nccl|not found' || true
 # ---------------------------------------------------------------- 1. correctness
 phase correctness 150 "$app/tests/cuda" --ignored --nocapture --test-threads=1 \
   || { grep -q 'no usable GPU' "$out/correctness.log" && status[correctness]="failed: no usable GPU"; }
+phase kernels 35 env NANOGPT_TEST_DEVICE=cuda "$app/tests/cuda_kernels" --test-threads=1
+kernel_shape=(--n_head=12 --n_embd=768 --block_size=1024 --batch_size=12 --vocab_size=50304)
+phase kernel_bench_ours 25 "$app/bench/cuda_kernels_bench" "${kernel_shape[@]}"
+phase kernel_bench_torch 30 python3 "$root/bench/torch_ref.py" kernels --n_layer=12 "${kernel_shape[@]}"
 phase nccl 120 "$app/tests/nccl" --ignored --nocapture --test-threads=1
 
 # ---------------------------------------------------------------- 2. throughput, 124M shapes
@@ -131,9 +139,24 @@ t_tok=$(result torch_bench tokens_per_s) o_tok=$(result our_bench tokens_per_s)
 t_wall=$(result torch_train wall_s) t_best=$(result torch_train best_val)
 
 section "summary"
-for name in unpack correctness nccl torch_bench our_bench profile_124m prepare profile_char sample_xl torch_train our_train; do
+for name in unpack correctness kernels kernel_bench_ours kernel_bench_torch nccl torch_bench our_bench profile_124m prepare profile_char sample_xl torch_train our_train; do
   printf '%-14s %s\n' "$name" "${status[$name]:-not run}"
 done
+echo
+echo "kernels, one launch each at 124M shapes, bf16 (median ms; n/a: that side has no such kernel or did not run):"
+python3 - "$out/kernel_bench_ours.log" "$out/kernel_bench_torch.log" <<'TABLE'
+import json, sys
+def times(log):
+    try: lines = open(log).read().splitlines()
+    except OSError: return {}
+    return {k["name"]: k["ms"] for k in (json.loads(l[len("KERNEL "):]) for l in lines if l.startswith("KERNEL "))}
+ours, torch = times(sys.argv[1]), times(sys.argv[2])
+print(f"  {'kernel':<24} {'ours ms':>10} {'torch ms':>10} {'ours/torch':>10}")
+for name in list(ours) + [n for n in torch if n not in ours]:
+    o, t = ours.get(name), torch.get(name)
+    ratio = f"{o / t:.2f}" if o is not None and t else "n/a"
+    print(f"  {name:<24} {'n/a' if o is None else o:>10} {'n/a' if t is None else t:>10} {ratio:>10}")
+TABLE
 echo
 echo "profile (ms per step: data / forward / backward / optimizer):"
 for name in profile_124m profile_char; do

@@ -13,11 +13,15 @@ Modes
   sample nanoGPT's sample.py loop on a model of the given shape: num_samples sequences one after the
          other, each token from a forward pass over the whole (cropped) context, no KV cache;
          prints tokens/s.
+  kernels the PyTorch counterparts of the engine's CUDA kernels, one at a time in bf16 at the given
+         shapes (GPU only): one `KERNEL {json}` line each, named and measured as the engine's
+         `cuda_kernels_bench` example prints them, so that the two can be compared line by line.
 
 Every run prints one last line: `RESULT {json}`.
 Examples
   python3 bench/torch_ref.py bench --n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --batch_size=12
   python3 bench/torch_ref.py train --text=data/shakespeare_char/input.txt   # the shakespeare_char recipe
+  python3 bench/torch_ref.py kernels --n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --batch_size=12
   python3 bench/torch_ref.py train --text=data/shakespeare_char/input.txt --device=cpu --compile=0 \
       --eval_iters=20 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 \
       --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0      # the README's CPU recipe
@@ -250,9 +254,108 @@ def sample(a):
     print("RESULT " + json.dumps(res))
 
 
+def kernels(a):
+    """Each op alone, as a training step runs it: timed between two CUDA events after a write of 512 MiB
+    has evicted its inputs from L2, the median of `iters` runs after `warmup`. gbps counts the bytes the
+    op must read and write at least (the same count as the engine's benchmark); tflops, the causal half
+    of attention's matmuls. Backward passes go through autograd, as in training."""
+    dev, _ = setup(a)
+    if dev != "cuda":
+        sys.exit("torch_ref.py kernels: needs a CUDA GPU (torch.cuda.is_available() is False)")
+    B, T, C, NH, V = a.batch_size, a.block_size, a.n_embd, a.n_head, a.vocab_size
+    N, H, bf = B * T, 4 * C, torch.bfloat16
+    XB, F32B = 2, 4
+    flush = torch.empty(512 * 2**20, dtype=torch.int8, device="cuda")
+    times = {}
+
+    def rand(*shape, scale=1.0, grad=False):
+        return ((torch.rand(*shape, device="cuda") * 2 - 1) * scale).to(bf).requires_grad_(grad)
+
+    def report(name, fn, nbytes, flops=None):
+        for _ in range(a.warmup):
+            fn()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(a.iters)]
+        for start, end in events:  # all queued before the first wait: the host keeps ahead of the GPU
+            flush.zero_()
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        ms = sorted(start.elapsed_time(end) for start, end in events)[a.iters // 2]
+        line = dict(name=name, ms=round(ms, 4), gbps=round(nbytes / (ms * 1e-3) / 1e9, 1))
+        if flops is not None:
+            line["tflops"] = round(flops / (ms * 1e-3) / 1e12, 1)
+        times[name] = line["ms"]
+        print("KERNEL " + json.dumps(line), flush=True)
+
+    def grad(out, inputs, dout):
+        return lambda: torch.autograd.grad(out, inputs, dout, retain_graph=True)
+
+    # token and position embeddings
+    idx = torch.randint(V, (B, T), device="cuda")
+    wte, wpe = rand(V, C, scale=0.02, grad=True), rand(T, C, scale=0.02, grad=True)
+    dout = rand(B, T, C)
+    with torch.no_grad():
+        report("encoder_fwd", lambda: F.embedding(idx, wte) + wpe[:T], N * 4 + 2 * N * C * XB + T * C * XB)
+    report("encoder_bwd", grad(F.embedding(idx, wte) + wpe[:T], (wte, wpe), dout),
+           N * 4 + N * C * XB + 2 * N * C * F32B + 2 * T * C * F32B)
+
+    # layer norms over (N, C)
+    x, branch = rand(N, C, grad=True), rand(N, C)
+    w, b = rand(C, grad=True), rand(C, grad=True)
+    stats = 2 * N * F32B
+    with torch.no_grad():
+        report("layernorm_fwd", lambda: F.layer_norm(x, (C,), w, b), 2 * N * C * XB + 2 * C * XB + stats)
+
+        def residual_layernorm():
+            r = x + branch
+            return r, F.layer_norm(r, (C,), w, b)
+        report("residual_layernorm_fwd", residual_layernorm, 4 * N * C * XB + 2 * C * XB + stats)
+    report("layernorm_bwd", grad(F.layer_norm(x, (C,), w, b), (x, w, b), dout.view(N, C)),
+           3 * N * C * XB + C * XB + stats + 4 * C * F32B)
+
+    # the MLP's hidden activations, (N, 4C)
+    pre, dpost = rand(N, H, scale=3.0, grad=True), rand(N, H)
+    with torch.no_grad():
+        report("gelu_fwd", lambda: F.gelu(pre, approximate="tanh"), 2 * N * H * XB)
+    report("gelu_bwd", grad(F.gelu(pre, approximate="tanh"), pre, dpost), 3 * N * H * XB)
+    post, fc_bias = rand(N, H), rand(H)
+    report("bias_add", lambda: post.add_(fc_bias), 2 * N * H * XB + H * XB)
+    report("bias_bwd", lambda: dpost.sum(0), N * H * XB + 2 * H * F32B)
+
+    # causal self-attention from qkv (B, T, 3C), out as (B, T, C)
+    qkv = rand(B, T, 3 * C, grad=True)
+
+    def attention():
+        q, k, v = qkv.view(B, T, 3, NH, C // NH).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+    fwd_flops = 2 * B * NH * T * T * (C // NH)
+    rows = B * NH * T * F32B
+    with torch.no_grad():
+        report("attention_fwd", attention, 4 * N * C * XB + rows, fwd_flops)
+    report("attention_bwd", grad(attention(), qkv, dout), 8 * N * C * XB + rows, 2.5 * fwd_flops)
+
+    # the classifier's loss and its gradient, (N, V) logits, in float32 as the model above computes it
+    logits, targets = rand(N, V, grad=True), torch.randint(V, (N,), device="cuda")
+    report("cross_entropy", lambda: torch.autograd.grad(F.cross_entropy(logits.float(), targets), logits),
+           2 * N * V * XB + N * 8)
+
+    # one AdamW step over the model's parameters (float32 master weights, fused)
+    model = GPT(V, T, a.n_layer, NH, C, 0.0, bool(a.bias)).to("cuda")
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    opt = make_optimizer(model, 6e-4, 0.1, 0.95, dev)
+    n_params = sum(p.numel() for p in model.parameters())
+    report("adamw", opt.step, 7 * n_params * F32B)
+
+    res = dict(mode="kernels", device=torch.cuda.get_device_name(), torch=torch.__version__,
+               batch_size=B, block_size=T, n_embd=C, n_head=NH, vocab_size=V, adamw_params=n_params, ms=times)
+    print("RESULT " + json.dumps(res))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["bench", "train", "sample"])
+    p.add_argument("mode", choices=["bench", "train", "sample", "kernels"])
     defaults = dict(  # the shakespeare_char recipe; bench overrides shapes on the command line
         device="cuda" if torch.cuda.is_available() else "cpu", compile=1, seed=1337, threads=0,
         n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2, bias=0,
@@ -263,7 +366,7 @@ def main():
     for k, v in defaults.items():
         p.add_argument(f"--{k}", type=type(v), default=v)
     a = p.parse_args()
-    {"bench": bench, "train": train, "sample": sample}[a.mode](a)
+    {"bench": bench, "train": train, "sample": sample, "kernels": kernels}[a.mode](a)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@
 # archive, .gpu-check/payload.tar.xz (carry the .gpu-check folder with the working tree):
 #   app/native/cuda/nanogpt.linux-x64-gnu.node  the CUDA addon (scripts/build-cuda.sh)
 #   app/tests/cuda                          the CUDA-vs-CPU correctness test (crates/nanogpt-core/tests/cuda.rs)
+#   app/tests/cuda_kernels                  the CUDA kernels' tests (crates/nanogpt-core/tests/cuda_kernels), run on
+#                                           the device with NANOGPT_TEST_DEVICE=cuda
+#   app/bench/cuda_kernels_bench            the kernels' timings (crates/nanogpt-core/examples/cuda_kernels_bench.rs)
 #   app/tests/nccl                          the one-rank NCCL run against one without (crates/nanogpt-core/tests/nccl.rs)
 #   app/dist/cli.mjs                        the CLI (train, bench, prepare), bundled into one file
 #   app/configs/*.mjs                       the config files, as JavaScript (the bundle has no TypeScript loader)
@@ -30,13 +33,17 @@ test_binary() {
   echo "$bin"
 }
 test_bin=$(test_binary cuda cuda)
+kernels_test_bin=$(test_binary cuda cuda_kernels)
 nccl_test_bin=$(test_binary nccl nccl)
+cargo build --release -p nanogpt-core --features cuda --example cuda_kernels_bench
 
 app=$stage/app
 mkdir -p "$app/native/cuda" "$app/tests" "$app/dist" "$app/configs" "$app/bench" "$app/node_modules/tsx"
 cp native/cuda/nanogpt.linux-x64-gnu.node "$app/native/cuda/"
 cp "$test_bin" "$app/tests/cuda"
+cp "$kernels_test_bin" "$app/tests/cuda_kernels"
 cp "$nccl_test_bin" "$app/tests/nccl"
+cp "$CARGO_TARGET_DIR/release/examples/cuda_kernels_bench" "$app/bench/"
 cp package.json "$app/"
 # The corpus module resolves tsx's location when it loads (for its worker threads); shakespeare_char needs no worker.
 cp node_modules/tsx/package.json "$app/node_modules/tsx/"

@@ -1,0 +1,251 @@
+//! Times the engine's CUDA kernels (kernels/cuda) one at a time on CUDA device 0, in bf16, at GPT-2 124M
+//! training shapes (B=12, T=1024, C=768, NH=12, V=50304, a 4C MLP) or those given as `--key=value`
+//! (batch_size, block_size, n_embd, n_head, vocab_size; warmup and iters set the launches). Each launch is
+//! timed alone between two CUDA events, after a write of 512 MiB has evicted its inputs from L2, and each
+//! kernel prints the median as one line, `KERNEL {"name", "ms", "gbps", ["tflops"]}`: gbps counts the bytes
+//! the kernel must read and write at least, tflops (attention) the causal half of its matmuls.
+//! `python3 bench/torch_ref.py kernels` times PyTorch's counterparts the same way and prints the same lines
+//! with the same names; bench/gpu-check.sh puts the two side by side.
+//!
+//!   cargo run --release -p nanogpt-core --features cuda --example cuda_kernels_bench
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use candle_core::{bail, Result};
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
+use nanogpt_core::cuda::Kernels;
+use nanogpt_core::kernels::cuda::{attention, bias, encoder, gelu, layernorm, Precision};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const X: Precision = Precision::Bf16;
+/// Bytes of one bf16 and of one float.
+const XB: usize = 2;
+const F32B: usize = 4;
+
+struct Shape {
+    b: usize,
+    t: usize,
+    c: usize,
+    n_head: usize,
+    vocab: usize,
+    warmup: usize,
+    iters: usize,
+}
+
+impl Shape {
+    fn from_args() -> Result<Self> {
+        let mut shape = Shape { b: 12, t: 1024, c: 768, n_head: 12, vocab: 50304, warmup: 10, iters: 30 };
+        for arg in std::env::args().skip(1) {
+            let Some((key, value)) = arg.strip_prefix("--").and_then(|a| a.split_once('=')) else {
+                bail!("argument `{arg}`: give --key=value (batch_size, block_size, n_embd, n_head, vocab_size, warmup, iters)")
+            };
+            let Ok(value) = value.parse::<usize>() else { bail!("argument `{arg}`: the value must be a whole number") };
+            let field = match key {
+                "batch_size" => &mut shape.b,
+                "block_size" => &mut shape.t,
+                "n_embd" => &mut shape.c,
+                "n_head" => &mut shape.n_head,
+                "vocab_size" => &mut shape.vocab,
+                "warmup" => &mut shape.warmup,
+                "iters" => &mut shape.iters,
+                _ => bail!("argument `{arg}`: unknown key; use batch_size, block_size, n_embd, n_head, vocab_size, warmup or iters"),
+            };
+            *field = value;
+        }
+        if shape.iters == 0 {
+            bail!("--iters=0: time at least one launch");
+        }
+        Ok(shape)
+    }
+}
+
+/// Device buffers, alive as long as the benchmark; kernels get their addresses.
+struct Memory {
+    stream: Arc<CudaStream>,
+    buffers: Vec<CudaSlice<u8>>,
+    rng: StdRng,
+}
+
+impl Memory {
+    fn keep(&mut self, buffer: CudaSlice<u8>) -> u64 {
+        let (addr, _) = buffer.device_ptr(&self.stream);
+        self.buffers.push(buffer);
+        addr
+    }
+
+    fn zeroed(&mut self, bytes: usize) -> Result<u64> {
+        let buffer = self.stream.alloc_zeros::<u8>(bytes).map_err(driver_error)?;
+        Ok(self.keep(buffer))
+    }
+
+    /// `n` bf16 values uniform in (-scale, scale): layer norms, softmaxes and GELUs see spread-out inputs.
+    fn random_bf16(&mut self, n: usize, scale: f32) -> Result<u64> {
+        let bytes: Vec<u8> =
+            (0..n).flat_map(|_| half::bf16::from_f32(self.rng.random_range(-scale..scale)).to_bits().to_le_bytes()).collect();
+        let buffer = self.stream.clone_htod(&bytes).map_err(driver_error)?;
+        Ok(self.keep(buffer))
+    }
+
+    /// `n` token ids uniform below `vocab`, as i32: the embedding gradient's adds spread over the rows of
+    /// dwte the way a real batch's do, rather than all landing on one.
+    fn random_tokens(&mut self, n: usize, vocab: usize) -> Result<u64> {
+        let bytes: Vec<u8> = (0..n).flat_map(|_| (self.rng.random_range(0..vocab) as i32).to_le_bytes()).collect();
+        let buffer = self.stream.clone_htod(&bytes).map_err(driver_error)?;
+        Ok(self.keep(buffer))
+    }
+}
+
+fn driver_error(e: cudarc::driver::DriverError) -> candle_core::Error {
+    candle_core::Error::Msg(format!("CUDA driver: {e}"))
+}
+
+/// Times launches on `kernels`' stream.
+struct Timer<'a> {
+    kernels: &'a Kernels,
+    stream: Arc<CudaStream>,
+    /// Written before every timed launch: more than H100/H200's 50/60 MB of L2, so that each launch reads its
+    /// inputs from device memory, as it does inside a training step.
+    flush: CudaSlice<u8>,
+    warmup: usize,
+    iters: usize,
+}
+
+impl Timer<'_> {
+    /// The median milliseconds of one `launch`. All launches are queued before the first wait, so the host
+    /// never leaves the GPU idle between a start event and its launch.
+    fn median_ms(&mut self, launch: &dyn Fn(&Kernels) -> Result<()>) -> Result<f64> {
+        for _ in 0..self.warmup {
+            launch(self.kernels)?;
+        }
+        let mut events = Vec::with_capacity(self.iters);
+        for _ in 0..self.iters {
+            self.stream.memset_zeros(&mut self.flush).map_err(driver_error)?;
+            let start = self.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(driver_error)?;
+            launch(self.kernels)?;
+            let end = self.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(driver_error)?;
+            events.push((start, end));
+        }
+        let mut ms = events
+            .iter()
+            .map(|(start, end)| start.elapsed_ms(end).map(f64::from))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(driver_error)?;
+        ms.sort_by(f64::total_cmp);
+        Ok(ms[ms.len() / 2])
+    }
+
+    /// Times `launch` and prints its line: `bytes` read and written at least, `flops` where it computes.
+    fn report(&mut self, name: &str, bytes: usize, flops: Option<f64>, launch: &dyn Fn(&Kernels) -> Result<()>) -> Result<()> {
+        let ms = self.median_ms(launch)?;
+        let mut line = serde_json::json!({
+            "name": name,
+            "ms": round(ms, 4),
+            "gbps": round(bytes as f64 / (ms * 1e-3) / 1e9, 1),
+        });
+        if let Some(flops) = flops {
+            line["tflops"] = round(flops / (ms * 1e-3) / 1e12, 1).into();
+        }
+        println!("KERNEL {line}");
+        Ok(())
+    }
+}
+
+fn round(value: f64, digits: i32) -> f64 {
+    let scale = 10f64.powi(digits);
+    (value * scale).round() / scale
+}
+
+fn run() -> Result<()> {
+    let Shape { b, t, c, n_head, vocab, warmup, iters } = Shape::from_args()?;
+    let device = nanogpt_core::cuda::open(0, 0)?;
+    let kernels = Kernels::new(&device)?;
+    let stream = kernels.device().cuda_stream().clone();
+    let mut memory = Memory { stream: stream.clone(), buffers: Vec::new(), rng: StdRng::seed_from_u64(1337) };
+    let flush = stream.alloc_zeros::<u8>(512 << 20).map_err(driver_error)?;
+    let mut timer = Timer { kernels: &kernels, stream: stream.clone(), flush, warmup, iters };
+    let n = b * t;
+    let hidden = 4 * c;
+
+    // Token and position embeddings.
+    let tokens = memory.random_tokens(n, vocab)?;
+    let wte = memory.random_bf16(vocab * c, 0.02)?;
+    let wpe = memory.random_bf16(t * c, 0.02)?;
+    let embedded = memory.zeroed(n * c * XB)?;
+    let dwte = memory.zeroed(vocab * c * F32B)?;
+    let dwpe = memory.zeroed(t * c * F32B)?;
+    let dout = memory.random_bf16(n * c, 1.0)?;
+    timer.report("encoder_fwd", n * 4 + 2 * n * c * XB + t * c * XB, None, &|k| {
+        encoder::forward(k, X, embedded, tokens, wte, wpe, b, t, c, None)
+    })?;
+    // Every token's row of dwte is read and written (the tokens are nearly all distinct), dwpe once.
+    timer.report("encoder_bwd", n * 4 + n * c * XB + 2 * n * c * F32B + 2 * t * c * F32B, None, &|k| {
+        encoder::backward(k, X, dwte, dwpe, dout, tokens, b, t, c, None)
+    })?;
+
+    // Layer norms over (N, C).
+    let inp = memory.random_bf16(n * c, 1.0)?;
+    let branch = memory.random_bf16(n * c, 1.0)?;
+    let weight = memory.random_bf16(c, 1.0)?;
+    let ln_bias = memory.random_bf16(c, 1.0)?;
+    let ln_out = memory.zeroed(n * c * XB)?;
+    let residual = memory.zeroed(n * c * XB)?;
+    let mean = memory.zeroed(n * F32B)?;
+    let rstd = memory.zeroed(n * F32B)?;
+    let stats = 2 * n * F32B;
+    timer.report("layernorm_fwd", 2 * n * c * XB + 2 * c * XB + stats, None, &|k| {
+        layernorm::forward(k, X, ln_out, mean, rstd, inp, weight, Some(ln_bias), n, c)
+    })?;
+    timer.report("residual_layernorm_fwd", 4 * n * c * XB + 2 * c * XB + stats, None, &|k| {
+        layernorm::residual_forward(k, X, residual, ln_out, mean, rstd, inp, branch, weight, Some(ln_bias), n, c, None)
+    })?;
+    let dinp = memory.zeroed(n * c * XB)?;
+    let dweight = memory.zeroed(c * F32B)?;
+    let dbias = memory.zeroed(c * F32B)?;
+    let scratch = memory.zeroed(layernorm::backward_scratch_len(n, c) * F32B)?;
+    // dinp written (not added to), as torch's layer_norm backward does; the weight and bias gradients added to.
+    timer.report("layernorm_bwd", 3 * n * c * XB + c * XB + stats + 4 * c * F32B, None, &|k| {
+        layernorm::backward(k, X, dinp, dweight, Some(dbias), scratch, dout, inp, weight, mean, rstd, n, c, false)
+    })?;
+
+    // The MLP's hidden activations, (N, 4C): GELU, and the first projection's bias.
+    let pre = memory.random_bf16(n * hidden, 3.0)?;
+    let post = memory.zeroed(n * hidden * XB)?;
+    let dpost = memory.random_bf16(n * hidden, 1.0)?;
+    let dpre = memory.zeroed(n * hidden * XB)?;
+    timer.report("gelu_fwd", 2 * n * hidden * XB, None, &|k| gelu::forward(k, X, post, pre, n * hidden, true))?;
+    timer.report("gelu_bwd", 3 * n * hidden * XB, None, &|k| gelu::backward(k, X, dpre, pre, dpost, n * hidden, true))?;
+    let fc_bias = memory.random_bf16(hidden, 1.0)?;
+    let dfc_bias = memory.zeroed(hidden * F32B)?;
+    timer.report("bias_add", 2 * n * hidden * XB + hidden * XB, None, &|k| bias::add(k, X, post, fc_bias, n, hidden))?;
+    timer.report("bias_bwd", n * hidden * XB + 2 * hidden * F32B, None, &|k| bias::backward(k, X, dfc_bias, dpre, n, hidden))?;
+
+    // Causal self-attention from qkv (B, T, 3C).
+    let qkv = memory.random_bf16(n * 3 * c, 1.0)?;
+    let att = memory.zeroed(n * c * XB)?;
+    let lse = memory.zeroed(b * n_head * t * F32B)?;
+    let delta = memory.zeroed(b * n_head * t * F32B)?;
+    let dqkv = memory.zeroed(n * 3 * c * XB)?;
+    // q kᵀ and (weights) v: 2 x 2·T·T·hs per (b, h), half of it under the causal mask; the backward's five
+    // matmuls are 2.5 times the forward's two.
+    let forward_flops = 2.0 * (b * n_head) as f64 * (t * t) as f64 * (c / n_head) as f64;
+    let rows = b * n_head * t * F32B;
+    timer.report("attention_fwd", 4 * n * c * XB + rows, Some(forward_flops), &|k| {
+        attention::forward(k, X, att, lse, qkv, b, t, c, n_head, None)
+    })?;
+    timer.report("attention_bwd", 8 * n * c * XB + rows, Some(2.5 * forward_flops), &|k| {
+        attention::backward(k, X, dqkv, dout, qkv, att, lse, delta, b, t, c, n_head, None)
+    })?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cuda_kernels_bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
