@@ -1,3 +1,4 @@
 // Every CUDA kernel of the engine, as one translation unit: one PTX module for the `cuda` build, one
 // object for the CPU build of the crate `cuda-on-cpu`.
 #include "common.cuh"
+#include "classifier.cu"

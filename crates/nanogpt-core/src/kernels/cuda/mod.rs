@@ -6,6 +6,8 @@
 //!
 //! The conventions every kernel follows are at the top of `common.cuh`.
 
+pub mod classifier;
+
 use candle_core::Result;
 
 use super::dropout::Mask;
