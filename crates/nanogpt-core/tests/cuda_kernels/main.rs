@@ -2,5 +2,6 @@
 //! (tight tolerances) and bf16 (loose ones). They run on the CPU through the crate `cuda-on-cpu`,
 //! which executes the same kernel sources with CUDA's thread model, so they need no GPU.
 
+mod adamw;
 mod classifier;
 mod gpu;

@@ -2,3 +2,4 @@
 // object for the CPU build of the crate `cuda-on-cpu`.
 #include "common.cuh"
 #include "classifier.cu"
+#include "adamw.cu"

@@ -6,6 +6,7 @@
 //!
 //! The conventions every kernel follows are at the top of `common.cuh`.
 
+pub mod adamw;
 pub mod classifier;
 
 use candle_core::Result;
