@@ -66,8 +66,10 @@ fn the_tensor_table_marks_where_each_tensor_ends_and_whether_it_decays() {
     assert!(table.decays.contains(&0) && table.decays.contains(&1));
 }
 
-/// Three steps of FlatAdamW on the CPU and of the device kernels, compared after each step.
-fn check_steps(x: Precision, with_copy: bool, grad_clip: f64) {
+/// Three steps of FlatAdamW on the CPU and of the device kernels, compared after each step. The device
+/// gets the gradients times `loss_scale` (a power of two) and removes it through `grad_scale`, before
+/// clipping, as GradScaler.unscale_ does.
+fn check_steps(x: Precision, with_copy: bool, grad_clip: f64, loss_scale: f32) {
     let layout = layout();
     let n = layout.len;
     let args = OptimizerArgs { weight_decay: 0.1, beta1: 0.9, beta2: 0.95, grad_clip };
@@ -77,7 +79,7 @@ fn check_steps(x: Precision, with_copy: bool, grad_clip: f64) {
     let table = TensorTable::new(&layout);
     let device_table = table.on_device(addr(&table.ends), addr(&table.decays));
     let mut params = cpu_params.clone();
-    let mut grads = vec![0f32; n];
+    let (mut grads, mut scaled_grads) = (vec![0f32; n], vec![0f32; n]);
     let (mut exp_avg, mut exp_avg_sq) = (vec![0f32; n], vec![0f32; n]);
     let mut copy_f32 = vec![f32::NAN; n];
     let mut copy_bf16 = vec![bf16::NAN; n];
@@ -92,10 +94,11 @@ fn check_steps(x: Precision, with_copy: bool, grad_clip: f64) {
         let lr = 1e-2 * t as f64;
         grads.copy_from_slice(&random(n, 1.0, 100 + t as u64));
         let stats = cpu.step(&layout, &mut cpu_params, &grads, lr);
+        scaled_grads.iter_mut().zip(&grads).for_each(|(s, g)| *s = g * loss_scale);
 
         let buffers = FlatBuffers {
             params: addr(params.as_mut_slice()),
-            grads: addr(&grads),
+            grads: addr(&scaled_grads),
             exp_avg: addr(exp_avg.as_mut_slice()),
             exp_avg_sq: addr(exp_avg_sq.as_mut_slice()),
             params_copy,
@@ -116,7 +119,7 @@ fn check_steps(x: Precision, with_copy: bool, grad_clip: f64) {
             beta2: args.beta2,
             eps: 1e-8,
             weight_decay: args.weight_decay,
-            grad_scale: 1.0,
+            grad_scale: 1.0 / loss_scale as f64,
             step_size: lr / (1.0 - args.beta1.powi(t)),
             bias_correction2_sqrt: (1.0 - args.beta2.powi(t)).sqrt(),
         };
@@ -126,7 +129,7 @@ fn check_steps(x: Precision, with_copy: bool, grad_clip: f64) {
         let what = format!("{x:?} step {t}, clip {grad_clip}");
         let clipped = grad_clip > 0.0 && stats.grad_norm > grad_clip;
         assert_eq!(clipped, grad_clip == 0.5, "{what}: the test means clipping to be active exactly at 0.5");
-        assert_close(&format!("{what}: grad norm"), &[norm_squared[0].sqrt()], &[stats.grad_norm as f32], 1e-5);
+        assert_close(&format!("{what}: grad norm"), &[norm_squared[0].sqrt() / loss_scale], &[stats.grad_norm as f32], 1e-5);
         let state = cpu.state(&layout).unwrap();
         let moment = |suffix: &str| -> Vec<f32> {
             let parts = state.iter().filter(|(name, _)| name.ends_with(suffix));
@@ -149,22 +152,27 @@ fn check_steps(x: Precision, with_copy: bool, grad_clip: f64) {
 
 #[test]
 fn f32_steps_without_clipping_match_flat_adamw() {
-    check_steps(Precision::F32, false, 0.0);
+    check_steps(Precision::F32, false, 0.0, 1.0);
 }
 
 #[test]
 fn f32_steps_with_inactive_clipping_and_a_copy_match_flat_adamw() {
-    check_steps(Precision::F32, true, 1e3);
+    check_steps(Precision::F32, true, 1e3, 1.0);
 }
 
 #[test]
 fn bf16_steps_with_active_clipping_match_flat_adamw_and_copy_the_rounded_params() {
-    check_steps(Precision::Bf16, true, 0.5);
+    check_steps(Precision::Bf16, true, 0.5, 1.0);
 }
 
 #[test]
 fn bf16_steps_without_a_copy_leave_it_absent() {
-    check_steps(Precision::Bf16, false, 0.5);
+    check_steps(Precision::Bf16, false, 0.5, 1.0);
+}
+
+#[test]
+fn a_loss_scale_is_removed_before_clipping() {
+    check_steps(Precision::F32, false, 0.5, 1024.0);
 }
 
 #[test]
