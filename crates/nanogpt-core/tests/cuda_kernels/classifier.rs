@@ -17,69 +17,73 @@ fn cpu(logits: &[f32], targets: &[i32], v: usize, grad_scale: Option<f32>) -> (V
     (losses, out)
 }
 
-fn check_f32(n: usize, v: usize, grad_scale: Option<f32>) {
-    let logits = random(n * v, 4.0, v as u64);
-    let targets = targets(n, v);
-    let (want_losses, want_logits) = cpu(&logits, &targets, v, grad_scale);
-    let mut got_logits = logits.clone();
-    let mut losses = vec![f32::NAN; n];
-    classifier::cross_entropy(
-        &Emulated,
-        Precision::F32,
-        addr(got_logits.as_mut_slice()),
-        addr(losses.as_mut_slice()),
-        addr(&targets),
-        n,
-        v,
-        grad_scale,
-    )
-    .unwrap();
-    assert_close(&format!("losses (v={v})"), &losses, &want_losses, 1e-5);
-    assert_close(&format!("logits after (v={v}, grad_scale={grad_scale:?})"), &got_logits, &want_logits, 1e-5);
+/// `values` in a buffer where they start 16-byte aligned, or one element past that (`misaligned`), so
+/// that a test takes the kernel's 128-bit path or its one-logit path; returns the buffer and the start.
+fn placed<T: Copy + Default>(values: &[T], misaligned: bool) -> (Vec<T>, usize) {
+    let mut buffer = vec![T::default(); values.len() + 16];
+    let size = std::mem::size_of::<T>();
+    let start = (0..16).find(|i| (addr(&buffer) as usize + i * size) % 16 == 0).unwrap() + misaligned as usize;
+    buffer[start..][..values.len()].copy_from_slice(values);
+    (buffer, start)
 }
 
-// The scale makes the gradient's entries O(1), so that the tolerance is relative for them too.
+/// The kernel's losses and logits afterwards for rows of `v` logits against the CPU kernel's, on
+/// logits rounded to `x` first.
+fn check(x: Precision, n: usize, v: usize, grad_scale: Option<f32>, misaligned: bool) {
+    let logits = random(n * v, 4.0, v as u64);
+    let logits = if x == Precision::Bf16 { from_bf16(&to_bf16(&logits)) } else { logits };
+    let targets = targets(n, v);
+    let (want_losses, want_logits) = cpu(&logits, &targets, v, grad_scale);
+    let mut losses = vec![f32::NAN; n];
+    let mut launch = |logits: u64| {
+        classifier::cross_entropy(&Emulated, x, logits, addr(losses.as_mut_slice()), addr(&targets), n, v, grad_scale).unwrap()
+    };
+    let got_logits = match x {
+        Precision::F32 => {
+            let (mut buffer, start) = placed(&logits, misaligned);
+            launch(addr(&mut buffer[start..]));
+            buffer[start..][..n * v].to_vec()
+        }
+        Precision::Bf16 => {
+            let (mut buffer, start) = placed(&to_bf16(&logits), misaligned);
+            launch(addr(&mut buffer[start..]));
+            from_bf16(&buffer[start..][..n * v])
+        }
+    };
+    let tol = if x == Precision::Bf16 { 1e-2 } else { 1e-5 };
+    let what = format!("{x:?}, v={v}, grad_scale={grad_scale:?}, misaligned={misaligned}");
+    assert_close(&format!("losses ({what})"), &losses, &want_losses, tol);
+    assert_close(&format!("logits after ({what})"), &got_logits, &want_logits, tol);
+}
+
+// The gradient scales make its entries O(1), so that the tolerance is relative for them too. Rows of
+// a multiple of 4 (f32) or 8 (bf16) logits take the 128-bit path unless misaligned.
 #[test]
 fn f32_rows_narrower_than_a_block_match_the_cpu() {
-    check_f32(7, 65, Some(65.0));
+    check(Precision::F32, 7, 65, Some(65.0), false);
 }
 
 #[test]
 fn f32_rows_of_one_odd_block_match_the_cpu() {
-    check_f32(5, 1000, Some(500.0));
+    check(Precision::F32, 5, 1000, Some(500.0), false);
 }
 
 #[test]
 fn f32_rows_wider_than_a_block_match_the_cpu() {
-    check_f32(4, 2500, Some(2500.0));
+    check(Precision::F32, 3, 4100, Some(4100.0), false);
+    check(Precision::F32, 4, 2500, Some(2500.0), true);
 }
 
 #[test]
 fn f32_forward_only_leaves_the_logits() {
-    check_f32(6, 300, None);
+    check(Precision::F32, 6, 300, None, false);
 }
 
 #[test]
 fn bf16_losses_and_gradient_match_the_cpu_on_rounded_logits() {
-    let (n, v) = (5, 1500);
-    let mut logits = to_bf16(&random(n * v, 4.0, 3));
-    let targets = targets(n, v);
-    let scale = v as f32;
-    let (want_losses, want_logits) = cpu(&from_bf16(&logits), &targets, v, Some(scale));
-    let mut losses = vec![f32::NAN; n];
-    classifier::cross_entropy(
-        &Emulated,
-        Precision::Bf16,
-        addr(logits.as_mut_slice()),
-        addr(losses.as_mut_slice()),
-        addr(&targets),
-        n,
-        v,
-        Some(scale),
-    )
-    .unwrap();
-    assert_close("bf16 losses", &losses, &want_losses, 1e-2);
-    assert_close("bf16 gradient", &from_bf16(&logits), &want_logits, 1e-2);
+    check(Precision::Bf16, 5, 1500, Some(1500.0), false);
+    check(Precision::Bf16, 3, 8200, Some(8200.0), false);
+    check(Precision::Bf16, 4, 1504, Some(1504.0), true);
 }
 
 #[test]
