@@ -22,7 +22,7 @@ fn cpu(logits: &[f32], targets: &[i32], v: usize, grad_scale: Option<f32>) -> (V
 fn placed<T: Copy + Default>(values: &[T], misaligned: bool) -> (Vec<T>, usize) {
     let mut buffer = vec![T::default(); values.len() + 16];
     let size = std::mem::size_of::<T>();
-    let start = (0..16).find(|i| (addr(&buffer) as usize + i * size) % 16 == 0).unwrap() + misaligned as usize;
+    let start = (0..16).find(|i| (addr(&buffer) as usize + i * size).is_multiple_of(16)).unwrap() + misaligned as usize;
     buffer[start..][..values.len()].copy_from_slice(values);
     (buffer, start)
 }
@@ -41,12 +41,12 @@ fn check(x: Precision, n: usize, v: usize, grad_scale: Option<f32>, misaligned: 
     let got_logits = match x {
         Precision::F32 => {
             let (mut buffer, start) = placed(&logits, misaligned);
-            launch(addr(&mut buffer[start..]));
+            launch(buffer[start..].as_mut_ptr() as u64);
             buffer[start..][..n * v].to_vec()
         }
         Precision::Bf16 => {
             let (mut buffer, start) = placed(&to_bf16(&logits), misaligned);
-            launch(addr(&mut buffer[start..]));
+            launch(buffer[start..].as_mut_ptr() as u64);
             from_bf16(&buffer[start..][..n * v])
         }
     };
