@@ -4,17 +4,18 @@
 
 // partials[blockIdx.x] = the sum of squares of this block's share of grads[0..n]. The host launches a
 // fixed grid for a given n (adamw.rs), so each partial covers the same elements, added in the same order,
-// every run. Indices are 64-bit: the flat buffers of a large model pass 2^31 elements.
+// every run. Indices are 64-bit: the flat buffers of a large model pass 2^31 elements. Each thread adds in
+// double: it adds thousands of squares for such a model, and the adds cost nothing in a kernel bound by memory.
 extern "C" __global__ void grad_norm_squared_partials(float* partials, const float* grads, long long n) {
   __shared__ float scratch[WARP_SIZE];
   const long long stride = (long long)gridDim.x * blockDim.x;
-  float s = 0.0f;
+  double s = 0.0;
   for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
     const float g = grads[i];
-    s += g * g;
+    s += (double)g * g;
   }
-  s = block_sum(s, scratch);
-  if (threadIdx.x == 0) partials[blockIdx.x] = s;
+  const float block_total = block_sum((float)s, scratch);
+  if (threadIdx.x == 0) partials[blockIdx.x] = block_total;
 }
 
 // *norm_squared = the sum of partials[0..count], by one block: the second half of the deterministic norm.
