@@ -18,7 +18,9 @@ fn buffers() -> &'static Mutex<HashMap<u64, usize>> {
     BUFFERS.get_or_init(Default::default)
 }
 
-/// The address a kernel sees for `buffer`.
+/// The address a kernel sees for `buffer`, which must be a heap allocation (a Vec): the kernel may
+/// write through it, and the compiler keeps no copy of heap memory across the opaque launch, while it
+/// may keep a stack array's elements in registers.
 pub fn addr<T>(buffer: &[T]) -> u64 {
     let address = buffer.as_ptr() as u64;
     buffers().lock().unwrap().insert(address, std::mem::size_of_val(buffer));

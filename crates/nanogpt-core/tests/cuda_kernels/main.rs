@@ -3,8 +3,10 @@
 //! which executes the same kernel sources with CUDA's thread model, so they need no GPU; a `cuda`
 //! build runs them on a CUDA device with `NANOGPT_TEST_DEVICE=cuda` (see gpu.rs).
 
+mod adamw;
 mod attention;
 mod bias;
+mod classifier;
 mod encoder;
 mod gelu;
 mod gpu;

@@ -6,3 +6,5 @@
 #include "gelu.cu"
 #include "bias.cu"
 #include "attention.cu"
+#include "classifier.cu"
+#include "adamw.cu"

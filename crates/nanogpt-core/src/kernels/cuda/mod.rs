@@ -6,7 +6,10 @@
 //!
 //! The conventions every kernel follows are at the top of `common.cuh`.
 
+pub mod adamw;
+pub mod attention;
 pub mod bias;
+pub mod classifier;
 pub mod encoder;
 pub mod gelu;
 pub mod layernorm;
@@ -14,8 +17,6 @@ pub mod layernorm;
 use candle_core::Result;
 
 use super::dropout::Mask;
-
-pub mod attention;
 
 /// The type of activations and of the weights' compute copy (`X` in the kernels).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

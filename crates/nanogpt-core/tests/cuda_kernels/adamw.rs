@@ -1,0 +1,199 @@
+//! adamw.cu against optim::FlatAdamW (which runs kernels::adamw on the CPU): the global norm, clipping
+//! on and off, weight decay on the tensors of rank >= 2 only, and the weights' compute copy.
+
+use half::bf16;
+use nanogpt_core::kernels::adamw::AdamWUpdate;
+use nanogpt_core::kernels::cuda::adamw::{self, Clip, FlatBuffers, TensorTable, GRAD_NORM_PARTIALS};
+use nanogpt_core::kernels::cuda::Precision;
+use nanogpt_core::model::{Gelu, ModelArgs};
+use nanogpt_core::optim::{FlatAdamW, OptimizerArgs};
+use nanogpt_core::train_step::ParamLayout;
+
+use crate::gpu::{addr, assert_close, from_bf16, gpu, random, to_bf16};
+
+/// Asserts |got - want| <= tol * |want| + floor element-wise: `floor` is the rounding of terms that
+/// cancel to a near-zero result.
+#[track_caller]
+fn assert_relative(what: &str, got: &[f32], want: &[f32], tol: f32, floor: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= tol * w.abs() + floor, "{what}[{i}]: got {g}, want {w} (relative tolerance {tol}, floor {floor})");
+    }
+}
+
+fn norm_squared_on_device(grads: &[f32], partial_count: usize) -> f32 {
+    let (mut norm_squared, mut partials) = (vec![f32::NAN], vec![f32::NAN; partial_count]);
+    let (total, partials) = (addr(norm_squared.as_mut_slice()), addr(partials.as_mut_slice()));
+    adamw::grad_norm_squared(gpu(), total, partials, partial_count, addr(grads), grads.len()).unwrap();
+    norm_squared[0]
+}
+
+#[test]
+fn grad_norm_squared_is_the_sum_of_squares_and_the_same_every_run() {
+    // (n, partials): one block; a full H100 grid, partly used; a grid of 3 blocks that its threads
+    // stride over (the emulator runs a block of 1024 threads in a fraction of a second: too slow to stride a full grid).
+    for (n, partial_count) in [(1, GRAD_NORM_PARTIALS), (5000, GRAD_NORM_PARTIALS), (3 * 1024 * 4 + 17, 3)] {
+        let grads = random(n, 1.0, n as u64);
+        let want = grads.iter().map(|&g| g as f64 * g as f64).sum::<f64>() as f32;
+        let got = norm_squared_on_device(&grads, partial_count);
+        assert_close(&format!("norm squared of {n}"), &[got], &[want], 1e-5);
+        assert_eq!(norm_squared_on_device(&grads, partial_count).to_bits(), got.to_bits(), "norm squared of {n} differs between runs");
+    }
+}
+
+#[test]
+fn empty_norms_are_refused() {
+    let err = adamw::grad_norm_squared(gpu(), 0, 0, GRAD_NORM_PARTIALS, 0, 0).unwrap_err();
+    assert!(err.to_string().contains("0 gradients"), "{err}");
+    assert!(adamw::grad_norm_squared(gpu(), 0, 0, 0, 0, 10).is_err());
+}
+
+/// A model small enough for the emulator whose tensors decay (matmul weights, embeddings) and do not
+/// (biases, LayerNorm weights), with lengths that are not multiples of the kernel's block.
+fn layout() -> ParamLayout {
+    let args = ModelArgs { n_layer: 2, n_head: 2, n_embd: 12, block_size: 7, vocab_size: 37, bias: true, dropout: 0.0, gelu: Gelu::Erf };
+    ParamLayout::new(&args)
+}
+
+#[test]
+fn the_tensor_table_marks_where_each_tensor_ends_and_whether_it_decays() {
+    let layout = layout();
+    let table = TensorTable::new(&layout);
+    assert_eq!(table.ends.len(), layout.tensors.len());
+    for (t, (&end, &decays)) in layout.tensors.iter().zip(table.ends.iter().zip(&table.decays)) {
+        assert_eq!((end as usize, decays == 1), (t.range.end, t.shape.len() >= 2), "{}", t.name);
+    }
+    assert!(table.decays.contains(&0) && table.decays.contains(&1));
+}
+
+/// Three steps of FlatAdamW on the CPU and of the device kernels, compared after each step. The device
+/// gets the gradients times `loss_scale` (a power of two) and removes it through `grad_scale`, before
+/// clipping, as GradScaler.unscale_ does.
+fn check_steps(x: Precision, with_copy: bool, grad_clip: f64, loss_scale: f32) {
+    let layout = layout();
+    let n = layout.len;
+    let args = OptimizerArgs { weight_decay: 0.1, beta1: 0.9, beta2: 0.95, grad_clip };
+    let mut cpu = FlatAdamW::new(&layout, args.clone());
+    let mut cpu_params = random(n, 1.0, 1);
+
+    let table = TensorTable::new(&layout);
+    let device_table = table.on_device(addr(&table.ends), addr(&table.decays));
+    let mut params = cpu_params.clone();
+    let (mut grads, mut scaled_grads) = (vec![0f32; n], vec![0f32; n]);
+    let (mut exp_avg, mut exp_avg_sq) = (vec![0f32; n], vec![0f32; n]);
+    let mut copy_f32 = vec![f32::NAN; n];
+    let mut copy_bf16 = vec![bf16::NAN; n];
+    let params_copy = match (with_copy, x) {
+        (false, _) => 0,
+        (true, Precision::F32) => addr(copy_f32.as_mut_slice()),
+        (true, Precision::Bf16) => addr(copy_bf16.as_mut_slice()),
+    };
+    let (mut norm_squared, mut partials) = (vec![f32::NAN], vec![f32::NAN; GRAD_NORM_PARTIALS]);
+
+    for t in 1..=3 {
+        let lr = 1e-2 * t as f64;
+        grads.copy_from_slice(&random(n, 1.0, 100 + t as u64));
+        let stats = cpu.step(&layout, &mut cpu_params, &grads, lr);
+        scaled_grads.iter_mut().zip(&grads).for_each(|(s, g)| *s = g * loss_scale);
+
+        let buffers = FlatBuffers {
+            params: addr(params.as_mut_slice()),
+            grads: addr(&scaled_grads),
+            exp_avg: addr(exp_avg.as_mut_slice()),
+            exp_avg_sq: addr(exp_avg_sq.as_mut_slice()),
+            params_copy,
+            len: n,
+        };
+        adamw::grad_norm_squared(
+            gpu(),
+            addr(norm_squared.as_mut_slice()),
+            addr(partials.as_mut_slice()),
+            GRAD_NORM_PARTIALS,
+            buffers.grads,
+            n,
+        )
+        .unwrap();
+        let step = AdamWUpdate {
+            lr,
+            beta1: args.beta1,
+            beta2: args.beta2,
+            eps: 1e-8,
+            weight_decay: args.weight_decay,
+            grad_scale: 1.0 / loss_scale as f64,
+            step_size: lr / (1.0 - args.beta1.powi(t)),
+            bias_correction2_sqrt: (1.0 - args.beta2.powi(t)).sqrt(),
+        };
+        let clip = (grad_clip > 0.0).then(|| Clip { grad_norm_squared: addr(&norm_squared), max_norm: grad_clip as f32 });
+        adamw::update(gpu(), x, &buffers, &device_table, &step, clip).unwrap();
+
+        let what = format!("{x:?} step {t}, clip {grad_clip}");
+        let clipped = grad_clip > 0.0 && stats.grad_norm > grad_clip;
+        assert_eq!(clipped, grad_clip == 0.5, "{what}: the test means clipping to be active exactly at 0.5");
+        assert_close(&format!("{what}: grad norm"), &[norm_squared[0].sqrt() / loss_scale], &[stats.grad_norm as f32], 1e-5);
+        let state = cpu.state(&layout).unwrap();
+        let moment = |suffix: &str| -> Vec<f32> {
+            let parts = state.iter().filter(|(name, _)| name.ends_with(suffix));
+            parts.flat_map(|(_, t)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
+        };
+        // Parameters near zero are the difference of p * (1 - lr * wd) and an update of about lr.
+        assert_relative(&format!("{what}: params"), &params, &cpu_params, 1e-6, 1e-6 * lr as f32);
+        // So are moments near zero, of beta1 * m and (1 - beta1) * g, with m and g of the buffer's scale.
+        let want_avg = moment(".exp_avg");
+        let avg_scale = want_avg.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert_relative(&format!("{what}: exp_avg"), &exp_avg, &want_avg, 1e-6, 1e-6 * avg_scale);
+        assert_relative(&format!("{what}: exp_avg_sq"), &exp_avg_sq, &moment(".exp_avg_sq"), 1e-6, 0.0);
+        match (with_copy, x) {
+            (false, _) => assert!(copy_f32.iter().all(|v| v.is_nan()) && copy_bf16.iter().all(|v| v.is_nan())),
+            (true, Precision::F32) => assert_eq!(copy_f32, params, "{what}: f32 copy"),
+            (true, Precision::Bf16) => assert_eq!(from_bf16(&copy_bf16), from_bf16(&to_bf16(&params)), "{what}: bf16 copy"),
+        }
+    }
+}
+
+#[test]
+fn f32_steps_without_clipping_match_flat_adamw() {
+    check_steps(Precision::F32, false, 0.0, 1.0);
+}
+
+#[test]
+fn f32_steps_with_inactive_clipping_and_a_copy_match_flat_adamw() {
+    check_steps(Precision::F32, true, 1e3, 1.0);
+}
+
+#[test]
+fn bf16_steps_with_active_clipping_match_flat_adamw_and_copy_the_rounded_params() {
+    check_steps(Precision::Bf16, true, 0.5, 1.0);
+}
+
+#[test]
+fn bf16_steps_without_a_copy_leave_it_absent() {
+    check_steps(Precision::Bf16, false, 0.5, 1.0);
+}
+
+#[test]
+fn a_loss_scale_is_removed_before_clipping() {
+    check_steps(Precision::F32, false, 0.5, 1024.0);
+}
+
+#[test]
+fn mismatched_buffers_and_bad_clipping_are_refused() {
+    let layout = layout();
+    let table = TensorTable::new(&layout).on_device(0, 0);
+    let step = AdamWUpdate {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        grad_scale: 1.0,
+        step_size: 1e-2,
+        bias_correction2_sqrt: 0.2,
+    };
+    let buffers = FlatBuffers { params: 0, grads: 0, exp_avg: 0, exp_avg_sq: 0, params_copy: 0, len: layout.len - 1 };
+    let err = adamw::update(gpu(), Precision::F32, &buffers, &table, &step, None).unwrap_err();
+    assert!(err.to_string().contains("build both from one ParamLayout"), "{err}");
+    let buffers = FlatBuffers { len: layout.len, ..buffers };
+    let clip = Some(Clip { grad_norm_squared: 0, max_norm: 0.0 });
+    let err = adamw::update(gpu(), Precision::F32, &buffers, &table, &step, clip).unwrap_err();
+    assert!(err.to_string().contains("pass a positive max norm"), "{err}");
+}
