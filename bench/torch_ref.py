@@ -340,7 +340,8 @@ def kernels(a):
     report("cross_entropy", lambda: torch.autograd.grad(F.cross_entropy(logits.float(), targets), logits),
            2 * N * V * XB + N * 8)
 
-    # one AdamW step over the model's parameters (float32 master weights, fused)
+    # one AdamW step over the model's parameters (float32 master weights, fused); the engine's step also
+    # writes the weights' bf16 copy, which autocast makes in each forward instead
     model = GPT(V, T, a.n_layer, NH, C, 0.0, bool(a.bias)).to("cuda")
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3

@@ -1,6 +1,7 @@
 //! Times the engine's CUDA kernels (kernels/cuda) one at a time on CUDA device 0, in bf16, at GPT-2 124M
-//! training shapes (B=12, T=1024, C=768, NH=12, V=50304, a 4C MLP) or those given as `--key=value`
-//! (batch_size, block_size, n_embd, n_head, vocab_size; warmup and iters set the launches). Each launch is
+//! training shapes (B=12, T=1024, C=768, NH=12, V=50304, a 4C MLP; AdamW over the 12-layer model's
+//! parameters, no biases) or those given as `--key=value` (batch_size, block_size, n_embd, n_head,
+//! vocab_size, n_layer, bias; warmup and iters set the launches). Each launch is
 //! timed alone between two CUDA events, after a write of 512 MiB has evicted its inputs from L2, and each
 //! kernel prints the median as one line, `KERNEL {"name", "ms", "gbps", ["tflops"]}`: gbps counts the bytes
 //! the kernel must read and write at least, tflops (attention) the causal half of its matmuls.
@@ -15,7 +16,11 @@ use candle_core::{bail, Result};
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use nanogpt_core::cuda::Kernels;
-use nanogpt_core::kernels::cuda::{attention, bias, encoder, gelu, layernorm, Precision};
+use nanogpt_core::kernels::adamw::AdamWUpdate;
+use nanogpt_core::kernels::cuda::adamw::{FlatBuffers, TensorTable};
+use nanogpt_core::kernels::cuda::{adamw, attention, bias, classifier, encoder, gelu, layernorm, Precision};
+use nanogpt_core::train_step::ParamLayout;
+use nanogpt_core::ModelArgs;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -30,16 +35,20 @@ struct Shape {
     c: usize,
     n_head: usize,
     vocab: usize,
+    n_layer: usize,
+    bias: usize,
     warmup: usize,
     iters: usize,
 }
 
 impl Shape {
     fn from_args() -> Result<Self> {
-        let mut shape = Shape { b: 12, t: 1024, c: 768, n_head: 12, vocab: 50304, warmup: 10, iters: 30 };
+        let mut shape = Shape { b: 12, t: 1024, c: 768, n_head: 12, vocab: 50304, n_layer: 12, bias: 0, warmup: 10, iters: 30 };
         for arg in std::env::args().skip(1) {
             let Some((key, value)) = arg.strip_prefix("--").and_then(|a| a.split_once('=')) else {
-                bail!("argument `{arg}`: give --key=value (batch_size, block_size, n_embd, n_head, vocab_size, warmup, iters)")
+                bail!(
+                    "argument `{arg}`: give --key=value (batch_size, block_size, n_embd, n_head, vocab_size, n_layer, bias, warmup, iters)"
+                )
             };
             let Ok(value) = value.parse::<usize>() else { bail!("argument `{arg}`: the value must be a whole number") };
             let field = match key {
@@ -48,9 +57,13 @@ impl Shape {
                 "n_embd" => &mut shape.c,
                 "n_head" => &mut shape.n_head,
                 "vocab_size" => &mut shape.vocab,
+                "n_layer" => &mut shape.n_layer,
+                "bias" => &mut shape.bias,
                 "warmup" => &mut shape.warmup,
                 "iters" => &mut shape.iters,
-                _ => bail!("argument `{arg}`: unknown key; use batch_size, block_size, n_embd, n_head, vocab_size, warmup or iters"),
+                _ => bail!(
+                    "argument `{arg}`: unknown key; use batch_size, block_size, n_embd, n_head, vocab_size, n_layer, bias, warmup or iters"
+                ),
             };
             *field = value;
         }
@@ -80,20 +93,28 @@ impl Memory {
         Ok(self.keep(buffer))
     }
 
+    fn upload(&mut self, bytes: &[u8]) -> Result<u64> {
+        let buffer = self.stream.clone_htod(bytes).map_err(driver_error)?;
+        Ok(self.keep(buffer))
+    }
+
     /// `n` bf16 values uniform in (-scale, scale): layer norms, softmaxes and GELUs see spread-out inputs.
     fn random_bf16(&mut self, n: usize, scale: f32) -> Result<u64> {
         let bytes: Vec<u8> =
             (0..n).flat_map(|_| half::bf16::from_f32(self.rng.random_range(-scale..scale)).to_bits().to_le_bytes()).collect();
-        let buffer = self.stream.clone_htod(&bytes).map_err(driver_error)?;
-        Ok(self.keep(buffer))
+        self.upload(&bytes)
+    }
+
+    fn random_f32(&mut self, n: usize, scale: f32) -> Result<u64> {
+        let bytes: Vec<u8> = (0..n).flat_map(|_| self.rng.random_range(-scale..scale).to_le_bytes()).collect();
+        self.upload(&bytes)
     }
 
     /// `n` token ids uniform below `vocab`, as i32: the embedding gradient's adds spread over the rows of
     /// dwte the way a real batch's do, rather than all landing on one.
     fn random_tokens(&mut self, n: usize, vocab: usize) -> Result<u64> {
         let bytes: Vec<u8> = (0..n).flat_map(|_| (self.rng.random_range(0..vocab) as i32).to_le_bytes()).collect();
-        let buffer = self.stream.clone_htod(&bytes).map_err(driver_error)?;
-        Ok(self.keep(buffer))
+        self.upload(&bytes)
     }
 }
 
@@ -158,7 +179,7 @@ fn round(value: f64, digits: i32) -> f64 {
 }
 
 fn run() -> Result<()> {
-    let Shape { b, t, c, n_head, vocab, warmup, iters } = Shape::from_args()?;
+    let Shape { b, t, c, n_head, vocab, n_layer, bias, warmup, iters } = Shape::from_args()?;
     let device = nanogpt_core::cuda::open(0, 0)?;
     let kernels = Kernels::new(&device)?;
     let stream = kernels.device().cuda_stream().clone();
@@ -237,6 +258,46 @@ fn run() -> Result<()> {
     timer.report("attention_bwd", 8 * n * c * XB + rows, Some(2.5 * forward_flops), &|k| {
         attention::backward(k, X, dqkv, dout, qkv, att, lse, delta, b, t, c, n_head, None)
     })?;
+
+    // The loss over (N, V) logits: each row's loss, its gradient over the logits in place, and their sum.
+    let logits = memory.random_bf16(n * vocab, 4.0)?;
+    let targets = memory.random_tokens(n, vocab)?;
+    let losses = memory.zeroed(n * F32B)?;
+    let loss = memory.zeroed(F32B)?;
+    timer.report("cross_entropy", 2 * n * vocab * XB + 2 * n * F32B, None, &|k| {
+        classifier::cross_entropy(k, X, logits, losses, targets, n, vocab, Some(1.0 / n as f32))?;
+        classifier::loss_sum(k, loss, losses, n)
+    })?;
+
+    // One AdamW step over the model's flat f32 buffers, writing the bf16 compute copy of the weights.
+    let model =
+        ModelArgs { n_layer, n_head, n_embd: c, block_size: t, vocab_size: vocab, bias: bias != 0, dropout: 0.0, gelu: Default::default() };
+    let layout = ParamLayout::new(&model);
+    let table = TensorTable::new(&layout);
+    let ends: Vec<u8> = table.ends.iter().flat_map(|end| end.to_le_bytes()).collect();
+    let table = table.on_device(memory.upload(&ends)?, memory.upload(&table.decays)?);
+    let p = layout.len;
+    let buffers = FlatBuffers {
+        params: memory.random_f32(p, 0.02)?,
+        grads: memory.random_f32(p, 1e-3)?,
+        exp_avg: memory.zeroed(p * F32B)?,
+        exp_avg_sq: memory.zeroed(p * F32B)?,
+        params_copy: memory.zeroed(p * XB)?,
+        len: p,
+    };
+    let (lr, beta1, beta2): (f64, f64, f64) = (6e-4, 0.9, 0.95);
+    let step = AdamWUpdate {
+        lr,
+        beta1,
+        beta2,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        grad_scale: 1.0,
+        step_size: lr / (1.0 - beta1),
+        bias_correction2_sqrt: (1.0 - beta2).sqrt(),
+    };
+    // Reads params, grads and both moments; writes them back but the grads, and the bf16 copy.
+    timer.report("adamw", p * (7 * F32B + XB), None, &|k| adamw::update(k, X, &buffers, &table, &step, None))?;
     Ok(())
 }
 
