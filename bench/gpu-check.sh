@@ -94,9 +94,9 @@ ldd "$app/tests/nccl" | grep -E 'nccl|not found' || true
 phase correctness 150 "$app/tests/cuda" --ignored --nocapture --test-threads=1 \
   || { grep -q 'no usable GPU' "$out/correctness.log" && status[correctness]="failed: no usable GPU"; }
 phase kernels 35 env NANOGPT_TEST_DEVICE=cuda "$app/tests/cuda_kernels" --test-threads=1
-kernel_shape=(--n_head=12 --n_embd=768 --block_size=1024 --batch_size=12 --vocab_size=50304)
+kernel_shape=(--n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --batch_size=12 --vocab_size=50304)
 phase kernel_bench_ours 25 "$app/bench/cuda_kernels_bench" "${kernel_shape[@]}"
-phase kernel_bench_torch 30 python3 "$root/bench/torch_ref.py" kernels --n_layer=12 "${kernel_shape[@]}"
+phase kernel_bench_torch 30 python3 "$root/bench/torch_ref.py" kernels "${kernel_shape[@]}"
 phase nccl 120 "$app/tests/nccl" --ignored --nocapture --test-threads=1
 
 # ---------------------------------------------------------------- 2. throughput, 124M shapes
