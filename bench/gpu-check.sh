@@ -140,7 +140,7 @@ t_wall=$(result torch_train wall_s) t_best=$(result torch_train best_val)
 
 section "summary"
 for name in unpack correctness kernels kernel_bench_ours kernel_bench_torch nccl torch_bench our_bench profile_124m prepare profile_char sample_xl torch_train our_train; do
-  printf '%-14s %s\n' "$name" "${status[$name]:-not run}"
+  printf '%-18s %s\n' "$name" "${status[$name]:-not run}"
 done
 echo
 echo "kernels, one launch each at 124M shapes, bf16 (median ms; n/a: that side has no such kernel or did not run):"
