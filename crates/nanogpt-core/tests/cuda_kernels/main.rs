@@ -7,3 +7,4 @@ mod encoder;
 mod gelu;
 mod gpu;
 mod layernorm;
+mod matmul;
