@@ -1,14 +1,16 @@
 //! The GPU the kernel tests launch on, and helpers for their buffers. By default that is the emulator
-//! (`cuda-on-cpu`). A `cuda` build run with `NANOGPT_TEST_DEVICE=cuda` runs the same tests on the
-//! first CUDA device instead: the tests' host buffers are page-locked and mapped for the duration of
-//! each launch, so the kernels read and write them in place.
+//! (`cuda-on-cpu`), whose "device" memory is host memory. A `cuda` build run with
+//! `NANOGPT_TEST_DEVICE=cuda` runs the same tests on the first CUDA device instead: the tests' host
+//! buffers are page-locked and mapped for the duration of each launch, so the kernels read and write
+//! them in place, and `alloc` gives device memory.
 
-use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
+use std::alloc::Layout;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, OnceLock};
 
-use candle_core::Result;
+use candle_core::{bail, Result};
 use half::bf16;
-use nanogpt_core::kernels::cuda::{Arg, Gpu, Precision};
+use nanogpt_core::kernels::cuda::{Arg, DeviceBuffer, Gemm, Gpu, Precision};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -27,7 +29,59 @@ pub fn addr<T>(buffer: &[T]) -> u64 {
     address
 }
 
-struct Emulated;
+/// The emulator, its memory host allocations (by address, with their layouts), and its matrix products
+/// plain loops.
+#[derive(Default)]
+struct Emulated {
+    allocations: Mutex<BTreeMap<u64, Layout>>,
+}
+
+/// Alignment of the emulator's allocations: cudaMalloc's, ample for 128-bit loads.
+const ALIGNMENT: usize = 256;
+
+impl Emulated {
+    /// Fails unless `bytes` bytes at `addr` lie in one allocation or one buffer passed to [`addr`], at an
+    /// address aligned for elements of `align` bytes. Nothing is anywhere, as a CUDA device's empty copies.
+    fn check_range(&self, what: &str, addr: u64, bytes: usize, align: usize) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        let end = addr + bytes as u64;
+        let allocations = self.allocations.lock().unwrap();
+        let in_allocation = allocations.range(..=addr).next_back().is_some_and(|(&start, layout)| end <= start + layout.size() as u64);
+        let in_buffer = || buffers().lock().unwrap().iter().any(|(&start, &len)| start <= addr && end <= start + len as u64);
+        if !(in_allocation || in_buffer()) {
+            bail!("{what}: {bytes} bytes at {addr:#x} are not inside one buffer");
+        }
+        if !addr.is_multiple_of(align as u64) {
+            bail!("{what}: {addr:#x} is not aligned to its {align}-byte elements");
+        }
+        Ok(())
+    }
+
+    fn read(&self, what: &str, addr: u64, precision: Precision, len: usize) -> Result<Vec<f32>> {
+        self.check_range(what, addr, len * precision.size_in_bytes(), precision.size_in_bytes())?;
+        // SAFETY: the range lies in a live buffer and is aligned for its elements (checked above).
+        Ok(unsafe {
+            match precision {
+                Precision::F32 => std::slice::from_raw_parts(addr as *const f32, len).to_vec(),
+                Precision::Bf16 => from_bf16(std::slice::from_raw_parts(addr as *const bf16, len)),
+            }
+        })
+    }
+
+    fn write(&self, what: &str, addr: u64, precision: Precision, values: &[f32]) -> Result<()> {
+        self.check_range(what, addr, values.len() * precision.size_in_bytes(), precision.size_in_bytes())?;
+        // SAFETY: as in `read`; no reference to the buffer is alive during the copy.
+        unsafe {
+            match precision {
+                Precision::F32 => std::ptr::copy_nonoverlapping(values.as_ptr(), addr as *mut f32, values.len()),
+                Precision::Bf16 => std::ptr::copy_nonoverlapping(to_bf16(values).as_ptr(), addr as *mut bf16, values.len()),
+            }
+        }
+        Ok(())
+    }
+}
 
 impl Gpu for Emulated {
     fn launch(&self, kernel: &str, grid: [u32; 3], block: [u32; 3], shared_bytes: u32, args: &[Arg]) -> Result<()> {
@@ -37,22 +91,101 @@ impl Gpu for Emulated {
         // and the tests pass addresses of live buffers of the sizes the kernel reads and writes.
         unsafe { cuda_on_cpu::launch(kernel, grid, block, shared_bytes, &mut params) }.map_err(candle_core::Error::Msg)
     }
+
+    fn alloc(&self, bytes: usize) -> Result<u64> {
+        if bytes == 0 {
+            return Ok(0);
+        }
+        let layout =
+            Layout::from_size_align(bytes, ALIGNMENT).map_err(|e| candle_core::Error::Msg(format!("alloc of {bytes} bytes: {e}")))?;
+        // SAFETY: the layout has a non-zero size.
+        let addr = unsafe { std::alloc::alloc_zeroed(layout) } as u64;
+        if addr == 0 {
+            bail!("alloc: out of host memory for {bytes} bytes");
+        }
+        self.allocations.lock().unwrap().insert(addr, layout);
+        Ok(addr)
+    }
+
+    fn free(&self, addr: u64) -> Result<()> {
+        if addr == 0 {
+            return Ok(());
+        }
+        let Some(layout) = self.allocations.lock().unwrap().remove(&addr) else {
+            bail!("free: {addr:#x} is not an allocation, or was freed already");
+        };
+        // SAFETY: `addr` was allocated with `layout` and is now forgotten, so it is freed once.
+        unsafe { std::alloc::dealloc(addr as *mut u8, layout) };
+        Ok(())
+    }
+
+    fn upload(&self, dst: u64, src: &[u8]) -> Result<()> {
+        self.check_range("upload", dst, src.len(), 1)?;
+        // SAFETY: the destination range lies in a live buffer (checked above), which `src` cannot overlap.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len()) };
+        Ok(())
+    }
+
+    fn download(&self, src: u64, dst: &mut [u8]) -> Result<()> {
+        self.check_range("download", src, dst.len(), 1)?;
+        // SAFETY: the source range lies in a live buffer (checked above), which `dst` cannot overlap.
+        unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+
+    fn zero(&self, dst: u64, bytes: usize) -> Result<()> {
+        self.check_range("zero", dst, bytes, 1)?;
+        // SAFETY: the range lies in a live buffer (checked above).
+        unsafe { std::ptr::write_bytes(dst as *mut u8, 0, bytes) };
+        Ok(())
+    }
+
+    fn gemm(&self, g: &Gemm) -> Result<()> {
+        g.check()?;
+        let Gemm { m, n, k, .. } = *g;
+        let a = self.read("gemm A", g.a, g.inputs, m * k)?;
+        let b = self.read("gemm B", g.b, g.inputs, k * n)?;
+        let mut c = if g.beta == 0.0 { vec![0.0; m * n] } else { self.read("gemm C", g.c, g.output, m * n)? };
+        let a_at = |i: usize, p: usize| if g.transpose_a { a[p * m + i] } else { a[i * k + p] };
+        let b_at = |p: usize, j: usize| if g.transpose_b { b[j * k + p] } else { b[p * n + j] };
+        for i in 0..m {
+            for j in 0..n {
+                let product: f32 = (0..k).map(|p| a_at(i, p) * b_at(p, j)).sum();
+                let old = if g.beta == 0.0 { 0.0 } else { g.beta * c[i * n + j] };
+                c[i * n + j] = g.alpha * product + old;
+            }
+        }
+        self.write("gemm C", g.c, g.output, &c)
+    }
+}
+
+fn shared() -> &'static Arc<dyn Gpu + Send + Sync> {
+    static GPU: OnceLock<Arc<dyn Gpu + Send + Sync>> = OnceLock::new();
+    GPU.get_or_init(|| match std::env::var("NANOGPT_TEST_DEVICE").as_deref() {
+        Ok("cuda") => device::open(),
+        Ok(other) if !other.is_empty() => panic!("NANOGPT_TEST_DEVICE={other}: use `cuda`, or leave it unset for the emulator"),
+        _ => Arc::new(Emulated::default()),
+    })
 }
 
 /// Where the tests run, chosen once per test process.
 pub fn gpu() -> &'static dyn Gpu {
-    static GPU: OnceLock<Box<dyn Gpu + Send + Sync>> = OnceLock::new();
-    GPU.get_or_init(|| match std::env::var("NANOGPT_TEST_DEVICE").as_deref() {
-        Ok("cuda") => device::open(),
-        Ok(other) if !other.is_empty() => panic!("NANOGPT_TEST_DEVICE={other}: use `cuda`, or leave it unset for the emulator"),
-        _ => Box::new(Emulated),
-    })
-    .as_ref()
+    shared().as_ref()
+}
+
+/// The same GPU, for [`DeviceBuffer`](nanogpt_core::kernels::cuda::DeviceBuffer)s.
+pub fn shared_gpu() -> Arc<dyn Gpu + Send + Sync> {
+    shared().clone()
+}
+
+/// Whether the tests run on a CUDA device, whose f32 products round their inputs to TF32.
+pub fn on_cuda_device() -> bool {
+    std::env::var("NANOGPT_TEST_DEVICE").as_deref() == Ok("cuda")
 }
 
 #[cfg(not(feature = "cuda"))]
 mod device {
-    pub fn open() -> Box<dyn super::Gpu + Send + Sync> {
+    pub fn open() -> std::sync::Arc<dyn super::Gpu + Send + Sync> {
         panic!("NANOGPT_TEST_DEVICE=cuda needs this test built with `--features cuda`")
     }
 }
@@ -66,7 +199,7 @@ mod device {
     /// The engine's kernels on a CUDA device, reading and writing the tests' host buffers in place.
     struct Device(nanogpt_core::cuda::Kernels);
 
-    pub fn open() -> Box<dyn Gpu + Send + Sync> {
+    pub fn open() -> Arc<dyn Gpu + Send + Sync> {
         let device = nanogpt_core::cuda::open(0, 0).expect("NANOGPT_TEST_DEVICE=cuda: no CUDA device");
         let kernels = nanogpt_core::cuda::Kernels::new(&device).unwrap();
         let ordinal = 0;
@@ -75,7 +208,7 @@ mod device {
         unsafe { sys::cuDeviceGetAttribute(&mut maps_host, attribute, ordinal) }.result().unwrap();
         assert_eq!(maps_host, 1, "this GPU cannot use host pointers to registered memory, which the kernel tests rely on");
         eprintln!("cuda_kernels: running on CUDA device 0");
-        Box::new(Device(kernels))
+        Arc::new(Device(kernels))
     }
 
     fn check(what: &str, result: sys::CUresult) -> Result<()> {
@@ -115,6 +248,31 @@ mod device {
                 check("unregistering a test buffer", unsafe { sys::cuMemHostUnregister(start as *mut _) })?;
             }
             launched.and(finished)
+        }
+
+        // Device memory: never registered, unlike the host buffers a launch is given.
+        fn alloc(&self, bytes: usize) -> Result<u64> {
+            self.0.alloc(bytes)
+        }
+
+        fn free(&self, addr: u64) -> Result<()> {
+            self.0.free(addr)
+        }
+
+        fn upload(&self, dst: u64, src: &[u8]) -> Result<()> {
+            self.0.upload(dst, src)
+        }
+
+        fn download(&self, src: u64, dst: &mut [u8]) -> Result<()> {
+            self.0.download(src, dst)
+        }
+
+        fn zero(&self, dst: u64, bytes: usize) -> Result<()> {
+            self.0.zero(dst, bytes)
+        }
+
+        fn gemm(&self, g: &Gemm) -> Result<()> {
+            self.0.gemm(g)
         }
     }
 }
@@ -177,5 +335,23 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
     assert_eq!(got.len(), want.len(), "{what}: lengths differ");
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         assert!((g - w).abs() <= tol * (1.0 + w.abs()), "{what}[{i}]: got {g}, want {w} (tolerance {tol})");
+    }
+}
+
+/// A buffer on [`gpu`] holding `values` in precision `x` (rounded to bf16 for bf16).
+pub fn device_buffer(x: Precision, values: &[f32]) -> DeviceBuffer {
+    let buffer = DeviceBuffer::zeroed(&shared_gpu(), values.len() * x.size_in_bytes()).unwrap();
+    match x {
+        Precision::F32 => buffer.upload_f32(values).unwrap(),
+        Precision::Bf16 => buffer.upload_bytes(&to_bf16(values).iter().flat_map(|v| v.to_ne_bytes()).collect::<Vec<u8>>()).unwrap(),
+    }
+    buffer
+}
+
+/// The values of a buffer of precision `x`, once the work queued before has finished.
+pub fn device_values(x: Precision, buffer: &DeviceBuffer) -> Vec<f32> {
+    match x {
+        Precision::F32 => buffer.download_f32().unwrap(),
+        Precision::Bf16 => buffer.download_bytes().unwrap().chunks_exact(2).map(|b| bf16::from_ne_bytes([b[0], b[1]]).to_f32()).collect(),
     }
 }

@@ -11,3 +11,4 @@ mod encoder;
 mod gelu;
 mod gpu;
 mod layernorm;
+mod matmul;
