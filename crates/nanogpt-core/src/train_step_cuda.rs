@@ -381,11 +381,38 @@ impl CudaTrainStep {
             }
         };
 
-        matmul::backward(gpu, x, Some(scratch), self.grad(&layout.wte), None, acts.logits.addr, acts.ln_f.addr, self.weight(&layout.wte), n, c, v)?;
+        matmul::backward(
+            gpu,
+            x,
+            Some(scratch),
+            self.grad(&layout.wte),
+            None,
+            acts.logits.addr,
+            acts.ln_f.addr,
+            self.weight(&layout.wte),
+            n,
+            c,
+            v,
+        )?;
         let last = acts.layers.last().map_or(&acts.encoded, |a| &a.residual_3);
         let (w, _) = self.affine(&layout.ln_f);
         let (dw, db) = self.affine_grads(&layout.ln_f);
-        layernorm::backward(gpu, x, dresidual, dw, db, ln_scratch, scratch, last.addr, w, acts.ln_f_mean.addr, acts.ln_f_rstd.addr, n, c, false)?;
+        layernorm::backward(
+            gpu,
+            x,
+            dresidual,
+            dw,
+            db,
+            ln_scratch,
+            scratch,
+            last.addr,
+            w,
+            acts.ln_f_mean.addr,
+            acts.ln_f_rstd.addr,
+            n,
+            c,
+            false,
+        )?;
 
         for (l, lp) in layout.layers.iter().enumerate().rev() {
             let residual = if l == 0 { &acts.encoded } else { &acts.layers[l - 1].residual_3 };
@@ -399,7 +426,22 @@ impl CudaTrainStep {
             matmul::backward(gpu, x, Some(scratch), dw, db, acts.dfch.addr, a.ln_2.addr, self.weight(&lp.c_fc.weight), n, c, 4 * c)?;
             let (dw, db) = self.affine_grads(&lp.ln_2);
             let w = self.weight(&lp.ln_2.weight);
-            layernorm::backward(gpu, x, dresidual, dw, db, ln_scratch, scratch, a.residual_2.addr, w, a.ln_2_mean.addr, a.ln_2_rstd.addr, n, c, true)?;
+            layernorm::backward(
+                gpu,
+                x,
+                dresidual,
+                dw,
+                db,
+                ln_scratch,
+                scratch,
+                a.residual_2.addr,
+                w,
+                a.ln_2_mean.addr,
+                a.ln_2_rstd.addr,
+                n,
+                c,
+                true,
+            )?;
 
             // Attention block: residual_2 = residual + dropout(attention(ln_1 W_attnᵀ) W_projᵀ).
             let dproj = through_dropout(mask(dropout, Site::AttentionResidual(l)))?;
@@ -424,7 +466,22 @@ impl CudaTrainStep {
             matmul::backward(gpu, x, Some(scratch), dw, db, acts.dqkv.addr, a.ln_1.addr, self.weight(&lp.c_attn.weight), n, c, 3 * c)?;
             let (dw, db) = self.affine_grads(&lp.ln_1);
             let w = self.weight(&lp.ln_1.weight);
-            layernorm::backward(gpu, x, dresidual, dw, db, ln_scratch, scratch, residual.addr, w, a.ln_1_mean.addr, a.ln_1_rstd.addr, n, c, true)?;
+            layernorm::backward(
+                gpu,
+                x,
+                dresidual,
+                dw,
+                db,
+                ln_scratch,
+                scratch,
+                residual.addr,
+                w,
+                a.ln_1_mean.addr,
+                a.ln_1_rstd.addr,
+                n,
+                c,
+                true,
+            )?;
         }
         encoder::backward(
             gpu,
@@ -467,7 +524,8 @@ impl CudaTrainStep {
             params_copy: self.weights_copy.as_ref().map_or(0, |c| c.addr),
             len: n,
         };
-        let clip = (args.grad_clip > 0.0).then_some(Clip { grad_norm_squared: self.grad_norm_squared.addr, max_norm: args.grad_clip as f32 });
+        let clip =
+            (args.grad_clip > 0.0).then_some(Clip { grad_norm_squared: self.grad_norm_squared.addr, max_norm: args.grad_clip as f32 });
         adamw::update(gpu, self.x, &buffers, &self.tensor_table, &update, clip)
     }
 

@@ -12,3 +12,4 @@ mod gelu;
 mod gpu;
 mod layernorm;
 mod matmul;
+mod train_step;

@@ -96,7 +96,12 @@ fn f32_losses_and_gradients_match_the_cpu_step() {
         for tensor in &ParamLayout::new(&args).tensors {
             let r = tensor.range.clone();
             assert_close(&format!("d{}, {what}", tensor.name), &gpu.grads[r.clone()], &cpu.grads[r.clone()], 1e-4);
-            assert_close(&format!("{} after AdamW, {what}", tensor.name), &gpu.params[r.clone()], &cpu.params[r], 1e-5);
+            // Adam divides each gradient by its own magnitude: where that is rounding noise (the key bias's
+            // gradient is zero in exact arithmetic) the two steps legitimately differ by up to lr.
+            for i in r.filter(|&i| cpu.grads[i].abs() > 1e-6) {
+                let (g, c) = (gpu.params[i], cpu.params[i]);
+                assert!((g - c).abs() <= 1e-5 * (1.0 + c.abs()), "{}[{i}] after AdamW, {what}: got {g}, want {c}", tensor.name);
+            }
         }
     }
 }
