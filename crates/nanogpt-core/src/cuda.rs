@@ -148,7 +148,7 @@ impl crate::kernels::cuda::Gpu for Kernels {
         let function = self.function(kernel, shared_bytes)?;
         let mut args = args.to_vec();
         let mut params = crate::kernels::cuda::Arg::kernel_params(&mut args);
-        let stream = self.device.cuda_stream();
+        let stream = self.stream()?;
         // SAFETY: the launch functions of kernels/cuda pass the arguments the kernel declares, in its order;
         // cuLaunchKernel copies them before returning, while `args` is alive.
         unsafe {
@@ -173,7 +173,8 @@ impl crate::kernels::cuda::Gpu for Kernels {
         let stream = self.stream()?;
         // SAFETY: the allocation is `bytes` long; the memset covers it, queued after the allocation.
         unsafe {
-            let addr = driver::result::malloc_async(stream.cu_stream(), bytes).map_err(driver_error)?;
+            let addr = driver::result::malloc_async(stream.cu_stream(), bytes)
+                .map_err(|e| candle_core::Error::Msg(format!("allocating {bytes} bytes on the GPU: {e}")))?;
             driver::result::memset_d8_async(addr, 0, bytes, stream.cu_stream()).map_err(driver_error)?;
             Ok(addr)
         }
@@ -238,6 +239,7 @@ impl crate::kernels::cuda::Gpu for Kernels {
         let cm = g.column_major();
         // `check` bounded m, n and k by i32::MAX, and every leading dimension is one of them.
         let int = |d: usize| d as i32;
+        // cuBLAS runs in the context current on the calling thread.
         self.stream()?;
         let blas = self.device.cublas_handle();
         // SAFETY: the handle is bound to the device's stream; the caller's a, b and c hold the packed
