@@ -148,7 +148,7 @@ impl crate::kernels::cuda::Gpu for Kernels {
         let function = self.function(kernel, shared_bytes)?;
         let mut args = args.to_vec();
         let mut params = crate::kernels::cuda::Arg::kernel_params(&mut args);
-        let stream = self.device.cuda_stream();
+        let stream = self.stream()?;
         // SAFETY: the launch functions of kernels/cuda pass the arguments the kernel declares, in its order;
         // cuLaunchKernel copies them before returning, while `args` is alive.
         unsafe {
@@ -173,7 +173,8 @@ impl crate::kernels::cuda::Gpu for Kernels {
         let stream = self.stream()?;
         // SAFETY: the allocation is `bytes` long; the memset covers it, queued after the allocation.
         unsafe {
-            let addr = driver::result::malloc_async(stream.cu_stream(), bytes).map_err(driver_error)?;
+            let addr = driver::result::malloc_async(stream.cu_stream(), bytes)
+                .map_err(|e| candle_core::Error::Msg(format!("allocating {bytes} bytes on the GPU: {e}")))?;
             driver::result::memset_d8_async(addr, 0, bytes, stream.cu_stream()).map_err(driver_error)?;
             Ok(addr)
         }
@@ -219,13 +220,11 @@ impl crate::kernels::cuda::Gpu for Kernels {
         unsafe { driver::result::memset_d8_async(dst, 0, bytes, stream.cu_stream()) }.map_err(driver_error)
     }
 
-    // cuBLAS is column-major, and a packed row-major matrix is its transpose in column-major: so C is
-    // computed as Cᵀ (n x m) = op(B)ᵀ op(A)ᵀ, with B in cuBLAS's A place and A in its B place. A matrix
-    // stored untransposed is then taken as stored (OP_N), a transposed one transposed back (OP_T), and
-    // each leading dimension is the stored row length.
+    // cuBLAS is column-major: the product goes to it as `Gemm::column_major` restates it.
     fn gemm(&self, g: &crate::kernels::cuda::Gemm) -> Result<()> {
-        use crate::kernels::cuda::Precision;
         use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
+
+        use crate::kernels::cuda::Precision;
 
         g.check()?;
         let data_type = |p: Precision| match p {
@@ -237,37 +236,38 @@ impl crate::kernels::cuda::Gpu for Kernels {
             Precision::F32 => cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
             Precision::Bf16 => cublasComputeType_t::CUBLAS_COMPUTE_32F,
         };
-        let (m, n, k) = (g.m as i32, g.n as i32, g.k as i32);
-        let ld_b = if g.transpose_b { k } else { n };
-        let ld_a = if g.transpose_a { m } else { k };
+        let cm = g.column_major();
+        // `check` bounded m, n and k by i32::MAX, and every leading dimension is one of them.
+        let int = |d: usize| d as i32;
+        // cuBLAS runs in the context current on the calling thread.
         self.stream()?;
         let blas = self.device.cublas_handle();
         // SAFETY: the handle is bound to the device's stream; the caller's a, b and c hold the packed
-        // matrices `g` describes (dimensions checked to fit cuBLAS's ints); alpha and beta are host f32s,
-        // read before the call returns, as cuBLAS's default host pointer mode and 32F compute type expect.
+        // matrices `g` describes; alpha and beta are host f32s, read before the call returns, as cuBLAS's
+        // default host pointer mode and its 32F compute types expect.
         unsafe {
             cudarc::cublas::result::gemm_ex(
                 *blas.handle(),
-                op(g.transpose_b),
-                op(g.transpose_a),
-                n,
-                m,
-                k,
+                op(cm.transpose_a),
+                op(cm.transpose_b),
+                int(cm.m),
+                int(cm.n),
+                int(cm.k),
                 &g.alpha as *const f32 as *const _,
-                g.b as *const _,
+                cm.a as *const _,
                 data_type(g.inputs),
-                ld_b,
-                g.a as *const _,
+                int(cm.lda),
+                cm.b as *const _,
                 data_type(g.inputs),
-                ld_a,
+                int(cm.ldb),
                 &g.beta as *const f32 as *const _,
-                g.c as *mut _,
+                cm.c as *mut _,
                 data_type(g.output),
-                n,
+                int(cm.ldc),
                 compute,
                 cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         }
-        .map_err(|e| candle_core::Error::Msg(format!("cuBLAS gemm m={m} n={n} k={k}: {e}")))
+        .map_err(|e| candle_core::Error::Msg(format!("cuBLAS gemm m={} n={} k={}: {e}", g.m, g.n, g.k)))
     }
 }

@@ -140,22 +140,26 @@ impl Gpu for Emulated {
         Ok(())
     }
 
+    // The product as cuBLAS receives it (`Gemm::column_major`), computed by BLAS's definition, so that the
+    // tests check that translation too.
     fn gemm(&self, g: &Gemm) -> Result<()> {
         g.check()?;
-        let Gemm { m, n, k, .. } = *g;
-        let a = self.read("gemm A", g.a, g.inputs, m * k)?;
-        let b = self.read("gemm B", g.b, g.inputs, k * n)?;
-        let mut c = if g.beta == 0.0 { vec![0.0; m * n] } else { self.read("gemm C", g.c, g.output, m * n)? };
-        let a_at = |i: usize, p: usize| if g.transpose_a { a[p * m + i] } else { a[i * k + p] };
-        let b_at = |p: usize, j: usize| if g.transpose_b { b[j * k + p] } else { b[p * n + j] };
-        for i in 0..m {
-            for j in 0..n {
-                let product: f32 = (0..k).map(|p| a_at(i, p) * b_at(p, j)).sum();
-                let old = if g.beta == 0.0 { 0.0 } else { g.beta * c[i * n + j] };
-                c[i * n + j] = g.alpha * product + old;
+        let cm = g.column_major();
+        let stored_columns = |transposed: bool, rows: usize, cols: usize| if transposed { rows } else { cols };
+        let a = self.read("gemm A", cm.a, g.inputs, cm.lda * stored_columns(cm.transpose_a, cm.m, cm.k))?;
+        let b = self.read("gemm B", cm.b, g.inputs, cm.ldb * stored_columns(cm.transpose_b, cm.k, cm.n))?;
+        let len = cm.ldc * cm.n;
+        let mut c = if g.beta == 0.0 { vec![0.0; len] } else { self.read("gemm C", cm.c, g.output, len)? };
+        let a_at = |i: usize, p: usize| if cm.transpose_a { a[p + i * cm.lda] } else { a[i + p * cm.lda] };
+        let b_at = |p: usize, j: usize| if cm.transpose_b { b[j + p * cm.ldb] } else { b[p + j * cm.ldb] };
+        for j in 0..cm.n {
+            for i in 0..cm.m {
+                let product: f32 = (0..cm.k).map(|p| a_at(i, p) * b_at(p, j)).sum();
+                let old = if g.beta == 0.0 { 0.0 } else { g.beta * c[i + j * cm.ldc] };
+                c[i + j * cm.ldc] = g.alpha * product + old;
             }
         }
-        self.write("gemm C", g.c, g.output, &c)
+        self.write("gemm C", cm.c, g.output, &c)
     }
 }
 

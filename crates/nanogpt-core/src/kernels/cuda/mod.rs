@@ -146,6 +146,44 @@ impl Gemm {
         }
         Ok(())
     }
+
+    /// The same product as column-major BLAS (cuBLAS) takes it. A packed row-major matrix is, read
+    /// column-major, its transpose; so C is computed as Cᵀ (n x m) = op(B)ᵀ op(A)ᵀ, with B in BLAS's A place
+    /// and A in its B place. A matrix stored untransposed is then used as stored, a transposed one transposed
+    /// back, and each leading dimension is the stored row length.
+    pub fn column_major(&self) -> ColumnMajorGemm {
+        ColumnMajorGemm {
+            transpose_a: self.transpose_b,
+            transpose_b: self.transpose_a,
+            m: self.n,
+            n: self.m,
+            k: self.k,
+            a: self.b,
+            lda: if self.transpose_b { self.k } else { self.n },
+            b: self.a,
+            ldb: if self.transpose_a { self.m } else { self.k },
+            c: self.c,
+            ldc: self.n,
+        }
+    }
+}
+
+/// A product in BLAS's column-major terms (the arguments of `cublasGemmEx`): C (m x n, leading dimension
+/// ldc) = alpha op(A) op(B) + beta C, op(A) m x k, op(B) k x n; element (i, j) of a matrix X with leading
+/// dimension ldx is at X[i + j ldx].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ColumnMajorGemm {
+    pub transpose_a: bool,
+    pub transpose_b: bool,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub a: u64,
+    pub lda: usize,
+    pub b: u64,
+    pub ldb: usize,
+    pub c: u64,
+    pub ldc: usize,
 }
 
 /// A buffer on a [`Gpu`], freed when dropped.
