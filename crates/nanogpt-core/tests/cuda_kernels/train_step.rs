@@ -1,6 +1,7 @@
 //! The GPU training step (train_step_cuda.rs) against the CPU one (train_step.rs) on a small model:
 //! the loss and every parameter gradient over two accumulated micro-steps, with and without biases and
-//! dropout, with either GELU, and the parameters after an AdamW step with clipping; f32 tightly, bf16 loosely.
+//! dropout, with either GELU, and the parameters after an AdamW step with clipping; then the losses of a
+//! 10-step training run. f32 is held tightly, bf16 loosely.
 
 use nanogpt_core::kernels::cuda::Precision;
 use nanogpt_core::kernels::dropout::DropoutKey;
@@ -119,4 +120,43 @@ fn bf16_losses_and_gradients_follow_the_cpu_step() {
         let size: f32 = c.iter().map(|c| c * c).sum::<f32>().sqrt();
         assert!(error <= 5e-2 * size + 1e-6, "d{}: relative error {}", tensor.name, error / size);
     }
+}
+
+/// The losses of `steps` optimizer steps of one micro-step each, on the CPU step and on the GPU step.
+fn training_run(args: &ModelArgs, x: Precision, steps: usize) -> (Vec<f32>, Vec<f32>) {
+    let (b, t) = (2, 8);
+    let layout = ParamLayout::new(args);
+    let data = batches(args, b, t, steps);
+    let lr = 3e-3;
+
+    let mut params = parameters(args);
+    let mut acts = Activations::new(args, b, t);
+    let mut grads = vec![0f32; layout.len];
+    let mut optimizer = FlatAdamW::new(&layout, OPTIMIZER);
+    let mut gpu = CudaTrainStep::new(shared_gpu(), args, x, &params).unwrap();
+    let (mut cpu_losses, mut gpu_losses) = (Vec::new(), Vec::new());
+    for (tokens, targets) in &data {
+        cpu::forward(args, &layout, &params, &mut acts, tokens, None);
+        cpu_losses.push(cpu::loss(args, &mut acts, targets, Some(1.0)).unwrap());
+        cpu::backward(args, &layout, &params, &mut grads, &mut acts, tokens, None, false);
+        optimizer.step(&layout, &mut params, &grads, lr);
+
+        gpu.zero_grads().unwrap();
+        gpu.forward(tokens, b, t, None).unwrap();
+        gpu.loss(targets, Some(1.0)).unwrap();
+        gpu_losses.push(gpu.read_loss().unwrap());
+        gpu.backward(None).unwrap();
+        gpu.optimizer_step(&OPTIMIZER, lr).unwrap();
+    }
+    (cpu_losses, gpu_losses)
+}
+
+#[test]
+fn ten_training_steps_give_the_cpu_steps_losses() {
+    let args = model(false, Gelu::Tanh);
+    let (cpu, gpu) = training_run(&args, Precision::F32, 10);
+    assert!(cpu[9] < cpu[0], "the run should learn: losses {cpu:?}");
+    assert_close("f32 losses over 10 steps", &gpu, &cpu, 1e-4);
+    let (cpu, gpu) = training_run(&args, Precision::Bf16, 10);
+    assert_close("bf16 losses over 10 steps", &gpu, &cpu, 3e-2);
 }
