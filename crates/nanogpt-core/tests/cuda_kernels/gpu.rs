@@ -1,11 +1,10 @@
-//! The GPU the kernel tests launch on, and helpers for their buffers. By default that is the emulator
-//! (`cuda-on-cpu`), whose "device" memory is host memory. A `cuda` build run with
-//! `NANOGPT_TEST_DEVICE=cuda` runs the same tests on the first CUDA device instead: the tests' host
-//! buffers are page-locked and mapped for the duration of each launch, so the kernels read and write
-//! them in place, and `alloc` gives device memory.
+//! The GPU the kernel tests launch on, and helpers for their buffers, which live in its memory. By
+//! default that is the emulator (`cuda-on-cpu`), whose "device" memory is host memory it allocates and
+//! range-checks. A `cuda` build run with `NANOGPT_TEST_DEVICE=cuda` runs the same tests on the first CUDA
+//! device instead, through the engine's own [`Kernels`](nanogpt_core::cuda::Kernels).
 
 use std::alloc::Layout;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::{bail, Result};
@@ -13,21 +12,6 @@ use half::bf16;
 use nanogpt_core::kernels::cuda::{Arg, DeviceBuffer, Gemm, Gpu, Precision};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-
-/// Every buffer handed to a kernel through [`addr`]: its address and length in bytes.
-fn buffers() -> &'static Mutex<HashMap<u64, usize>> {
-    static BUFFERS: OnceLock<Mutex<HashMap<u64, usize>>> = OnceLock::new();
-    BUFFERS.get_or_init(Default::default)
-}
-
-/// The address a kernel sees for `buffer`, which must be a heap allocation (a Vec): the kernel may
-/// write through it, and the compiler keeps no copy of heap memory across the opaque launch, while it
-/// may keep a stack array's elements in registers.
-pub fn addr<T>(buffer: &[T]) -> u64 {
-    let address = buffer.as_ptr() as u64;
-    buffers().lock().unwrap().insert(address, std::mem::size_of_val(buffer));
-    address
-}
 
 /// The emulator, its memory host allocations (by address, with their layouts), and its matrix products
 /// plain loops.
@@ -40,8 +24,9 @@ struct Emulated {
 const ALIGNMENT: usize = 256;
 
 impl Emulated {
-    /// Fails unless `bytes` bytes at `addr` lie in one allocation or one buffer passed to [`addr`], at an
-    /// address aligned for elements of `align` bytes. Nothing is anywhere, as a CUDA device's empty copies.
+    /// Fails unless `bytes` bytes at `addr` lie in one allocation (from its start or any address inside
+    /// it), at an address aligned for elements of `align` bytes. Nothing is anywhere, as a CUDA device's
+    /// empty copies.
     fn check_range(&self, what: &str, addr: u64, bytes: usize, align: usize) -> Result<()> {
         if bytes == 0 {
             return Ok(());
@@ -49,9 +34,8 @@ impl Emulated {
         let end = addr + bytes as u64;
         let allocations = self.allocations.lock().unwrap();
         let in_allocation = allocations.range(..=addr).next_back().is_some_and(|(&start, layout)| end <= start + layout.size() as u64);
-        let in_buffer = || buffers().lock().unwrap().iter().any(|(&start, &len)| start <= addr && end <= start + len as u64);
-        if !(in_allocation || in_buffer()) {
-            bail!("{what}: {bytes} bytes at {addr:#x} are not inside one buffer");
+        if !in_allocation {
+            bail!("{what}: {bytes} bytes at {addr:#x} are not inside one allocation");
         }
         if !addr.is_multiple_of(align as u64) {
             bail!("{what}: {addr:#x} is not aligned to its {align}-byte elements");
@@ -84,11 +68,20 @@ impl Emulated {
 }
 
 impl Gpu for Emulated {
+    // Kernels touch only this GPU's memory, as on a device, where a host address would fault: a pointer
+    // argument outside every allocation is refused before the kernel runs.
     fn launch(&self, kernel: &str, grid: [u32; 3], block: [u32; 3], shared_bytes: u32, args: &[Arg]) -> Result<()> {
+        for (i, arg) in args.iter().enumerate() {
+            if let Arg::Ptr(addr) = *arg {
+                if addr != 0 {
+                    self.check_range(&format!("{kernel} argument {i}"), addr, 1, 1)?;
+                }
+            }
+        }
         let mut args = args.to_vec();
         let mut params = Arg::kernel_params(&mut args);
         // SAFETY: the launch functions of kernels/cuda pass arguments of the types the kernel declares,
-        // and the tests pass addresses of live buffers of the sizes the kernel reads and writes.
+        // and the tests pass addresses inside live allocations of the sizes the kernel reads and writes.
         unsafe { cuda_on_cpu::launch(kernel, grid, block, shared_bytes, &mut params) }.map_err(candle_core::Error::Msg)
     }
 
@@ -196,119 +189,60 @@ mod device {
 
 #[cfg(feature = "cuda")]
 mod device {
-    use cudarc::driver::sys;
+    use std::sync::Arc;
 
-    use super::*;
-
-    /// The engine's kernels on a CUDA device, reading and writing the tests' host buffers in place.
-    struct Device(nanogpt_core::cuda::Kernels);
+    use nanogpt_core::kernels::cuda::Gpu;
 
     pub fn open() -> Arc<dyn Gpu + Send + Sync> {
         let device = nanogpt_core::cuda::open(0, 0).expect("NANOGPT_TEST_DEVICE=cuda: no CUDA device");
         let kernels = nanogpt_core::cuda::Kernels::new(&device).unwrap();
-        let ordinal = 0;
-        let mut maps_host = 0;
-        let attribute = sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM;
-        unsafe { sys::cuDeviceGetAttribute(&mut maps_host, attribute, ordinal) }.result().unwrap();
-        assert_eq!(maps_host, 1, "this GPU cannot use host pointers to registered memory, which the kernel tests rely on");
         eprintln!("cuda_kernels: running on CUDA device 0");
-        Arc::new(Device(kernels))
-    }
-
-    fn check(what: &str, result: sys::CUresult) -> Result<()> {
-        result.result().map_err(|e| candle_core::Error::Msg(format!("{what}: {e}")))
-    }
-
-    impl Gpu for Device {
-        fn launch(&self, kernel: &str, grid: [u32; 3], block: [u32; 3], shared_bytes: u32, args: &[Arg]) -> Result<()> {
-            static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-            let _serial = ONE_AT_A_TIME.lock().unwrap();
-            // Whole pages, merged where they touch: a page can be registered only once.
-            const PAGE: u64 = 4096;
-            let known = buffers().lock().unwrap();
-            let mut ranges: Vec<(u64, u64)> = args
-                .iter()
-                .filter_map(|a| match a {
-                    Arg::Ptr(p) if *p != 0 => known.get(p).map(|&len| (p / PAGE * PAGE, (p + len as u64).div_ceil(PAGE) * PAGE)),
-                    _ => None,
-                })
-                .collect();
-            drop(known);
-            ranges.sort();
-            let mut merged: Vec<(u64, u64)> = Vec::new();
-            for (start, end) in ranges {
-                match merged.last_mut() {
-                    Some(last) if start <= last.1 => last.1 = last.1.max(end),
-                    _ => merged.push((start, end)),
-                }
-            }
-            for &(start, end) in &merged {
-                let flags = sys::CU_MEMHOSTREGISTER_PORTABLE | sys::CU_MEMHOSTREGISTER_DEVICEMAP;
-                check("registering a test buffer", unsafe { sys::cuMemHostRegister_v2(start as *mut _, (end - start) as usize, flags) })?;
-            }
-            let launched = self.0.launch(kernel, grid, block, shared_bytes, args);
-            let finished = self.0.device().cuda_stream().synchronize().map_err(|e| candle_core::Error::Msg(format!("{kernel}: {e}")));
-            for &(start, _) in &merged {
-                check("unregistering a test buffer", unsafe { sys::cuMemHostUnregister(start as *mut _) })?;
-            }
-            launched.and(finished)
-        }
-
-        // Device memory: never registered, unlike the host buffers a launch is given.
-        fn alloc(&self, bytes: usize) -> Result<u64> {
-            self.0.alloc(bytes)
-        }
-
-        fn free(&self, addr: u64) -> Result<()> {
-            self.0.free(addr)
-        }
-
-        fn upload(&self, dst: u64, src: &[u8]) -> Result<()> {
-            self.0.upload(dst, src)
-        }
-
-        fn download(&self, src: u64, dst: &mut [u8]) -> Result<()> {
-            self.0.download(src, dst)
-        }
-
-        fn zero(&self, dst: u64, bytes: usize) -> Result<()> {
-            self.0.zero(dst, bytes)
-        }
-
-        fn gemm(&self, g: &Gemm) -> Result<()> {
-            self.0.gemm(g)
-        }
+        Arc::new(kernels)
     }
 }
 
-/// Activations in the kernels' precision X; the CPU kernels take `values()`, which for bf16 are the
-/// rounded values the GPU sees.
-pub enum Buffer {
-    F32(Vec<f32>),
-    Bf16(Vec<bf16>),
+/// Values in precision `x` on [`gpu`]: kernels get its `addr()`, the CPU kernels its `values()`, which
+/// for bf16 are the rounded values the GPU holds.
+pub struct Buffer {
+    x: Precision,
+    device: DeviceBuffer,
 }
 
 impl Buffer {
     pub fn new(x: Precision, values: &[f32]) -> Self {
-        match x {
-            Precision::F32 => Buffer::F32(values.to_vec()),
-            Precision::Bf16 => Buffer::Bf16(to_bf16(values)),
-        }
+        Buffer { x, device: device_buffer(x, values) }
     }
 
+    /// Float statistics, gradients and losses, which are f32 in both precisions.
+    pub fn f32(values: &[f32]) -> Self {
+        Self::new(Precision::F32, values)
+    }
+
+    /// `n` NaNs, so that an element a kernel leaves unwritten fails the comparison.
+    pub fn unwritten(x: Precision, n: usize) -> Self {
+        Self::new(x, &vec![f32::NAN; n])
+    }
+
+    /// Its device address.
     pub fn addr(&self) -> u64 {
-        match self {
-            Buffer::F32(v) => addr(v),
-            Buffer::Bf16(v) => addr(v),
-        }
+        self.device.addr
     }
 
+    /// Its values once the work queued before has finished.
     pub fn values(&self) -> Vec<f32> {
-        match self {
-            Buffer::F32(v) => v.clone(),
-            Buffer::Bf16(v) => from_bf16(v),
-        }
+        device_values(self.x, &self.device)
     }
+}
+
+/// Bytes on [`gpu`]: tokens, targets and tables of any element type.
+pub fn device_bytes(bytes: &[u8]) -> DeviceBuffer {
+    let buffer = DeviceBuffer::zeroed(&shared_gpu(), bytes.len()).unwrap();
+    buffer.upload_bytes(bytes).unwrap();
+    buffer
+}
+
+pub fn device_i32(values: &[i32]) -> DeviceBuffer {
+    device_bytes(&values.iter().flat_map(|v| v.to_ne_bytes()).collect::<Vec<u8>>())
 }
 
 /// f32 is held to single precision's rounding; bf16 outputs are rounded to 8 significant bits.
