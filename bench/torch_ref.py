@@ -257,8 +257,9 @@ def sample(a):
 def kernels(a):
     """Each op alone, as a training step runs it: timed between two CUDA events after a write of 512 MiB
     has evicted its inputs from L2, the median of `iters` runs after `warmup`. gbps counts the bytes the
-    op must read and write at least (the same count as the engine's benchmark); tflops, the causal half
-    of attention's matmuls. Backward passes go through autograd, as in training."""
+    op must read and write at least (the same count as the engine's benchmark); tflops, the products'
+    multiply-adds times two (attention's causal half only). Backward passes go through autograd, as in
+    training."""
     dev, _ = setup(a)
     if dev != "cuda":
         sys.exit("torch_ref.py kernels: needs a CUDA GPU (torch.cuda.is_available() is False)")
@@ -319,6 +320,13 @@ def kernels(a):
     with torch.no_grad():
         report("gelu_fwd", lambda: F.gelu(pre, approximate="tanh"), 2 * N * H * XB)
     report("gelu_bwd", grad(F.gelu(pre, approximate="tanh"), pre, dpost), 3 * N * H * XB)
+    # the MLP's first linear layer, (N, C) -> (N, 4C), its product alone (the bias is timed below)
+    fc_w = rand(H, C, scale=0.02, grad=True)
+    mm_flops = 2 * N * C * H
+    with torch.no_grad():
+        report("matmul_fc_fwd", lambda: F.linear(x, fc_w), (N * C + H * C + N * H) * XB, mm_flops)
+    report("matmul_fc_bwd", grad(F.linear(x, fc_w), (x, fc_w), dpost),
+           (2 * N * C + H * C + N * H) * XB + 2 * H * C * F32B, 2 * mm_flops)
     post, fc_bias = rand(N, H), rand(H)
     report("bias_add", lambda: post.add_(fc_bias), 2 * N * H * XB + H * XB)
     report("bias_bwd", lambda: dpost.sum(0), N * H * XB + 2 * H * F32B)

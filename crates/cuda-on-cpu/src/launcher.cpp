@@ -2,10 +2,12 @@
 // CUDA thread of a block) run the kernel together, with a fresh barrier per block for __syncthreads, one
 // per warp for shuffles and __syncwarp, and dynamic shared memory filled with NaNs so that a read before
 // a write shows. A thread that returns leaves its barriers, as an exited CUDA thread stops counting.
+// The worker threads outlive launches: starting up to 1024 threads costs more than most test launches.
 
 #include <pthread.h>
 
 #include <barrier>
+#include <condition_variable>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -58,10 +60,28 @@ dim3 unflatten(uint64_t i, dim3 shape) {
   return d;
 }
 
-void* worker(void* arg) {
-  thread_index = (unsigned)(uintptr_t)arg;
+// The worker threads, created as launches need more of them and parked between launches.
+struct Pool {
+  std::mutex mutex;
+  std::condition_variable wake, finished;
+  // Counts launches; a worker runs each one whose block has a thread of its index.
+  uint64_t generation = 0;
+  // The current launch's threads per block (workers of higher index sit it out), and how many of them
+  // have not finished it.
+  unsigned threads = 0;
+  unsigned busy = 0;
+  unsigned started = 0;
+};
+
+// Never destroyed: parked workers still wait on it while the process exits.
+Pool& pool() {
+  static Pool* instance = new Pool;
+  return *instance;
+}
+
+// One worker's share of a launch: its thread in every block, in turn.
+void run_blocks(Launch& launch) {
   threadIdx = unflatten(thread_index, blockDim);
-  Launch& launch = *current;
   for (uint64_t b = 0; b < launch.blocks; ++b) {
     launch.block_start->arrive_and_wait();
     blockIdx = unflatten(b, gridDim);
@@ -70,7 +90,38 @@ void* worker(void* arg) {
     launch.warp_sync[thread_index / 32]->arrive_and_drop();
     launch.block_end->arrive_and_wait();
   }
-  return nullptr;
+}
+
+void* worker(void* arg) {
+  thread_index = (unsigned)(uintptr_t)arg;
+  Pool& p = pool();
+  uint64_t seen = 0;
+  std::unique_lock<std::mutex> lock(p.mutex);
+  for (;;) {
+    p.wake.wait(lock, [&] { return p.generation != seen; });
+    seen = p.generation;
+    if (thread_index >= p.threads) continue;
+    lock.unlock();
+    run_blocks(*current);
+    lock.lock();
+    if (--p.busy == 0) p.finished.notify_one();
+  }
+}
+
+// Starts workers until there are `threads`; called with the pool's lock held.
+void start_workers(Pool& p, unsigned threads, const char* name) {
+  pthread_attr_t attributes;
+  pthread_attr_init(&attributes);
+  pthread_attr_setstacksize(&attributes, 1 << 20);
+  for (; p.started < threads; ++p.started) {
+    pthread_t thread;
+    if (pthread_create(&thread, &attributes, worker, (void*)(uintptr_t)p.started) != 0) {
+      fprintf(stderr, "cuda-on-cpu: cannot start thread %u for %s\n", p.started, name);
+      abort();
+    }
+    pthread_detach(thread);
+  }
+  pthread_attr_destroy(&attributes);
 }
 
 void fresh_block(Launch& launch) {
@@ -135,23 +186,23 @@ extern "C" int cuda_on_cpu_launch(const char* name, const uint32_t* grid, const 
   blockDim = dim3{block[0], block[1], block[2]};
   gridDim = dim3{grid[0], grid[1], grid[2]};
 
-  pthread_attr_t attributes;
-  pthread_attr_init(&attributes);
-  pthread_attr_setstacksize(&attributes, 1 << 20);
-  std::vector<pthread_t> workers(threads);
-  for (unsigned t = 0; t < threads; ++t) {
-    if (pthread_create(&workers[t], &attributes, worker, (void*)(uintptr_t)t) != 0) {
-      fprintf(stderr, "cuda-on-cpu: cannot start thread %u of %s\n", t, name);
-      abort();
-    }
+  Pool& p = pool();
+  {
+    std::lock_guard<std::mutex> pool_lock(p.mutex);
+    start_workers(p, launch.threads, name);
+    p.threads = p.busy = launch.threads;
+    ++p.generation;
   }
-  pthread_attr_destroy(&attributes);
+  p.wake.notify_all();
   for (uint64_t b = 0; b < launch.blocks; ++b) {
     fresh_block(launch);
     launch.block_start->arrive_and_wait();
     launch.block_end->arrive_and_wait();
   }
-  for (pthread_t worker : workers) pthread_join(worker, nullptr);
+  {
+    std::unique_lock<std::mutex> pool_lock(p.mutex);
+    p.finished.wait(pool_lock, [&] { return p.busy == 0; });
+  }
   current = nullptr;
   return 0;
 }

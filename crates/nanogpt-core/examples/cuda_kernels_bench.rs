@@ -4,7 +4,8 @@
 //! vocab_size, n_layer, bias; warmup and iters set the launches). Each launch is
 //! timed alone between two CUDA events, after a write of 512 MiB has evicted its inputs from L2, and each
 //! kernel prints the median as one line, `KERNEL {"name", "ms", "gbps", ["tflops"]}`: gbps counts the bytes
-//! the kernel must read and write at least, tflops (attention) the causal half of its matmuls.
+//! the kernel must read and write at least, tflops (products and attention) its multiply-adds times two,
+//! attention's causal half only.
 //! `python3 bench/torch_ref.py kernels` times PyTorch's counterparts the same way and prints the same lines
 //! with the same names; bench/gpu-check.sh puts the two side by side.
 //!
@@ -14,11 +15,11 @@ use std::sync::Arc;
 
 use candle_core::{bail, Result};
 use cudarc::driver::sys::CUevent_flags;
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::CudaStream;
 use nanogpt_core::cuda::Kernels;
 use nanogpt_core::kernels::adamw::AdamWUpdate;
 use nanogpt_core::kernels::cuda::adamw::{FlatBuffers, TensorTable};
-use nanogpt_core::kernels::cuda::{adamw, attention, bias, classifier, encoder, gelu, layernorm, Precision};
+use nanogpt_core::kernels::cuda::{adamw, attention, bias, classifier, encoder, gelu, layernorm, matmul, DeviceBuffer, Gpu, Precision};
 use nanogpt_core::train_step::ParamLayout;
 use nanogpt_core::ModelArgs;
 use rand::rngs::StdRng;
@@ -76,8 +77,8 @@ impl Shape {
 
 /// Device buffers, alive as long as the benchmark; kernels get their addresses.
 struct Memory {
-    stream: Arc<CudaStream>,
-    buffers: Vec<CudaSlice<u8>>,
+    gpu: Arc<dyn Gpu + Send + Sync>,
+    buffers: Vec<DeviceBuffer>,
     rng: StdRng,
     /// Uniform draws in (-1, 1), repeated to fill the value buffers: drawing each of the logits' and the
     /// optimizer's ~10^9 values would take longer than every timing here, and the timings do not depend on them.
@@ -85,26 +86,23 @@ struct Memory {
 }
 
 impl Memory {
-    fn keep(&mut self, buffer: CudaSlice<u8>) -> u64 {
-        let (addr, _) = buffer.device_ptr(&self.stream);
-        self.buffers.push(buffer);
-        addr
-    }
-
     fn zeroed(&mut self, bytes: usize) -> Result<u64> {
-        let buffer = self.stream.alloc_zeros::<u8>(bytes).map_err(driver_error)?;
-        Ok(self.keep(buffer))
+        let buffer = DeviceBuffer::zeroed(&self.gpu, bytes)?;
+        let addr = buffer.addr;
+        self.buffers.push(buffer);
+        Ok(addr)
     }
 
     fn upload(&mut self, bytes: &[u8]) -> Result<u64> {
-        let buffer = self.stream.clone_htod(bytes).map_err(driver_error)?;
-        Ok(self.keep(buffer))
+        let addr = self.zeroed(bytes.len())?;
+        self.gpu.upload(addr, bytes)?;
+        Ok(addr)
     }
 
-    fn new(stream: Arc<CudaStream>) -> Self {
+    fn new(gpu: Arc<dyn Gpu + Send + Sync>) -> Self {
         let mut rng = StdRng::seed_from_u64(1337);
         let pool = (0..1 << 20).map(|_| rng.random_range(-1.0..1.0)).collect();
-        Memory { stream, buffers: Vec::new(), rng, pool }
+        Memory { gpu, buffers: Vec::new(), rng, pool }
     }
 
     /// `n` bf16 values spread over (-scale, scale): layer norms, softmaxes and GELUs see varied inputs.
@@ -137,7 +135,8 @@ struct Timer<'a> {
     stream: Arc<CudaStream>,
     /// Written before every timed launch: more than H100/H200's 50/60 MB of L2, so that each launch reads its
     /// inputs from device memory, as it does inside a training step.
-    flush: CudaSlice<u8>,
+    flush: u64,
+    flush_bytes: usize,
     warmup: usize,
     iters: usize,
 }
@@ -151,7 +150,7 @@ impl Timer<'_> {
         }
         let mut events = Vec::with_capacity(self.iters);
         for _ in 0..self.iters {
-            self.stream.memset_zeros(&mut self.flush).map_err(driver_error)?;
+            self.kernels.zero(self.flush, self.flush_bytes)?;
             let start = self.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(driver_error)?;
             launch(self.kernels)?;
             let end = self.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(driver_error)?;
@@ -190,11 +189,12 @@ fn round(value: f64, digits: i32) -> f64 {
 fn run() -> Result<()> {
     let Shape { b, t, c, n_head, vocab, n_layer, bias, warmup, iters } = Shape::from_args()?;
     let device = nanogpt_core::cuda::open(0, 0)?;
-    let kernels = Kernels::new(&device)?;
+    let kernels = Arc::new(Kernels::new(&device)?);
+    let mut memory = Memory::new(kernels.clone());
+    let flush_bytes = 512 << 20;
+    let flush = memory.zeroed(flush_bytes)?;
     let stream = kernels.device().cuda_stream().clone();
-    let mut memory = Memory::new(stream.clone());
-    let flush = stream.alloc_zeros::<u8>(512 << 20).map_err(driver_error)?;
-    let mut timer = Timer { kernels: &kernels, stream: stream.clone(), flush, warmup, iters };
+    let mut timer = Timer { kernels: &kernels, stream, flush, flush_bytes, warmup, iters };
     let n = b * t;
     let hidden = 4 * c;
 
@@ -246,6 +246,17 @@ fn run() -> Result<()> {
     let dpre = memory.zeroed(n * hidden * XB)?;
     timer.report("gelu_fwd", 2 * n * hidden * XB, None, &|k| gelu::forward(k, X, post, pre, n * hidden, true))?;
     timer.report("gelu_bwd", 3 * n * hidden * XB, None, &|k| gelu::backward(k, X, dpre, pre, dpost, n * hidden, true))?;
+    // The MLP's first linear layer, (N, C) -> (N, 4C), its product alone (the bias is timed below): cuBLAS.
+    let fc_weight = memory.random_bf16(hidden * c, 0.02)?;
+    let dfc_weight = memory.zeroed(hidden * c * F32B)?;
+    let fc_out = memory.zeroed(n * hidden * XB)?;
+    let matmul_flops = 2.0 * n as f64 * c as f64 * hidden as f64;
+    timer.report("matmul_fc_fwd", (n * c + hidden * c + n * hidden) * XB, Some(matmul_flops), &|k| {
+        matmul::forward(k, X, fc_out, inp, fc_weight, None, n, c, hidden)
+    })?;
+    timer.report("matmul_fc_bwd", (2 * n * c + hidden * c + n * hidden) * XB + 2 * hidden * c * F32B, Some(2.0 * matmul_flops), &|k| {
+        matmul::backward(k, X, Some(dinp), dfc_weight, None, dpost, inp, fc_weight, n, c, hidden)
+    })?;
     let fc_bias = memory.random_bf16(hidden, 1.0)?;
     let dfc_bias = memory.zeroed(hidden * F32B)?;
     timer.report("bias_add", 2 * n * hidden * XB + hidden * XB, None, &|k| bias::add(k, X, post, fc_bias, n, hidden))?;

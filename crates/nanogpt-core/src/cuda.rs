@@ -2,6 +2,8 @@
 //! Without the `cuda` feature the same functions exist and say that this build has no CUDA.
 
 use candle_core::{Device, Result};
+#[cfg(feature = "cuda")]
+use cudarc::driver;
 use serde::Serialize;
 
 /// Device memory, in bytes.
@@ -113,6 +115,13 @@ impl Kernels {
         &self.device
     }
 
+    /// The device's stream, with its context current on this thread (the driver calls act on that context).
+    fn stream(&self) -> Result<std::sync::Arc<driver::CudaStream>> {
+        let stream = self.device.cuda_stream();
+        stream.context().bind_to_thread().map_err(driver_error)?;
+        Ok(stream)
+    }
+
     /// The kernel's function handle, loaded once; kernels asking for more than the default 48 KiB of
     /// dynamic shared memory are allowed the most they have asked for so far.
     fn function(&self, name: &str, shared_bytes: u32) -> Result<cudarc::driver::CudaFunction> {
@@ -139,7 +148,7 @@ impl crate::kernels::cuda::Gpu for Kernels {
         let function = self.function(kernel, shared_bytes)?;
         let mut args = args.to_vec();
         let mut params = crate::kernels::cuda::Arg::kernel_params(&mut args);
-        let stream = self.device.cuda_stream();
+        let stream = self.stream()?;
         // SAFETY: the launch functions of kernels/cuda pass the arguments the kernel declares, in its order;
         // cuLaunchKernel copies them before returning, while `args` is alive.
         unsafe {
@@ -153,5 +162,112 @@ impl crate::kernels::cuda::Gpu for Kernels {
             )
         }
         .map_err(|e| candle_core::Error::Msg(format!("launching CUDA kernel {kernel}: {e}")))
+    }
+
+    // Memory comes from the device's stream-ordered pool (the one `open` keeps freed memory in), and is
+    // allocated, cleared and freed in the stream's order, so none of it waits for the device.
+    fn alloc(&self, bytes: usize) -> Result<u64> {
+        if bytes == 0 {
+            return Ok(0);
+        }
+        let stream = self.stream()?;
+        // SAFETY: the allocation is `bytes` long; the memset covers it, queued after the allocation.
+        unsafe {
+            let addr = driver::result::malloc_async(stream.cu_stream(), bytes)
+                .map_err(|e| candle_core::Error::Msg(format!("allocating {bytes} bytes on the GPU: {e}")))?;
+            driver::result::memset_d8_async(addr, 0, bytes, stream.cu_stream()).map_err(driver_error)?;
+            Ok(addr)
+        }
+    }
+
+    fn free(&self, addr: u64) -> Result<()> {
+        if addr == 0 {
+            return Ok(());
+        }
+        let stream = self.stream()?;
+        // SAFETY: `addr` came from `alloc`, whose callers free it once; work queued before still sees it.
+        unsafe { driver::result::free_async(addr, stream.cu_stream()) }.map_err(driver_error)
+    }
+
+    // The copy is queued on the stream and waited for: `src` is pageable memory the caller may reuse once
+    // this returns (no pinned staging: uploads are the parameters once and the tokens once a step).
+    fn upload(&self, dst: u64, src: &[u8]) -> Result<()> {
+        if src.is_empty() {
+            return Ok(());
+        }
+        let stream = self.stream()?;
+        // SAFETY: the caller's `dst` holds `src.len()` bytes; `src` outlives the copy (synchronised below).
+        unsafe { driver::result::memcpy_htod_async(dst, src, stream.cu_stream()) }.map_err(driver_error)?;
+        stream.synchronize().map_err(driver_error)
+    }
+
+    fn download(&self, src: u64, dst: &mut [u8]) -> Result<()> {
+        if dst.is_empty() {
+            return Ok(());
+        }
+        let stream = self.stream()?;
+        // SAFETY: the caller's `src` holds `dst.len()` bytes; `dst` outlives the copy (synchronised below).
+        unsafe { driver::result::memcpy_dtoh_async(dst, src, stream.cu_stream()) }.map_err(driver_error)?;
+        stream.synchronize().map_err(driver_error)
+    }
+
+    fn zero(&self, dst: u64, bytes: usize) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        let stream = self.stream()?;
+        // SAFETY: the caller's `dst` holds `bytes` bytes.
+        unsafe { driver::result::memset_d8_async(dst, 0, bytes, stream.cu_stream()) }.map_err(driver_error)
+    }
+
+    // cuBLAS is column-major: the product goes to it as `Gemm::column_major` restates it.
+    fn gemm(&self, g: &crate::kernels::cuda::Gemm) -> Result<()> {
+        use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
+
+        use crate::kernels::cuda::Precision;
+
+        g.check()?;
+        let data_type = |p: Precision| match p {
+            Precision::F32 => cudaDataType_t::CUDA_R_32F,
+            Precision::Bf16 => cudaDataType_t::CUDA_R_16BF,
+        };
+        let op = |transposed: bool| if transposed { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
+        let compute = match g.inputs {
+            Precision::F32 => cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
+            Precision::Bf16 => cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        };
+        let cm = g.column_major();
+        // `check` bounded m, n and k by i32::MAX, and every leading dimension is one of them.
+        let int = |d: usize| d as i32;
+        // cuBLAS runs in the context current on the calling thread.
+        self.stream()?;
+        let blas = self.device.cublas_handle();
+        // SAFETY: the handle is bound to the device's stream; the caller's a, b and c hold the packed
+        // matrices `g` describes; alpha and beta are host f32s, read before the call returns, as cuBLAS's
+        // default host pointer mode and its 32F compute types expect.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *blas.handle(),
+                op(cm.transpose_a),
+                op(cm.transpose_b),
+                int(cm.m),
+                int(cm.n),
+                int(cm.k),
+                &g.alpha as *const f32 as *const _,
+                cm.a as *const _,
+                data_type(g.inputs),
+                int(cm.lda),
+                cm.b as *const _,
+                data_type(g.inputs),
+                int(cm.ldb),
+                &g.beta as *const f32 as *const _,
+                cm.c as *mut _,
+                data_type(g.output),
+                int(cm.ldc),
+                compute,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| candle_core::Error::Msg(format!("cuBLAS gemm m={} n={} k={}: {e}", g.m, g.n, g.k)))
     }
 }

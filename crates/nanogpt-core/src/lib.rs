@@ -20,6 +20,7 @@ pub mod rendezvous;
 pub mod sample;
 pub mod torch_checkpoint;
 pub mod train_step;
+pub mod train_step_cuda;
 
 pub use cuda::MemoryStats;
 pub use engine::{Engine, PhaseTimes};

@@ -119,7 +119,7 @@ pub struct AdamW {
     step: u64,
 }
 
-const EPS: f64 = 1e-8;
+pub(crate) const EPS: f64 = 1e-8;
 
 impl AdamW {
     pub fn new(params: Vec<(String, Var)>, args: OptimizerArgs) -> Result<Self> {

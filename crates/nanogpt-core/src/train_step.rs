@@ -33,8 +33,8 @@ impl ParamTensor {
 /// A weight and its optional bias, which always follows it in the flat buffers.
 #[derive(Clone, Debug)]
 pub(crate) struct Affine {
-    weight: Range<usize>,
-    bias: Option<Range<usize>>,
+    pub(crate) weight: Range<usize>,
+    pub(crate) bias: Option<Range<usize>>,
 }
 
 impl Affine {

@@ -1,7 +1,6 @@
 //! adamw.cu against optim::FlatAdamW (which runs kernels::adamw on the CPU): the global norm, clipping
 //! on and off, weight decay on the tensors of rank >= 2 only, and the weights' compute copy.
 
-use half::bf16;
 use nanogpt_core::kernels::adamw::AdamWUpdate;
 use nanogpt_core::kernels::cuda::adamw::{self, Clip, FlatBuffers, TensorTable, GRAD_NORM_PARTIALS};
 use nanogpt_core::kernels::cuda::Precision;
@@ -9,7 +8,7 @@ use nanogpt_core::model::{Gelu, ModelArgs};
 use nanogpt_core::optim::{FlatAdamW, OptimizerArgs};
 use nanogpt_core::train_step::ParamLayout;
 
-use crate::gpu::{addr, assert_close, from_bf16, gpu, random, to_bf16};
+use crate::gpu::{assert_close, device_bytes, from_bf16, gpu, random, to_bf16, Buffer};
 
 /// Asserts |got - want| <= tol * |want| + floor element-wise: `floor` is the rounding of terms that
 /// cancel to a near-zero result.
@@ -22,10 +21,10 @@ fn assert_relative(what: &str, got: &[f32], want: &[f32], tol: f32, floor: f32) 
 }
 
 fn norm_squared_on_device(grads: &[f32], partial_count: usize) -> f32 {
-    let (mut norm_squared, mut partials) = (vec![f32::NAN], vec![f32::NAN; partial_count]);
-    let (total, partials) = (addr(norm_squared.as_mut_slice()), addr(partials.as_mut_slice()));
-    adamw::grad_norm_squared(gpu(), total, partials, partial_count, addr(grads), grads.len()).unwrap();
-    norm_squared[0]
+    let (norm_squared, partials) = (Buffer::unwritten(Precision::F32, 1), Buffer::unwritten(Precision::F32, partial_count));
+    let grads_buffer = Buffer::f32(grads);
+    adamw::grad_norm_squared(gpu(), norm_squared.addr(), partials.addr(), partial_count, grads_buffer.addr(), grads.len()).unwrap();
+    norm_squared.values()[0]
 }
 
 #[test]
@@ -77,42 +76,31 @@ fn check_steps(x: Precision, with_copy: bool, grad_clip: f64, loss_scale: f32) {
     let mut cpu_params = random(n, 1.0, 1);
 
     let table = TensorTable::new(&layout);
-    let device_table = table.on_device(addr(&table.ends), addr(&table.decays));
-    let mut params = cpu_params.clone();
-    let (mut grads, mut scaled_grads) = (vec![0f32; n], vec![0f32; n]);
-    let (mut exp_avg, mut exp_avg_sq) = (vec![0f32; n], vec![0f32; n]);
-    let mut copy_f32 = vec![f32::NAN; n];
-    let mut copy_bf16 = vec![bf16::NAN; n];
-    let params_copy = match (with_copy, x) {
-        (false, _) => 0,
-        (true, Precision::F32) => addr(copy_f32.as_mut_slice()),
-        (true, Precision::Bf16) => addr(copy_bf16.as_mut_slice()),
-    };
-    let (mut norm_squared, mut partials) = (vec![f32::NAN], vec![f32::NAN; GRAD_NORM_PARTIALS]);
+    let ends = device_bytes(&table.ends.iter().flat_map(|e| e.to_ne_bytes()).collect::<Vec<u8>>());
+    let decays = device_bytes(&table.decays);
+    let device_table = table.on_device(ends.addr, decays.addr);
+    let params = Buffer::f32(&cpu_params);
+    let (exp_avg, exp_avg_sq) = (Buffer::f32(&vec![0.0; n]), Buffer::f32(&vec![0.0; n]));
+    // Passed to the kernel only `with_copy`; NaN until written.
+    let copy = Buffer::unwritten(x, n);
+    let params_copy = if with_copy { copy.addr() } else { 0 };
+    let (norm_squared, partials) = (Buffer::unwritten(Precision::F32, 1), Buffer::unwritten(Precision::F32, GRAD_NORM_PARTIALS));
 
     for t in 1..=3 {
         let lr = 1e-2 * t as f64;
-        grads.copy_from_slice(&random(n, 1.0, 100 + t as u64));
+        let grads = random(n, 1.0, 100 + t as u64);
         let stats = cpu.step(&layout, &mut cpu_params, &grads, lr);
-        scaled_grads.iter_mut().zip(&grads).for_each(|(s, g)| *s = g * loss_scale);
+        let scaled_grads = Buffer::f32(&grads.iter().map(|g| g * loss_scale).collect::<Vec<f32>>());
 
         let buffers = FlatBuffers {
-            params: addr(params.as_mut_slice()),
-            grads: addr(&scaled_grads),
-            exp_avg: addr(exp_avg.as_mut_slice()),
-            exp_avg_sq: addr(exp_avg_sq.as_mut_slice()),
+            params: params.addr(),
+            grads: scaled_grads.addr(),
+            exp_avg: exp_avg.addr(),
+            exp_avg_sq: exp_avg_sq.addr(),
             params_copy,
             len: n,
         };
-        adamw::grad_norm_squared(
-            gpu(),
-            addr(norm_squared.as_mut_slice()),
-            addr(partials.as_mut_slice()),
-            GRAD_NORM_PARTIALS,
-            buffers.grads,
-            n,
-        )
-        .unwrap();
+        adamw::grad_norm_squared(gpu(), norm_squared.addr(), partials.addr(), GRAD_NORM_PARTIALS, buffers.grads, n).unwrap();
         let step = AdamWUpdate {
             lr,
             beta1: args.beta1,
@@ -123,29 +111,30 @@ fn check_steps(x: Precision, with_copy: bool, grad_clip: f64, loss_scale: f32) {
             step_size: lr / (1.0 - args.beta1.powi(t)),
             bias_correction2_sqrt: (1.0 - args.beta2.powi(t)).sqrt(),
         };
-        let clip = (grad_clip > 0.0).then(|| Clip { grad_norm_squared: addr(&norm_squared), max_norm: grad_clip as f32 });
+        let clip = (grad_clip > 0.0).then(|| Clip { grad_norm_squared: norm_squared.addr(), max_norm: grad_clip as f32 });
         adamw::update(gpu(), x, &buffers, &device_table, &step, clip).unwrap();
 
         let what = format!("{x:?} step {t}, clip {grad_clip}");
         let clipped = grad_clip > 0.0 && stats.grad_norm > grad_clip;
         assert_eq!(clipped, grad_clip == 0.5, "{what}: the test means clipping to be active exactly at 0.5");
-        assert_close(&format!("{what}: grad norm"), &[norm_squared[0].sqrt() / loss_scale], &[stats.grad_norm as f32], 1e-5);
+        assert_close(&format!("{what}: grad norm"), &[norm_squared.values()[0].sqrt() / loss_scale], &[stats.grad_norm as f32], 1e-5);
         let state = cpu.state(&layout).unwrap();
         let moment = |suffix: &str| -> Vec<f32> {
             let parts = state.iter().filter(|(name, _)| name.ends_with(suffix));
             parts.flat_map(|(_, t)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
         };
         // Parameters near zero are the difference of p * (1 - lr * wd) and an update of about lr.
-        assert_relative(&format!("{what}: params"), &params, &cpu_params, 1e-6, 1e-6 * lr as f32);
+        let got_params = params.values();
+        assert_relative(&format!("{what}: params"), &got_params, &cpu_params, 1e-6, 1e-6 * lr as f32);
         // So are moments near zero, of beta1 * m and (1 - beta1) * g, with m and g of the buffer's scale.
         let want_avg = moment(".exp_avg");
         let avg_scale = want_avg.iter().fold(0f32, |m, v| m.max(v.abs()));
-        assert_relative(&format!("{what}: exp_avg"), &exp_avg, &want_avg, 1e-6, 1e-6 * avg_scale);
-        assert_relative(&format!("{what}: exp_avg_sq"), &exp_avg_sq, &moment(".exp_avg_sq"), 1e-6, 0.0);
+        assert_relative(&format!("{what}: exp_avg"), &exp_avg.values(), &want_avg, 1e-6, 1e-6 * avg_scale);
+        assert_relative(&format!("{what}: exp_avg_sq"), &exp_avg_sq.values(), &moment(".exp_avg_sq"), 1e-6, 0.0);
         match (with_copy, x) {
-            (false, _) => assert!(copy_f32.iter().all(|v| v.is_nan()) && copy_bf16.iter().all(|v| v.is_nan())),
-            (true, Precision::F32) => assert_eq!(copy_f32, params, "{what}: f32 copy"),
-            (true, Precision::Bf16) => assert_eq!(from_bf16(&copy_bf16), from_bf16(&to_bf16(&params)), "{what}: bf16 copy"),
+            (false, _) => assert!(copy.values().iter().all(|v| v.is_nan()), "{what}: no copy was asked for"),
+            (true, Precision::F32) => assert_eq!(copy.values(), got_params, "{what}: f32 copy"),
+            (true, Precision::Bf16) => assert_eq!(copy.values(), from_bf16(&to_bf16(&got_params)), "{what}: bf16 copy"),
         }
     }
 }

@@ -1,45 +1,11 @@
 //! kernels/cuda/attention against kernels::attention: the forward's output, its log-sum-exp (against
 //! a direct f64 computation), and the backward's dqkv, with and without dropout on the weights.
 
-use half::bf16;
 use nanogpt_core::kernels::attention;
 use nanogpt_core::kernels::cuda::{attention as cuda, Precision};
 use nanogpt_core::kernels::dropout::{DropoutKey, Mask, Site};
 
-use crate::gpu::{addr, assert_close, from_bf16, gpu, random, to_bf16};
-
-/// A buffer of the kernels' X type. Outputs start as NaN so that an element left unwritten fails.
-enum Buffer {
-    F32(Vec<f32>),
-    Bf16(Vec<bf16>),
-}
-
-impl Buffer {
-    fn new(x: Precision, values: &[f32]) -> Self {
-        match x {
-            Precision::F32 => Buffer::F32(values.to_vec()),
-            Precision::Bf16 => Buffer::Bf16(to_bf16(values)),
-        }
-    }
-
-    fn unwritten(x: Precision, n: usize) -> Self {
-        Self::new(x, &vec![f32::NAN; n])
-    }
-
-    fn addr(&self) -> u64 {
-        match self {
-            Buffer::F32(v) => addr(v),
-            Buffer::Bf16(v) => addr(v),
-        }
-    }
-
-    fn values(&self) -> Vec<f32> {
-        match self {
-            Buffer::F32(v) => v.clone(),
-            Buffer::Bf16(v) => from_bf16(v),
-        }
-    }
-}
+use crate::gpu::{assert_close, from_bf16, gpu, random, to_bf16, Buffer};
 
 /// Values the kernels can hold exactly in precision `x`.
 fn representable(x: Precision, values: Vec<f32>) -> Vec<f32> {
@@ -93,13 +59,14 @@ fn check(x: Precision, case: Case, tol: f32) {
     attention::backward(&mut want_dqkv, &dout, &qkv, t, c, n_head, mask);
 
     let (qkv_x, dout_x) = (Buffer::new(x, &qkv), Buffer::new(x, &dout));
-    let (out, lse) = (Buffer::unwritten(x, b * t * c), vec![f32::NAN; b * n_head * t]);
-    cuda::forward(gpu(), x, out.addr(), addr(&lse), qkv_x.addr(), b, t, c, n_head, mask).unwrap();
+    // Outputs start as NaN so that an element left unwritten fails.
+    let (out, lse) = (Buffer::unwritten(x, b * t * c), Buffer::unwritten(Precision::F32, b * n_head * t));
+    cuda::forward(gpu(), x, out.addr(), lse.addr(), qkv_x.addr(), b, t, c, n_head, mask).unwrap();
     assert_close(&what("out"), &out.values(), &want_out, tol);
-    assert_close(&what("lse"), &lse, &log_sum_exp(&qkv, case), tol);
+    assert_close(&what("lse"), &lse.values(), &log_sum_exp(&qkv, case), tol);
 
-    let (dqkv, delta) = (Buffer::unwritten(x, qkv.len()), vec![f32::NAN; b * n_head * t]);
-    cuda::backward(gpu(), x, dqkv.addr(), dout_x.addr(), qkv_x.addr(), out.addr(), addr(&lse), addr(&delta), b, t, c, n_head, mask)
+    let (dqkv, delta) = (Buffer::unwritten(x, qkv.len()), Buffer::unwritten(Precision::F32, b * n_head * t));
+    cuda::backward(gpu(), x, dqkv.addr(), dout_x.addr(), qkv_x.addr(), out.addr(), lse.addr(), delta.addr(), b, t, c, n_head, mask)
         .unwrap();
     assert_close(&what("dqkv"), &dqkv.values(), &want_dqkv, tol);
 }
@@ -132,8 +99,8 @@ fn every_head_size_matches_the_cpu_kernels() {
 
 #[test]
 fn unsupported_head_sizes_are_refused() {
-    let buffer = [0f32; 1];
-    let err = cuda::forward(gpu(), Precision::F32, addr(&buffer), addr(&buffer), addr(&buffer), 1, 4, 48, 2, None).unwrap_err();
+    let buffer = Buffer::f32(&[0.0]);
+    let err = cuda::forward(gpu(), Precision::F32, buffer.addr(), buffer.addr(), buffer.addr(), 1, 4, 48, 2, None).unwrap_err();
     assert!(err.to_string().contains("no CUDA kernel for head size 24"), "{err}");
     let err = cuda::backward(gpu(), Precision::F32, 0, 0, 0, 0, 0, 0, 1, 4, 50, 3, None).unwrap_err();
     assert!(err.to_string().contains("n_head must divide C=50"), "{err}");

@@ -3,7 +3,7 @@
 use nanogpt_core::kernels::cross_entropy;
 use nanogpt_core::kernels::cuda::{classifier, Precision};
 
-use crate::gpu::{addr, assert_close, from_bf16, gpu, random, to_bf16};
+use crate::gpu::{assert_close, device_i32, from_bf16, gpu, random, to_bf16, Buffer};
 
 /// Targets of `n` rows over a vocabulary of `v`, every third row ignored (-1).
 fn targets(n: usize, v: usize) -> Vec<i32> {
@@ -17,16 +17,6 @@ fn cpu(logits: &[f32], targets: &[i32], v: usize, grad_scale: Option<f32>) -> (V
     (losses, out)
 }
 
-/// `values` in a buffer where they start 16-byte aligned, or one element past that (`misaligned`), so
-/// that a test takes the kernel's 128-bit path or its one-logit path; returns the buffer and the start.
-fn placed<T: Copy + Default>(values: &[T], misaligned: bool) -> (Vec<T>, usize) {
-    let mut buffer = vec![T::default(); values.len() + 16];
-    let size = std::mem::size_of::<T>();
-    let start = (0..16).find(|i| (addr(&buffer) as usize + i * size).is_multiple_of(16)).unwrap() + misaligned as usize;
-    buffer[start..][..values.len()].copy_from_slice(values);
-    (buffer, start)
-}
-
 /// The kernel's losses and logits afterwards for rows of `v` logits against the CPU kernel's, on
 /// logits rounded to `x` first.
 fn check(x: Precision, n: usize, v: usize, grad_scale: Option<f32>, misaligned: bool) {
@@ -34,24 +24,20 @@ fn check(x: Precision, n: usize, v: usize, grad_scale: Option<f32>, misaligned: 
     let logits = if x == Precision::Bf16 { from_bf16(&to_bf16(&logits)) } else { logits };
     let targets = targets(n, v);
     let (want_losses, want_logits) = cpu(&logits, &targets, v, grad_scale);
-    let mut losses = vec![f32::NAN; n];
-    let mut launch =
-        |logits: u64| classifier::cross_entropy(gpu(), x, logits, addr(losses.as_mut_slice()), addr(&targets), n, v, grad_scale).unwrap();
-    let got_logits = match x {
-        Precision::F32 => {
-            let (mut buffer, start) = placed(&logits, misaligned);
-            launch(buffer[start..].as_mut_ptr() as u64);
-            buffer[start..][..n * v].to_vec()
-        }
-        Precision::Bf16 => {
-            let (mut buffer, start) = placed(&to_bf16(&logits), misaligned);
-            launch(buffer[start..].as_mut_ptr() as u64);
-            from_bf16(&buffer[start..][..n * v])
-        }
-    };
+    // The logits start where their buffer does, 16-byte aligned as every allocation, or one element past
+    // that (`misaligned`), so that the kernel takes its 128-bit path or its one-logit path.
+    let start = misaligned as usize;
+    let mut placed = vec![f32::NAN; start];
+    placed.extend(&logits);
+    let buffer = Buffer::new(x, &placed);
+    assert!(buffer.addr().is_multiple_of(16), "{:#x}: an allocation that is not 16-byte aligned", buffer.addr());
+    let (losses, device_targets) = (Buffer::unwritten(Precision::F32, n), device_i32(&targets));
+    let start_addr = buffer.addr() + (start * x.size_in_bytes()) as u64;
+    classifier::cross_entropy(gpu(), x, start_addr, losses.addr(), device_targets.addr, n, v, grad_scale).unwrap();
+    let got_logits = buffer.values()[start..].to_vec();
     let tol = if x == Precision::Bf16 { 1e-2 } else { 1e-5 };
     let what = format!("{x:?}, v={v}, grad_scale={grad_scale:?}, misaligned={misaligned}");
-    assert_close(&format!("losses ({what})"), &losses, &want_losses, tol);
+    assert_close(&format!("losses ({what})"), &losses.values(), &want_losses, tol);
     assert_close(&format!("logits after ({what})"), &got_logits, &want_logits, tol);
 }
 
@@ -88,10 +74,11 @@ fn bf16_losses_and_gradient_match_the_cpu_on_rounded_logits() {
 #[test]
 fn a_target_past_the_vocabulary_gives_a_nan_loss() {
     let (n, v) = (2, 40);
-    let logits = random(n * v, 1.0, 5);
-    let targets = [3, v as i32];
-    let mut losses = vec![0f32; n];
-    classifier::cross_entropy(gpu(), Precision::F32, addr(&logits), addr(losses.as_mut_slice()), addr(&targets), n, v, None).unwrap();
+    let logits = Buffer::f32(&random(n * v, 1.0, 5));
+    let targets = device_i32(&[3, v as i32]);
+    let losses = Buffer::f32(&[0.0; 2]);
+    classifier::cross_entropy(gpu(), Precision::F32, logits.addr(), losses.addr(), targets.addr, n, v, None).unwrap();
+    let losses = losses.values();
     assert!(losses[0].is_finite() && losses[1].is_nan(), "{losses:?}");
 }
 
@@ -99,10 +86,11 @@ fn a_target_past_the_vocabulary_gives_a_nan_loss() {
 fn loss_sum_adds_every_row() {
     for n in [1, 700, 3000] {
         let losses = random(n, 10.0, n as u64).iter().map(|x| x.abs()).collect::<Vec<_>>();
-        let mut total = vec![f32::NAN];
-        classifier::loss_sum(gpu(), addr(total.as_mut_slice()), addr(&losses), n).unwrap();
+        let total = Buffer::unwritten(Precision::F32, 1);
+        let device_losses = Buffer::f32(&losses);
+        classifier::loss_sum(gpu(), total.addr(), device_losses.addr(), n).unwrap();
         let want = losses.iter().map(|&x| x as f64).sum::<f64>() as f32;
-        assert_close(&format!("sum of {n} losses"), &total, &[want], 1e-5);
+        assert_close(&format!("sum of {n} losses"), &total.values(), &[want], 1e-5);
     }
 }
 

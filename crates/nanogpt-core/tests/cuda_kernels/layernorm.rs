@@ -5,7 +5,7 @@ use nanogpt_core::kernels::cuda::{layernorm, Precision};
 use nanogpt_core::kernels::dropout::{DropoutKey, Mask, Site};
 use nanogpt_core::kernels::layernorm as cpu;
 
-use crate::gpu::{addr, assert_close, gpu, random, tolerance, Buffer};
+use crate::gpu::{assert_close, gpu, random, tolerance, Buffer};
 
 // Odd shapes: C not a multiple of 32; N not a multiple of the forward's 8 rows a block nor of the
 // backward's 32 (3 blocks, the last one partly out of range).
@@ -16,9 +16,9 @@ fn check_forward(x: Precision, with_bias: bool, n: usize, c: usize) {
     let inp = Buffer::new(x, &random(n * c, 2.0, 1));
     let weight = Buffer::new(x, &random(c, 1.0, 2));
     let bias = Buffer::new(x, &random(c, 1.0, 3));
-    let (out, mean, rstd) = (Buffer::new(x, &vec![0.0; n * c]), vec![0f32; n], vec![0f32; n]);
+    let (out, mean, rstd) = (Buffer::new(x, &vec![0.0; n * c]), Buffer::f32(&vec![0.0; n]), Buffer::f32(&vec![0.0; n]));
     let bias_addr = with_bias.then(|| bias.addr());
-    layernorm::forward(gpu(), x, out.addr(), addr(&mean), addr(&rstd), inp.addr(), weight.addr(), bias_addr, n, c).unwrap();
+    layernorm::forward(gpu(), x, out.addr(), mean.addr(), rstd.addr(), inp.addr(), weight.addr(), bias_addr, n, c).unwrap();
 
     let (mut want, mut want_mean, mut want_rstd) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
     let bias_values = bias.values();
@@ -26,8 +26,8 @@ fn check_forward(x: Precision, with_bias: bool, n: usize, c: usize) {
     let what = format!("layernorm {x:?} bias={with_bias}");
     assert_close(&format!("{what}: out"), &out.values(), &want, tolerance(x));
     // The statistics are float in both precisions, of the same (rounded) inputs.
-    assert_close(&format!("{what}: mean"), &mean, &want_mean, 1e-5);
-    assert_close(&format!("{what}: rstd"), &rstd, &want_rstd, 1e-5);
+    assert_close(&format!("{what}: mean"), &mean.values(), &want_mean, 1e-5);
+    assert_close(&format!("{what}: rstd"), &rstd.values(), &want_rstd, 1e-5);
 }
 
 fn check_residual_forward(x: Precision, mask: Option<Mask>) {
@@ -36,14 +36,14 @@ fn check_residual_forward(x: Precision, mask: Option<Mask>) {
     let weight = Buffer::new(x, &random(C, 1.0, 6));
     let bias = Buffer::new(x, &random(C, 1.0, 7));
     let (residual, ln) = (Buffer::new(x, &vec![0.0; N * C]), Buffer::new(x, &vec![0.0; N * C]));
-    let (mean, rstd) = (vec![0f32; N], vec![0f32; N]);
+    let (mean, rstd) = (Buffer::f32(&[0.0; N]), Buffer::f32(&[0.0; N]));
     layernorm::residual_forward(
         gpu(),
         x,
         residual.addr(),
         ln.addr(),
-        addr(&mean),
-        addr(&rstd),
+        mean.addr(),
+        rstd.addr(),
         inp.addr(),
         branch.addr(),
         weight.addr(),
@@ -67,8 +67,8 @@ fn check_residual_forward(x: Precision, mask: Option<Mask>) {
     let what = format!("residual_layernorm {x:?} dropout={}", mask.is_some());
     assert_close(&format!("{what}: residual"), &residual.values(), &want_residual, tolerance(x));
     assert_close(&format!("{what}: out"), &ln.values(), &want, tolerance(x));
-    assert_close(&format!("{what}: mean"), &mean, &want_mean, tolerance(x));
-    assert_close(&format!("{what}: rstd"), &rstd, &want_rstd, tolerance(x));
+    assert_close(&format!("{what}: mean"), &mean.values(), &want_mean, tolerance(x));
+    assert_close(&format!("{what}: rstd"), &rstd.values(), &want_rstd, tolerance(x));
 }
 
 fn check_backward(x: Precision, with_bias: bool, add_to_dinp: bool) {
@@ -79,8 +79,8 @@ fn check_backward(x: Precision, with_bias: bool, add_to_dinp: bool) {
     let (mut mean, mut rstd) = (vec![0.0; N], vec![0.0; N]);
     cpu::forward(&mut vec![0.0; N * C], &mut mean, &mut rstd, &inp.values(), &weight.values(), None);
     // Gradients already there (earlier micro-steps'), which the kernels add to.
-    let (dweight, dbias) = (random(C, 1.0, 12), random(C, 1.0, 13));
-    let (mut want_dinp, mut want_dweight, mut want_dbias) = (dinp.values(), dweight.clone(), dbias.clone());
+    let (dweight, dbias) = (Buffer::f32(&random(C, 1.0, 12)), Buffer::f32(&random(C, 1.0, 13)));
+    let (mut want_dinp, mut want_dweight, mut want_dbias) = (dinp.values(), dweight.values(), dbias.values());
     cpu::backward(
         &mut want_dinp,
         &mut want_dweight,
@@ -94,19 +94,20 @@ fn check_backward(x: Precision, with_bias: bool, add_to_dinp: bool) {
         true,
     );
 
-    let scratch = vec![f32::NAN; layernorm::backward_scratch_len(N, C)];
+    let scratch = Buffer::unwritten(Precision::F32, layernorm::backward_scratch_len(N, C));
+    let (device_mean, device_rstd) = (Buffer::f32(&mean), Buffer::f32(&rstd));
     layernorm::backward(
         gpu(),
         x,
         dinp.addr(),
-        addr(&dweight),
-        with_bias.then(|| addr(&dbias)),
-        addr(&scratch),
+        dweight.addr(),
+        with_bias.then(|| dbias.addr()),
+        scratch.addr(),
         dout.addr(),
         inp.addr(),
         weight.addr(),
-        addr(&mean),
-        addr(&rstd),
+        device_mean.addr(),
+        device_rstd.addr(),
         N,
         C,
         add_to_dinp,
@@ -115,8 +116,8 @@ fn check_backward(x: Precision, with_bias: bool, add_to_dinp: bool) {
     let what = format!("layernorm backward {x:?} bias={with_bias} add_to_dinp={add_to_dinp}");
     assert_close(&format!("{what}: dinp"), &dinp.values(), &want_dinp, tolerance(x));
     // Float sums of the same (rounded) inputs in both precisions.
-    assert_close(&format!("{what}: dweight"), &dweight, &want_dweight, 1e-5);
-    assert_close(&format!("{what}: dbias"), &dbias, &want_dbias, 1e-5);
+    assert_close(&format!("{what}: dweight"), &dweight.values(), &want_dweight, 1e-5);
+    assert_close(&format!("{what}: dbias"), &dbias.values(), &want_dbias, 1e-5);
 }
 
 #[test]

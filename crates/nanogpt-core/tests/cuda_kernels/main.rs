@@ -11,3 +11,5 @@ mod encoder;
 mod gelu;
 mod gpu;
 mod layernorm;
+mod matmul;
+mod train_step;

@@ -13,8 +13,11 @@ pub mod classifier;
 pub mod encoder;
 pub mod gelu;
 pub mod layernorm;
+pub mod matmul;
 
-use candle_core::Result;
+use std::sync::Arc;
+
+use candle_core::{bail, Result};
 
 use super::dropout::Mask;
 
@@ -82,11 +85,156 @@ impl Arg {
     }
 }
 
-/// Where kernels run.
+/// Where kernels run, and the memory they run on. Work is queued in order on one stream: a launch,
+/// product, `zero` or `free` may return before it has run; `upload` and `download` return once their copy
+/// is done.
 pub trait Gpu {
     /// Launches the kernel named `kernel` (with its precision suffix) on a grid of `grid` blocks of
     /// `block` threads, with `shared_bytes` of dynamic shared memory per block.
     fn launch(&self, kernel: &str, grid: [u32; 3], block: [u32; 3], shared_bytes: u32, args: &[Arg]) -> Result<()>;
+
+    /// A new buffer of `bytes` bytes, zero-filled, aligned for any element type; 0 bytes is the null
+    /// address 0, which `free` accepts.
+    fn alloc(&self, bytes: usize) -> Result<u64>;
+
+    /// Releases a buffer from `alloc` once the work queued before has finished with it.
+    fn free(&self, addr: u64) -> Result<()>;
+
+    /// Copies `src` to `dst`, after the work queued before; returns once `src` has been read.
+    fn upload(&self, dst: u64, src: &[u8]) -> Result<()>;
+
+    /// Copies `dst.len()` bytes from `src` once the work queued before has finished: it synchronises.
+    fn download(&self, src: u64, dst: &mut [u8]) -> Result<()>;
+
+    /// Sets `bytes` bytes from `dst` to zero, queued.
+    fn zero(&self, dst: u64, bytes: usize) -> Result<()>;
+
+    /// The matrix product `g` describes, queued.
+    fn gemm(&self, g: &Gemm) -> Result<()>;
+}
+
+/// Row-major `C` (m x n) = alpha op(A) op(B) + beta C, op(A) m x k and op(B) k x n, every matrix packed
+/// (rows contiguous): A is stored m x k, or k x m when `transpose_a`; B k x n, or n x k when `transpose_b`.
+/// A and B hold `inputs`, C holds `output`; products accumulate in f32 (TF32 tensor cores for f32 inputs
+/// on a CUDA device, as nanoGPT allows). With beta 0, C is written without being read.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Gemm {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub a: u64,
+    pub transpose_a: bool,
+    pub b: u64,
+    pub transpose_b: bool,
+    pub c: u64,
+    pub inputs: Precision,
+    pub output: Precision,
+    pub alpha: f32,
+    pub beta: f32,
+}
+
+impl Gemm {
+    /// Refuses what cuBLAS cannot do, on every [`Gpu`] alike: empty or over-large dimensions, and f32
+    /// inputs with a bf16 output (no cublasGemmEx type combination has them).
+    pub fn check(&self) -> Result<()> {
+        let Gemm { m, n, k, .. } = *self;
+        if [m, n, k].iter().any(|&d| d == 0 || d > i32::MAX as usize) {
+            bail!("gemm: shape m={m}, n={n}, k={k} has an empty dimension or one over 2^31 - 1");
+        }
+        if self.inputs == Precision::F32 && self.output == Precision::Bf16 {
+            bail!("gemm: f32 inputs with a bf16 output is not a cuBLAS combination; use bf16 inputs or an f32 output");
+        }
+        Ok(())
+    }
+
+    /// The same product as column-major BLAS (cuBLAS) takes it. A packed row-major matrix is, read
+    /// column-major, its transpose; so C is computed as Cᵀ (n x m) = op(B)ᵀ op(A)ᵀ, with B in BLAS's A place
+    /// and A in its B place. A matrix stored untransposed is then used as stored, a transposed one transposed
+    /// back, and each leading dimension is the stored row length.
+    pub fn column_major(&self) -> ColumnMajorGemm {
+        ColumnMajorGemm {
+            transpose_a: self.transpose_b,
+            transpose_b: self.transpose_a,
+            m: self.n,
+            n: self.m,
+            k: self.k,
+            a: self.b,
+            lda: if self.transpose_b { self.k } else { self.n },
+            b: self.a,
+            ldb: if self.transpose_a { self.m } else { self.k },
+            c: self.c,
+            ldc: self.n,
+        }
+    }
+}
+
+/// A product in BLAS's column-major terms (the arguments of `cublasGemmEx`): C (m x n, leading dimension
+/// ldc) = alpha op(A) op(B) + beta C, op(A) m x k, op(B) k x n; element (i, j) of a matrix X with leading
+/// dimension ldx is at X[i + j ldx].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ColumnMajorGemm {
+    pub transpose_a: bool,
+    pub transpose_b: bool,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub a: u64,
+    pub lda: usize,
+    pub b: u64,
+    pub ldb: usize,
+    pub c: u64,
+    pub ldc: usize,
+}
+
+/// A buffer on a [`Gpu`], freed when dropped.
+pub struct DeviceBuffer {
+    gpu: Arc<dyn Gpu + Send + Sync>,
+    pub addr: u64,
+    pub bytes: usize,
+}
+
+impl DeviceBuffer {
+    pub fn zeroed(gpu: &Arc<dyn Gpu + Send + Sync>, bytes: usize) -> Result<Self> {
+        Ok(Self { gpu: gpu.clone(), addr: gpu.alloc(bytes)?, bytes })
+    }
+
+    /// Writes `src` to the buffer's first bytes.
+    pub fn upload_bytes(&self, src: &[u8]) -> Result<()> {
+        if src.len() > self.bytes {
+            bail!("upload: {} bytes do not fit a buffer of {} bytes; allocate a larger one", src.len(), self.bytes);
+        }
+        self.gpu.upload(self.addr, src)
+    }
+
+    /// The whole buffer, once the work queued before has finished.
+    pub fn download_bytes(&self) -> Result<Vec<u8>> {
+        let mut bytes = vec![0u8; self.bytes];
+        self.gpu.download(self.addr, &mut bytes)?;
+        Ok(bytes)
+    }
+
+    pub fn upload_f32(&self, values: &[f32]) -> Result<()> {
+        self.upload_bytes(&values.iter().flat_map(|v| v.to_ne_bytes()).collect::<Vec<u8>>())
+    }
+
+    pub fn download_f32(&self) -> Result<Vec<f32>> {
+        Ok(self.download_bytes()?.chunks_exact(4).map(|b| f32::from_ne_bytes(b.try_into().unwrap())).collect())
+    }
+
+    pub fn upload_i32(&self, values: &[i32]) -> Result<()> {
+        self.upload_bytes(&values.iter().flat_map(|v| v.to_ne_bytes()).collect::<Vec<u8>>())
+    }
+
+    pub fn download_i32(&self) -> Result<Vec<i32>> {
+        Ok(self.download_bytes()?.chunks_exact(4).map(|b| i32::from_ne_bytes(b.try_into().unwrap())).collect())
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        // A free that fails leaves the memory to the process's end; a destructor cannot report it.
+        let _ = self.gpu.free(self.addr);
+    }
 }
 
 /// Blocks of `block` threads to cover `n` items, one per thread.

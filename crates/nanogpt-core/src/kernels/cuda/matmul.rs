@@ -1,0 +1,96 @@
+//! The linear layer `out = inp Wᵀ + b` on a [`Gpu`] (kernels/matmul.rs's forward and backward), W in
+//! PyTorch's (OC, C) layout: its products are [`Gemm`]s (cuBLAS on a CUDA device), its bias bias.cu's kernels.
+
+use candle_core::Result;
+
+use super::{bias, Gemm, Gpu, Precision};
+
+/// `out` (N x OC of X) = `inp` (N x C of X) Wᵀ, `weight` (OC x C of X), plus `bias` (OC of X) on every
+/// row when there is one. `out` is written, not read.
+#[allow(clippy::too_many_arguments)]
+pub fn forward(
+    gpu: &dyn Gpu,
+    x: Precision,
+    out: u64,
+    inp: u64,
+    weight: u64,
+    bias: Option<u64>,
+    n: usize,
+    c: usize,
+    oc: usize,
+) -> Result<()> {
+    let product = Gemm {
+        m: n,
+        n: oc,
+        k: c,
+        a: inp,
+        transpose_a: false,
+        b: weight,
+        transpose_b: true,
+        c: out,
+        inputs: x,
+        output: x,
+        alpha: 1.0,
+        beta: 0.0,
+    };
+    gpu.gemm(&product)?;
+    match bias {
+        Some(b) => bias::add(gpu, x, out, b, n, oc),
+        None => Ok(()),
+    }
+}
+
+/// The gradients from `dout` (N x OC of X), with `inp` (N x C of X) and `weight` (OC x C of X) the
+/// forward's: `dinp` (N x C of X) = dout W is written; `dweight` (OC x C, f32) += doutᵀ inp and
+/// `dbias` (OC, f32) += dout's column sums are added to, so that micro-steps accumulate their gradients.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    gpu: &dyn Gpu,
+    x: Precision,
+    dinp: Option<u64>,
+    dweight: u64,
+    dbias: Option<u64>,
+    dout: u64,
+    inp: u64,
+    weight: u64,
+    n: usize,
+    c: usize,
+    oc: usize,
+) -> Result<()> {
+    if let Some(dinp) = dinp {
+        let product = Gemm {
+            m: n,
+            n: c,
+            k: oc,
+            a: dout,
+            transpose_a: false,
+            b: weight,
+            transpose_b: false,
+            c: dinp,
+            inputs: x,
+            output: x,
+            alpha: 1.0,
+            beta: 0.0,
+        };
+        gpu.gemm(&product)?;
+    }
+    let weight_gradient = Gemm {
+        m: oc,
+        n: c,
+        k: n,
+        a: dout,
+        transpose_a: true,
+        b: inp,
+        transpose_b: false,
+        c: dweight,
+        inputs: x,
+        output: Precision::F32,
+        alpha: 1.0,
+        beta: 1.0,
+    };
+    gpu.gemm(&weight_gradient)?;
+    match dbias {
+        Some(dbias) => bias::backward(gpu, x, dbias, dout, n, oc),
+        None => Ok(()),
+    }
+}

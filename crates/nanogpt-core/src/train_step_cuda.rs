@@ -1,0 +1,559 @@
+//! The training step on a GPU, llm.c style, layer by layer as `train_step.rs` does it on the CPU:
+//! the same flat parameter layout ([`ParamLayout`]), with f32 master weights, gradients and AdamW
+//! moments, and the activations of a (B, T) batch allocated once. The kernels are those of
+//! `kernels/cuda` and the matrix products cuBLAS's, launched on a [`Gpu`]: a CUDA device, or the
+//! emulator that the tests run it on.
+//!
+//! Activations and the weights the kernels read are of the [`Precision`] X. In f32 those weights are
+//! the master weights themselves; in bf16 they are a copy that AdamW rewrites as it updates.
+//! Parameter gradients are only ever added to: [`CudaTrainStep::zero_grads`] clears them before the
+//! first micro-step of an optimizer step. Nothing here waits for the GPU except reading results back.
+//!
+//! Residual adds are fused into the LayerNorm that follows them: each block's output projection
+//! writes its branch, and one kernel adds it (after dropout) to the residual stream and normalises
+//! the sum for the next block, or for the final LayerNorm after the last layer.
+//!
+//! Shapes: B batch rows, T positions, C = n_embd channels, NH heads, V vocab, L layers.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use candle_core::{bail, Result};
+
+use crate::kernels::adamw::AdamWUpdate;
+use crate::kernels::cuda::adamw::{self, Clip, DeviceTensorTable, FlatBuffers, TensorTable, GRAD_NORM_PARTIALS};
+use crate::kernels::cuda::{attention, bias, classifier, encoder, gelu, layernorm, matmul, DeviceBuffer, Gpu, Precision};
+use crate::kernels::dropout::{DropoutKey, Mask, Site};
+use crate::model::{Gelu, ModelArgs};
+use crate::optim::OptimizerArgs;
+use crate::train_step::{Affine, ParamLayout};
+
+type SharedGpu = Arc<dyn Gpu + Send + Sync>;
+
+/// The activations of one layer that the backward pass reads, each (B, T, width) of X unless noted.
+struct LayerActivations {
+    /// The first LayerNorm's output and row statistics (f32); for layers after the first, written by
+    /// the previous layer's fused residual add.
+    ln_1: DeviceBuffer,
+    ln_1_mean: DeviceBuffer,
+    ln_1_rstd: DeviceBuffer,
+    qkv: DeviceBuffer,
+    /// The attention's merged heads, and the log-sum-exp of each score row (B, NH, T, f32).
+    atty: DeviceBuffer,
+    lse: DeviceBuffer,
+    /// The residual stream after the attention block, and the second LayerNorm of it.
+    residual_2: DeviceBuffer,
+    ln_2: DeviceBuffer,
+    ln_2_mean: DeviceBuffer,
+    ln_2_rstd: DeviceBuffer,
+    /// The MLP's hidden layer before and after GELU.
+    fch: DeviceBuffer,
+    fch_gelu: DeviceBuffer,
+    /// The residual stream after the MLP block: the next layer's input.
+    residual_3: DeviceBuffer,
+}
+
+/// Everything a (B, T) step writes besides parameters and their gradients.
+struct Activations {
+    b: usize,
+    t: usize,
+    tokens: DeviceBuffer,
+    targets: DeviceBuffer,
+    encoded: DeviceBuffer,
+    layers: Vec<LayerActivations>,
+    ln_f: DeviceBuffer,
+    ln_f_mean: DeviceBuffer,
+    ln_f_rstd: DeviceBuffer,
+    /// (B, T, V): the logits, overwritten by their gradient in training.
+    logits: DeviceBuffer,
+    /// Each row's loss (f32), and their sum.
+    losses: DeviceBuffer,
+    loss_sum: DeviceBuffer,
+    /// (B, T, C): an output projection's branch in the forward pass, before the residual add.
+    branch: DeviceBuffer,
+    /// The gradient of the residual stream, carried down through the layers.
+    dresidual: DeviceBuffer,
+    /// (B, T, C): a LayerNorm output's gradient, or a projection's gradient after dropout.
+    scratch: DeviceBuffer,
+    datty: DeviceBuffer,
+    dqkv: DeviceBuffer,
+    dfch: DeviceBuffer,
+    /// f32 partial sums of the LayerNorm backward, and the attention backward's row dot products.
+    layernorm_scratch: DeviceBuffer,
+    attention_delta: DeviceBuffer,
+}
+
+impl Activations {
+    fn new(gpu: &SharedGpu, args: &ModelArgs, x: Precision, b: usize, t: usize) -> Result<Self> {
+        let (n, c, nh) = (b * t, args.n_embd, args.n_head);
+        let xs = |elements: usize| DeviceBuffer::zeroed(gpu, elements * x.size_in_bytes());
+        let f32s = |elements: usize| DeviceBuffer::zeroed(gpu, elements * 4);
+        let layers = (0..args.n_layer)
+            .map(|_| {
+                Ok(LayerActivations {
+                    ln_1: xs(n * c)?,
+                    ln_1_mean: f32s(n)?,
+                    ln_1_rstd: f32s(n)?,
+                    qkv: xs(n * 3 * c)?,
+                    atty: xs(n * c)?,
+                    lse: f32s(b * nh * t)?,
+                    residual_2: xs(n * c)?,
+                    ln_2: xs(n * c)?,
+                    ln_2_mean: f32s(n)?,
+                    ln_2_rstd: f32s(n)?,
+                    fch: xs(n * 4 * c)?,
+                    fch_gelu: xs(n * 4 * c)?,
+                    residual_3: xs(n * c)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            b,
+            t,
+            tokens: DeviceBuffer::zeroed(gpu, n * 4)?,
+            targets: DeviceBuffer::zeroed(gpu, n * 4)?,
+            encoded: xs(n * c)?,
+            layers,
+            ln_f: xs(n * c)?,
+            ln_f_mean: f32s(n)?,
+            ln_f_rstd: f32s(n)?,
+            logits: xs(n * args.vocab_size)?,
+            losses: f32s(n)?,
+            loss_sum: f32s(1)?,
+            branch: xs(n * c)?,
+            dresidual: xs(n * c)?,
+            scratch: xs(n * c)?,
+            datty: xs(n * c)?,
+            dqkv: xs(n * 3 * c)?,
+            dfch: xs(n * 4 * c)?,
+            layernorm_scratch: f32s(layernorm::backward_scratch_len(n, c))?,
+            attention_delta: f32s(b * nh * t)?,
+        })
+    }
+}
+
+/// A model's parameters, gradients and optimizer state on a GPU, and the activations of its last batch shape.
+pub struct CudaTrainStep {
+    gpu: SharedGpu,
+    args: ModelArgs,
+    layout: ParamLayout,
+    x: Precision,
+    /// f32 master weights, their gradients and AdamW's two moments: one flat buffer each.
+    params: DeviceBuffer,
+    grads: DeviceBuffer,
+    exp_avg: DeviceBuffer,
+    exp_avg_sq: DeviceBuffer,
+    /// The bf16 copy of the weights that the kernels read; None in f32, where they read `params`.
+    weights_copy: Option<DeviceBuffer>,
+    /// Which tensor each parameter belongs to and whether it decays (AdamW's groups), on the device,
+    /// and the two buffers that hold it.
+    tensor_table: DeviceTensorTable,
+    _tensor_table_memory: [DeviceBuffer; 2],
+    /// The squared global gradient norm of the last optimizer step, and its partial sums.
+    grad_norm_squared: DeviceBuffer,
+    grad_norm_partials: DeviceBuffer,
+    optimizer_steps: u64,
+    acts: Option<Activations>,
+    /// How many targets of the last loss counted (were not -1).
+    counted: usize,
+}
+
+/// The dropout mask of `site` when training with dropout.
+fn mask(dropout: Option<(DropoutKey, f32)>, site: Site) -> Option<Mask> {
+    dropout.map(|(key, p)| Mask::new(key, site, p))
+}
+
+impl CudaTrainStep {
+    /// Uploads `params` (the flat f32 buffer of [`ParamLayout::new`]`(args)`) to `gpu`, with zeroed
+    /// gradients and AdamW moments.
+    pub fn new(gpu: SharedGpu, args: &ModelArgs, x: Precision, params: &[f32]) -> Result<Self> {
+        let layout = ParamLayout::new(args);
+        if params.len() != layout.len {
+            bail!("the model has {} parameters but {} values were given", layout.len, params.len());
+        }
+        let bytes = layout.len * 4;
+        let master = DeviceBuffer::zeroed(&gpu, bytes)?;
+        master.upload_f32(params)?;
+        let weights_copy = match x {
+            Precision::F32 => None,
+            Precision::Bf16 => {
+                let copy = DeviceBuffer::zeroed(&gpu, layout.len * 2)?;
+                let rounded: Vec<u8> = params.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect();
+                gpu.upload(copy.addr, &rounded)?;
+                Some(copy)
+            }
+        };
+        let table = TensorTable::new(&layout);
+        let tensor_ends = DeviceBuffer::zeroed(&gpu, table.ends.len() * 8)?;
+        gpu.upload(tensor_ends.addr, &table.ends.iter().flat_map(|e| e.to_le_bytes()).collect::<Vec<u8>>())?;
+        let tensor_decays = DeviceBuffer::zeroed(&gpu, table.decays.len())?;
+        gpu.upload(tensor_decays.addr, &table.decays)?;
+        Ok(Self {
+            tensor_table: table.on_device(tensor_ends.addr, tensor_decays.addr),
+            _tensor_table_memory: [tensor_ends, tensor_decays],
+            grad_norm_squared: DeviceBuffer::zeroed(&gpu, 4)?,
+            grad_norm_partials: DeviceBuffer::zeroed(&gpu, GRAD_NORM_PARTIALS * 4)?,
+            optimizer_steps: 0,
+            grads: DeviceBuffer::zeroed(&gpu, bytes)?,
+            exp_avg: DeviceBuffer::zeroed(&gpu, bytes)?,
+            exp_avg_sq: DeviceBuffer::zeroed(&gpu, bytes)?,
+            params: master,
+            weights_copy,
+            gpu,
+            args: args.clone(),
+            layout,
+            x,
+            acts: None,
+            counted: 0,
+        })
+    }
+
+    pub fn layout(&self) -> &ParamLayout {
+        &self.layout
+    }
+
+    /// The device address of a weight tensor as the kernels read it (of X).
+    fn weight(&self, range: &Range<usize>) -> u64 {
+        match &self.weights_copy {
+            Some(copy) => copy.addr + (range.start * 2) as u64,
+            None => self.params.addr + (range.start * 4) as u64,
+        }
+    }
+
+    fn affine(&self, affine: &Affine) -> (u64, Option<u64>) {
+        (self.weight(&affine.weight), affine.bias.as_ref().map(|b| self.weight(b)))
+    }
+
+    /// The device address of a tensor's gradient (f32).
+    fn grad(&self, range: &Range<usize>) -> u64 {
+        self.grads.addr + (range.start * 4) as u64
+    }
+
+    fn affine_grads(&self, affine: &Affine) -> (u64, Option<u64>) {
+        (self.grad(&affine.weight), affine.bias.as_ref().map(|b| self.grad(b)))
+    }
+
+    /// Clears the parameter gradients, before the first micro-step of an optimizer step.
+    pub fn zero_grads(&self) -> Result<()> {
+        self.gpu.zero(self.grads.addr, self.grads.bytes)
+    }
+
+    /// The activations for a (b, t) batch, reallocated when the shape changes.
+    fn ensure_activations(&mut self, b: usize, t: usize) -> Result<()> {
+        if self.acts.as_ref().map(|a| (a.b, a.t)) != Some((b, t)) {
+            self.acts = None;
+            self.acts = Some(Activations::new(&self.gpu, &self.args, self.x, b, t)?);
+        }
+        Ok(())
+    }
+
+    /// The forward pass of `tokens` (B x T) to the logits. `dropout` is the key and probability of
+    /// a training pass with dropout; None evaluates.
+    pub fn forward(&mut self, tokens: &[u32], b: usize, t: usize, dropout: Option<(DropoutKey, f32)>) -> Result<()> {
+        if tokens.len() != b * t || t > self.args.block_size {
+            bail!("a batch of {} tokens is not {b} rows of {t} positions within block_size {}", tokens.len(), self.args.block_size);
+        }
+        if let Some(&bad) = tokens.iter().find(|&&tok| tok as usize >= self.args.vocab_size) {
+            bail!("token id {bad} is outside the vocabulary of {} tokens: the data does not match the model", self.args.vocab_size);
+        }
+        self.ensure_activations(b, t)?;
+        let acts = self.acts.as_ref().expect("allocated above");
+        let ids: Vec<u8> = tokens.iter().flat_map(|&tok| (tok as i32).to_le_bytes()).collect();
+        self.gpu.upload(acts.tokens.addr, &ids)?;
+
+        let (gpu, x, layout) = (&*self.gpu, self.x, &self.layout);
+        let (n, c, nh, v) = (b * t, self.args.n_embd, self.args.n_head, self.args.vocab_size);
+        let tanh = self.args.gelu == Gelu::Tanh;
+        encoder::forward(
+            gpu,
+            x,
+            acts.encoded.addr,
+            acts.tokens.addr,
+            self.weight(&layout.wte),
+            self.weight(&layout.wpe),
+            b,
+            t,
+            c,
+            mask(dropout, Site::Embedding),
+        )?;
+        let first = &acts.layers[0];
+        let (w, bias) = self.affine(&layout.layers[0].ln_1);
+        layernorm::forward(gpu, x, first.ln_1.addr, first.ln_1_mean.addr, first.ln_1_rstd.addr, acts.encoded.addr, w, bias, n, c)?;
+        for (l, lp) in layout.layers.iter().enumerate() {
+            let a = &acts.layers[l];
+            let residual = if l == 0 { &acts.encoded } else { &acts.layers[l - 1].residual_3 };
+            let (w, bias) = self.affine(&lp.c_attn);
+            matmul::forward(gpu, x, a.qkv.addr, a.ln_1.addr, w, bias, n, c, 3 * c)?;
+            attention::forward(gpu, x, a.atty.addr, a.lse.addr, a.qkv.addr, b, t, c, nh, mask(dropout, Site::Attention(l)))?;
+            let (w, bias) = self.affine(&lp.attn_proj);
+            matmul::forward(gpu, x, acts.branch.addr, a.atty.addr, w, bias, n, c, c)?;
+            let (w, bias) = self.affine(&lp.ln_2);
+            layernorm::residual_forward(
+                gpu,
+                x,
+                a.residual_2.addr,
+                a.ln_2.addr,
+                a.ln_2_mean.addr,
+                a.ln_2_rstd.addr,
+                residual.addr,
+                acts.branch.addr,
+                w,
+                bias,
+                n,
+                c,
+                mask(dropout, Site::AttentionResidual(l)),
+            )?;
+            let (w, bias) = self.affine(&lp.c_fc);
+            matmul::forward(gpu, x, a.fch.addr, a.ln_2.addr, w, bias, n, c, 4 * c)?;
+            gelu::forward(gpu, x, a.fch_gelu.addr, a.fch.addr, n * 4 * c, tanh)?;
+            let (w, bias) = self.affine(&lp.mlp_proj);
+            matmul::forward(gpu, x, acts.branch.addr, a.fch_gelu.addr, w, bias, n, 4 * c, c)?;
+            // The residual add, normalised for the next layer or, after the last, by the final LayerNorm.
+            let (next_ln, (mean, rstd), (w, bias)) = match acts.layers.get(l + 1) {
+                Some(next) => (&next.ln_1, (&next.ln_1_mean, &next.ln_1_rstd), self.affine(&layout.layers[l + 1].ln_1)),
+                None => (&acts.ln_f, (&acts.ln_f_mean, &acts.ln_f_rstd), self.affine(&layout.ln_f)),
+            };
+            layernorm::residual_forward(
+                gpu,
+                x,
+                a.residual_3.addr,
+                next_ln.addr,
+                mean.addr,
+                rstd.addr,
+                a.residual_2.addr,
+                acts.branch.addr,
+                w,
+                bias,
+                n,
+                c,
+                mask(dropout, Site::MlpResidual(l)),
+            )?;
+        }
+        // The output layer is the token embedding (weight tying).
+        matmul::forward(gpu, x, acts.logits.addr, acts.ln_f.addr, self.weight(&layout.wte), None, n, c, v)
+    }
+
+    /// The cross-entropy of the last forward pass's logits against `targets` (-1 = ignored), summed on
+    /// the device; with `grad_scale`, the logits become the gradient of `grad_scale` times the mean
+    /// loss. Read the loss with [`Self::read_loss`].
+    pub fn loss(&mut self, targets: &[i32], grad_scale: Option<f64>) -> Result<()> {
+        let acts = self.acts.as_ref().ok_or_else(|| candle_core::Error::Msg("loss before any forward pass".into()))?;
+        let n = acts.b * acts.t;
+        if targets.len() != n {
+            bail!("{} targets for a batch of {n} positions", targets.len());
+        }
+        self.counted = targets.iter().filter(|&&t| t >= 0).count();
+        if self.counted == 0 {
+            bail!("every target is -1 (ignored): there is nothing to compute a loss on");
+        }
+        if let Some(&bad) = targets.iter().find(|&&t| t >= self.args.vocab_size as i32) {
+            bail!("target id {bad} is outside the vocabulary of {} tokens: the data does not match the model", self.args.vocab_size);
+        }
+        let ids: Vec<u8> = targets.iter().flat_map(|t| t.to_le_bytes()).collect();
+        self.gpu.upload(acts.targets.addr, &ids)?;
+        let row_scale = grad_scale.map(|s| (s / self.counted as f64) as f32);
+        let gpu = &*self.gpu;
+        classifier::cross_entropy(gpu, self.x, acts.logits.addr, acts.losses.addr, acts.targets.addr, n, self.args.vocab_size, row_scale)?;
+        classifier::loss_sum(gpu, acts.loss_sum.addr, acts.losses.addr, n)
+    }
+
+    /// The mean loss of the last [`Self::loss`]: waits for the GPU.
+    pub fn read_loss(&self) -> Result<f32> {
+        let acts = self.acts.as_ref().ok_or_else(|| candle_core::Error::Msg("no loss computed yet".into()))?;
+        Ok(acts.loss_sum.download_f32()?[0] / self.counted as f32)
+    }
+
+    /// The backward pass from the logits' gradient (left by [`Self::loss`]) to the parameter
+    /// gradients, which it adds to.
+    pub fn backward(&mut self, dropout: Option<(DropoutKey, f32)>) -> Result<()> {
+        let acts = self.acts.as_ref().ok_or_else(|| candle_core::Error::Msg("backward before any forward pass".into()))?;
+        let (gpu, x, layout) = (&*self.gpu, self.x, &self.layout);
+        let (b, t) = (acts.b, acts.t);
+        let (n, c, nh, v) = (b * t, self.args.n_embd, self.args.n_head, self.args.vocab_size);
+        let tanh = self.args.gelu == Gelu::Tanh;
+        let (dresidual, scratch) = (acts.dresidual.addr, acts.scratch.addr);
+        let ln_scratch = acts.layernorm_scratch.addr;
+        // The gradient of a block's output projection: the residual stream's, through the residual dropout.
+        let through_dropout = |mask: Option<Mask>| -> Result<u64> {
+            match mask {
+                Some(mask) => bias::dropout(gpu, x, scratch, dresidual, n * c, mask).map(|_| scratch),
+                None => Ok(dresidual),
+            }
+        };
+
+        matmul::backward(
+            gpu,
+            x,
+            Some(scratch),
+            self.grad(&layout.wte),
+            None,
+            acts.logits.addr,
+            acts.ln_f.addr,
+            self.weight(&layout.wte),
+            n,
+            c,
+            v,
+        )?;
+        let last = acts.layers.last().map_or(&acts.encoded, |a| &a.residual_3);
+        let (w, _) = self.affine(&layout.ln_f);
+        let (dw, db) = self.affine_grads(&layout.ln_f);
+        layernorm::backward(
+            gpu,
+            x,
+            dresidual,
+            dw,
+            db,
+            ln_scratch,
+            scratch,
+            last.addr,
+            w,
+            acts.ln_f_mean.addr,
+            acts.ln_f_rstd.addr,
+            n,
+            c,
+            false,
+        )?;
+
+        for (l, lp) in layout.layers.iter().enumerate().rev() {
+            let residual = if l == 0 { &acts.encoded } else { &acts.layers[l - 1].residual_3 };
+            let a = &acts.layers[l];
+            // MLP block: residual_3 = residual_2 + dropout(gelu(ln_2 W_fcᵀ) W_projᵀ).
+            let dproj = through_dropout(mask(dropout, Site::MlpResidual(l)))?;
+            let (dw, db) = self.affine_grads(&lp.mlp_proj);
+            matmul::backward(gpu, x, Some(acts.dfch.addr), dw, db, dproj, a.fch_gelu.addr, self.weight(&lp.mlp_proj.weight), n, 4 * c, c)?;
+            gelu::backward(gpu, x, acts.dfch.addr, a.fch.addr, acts.dfch.addr, n * 4 * c, tanh)?;
+            let (dw, db) = self.affine_grads(&lp.c_fc);
+            matmul::backward(gpu, x, Some(scratch), dw, db, acts.dfch.addr, a.ln_2.addr, self.weight(&lp.c_fc.weight), n, c, 4 * c)?;
+            let (dw, db) = self.affine_grads(&lp.ln_2);
+            let w = self.weight(&lp.ln_2.weight);
+            layernorm::backward(
+                gpu,
+                x,
+                dresidual,
+                dw,
+                db,
+                ln_scratch,
+                scratch,
+                a.residual_2.addr,
+                w,
+                a.ln_2_mean.addr,
+                a.ln_2_rstd.addr,
+                n,
+                c,
+                true,
+            )?;
+
+            // Attention block: residual_2 = residual + dropout(attention(ln_1 W_attnᵀ) W_projᵀ).
+            let dproj = through_dropout(mask(dropout, Site::AttentionResidual(l)))?;
+            let (dw, db) = self.affine_grads(&lp.attn_proj);
+            matmul::backward(gpu, x, Some(acts.datty.addr), dw, db, dproj, a.atty.addr, self.weight(&lp.attn_proj.weight), n, c, c)?;
+            attention::backward(
+                gpu,
+                x,
+                acts.dqkv.addr,
+                acts.datty.addr,
+                a.qkv.addr,
+                a.atty.addr,
+                a.lse.addr,
+                acts.attention_delta.addr,
+                b,
+                t,
+                c,
+                nh,
+                mask(dropout, Site::Attention(l)),
+            )?;
+            let (dw, db) = self.affine_grads(&lp.c_attn);
+            matmul::backward(gpu, x, Some(scratch), dw, db, acts.dqkv.addr, a.ln_1.addr, self.weight(&lp.c_attn.weight), n, c, 3 * c)?;
+            let (dw, db) = self.affine_grads(&lp.ln_1);
+            let w = self.weight(&lp.ln_1.weight);
+            layernorm::backward(
+                gpu,
+                x,
+                dresidual,
+                dw,
+                db,
+                ln_scratch,
+                scratch,
+                residual.addr,
+                w,
+                a.ln_1_mean.addr,
+                a.ln_1_rstd.addr,
+                n,
+                c,
+                true,
+            )?;
+        }
+        encoder::backward(
+            gpu,
+            x,
+            self.grad(&layout.wte),
+            self.grad(&layout.wpe),
+            dresidual,
+            acts.tokens.addr,
+            b,
+            t,
+            c,
+            mask(dropout, Site::Embedding),
+        )
+    }
+
+    /// One AdamW step at learning rate `lr` from the accumulated gradients, with nanoGPT's groups
+    /// (only tensors of rank >= 2 decay) and global-norm clipping, all on the device: the norm is
+    /// reduced there and the clip coefficient computed there, so the host does not wait.
+    pub fn optimizer_step(&mut self, args: &OptimizerArgs, lr: f64) -> Result<()> {
+        let gpu = &*self.gpu;
+        let n = self.layout.len;
+        adamw::grad_norm_squared(gpu, self.grad_norm_squared.addr, self.grad_norm_partials.addr, GRAD_NORM_PARTIALS, self.grads.addr, n)?;
+        self.optimizer_steps += 1;
+        let (b1, b2, step) = (args.beta1, args.beta2, self.optimizer_steps as i32);
+        let update = AdamWUpdate {
+            lr,
+            beta1: b1,
+            beta2: b2,
+            eps: crate::optim::EPS,
+            weight_decay: args.weight_decay,
+            grad_scale: 1.0,
+            step_size: lr / (1.0 - b1.powi(step)),
+            bias_correction2_sqrt: (1.0 - b2.powi(step)).sqrt(),
+        };
+        let buffers = FlatBuffers {
+            params: self.params.addr,
+            grads: self.grads.addr,
+            exp_avg: self.exp_avg.addr,
+            exp_avg_sq: self.exp_avg_sq.addr,
+            params_copy: self.weights_copy.as_ref().map_or(0, |c| c.addr),
+            len: n,
+        };
+        let clip =
+            (args.grad_clip > 0.0).then_some(Clip { grad_norm_squared: self.grad_norm_squared.addr, max_norm: args.grad_clip as f32 });
+        adamw::update(gpu, self.x, &buffers, &self.tensor_table, &update, clip)
+    }
+
+    /// The global gradient norm the last optimizer step clipped by: waits for the GPU.
+    pub fn read_grad_norm(&self) -> Result<f32> {
+        Ok(self.grad_norm_squared.download_f32()?[0].sqrt())
+    }
+
+    /// The parameter gradients (f32, in [`ParamLayout`] order): waits for the GPU.
+    pub fn read_grads(&self) -> Result<Vec<f32>> {
+        self.grads.download_f32()
+    }
+
+    /// The f32 master weights: waits for the GPU.
+    pub fn read_params(&self) -> Result<Vec<f32>> {
+        self.params.download_f32()
+    }
+
+    /// The last forward pass's logits, as f32: waits for the GPU.
+    pub fn read_logits(&self) -> Result<Vec<f32>> {
+        let acts = self.acts.as_ref().ok_or_else(|| candle_core::Error::Msg("no forward pass yet".into()))?;
+        match self.x {
+            Precision::F32 => acts.logits.download_f32(),
+            Precision::Bf16 => {
+                let mut bytes = vec![0u8; acts.logits.bytes];
+                self.gpu.download(acts.logits.addr, &mut bytes)?;
+                Ok(bytes.chunks_exact(2).map(|h| half::bf16::from_le_bytes([h[0], h[1]]).to_f32()).collect())
+            }
+        }
+    }
+}
