@@ -317,16 +317,181 @@ __device__ void backward_key(X* dqkv, const X* dout, const X* qkv, const float* 
 
 }  // namespace attention
 
+// Tensor-core kernels, for bf16 at head sizes 64 and 128 (GPT-2's sizes). Same contract as the kernels
+// above (lse, dropout indices, D_i), with every tile product (Q.K^T and P.V here, dS.K, dS^T.Q, P^T.dO and
+// dO.V^T in the backward) a wmma m16n16k16 product of bf16 operands into float accumulators.
+//
+// A block of TC_WARPS warps owns TC_ROWS = 64 rows (queries, or keys for the dK/dV kernel), 16 per warp,
+// and walks tiles of TC_COLS = 64 of the other side. 64 x 64 tiles give each warp 16 x 64 scores, four
+// accumulator fragments, per (16 x HS) x (HS x 64) product: each K or V element loaded into shared memory
+// feeds 64 rows' products (against 16 for the CUDA-core kernels), which is what moves these kernels from
+// shared-memory bound to tensor-core bound. A fragment's element-to-lane mapping is unspecified, so the
+// row-wise work (masking, the online softmax, dropout, the backward's dS) is done on an f32 copy of the
+// score tile in shared memory: lane pair (2r, 2r+1) owns row r of its warp's 16, every other column.
+// Shared memory is dynamic (attention.rs's tc_shared_bytes): the K and V (or Q and dO) tiles as bf16 with
+// rows padded by 8 elements (16 bytes, keeping wmma's 32-byte alignment per 16 rows while shifting banks),
+// and per warp a 16 x 64 bf16 operand tile and a float scratch of 16 rows of max(64, HS) + 4. Every
+// region starts at a multiple of 32 bytes, and the kernels have no static shared memory, so the dynamic
+// block starts aligned.
+namespace attention_tc {
+using namespace nvcuda;
+
+constexpr int TC_WARPS = 4;
+constexpr int TC_ROWS = 16 * TC_WARPS;
+constexpr int TC_COLS = 64;
+constexpr int OPERAND_LD = TC_COLS + 8;  // bf16 pitch of a warp's 16 x 64 operand tile
+template <int HS>
+constexpr int TILE_LD = HS + 8;  // bf16 pitch of a 64 x HS tile
+template <int HS>
+constexpr int SCRATCH_LD = (HS > TC_COLS ? HS : TC_COLS) + 4;  // float pitch of a warp's scratch
+
+typedef wmma::fragment<wmma::accumulator, 16, 16, 16, float> Accumulator;
+typedef wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> RowsA;
+typedef wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> RowsB;
+typedef wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> ColumnsB;
+
+// Rows first..first+TC_ROWS of an HS-wide slice of a row-major bf16 matrix (rows `stride` apart) into a
+// shared tile, rows TILE_LD apart; rows past T read as zeros. Lanes along a row: coalesced reads.
+template <int HS>
+__device__ __forceinline__ void load_tile(bf16* tile, const bf16* src, int stride, int first, int T) {
+  for (int idx = threadIdx.x; idx < TC_ROWS * HS; idx += blockDim.x) {
+    const int r = idx / HS, d = idx % HS, row = first + r;
+    tile[r * TILE_LD<HS> + d] = row < T ? src[(size_t)row * stride + d] : from_float<bf16>(0.0f);
+  }
+}
+
+// The warp's 16 rows (from `rows`, pitch TILE_LD) as HS/16 operand fragments, for products along HS.
+template <int HS>
+__device__ __forceinline__ void load_row_fragments(RowsA (&a)[HS / 16], const bf16* rows) {
+  for (int d = 0; d < HS / 16; ++d) wmma::load_matrix_sync(a[d], rows + 16 * d, TILE_LD<HS>);
+}
+
+// scores (16 x 16*blocks, pitch SCRATCH_LD) = a (16 x HS) times the transpose of `tile`'s rows
+// 0..16*blocks (each HS wide): a row's dot products with each tile row.
+template <int HS>
+__device__ __forceinline__ void rows_times_tile_transposed(float* scores, const RowsA (&a)[HS / 16], const bf16* tile, int blocks) {
+  for (int n = 0; n < blocks; ++n) {
+    Accumulator s;
+    wmma::fill_fragment(s, 0.0f);
+    for (int d = 0; d < HS / 16; ++d) {
+      ColumnsB kt;
+      wmma::load_matrix_sync(kt, tile + 16 * n * TILE_LD<HS> + 16 * d, TILE_LD<HS>);
+      wmma::mma_sync(s, a[d], kt, s);
+    }
+    wmma::store_matrix_sync(scores + 16 * n, s, SCRATCH_LD<HS>, wmma::mem_row_major);
+  }
+}
+
+// out (16 x HS, pitch SCRATCH_LD) = operand (16 x 16*blocks bf16, pitch OPERAND_LD) times `tile`'s rows
+// 0..16*blocks.
+template <int HS>
+__device__ __forceinline__ void operand_times_tile(float* out, const bf16* operand, const bf16* tile, int blocks) {
+  for (int dn = 0; dn < HS / 16; ++dn) {
+    Accumulator acc;
+    wmma::fill_fragment(acc, 0.0f);
+    for (int n = 0; n < blocks; ++n) {
+      RowsA p;
+      RowsB v;
+      wmma::load_matrix_sync(p, operand + 16 * n, OPERAND_LD);
+      wmma::load_matrix_sync(v, tile + 16 * n * TILE_LD<HS> + 16 * dn, TILE_LD<HS>);
+      wmma::mma_sync(acc, p, v, acc);
+    }
+    wmma::store_matrix_sync(out + 16 * dn, acc, SCRATCH_LD<HS>, wmma::mem_row_major);
+  }
+}
+
+// attention::forward's contract on tensor cores: per (b, h, 64 queries) a running softmax over tiles of
+// 64 keys. Warp w owns queries first_row + 16w.. and, on the diagonal tile, skips the 16-key blocks past
+// its last query. Its output rows live in registers as o[e] = element lane + 32e of its 16 x HS block
+// (row (lane + 32e) / HS), so that P.V's result is read from the scratch without bank conflicts; each
+// row's rescale factor reaches them through `row_factor` in shared memory.
+template <int HS>
+__device__ void forward(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) {
+  constexpr int SLD = SCRATCH_LD<HS>, PER_LANE = 16 * HS / WARP_SIZE;
+  DYNAMIC_SHARED(bf16, attention_shared);
+  bf16* k_tile = attention_shared;
+  bf16* v_tile = k_tile + TC_ROWS * TILE_LD<HS>;
+  const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
+  bf16* p_tile = v_tile + TC_ROWS * TILE_LD<HS> + warp * 16 * OPERAND_LD;
+  float* scratch = reinterpret_cast<float*>(v_tile + TC_ROWS * TILE_LD<HS> + TC_WARPS * 16 * OPERAND_LD) + warp * 16 * SLD;
+  float* row_factor = reinterpret_cast<float*>(v_tile + TC_ROWS * TILE_LD<HS> + TC_WARPS * 16 * OPERAND_LD) + TC_WARPS * 16 * SLD + warp * 16;
+  const int bh = blockIdx.y, b = bh / NH, h = bh % NH, C3 = 3 * C;
+  const float scale = 1.0f / sqrtf((float)HS);
+  const uint64_t first_weight = (uint64_t)bh * T * T;
+  const int first_row = (gridDim.x - 1 - blockIdx.x) * TC_ROWS, q0 = first_row + 16 * warp;
+  const bf16* q = qkv + (size_t)b * T * C3 + h * HS;
+  const bf16* k = q + C;
+  const bf16* v = q + 2 * C;
+
+  // Q passes through k_tile into the warp's fragments, kept for every key tile.
+  RowsA q_frag[HS / 16];
+  load_tile<HS>(k_tile, q, C3, first_row, T);
+  __syncthreads();
+  load_row_fragments<HS>(q_frag, k_tile + 16 * warp * TILE_LD<HS>);
+
+  // Lane pair (2r, 2r+1) keeps row r's running max and sum; `half` picks its columns.
+  const int r = lane / 2, half = lane % 2, i = q0 + r;
+  float m = -INFINITY, l = 0.0f, o[PER_LANE] = {};
+  const bool active = q0 < T;  // warp-uniform
+  const int last_row = min(first_row + TC_ROWS, T) - 1;
+  for (int k0 = 0; k0 <= last_row; k0 += TC_COLS) {
+    __syncthreads();  // the previous tile's readers (and Q's) are done
+    load_tile<HS>(k_tile, k, C3, k0, T);
+    load_tile<HS>(v_tile, v, C3, k0, T);
+    __syncthreads();
+    if (!active) continue;
+    // 16-key blocks with a key some row of the warp sees: k0 <= q0, so at least one.
+    const int blocks = min(TC_COLS / 16, (q0 - k0) / 16 + 1), keys = 16 * blocks;
+    rows_times_tile_transposed<HS>(scratch, q_frag, k_tile, blocks);
+    __syncwarp();
+    float tile_max = -INFINITY;
+    for (int c = half; c < keys; c += 2)
+      if (k0 + c <= i) tile_max = fmaxf(tile_max, scratch[r * SLD + c] * scale);
+    const float m_new = fmaxf(m, fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1)));
+    float sum = 0.0f;
+    for (int c = half; c < keys; c += 2) {
+      const int j = k0 + c;
+      const float p = j <= i ? __expf(scratch[r * SLD + c] * scale - m_new) : 0.0f;
+      sum += p;
+      p_tile[r * OPERAND_LD + c] = from_float<bf16>(p * attention::dropout_at(first_weight, T, i, j, stream, threshold, keep));
+    }
+    const float rescale = __expf(m - m_new);
+    l = l * rescale + sum + __shfl_xor_sync(0xffffffffu, sum, 1);
+    m = m_new;
+    if (half == 0) row_factor[r] = rescale;
+    __syncwarp();
+    operand_times_tile<HS>(scratch, p_tile, v_tile, blocks);
+    __syncwarp();
+    for (int e = 0; e < PER_LANE; ++e) {
+      const int idx = lane + WARP_SIZE * e, row = idx / HS;
+      o[e] = o[e] * row_factor[row] + scratch[row * SLD + idx % HS];
+    }
+  }
+  if (!active) return;
+  __syncwarp();  // the last tile's readers of row_factor are done
+  if (half == 0) row_factor[r] = 1.0f / l;
+  if (half == 0 && i < T) lse[(size_t)bh * T + i] = m + logf(l);
+  __syncwarp();
+  for (int e = 0; e < PER_LANE; ++e) {
+    const int idx = lane + WARP_SIZE * e, row = idx / HS, row_i = q0 + row;
+    if (row_i < T) out[((size_t)b * T + row_i) * C + h * HS + idx % HS] = from_float<bf16>(o[e] * row_factor[row]);
+  }
+}
+
+}  // namespace attention_tc
+
 // Entry points, one per head size and precision (the tile shapes are compile-time): grid
-// (ceil(T / rows per block), B*NH), block attention::WARPS * 32 threads, no dynamic shared memory.
+// (ceil(T / rows per block), B*NH), block WARPS * 32 threads. The CUDA-core kernels (f32 at every head
+// size, bf16 at 16 and 32) take no dynamic shared memory; the tensor-core ones (`_tc_`, bf16 at 64 and
+// 128) take attention.rs's tc_shared_bytes.
 extern "C" __global__ void attention_forward_hs16_f32(float* out, float* lse, const float* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::forward<float, 16>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_forward_hs32_f32(float* out, float* lse, const float* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::forward<float, 32>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_forward_hs64_f32(float* out, float* lse, const float* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::forward<float, 64>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_forward_hs128_f32(float* out, float* lse, const float* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::forward<float, 128>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_forward_hs16_bf16(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::forward<bf16, 16>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_forward_hs32_bf16(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::forward<bf16, 32>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
-extern "C" __global__ void attention_forward_hs64_bf16(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::forward<bf16, 64>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
-extern "C" __global__ void attention_forward_hs128_bf16(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::forward<bf16, 128>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
+extern "C" __global__ void attention_forward_tc_hs64_bf16(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention_tc::forward<64>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
+extern "C" __global__ void attention_forward_tc_hs128_bf16(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention_tc::forward<128>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_backward_query_hs16_f32(float* dqkv, float* delta, const float* dout, const float* qkv, const float* out, const float* lse, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::backward_query<float, 16>(dqkv, delta, dout, qkv, out, lse, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_backward_query_hs32_f32(float* dqkv, float* delta, const float* dout, const float* qkv, const float* out, const float* lse, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::backward_query<float, 32>(dqkv, delta, dout, qkv, out, lse, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_backward_query_hs64_f32(float* dqkv, float* delta, const float* dout, const float* qkv, const float* out, const float* lse, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::backward_query<float, 64>(dqkv, delta, dout, qkv, out, lse, T, C, NH, stream, threshold, keep); }

@@ -1,5 +1,6 @@
 //! Launches causal self-attention's kernels (attention.cu), the CUDA counterpart of
-//! [`crate::kernels::attention`]: flash attention on CUDA cores, with no (T, T) buffer.
+//! [`crate::kernels::attention`]: flash attention with no (T, T) buffer, on tensor cores for bf16 at
+//! head sizes 64 and 128, on CUDA cores otherwise.
 
 use candle_core::{bail, Result};
 
@@ -43,6 +44,23 @@ fn grid(forward: bool, b: usize, t: usize, n_head: usize, hs: usize) -> [u32; 3]
 
 const BLOCK: [u32; 3] = [WARPS * 32, 1, 1];
 
+/// Rows (queries or keys) per block of the tensor-core kernels: attention.cu's `TC_ROWS`, 16 per warp.
+const TC_ROWS: usize = 64;
+
+/// Whether the shape runs on the tensor-core kernels (attention.cu's `attention_tc`).
+fn tensor_cores(x: Precision, hs: usize) -> bool {
+    x == Precision::Bf16 && (hs == 64 || hs == 128)
+}
+
+/// Dynamic shared memory of a tensor-core kernel, laid out as attention.cu's `attention_tc` header says:
+/// two 64 x (hs + 8) bf16 tiles, per warp a 16 x 72 bf16 operand tile, a 16 x (max(64, hs) + 4) float
+/// scratch and 16 row factors. 44.3 KiB at hs 64, 76.3 KiB at hs 128.
+fn tc_shared_bytes(hs: usize) -> u32 {
+    let tiles = 2 * TC_ROWS * (hs + 8) * 2;
+    let per_warp = 16 * ((64 + 8) * 2 + (hs.max(64) + 4) * 4 + 4);
+    (tiles + WARPS as usize * per_warp) as u32
+}
+
 /// `out` (B, T, C) and `lse` (float, (B, NH, T), each query's log-sum-exp of its scaled scores,
 /// kept for [`backward`]) from `qkv` (B, T, 3C): softmax(q kᵀ / sqrt(hs)) v per head, causal, with
 /// `dropout` (the Attention site's mask) on the attention weights. Both outputs are written.
@@ -72,6 +90,10 @@ pub fn forward(
         threshold,
         keep,
     ];
+    if tensor_cores(x, hs) {
+        let grid = [t.div_ceil(TC_ROWS) as u32, (b * n_head) as u32, 1];
+        return gpu.launch(&format!("attention_forward_tc_hs{hs}_bf16"), grid, BLOCK, tc_shared_bytes(hs), &args);
+    }
     gpu.launch(&x.kernel(&format!("attention_forward_hs{hs}")), grid(true, b, t, n_head, hs), BLOCK, 0, &args)
 }
 
