@@ -342,8 +342,12 @@ constexpr int TC_COLS = 64;
 constexpr int OPERAND_LD = TC_COLS + 8;  // bf16 pitch of a warp's 16 x 64 operand tile
 template <int HS>
 constexpr int TILE_LD = HS + 8;  // bf16 pitch of a 64 x HS tile
+// Float pitch of a warp's scratch: the forward's holds 16 x 64 scores or 16 x HS outputs, the backward's
+// two 16 x 64 score tiles side by side or 16 x HS gradients.
 template <int HS>
-constexpr int SCRATCH_LD = (HS > TC_COLS ? HS : TC_COLS) + 4;  // float pitch of a warp's scratch
+constexpr int FORWARD_LD = (HS > TC_COLS ? HS : TC_COLS) + 4;
+template <int HS>
+constexpr int BACKWARD_LD = (HS > 2 * TC_COLS ? HS : 2 * TC_COLS) + 4;
 
 typedef wmma::fragment<wmma::accumulator, 16, 16, 16, float> Accumulator;
 typedef wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> RowsA;
@@ -366,11 +370,11 @@ __device__ __forceinline__ void load_row_fragments(RowsA (&a)[HS / 16], const bf
   for (int d = 0; d < HS / 16; ++d) wmma::load_matrix_sync(a[d], rows + 16 * d, TILE_LD<HS>);
 }
 
-// scores (16 x 16*blocks, pitch SCRATCH_LD) = a (16 x HS) times the transpose of `tile`'s rows
-// 0..16*blocks (each HS wide): a row's dot products with each tile row.
-template <int HS>
-__device__ __forceinline__ void rows_times_tile_transposed(float* scores, const RowsA (&a)[HS / 16], const bf16* tile, int blocks) {
-  for (int n = 0; n < blocks; ++n) {
+// scores (16 x 64, pitch SLD; column blocks first..end-1 written) = a (16 x HS) times the transpose of
+// `tile` (64 x HS): a row's dot products with the tile's rows.
+template <int HS, int SLD>
+__device__ __forceinline__ void rows_times_tile_transposed(float* scores, const RowsA (&a)[HS / 16], const bf16* tile, int first, int end) {
+  for (int n = first; n < end; ++n) {
     Accumulator s;
     wmma::fill_fragment(s, 0.0f);
     for (int d = 0; d < HS / 16; ++d) {
@@ -378,26 +382,56 @@ __device__ __forceinline__ void rows_times_tile_transposed(float* scores, const 
       wmma::load_matrix_sync(kt, tile + 16 * n * TILE_LD<HS> + 16 * d, TILE_LD<HS>);
       wmma::mma_sync(s, a[d], kt, s);
     }
-    wmma::store_matrix_sync(scores + 16 * n, s, SCRATCH_LD<HS>, wmma::mem_row_major);
+    wmma::store_matrix_sync(scores + 16 * n, s, SLD, wmma::mem_row_major);
   }
 }
 
-// out (16 x HS, pitch SCRATCH_LD) = operand (16 x 16*blocks bf16, pitch OPERAND_LD) times `tile`'s rows
-// 0..16*blocks.
+// acc[dn] (16 x HS in HS/16 fragments) += operand (16 x 64 bf16, pitch OPERAND_LD) times `tile`
+// (64 x HS), over the operand's column blocks (the tile's row blocks) first..end-1.
 template <int HS>
+__device__ __forceinline__ void accumulate_operand_times_tile(Accumulator (&acc)[HS / 16], const bf16* operand, const bf16* tile, int first,
+                                                              int end) {
+  for (int n = first; n < end; ++n) {
+    RowsA a;
+    wmma::load_matrix_sync(a, operand + 16 * n, OPERAND_LD);
+    for (int dn = 0; dn < HS / 16; ++dn) {
+      RowsB t;
+      wmma::load_matrix_sync(t, tile + 16 * n * TILE_LD<HS> + 16 * dn, TILE_LD<HS>);
+      wmma::mma_sync(acc[dn], a, t, acc[dn]);
+    }
+  }
+}
+
+// out (16 x HS, pitch SLD) = operand (16 x 64 bf16) times `tile`, over column blocks 0..blocks-1. One
+// fragment at a time: the forward keeps no accumulators across tiles (its rows are rescaled).
+template <int HS, int SLD>
 __device__ __forceinline__ void operand_times_tile(float* out, const bf16* operand, const bf16* tile, int blocks) {
   for (int dn = 0; dn < HS / 16; ++dn) {
     Accumulator acc;
     wmma::fill_fragment(acc, 0.0f);
     for (int n = 0; n < blocks; ++n) {
-      RowsA p;
-      RowsB v;
-      wmma::load_matrix_sync(p, operand + 16 * n, OPERAND_LD);
-      wmma::load_matrix_sync(v, tile + 16 * n * TILE_LD<HS> + 16 * dn, TILE_LD<HS>);
-      wmma::mma_sync(acc, p, v, acc);
+      RowsA a;
+      RowsB t;
+      wmma::load_matrix_sync(a, operand + 16 * n, OPERAND_LD);
+      wmma::load_matrix_sync(t, tile + 16 * n * TILE_LD<HS> + 16 * dn, TILE_LD<HS>);
+      wmma::mma_sync(acc, a, t, acc);
     }
-    wmma::store_matrix_sync(out + 16 * dn, acc, SCRATCH_LD<HS>, wmma::mem_row_major);
+    wmma::store_matrix_sync(out + 16 * dn, acc, SLD, wmma::mem_row_major);
   }
+}
+
+// The warp's 16 x HS accumulators into `scratch` (pitch SLD), then as bf16 into rows row0.. of `dst`
+// (rows `stride` apart) that lie before T, lanes along a row.
+template <int HS, int SLD>
+__device__ __forceinline__ void store_rows(bf16* dst, int stride, int row0, int T, const Accumulator (&acc)[HS / 16], float* scratch) {
+  const int lane = threadIdx.x % WARP_SIZE;
+  for (int dn = 0; dn < HS / 16; ++dn) wmma::store_matrix_sync(scratch + 16 * dn, acc[dn], SLD, wmma::mem_row_major);
+  __syncwarp();
+  for (int idx = lane; idx < 16 * HS; idx += WARP_SIZE) {
+    const int r = idx / HS, d = idx % HS;
+    if (row0 + r < T) dst[(size_t)(row0 + r) * stride + d] = from_float<bf16>(scratch[r * SLD + d]);
+  }
+  __syncwarp();
 }
 
 // attention::forward's contract on tensor cores: per (b, h, 64 queries) a running softmax over tiles of
@@ -407,7 +441,7 @@ __device__ __forceinline__ void operand_times_tile(float* out, const bf16* opera
 // row's rescale factor reaches them through `row_factor` in shared memory.
 template <int HS>
 __device__ void forward(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) {
-  constexpr int SLD = SCRATCH_LD<HS>, PER_LANE = 16 * HS / WARP_SIZE;
+  constexpr int SLD = FORWARD_LD<HS>, PER_LANE = 16 * HS / WARP_SIZE;
   DYNAMIC_SHARED(bf16, attention_shared);
   bf16* k_tile = attention_shared;
   bf16* v_tile = k_tile + TC_ROWS * TILE_LD<HS>;
@@ -442,7 +476,7 @@ __device__ void forward(bf16* out, float* lse, const bf16* qkv, int T, int C, in
     if (!active) continue;
     // 16-key blocks with a key some row of the warp sees: k0 <= q0, so at least one.
     const int blocks = min(TC_COLS / 16, (q0 - k0) / 16 + 1), keys = 16 * blocks;
-    rows_times_tile_transposed<HS>(scratch, q_frag, k_tile, blocks);
+    rows_times_tile_transposed<HS, SLD>(scratch, q_frag, k_tile, 0, blocks);
     __syncwarp();
     float tile_max = -INFINITY;
     for (int c = half; c < keys; c += 2)
@@ -460,7 +494,7 @@ __device__ void forward(bf16* out, float* lse, const bf16* qkv, int T, int C, in
     m = m_new;
     if (half == 0) row_factor[r] = rescale;
     __syncwarp();
-    operand_times_tile<HS>(scratch, p_tile, v_tile, blocks);
+    operand_times_tile<HS, SLD>(scratch, p_tile, v_tile, blocks);
     __syncwarp();
     for (int e = 0; e < PER_LANE; ++e) {
       const int idx = lane + WARP_SIZE * e, row = idx / HS;
@@ -476,6 +510,165 @@ __device__ void forward(bf16* out, float* lse, const bf16* qkv, int T, int C, in
     const int idx = lane + WARP_SIZE * e, row = idx / HS, row_i = q0 + row;
     if (row_i < T) out[((size_t)b * T + row_i) * C + h * HS + idx % HS] = from_float<bf16>(o[e] * row_factor[row]);
   }
+}
+
+
+// Shared memory of both backward kernels: two 64 x HS bf16 tiles, per warp two 16 x 64 bf16 operand
+// tiles and a 16 x BACKWARD_LD float scratch, then 2 x 64 floats of per-row values.
+struct BackwardShared {
+  bf16 *tile_a, *tile_b, *operand_a, *operand_b;
+  float *scratch, *row_values;
+};
+template <int HS>
+__device__ __forceinline__ BackwardShared backward_shared() {
+  DYNAMIC_SHARED(bf16, attention_shared);
+  const int warp = threadIdx.x / WARP_SIZE;
+  bf16* operands = attention_shared + 2 * TC_ROWS * TILE_LD<HS>;
+  float* scratch = reinterpret_cast<float*>(operands + TC_WARPS * 2 * 16 * OPERAND_LD);
+  return {attention_shared,
+          attention_shared + TC_ROWS * TILE_LD<HS>,
+          operands + warp * 2 * 16 * OPERAND_LD,
+          operands + warp * 2 * 16 * OPERAND_LD + 16 * OPERAND_LD,
+          scratch + warp * 16 * BACKWARD_LD<HS>,
+          scratch + TC_WARPS * 16 * BACKWARD_LD<HS>};
+}
+
+// attention::backward_query's contract on tensor cores, per (b, h, 64 queries): D_i, then over the key
+// tiles S = Q.K^T and dW = dO.V^T side by side in the warp's scratch, dS on them by lane pairs, and
+// dQ += dS.K in accumulator fragments that stay in registers across tiles (nothing rescales them).
+template <int HS>
+__device__ void backward_query(bf16* dqkv, float* delta, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse, int T, int C,
+                               int NH, uint64_t stream, uint32_t threshold, float keep) {
+  constexpr int SLD = BACKWARD_LD<HS>;
+  const BackwardShared sh = backward_shared<HS>();
+  bf16 *k_tile = sh.tile_a, *v_tile = sh.tile_b, *ds_tile = sh.operand_a;
+  float* scratch = sh.scratch;
+  const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
+  const int bh = blockIdx.y, b = bh / NH, h = bh % NH, C3 = 3 * C;
+  const float scale = 1.0f / sqrtf((float)HS);
+  const uint64_t first_weight = (uint64_t)bh * T * T;
+  const int first_row = (gridDim.x - 1 - blockIdx.x) * TC_ROWS, q0 = first_row + 16 * warp;
+  const bf16* q = qkv + (size_t)b * T * C3 + h * HS;
+  const bf16* k = q + C;
+  const bf16* v = q + 2 * C;
+  const bf16* dout_bh = dout + (size_t)b * T * C + h * HS;
+
+  // Q and dO pass through the K and V tiles into the warp's fragments.
+  RowsA q_frag[HS / 16], do_frag[HS / 16];
+  load_tile<HS>(k_tile, q, C3, first_row, T);
+  load_tile<HS>(v_tile, dout_bh, C, first_row, T);
+  __syncthreads();
+  load_row_fragments<HS>(q_frag, k_tile + 16 * warp * TILE_LD<HS>);
+  load_row_fragments<HS>(do_frag, v_tile + 16 * warp * TILE_LD<HS>);
+  const int r = lane / 2, half = lane % 2, i = q0 + r;
+  float row_lse = 0.0f, row_delta = 0.0f;
+  if (i < T) {
+    const bf16* do_row = v_tile + (16 * warp + r) * TILE_LD<HS>;
+    const bf16* out_row = out + ((size_t)b * T + i) * C + h * HS;
+    for (int d = half; d < HS; d += 2) row_delta += to_float(do_row[d]) * to_float(out_row[d]);
+    row_lse = lse[(size_t)bh * T + i];
+  }
+  row_delta += __shfl_xor_sync(0xffffffffu, row_delta, 1);
+  if (half == 0 && i < T) delta[(size_t)bh * T + i] = row_delta;
+
+  Accumulator dq[HS / 16];
+  for (int dn = 0; dn < HS / 16; ++dn) wmma::fill_fragment(dq[dn], 0.0f);
+  const bool active = q0 < T;  // warp-uniform
+  const int last_row = min(first_row + TC_ROWS, T) - 1;
+  for (int k0 = 0; k0 <= last_row; k0 += TC_COLS) {
+    __syncthreads();
+    load_tile<HS>(k_tile, k, C3, k0, T);
+    load_tile<HS>(v_tile, v, C3, k0, T);
+    __syncthreads();
+    if (!active) continue;
+    const int blocks = min(TC_COLS / 16, (q0 - k0) / 16 + 1), keys = 16 * blocks;
+    rows_times_tile_transposed<HS, SLD>(scratch, q_frag, k_tile, 0, blocks);
+    rows_times_tile_transposed<HS, SLD>(scratch + TC_COLS, do_frag, v_tile, 0, blocks);
+    __syncwarp();
+    for (int c = half; c < keys; c += 2) {
+      const int j = k0 + c;
+      float ds = 0.0f;
+      if (j <= i) {
+        const float p = __expf(scratch[r * SLD + c] * scale - row_lse);
+        const float dw = scratch[r * SLD + TC_COLS + c];
+        ds = p * (dw * attention::dropout_at(first_weight, T, i, j, stream, threshold, keep) - row_delta) * scale;
+      }
+      ds_tile[r * OPERAND_LD + c] = from_float<bf16>(ds);
+    }
+    __syncwarp();
+    accumulate_operand_times_tile<HS>(dq, ds_tile, k_tile, 0, blocks);
+  }
+  if (active) store_rows<HS, SLD>(dqkv + (size_t)b * T * C3 + h * HS, C3, q0, T, dq, scratch);
+}
+
+// attention::backward_key's contract on tensor cores, per (b, h, 64 keys): over the query tiles from the
+// block's first key on, S^T = K.Q^T and dW^T = V.dO^T side by side in the warp's scratch, W^T and dS^T on
+// them by lane pairs (row r is key j, column c query i), and dV += W^T.dO, dK += dS^T.Q in registers.
+// On the first tile warp w skips the 16-query blocks before its first key.
+template <int HS>
+__device__ void backward_key(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* delta, int T, int C, int NH,
+                             uint64_t stream, uint32_t threshold, float keep) {
+  constexpr int SLD = BACKWARD_LD<HS>;
+  const BackwardShared sh = backward_shared<HS>();
+  bf16 *q_tile = sh.tile_a, *do_tile = sh.tile_b, *w_tile = sh.operand_a, *ds_tile = sh.operand_b;
+  float *scratch = sh.scratch, *lse_tile = sh.row_values, *delta_tile = sh.row_values + TC_COLS;
+  const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
+  const int bh = blockIdx.y, b = bh / NH, h = bh % NH, C3 = 3 * C;
+  const float scale = 1.0f / sqrtf((float)HS);
+  const uint64_t first_weight = (uint64_t)bh * T * T;
+  const int first_key = blockIdx.x * TC_ROWS, j0 = first_key + 16 * warp;
+  const bf16* q = qkv + (size_t)b * T * C3 + h * HS;
+  const bf16* k = q + C;
+  const bf16* v = q + 2 * C;
+  const bf16* dout_bh = dout + (size_t)b * T * C + h * HS;
+
+  RowsA k_frag[HS / 16], v_frag[HS / 16];
+  load_tile<HS>(q_tile, k, C3, first_key, T);
+  load_tile<HS>(do_tile, v, C3, first_key, T);
+  __syncthreads();
+  load_row_fragments<HS>(k_frag, q_tile + 16 * warp * TILE_LD<HS>);
+  load_row_fragments<HS>(v_frag, do_tile + 16 * warp * TILE_LD<HS>);
+
+  Accumulator dk[HS / 16], dv[HS / 16];
+  for (int dn = 0; dn < HS / 16; ++dn) wmma::fill_fragment(dk[dn], 0.0f), wmma::fill_fragment(dv[dn], 0.0f);
+  const int r = lane / 2, half = lane % 2, j = j0 + r;
+  const bool active = j0 < T;  // warp-uniform
+  for (int i0 = first_key; i0 < T; i0 += TC_COLS) {
+    __syncthreads();
+    load_tile<HS>(q_tile, q, C3, i0, T);
+    load_tile<HS>(do_tile, dout_bh, C, i0, T);
+    if (threadIdx.x < TC_COLS) {
+      const int i = i0 + threadIdx.x;
+      lse_tile[threadIdx.x] = i < T ? lse[(size_t)bh * T + i] : 0.0f;
+      delta_tile[threadIdx.x] = i < T ? delta[(size_t)bh * T + i] : 0.0f;
+    }
+    __syncthreads();
+    if (!active) continue;
+    // Query blocks with a query at or after some key of the warp, and before T.
+    const int first = max(0, (j0 - i0) / 16), end = min(TC_COLS / 16, (T - i0 + 15) / 16);
+    rows_times_tile_transposed<HS, SLD>(scratch, k_frag, q_tile, first, end);
+    rows_times_tile_transposed<HS, SLD>(scratch + TC_COLS, v_frag, do_tile, first, end);
+    __syncwarp();
+    for (int c = 16 * first + half; c < 16 * end; c += 2) {
+      const int i = i0 + c;
+      float w = 0.0f, ds = 0.0f;
+      if (j <= i && i < T) {
+        const float p = __expf(scratch[r * SLD + c] * scale - lse_tile[c]);
+        const float drop = attention::dropout_at(first_weight, T, i, j, stream, threshold, keep);
+        w = p * drop;
+        ds = p * (scratch[r * SLD + TC_COLS + c] * drop - delta_tile[c]) * scale;
+      }
+      w_tile[r * OPERAND_LD + c] = from_float<bf16>(w);
+      ds_tile[r * OPERAND_LD + c] = from_float<bf16>(ds);
+    }
+    __syncwarp();
+    accumulate_operand_times_tile<HS>(dv, w_tile, do_tile, first, end);
+    accumulate_operand_times_tile<HS>(dk, ds_tile, q_tile, first, end);
+  }
+  if (!active) return;
+  bf16* dk_rows = dqkv + (size_t)b * T * C3 + C + h * HS;
+  store_rows<HS, SLD>(dk_rows, C3, j0, T, dk, scratch);
+  store_rows<HS, SLD>(dk_rows + C, C3, j0, T, dv, scratch);
 }
 
 }  // namespace attention_tc
@@ -498,13 +691,13 @@ extern "C" __global__ void attention_backward_query_hs64_f32(float* dqkv, float*
 extern "C" __global__ void attention_backward_query_hs128_f32(float* dqkv, float* delta, const float* dout, const float* qkv, const float* out, const float* lse, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::backward_query<float, 128>(dqkv, delta, dout, qkv, out, lse, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_backward_query_hs16_bf16(bf16* dqkv, float* delta, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::backward_query<bf16, 16>(dqkv, delta, dout, qkv, out, lse, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_backward_query_hs32_bf16(bf16* dqkv, float* delta, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::backward_query<bf16, 32>(dqkv, delta, dout, qkv, out, lse, T, C, NH, stream, threshold, keep); }
-extern "C" __global__ void attention_backward_query_hs64_bf16(bf16* dqkv, float* delta, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::backward_query<bf16, 64>(dqkv, delta, dout, qkv, out, lse, T, C, NH, stream, threshold, keep); }
-extern "C" __global__ void attention_backward_query_hs128_bf16(bf16* dqkv, float* delta, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::backward_query<bf16, 128>(dqkv, delta, dout, qkv, out, lse, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_backward_key_hs16_f32(float* dqkv, const float* dout, const float* qkv, const float* lse, const float* delta, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::backward_key<float, 16>(dqkv, dout, qkv, lse, delta, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_backward_key_hs32_f32(float* dqkv, const float* dout, const float* qkv, const float* lse, const float* delta, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::backward_key<float, 32>(dqkv, dout, qkv, lse, delta, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_backward_key_hs64_f32(float* dqkv, const float* dout, const float* qkv, const float* lse, const float* delta, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::backward_key<float, 64>(dqkv, dout, qkv, lse, delta, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_backward_key_hs128_f32(float* dqkv, const float* dout, const float* qkv, const float* lse, const float* delta, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::backward_key<float, 128>(dqkv, dout, qkv, lse, delta, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_backward_key_hs16_bf16(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* delta, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::backward_key<bf16, 16>(dqkv, dout, qkv, lse, delta, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_backward_key_hs32_bf16(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* delta, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::backward_key<bf16, 32>(dqkv, dout, qkv, lse, delta, T, C, NH, stream, threshold, keep); }
-extern "C" __global__ void attention_backward_key_hs64_bf16(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* delta, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::backward_key<bf16, 64>(dqkv, dout, qkv, lse, delta, T, C, NH, stream, threshold, keep); }
-extern "C" __global__ void attention_backward_key_hs128_bf16(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* delta, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::backward_key<bf16, 128>(dqkv, dout, qkv, lse, delta, T, C, NH, stream, threshold, keep); }
+extern "C" __global__ void attention_backward_query_tc_hs64_bf16(bf16* dqkv, float* delta, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention_tc::backward_query<64>(dqkv, delta, dout, qkv, out, lse, T, C, NH, stream, threshold, keep); }
+extern "C" __global__ void attention_backward_query_tc_hs128_bf16(bf16* dqkv, float* delta, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention_tc::backward_query<128>(dqkv, delta, dout, qkv, out, lse, T, C, NH, stream, threshold, keep); }
+extern "C" __global__ void attention_backward_key_tc_hs64_bf16(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* delta, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention_tc::backward_key<64>(dqkv, dout, qkv, lse, delta, T, C, NH, stream, threshold, keep); }
+extern "C" __global__ void attention_backward_key_tc_hs128_bf16(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* delta, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention_tc::backward_key<128>(dqkv, dout, qkv, lse, delta, T, C, NH, stream, threshold, keep); }
