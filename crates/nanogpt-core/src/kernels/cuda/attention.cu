@@ -21,8 +21,8 @@
 // grids (T/16 or T/8 tiles x B*NH: 9216 blocks for the forward at B=12, NH=12, T=1024) fill 132 SMs
 // many times over. Rows of a 32 x HS tile are padded to HS+1 floats where lane j reads row j, so that
 // lane j hits bank (j + d) % 32. The score loops read one shared float per lane and ROWS broadcast floats
-// per ROWS FMAs: these kernels are bound by shared-memory bandwidth, and a register-tiled (or tensor-core)
-// version is their next step.
+// per ROWS FMAs: these kernels are bound by shared-memory bandwidth. They serve f32, and bf16 at head sizes
+// 16 and 32; bf16 at 64 and 128 runs on the tensor-core kernels (attention_tc, below).
 namespace attention {
 
 constexpr int WARPS = 4;
@@ -330,9 +330,21 @@ __device__ void backward_key(X* dqkv, const X* dout, const X* qkv, const float* 
 // score tile in shared memory: lane pair (2r, 2r+1) owns row r of its warp's 16, every other column.
 // Shared memory is dynamic (attention.rs's tc_shared_bytes): the K and V (or Q and dO) tiles as bf16 with
 // rows padded by 8 elements (16 bytes, keeping wmma's 32-byte alignment per 16 rows while shifting banks),
-// and per warp a 16 x 64 bf16 operand tile and a float scratch of 16 rows of max(64, HS) + 4. Every
-// region starts at a multiple of 32 bytes, and the kernels have no static shared memory, so the dynamic
-// block starts aligned.
+// per warp one (forward) or two (backward) 16 x 64 bf16 operand tiles (P; dS; W^T and dS^T) and a float
+// scratch of 16 rows (max(64, HS) + 4 wide in the forward, max(128, HS) + 4 in the backward, which holds
+// two score tiles side by side), and a few per-row floats. Every region starts at a multiple of 32 bytes,
+// and the kernels have no static shared memory, so the dynamic block starts aligned.
+// Global reads are one bf16 per lane (coalesced, 64 bytes per warp): bf16 tensors need only 2-byte
+// alignment, so 128-bit loads would need an alignment check.
+//
+// Sizes on Hopper (nvcc 13, -Xptxas -v, sm_90, no spills), at HS=64 / HS=128: forward 128 / 167
+// registers, 44.3 / 76.3 KiB; dQ kernel 127 / 168 registers, 69.5 / 85.5 KiB; dK/dV kernel 160 / 254
+// registers, 69.5 / 85.5 KiB. Per SM (64K registers, 228 KiB) that is 2 to 4 blocks of 4 warps: the
+// forward at HS=64 is register-limited to 4 blocks (16 warps), the others to 2 or 3 by shared memory or
+// registers; the dK/dV kernel at HS=128 keeps K, V fragments and dK, dV accumulators (16 fragments each)
+// in registers, at the 255 limit. 64-row blocks give T/64 x B*NH = 2304 blocks at GPT-2's B=12, T=1024:
+// several waves over 132 SMs. Larger tiles (128 queries, 8 warps) would halve K/V traffic again but
+// leave half as many blocks and, at 76 to 86 KiB per 64 rows, no second block per SM at HS=128.
 namespace attention_tc {
 using namespace nvcuda;
 
