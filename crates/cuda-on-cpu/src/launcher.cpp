@@ -47,7 +47,11 @@ struct Launch {
   std::unique_ptr<std::barrier<>> block_sync;
   std::vector<std::unique_ptr<std::barrier<>>> warp_sync;
   std::vector<uint64_t> slots;
-  std::vector<unsigned char> shared;
+  // Dynamic shared memory, aligned as a GPU's is (wmma's loads and stores need 32-byte alignment).
+  struct alignas(128) Line {
+    unsigned char bytes[128];
+  };
+  std::vector<Line> shared;
 };
 Launch* current = nullptr;
 thread_local unsigned thread_index;
@@ -129,7 +133,7 @@ void fresh_block(Launch& launch) {
   launch.warp_sync.clear();
   for (unsigned first = 0; first < launch.threads; first += 32)
     launch.warp_sync.push_back(std::make_unique<std::barrier<>>(std::min(32u, launch.threads - first)));
-  memset(launch.shared.data(), 0xff, launch.shared.size());
+  memset(launch.shared.data(), 0xff, launch.shared.size() * sizeof(Launch::Line));
 }
 
 int fail(char* error, size_t len, const std::string& message) {
@@ -181,7 +185,7 @@ extern "C" int cuda_on_cpu_launch(const char* name, const uint32_t* grid, const 
   launch.block_start = std::make_unique<std::barrier<>>(threads + 1);
   launch.block_end = std::make_unique<std::barrier<>>(threads + 1);
   launch.slots.assign(threads, 0);
-  launch.shared.assign(shared_bytes, 0);
+  launch.shared.assign((shared_bytes + sizeof(Launch::Line) - 1) / sizeof(Launch::Line), Launch::Line{});
   current = &launch;
   blockDim = dim3{block[0], block[1], block[2]};
   gridDim = dim3{grid[0], grid[1], grid[2]};

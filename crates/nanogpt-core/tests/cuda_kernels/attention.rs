@@ -97,6 +97,17 @@ fn every_head_size_matches_the_cpu_kernels() {
     }
 }
 
+/// The tensor-core kernels (bf16 at head sizes 64 and 128) over several 64-row query tiles and key
+/// tiles, the last one partial.
+#[test]
+fn bf16_tensor_core_kernels_match_the_cpu_kernels_over_several_tiles() {
+    for (hs, t) in [(64, 150), (128, 130)] {
+        for dropout in [None, Some(0.2)] {
+            check(Precision::Bf16, Case { b: 1, t, n_head: 1, hs, dropout }, 1e-2);
+        }
+    }
+}
+
 #[test]
 fn unsupported_head_sizes_are_refused() {
     let buffer = Buffer::f32(&[0.0]);

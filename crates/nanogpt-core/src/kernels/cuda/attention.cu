@@ -21,8 +21,8 @@
 // grids (T/16 or T/8 tiles x B*NH: 9216 blocks for the forward at B=12, NH=12, T=1024) fill 132 SMs
 // many times over. Rows of a 32 x HS tile are padded to HS+1 floats where lane j reads row j, so that
 // lane j hits bank (j + d) % 32. The score loops read one shared float per lane and ROWS broadcast floats
-// per ROWS FMAs: these kernels are bound by shared-memory bandwidth, and a register-tiled (or tensor-core)
-// version is their next step.
+// per ROWS FMAs: these kernels are bound by shared-memory bandwidth. They serve f32, and bf16 at head sizes
+// 16 and 32; bf16 at 64 and 128 runs on the tensor-core kernels (attention_tc, below).
 namespace attention {
 
 constexpr int WARPS = 4;
@@ -317,29 +317,399 @@ __device__ void backward_key(X* dqkv, const X* dout, const X* qkv, const float* 
 
 }  // namespace attention
 
+// Tensor-core kernels, for bf16 at head sizes 64 and 128 (GPT-2's sizes). Same contract as the kernels
+// above (lse, dropout indices, D_i), with every tile product (Q.K^T and P.V here, dS.K, dS^T.Q, P^T.dO and
+// dO.V^T in the backward) a wmma m16n16k16 product of bf16 operands into float accumulators.
+//
+// A block of TC_WARPS warps owns TC_ROWS = 64 rows (queries, or keys for the dK/dV kernel), 16 per warp,
+// and walks tiles of TC_COLS = 64 of the other side. 64 x 64 tiles give each warp 16 x 64 scores, four
+// accumulator fragments, per (16 x HS) x (HS x 64) product: each K or V element loaded into shared memory
+// feeds 64 rows' products (against 16 for the CUDA-core kernels), which is what moves these kernels from
+// shared-memory bound to tensor-core bound. A fragment's element-to-lane mapping is unspecified, so the
+// row-wise work (masking, the online softmax, dropout, the backward's dS) is done on an f32 copy of the
+// score tile in shared memory: lane pair (2r, 2r+1) owns row r of its warp's 16, every other column.
+// Shared memory is dynamic (attention.rs's tc_shared_bytes): the K and V (or Q and dO) tiles as bf16 with
+// rows padded by 8 elements (16 bytes, keeping wmma's 32-byte alignment per 16 rows while shifting banks),
+// per warp one (forward) or two (backward) 16 x 64 bf16 operand tiles (P; dS; W^T and dS^T) and a float
+// scratch of 16 rows (max(64, HS) + 4 wide in the forward, max(128, HS) + 4 in the backward, which holds
+// two score tiles side by side), and a few per-row floats. Every region starts at a multiple of 32 bytes,
+// and the kernels have no static shared memory, so the dynamic block starts aligned.
+// Global reads are one bf16 per lane (coalesced, 64 bytes per warp): bf16 tensors need only 2-byte
+// alignment, so 128-bit loads would need an alignment check.
+//
+// Sizes on Hopper (nvcc 13, -Xptxas -v, sm_90, no spills), at HS=64 / HS=128: forward 128 / 167
+// registers, 44.3 / 76.3 KiB; dQ kernel 127 / 168 registers, 69.5 / 85.5 KiB; dK/dV kernel 160 / 254
+// registers, 69.5 / 85.5 KiB. Per SM (64K registers, 228 KiB) that is 2 to 4 blocks of 4 warps: the
+// forward at HS=64 is register-limited to 4 blocks (16 warps), the others to 2 or 3 by shared memory or
+// registers; the dK/dV kernel at HS=128 keeps K, V fragments and dK, dV accumulators (16 fragments each)
+// in registers, at the 255 limit. 64-row blocks give T/64 x B*NH = 2304 blocks at GPT-2's B=12, T=1024:
+// several waves over 132 SMs. Larger tiles (128 queries, 8 warps) would halve K/V traffic again but
+// leave half as many blocks and, at 76 to 86 KiB per 64 rows, no second block per SM at HS=128.
+namespace attention_tc {
+using namespace nvcuda;
+
+constexpr int TC_WARPS = 4;
+constexpr int TC_ROWS = 16 * TC_WARPS;
+constexpr int TC_COLS = 64;
+constexpr int OPERAND_LD = TC_COLS + 8;  // bf16 pitch of a warp's 16 x 64 operand tile
+template <int HS>
+constexpr int TILE_LD = HS + 8;  // bf16 pitch of a 64 x HS tile
+// Float pitch of a warp's scratch: the forward's holds 16 x 64 scores or 16 x HS outputs, the backward's
+// two 16 x 64 score tiles side by side or 16 x HS gradients.
+template <int HS>
+constexpr int FORWARD_LD = (HS > TC_COLS ? HS : TC_COLS) + 4;
+template <int HS>
+constexpr int BACKWARD_LD = (HS > 2 * TC_COLS ? HS : 2 * TC_COLS) + 4;
+
+typedef wmma::fragment<wmma::accumulator, 16, 16, 16, float> Accumulator;
+typedef wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> RowsA;
+typedef wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> RowsB;
+typedef wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> ColumnsB;
+
+// Rows first..first+TC_ROWS of an HS-wide slice of a row-major bf16 matrix (rows `stride` apart) into a
+// shared tile, rows TILE_LD apart; rows past T read as zeros. Lanes along a row: coalesced reads.
+template <int HS>
+__device__ __forceinline__ void load_tile(bf16* tile, const bf16* src, int stride, int first, int T) {
+  for (int idx = threadIdx.x; idx < TC_ROWS * HS; idx += blockDim.x) {
+    const int r = idx / HS, d = idx % HS, row = first + r;
+    tile[r * TILE_LD<HS> + d] = row < T ? src[(size_t)row * stride + d] : from_float<bf16>(0.0f);
+  }
+}
+
+// The warp's 16 rows (from `rows`, pitch TILE_LD) as HS/16 operand fragments, for products along HS.
+template <int HS>
+__device__ __forceinline__ void load_row_fragments(RowsA (&a)[HS / 16], const bf16* rows) {
+  for (int d = 0; d < HS / 16; ++d) wmma::load_matrix_sync(a[d], rows + 16 * d, TILE_LD<HS>);
+}
+
+// scores (16 x 64, pitch SLD; column blocks first..end-1 written) = a (16 x HS) times the transpose of
+// `tile` (64 x HS): a row's dot products with the tile's rows.
+template <int HS, int SLD>
+__device__ __forceinline__ void rows_times_tile_transposed(float* scores, const RowsA (&a)[HS / 16], const bf16* tile, int first, int end) {
+  for (int n = first; n < end; ++n) {
+    Accumulator s;
+    wmma::fill_fragment(s, 0.0f);
+    for (int d = 0; d < HS / 16; ++d) {
+      ColumnsB kt;
+      wmma::load_matrix_sync(kt, tile + 16 * n * TILE_LD<HS> + 16 * d, TILE_LD<HS>);
+      wmma::mma_sync(s, a[d], kt, s);
+    }
+    wmma::store_matrix_sync(scores + 16 * n, s, SLD, wmma::mem_row_major);
+  }
+}
+
+// acc[dn] (16 x HS in HS/16 fragments) += operand (16 x 64 bf16, pitch OPERAND_LD) times `tile`
+// (64 x HS), over the operand's column blocks (the tile's row blocks) first..end-1.
+template <int HS>
+__device__ __forceinline__ void accumulate_operand_times_tile(Accumulator (&acc)[HS / 16], const bf16* operand, const bf16* tile, int first,
+                                                              int end) {
+  for (int n = first; n < end; ++n) {
+    RowsA a;
+    wmma::load_matrix_sync(a, operand + 16 * n, OPERAND_LD);
+    for (int dn = 0; dn < HS / 16; ++dn) {
+      RowsB t;
+      wmma::load_matrix_sync(t, tile + 16 * n * TILE_LD<HS> + 16 * dn, TILE_LD<HS>);
+      wmma::mma_sync(acc[dn], a, t, acc[dn]);
+    }
+  }
+}
+
+// out (16 x HS, pitch SLD) = operand (16 x 64 bf16) times `tile`, over column blocks 0..blocks-1. One
+// fragment at a time: the forward keeps no accumulators across tiles (its rows are rescaled).
+template <int HS, int SLD>
+__device__ __forceinline__ void operand_times_tile(float* out, const bf16* operand, const bf16* tile, int blocks) {
+  for (int dn = 0; dn < HS / 16; ++dn) {
+    Accumulator acc;
+    wmma::fill_fragment(acc, 0.0f);
+    for (int n = 0; n < blocks; ++n) {
+      RowsA a;
+      RowsB t;
+      wmma::load_matrix_sync(a, operand + 16 * n, OPERAND_LD);
+      wmma::load_matrix_sync(t, tile + 16 * n * TILE_LD<HS> + 16 * dn, TILE_LD<HS>);
+      wmma::mma_sync(acc, a, t, acc);
+    }
+    wmma::store_matrix_sync(out + 16 * dn, acc, SLD, wmma::mem_row_major);
+  }
+}
+
+// The warp's 16 x HS accumulators into `scratch` (pitch SLD), then as bf16 into rows row0.. of `dst`
+// (rows `stride` apart) that lie before T, lanes along a row.
+template <int HS, int SLD>
+__device__ __forceinline__ void store_rows(bf16* dst, int stride, int row0, int T, const Accumulator (&acc)[HS / 16], float* scratch) {
+  const int lane = threadIdx.x % WARP_SIZE;
+  for (int dn = 0; dn < HS / 16; ++dn) wmma::store_matrix_sync(scratch + 16 * dn, acc[dn], SLD, wmma::mem_row_major);
+  __syncwarp();
+  for (int idx = lane; idx < 16 * HS; idx += WARP_SIZE) {
+    const int r = idx / HS, d = idx % HS;
+    if (row0 + r < T) dst[(size_t)(row0 + r) * stride + d] = from_float<bf16>(scratch[r * SLD + d]);
+  }
+  __syncwarp();
+}
+
+// attention::forward's contract on tensor cores: per (b, h, 64 queries) a running softmax over tiles of
+// 64 keys. Warp w owns queries first_row + 16w.. and, on the diagonal tile, skips the 16-key blocks past
+// its last query. Its output rows live in registers as o[e] = element lane + 32e of its 16 x HS block
+// (row (lane + 32e) / HS), so that P.V's result is read from the scratch without bank conflicts; each
+// row's rescale factor reaches them through `row_factor` in shared memory.
+template <int HS>
+__device__ void forward(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) {
+  constexpr int SLD = FORWARD_LD<HS>, PER_LANE = 16 * HS / WARP_SIZE;
+  DYNAMIC_SHARED(bf16, attention_shared);
+  bf16* k_tile = attention_shared;
+  bf16* v_tile = k_tile + TC_ROWS * TILE_LD<HS>;
+  const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
+  bf16* p_tile = v_tile + TC_ROWS * TILE_LD<HS> + warp * 16 * OPERAND_LD;
+  float* scratch = reinterpret_cast<float*>(v_tile + TC_ROWS * TILE_LD<HS> + TC_WARPS * 16 * OPERAND_LD) + warp * 16 * SLD;
+  float* row_factor = reinterpret_cast<float*>(v_tile + TC_ROWS * TILE_LD<HS> + TC_WARPS * 16 * OPERAND_LD) + TC_WARPS * 16 * SLD + warp * 16;
+  const int bh = blockIdx.y, b = bh / NH, h = bh % NH, C3 = 3 * C;
+  const float scale = 1.0f / sqrtf((float)HS);
+  const uint64_t first_weight = (uint64_t)bh * T * T;
+  const int first_row = (gridDim.x - 1 - blockIdx.x) * TC_ROWS, q0 = first_row + 16 * warp;
+  const bf16* q = qkv + (size_t)b * T * C3 + h * HS;
+  const bf16* k = q + C;
+  const bf16* v = q + 2 * C;
+
+  // Q passes through k_tile into the warp's fragments, kept for every key tile.
+  RowsA q_frag[HS / 16];
+  load_tile<HS>(k_tile, q, C3, first_row, T);
+  __syncthreads();
+  load_row_fragments<HS>(q_frag, k_tile + 16 * warp * TILE_LD<HS>);
+
+  // Lane pair (2r, 2r+1) keeps row r's running max and sum; `half` picks its columns.
+  const int r = lane / 2, half = lane % 2, i = q0 + r;
+  float m = -INFINITY, l = 0.0f, o[PER_LANE] = {};
+  const bool active = q0 < T;  // warp-uniform
+  const int last_row = min(first_row + TC_ROWS, T) - 1;
+  for (int k0 = 0; k0 <= last_row; k0 += TC_COLS) {
+    __syncthreads();  // the previous tile's readers (and Q's) are done
+    load_tile<HS>(k_tile, k, C3, k0, T);
+    load_tile<HS>(v_tile, v, C3, k0, T);
+    __syncthreads();
+    if (!active) continue;
+    // 16-key blocks with a key some row of the warp sees: k0 <= q0, so at least one.
+    const int blocks = min(TC_COLS / 16, (q0 - k0) / 16 + 1), keys = 16 * blocks;
+    rows_times_tile_transposed<HS, SLD>(scratch, q_frag, k_tile, 0, blocks);
+    __syncwarp();
+    float tile_max = -INFINITY;
+    for (int c = half; c < keys; c += 2)
+      if (k0 + c <= i) tile_max = fmaxf(tile_max, scratch[r * SLD + c] * scale);
+    const float m_new = fmaxf(m, fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1)));
+    float sum = 0.0f;
+    for (int c = half; c < keys; c += 2) {
+      const int j = k0 + c;
+      const float p = j <= i ? __expf(scratch[r * SLD + c] * scale - m_new) : 0.0f;
+      sum += p;
+      p_tile[r * OPERAND_LD + c] = from_float<bf16>(p * attention::dropout_at(first_weight, T, i, j, stream, threshold, keep));
+    }
+    const float rescale = __expf(m - m_new);
+    l = l * rescale + sum + __shfl_xor_sync(0xffffffffu, sum, 1);
+    m = m_new;
+    if (half == 0) row_factor[r] = rescale;
+    __syncwarp();
+    operand_times_tile<HS, SLD>(scratch, p_tile, v_tile, blocks);
+    __syncwarp();
+    for (int e = 0; e < PER_LANE; ++e) {
+      const int idx = lane + WARP_SIZE * e, row = idx / HS;
+      o[e] = o[e] * row_factor[row] + scratch[row * SLD + idx % HS];
+    }
+  }
+  if (!active) return;
+  __syncwarp();  // the last tile's readers of row_factor are done
+  if (half == 0) row_factor[r] = 1.0f / l;
+  if (half == 0 && i < T) lse[(size_t)bh * T + i] = m + logf(l);
+  __syncwarp();
+  for (int e = 0; e < PER_LANE; ++e) {
+    const int idx = lane + WARP_SIZE * e, row = idx / HS, row_i = q0 + row;
+    if (row_i < T) out[((size_t)b * T + row_i) * C + h * HS + idx % HS] = from_float<bf16>(o[e] * row_factor[row]);
+  }
+}
+
+
+// Shared memory of both backward kernels: two 64 x HS bf16 tiles, per warp two 16 x 64 bf16 operand
+// tiles and a 16 x BACKWARD_LD float scratch, then 2 x 64 floats of per-row values.
+struct BackwardShared {
+  bf16 *tile_a, *tile_b, *operand_a, *operand_b;
+  float *scratch, *row_values;
+};
+template <int HS>
+__device__ __forceinline__ BackwardShared backward_shared() {
+  DYNAMIC_SHARED(bf16, attention_shared);
+  const int warp = threadIdx.x / WARP_SIZE;
+  bf16* operands = attention_shared + 2 * TC_ROWS * TILE_LD<HS>;
+  float* scratch = reinterpret_cast<float*>(operands + TC_WARPS * 2 * 16 * OPERAND_LD);
+  return {attention_shared,
+          attention_shared + TC_ROWS * TILE_LD<HS>,
+          operands + warp * 2 * 16 * OPERAND_LD,
+          operands + warp * 2 * 16 * OPERAND_LD + 16 * OPERAND_LD,
+          scratch + warp * 16 * BACKWARD_LD<HS>,
+          scratch + TC_WARPS * 16 * BACKWARD_LD<HS>};
+}
+
+// attention::backward_query's contract on tensor cores, per (b, h, 64 queries): D_i, then over the key
+// tiles S = Q.K^T and dW = dO.V^T side by side in the warp's scratch, dS on them by lane pairs, and
+// dQ += dS.K in accumulator fragments that stay in registers across tiles (nothing rescales them).
+template <int HS>
+__device__ void backward_query(bf16* dqkv, float* delta, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse, int T, int C,
+                               int NH, uint64_t stream, uint32_t threshold, float keep) {
+  constexpr int SLD = BACKWARD_LD<HS>;
+  const BackwardShared sh = backward_shared<HS>();
+  bf16 *k_tile = sh.tile_a, *v_tile = sh.tile_b, *ds_tile = sh.operand_a;
+  float* scratch = sh.scratch;
+  const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
+  const int bh = blockIdx.y, b = bh / NH, h = bh % NH, C3 = 3 * C;
+  const float scale = 1.0f / sqrtf((float)HS);
+  const uint64_t first_weight = (uint64_t)bh * T * T;
+  const int first_row = (gridDim.x - 1 - blockIdx.x) * TC_ROWS, q0 = first_row + 16 * warp;
+  const bf16* q = qkv + (size_t)b * T * C3 + h * HS;
+  const bf16* k = q + C;
+  const bf16* v = q + 2 * C;
+  const bf16* dout_bh = dout + (size_t)b * T * C + h * HS;
+
+  // Q and dO pass through the K and V tiles into the warp's fragments.
+  RowsA q_frag[HS / 16], do_frag[HS / 16];
+  load_tile<HS>(k_tile, q, C3, first_row, T);
+  load_tile<HS>(v_tile, dout_bh, C, first_row, T);
+  __syncthreads();
+  load_row_fragments<HS>(q_frag, k_tile + 16 * warp * TILE_LD<HS>);
+  load_row_fragments<HS>(do_frag, v_tile + 16 * warp * TILE_LD<HS>);
+  const int r = lane / 2, half = lane % 2, i = q0 + r;
+  float row_lse = 0.0f, row_delta = 0.0f;
+  if (i < T) {
+    const bf16* do_row = v_tile + (16 * warp + r) * TILE_LD<HS>;
+    const bf16* out_row = out + ((size_t)b * T + i) * C + h * HS;
+    for (int d = half; d < HS; d += 2) row_delta += to_float(do_row[d]) * to_float(out_row[d]);
+    row_lse = lse[(size_t)bh * T + i];
+  }
+  row_delta += __shfl_xor_sync(0xffffffffu, row_delta, 1);
+  if (half == 0 && i < T) delta[(size_t)bh * T + i] = row_delta;
+
+  Accumulator dq[HS / 16];
+  for (int dn = 0; dn < HS / 16; ++dn) wmma::fill_fragment(dq[dn], 0.0f);
+  const bool active = q0 < T;  // warp-uniform
+  const int last_row = min(first_row + TC_ROWS, T) - 1;
+  for (int k0 = 0; k0 <= last_row; k0 += TC_COLS) {
+    __syncthreads();
+    load_tile<HS>(k_tile, k, C3, k0, T);
+    load_tile<HS>(v_tile, v, C3, k0, T);
+    __syncthreads();
+    if (!active) continue;
+    const int blocks = min(TC_COLS / 16, (q0 - k0) / 16 + 1), keys = 16 * blocks;
+    rows_times_tile_transposed<HS, SLD>(scratch, q_frag, k_tile, 0, blocks);
+    rows_times_tile_transposed<HS, SLD>(scratch + TC_COLS, do_frag, v_tile, 0, blocks);
+    __syncwarp();
+    for (int c = half; c < keys; c += 2) {
+      const int j = k0 + c;
+      float ds = 0.0f;
+      if (j <= i) {
+        const float p = __expf(scratch[r * SLD + c] * scale - row_lse);
+        const float dw = scratch[r * SLD + TC_COLS + c];
+        ds = p * (dw * attention::dropout_at(first_weight, T, i, j, stream, threshold, keep) - row_delta) * scale;
+      }
+      ds_tile[r * OPERAND_LD + c] = from_float<bf16>(ds);
+    }
+    __syncwarp();
+    accumulate_operand_times_tile<HS>(dq, ds_tile, k_tile, 0, blocks);
+  }
+  if (active) store_rows<HS, SLD>(dqkv + (size_t)b * T * C3 + h * HS, C3, q0, T, dq, scratch);
+}
+
+// attention::backward_key's contract on tensor cores, per (b, h, 64 keys): over the query tiles from the
+// block's first key on, S^T = K.Q^T and dW^T = V.dO^T side by side in the warp's scratch, W^T and dS^T on
+// them by lane pairs (row r is key j, column c query i), and dV += W^T.dO, dK += dS^T.Q in registers.
+// On the first tile warp w skips the 16-query blocks before its first key.
+template <int HS>
+__device__ void backward_key(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* delta, int T, int C, int NH,
+                             uint64_t stream, uint32_t threshold, float keep) {
+  constexpr int SLD = BACKWARD_LD<HS>;
+  const BackwardShared sh = backward_shared<HS>();
+  bf16 *q_tile = sh.tile_a, *do_tile = sh.tile_b, *w_tile = sh.operand_a, *ds_tile = sh.operand_b;
+  float *scratch = sh.scratch, *lse_tile = sh.row_values, *delta_tile = sh.row_values + TC_COLS;
+  const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
+  const int bh = blockIdx.y, b = bh / NH, h = bh % NH, C3 = 3 * C;
+  const float scale = 1.0f / sqrtf((float)HS);
+  const uint64_t first_weight = (uint64_t)bh * T * T;
+  const int first_key = blockIdx.x * TC_ROWS, j0 = first_key + 16 * warp;
+  const bf16* q = qkv + (size_t)b * T * C3 + h * HS;
+  const bf16* k = q + C;
+  const bf16* v = q + 2 * C;
+  const bf16* dout_bh = dout + (size_t)b * T * C + h * HS;
+
+  RowsA k_frag[HS / 16], v_frag[HS / 16];
+  load_tile<HS>(q_tile, k, C3, first_key, T);
+  load_tile<HS>(do_tile, v, C3, first_key, T);
+  __syncthreads();
+  load_row_fragments<HS>(k_frag, q_tile + 16 * warp * TILE_LD<HS>);
+  load_row_fragments<HS>(v_frag, do_tile + 16 * warp * TILE_LD<HS>);
+
+  Accumulator dk[HS / 16], dv[HS / 16];
+  for (int dn = 0; dn < HS / 16; ++dn) wmma::fill_fragment(dk[dn], 0.0f), wmma::fill_fragment(dv[dn], 0.0f);
+  const int r = lane / 2, half = lane % 2, j = j0 + r;
+  const bool active = j0 < T;  // warp-uniform
+  for (int i0 = first_key; i0 < T; i0 += TC_COLS) {
+    __syncthreads();
+    load_tile<HS>(q_tile, q, C3, i0, T);
+    load_tile<HS>(do_tile, dout_bh, C, i0, T);
+    if (threadIdx.x < TC_COLS) {
+      const int i = i0 + threadIdx.x;
+      lse_tile[threadIdx.x] = i < T ? lse[(size_t)bh * T + i] : 0.0f;
+      delta_tile[threadIdx.x] = i < T ? delta[(size_t)bh * T + i] : 0.0f;
+    }
+    __syncthreads();
+    if (!active) continue;
+    // Query blocks with a query at or after some key of the warp, and before T.
+    const int first = max(0, (j0 - i0) / 16), end = min(TC_COLS / 16, (T - i0 + 15) / 16);
+    rows_times_tile_transposed<HS, SLD>(scratch, k_frag, q_tile, first, end);
+    rows_times_tile_transposed<HS, SLD>(scratch + TC_COLS, v_frag, do_tile, first, end);
+    __syncwarp();
+    for (int c = 16 * first + half; c < 16 * end; c += 2) {
+      const int i = i0 + c;
+      float w = 0.0f, ds = 0.0f;
+      if (j <= i && i < T) {
+        const float p = __expf(scratch[r * SLD + c] * scale - lse_tile[c]);
+        const float drop = attention::dropout_at(first_weight, T, i, j, stream, threshold, keep);
+        w = p * drop;
+        ds = p * (scratch[r * SLD + TC_COLS + c] * drop - delta_tile[c]) * scale;
+      }
+      w_tile[r * OPERAND_LD + c] = from_float<bf16>(w);
+      ds_tile[r * OPERAND_LD + c] = from_float<bf16>(ds);
+    }
+    __syncwarp();
+    accumulate_operand_times_tile<HS>(dv, w_tile, do_tile, first, end);
+    accumulate_operand_times_tile<HS>(dk, ds_tile, q_tile, first, end);
+  }
+  if (!active) return;
+  bf16* dk_rows = dqkv + (size_t)b * T * C3 + C + h * HS;
+  store_rows<HS, SLD>(dk_rows, C3, j0, T, dk, scratch);
+  store_rows<HS, SLD>(dk_rows + C, C3, j0, T, dv, scratch);
+}
+
+}  // namespace attention_tc
+
 // Entry points, one per head size and precision (the tile shapes are compile-time): grid
-// (ceil(T / rows per block), B*NH), block attention::WARPS * 32 threads, no dynamic shared memory.
+// (ceil(T / rows per block), B*NH), block WARPS * 32 threads. The CUDA-core kernels (f32 at every head
+// size, bf16 at 16 and 32) take no dynamic shared memory; the tensor-core ones (`_tc_`, bf16 at 64 and
+// 128) take attention.rs's tc_shared_bytes.
 extern "C" __global__ void attention_forward_hs16_f32(float* out, float* lse, const float* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::forward<float, 16>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_forward_hs32_f32(float* out, float* lse, const float* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::forward<float, 32>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_forward_hs64_f32(float* out, float* lse, const float* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::forward<float, 64>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_forward_hs128_f32(float* out, float* lse, const float* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::forward<float, 128>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_forward_hs16_bf16(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::forward<bf16, 16>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_forward_hs32_bf16(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::forward<bf16, 32>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
-extern "C" __global__ void attention_forward_hs64_bf16(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::forward<bf16, 64>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
-extern "C" __global__ void attention_forward_hs128_bf16(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::forward<bf16, 128>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
+extern "C" __global__ void attention_forward_tc_hs64_bf16(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention_tc::forward<64>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
+extern "C" __global__ void attention_forward_tc_hs128_bf16(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention_tc::forward<128>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_backward_query_hs16_f32(float* dqkv, float* delta, const float* dout, const float* qkv, const float* out, const float* lse, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::backward_query<float, 16>(dqkv, delta, dout, qkv, out, lse, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_backward_query_hs32_f32(float* dqkv, float* delta, const float* dout, const float* qkv, const float* out, const float* lse, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::backward_query<float, 32>(dqkv, delta, dout, qkv, out, lse, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_backward_query_hs64_f32(float* dqkv, float* delta, const float* dout, const float* qkv, const float* out, const float* lse, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::backward_query<float, 64>(dqkv, delta, dout, qkv, out, lse, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_backward_query_hs128_f32(float* dqkv, float* delta, const float* dout, const float* qkv, const float* out, const float* lse, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::backward_query<float, 128>(dqkv, delta, dout, qkv, out, lse, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_backward_query_hs16_bf16(bf16* dqkv, float* delta, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::backward_query<bf16, 16>(dqkv, delta, dout, qkv, out, lse, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_backward_query_hs32_bf16(bf16* dqkv, float* delta, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::backward_query<bf16, 32>(dqkv, delta, dout, qkv, out, lse, T, C, NH, stream, threshold, keep); }
-extern "C" __global__ void attention_backward_query_hs64_bf16(bf16* dqkv, float* delta, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::backward_query<bf16, 64>(dqkv, delta, dout, qkv, out, lse, T, C, NH, stream, threshold, keep); }
-extern "C" __global__ void attention_backward_query_hs128_bf16(bf16* dqkv, float* delta, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::backward_query<bf16, 128>(dqkv, delta, dout, qkv, out, lse, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_backward_key_hs16_f32(float* dqkv, const float* dout, const float* qkv, const float* lse, const float* delta, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::backward_key<float, 16>(dqkv, dout, qkv, lse, delta, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_backward_key_hs32_f32(float* dqkv, const float* dout, const float* qkv, const float* lse, const float* delta, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::backward_key<float, 32>(dqkv, dout, qkv, lse, delta, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_backward_key_hs64_f32(float* dqkv, const float* dout, const float* qkv, const float* lse, const float* delta, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::backward_key<float, 64>(dqkv, dout, qkv, lse, delta, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_backward_key_hs128_f32(float* dqkv, const float* dout, const float* qkv, const float* lse, const float* delta, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::backward_key<float, 128>(dqkv, dout, qkv, lse, delta, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_backward_key_hs16_bf16(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* delta, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::backward_key<bf16, 16>(dqkv, dout, qkv, lse, delta, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_backward_key_hs32_bf16(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* delta, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::backward_key<bf16, 32>(dqkv, dout, qkv, lse, delta, T, C, NH, stream, threshold, keep); }
-extern "C" __global__ void attention_backward_key_hs64_bf16(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* delta, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::backward_key<bf16, 64>(dqkv, dout, qkv, lse, delta, T, C, NH, stream, threshold, keep); }
-extern "C" __global__ void attention_backward_key_hs128_bf16(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* delta, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::backward_key<bf16, 128>(dqkv, dout, qkv, lse, delta, T, C, NH, stream, threshold, keep); }
+extern "C" __global__ void attention_backward_query_tc_hs64_bf16(bf16* dqkv, float* delta, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention_tc::backward_query<64>(dqkv, delta, dout, qkv, out, lse, T, C, NH, stream, threshold, keep); }
+extern "C" __global__ void attention_backward_query_tc_hs128_bf16(bf16* dqkv, float* delta, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention_tc::backward_query<128>(dqkv, delta, dout, qkv, out, lse, T, C, NH, stream, threshold, keep); }
+extern "C" __global__ void attention_backward_key_tc_hs64_bf16(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* delta, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention_tc::backward_key<64>(dqkv, dout, qkv, lse, delta, T, C, NH, stream, threshold, keep); }
+extern "C" __global__ void attention_backward_key_tc_hs128_bf16(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* delta, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention_tc::backward_key<128>(dqkv, dout, qkv, lse, delta, T, C, NH, stream, threshold, keep); }
