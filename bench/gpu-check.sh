@@ -6,7 +6,8 @@
 #      at GPT-2 124M shapes in bfloat16 (examples/cuda_kernels_bench.rs), then PyTorch's counterparts
 #      (torch_ref.py kernels); then a run of one rank over NCCL (rendezvous on localhost) against the same run
 #      without it (crates/nanogpt-core/tests/nccl.rs);
-#   2. throughput at GPT-2 124M shapes (B=12, T=1024, bfloat16): torch_ref.py bench, then ours;
+#   2. throughput at GPT-2 124M shapes (B=12, T=1024, bfloat16): torch_ref.py bench, then the fused CUDA step
+#      (examples/cuda_step_bench.rs: train_step_cuda.rs on the kernels above), then ours through the engine;
 #   3. per-phase profile of our step (data, forward, backward, optimizer), at 124M and shakespeare_char shapes;
 #   4. sampling from a GPT-2 XL-shaped model (bench/sample.ts): torch_ref.py sample, then ours; tokens/s of each;
 #   5. the shakespeare_char recipe: torch_ref.py train, then our train; best val loss and wall time of each.
@@ -16,6 +17,8 @@
 # Usage: bash bench/gpu-check.sh      (from the repository root; logs under $OUT, default .gpu-check/out)
 #   TRAIN_ITERS=N   length of the shakespeare_char runs on both sides (default 2000; the recipe's is 5000)
 #   BUDGET_S=N      stop starting phases after this many seconds (default 540)
+#   PHASES="a b"    run only these phases (names as in the summary; unpack always runs), e.g. to spread the check
+#                   over two calls: PHASES="correctness kernels torch_bench step_bench" first
 # Each phase runs under `timeout`; a failed phase is logged and the next one runs. The last lines are tables: the
 # kernels' times (ours, PyTorch's, and their ratio), then the whole runs'.
 set -uo pipefail
@@ -52,6 +55,11 @@ phase() {
   shift 2
   local left=$((budget - (SECONDS - start)))
   section "$name"
+  if [ -n "${PHASES:-}" ] && [ "$name" != unpack ] && [[ " $PHASES " != *" $name "* ]]; then
+    echo "skipped: not in PHASES"
+    status[$name]="skipped (PHASES)"
+    return 1
+  fi
   if ((left < 20)); then
     echo "skipped: the time budget is spent"
     status[$name]=skipped
@@ -102,6 +110,7 @@ phase nccl 120 "$app/tests/nccl" --ignored --nocapture --test-threads=1
 # ---------------------------------------------------------------- 2. throughput, 124M shapes
 shape=(--n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --batch_size=12)
 phase torch_bench 180 python3 "$root/bench/torch_ref.py" bench "${shape[@]}"
+phase step_bench 90 "$app/bench/cuda_step_bench"
 phase our_bench 180 "$node" "$app/dist/cli.mjs" bench "${shape[@]}" --device=cuda --dtype=bfloat16
 
 # ---------------------------------------------------------------- 3. profile
@@ -135,11 +144,11 @@ except Exception: print('n/a')" "$1" "$2"; }
 gib() { python3 -c "import sys
 try: print(f'{float(sys.argv[1]) / 2**30:.2f}')
 except Exception: print('n/a')" "$1"; }
-t_tok=$(result torch_bench tokens_per_s) o_tok=$(result our_bench tokens_per_s)
+t_tok=$(result torch_bench tokens_per_s) o_tok=$(result our_bench tokens_per_s) f_tok=$(result step_bench tokens_per_s)
 t_wall=$(result torch_train wall_s) t_best=$(result torch_train best_val)
 
 section "summary"
-for name in unpack correctness kernels kernel_bench_ours kernel_bench_torch nccl torch_bench our_bench profile_124m prepare profile_char sample_xl torch_train our_train; do
+for name in unpack correctness kernels kernel_bench_ours kernel_bench_torch nccl torch_bench step_bench our_bench profile_124m prepare profile_char sample_xl torch_train our_train; do
   printf '%-18s %s\n' "$name" "${status[$name]:-not run}"
 done
 echo
@@ -168,6 +177,9 @@ printf '%-34s %14s %14s %8s\n' "124M bench bf16 tokens/s" "${t_tok:-n/a}" "${o_t
 printf '%-34s %14s %14s %8s\n' "124M bench ms/iter" "$(result torch_bench ms_per_iter)" "$(result our_bench ms_per_iter)" \
   "$(ratio "$(result our_bench ms_per_iter)" "$(result torch_bench ms_per_iter)")"
 printf '%-34s %14s %14s %8s\n' "124M bench peak memory GiB" "$(result torch_bench peak_mem_gb)" "$(gib "$(result our_bench peak_mem_bytes)")" ""
+printf '%-34s %14s %14s %8s\n' "124M fused step tokens/s" "${t_tok:-n/a}" "${f_tok:-n/a}" "$(ratio "$f_tok" "$t_tok")"
+printf '%-34s %14s %14s %8s\n' "124M fused step MFU" "$(result torch_bench mfu_h100_989)" "$(result step_bench mfu)" ""
+printf '%-34s %14s %14s %8s\n' "124M fused step peak memory GiB" "$(result torch_bench peak_mem_gb)" "$(gib "$(result step_bench peak_mem_bytes)")" ""
 printf '%-34s %14s %14s %8s\n' "GPT-2 XL sampling tokens/s" "$(result sample_xl torch_tokens_per_s)" "$(result sample_xl tokens_per_s)" \
   "$(result sample_xl ratio)"
 printf '%-34s %14s %14s %8s\n' "char recipe ($train_iters it) best val" "${t_best:-n/a}" "${ours_best:-n/a}" ""

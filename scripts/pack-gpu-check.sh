@@ -6,6 +6,7 @@
 #   app/tests/cuda_kernels                  the CUDA kernels' tests (crates/nanogpt-core/tests/cuda_kernels), run on
 #                                           the device with NANOGPT_TEST_DEVICE=cuda
 #   app/bench/cuda_kernels_bench            the kernels' timings (crates/nanogpt-core/examples/cuda_kernels_bench.rs)
+#   app/bench/cuda_step_bench               the fused CUDA step's timing (crates/nanogpt-core/examples/cuda_step_bench.rs)
 #   app/tests/nccl                          the one-rank NCCL run against one without (crates/nanogpt-core/tests/nccl.rs)
 #   app/dist/cli.mjs                        the CLI (train, bench, prepare), bundled into one file
 #   app/configs/*.mjs                       the config files, as JavaScript (the bundle has no TypeScript loader)
@@ -35,7 +36,7 @@ test_binary() {
 test_bin=$(test_binary cuda cuda)
 kernels_test_bin=$(test_binary cuda cuda_kernels)
 nccl_test_bin=$(test_binary nccl nccl)
-cargo build --release -p nanogpt-core --features cuda --example cuda_kernels_bench
+cargo build --release -p nanogpt-core --features cuda --example cuda_kernels_bench --example cuda_step_bench
 
 app=$stage/app
 mkdir -p "$app/native/cuda" "$app/tests" "$app/dist" "$app/configs" "$app/bench" "$app/node_modules/tsx"
@@ -43,7 +44,7 @@ cp native/cuda/nanogpt.linux-x64-gnu.node "$app/native/cuda/"
 cp "$test_bin" "$app/tests/cuda"
 cp "$kernels_test_bin" "$app/tests/cuda_kernels"
 cp "$nccl_test_bin" "$app/tests/nccl"
-cp "$CARGO_TARGET_DIR/release/examples/cuda_kernels_bench" "$app/bench/"
+cp "$CARGO_TARGET_DIR/release/examples/cuda_kernels_bench" "$CARGO_TARGET_DIR/release/examples/cuda_step_bench" "$app/bench/"
 cp package.json "$app/"
 # The corpus module resolves tsx's location when it loads (for its worker threads); shakespeare_char needs no worker.
 cp node_modules/tsx/package.json "$app/node_modules/tsx/"
