@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::io::{Seek, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 
@@ -13,22 +13,27 @@ use crate::collective::{Collective, SingleProcess, Watchdog};
 use crate::cuda::{self, MemoryStats};
 use crate::decode;
 use crate::hf;
+use crate::kernels::cuda::{Gpu, Precision};
 use crate::kernels::dropout::DropoutKey;
 use crate::model::{Gpt, Mode, ModelArgs};
 use crate::optim::{AdamW, FlatAdamW, GradScaler, OptimizerArgs, ParamGroups, StepStats};
 use crate::sample::{self, SampleArgs, Sampler};
 use crate::torch_checkpoint::{self, CheckpointInfo, TorchCheckpoint};
 use crate::train_step::{self, Activations, ParamLayout};
+use crate::train_step_cuda::CudaTrainStep;
 
-/// Trains a model either with the explicit CPU step over flat buffers (`train_step.rs`, on the CPU
-/// in float32) or through candle's autograd graph (GPU, and mixed precision).
+/// Trains a model with one of three steps: the explicit CPU step over flat buffers (`train_step.rs`,
+/// on the CPU in float32), the explicit GPU step over the fused kernels (`train_step_cuda.rs`, opted
+/// into on CUDA with `NANOGPT_CUDA_STEP=fused`), or candle's autograd graph (GPU, and mixed precision).
 pub struct Engine {
-    /// The candle model: sampling, export, and the graph path's trained weights. On the flat path
-    /// its weights are refreshed from the flat parameters when something reads them.
+    /// The candle model: sampling, export, and the graph path's trained weights. On the explicit
+    /// steps its weights are refreshed from the step's parameters when something reads them.
     model: Gpt,
-    /// The CPU training step's state; None on the graph path.
+    /// The CPU training step's state; None on the other paths.
     flat: Option<FlatTrainer>,
-    /// Whether `model`'s weights are older than the flat parameters.
+    /// The GPU training step's state; None on the other paths.
+    gpu_step: Option<GpuTrainer>,
+    /// Whether `model`'s weights are older than the explicit step's parameters.
     model_stale: AtomicBool,
     optimizer: Option<AdamW>,
     /// Graph path: the sum over the micro-steps since the last optimizer step, one per parameter.
@@ -88,13 +93,60 @@ impl FlatTrainer {
     fn weights<'a>(&'a self, args: &'a ModelArgs) -> decode::Weights<'a> {
         decode::Weights { args, layout: &self.layout, params: &self.params }
     }
+}
 
-    fn named(&self, buffer: &[f32]) -> Result<Vec<(String, Tensor)>> {
-        self.layout
-            .tensors
-            .iter()
-            .map(|t| Ok((t.name.clone(), Tensor::from_slice(&buffer[t.range.clone()], t.shape.as_slice(), &Device::Cpu)?)))
-            .collect()
+/// A flat buffer laid out by `layout` as named tensors.
+fn named(layout: &ParamLayout, buffer: &[f32]) -> Result<Vec<(String, Tensor)>> {
+    layout
+        .tensors
+        .iter()
+        .map(|t| Ok((t.name.clone(), Tensor::from_slice(&buffer[t.range.clone()], t.shape.as_slice(), &Device::Cpu)?)))
+        .collect()
+}
+
+/// The explicit GPU step's state. The step sits behind a lock so that evaluation (which takes
+/// `&Engine`) can run its forward pass.
+struct GpuTrainer {
+    gpu: Arc<dyn Gpu + Send + Sync>,
+    step: Mutex<CudaTrainStep>,
+    optimizer: Option<OptimizerArgs>,
+    /// Whether the step holds gradients not yet applied (later micro-steps add to them).
+    has_grads: bool,
+}
+
+impl GpuTrainer {
+    fn new(gpu: Arc<dyn Gpu + Send + Sync>, model: &Gpt, precision: Precision) -> Result<Self> {
+        let layout = ParamLayout::new(&model.args);
+        let mut params = vec![0f32; layout.len];
+        copy_from_model(&layout, &mut params, model)?;
+        let step = CudaTrainStep::new(gpu.clone(), &model.args, precision, &params)?;
+        Ok(Self { gpu, step: Mutex::new(step), optimizer: None, has_grads: false })
+    }
+
+    fn step(&self) -> std::sync::MutexGuard<'_, CudaTrainStep> {
+        self.step.lock().expect("no panic while holding the GPU step")
+    }
+}
+
+/// The precision the explicit GPU step computes in for nanoGPT's `dtype`.
+fn gpu_step_precision(dtype: DType) -> Result<Precision> {
+    match dtype {
+        DType::F32 => Ok(Precision::F32),
+        DType::BF16 => Ok(Precision::Bf16),
+        other => {
+            candle_core::bail!("the fused CUDA step computes in float32 or bfloat16, not {other:?}: set dtype, or unset NANOGPT_CUDA_STEP")
+        }
+    }
+}
+
+/// Whether `NANOGPT_CUDA_STEP` asks a CUDA engine to train on the fused kernels (`fused`) rather
+/// than candle's graph (`graph`, the default until the fused step has been measured on hardware).
+#[cfg(feature = "cuda")]
+fn fused_cuda_step_requested() -> Result<bool> {
+    match std::env::var("NANOGPT_CUDA_STEP").as_deref() {
+        Err(_) | Ok("graph") => Ok(false),
+        Ok("fused") => Ok(true),
+        Ok(other) => candle_core::bail!("NANOGPT_CUDA_STEP must be fused or graph, got `{other}`"),
     }
 }
 
@@ -106,6 +158,10 @@ fn copy_from_model(layout: &ParamLayout, params: &mut [f32], model: &Gpt) -> Res
         }
         // Straight from the storage: a temporary copy per tensor would stay in the process's heap.
         let tensor = var.as_tensor();
+        if !tensor.device().is_cpu() {
+            params[t.range.clone()].copy_from_slice(&tensor.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+            continue;
+        }
         let (storage, layout) = tensor.storage_and_layout();
         let (candle_core::Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {
             candle_core::bail!("the training step needs the weights in contiguous CPU memory");
@@ -206,18 +262,21 @@ impl Engine {
     /// Shrinks the context to `block_size` positions (nanoGPT's `crop_block_size`).
     pub fn crop_block_size(&mut self, block_size: usize) -> Result<()> {
         self.sampling = None;
-        if self.optimizer.is_some() || self.flat.as_ref().is_some_and(|f| f.optimizer.is_some()) {
+        if self.optimizer_configured() {
             candle_core::bail!("crop the block size before configuring the optimizer, which holds the old position embedding");
         }
         self.sync_model()?;
         self.model.crop_block_size(block_size)?;
-        self.use_flat_step(self.flat.is_some())
+        self.use_flat_step(self.flat.is_some())?;
+        let precision = self.gpu_step.as_ref().map(|g| g.step().precision());
+        self.use_gpu_step(None, precision.unwrap_or(Precision::F32))
     }
 
     fn wrap(model: Gpt, seed: u64) -> Result<Self> {
         let mut engine = Self {
             model,
             flat: None,
+            gpu_step: None,
             model_stale: AtomicBool::new(false),
             optimizer: None,
             grads: None,
@@ -229,7 +288,44 @@ impl Engine {
             collective: Box::new(SingleProcess),
         };
         engine.use_flat_step(engine.model.device().is_cpu())?;
+        #[cfg(feature = "cuda")]
+        if engine.model.device().is_cuda() && fused_cuda_step_requested()? {
+            let kernels = Arc::new(cuda::Kernels::new(engine.model.device())?);
+            engine.use_gpu_step(Some(kernels), Precision::F32)?;
+        }
         Ok(engine)
+    }
+
+    /// Trains this model from now on with the explicit GPU step on `gpu` (a CUDA device's kernels, or
+    /// an emulator of them) in float32, carrying its weights over; the candle model stays where it is,
+    /// for sampling and export.
+    pub fn train_on_gpu_step(&mut self, gpu: Arc<dyn Gpu + Send + Sync>) -> Result<()> {
+        if self.optimizer_configured() || self.has_grads() {
+            candle_core::bail!("move training onto the GPU step before configuring the optimizer");
+        }
+        self.use_flat_step(false)?;
+        self.model.set_compute_dtype(DType::F32);
+        self.use_gpu_step(Some(gpu), Precision::F32)
+    }
+
+    /// Moves training onto the explicit GPU step on `gpu` (None: the current one's) in `precision`,
+    /// carrying the weights over; without a GPU step this does nothing.
+    fn use_gpu_step(&mut self, gpu: Option<Arc<dyn Gpu + Send + Sync>>, precision: Precision) -> Result<()> {
+        let Some(gpu) = gpu.or_else(|| self.gpu_step.as_ref().map(|g| g.gpu.clone())) else { return Ok(()) };
+        self.sync_model()?;
+        self.gpu_step = None;
+        self.gpu_step = Some(GpuTrainer::new(gpu, &self.model, precision)?);
+        Ok(())
+    }
+
+    fn optimizer_configured(&self) -> bool {
+        self.optimizer.is_some()
+            || self.flat.as_ref().is_some_and(|f| f.optimizer.is_some())
+            || self.gpu_step.as_ref().is_some_and(|g| g.optimizer.is_some())
+    }
+
+    fn has_grads(&self) -> bool {
+        self.grads.is_some() || self.flat.as_ref().is_some_and(|f| f.has_grads) || self.gpu_step.as_ref().is_some_and(|g| g.has_grads)
     }
 
     /// Switches between the explicit CPU step (`on`) and the autograd graph, carrying the weights over.
@@ -239,15 +335,25 @@ impl Engine {
         Ok(())
     }
 
-    /// Brings the candle model's weights up to date with the flat parameters.
+    /// Brings the candle model's weights up to date with the explicit step's parameters.
     fn sync_model(&self) -> Result<()> {
-        let Some(flat) = self.flat.as_ref() else { return Ok(()) };
-        if !self.model_stale.swap(false, Ordering::AcqRel) {
+        if !self.model_stale.load(Ordering::Acquire) {
             return Ok(());
         }
-        for (t, (_, var)) in flat.layout.tensors.iter().zip(self.model.named_parameters()) {
-            var.set(&Tensor::from_slice(&flat.params[t.range.clone()], t.shape.as_slice(), &Device::Cpu)?)?;
+        let downloaded;
+        let (layout, params) = match (self.flat.as_ref(), self.gpu_step.as_ref()) {
+            (Some(flat), _) => (&flat.layout, &flat.params),
+            (None, Some(gpu_step)) => {
+                let step = gpu_step.step();
+                downloaded = step.read_params()?;
+                (&ParamLayout::new(&self.model.args), &downloaded)
+            }
+            (None, None) => return Ok(()),
+        };
+        for (t, (_, var)) in layout.tensors.iter().zip(self.model.named_parameters()) {
+            var.set(&Tensor::from_slice(&params[t.range.clone()], t.shape.as_slice(), self.model.device())?)?;
         }
+        self.model_stale.store(false, Ordering::Release);
         Ok(())
     }
 
@@ -262,6 +368,9 @@ impl Engine {
     /// float32 only: candle's CPU matmul has no bfloat16.
     pub fn set_precision(&mut self, dtype: &str) -> Result<()> {
         let compute = compute_dtype(dtype)?;
+        if self.gpu_step.is_some() {
+            return self.set_compute_dtype(compute);
+        }
         if self.model.device().is_cpu() && compute != DType::F32 {
             candle_core::bail!("dtype {dtype} needs a GPU: the cpu engine computes in float32");
         }
@@ -272,9 +381,21 @@ impl Engine {
     /// tested on the CPU with float16 (which candle's CPU matmul supports).
     /// The explicit step computes in float32 only, so another dtype trains the CPU model through the graph.
     pub fn set_compute_dtype(&mut self, dtype: DType) -> Result<()> {
+        if let Some(gpu_step) = self.gpu_step.as_ref() {
+            let precision = gpu_step_precision(dtype)?;
+            if precision != gpu_step.step().precision() {
+                if self.optimizer_configured() {
+                    candle_core::bail!("set the precision before configuring the optimizer");
+                }
+                self.use_gpu_step(None, precision)?;
+            }
+            // The candle model samples in float32 where it sits on the CPU (the emulated GPU step's case).
+            self.model.set_compute_dtype(if self.model.device().is_cpu() { DType::F32 } else { dtype });
+            return Ok(());
+        }
         let flat = self.model.device().is_cpu() && dtype == DType::F32;
         if flat != self.flat.is_some() {
-            if self.optimizer.is_some() || self.flat.as_ref().is_some_and(|f| f.optimizer.is_some()) {
+            if self.optimizer_configured() {
                 candle_core::bail!("set the precision before configuring the optimizer");
             }
             self.use_flat_step(flat)?;
@@ -330,19 +451,26 @@ impl Engine {
     /// its dropout masks its own, and each [`Engine::step`] averages the gradients over the ranks first.
     /// A call that waits longer than `timeout` for the other ranks ends the process (see [`Watchdog`]).
     pub fn join(&mut self, mut collective: Box<dyn Collective>, timeout: std::time::Duration) -> Result<()> {
-        if self.grads.is_some() || self.flat.as_ref().is_some_and(|f| f.has_grads) {
+        if self.has_grads() {
             candle_core::bail!("join the data-parallel run before the first forward_backward");
         }
         if collective.world_size() > 1 {
             collective = Box::new(Watchdog::new(collective, timeout));
         }
         self.sampling = None;
-        match self.flat.as_mut() {
-            Some(flat) => {
+        match (self.flat.as_mut(), self.gpu_step.as_ref()) {
+            (Some(flat), _) => {
                 collective.broadcast(&mut flat.params, 0);
                 self.model_stale.store(true, Ordering::Release);
             }
-            None => collective.broadcast_vars(&self.params().into_iter().map(|(_, v)| v).collect::<Vec<_>>(), 0)?,
+            (None, Some(gpu_step)) => {
+                let step = gpu_step.step();
+                let mut params = step.read_params()?;
+                collective.broadcast(&mut params, 0);
+                step.load_params(&params)?;
+                self.model_stale.store(true, Ordering::Release);
+            }
+            (None, None) => collective.broadcast_vars(&self.params().into_iter().map(|(_, v)| v).collect::<Vec<_>>(), 0)?,
         }
         // Each rank its own dropout masks, also where the model came from a file (whose seed is 0 on every rank);
         // rank 0 keeps its own, so that it trains as a single process would.
@@ -386,6 +514,10 @@ impl Engine {
     }
 
     pub fn configure_optimizer(&mut self, args: &OptimizerArgs) -> Result<ParamGroups> {
+        if let Some(gpu_step) = self.gpu_step.as_mut() {
+            gpu_step.optimizer = Some(args.clone());
+            return Ok(FlatAdamW::groups(gpu_step.step().layout()));
+        }
         if let Some(flat) = self.flat.as_mut() {
             flat.optimizer = Some(FlatAdamW::new(&flat.layout, args.clone()));
             return Ok(FlatAdamW::groups(&flat.layout));
@@ -403,6 +535,14 @@ impl Engine {
     /// The AdamW moments and step count from tensors named as [`Engine::optimizer_state`] writes them.
     fn load_optimizer_state(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
         const UNCONFIGURED: &str = "configure the optimizer before training";
+        if let Some(gpu_step) = self.gpu_step.as_mut() {
+            let args = gpu_step.optimizer.clone().ok_or_else(|| candle_core::Error::Msg(UNCONFIGURED.into()))?;
+            let mut step = gpu_step.step();
+            let mut staged = FlatAdamW::new(step.layout(), args);
+            staged.load_state(step.layout(), tensors)?;
+            let (exp_avg, exp_avg_sq, steps) = staged.moments();
+            return step.load_optimizer_state(exp_avg, exp_avg_sq, steps);
+        }
         match self.flat.as_mut() {
             Some(flat) => {
                 flat.optimizer.as_mut().ok_or_else(|| candle_core::Error::Msg(UNCONFIGURED.into()))?.load_state(&flat.layout, tensors)
@@ -418,6 +558,12 @@ impl Engine {
         self.model.load(tensors)?;
         if let Some(flat) = self.flat.as_mut() {
             copy_from_model(&flat.layout, &mut flat.params, &self.model)?;
+        }
+        if let Some(gpu_step) = self.gpu_step.as_ref() {
+            let step = gpu_step.step();
+            let mut params = vec![0f32; step.layout().len];
+            copy_from_model(step.layout(), &mut params, &self.model)?;
+            step.load_params(&params)?;
         }
         Ok(())
     }
@@ -462,6 +608,9 @@ impl Engine {
         self.micro_steps += 1;
         if self.flat.is_some() {
             return self.flat_forward_backward(x, y, batch_size, loss_scale, key);
+        }
+        if self.gpu_step.is_some() {
+            return self.gpu_forward_backward(x, y, batch_size, loss_scale, key);
         }
         let start = self.mark();
         let (x, y) = self.batch(x, y, batch_size)?;
@@ -517,10 +666,71 @@ impl Engine {
         Ok(loss)
     }
 
+    /// [`Engine::forward_backward`] on the explicit GPU step. The mean loss is read back at once, which
+    /// waits for the GPU: the engine's API returns it from every micro-step.
+    fn gpu_forward_backward(&mut self, x: &[u32], y: &[i32], batch_size: usize, loss_scale: f64, key: DropoutKey) -> Result<f32> {
+        let start = self.mark();
+        let t = self.check_batch(x, y, batch_size)?;
+        let data_ms = self.lap(start)?;
+        let args = &self.model.args;
+        let dropout = (args.dropout > 0.0).then_some((key, args.dropout as f32));
+        let gpu_step = self.gpu_step.as_mut().expect("on the GPU step");
+        let mut step = gpu_step.step.lock().expect("no panic while holding the GPU step");
+        if !gpu_step.has_grads {
+            step.zero_grads()?;
+        }
+        let start = self.profile.is_some().then(std::time::Instant::now);
+        step.forward(x, batch_size, t, dropout)?;
+        step.loss(y, Some(loss_scale))?;
+        let loss = step.read_loss()?;
+        let forward_ms = start.map(|s| s.elapsed().as_secs_f64() * 1e3);
+        let start = self.profile.is_some().then(std::time::Instant::now);
+        step.backward(dropout)?;
+        gpu_step.has_grads = true;
+        if start.is_some() {
+            step.read_grad_norm()?;
+        }
+        let backward_ms = start.map(|s| s.elapsed().as_secs_f64() * 1e3);
+        drop(step);
+        if let (Some(p), Some(data_ms), Some(forward_ms), Some(backward_ms)) = (self.profile.as_mut(), data_ms, forward_ms, backward_ms) {
+            (p.data_ms, p.forward_ms, p.backward_ms) = (data_ms, forward_ms, backward_ms);
+        }
+        Ok(loss)
+    }
+
+    /// [`Engine::step`] on the explicit GPU step: clipping and AdamW run on the device; the gradient
+    /// norm is read back for the log. Several ranks average their gradients through host memory.
+    fn gpu_step_update(&mut self, lr: f64) -> Result<StepStats> {
+        let gpu_step = self.gpu_step.as_mut().expect("on the GPU step");
+        if !gpu_step.has_grads {
+            candle_core::bail!("no gradients to apply: run forward_backward first");
+        }
+        let args = gpu_step.optimizer.clone().ok_or_else(|| candle_core::Error::Msg("configure the optimizer before training".into()))?;
+        let mut step = gpu_step.step.lock().expect("no panic while holding the GPU step");
+        if self.collective.world_size() > 1 {
+            let mut grads = step.read_grads()?;
+            self.collective.all_reduce_mean(&mut grads);
+            step.load_grads(&grads)?;
+        }
+        step.optimizer_step(&args, lr)?;
+        let grad_norm = step.read_grad_norm()? as f64;
+        gpu_step.has_grads = false;
+        self.model_stale.store(true, Ordering::Release);
+        // The per-tensor update ratios are not computed on the device.
+        Ok(StepStats { grad_norm, clipped: args.grad_clip > 0.0 && grad_norm > args.grad_clip, update_ratios: Vec::new(), skipped: false })
+    }
+
     /// Applies the accumulated gradients (clipped if configured) at learning rate `lr`, then clears them.
     pub fn step(&mut self, lr: f64) -> Result<StepStats> {
         self.sampling = None;
         let start = self.mark();
+        if self.gpu_step.is_some() {
+            let stats = self.gpu_step_update(lr)?;
+            if let Some(optimizer_ms) = self.lap(start)? {
+                self.profile.as_mut().expect("profiling is on").optimizer_ms = optimizer_ms;
+            }
+            return Ok(stats);
+        }
         if let Some(flat) = self.flat.as_mut() {
             if !flat.has_grads {
                 candle_core::bail!("no gradients to apply: run forward_backward first");
@@ -554,6 +764,13 @@ impl Engine {
 
     /// Mean loss of one batch in evaluation mode.
     pub fn eval_loss(&self, x: &[u32], y: &[i32], batch_size: usize) -> Result<f32> {
+        if let Some(gpu_step) = self.gpu_step.as_ref() {
+            let t = self.check_batch(x, y, batch_size)?;
+            let mut step = gpu_step.step();
+            step.forward(x, batch_size, t, None)?;
+            step.loss(y, None)?;
+            return step.read_loss();
+        }
         if let Some(flat) = self.flat.as_ref() {
             let t = self.check_batch(x, y, batch_size)?;
             let mut slot = flat.activations.lock().expect("no panic while holding the activations");
@@ -610,8 +827,8 @@ impl Engine {
     /// The weights, named as in nanoGPT's state dict.
     fn weights(&self) -> Result<Vec<(String, Tensor)>> {
         match self.flat.as_ref() {
-            Some(flat) => flat.named(&flat.params),
-            None => Ok(self.model.named_parameters().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect()),
+            Some(flat) => named(&flat.layout, &flat.params),
+            None => Ok(self.synced_model()?.named_parameters().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect()),
         }
     }
 
@@ -632,11 +849,15 @@ impl Engine {
 
     /// The gradients accumulated since the last step, named as the parameters (for inspection and checks).
     fn gradients(&self) -> Result<Vec<(String, Tensor)>> {
+        if !self.has_grads() {
+            candle_core::bail!("no gradients: run forward_backward first");
+        }
         if let Some(flat) = self.flat.as_ref() {
-            if !flat.has_grads {
-                candle_core::bail!("no gradients: run forward_backward first");
-            }
-            return flat.named(&flat.grads);
+            return named(&flat.layout, &flat.grads);
+        }
+        if let Some(gpu_step) = self.gpu_step.as_ref() {
+            let step = gpu_step.step();
+            return named(step.layout(), &step.read_grads()?);
         }
         let grads = self.grads.as_ref().ok_or_else(|| candle_core::Error::Msg("no gradients: run forward_backward first".into()))?;
         Ok(self.model.named_parameters().into_iter().map(|(n, _)| n).zip(grads.iter().cloned()).collect())
@@ -649,6 +870,12 @@ impl Engine {
 
     fn optimizer_state(&self) -> Result<Vec<(String, Tensor)>> {
         let none = || candle_core::Error::Msg("no optimizer to save".into());
+        if let Some(gpu_step) = self.gpu_step.as_ref() {
+            let args = gpu_step.optimizer.clone().ok_or_else(none)?;
+            let step = gpu_step.step();
+            let (exp_avg, exp_avg_sq, steps) = step.read_optimizer_state()?;
+            return FlatAdamW::from_moments(args, exp_avg, exp_avg_sq, steps).state(step.layout());
+        }
         match self.flat.as_ref() {
             Some(flat) => flat.optimizer.as_ref().ok_or_else(none)?.state(&flat.layout),
             None => self.optimizer.as_ref().ok_or_else(none)?.state(),
@@ -742,8 +969,7 @@ impl Engine {
     /// `model_args` are replaced by the model's own) to `out`.
     pub fn save_nanogpt_checkpoint(&self, out: &mut (impl Write + Seek), info: &CheckpointInfo) -> Result<()> {
         let info = CheckpointInfo { model_args: self.model.args.clone(), ..info.clone() };
-        let configured = self.optimizer.is_some() || self.flat.as_ref().is_some_and(|f| f.optimizer.is_some());
-        let state = match configured {
+        let state = match self.optimizer_configured() {
             true => Some(self.optimizer_state()?.into_iter().collect::<HashMap<_, _>>()),
             false => None,
         };

@@ -288,6 +288,16 @@ impl FlatAdamW {
         Self { args, exp_avg: vec![0f32; layout.len], exp_avg_sq: vec![0f32; layout.len], step: 0 }
     }
 
+    /// AdamW of `args` resumed from its two moments (laid out as the parameters) after `step` steps.
+    pub fn from_moments(args: OptimizerArgs, exp_avg: Vec<f32>, exp_avg_sq: Vec<f32>, step: u64) -> Self {
+        Self { args, exp_avg, exp_avg_sq, step }
+    }
+
+    /// The two moments and the step count.
+    pub fn moments(&self) -> (&[f32], &[f32], u64) {
+        (&self.exp_avg, &self.exp_avg_sq, self.step)
+    }
+
     pub fn groups(layout: &ParamLayout) -> ParamGroups {
         let mut g = ParamGroups::default();
         for t in &layout.tensors {

@@ -173,22 +173,16 @@ impl CudaTrainStep {
         }
         let bytes = layout.len * 4;
         let master = DeviceBuffer::zeroed(&gpu, bytes)?;
-        master.upload_f32(params)?;
         let weights_copy = match x {
             Precision::F32 => None,
-            Precision::Bf16 => {
-                let copy = DeviceBuffer::zeroed(&gpu, layout.len * 2)?;
-                let rounded: Vec<u8> = params.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect();
-                gpu.upload(copy.addr, &rounded)?;
-                Some(copy)
-            }
+            Precision::Bf16 => Some(DeviceBuffer::zeroed(&gpu, layout.len * 2)?),
         };
         let table = TensorTable::new(&layout);
         let tensor_ends = DeviceBuffer::zeroed(&gpu, table.ends.len() * 8)?;
         gpu.upload(tensor_ends.addr, &table.ends.iter().flat_map(|e| e.to_le_bytes()).collect::<Vec<u8>>())?;
         let tensor_decays = DeviceBuffer::zeroed(&gpu, table.decays.len())?;
         gpu.upload(tensor_decays.addr, &table.decays)?;
-        Ok(Self {
+        let step = Self {
             tensor_table: table.on_device(tensor_ends.addr, tensor_decays.addr),
             _tensor_table_memory: [tensor_ends, tensor_decays],
             grad_norm_squared: DeviceBuffer::zeroed(&gpu, 4)?,
@@ -205,11 +199,30 @@ impl CudaTrainStep {
             x,
             acts: None,
             counted: 0,
-        })
+        };
+        step.load_params(params)?;
+        Ok(step)
+    }
+
+    /// Replaces the weights (and their bf16 copy) by `params`, laid out as [`Self::layout`].
+    pub fn load_params(&self, params: &[f32]) -> Result<()> {
+        if params.len() != self.layout.len {
+            bail!("the model has {} parameters but {} values were given", self.layout.len, params.len());
+        }
+        self.params.upload_f32(params)?;
+        if let Some(copy) = &self.weights_copy {
+            let rounded: Vec<u8> = params.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect();
+            self.gpu.upload(copy.addr, &rounded)?;
+        }
+        Ok(())
     }
 
     pub fn layout(&self) -> &ParamLayout {
         &self.layout
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.x
     }
 
     /// The device address of a weight tensor as the kernels read it (of X).
@@ -537,6 +550,30 @@ impl CudaTrainStep {
     /// The parameter gradients (f32, in [`ParamLayout`] order): waits for the GPU.
     pub fn read_grads(&self) -> Result<Vec<f32>> {
         self.grads.download_f32()
+    }
+
+    /// Replaces the accumulated gradients, e.g. by their mean over the ranks of a data-parallel run.
+    pub fn load_grads(&self, grads: &[f32]) -> Result<()> {
+        if grads.len() != self.layout.len {
+            bail!("the model has {} parameters but {} gradients were given", self.layout.len, grads.len());
+        }
+        self.grads.upload_f32(grads)
+    }
+
+    /// AdamW's two moments and the number of steps taken: waits for the GPU.
+    pub fn read_optimizer_state(&self) -> Result<(Vec<f32>, Vec<f32>, u64)> {
+        Ok((self.exp_avg.download_f32()?, self.exp_avg_sq.download_f32()?, self.optimizer_steps))
+    }
+
+    /// Resumes AdamW from moments and a step count that [`Self::read_optimizer_state`] gave.
+    pub fn load_optimizer_state(&mut self, exp_avg: &[f32], exp_avg_sq: &[f32], steps: u64) -> Result<()> {
+        if exp_avg.len() != self.layout.len || exp_avg_sq.len() != self.layout.len {
+            bail!("optimizer state for {} parameters given to a model of {}", exp_avg.len(), self.layout.len);
+        }
+        self.exp_avg.upload_f32(exp_avg)?;
+        self.exp_avg_sq.upload_f32(exp_avg_sq)?;
+        self.optimizer_steps = steps;
+        Ok(())
     }
 
     /// The f32 master weights: waits for the GPU.

@@ -8,6 +8,7 @@ mod attention;
 mod bias;
 mod classifier;
 mod encoder;
+mod engine;
 mod gelu;
 mod gpu;
 mod layernorm;
