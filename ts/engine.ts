@@ -48,6 +48,8 @@ interface BindingGpt {
   configureOptimizer(optimizerArgs: OptimizerArgs): ParamGroups;
   loadOptimizerFile(path: string): void;
   forwardBackward(x: Uint32Array, y: Int32Array, batchSize: number, lossScale: number): number;
+  accumulate(x: Uint32Array, y: Int32Array, batchSize: number, lossScale: number): void;
+  lastLoss(): number;
   step(lr: number): StepStats;
   evalLoss(x: Uint32Array, y: Int32Array, batchSize: number): number;
   generate(prompt: Uint32Array, maxNewTokens: number, temperature: number, topK: number, seed: number): Uint32Array;
@@ -353,6 +355,8 @@ class WasmFiles implements BindingGpt {
   loadOptimizerFile = (path: string) => this.gpt.loadOptimizer(readForWasm(path));
   forwardBackward = (x: Uint32Array, y: Int32Array, batchSize: number, lossScale: number) =>
     this.gpt.forwardBackward(x, y, batchSize, lossScale);
+  accumulate = (x: Uint32Array, y: Int32Array, batchSize: number, lossScale: number) => this.gpt.accumulate(x, y, batchSize, lossScale);
+  lastLoss = () => this.gpt.lastLoss();
   step = (lr: number) => this.gpt.step(lr);
   evalLoss = (x: Uint32Array, y: Int32Array, batchSize: number) => this.gpt.evalLoss(x, y, batchSize);
   generate = (prompt: Uint32Array, maxNewTokens: number, temperature: number, topK: number, seed: number) =>
@@ -479,6 +483,19 @@ export class Engine {
    */
   forwardBackward(x: Uint32Array, y: Int32Array, batchSize: number, lossScale = 1): number {
     return this.gpt.forwardBackward(x, y, batchSize, lossScale);
+  }
+
+  /**
+   * `forwardBackward` without reading the loss back: on a GPU the next micro-step is queued while this one runs.
+   * `lastLoss` reads it when it is wanted, as nanoGPT calls `loss.item()` only at `log_interval`.
+   */
+  accumulate(x: Uint32Array, y: Int32Array, batchSize: number, lossScale = 1): void {
+    this.gpt.accumulate(x, y, batchSize, lossScale);
+  }
+
+  /** The unscaled mean loss of the last micro-step; waits for the device to finish it. */
+  lastLoss(): number {
+    return this.gpt.lastLoss();
   }
 
   /** Clips (if configured), applies AdamW at `lr` to both groups, and clears the gradients. */

@@ -197,9 +197,8 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
 
       // Gradients accumulate over the micro-steps, each scaled so the sum is the mean over all of them; the engine then
       // averages these sums over the ranks.
-      let loss = 0;
       for (let microStep = 0; microStep < accumulationSteps; microStep++) {
-        loss = engine.forwardBackward(x, y, config.batch_size, 1 / accumulationSteps);
+        engine.accumulate(x, y, config.batch_size, 1 / accumulationSteps);
         ({ x, y } = batches.next('train'));
       }
       const stats = engine.step(lr);
@@ -209,6 +208,8 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
       const dt = t1 - t0;
       t0 = t1;
       if (iterNum % config.log_interval === 0) {
+        // Like nanoGPT's loss.item(), the only read of the loss, so that a GPU is not waited for at every micro-step.
+        const loss = engine.lastLoss();
         runningMfu = mfu.update(iterNum - firstIter, dt);
         // Like nanoGPT, the loss shown is the last micro-batch's, not the mean over the step.
         const message = `iter ${iterNum}: loss ${loss.toFixed(4)}, time ${dt.toFixed(2)}ms, mfu ${formatMfu(runningMfu)}`;

@@ -49,6 +49,17 @@ pub struct Engine {
     sampling: Option<Sampling>,
     /// The ranks of a data-parallel run, which average their gradients before every step.
     collective: Box<dyn Collective>,
+    /// The last micro-step's loss, behind a lock so that evaluation (`&Engine`) can settle it.
+    last_loss: Mutex<Option<PendingLoss>>,
+}
+
+/// A micro-step's mean loss, wherever it is until someone reads it.
+enum PendingLoss {
+    Value(f32),
+    /// The graph path's scalar, on the model's device.
+    Tensor(Tensor),
+    /// In the GPU step's loss buffer.
+    GpuStep,
 }
 
 /// Sequences drawn token by token: by the CPU decoder over the flat parameters, or by the candle
@@ -286,6 +297,7 @@ impl Engine {
             profile: None,
             sampling: None,
             collective: Box::new(SingleProcess),
+            last_loss: Mutex::new(None),
         };
         engine.use_flat_step(engine.model.device().is_cpu())?;
         #[cfg(feature = "cuda")]
@@ -604,14 +616,40 @@ impl Engine {
     /// Forward and backward on one micro-batch; adds `loss_scale` times the gradient to the
     /// accumulated gradients and returns the (unscaled) mean loss.
     pub fn forward_backward(&mut self, x: &[u32], y: &[i32], batch_size: usize, loss_scale: f64) -> Result<f32> {
+        self.accumulate(x, y, batch_size, loss_scale)?;
+        self.last_loss()
+    }
+
+    /// [`Engine::forward_backward`] without reading the loss back, so that on a GPU the host queues
+    /// the next micro-step while this one runs; [`Engine::last_loss`] reads it when it is wanted (as
+    /// nanoGPT calls `loss.item()` only at `log_interval`).
+    pub fn accumulate(&mut self, x: &[u32], y: &[i32], batch_size: usize, loss_scale: f64) -> Result<()> {
         let key = DropoutKey { seed: self.dropout_seed, step: self.micro_steps };
         self.micro_steps += 1;
-        if self.flat.is_some() {
-            return self.flat_forward_backward(x, y, batch_size, loss_scale, key);
+        let loss = if self.flat.is_some() {
+            PendingLoss::Value(self.flat_forward_backward(x, y, batch_size, loss_scale, key)?)
+        } else if self.gpu_step.is_some() {
+            self.gpu_forward_backward(x, y, batch_size, loss_scale, key)?;
+            PendingLoss::GpuStep
+        } else {
+            PendingLoss::Tensor(self.graph_forward_backward(x, y, batch_size, loss_scale, key)?)
+        };
+        *self.last_loss.get_mut().expect("no panic while holding the loss") = Some(loss);
+        Ok(())
+    }
+
+    /// The mean loss of the last micro-step: waits for the device to finish it.
+    pub fn last_loss(&self) -> Result<f32> {
+        match &*self.last_loss.lock().expect("no panic while holding the loss") {
+            Some(PendingLoss::Value(loss)) => Ok(*loss),
+            Some(PendingLoss::Tensor(loss)) => loss.to_scalar::<f32>(),
+            Some(PendingLoss::GpuStep) => self.gpu_step.as_ref().expect("a GPU step's loss").step().read_loss(),
+            None => candle_core::bail!("no loss yet: run forward_backward first"),
         }
-        if self.gpu_step.is_some() {
-            return self.gpu_forward_backward(x, y, batch_size, loss_scale, key);
-        }
+    }
+
+    /// [`Engine::forward_backward`] through candle's graph; returns the loss, still on the device.
+    fn graph_forward_backward(&mut self, x: &[u32], y: &[i32], batch_size: usize, loss_scale: f64, key: DropoutKey) -> Result<Tensor> {
         let start = self.mark();
         let (x, y) = self.batch(x, y, batch_size)?;
         let data_ms = self.lap(start)?;
@@ -636,7 +674,8 @@ impl Engine {
         if let (Some(p), Some(data_ms), Some(forward_ms), Some(backward_ms)) = (self.profile.as_mut(), data_ms, forward_ms, backward_ms) {
             (p.data_ms, p.forward_ms, p.backward_ms) = (data_ms, forward_ms, backward_ms);
         }
-        loss.to_scalar::<f32>()
+        // Detached: the graph behind the loss (every activation) is freed now, not when the loss is read.
+        Ok(loss.detach())
     }
 
     /// [`Engine::forward_backward`] on the explicit CPU step.
@@ -666,9 +705,9 @@ impl Engine {
         Ok(loss)
     }
 
-    /// [`Engine::forward_backward`] on the explicit GPU step. The mean loss is read back at once, which
-    /// waits for the GPU: the engine's API returns it from every micro-step.
-    fn gpu_forward_backward(&mut self, x: &[u32], y: &[i32], batch_size: usize, loss_scale: f64, key: DropoutKey) -> Result<f32> {
+    /// [`Engine::forward_backward`] on the explicit GPU step; the loss stays in the step's buffer.
+    /// Profiling waits for the GPU after each phase by reading something back.
+    fn gpu_forward_backward(&mut self, x: &[u32], y: &[i32], batch_size: usize, loss_scale: f64, key: DropoutKey) -> Result<()> {
         let start = self.mark();
         let t = self.check_batch(x, y, batch_size)?;
         let data_ms = self.lap(start)?;
@@ -682,7 +721,9 @@ impl Engine {
         let start = self.profile.is_some().then(std::time::Instant::now);
         step.forward(x, batch_size, t, dropout)?;
         step.loss(y, Some(loss_scale))?;
-        let loss = step.read_loss()?;
+        if start.is_some() {
+            step.read_loss()?;
+        }
         let forward_ms = start.map(|s| s.elapsed().as_secs_f64() * 1e3);
         let start = self.profile.is_some().then(std::time::Instant::now);
         step.backward(dropout)?;
@@ -695,7 +736,7 @@ impl Engine {
         if let (Some(p), Some(data_ms), Some(forward_ms), Some(backward_ms)) = (self.profile.as_mut(), data_ms, forward_ms, backward_ms) {
             (p.data_ms, p.forward_ms, p.backward_ms) = (data_ms, forward_ms, backward_ms);
         }
-        Ok(loss)
+        Ok(())
     }
 
     /// [`Engine::step`] on the explicit GPU step: clipping and AdamW run on the device; the gradient
@@ -766,6 +807,11 @@ impl Engine {
     pub fn eval_loss(&self, x: &[u32], y: &[i32], batch_size: usize) -> Result<f32> {
         if let Some(gpu_step) = self.gpu_step.as_ref() {
             let t = self.check_batch(x, y, batch_size)?;
+            // The evaluation's loss goes where the last micro-step's waits to be read: read that one first.
+            let mut last_loss = self.last_loss.lock().expect("no panic while holding the loss");
+            if matches!(*last_loss, Some(PendingLoss::GpuStep)) {
+                *last_loss = Some(PendingLoss::Value(gpu_step.step().read_loss()?));
+            }
             let mut step = gpu_step.step();
             step.forward(x, batch_size, t, None)?;
             step.loss(y, None)?;

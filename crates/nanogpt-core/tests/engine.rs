@@ -314,6 +314,23 @@ fn checkpoint_round_trip_restores_weights_and_optimizer() -> Result<()> {
 }
 
 #[test]
+fn accumulate_defers_the_loss_until_it_is_read() -> Result<()> {
+    for (dtype, device_note) in [(candle_core::DType::F32, "explicit step"), (candle_core::DType::F16, "graph")] {
+        let args = tiny(true, 0.0, Gelu::Erf);
+        let (x, y) = batch(&args, 2, 4);
+        let (mut a, mut b) = (Engine::new(&args, 1, "cpu")?, Engine::new(&args, 1, "cpu")?);
+        a.set_compute_dtype(dtype)?;
+        b.set_compute_dtype(dtype)?;
+        assert!(a.last_loss().is_err(), "{device_note}: no loss before the first micro-step");
+        let expected = a.forward_backward(&x, &y, 2, 1.0)?;
+        b.accumulate(&x, &y, 2, 1.0)?;
+        assert_eq!(b.last_loss()?, expected, "{device_note}");
+        assert_eq!(b.last_loss()?, expected, "{device_note}: reading twice gives the same loss");
+    }
+    Ok(())
+}
+
+#[test]
 fn gradient_accumulation_averages_micro_batches() -> Result<()> {
     let args = tiny(false, 0.0, Gelu::Erf);
     let opt = OptimizerArgs { weight_decay: 0.0, beta1: 0.9, beta2: 0.99, grad_clip: 0.0 };

@@ -97,6 +97,16 @@ impl Gpt {
     }
 
     #[napi]
+    pub fn accumulate(&mut self, x: Uint32Array, y: Int32Array, batch_size: u32, loss_scale: f64) -> Result<()> {
+        self.engine.accumulate(&x, &y, batch_size as usize, loss_scale).map_err(js_error)
+    }
+
+    #[napi]
+    pub fn last_loss(&self) -> Result<f64> {
+        Ok(self.engine.last_loss().map_err(js_error)? as f64)
+    }
+
+    #[napi]
     pub fn step<'env>(&mut self, env: &'env Env, lr: f64) -> Result<Unknown<'env>> {
         to_js(env, &self.engine.step(lr).map_err(js_error)?)
     }

@@ -93,6 +93,15 @@ impl Gpt {
         Ok(loss as f64)
     }
 
+    pub fn accumulate(&mut self, x: &[u32], y: &[i32], batch_size: u32, loss_scale: f64) -> Result<(), JsError> {
+        self.engine.accumulate(x, y, batch_size as usize, loss_scale).map_err(js_error)
+    }
+
+    #[wasm_bindgen(js_name = lastLoss)]
+    pub fn last_loss(&self) -> Result<f64, JsError> {
+        Ok(self.engine.last_loss().map_err(js_error)? as f64)
+    }
+
     pub fn step(&mut self, lr: f64) -> Result<JsValue, JsError> {
         to_js(&self.engine.step(lr).map_err(js_error)?)
     }

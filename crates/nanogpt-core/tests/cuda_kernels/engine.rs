@@ -123,6 +123,22 @@ fn sampling_after_gpu_training_uses_the_trained_weights() -> Result<()> {
 }
 
 #[test]
+fn the_loss_is_read_when_asked_even_after_an_evaluation() -> Result<()> {
+    let args = model(0.0);
+    let mut gpu = on_gpu_step(Engine::new(&args, 5, "cpu")?)?;
+    let mut cpu = Engine::new(&args, 5, "cpu")?;
+    let ((x, y), (ex, ey)) = (batch(&args, 2, 1), batch(&args, 2, 2));
+    gpu.accumulate(&x, &y, 2, 1.0)?;
+    let expected = cpu.forward_backward(&x, &y, 2, 1.0)?;
+    // The evaluation reuses the step's loss buffer; the micro-step's loss must survive it.
+    let eval = gpu.eval_loss(&ex, &ey, 2)?;
+    let loss = gpu.last_loss()?;
+    assert!((loss - expected).abs() < tolerance(), "last loss {loss}, cpu {expected}");
+    assert!((eval - loss).abs() > 1e-3, "the evaluation's batch should have another loss ({eval} vs {loss})");
+    Ok(())
+}
+
+#[test]
 fn the_gpu_step_refuses_what_it_cannot_do() -> Result<()> {
     let args = model(0.0);
     let mut gpu = on_gpu_step(Engine::new(&args, 5, "cpu")?)?;
