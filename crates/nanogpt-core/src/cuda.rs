@@ -101,14 +101,33 @@ pub fn memory_stats(_device: &Device) -> Result<Option<MemoryStats>> {
 pub struct Kernels {
     device: candle_core::CudaDevice,
     functions: std::sync::Mutex<std::collections::HashMap<String, cudarc::driver::CudaFunction>>,
+    staging: std::sync::Mutex<Staging>,
 }
+
+/// Page-locked host buffers that small uploads (a batch's tokens and targets) pass through: a copy from
+/// pageable memory may wait for the GPU to finish all queued work, one from pinned memory is only queued.
+/// Each buffer is written again once its last copy has run (cudarc records an event per buffer), so the
+/// host may run up to `STAGING_BUFFERS / 2` micro-steps ahead of the GPU.
+#[cfg(feature = "cuda")]
+#[derive(Default)]
+struct Staging {
+    buffers: Vec<driver::PinnedHostSlice<u8>>,
+    next: usize,
+}
+
+#[cfg(feature = "cuda")]
+const STAGING_BUFFERS: usize = 4;
+
+/// Uploads larger than this (weights, gradients) go from pageable memory and are waited for.
+#[cfg(feature = "cuda")]
+const STAGED_UPLOAD_MAX: usize = 16 << 20;
 
 #[cfg(feature = "cuda")]
 impl Kernels {
     const PTX: &'static str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
 
     pub fn new(device: &Device) -> Result<Self> {
-        Ok(Self { device: device.as_cuda_device()?.clone(), functions: Default::default() })
+        Ok(Self { device: device.as_cuda_device()?.clone(), functions: Default::default(), staging: Default::default() })
     }
 
     pub fn device(&self) -> &candle_core::CudaDevice {
@@ -189,16 +208,39 @@ impl crate::kernels::cuda::Gpu for Kernels {
         unsafe { driver::result::free_async(addr, stream.cu_stream()) }.map_err(driver_error)
     }
 
-    // The copy is queued on the stream and waited for: `src` is pageable memory the caller may reuse once
-    // this returns (no pinned staging: uploads are the parameters once and the tokens once a step).
+    // A small upload is copied into a pinned staging buffer and queued; a large one is queued from `src`
+    // itself and waited for, since `src` is the caller's to reuse once this returns.
     fn upload(&self, dst: u64, src: &[u8]) -> Result<()> {
+        use driver::HostSlice;
         if src.is_empty() {
             return Ok(());
         }
         let stream = self.stream()?;
-        // SAFETY: the caller's `dst` holds `src.len()` bytes; `src` outlives the copy (synchronised below).
-        unsafe { driver::result::memcpy_htod_async(dst, src, stream.cu_stream()) }.map_err(driver_error)?;
-        stream.synchronize().map_err(driver_error)
+        if src.len() > STAGED_UPLOAD_MAX {
+            // SAFETY: the caller's `dst` holds `src.len()` bytes; `src` outlives the copy (synchronised below).
+            unsafe { driver::result::memcpy_htod_async(dst, src, stream.cu_stream()) }.map_err(driver_error)?;
+            return stream.synchronize().map_err(driver_error);
+        }
+        let mut staging = self.staging.lock().unwrap();
+        let slot = staging.next;
+        staging.next = (slot + 1) % STAGING_BUFFERS;
+        if staging.buffers.len() <= slot || staging.buffers[slot].len() < src.len() {
+            // SAFETY: the buffer is written below before any copy reads it.
+            let buffer = unsafe { stream.context().alloc_pinned::<u8>(src.len().next_power_of_two()) }.map_err(driver_error)?;
+            match staging.buffers.get_mut(slot) {
+                Some(old) => *old = buffer,
+                None => staging.buffers.push(buffer),
+            }
+        }
+        let buffer = &mut staging.buffers[slot];
+        // Waits for this buffer's previous copy, then fills it.
+        buffer.as_mut_slice().map_err(driver_error)?[..src.len()].copy_from_slice(src);
+        // SAFETY: the slice is used on `stream` only; the guard records the buffer's event after the copy is
+        // queued, so that the next write waits for it. `dst` holds `src.len()` bytes (the caller's promise).
+        unsafe {
+            let (staged, _record_on_drop) = buffer.stream_synced_slice(&stream);
+            driver::result::memcpy_htod_async(dst, &staged[..src.len()], stream.cu_stream()).map_err(driver_error)
+        }
     }
 
     fn download(&self, src: u64, dst: &mut [u8]) -> Result<()> {
