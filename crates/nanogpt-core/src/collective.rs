@@ -74,6 +74,13 @@ pub trait Collective {
         Ok(())
     }
 
+    /// Replaces the `len` f32 values at device address `addr` (the fused GPU step's flat gradients, on this
+    /// rank's GPU) by their mean over all ranks, queued on the device; returns false, having done nothing,
+    /// where the backend exchanges host memory only (the caller then goes through host memory).
+    fn all_reduce_mean_device(&mut self, _addr: u64, _len: usize) -> candle_core::Result<bool> {
+        Ok(self.world_size() == 1)
+    }
+
     /// Replaces every variable (the graph path's weights) on every rank by rank `root`'s. This default goes
     /// through host memory; a GPU backend broadcasts on the device.
     fn broadcast_vars(&mut self, vars: &[Var], root: usize) -> candle_core::Result<()> {
@@ -273,6 +280,11 @@ impl Collective for Watchdog {
     fn all_reduce_mean_tensors(&mut self, tensors: &mut [Tensor]) -> candle_core::Result<()> {
         let _call = self.watch.begin(ALL_REDUCE_MEAN);
         self.inner.all_reduce_mean_tensors(tensors)
+    }
+
+    fn all_reduce_mean_device(&mut self, addr: u64, len: usize) -> candle_core::Result<bool> {
+        let _call = self.watch.begin(ALL_REDUCE_MEAN);
+        self.inner.all_reduce_mean_device(addr, len)
     }
 
     fn broadcast_vars(&mut self, vars: &[Var], root: usize) -> candle_core::Result<()> {

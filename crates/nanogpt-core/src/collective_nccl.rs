@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CudaStorage, DType, Device, InplaceOp1, Layout, Result, Tensor, Var};
-use cudarc::driver::{CudaSlice, CudaStream, CudaViewMut};
+use cudarc::driver::{sys, CudaSlice, CudaStream, CudaViewMut, DevicePtrMut, DeviceSlice, SyncOnDrop};
 use cudarc::nccl::result::{NcclError, NcclStatus};
 use cudarc::nccl::safe::{group_end, group_start, Comm, Id, ReduceOp};
 
@@ -67,6 +67,30 @@ impl NcclWorld {
 }
 
 type NcclResult = std::result::Result<NcclStatus, NcclError>;
+
+/// Device memory the engine allocated itself (the fused GPU step's buffers), on the stream NCCL runs on:
+/// the stream orders every access, so there is nothing to wait for or record.
+struct RawDeviceSlice {
+    addr: u64,
+    len: usize,
+    stream: Arc<CudaStream>,
+}
+
+impl DeviceSlice<f32> for RawDeviceSlice {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+}
+
+impl DevicePtrMut<f32> for RawDeviceSlice {
+    fn device_ptr_mut<'a>(&'a mut self, _stream: &'a CudaStream) -> (sys::CUdeviceptr, SyncOnDrop<'a>) {
+        (self.addr, SyncOnDrop::Sync(None))
+    }
+}
 
 /// An NCCL failure as one line: what was being done, NCCL's code and its description.
 fn nccl_error(what: &str, e: NcclError) -> candle_core::Error {
@@ -164,5 +188,12 @@ impl Collective for NcclWorld {
 
     fn broadcast_vars(&mut self, vars: &[Var], root: usize) -> Result<()> {
         self.exchange(vars.iter().map(Var::as_tensor), Exchange::BroadcastFrom(root))
+    }
+
+    /// In place, on the device, queued behind the backward pass on the same stream, also with one rank.
+    fn all_reduce_mean_device(&mut self, addr: u64, len: usize) -> Result<bool> {
+        let mut gradients = RawDeviceSlice { addr, len, stream: self.stream.clone() };
+        self.comm.all_reduce_in_place(&mut gradients, &ReduceOp::Avg).map_err(|e| nccl_error(Exchange::Mean.describe(), e))?;
+        Ok(true)
     }
 }

@@ -740,7 +740,8 @@ impl Engine {
     }
 
     /// [`Engine::step`] on the explicit GPU step: clipping and AdamW run on the device; the gradient
-    /// norm is read back for the log. Several ranks average their gradients through host memory.
+    /// norm is read back for the log. Several ranks average the flat gradients on the device (NCCL), or
+    /// through host memory where their collective has no device path.
     fn gpu_step_update(&mut self, lr: f64) -> Result<StepStats> {
         let gpu_step = self.gpu_step.as_mut().expect("on the GPU step");
         if !gpu_step.has_grads {
@@ -748,7 +749,7 @@ impl Engine {
         }
         let args = gpu_step.optimizer.clone().ok_or_else(|| candle_core::Error::Msg("configure the optimizer before training".into()))?;
         let mut step = gpu_step.step.lock().expect("no panic while holding the GPU step");
-        if self.collective.world_size() > 1 {
+        if !self.collective.all_reduce_mean_device(step.grads_addr(), step.layout().len)? {
             let mut grads = step.read_grads()?;
             self.collective.all_reduce_mean(&mut grads);
             step.load_grads(&grads)?;

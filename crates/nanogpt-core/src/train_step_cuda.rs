@@ -568,6 +568,11 @@ impl CudaTrainStep {
         self.grads.download_f32()
     }
 
+    /// The device address of the flat f32 gradients, for a collective that reduces them in place.
+    pub fn grads_addr(&self) -> u64 {
+        self.grads.addr
+    }
+
     /// Replaces the accumulated gradients, e.g. by their mean over the ranks of a data-parallel run.
     pub fn load_grads(&self, grads: &[f32]) -> Result<()> {
         if grads.len() != self.layout.len {

@@ -6,10 +6,12 @@
 #![cfg(feature = "nccl")]
 
 use std::net::TcpListener;
+use std::sync::Arc;
 use std::time::Duration;
 
 use candle_core::Result;
 use nanogpt_core::collective::open_nccl;
+use nanogpt_core::cuda::Kernels;
 use nanogpt_core::rendezvous::Rendezvous;
 use nanogpt_core::{Engine, Gelu, ModelArgs, OptimizerArgs};
 
@@ -26,9 +28,13 @@ fn batch(s: usize) -> (Vec<u32>, Vec<i32>) {
     (x, y)
 }
 
-/// The losses of `STEPS` steps on cuda:0 computing in `dtype`, as one rank of an NCCL run or alone.
-fn losses(dtype: &str, nccl: bool) -> Result<Vec<f32>> {
+/// The losses of `STEPS` steps on cuda:0 computing in `dtype`, as one rank of an NCCL run or alone, through
+/// candle's graph or on the fused step (whose gradients NCCL averages in its flat buffer).
+fn losses(dtype: &str, nccl: bool, fused: bool) -> Result<Vec<f32>> {
     let mut engine = Engine::new(&args(), 7, "cuda").unwrap_or_else(|e| panic!("no usable GPU: {e}"));
+    if fused {
+        engine.train_on_gpu_step(Arc::new(Kernels::new(engine.device())?))?;
+    }
     engine.set_precision(dtype)?;
     if nccl {
         let port = TcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port();
@@ -48,10 +54,10 @@ fn losses(dtype: &str, nccl: bool) -> Result<Vec<f32>> {
     Ok(losses)
 }
 
-fn same_losses_with_and_without_nccl(dtype: &str) -> Result<()> {
-    let alone = losses(dtype, false)?;
-    let over_nccl = losses(dtype, true)?;
-    eprintln!("{dtype}: alone {alone:?}, over NCCL {over_nccl:?}");
+fn same_losses_with_and_without_nccl(dtype: &str, fused: bool) -> Result<()> {
+    let alone = losses(dtype, false, fused)?;
+    let over_nccl = losses(dtype, true, fused)?;
+    eprintln!("{dtype}{}: alone {alone:?}, over NCCL {over_nccl:?}", if fused { " (fused step)" } else { "" });
     assert!(alone[STEPS - 1] < alone[0], "{dtype}: training did not lower the loss: {alone:?}");
     for (s, (a, n)) in alone.iter().zip(&over_nccl).enumerate() {
         // One rank's average is its own gradient; only the GPU's reduction order may differ between runs.
@@ -63,11 +69,17 @@ fn same_losses_with_and_without_nccl(dtype: &str) -> Result<()> {
 #[test]
 #[ignore = "needs a CUDA GPU and NCCL"]
 fn one_rank_over_nccl_trains_as_alone_in_float32() -> Result<()> {
-    same_losses_with_and_without_nccl("float32")
+    same_losses_with_and_without_nccl("float32", false)
 }
 
 #[test]
 #[ignore = "needs a CUDA GPU and NCCL"]
 fn one_rank_over_nccl_trains_as_alone_in_bfloat16() -> Result<()> {
-    same_losses_with_and_without_nccl("bfloat16")
+    same_losses_with_and_without_nccl("bfloat16", false)
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU and NCCL"]
+fn one_rank_over_nccl_trains_as_alone_on_the_fused_step() -> Result<()> {
+    same_losses_with_and_without_nccl("bfloat16", true)
 }
