@@ -163,25 +163,35 @@ impl Shard<'_> {
         for (l, lp) in layout.layers.iter().enumerate() {
             let (w, bias) = lp.ln_1.get(params);
             layernorm::forward(ln, mean, rstd, x, w, bias);
-            let (w, bias) = lp.c_attn.get(params);
-            matmul::forward(qkv, ln, w, bias, n, c, 3 * c, false);
-            for (row, qkv_row) in qkv.chunks_exact(3 * c).enumerate() {
-                let slot = (((row / t) * args.n_layer + l) * block + pos0 + row % t) * c;
-                self.keys[slot..slot + c].copy_from_slice(&qkv_row[c..2 * c]);
-                self.values[slot..slot + c].copy_from_slice(&qkv_row[2 * c..]);
-            }
-            // After the last layer's keys and values, only each sequence's last position matters:
-            // its row alone goes on, through attention to the cache and the MLP.
+            // After the last layer's keys and values, only each sequence's last position matters: its
+            // query alone is computed, and its row alone goes on, through attention to the cache and the MLP.
             let last_only = l + 1 == args.n_layer && t > 1;
-            let (rows, queries, first) = if last_only {
+            let (w, bias) = lp.c_attn.get(params);
+            // c_attn's rows are the query, key and value weights in turn: (3C, C).
+            let (kv_rows, kv_width, k_at) = if last_only {
+                let kv = &mut qkv[..n * 2 * c];
+                matmul::forward(kv, ln, &w[c * c..], bias.map(|b| &b[c..]), n, c, 2 * c, false);
+                (&*kv, 2 * c, 0)
+            } else {
+                matmul::forward(qkv, ln, w, bias, n, c, 3 * c, false);
+                (&*qkv, 3 * c, c)
+            };
+            for (row, kv_row) in kv_rows.chunks_exact(kv_width).enumerate() {
+                let slot = (((row / t) * args.n_layer + l) * block + pos0 + row % t) * c;
+                self.keys[slot..slot + c].copy_from_slice(&kv_row[k_at..k_at + c]);
+                self.values[slot..slot + c].copy_from_slice(&kv_row[k_at + c..k_at + 2 * c]);
+            }
+            // The queries of the rows that go on: rows of `q_width` with the query first.
+            let (rows, queries, first, q_width) = if last_only {
                 for seq in 0..b {
                     let last = seq * t + t - 1;
                     x.copy_within(last * c..(last + 1) * c, seq * c);
-                    qkv.copy_within(last * 3 * c..(last + 1) * 3 * c, seq * 3 * c);
+                    ln.copy_within(last * c..(last + 1) * c, seq * c);
                 }
-                (b, 1, pos0 + t - 1)
+                matmul::forward(&mut qkv[..b * c], &ln[..b * c], &w[..c * c], bias.map(|b| &b[..c]), b, c, c, false);
+                (b, 1, pos0 + t - 1, c)
             } else {
-                (n, t, pos0)
+                (n, t, pos0, 3 * c)
             };
             let (x, ln, atty) = (&mut x[..rows * c], &mut ln[..rows * c], &mut atty[..rows * c]);
             let (fch, fch_gelu) = (&mut fch[..rows * 4 * c], &mut fch_gelu[..rows * 4 * c]);
@@ -191,9 +201,9 @@ impl Shard<'_> {
             } else {
                 for seq in 0..b {
                     let cache = (seq * args.n_layer + l) * layer_cache..(seq * args.n_layer + l + 1) * layer_cache;
-                    let (out, queries_qkv) =
-                        (&mut atty[seq * queries * c..][..queries * c], &qkv[seq * queries * 3 * c..][..queries * 3 * c]);
-                    attend_to_cache(out, self.scores, queries_qkv, &self.keys[cache.clone()], &self.values[cache], first, c, nh);
+                    let (out, seq_queries) =
+                        (&mut atty[seq * queries * c..][..queries * c], &qkv[seq * queries * q_width..][..queries * q_width]);
+                    attend_to_cache(out, self.scores, seq_queries, q_width, &self.keys[cache.clone()], &self.values[cache], first, c, nh);
                 }
             }
             let (w, bias) = lp.attn_proj.get(params);
@@ -214,13 +224,24 @@ impl Shard<'_> {
     }
 }
 
-/// Causal attention of one sequence's T new positions (queries in `qkv`, rows (T, 3C)) over the
-/// `pos0 + T` positions in its layer's cache (`keys`, `values`: (block, C)), into `atty` (T, C).
+/// Causal attention of one sequence's T new positions (queries: T rows of `q_width`, each query in
+/// its first C) over the `pos0 + T` positions in its layer's cache (`keys`, `values`: (block, C)),
+/// into `atty` (T, C).
 #[allow(clippy::too_many_arguments)]
-fn attend_to_cache(atty: &mut [f32], scores: &mut [f32], qkv: &[f32], keys: &[f32], values: &[f32], pos0: usize, c: usize, nh: usize) {
+fn attend_to_cache(
+    atty: &mut [f32],
+    scores: &mut [f32],
+    queries: &[f32],
+    q_width: usize,
+    keys: &[f32],
+    values: &[f32],
+    pos0: usize,
+    c: usize,
+    nh: usize,
+) {
     let hs = c / nh;
     let scale = 1.0 / (hs as f32).sqrt();
-    for (i, (out, q_row)) in atty.chunks_exact_mut(c).zip(qkv.chunks_exact(3 * c)).enumerate() {
+    for (i, (out, q_row)) in atty.chunks_exact_mut(c).zip(queries.chunks_exact(q_width)).enumerate() {
         let seen = pos0 + i + 1;
         for h in 0..nh {
             let q = &q_row[h * hs..][..hs];

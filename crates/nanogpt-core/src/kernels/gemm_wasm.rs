@@ -19,6 +19,10 @@ const KC: usize = 256;
 const MC: usize = 96;
 /// Columns of one packed block of the right operand (KC x NC).
 const NC: usize = 256;
+/// Products of fewer rows than this, with the depth contiguous in both operands, run as dot products (see `dots`).
+const DOT_ROWS: usize = 2 * MR;
+/// Columns of one tile of `dots`: rows of a linear layer's weight, read together.
+const DOT_COLS: usize = 4;
 /// f32 lanes of a SIMD vector.
 #[cfg(target_arch = "wasm32")]
 const LANES: usize = 4;
@@ -138,6 +142,9 @@ unsafe fn product(m: usize, n: usize, k: usize, dst: Dst, lhs: Operand, rhs: Ope
         }
         return;
     }
+    if m < DOT_ROWS && lhs.col_stride == 1 && rhs.row_stride == 1 {
+        return dots(m, n, k, dst, lhs, rhs, scale);
+    }
     PANELS.with_borrow_mut(|(rhs_panels, lhs_panels)| {
         let (rhs_len, lhs_len) = (KC.min(k) * n.min(NC).next_multiple_of(NR), KC.min(k) * m.min(MC).next_multiple_of(MR));
         // Grown, never shrunk: a training step calls this with the same few shapes over and over.
@@ -190,6 +197,65 @@ unsafe fn blocked(
             }
         }
     }
+}
+
+/// The product of a few rows, as a linear layer's input rows (lhs, contiguous along k) against the rows of its
+/// weight (the columns of rhs, contiguous along k) in one decode step: each tile is the dot products of two rows of
+/// lhs (or the last one) with DOT_COLS columns of rhs, read in place. Packing would copy the whole of rhs for every
+/// call to use it for one tile of a few rows; here each column of rhs is read from memory once, for all the rows
+/// (again from L1 for the next pair).
+unsafe fn dots(m: usize, n: usize, k: usize, dst: Dst, lhs: Operand, rhs: Operand, scale: Scale) {
+    for j0 in (0..n).step_by(DOT_COLS) {
+        let cols = DOT_COLS.min(n - j0);
+        // A ragged last tile reads its last column again in place of the missing ones, and stores only `cols`.
+        let columns: [*const f32; DOT_COLS] = std::array::from_fn(|j| rhs.ptr.offset((j0 + j.min(cols - 1)) as isize * rhs.col_stride));
+        for i0 in (0..m).step_by(2) {
+            if m - i0 >= 2 {
+                let tile = dot_tile(k, [lhs.row(i0).ptr, lhs.row(i0 + 1).ptr], columns);
+                store_values(&tile, dst, i0, 2, j0, cols, scale);
+            } else {
+                let tile = dot_tile(k, [lhs.row(i0).ptr], columns);
+                store_values(&tile, dst, i0, 1, j0, cols, scale);
+            }
+        }
+    }
+}
+
+/// The ROWS x DOT_COLS dot products of `rows` with `columns`, each a run of k contiguous values: four lanes at a
+/// time into one vector per pair, whose lanes are summed at the end (then the k % 4 last steps).
+#[cfg(target_arch = "wasm32")]
+#[inline(always)]
+unsafe fn dot_tile<const ROWS: usize>(k: usize, rows: [*const f32; ROWS], columns: [*const f32; DOT_COLS]) -> [[f32; DOT_COLS]; ROWS] {
+    use core::arch::wasm32::*;
+    let steps = k / LANES * LANES;
+    let mut acc = [[f32x4_splat(0.0); DOT_COLS]; ROWS];
+    for p in (0..steps).step_by(LANES) {
+        let w: [v128; DOT_COLS] = std::array::from_fn(|j| v128_load(columns[j].add(p) as *const v128));
+        for (sums, row) in acc.iter_mut().zip(rows) {
+            let x = v128_load(row.add(p) as *const v128);
+            for (sum, &w) in sums.iter_mut().zip(&w) {
+                *sum = madd(x, w, *sum);
+            }
+        }
+    }
+    let mut tile = [[0f32; DOT_COLS]; ROWS];
+    for ((out, [a0, a1, a2, a3]), row) in tile.iter_mut().zip(acc).zip(rows) {
+        // Lane j of the result is the sum of the four lanes of aj: two rounds of pairwise sums across vectors.
+        let low = f32x4_add(i32x4_shuffle::<0, 4, 1, 5>(a0, a1), i32x4_shuffle::<2, 6, 3, 7>(a0, a1));
+        let high = f32x4_add(i32x4_shuffle::<0, 4, 1, 5>(a2, a3), i32x4_shuffle::<2, 6, 3, 7>(a2, a3));
+        let sums = f32x4_add(i64x2_shuffle::<0, 2>(low, high), i64x2_shuffle::<1, 3>(low, high));
+        v128_store(out.as_mut_ptr() as *mut v128, sums);
+        for (value, column) in out.iter_mut().zip(columns) {
+            *value += (steps..k).map(|p| *row.add(p) * *column.add(p)).sum::<f32>();
+        }
+    }
+    tile
+}
+
+/// The scalar `dot_tile` the unit tests run.
+#[cfg(not(target_arch = "wasm32"))]
+unsafe fn dot_tile<const ROWS: usize>(k: usize, rows: [*const f32; ROWS], columns: [*const f32; DOT_COLS]) -> [[f32; DOT_COLS]; ROWS] {
+    std::array::from_fn(|i| std::array::from_fn(|j| (0..k).map(|p| *rows[i].add(p) * *columns[j].add(p)).sum()))
 }
 
 /// Copies rhs[pc.., jc..] (kc x nc) into panels of NR columns: panel j holds, for each step p, its NR values of
@@ -318,7 +384,7 @@ unsafe fn store(tile: &Tile, dst: Dst, row: usize, rows: usize, col: usize, cols
     store_values(tile, dst, row, rows, col, cols, scale)
 }
 
-unsafe fn store_values(tile: &[[f32; NR]; MR], dst: Dst, row: usize, rows: usize, col: usize, cols: usize, scale: Scale) {
+unsafe fn store_values<const COLS: usize>(tile: &[[f32; COLS]], dst: Dst, row: usize, rows: usize, col: usize, cols: usize, scale: Scale) {
     for (i, values) in tile.iter().enumerate().take(rows) {
         let base = dst.ptr.offset((row + i) as isize * dst.row_stride + col as isize * dst.col_stride);
         for (j, &value) in values.iter().enumerate().take(cols) {
@@ -457,6 +523,19 @@ mod tests {
         check(37, 19, 23, false, true, false, 0.0, 0.125, 1);
         check(37, 19, 23, true, false, true, 0.5, -2.0, 1);
         check(37, 19, 0, false, false, true, 0.5, 1.0, 1);
+    }
+
+    #[test]
+    fn few_rows_read_in_place_match_a_naive_product() {
+        // Below DOT_ROWS, in the linear layer's layout (lhs rows and rhs columns contiguous along k) and the others:
+        // ragged column tiles, an odd depth, one row past a pair.
+        for m in [1, 2, 3, DOT_ROWS - 1] {
+            for (n, k) in [(1, 1), (5, 3), (13, 37), (2 * DOT_COLS + 3, KC + 5)] {
+                check(m, n, k, false, true, false, 0.0, 1.0, 1);
+                check(m, n, k, false, true, true, 0.5, -2.0, 1);
+                check(m, n, k, true, false, true, 1.0, 1.0, 1);
+            }
+        }
     }
 
     #[test]
