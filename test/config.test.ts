@@ -17,10 +17,11 @@ describe('defaults', () => {
     expect(d.bias).toBe(false);
     expect(d.always_save_checkpoint).toBe(true);
     expect(d.seed).toBe(1337);
-    // train.py's globals, data_dir (nanoGPT hard-codes data/), engine (which build of the engine runs it) and
-    // ddp_timeout (torch's process group timeout).
-    expect(Object.keys(d)).toHaveLength(37);
+    // train.py's globals, data_dir (nanoGPT hard-codes data/), engine (which build of the engine runs it),
+    // ddp_timeout (torch's process group timeout) and zero_stage (llm.c's ZeRO stage, off).
+    expect(Object.keys(d)).toHaveLength(38);
     expect(d.ddp_timeout).toBe(600);
+    expect(d.zero_stage).toBe(0);
     expect(d.engine).toBe('auto');
   });
 

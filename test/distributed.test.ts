@@ -43,6 +43,13 @@ describe('launching ranks', () => {
     expect(() => checkDataParallel(config({ gradient_accumulation_steps: 4, device: 'mps' }), 2)).toThrow(/use --device=cpu or --device=cuda$/);
     expect(() => checkDataParallel(config({ gradient_accumulation_steps: 4 }), 2)).not.toThrow();
     expect(() => checkDataParallel(config({ gradient_accumulation_steps: 5, engine: 'wasm' }), 1)).not.toThrow();
+    expect(() => checkDataParallel(config({ gradient_accumulation_steps: 4, zero_stage: 2 }), 2)).toThrow(
+      'zero_stage must be 0 (off) or 1 (AdamW state sharded over the ranks), got 2; use --zero_stage=1 or --zero_stage=0',
+    );
+    expect(() => checkDataParallel(config({ gradient_accumulation_steps: 4, zero_stage: 1, device: 'cuda' }), 2)).toThrow(
+      'zero_stage=1 shards the AdamW state of the CPU training step only, not on cuda; use --zero_stage=0 there',
+    );
+    expect(() => checkDataParallel(config({ gradient_accumulation_steps: 4, zero_stage: 1 }), 2)).not.toThrow();
     for (const ddp_timeout of [0, -5]) {
       expect(() => checkDataParallel(config({ gradient_accumulation_steps: 4, ddp_timeout }), 2)).toThrow(
         `ddp_timeout must be a positive number of seconds, got ${ddp_timeout}; use e.g. --ddp_timeout=600`,
@@ -158,6 +165,56 @@ describe.skipIf(!canRun)('data-parallel training on two ranks (mpirun)', () => {
     expect(largest).toBeLessThan(1e-5);
   });
 
+  it('shards the AdamW state with zero_stage=1 and trains, saves and resumes as without it', () => {
+    // The run of the first test again (out-ddp, above), with each rank keeping half of the AdamW state.
+    const iters = 6;
+    const trained = run(
+      'train',
+      ...tiny,
+      '--nproc_per_node=2',
+      '--gradient_accumulation_steps=4',
+      `--max_iters=${iters}`,
+      `--eval_interval=${iters}`,
+      '--always_save_checkpoint=True',
+      '--zero_stage=1',
+      '--out_dir=out-zero',
+    );
+    expect(trained.stderr).toBe('');
+    expect(trained.status).toBe(0);
+    expect(trained.stdout).toContain('ZeRO stage 1: each process keeps the AdamW state of 1/2 of the parameters');
+    const losses = (dir: string) =>
+      readFileSync(join(work, dir, 'log.jsonl'), 'utf8')
+        .trim()
+        .split('\n')
+        .map((line) => JSON.parse(line) as TrainRecord)
+        .filter((record) => record.kind === 'train')
+        .map((record) => record.loss);
+    const [zero, whole] = [losses('out-zero'), losses('out-ddp')];
+    expect(zero).toHaveLength(iters + 1);
+    for (let iter = 0; iter <= iters; iter++) expect(Math.abs(zero[iter] - whole[iter])).toBeLessThan(1e-5);
+    // The checkpoint holds the whole AdamW state, gathered from both ranks: the one saved without sharding.
+    for (const file of ['model.safetensors', 'optimizer.safetensors']) {
+      const expected = readTensors(join(work, 'out-ddp', file));
+      const saved = readTensors(join(work, 'out-zero', file));
+      expect([...saved.keys()].sort()).toEqual([...expected.keys()].sort());
+      let largest = 0;
+      for (const [name, { data }] of expected) {
+        const got = saved.get(name)!.data;
+        for (let i = 0; i < data.length; i++) largest = Math.max(largest, Math.abs(got[i] - data[i]));
+      }
+      expect(largest, file).toBeLessThan(1e-5);
+    }
+    // It resumes on one process, and on two with the state sharded again.
+    for (const processes of [[], ['--nproc_per_node=2', '--zero_stage=1']]) {
+      const resume = ['train', ...tiny, '--init_from=resume', '--out_dir=out-zero', '--gradient_accumulation_steps=4', `--max_iters=${iters + 1}`, '--eval_interval=100000'];
+      const resumed = run(...resume, ...processes);
+      expect(resumed.stderr).toBe('');
+      expect(resumed.status).toBe(0);
+      // The checkpoint is of the evaluation at iteration 6, before its step.
+      expect(resumed.stdout.match(/^iter \d+: /gm)).toEqual([`iter ${iters}: `, `iter ${iters + 1}: `]);
+    }
+  });
+
   it('prints, logs and saves on rank 0 only', () => {
     // Each rank reads the config module itself, so each gets an out_dir of its own: only rank 0's may appear.
     writeFileSync(join(work, 'per-rank.js'), "export default { out_dir: 'out-rank' + process.env.OMPI_COMM_WORLD_RANK };\n");
@@ -269,7 +326,7 @@ describe.skipIf(!canRun)('data-parallel training on two ranks (mpirun)', () => {
       expect(lines).toContainEqual(
         expect.stringMatching(
           new RegExp(
-            `^error: rank 0 waited ${timeout} s in (the gradient all-reduce|the all-reduce of the stop flag) for the other ranks; one of them is hung \\(or rank 0 evaluated for longer than that\\); the job was stopped; resume from the last checkpoint with --init_from=resume, or raise ddp_timeout$`,
+            `^error: rank 0 waited ${timeout} s in (the gradient all-reduce|the all-reduce of a stop or save flag) for the other ranks; one of them is hung \\(or rank 0 evaluated for longer than that\\); the job was stopped; resume from the last checkpoint with --init_from=resume, or raise ddp_timeout$`,
           ),
         ),
       );

@@ -1,5 +1,5 @@
 // Just enough of the safetensors format (8-byte little-endian header length, JSON header, raw data) for tests to
-// read and perturb the f32 tensors that the engines write.
+// read and perturb the f32 tensors that the engines write (and the f64 step count of the optimizer's).
 import { readFileSync, writeFileSync } from 'node:fs';
 
 export type Tensors = Map<string, { shape: number[]; data: Float32Array }>;
@@ -14,10 +14,13 @@ export function readTensors(path: string): Tensors {
   const tensors: Tensors = new Map();
   for (const [name, info] of Object.entries(header)) {
     if (name === '__metadata__') continue;
-    if (info.dtype !== 'F32') throw new Error(`${name} is ${info.dtype}, not F32`);
+    if (info.dtype !== 'F32' && info.dtype !== 'F64') throw new Error(`${name} is ${info.dtype}, not F32 or F64`);
     const [begin, end] = info.data_offsets;
     const raw = bytes.subarray(8 + headerLength + begin, 8 + headerLength + end);
-    tensors.set(name, { shape: info.shape, data: new Float32Array(raw.buffer.slice(raw.byteOffset, raw.byteOffset + raw.length)) });
+    const copy = raw.buffer.slice(raw.byteOffset, raw.byteOffset + raw.length);
+    // F64 holds only the optimizer's step count, which f32 represents exactly.
+    const data = info.dtype === 'F32' ? new Float32Array(copy) : Float32Array.from(new Float64Array(copy));
+    tensors.set(name, { shape: info.shape, data });
   }
   return tensors;
 }

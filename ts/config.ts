@@ -131,7 +131,7 @@ export function noEffectNotes(
 ): string[] {
   const set = (key: string) => Object.hasOwn(overrides, key);
   const notes: string[] = [];
-  if (set('backend')) notes.push('note: backend has no effect: nanogpt-rs trains on one device, without DDP');
+  if (set('backend')) notes.push('note: backend has no effect: data-parallel runs use NCCL on cuda and MPI on cpu');
   if (set('compile') && config.compile) notes.push('note: compile has no effect: the candle engine has no torch.compile step');
   if (set('dtype') && config.device === 'cpu' && config.dtype !== 'float32') {
     notes.push(`note: dtype=${config.dtype} has no effect on cpu: the engine computes in float32`);

@@ -74,6 +74,8 @@ interface BindingGpt {
   joinNccl?(masterAddr: string, masterPort: number, rank: number, worldSize: number, rendezvousTimeoutSeconds: number, timeoutSeconds: number): number[];
   barrier?(): void;
   anyRank?(flag: boolean): boolean;
+  setZeroStage?(stage: number): void;
+  gatherOptimizerState?(): void;
 }
 
 interface Binding {
@@ -646,6 +648,24 @@ export class Engine {
   /** Whether `flag` is set on any rank of the data-parallel run (`flag` itself on one process). */
   anyRank(flag: boolean): boolean {
     return this.gpt.anyRank?.(flag) ?? flag;
+  }
+
+  /**
+   * ZeRO stage 1 (`stage` 1) on a data-parallel run of the CPU training step: each rank keeps AdamW's moments for
+   * 1/world size of the parameters, and the ranks take the same steps as without it. Call it after
+   * `joinDataParallel`, before `configureOptimizer`.
+   */
+  setZeroStage(stage: number): void {
+    if (!this.gpt.setZeroStage) throw new UserError('the WebAssembly engine has no data-parallel training, hence no zero_stage; use --engine=native');
+    this.gpt.setZeroStage(stage);
+  }
+
+  /**
+   * Under ZeRO-1, sends every rank's shard of the AdamW state to rank 0, whose next `saveOptimizerFile` then writes
+   * all of it; every rank must call it. Does nothing otherwise.
+   */
+  gatherOptimizerState(): void {
+    this.gpt.gatherOptimizerState?.();
   }
 }
 

@@ -121,6 +121,12 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
     if (worldSize > 1) {
       engine.joinDataParallel(config.ddp_timeout);
       info(`data parallel: ${worldSize} processes, ${accumulationSteps} gradient accumulation steps each`);
+      if (config.zero_stage === 1) {
+        engine.setZeroStage(1);
+        info(`ZeRO stage 1: each process keeps the AdamW state of 1/${worldSize} of the parameters`);
+      }
+    } else if (config.zero_stage === 1) {
+      info('note: zero_stage=1 has no effect on one process, which keeps the whole AdamW state');
     }
 
     // --- optimizer ---
@@ -167,7 +173,9 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
           notice: info,
         })
       : undefined;
+    // Every rank takes part: under ZeRO-1 each sends its shard of the AdamW state to rank 0, which alone writes.
     const save = () => {
+      engine.gatherOptimizerState();
       if (!master) return;
       report({ kind: 'checkpoint', message: `saving checkpoint to ${config.out_dir}`, iter: iterNum, out_dir: config.out_dir });
       saveCheckpoint(config.out_dir, engine, { model_args: modelArgs, iter_num: iterNum, best_val_loss: bestValLoss, config });
@@ -180,17 +188,22 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
     for (;;) {
       const lr = config.decay_lr ? lrAt(iterNum, schedule) : config.learning_rate;
 
-      // Every rank has finished the step before: a checkpoint rank 0 writes now is of a step the whole run took.
-      if (iterNum % config.eval_interval === 0) engine.barrier();
-      if (iterNum % config.eval_interval === 0 && master) {
-        lastEval = estimateLoss();
-        const message = `step ${iterNum}: train loss ${lastEval.train.toFixed(4)}, val loss ${lastEval.val.toFixed(4)}`;
-        report({ kind: 'eval', message, iter: iterNum, train_loss: lastEval.train, val_loss: lastEval.val });
-        runLog?.eval({ iter: iterNum, train_loss: lastEval.train, val_loss: lastEval.val, lr }, runningMfu);
-        if (lastEval.val < bestValLoss || config.always_save_checkpoint) {
-          bestValLoss = lastEval.val;
-          if (iterNum > 0) save();
+      if (iterNum % config.eval_interval === 0) {
+        // Every rank has finished the step before: a checkpoint saved now is of a step the whole run took.
+        engine.barrier();
+        let saveNow = false;
+        if (master) {
+          lastEval = estimateLoss();
+          const message = `step ${iterNum}: train loss ${lastEval.train.toFixed(4)}, val loss ${lastEval.val.toFixed(4)}`;
+          report({ kind: 'eval', message, iter: iterNum, train_loss: lastEval.train, val_loss: lastEval.val });
+          runLog?.eval({ iter: iterNum, train_loss: lastEval.train, val_loss: lastEval.val, lr }, runningMfu);
+          if (lastEval.val < bestValLoss || config.always_save_checkpoint) {
+            bestValLoss = lastEval.val;
+            saveNow = iterNum > 0;
+          }
         }
+        // Rank 0 decides; every rank joins the save.
+        if (engine.anyRank(saveNow)) save();
       }
       // As in nanoGPT, eval_only stops only a run that starts at iteration 0.
       if (iterNum === 0 && config.eval_only) break;

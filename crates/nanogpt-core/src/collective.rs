@@ -1,13 +1,16 @@
 //! Communication between the processes of a data-parallel run, as PyTorch's DDP does it: every
 //! process (rank) holds the whole model, trains on its own batches, and before each optimizer step
 //! the flat gradient buffer is averaged across ranks, so every rank takes the same step. The
-//! weights start equal because rank 0's are broadcast to the others.
+//! weights start equal because rank 0's are broadcast to the others. Under ZeRO stage 1 each rank
+//! keeps AdamW's moments for its own [`shard`] of the flat buffer only: the gradients are
+//! reduce-scattered, each rank updates its shard, and the updated weights are all-gathered.
 //!
 //! [`SingleProcess`] is a run of one; [`open_mpi`] joins the ranks `mpirun` started (only in a build
 //! with the `mpi` feature: OpenMPI through the `mpi` crate); [`open_nccl`] joins the ranks `torchrun`
 //! started, each on its own GPU (only in a build with the `nccl` feature, `collective_nccl.rs`).
 //! [`Watchdog`] bounds how long any backend's calls may wait for the other ranks.
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
@@ -20,6 +23,13 @@ use crate::rendezvous::Rendezvous;
 /// Elements per all-reduce call: 4 MiB of f32. Each call is one MPI message of at most this size,
 /// so the MPI backend's staging buffer stays small whatever the model's size.
 pub const BUCKET_LEN: usize = 1 << 20;
+
+/// The elements of a `len`-long flat buffer that rank `rank` of `world_size` owns under ZeRO stage 1:
+/// consecutive shards of `len / world_size` rounded up, the last ones shorter (or empty).
+pub fn shard(len: usize, world_size: usize, rank: usize) -> Range<usize> {
+    let size = len.div_ceil(world_size);
+    (rank * size).min(len)..((rank + 1) * size).min(len)
+}
 
 /// The ranks of a data-parallel run, from the point of view of one of them.
 pub trait Collective {
@@ -46,6 +56,34 @@ pub trait Collective {
         for bucket in buffer.chunks_mut(BUCKET_LEN) {
             self.all_reduce_sum_bucket(bucket);
             bucket.iter_mut().for_each(|g| *g *= scale);
+        }
+    }
+
+    /// Replaces every value by its sum over all ranks: a step's partial sums, a few values, which go
+    /// through f32.
+    fn all_reduce_sum(&mut self, values: &mut [f64]) {
+        if self.world_size() == 1 {
+            return;
+        }
+        let mut single: Vec<f32> = values.iter().map(|&v| v as f32).collect();
+        single.chunks_mut(BUCKET_LEN).for_each(|bucket| self.all_reduce_sum_bucket(bucket));
+        values.iter_mut().zip(single).for_each(|(v, s)| *v = s as f64);
+    }
+
+    /// ZeRO-1's gradient exchange: leaves this rank's [`shard`] of `buffer` holding its mean over all
+    /// ranks, and the rest of `buffer` undefined. This default all-reduces the whole buffer; a backend
+    /// that reduces each shard onto its owner sends half the bytes.
+    fn reduce_scatter_mean(&mut self, buffer: &mut [f32]) {
+        self.all_reduce_mean(buffer);
+    }
+
+    /// ZeRO-1's weight exchange: every rank's [`shard`] of `buffer` to every rank, each broadcast by
+    /// its owner (as many bytes as an all-gather).
+    fn all_gather(&mut self, buffer: &mut [f32]) {
+        let world_size = self.world_size();
+        for root in 0..world_size {
+            let owned = shard(buffer.len(), world_size, root);
+            self.broadcast(&mut buffer[owned], root);
         }
     }
 
@@ -116,19 +154,23 @@ impl Collective for SingleProcess {
 }
 
 /// The calls a [`Watchdog`] names when one of them times out, by their index in `CALLS`.
-const CALLS: [&str; 5] = [
+const CALLS: [&str; 7] = [
     "an all-reduce",
     // The engine averages only the gradients.
     "the gradient all-reduce",
-    "the all-reduce of the stop flag",
+    "the all-reduce of a stop or save flag",
     "a broadcast",
     "a barrier",
+    "the gradient reduce-scatter",
+    "the all-gather of the weights",
 ];
 const ALL_REDUCE: usize = 0;
 const ALL_REDUCE_MEAN: usize = 1;
 const ANY_RANK: usize = 2;
 const BROADCAST: usize = 3;
 const BARRIER: usize = 4;
+const REDUCE_SCATTER: usize = 5;
+const ALL_GATHER: usize = 6;
 
 /// How often the watchdog's thread wakes, to notice that this process was stopped for a while.
 const POLL: Duration = Duration::from_millis(100);
@@ -277,6 +319,21 @@ impl Collective for Watchdog {
         self.inner.any_rank(flag)
     }
 
+    fn all_reduce_sum(&mut self, values: &mut [f64]) {
+        let _call = self.watch.begin(ALL_REDUCE);
+        self.inner.all_reduce_sum(values);
+    }
+
+    fn reduce_scatter_mean(&mut self, buffer: &mut [f32]) {
+        let _call = self.watch.begin(REDUCE_SCATTER);
+        self.inner.reduce_scatter_mean(buffer);
+    }
+
+    fn all_gather(&mut self, buffer: &mut [f32]) {
+        let _call = self.watch.begin(ALL_GATHER);
+        self.inner.all_gather(buffer);
+    }
+
     fn all_reduce_mean_tensors(&mut self, tensors: &mut [Tensor]) -> candle_core::Result<()> {
         let _call = self.watch.begin(ALL_REDUCE_MEAN);
         self.inner.all_reduce_mean_tensors(tensors)
@@ -347,7 +404,7 @@ mod mpi_world {
     use mpi::traits::{Communicator, CommunicatorCollectives, Root};
     use mpi::Threading;
 
-    use super::{Collective, BUCKET_LEN};
+    use super::{shard, Collective, BUCKET_LEN};
 
     /// The MPI environment, kept until [`finalize`]: dropping it calls MPI_Finalize.
     static UNIVERSE: Mutex<Option<Universe>> = Mutex::new(None);
@@ -393,6 +450,29 @@ mod mpi_world {
             self.world.all_reduce_into(&self.staging[..], bucket, SystemOperation::sum());
         }
 
+        /// Each shard is summed onto its owner alone (MPI_Reduce, bucket by bucket), not onto every rank.
+        fn reduce_scatter_mean(&mut self, buffer: &mut [f32]) {
+            let (rank, world_size) = (self.rank(), self.world_size());
+            if world_size == 1 {
+                return;
+            }
+            for owner in 0..world_size {
+                let root = self.world.process_at_rank(owner as i32);
+                let owned = shard(buffer.len(), world_size, owner);
+                for bucket in buffer[owned].chunks_mut(BUCKET_LEN) {
+                    if owner == rank {
+                        self.staging.clear();
+                        self.staging.extend_from_slice(bucket);
+                        root.reduce_into_root(&self.staging[..], bucket, SystemOperation::sum());
+                    } else {
+                        root.reduce_into(&bucket[..], SystemOperation::sum());
+                    }
+                }
+            }
+            let (scale, mine) = (1.0 / world_size as f32, shard(buffer.len(), world_size, rank));
+            buffer[mine].iter_mut().for_each(|g| *g *= scale);
+        }
+
         fn broadcast(&mut self, buffer: &mut [f32], root: usize) {
             let root = self.world.process_at_rank(root as i32);
             // MPI counts elements in an i32.
@@ -417,6 +497,18 @@ mod mpi_world {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shards_cover_the_buffer_once_in_rank_order() {
+        for (len, world_size) in [(10, 4), (2, 4), (12, 3), (0, 2), (7, 1)] {
+            let shards: Vec<_> = (0..world_size).map(|rank| shard(len, world_size, rank)).collect();
+            assert_eq!((shards[0].start, shards[world_size - 1].end), (0, len));
+            assert!(shards.windows(2).all(|pair| pair[0].end == pair[1].start));
+            assert!(shards.iter().all(|s| s.len() <= len.div_ceil(world_size)));
+        }
+        assert_eq!(shard(10, 4, 3), 9..10);
+        assert_eq!(shard(2, 4, 3), 2..2);
+    }
 
     #[test]
     fn single_process_all_reduce_leaves_the_buffer() {
@@ -544,7 +636,7 @@ mod tests {
         let (mut watchdog_of_flag, flag_messages) = watched(None, Duration::from_millis(50));
         watchdog_of_flag.any_rank(true);
         assert!(messages.lock().unwrap()[0].contains(" in a barrier for the other ranks;"));
-        assert!(flag_messages.lock().unwrap()[0].contains(" in the all-reduce of the stop flag for the other ranks;"));
+        assert!(flag_messages.lock().unwrap()[0].contains(" in the all-reduce of a stop or save flag for the other ranks;"));
     }
 
     #[test]

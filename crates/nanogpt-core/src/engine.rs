@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 
-use crate::collective::{Collective, SingleProcess, Watchdog};
+use crate::collective::{self, Collective, SingleProcess, Watchdog};
 use crate::cuda::{self, MemoryStats};
 use crate::decode;
 use crate::hf;
@@ -49,6 +49,8 @@ pub struct Engine {
     sampling: Option<Sampling>,
     /// The ranks of a data-parallel run, which average their gradients before every step.
     collective: Box<dyn Collective>,
+    /// 1: the explicit CPU step's AdamW state is sharded over the ranks (ZeRO stage 1); 0: it is not.
+    zero_stage: u32,
     /// The last micro-step's loss, behind a lock so that evaluation (`&Engine`) can settle it.
     last_loss: Mutex<Option<PendingLoss>>,
 }
@@ -79,6 +81,9 @@ struct FlatTrainer {
     /// Whether `grads` holds gradients not yet applied (later micro-steps add to them).
     has_grads: bool,
     optimizer: Option<FlatAdamW>,
+    /// Rank 0 under ZeRO-1: the whole AdamW state, gathered from every rank's shard for a checkpoint
+    /// until the next step.
+    gathered_optimizer: Option<FlatAdamW>,
     /// Behind a lock so that evaluation (which takes `&Engine`) can reuse them.
     activations: Mutex<Option<Activations>>,
 }
@@ -88,7 +93,15 @@ impl FlatTrainer {
         let layout = ParamLayout::new(&model.args);
         let mut params = vec![0f32; layout.len];
         copy_from_model(&layout, &mut params, model)?;
-        Ok(Self { layout, params, grads: Vec::new(), has_grads: false, optimizer: None, activations: Mutex::new(None) })
+        Ok(Self {
+            layout,
+            params,
+            grads: Vec::new(),
+            has_grads: false,
+            optimizer: None,
+            gathered_optimizer: None,
+            activations: Mutex::new(None),
+        })
     }
 
     /// The activations for a (b, t) batch, reallocated only when the shape changes.
@@ -297,6 +310,7 @@ impl Engine {
             profile: None,
             sampling: None,
             collective: Box::new(SingleProcess),
+            zero_stage: 0,
             last_loss: Mutex::new(None),
         };
         engine.use_flat_step(engine.model.device().is_cpu())?;
@@ -506,6 +520,55 @@ impl Engine {
         self.collective.any_rank(flag)
     }
 
+    /// ZeRO stage 1 (`stage` 1) or none (0): with 1, each rank of a data-parallel run keeps AdamW's
+    /// moments for its own shard of the parameters only, 1/world_size of them. The gradients are then
+    /// reduce-scattered instead of all-reduced, each rank updates its shard, and the weights are
+    /// all-gathered: the same bytes as an all-reduce, and the same step. Set before the optimizer.
+    pub fn set_zero_stage(&mut self, stage: u32) -> Result<()> {
+        if stage > 1 {
+            candle_core::bail!("zero_stage must be 0 (off) or 1 (AdamW state sharded over the ranks), got {stage}");
+        }
+        if self.optimizer_configured() {
+            candle_core::bail!("set zero_stage before configuring the optimizer");
+        }
+        if stage == 1 && self.flat.is_none() {
+            candle_core::bail!(
+                "zero_stage=1 shards the AdamW state of the CPU training step (float32) only; train with --device=cpu, or set zero_stage=0"
+            );
+        }
+        self.zero_stage = stage;
+        Ok(())
+    }
+
+    /// Under ZeRO-1, brings every rank's shard of the AdamW state to rank 0, where the next checkpoint
+    /// saves it whole; every rank must call it, and it does nothing otherwise.
+    pub fn gather_optimizer_state(&mut self) -> Result<()> {
+        let Some(flat) = self.flat.as_mut() else { return Ok(()) };
+        let Some(optimizer) = flat.optimizer.as_ref() else { candle_core::bail!("configure the optimizer before training") };
+        let len = flat.layout.len;
+        if optimizer.shard() == (0..len) {
+            return Ok(());
+        }
+        let (rank, world_size) = (self.collective.rank(), self.collective.world_size());
+        let (exp_avg, exp_avg_sq, steps) = optimizer.moments();
+        let mut whole = [vec![0f32; if rank == 0 { len } else { 0 }], vec![0f32; if rank == 0 { len } else { 0 }]];
+        for (mine, whole) in [exp_avg, exp_avg_sq].into_iter().zip(whole.iter_mut()) {
+            for owner in 0..world_size {
+                let owned = collective::shard(len, world_size, owner);
+                let mut part = if owner == rank { mine.to_vec() } else { vec![0f32; owned.len()] };
+                self.collective.broadcast(&mut part, owner);
+                if rank == 0 {
+                    whole[owned].copy_from_slice(&part);
+                }
+            }
+        }
+        if rank == 0 {
+            let [exp_avg, exp_avg_sq] = whole;
+            flat.gathered_optimizer = Some(FlatAdamW::from_moments(optimizer.args().clone(), exp_avg, exp_avg_sq, steps));
+        }
+        Ok(())
+    }
+
     /// The device the model is on.
     pub fn device(&self) -> &Device {
         self.model.device()
@@ -531,7 +594,9 @@ impl Engine {
             return Ok(FlatAdamW::groups(gpu_step.step().layout()));
         }
         if let Some(flat) = self.flat.as_mut() {
-            flat.optimizer = Some(FlatAdamW::new(&flat.layout, args.clone()));
+            let (rank, world_size) = (self.collective.rank(), self.collective.world_size());
+            let shard = if self.zero_stage == 1 { collective::shard(flat.layout.len, world_size, rank) } else { 0..flat.layout.len };
+            flat.optimizer = Some(FlatAdamW::for_shard(args.clone(), shard));
             return Ok(FlatAdamW::groups(&flat.layout));
         }
         let optimizer = AdamW::new(self.params(), args.clone())?;
@@ -557,6 +622,7 @@ impl Engine {
         }
         match self.flat.as_mut() {
             Some(flat) => {
+                flat.gathered_optimizer = None;
                 flat.optimizer.as_mut().ok_or_else(|| candle_core::Error::Msg(UNCONFIGURED.into()))?.load_state(&flat.layout, tensors)
             }
             None => self.optimizer.as_mut().ok_or_else(|| candle_core::Error::Msg(UNCONFIGURED.into()))?.load_state(tensors),
@@ -779,9 +845,20 @@ impl Engine {
             }
             let optimizer =
                 flat.optimizer.as_mut().ok_or_else(|| candle_core::Error::Msg("configure the optimizer before training".into()))?;
-            // As DDP: the clip and AdamW see the mean over all ranks' gradients.
-            self.collective.all_reduce_mean(&mut flat.grads);
-            let stats = optimizer.step(&flat.layout, &mut flat.params, &flat.grads, lr);
+            // As DDP: the clip and AdamW see the mean over all ranks' gradients. Under ZeRO-1 each rank
+            // needs only its shard's, and sends the others' to their owners.
+            let collective = &mut self.collective;
+            let sharded = optimizer.shard() != (0..flat.layout.len);
+            if sharded {
+                collective.reduce_scatter_mean(&mut flat.grads);
+            } else {
+                collective.all_reduce_mean(&mut flat.grads);
+            }
+            let stats = optimizer.step_shard(&flat.layout, &mut flat.params, &flat.grads, lr, &mut |sums| collective.all_reduce_sum(sums));
+            if sharded {
+                collective.all_gather(&mut flat.params);
+            }
+            flat.gathered_optimizer = None;
             flat.has_grads = false;
             self.model_stale.store(true, Ordering::Release);
             if let Some(optimizer_ms) = self.lap(start)? {
@@ -924,7 +1001,7 @@ impl Engine {
             return FlatAdamW::from_moments(args, exp_avg, exp_avg_sq, steps).state(step.layout());
         }
         match self.flat.as_ref() {
-            Some(flat) => flat.optimizer.as_ref().ok_or_else(none)?.state(&flat.layout),
+            Some(flat) => flat.gathered_optimizer.as_ref().or(flat.optimizer.as_ref()).ok_or_else(none)?.state(&flat.layout),
             None => self.optimizer.as_ref().ok_or_else(none)?.state(),
         }
     }

@@ -1,5 +1,7 @@
 //! AdamW with nanoGPT's two parameter groups, global-norm clipping, and the learning-rate schedule.
 
+use std::ops::Range;
+
 use candle_core::{DType, Result, Tensor, Var};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -271,9 +273,13 @@ pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
 }
 
 /// The same AdamW over flat buffers (the CPU training step's): both moments are one allocation
-/// each, laid out as the parameters, and a step is one pass over them, in parallel blocks.
+/// each, laid out as the parameters, and a step is one pass over them, in parallel blocks. Under
+/// ZeRO stage 1 each rank of a data-parallel run keeps the moments of its own shard of the flat
+/// buffer (see [`crate::collective::shard`]) and updates only those parameters.
 pub struct FlatAdamW {
     args: OptimizerArgs,
+    /// The elements of the flat buffer this optimizer updates and holds the moments of.
+    shard: Range<usize>,
     exp_avg: Vec<f32>,
     exp_avg_sq: Vec<f32>,
     step: u64,
@@ -285,17 +291,31 @@ const BLOCK: usize = 1 << 15;
 
 impl FlatAdamW {
     pub fn new(layout: &ParamLayout, args: OptimizerArgs) -> Self {
-        Self { args, exp_avg: vec![0f32; layout.len], exp_avg_sq: vec![0f32; layout.len], step: 0 }
+        Self::for_shard(args, 0..layout.len)
+    }
+
+    /// AdamW over the elements `shard` of the flat buffer only.
+    pub fn for_shard(args: OptimizerArgs, shard: Range<usize>) -> Self {
+        Self { args, exp_avg: vec![0f32; shard.len()], exp_avg_sq: vec![0f32; shard.len()], shard, step: 0 }
     }
 
     /// AdamW of `args` resumed from its two moments (laid out as the parameters) after `step` steps.
     pub fn from_moments(args: OptimizerArgs, exp_avg: Vec<f32>, exp_avg_sq: Vec<f32>, step: u64) -> Self {
-        Self { args, exp_avg, exp_avg_sq, step }
+        Self { args, shard: 0..exp_avg.len(), exp_avg, exp_avg_sq, step }
     }
 
-    /// The two moments and the step count.
+    /// The two moments (of the shard) and the step count.
     pub fn moments(&self) -> (&[f32], &[f32], u64) {
         (&self.exp_avg, &self.exp_avg_sq, self.step)
+    }
+
+    /// The elements of the flat buffer this optimizer updates.
+    pub fn shard(&self) -> Range<usize> {
+        self.shard.clone()
+    }
+
+    pub fn args(&self) -> &OptimizerArgs {
+        &self.args
     }
 
     pub fn groups(layout: &ParamLayout) -> ParamGroups {
@@ -315,10 +335,31 @@ impl FlatAdamW {
         self.step
     }
 
-    /// One update of `params` at learning rate `lr` from `grads` (laid out as `layout` says), clipping
-    /// their global norm first when configured.
+    /// One update of `params` at learning rate `lr` from `grads` (both laid out as `layout` says),
+    /// clipping their global norm first when configured; for an optimizer of the whole buffer.
     pub fn step(&mut self, layout: &ParamLayout, params: &mut [f32], grads: &[f32], lr: f64) -> StepStats {
-        let grad_norm = grads.par_chunks(BLOCK).map(|g| crate::kernels::dot(g, g) as f64).sum::<f64>().sqrt();
+        assert_eq!(self.shard, 0..layout.len, "an optimizer of one shard steps with step_shard");
+        self.step_shard(layout, params, grads, lr, &mut |_| {})
+    }
+
+    /// [`FlatAdamW::step`] of the shard's `params` only. `sum_over_ranks` adds partial sums up over
+    /// the ranks that share the update (ZeRO-1: the squared gradient norm, and each tensor's squared
+    /// update and weight norms); an optimizer of the whole buffer never calls it.
+    pub fn step_shard(
+        &mut self,
+        layout: &ParamLayout,
+        params: &mut [f32],
+        grads: &[f32],
+        lr: f64,
+        sum_over_ranks: &mut dyn FnMut(&mut [f64]),
+    ) -> StepStats {
+        let shard = self.shard.clone();
+        let whole = shard == (0..layout.len);
+        let mut norm_squared = [grads[shard.clone()].par_chunks(BLOCK).map(|g| crate::kernels::dot(g, g) as f64).sum::<f64>()];
+        if !whole {
+            sum_over_ranks(&mut norm_squared);
+        }
+        let grad_norm = norm_squared[0].sqrt();
         let clip = self.args.grad_clip;
         let clipped = clip > 0.0 && grad_norm > clip;
         // As torch.nn.utils.clip_grad_norm_: scale by clip/(norm + 1e-6) whenever that is below one.
@@ -335,13 +376,13 @@ impl FlatAdamW {
             step_size: lr / (1.0 - b1.powi(self.step as i32)),
             bias_correction2_sqrt: (1.0 - b2.powi(self.step as i32)).sqrt(),
         };
-        // Blocks of at most BLOCK elements, none spanning two tensors, each knowing its tensor.
+        // Blocks of at most BLOCK elements of the shard, none spanning two tensors, each knowing its tensor.
         let mut blocks = Vec::new();
-        let (mut p_rest, mut m_rest, mut v_rest) = (params, &mut self.exp_avg[..], &mut self.exp_avg_sq[..]);
+        let (mut p_rest, mut m_rest, mut v_rest) = (&mut params[shard.clone()], &mut self.exp_avg[..], &mut self.exp_avg_sq[..]);
         for (index, tensor) in layout.tensors.iter().enumerate() {
-            let mut start = tensor.range.start;
-            while start < tensor.range.end {
-                let len = BLOCK.min(tensor.range.end - start);
+            let (mut start, end) = (tensor.range.start.max(shard.start), tensor.range.end.min(shard.end));
+            while start < end {
+                let len = BLOCK.min(end - start);
                 let (p, rest) = std::mem::take(&mut p_rest).split_at_mut(len);
                 p_rest = rest;
                 let (m, rest) = std::mem::take(&mut m_rest).split_at_mut(len);
@@ -361,17 +402,25 @@ impl FlatAdamW {
                 (index, change, size)
             })
             .collect();
-        let mut norms = vec![(0f64, 0f64); layout.tensors.len()];
+        // Each tensor's squared update norm and squared weight norm, side by side.
+        let mut norms = vec![0f64; 2 * layout.tensors.len()];
         for (index, change, size) in sums {
-            norms[index].0 += change;
-            norms[index].1 += size;
+            norms[2 * index] += change;
+            norms[2 * index + 1] += size;
         }
-        let update_ratios = layout.tensors.iter().zip(norms).map(|(t, (change, size))| (t.name.clone(), ratio(change, size))).collect();
+        if !whole {
+            sum_over_ranks(&mut norms);
+        }
+        let update_ratios = layout.tensors.iter().zip(norms.chunks_exact(2)).map(|(t, n)| (t.name.clone(), ratio(n[0], n[1]))).collect();
         StepStats { grad_norm, clipped, update_ratios, skipped: false }
     }
 
-    /// The moments and step count, named `<param>.exp_avg` / `<param>.exp_avg_sq` plus `step`.
+    /// The moments and step count, named `<param>.exp_avg` / `<param>.exp_avg_sq` plus `step`; only
+    /// an optimizer of the whole buffer has them all.
     pub fn state(&self, layout: &ParamLayout) -> Result<Vec<(String, Tensor)>> {
+        if self.shard != (0..layout.len) {
+            candle_core::bail!("the AdamW state is sharded over the ranks (zero_stage=1): gather it on rank 0 before saving it");
+        }
         let device = candle_core::Device::Cpu;
         let mut out = Vec::with_capacity(2 * layout.tensors.len() + 1);
         for t in &layout.tensors {
@@ -385,10 +434,13 @@ impl FlatAdamW {
         Ok(out)
     }
 
+    /// The moments of the shard and the step count from a whole state as [`FlatAdamW::state`] names it.
     pub fn load_state(&mut self, layout: &ParamLayout, tensors: &std::collections::HashMap<String, Tensor>) -> Result<()> {
         let step = tensors.get("step").ok_or_else(|| candle_core::Error::Msg("optimizer state has no `step`".into()))?;
         let step = step.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let shard = self.shard.clone();
         for t in &layout.tensors {
+            let overlap = t.range.start.max(shard.start)..t.range.end.min(shard.end);
             for (suffix, target) in [("exp_avg", &mut self.exp_avg), ("exp_avg_sq", &mut self.exp_avg_sq)] {
                 let key = format!("{}.{suffix}", t.name);
                 let Some(value) = tensors.get(&key) else {
@@ -397,8 +449,12 @@ impl FlatAdamW {
                 if value.dims() != t.shape.as_slice() {
                     candle_core::bail!("optimizer state `{key}` has shape {:?}, expected {:?}", value.dims(), t.shape);
                 }
+                if overlap.is_empty() {
+                    continue;
+                }
                 let values = value.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-                target[t.range.clone()].copy_from_slice(&values);
+                let within_tensor = overlap.start - t.range.start..overlap.end - t.range.start;
+                target[overlap.start - shard.start..overlap.end - shard.start].copy_from_slice(&values[within_tensor]);
             }
         }
         self.step = step.first().copied().unwrap_or(0.0) as u64;

@@ -261,6 +261,18 @@ impl Gpt {
         self.engine.any_rank(flag)
     }
 
+    /// ZeRO stage 1 (1) or none (0), after joining and before configuring the optimizer.
+    #[napi]
+    pub fn set_zero_stage(&mut self, stage: u32) -> Result<()> {
+        self.engine.set_zero_stage(stage).map_err(js_error)
+    }
+
+    /// Under ZeRO-1, brings every rank's shard of the AdamW state to rank 0 for its checkpoint; every rank calls it.
+    #[napi]
+    pub fn gather_optimizer_state(&mut self) -> Result<()> {
+        self.engine.gather_optimizer_state().map_err(js_error)
+    }
+
     #[napi(factory)]
     pub fn from_nanogpt_checkpoint_file(model_args: Value, path: String, device: String) -> Result<Gpt> {
         let args: ModelArgs = from_js(model_args, "model_args")?;
