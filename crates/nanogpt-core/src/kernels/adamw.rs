@@ -29,33 +29,37 @@ impl AdamWUpdate {
         let (b1, b2) = (self.beta1 as f32, self.beta2 as f32);
         let decay = (1.0 - self.lr * self.weight_decay) as f32;
         let (scale, step, bc2, eps) = (self.grad_scale as f32, self.step_size as f32, self.bias_correction2_sqrt as f32, self.eps as f32);
-        // Eight elements at a time, with eight partial sums per norm, so that the loop vectorises (see `kernels::dot`).
-        let (mut change, mut size) = ([0f32; LANES], [0f32; LANES]);
-        let update = |param: &mut [f32],
-                      grad: &[f32],
-                      exp_avg: &mut [f32],
-                      exp_avg_sq: &mut [f32],
-                      change: &mut [f32; LANES],
-                      size: &mut [f32; LANES]| {
-            for k in 0..param.len().min(LANES) {
-                let gi = grad[k] * scale;
-                let m = b1 * exp_avg[k] + (1.0 - b1) * gi;
-                let v = b2 * exp_avg_sq[k] + (1.0 - b2) * gi * gi;
-                let p0 = param[k];
-                let p = p0 * decay - step * m / (v.sqrt() / bc2 + eps);
-                (exp_avg[k], exp_avg_sq[k], param[k]) = (m, v, p);
-                change[k] += (p - p0) * (p - p0);
-                size[k] += p0 * p0;
-            }
+        // One element: the new parameter and moments, and the element's shares of the two squared norms.
+        let update = |p: &mut f32, g: f32, m: &mut f32, v: &mut f32| -> (f32, f32) {
+            let gi = g * scale;
+            *m = b1 * *m + (1.0 - b1) * gi;
+            *v = b2 * *v + (1.0 - b2) * gi * gi;
+            let p0 = *p;
+            *p = p0 * decay - step * *m / (v.sqrt() / bc2 + eps);
+            ((*p - p0) * (*p - p0), p0 * p0)
         };
+        // Eight elements at a time as fixed-size arrays, with eight partial sums per norm: a length the compiler
+        // sees is what lets the loop vectorise, in WebAssembly too (see `kernels::dot`).
+        let (mut change, mut size) = ([0f32; LANES], [0f32; LANES]);
         let mut params = param.chunks_exact_mut(LANES);
         let mut grads = grad.chunks_exact(LANES);
         let mut avgs = exp_avg.chunks_exact_mut(LANES);
         let mut avgs_sq = exp_avg_sq.chunks_exact_mut(LANES);
         for (((p, g), m), v) in (&mut params).zip(&mut grads).zip(&mut avgs).zip(&mut avgs_sq) {
-            update(p, g, m, v, &mut change, &mut size);
+            let (p, g): (&mut [f32; LANES], &[f32; LANES]) = (p.try_into().expect("a whole chunk"), g.try_into().expect("a whole chunk"));
+            let (m, v): (&mut [f32; LANES], &mut [f32; LANES]) = (m.try_into().expect("a whole chunk"), v.try_into().expect("a whole chunk"));
+            for k in 0..LANES {
+                let (c, s) = update(&mut p[k], g[k], &mut m[k], &mut v[k]);
+                change[k] += c;
+                size[k] += s;
+            }
         }
-        update(params.into_remainder(), grads.remainder(), avgs.into_remainder(), avgs_sq.into_remainder(), &mut change, &mut size);
+        let rest = params.into_remainder().iter_mut().zip(grads.remainder()).zip(avgs.into_remainder().iter_mut().zip(avgs_sq.into_remainder()));
+        for (k, ((p, &g), (m, v))) in rest.enumerate() {
+            let (c, s) = update(p, g, m, v);
+            change[k] += c;
+            size[k] += s;
+        }
         (change.iter().sum::<f32>() as f64, size.iter().sum::<f32>() as f64)
     }
 }
