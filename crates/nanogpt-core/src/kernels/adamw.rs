@@ -47,14 +47,16 @@ impl AdamWUpdate {
         let mut avgs_sq = exp_avg_sq.chunks_exact_mut(LANES);
         for (((p, g), m), v) in (&mut params).zip(&mut grads).zip(&mut avgs).zip(&mut avgs_sq) {
             let (p, g): (&mut [f32; LANES], &[f32; LANES]) = (p.try_into().expect("a whole chunk"), g.try_into().expect("a whole chunk"));
-            let (m, v): (&mut [f32; LANES], &mut [f32; LANES]) = (m.try_into().expect("a whole chunk"), v.try_into().expect("a whole chunk"));
+            let (m, v): (&mut [f32; LANES], &mut [f32; LANES]) =
+                (m.try_into().expect("a whole chunk"), v.try_into().expect("a whole chunk"));
             for k in 0..LANES {
                 let (c, s) = update(&mut p[k], g[k], &mut m[k], &mut v[k]);
                 change[k] += c;
                 size[k] += s;
             }
         }
-        let rest = params.into_remainder().iter_mut().zip(grads.remainder()).zip(avgs.into_remainder().iter_mut().zip(avgs_sq.into_remainder()));
+        let rest =
+            params.into_remainder().iter_mut().zip(grads.remainder()).zip(avgs.into_remainder().iter_mut().zip(avgs_sq.into_remainder()));
         for (k, ((p, &g), (m, v))) in rest.enumerate() {
             let (c, s) = update(p, g, m, v);
             change[k] += c;
