@@ -137,12 +137,12 @@ t_ours=$SECONDS
 phase our_train 240 "$node" "$app/dist/cli.mjs" train "$app/configs/train_shakespeare_char.mjs" \
   --device=cuda --dtype=bfloat16 --compile=False --data_dir="$work/data" --out_dir="$work/out" "${recipe[@]}"
 ours_wall=n/a
-[ -s "$out/our_train.log" ] && ours_wall="$((SECONDS - t_ours)) (process)"
+[[ ${status[our_train]} == ok* ]] && ours_wall="$((SECONDS - t_ours)) (process)"
 t_fused=$SECONDS
 phase fused_train 240 env NANOGPT_CUDA_STEP=fused "$node" "$app/dist/cli.mjs" train "$app/configs/train_shakespeare_char.mjs" \
   --device=cuda --dtype=bfloat16 --compile=False --data_dir="$work/data" --out_dir="$work/out-fused" "${recipe[@]}"
 fused_wall=n/a
-[ -s "$out/fused_train.log" ] && fused_wall="$((SECONDS - t_fused)) (process)"
+[[ ${status[fused_train]} == ok* ]] && fused_wall="$((SECONDS - t_fused)) (process)"
 
 # ---------------------------------------------------------------- summary
 ours_best=$(grep -hoE 'val loss [0-9.]+' "$out/our_train.log" 2>/dev/null | awk '{print $3}' | sort -g | head -n1)

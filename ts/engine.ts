@@ -448,7 +448,7 @@ export class Engine {
    */
   checkMemory(batchSize: number, purpose: 'train' | 'sample'): MemoryEstimate {
     const args = this.modelArgs();
-    const need = estimateMemory(args, batchSize, purpose, this.kind);
+    const need = this.binding.estimateMemory(args, batchSize, purpose === 'train');
     const refusal = this.kind === 'wasm' ? wasmMemoryRefusal(need, purpose, batchSize, args.block_size) : undefined;
     if (refusal) throw new UserError(`${refusal}, or --engine=native`);
     return need;
@@ -672,13 +672,23 @@ export class Engine {
 /** A binding for engine-independent calls: one already loaded, else whichever build is present. */
 function anyBinding(preferred?: EngineKind): Binding {
   if (preferred) return loadBinding(preferred);
-  const loaded = bindings.values().next().value;
-  if (loaded) return loaded;
-  try {
-    return loadBinding('wasm');
-  } catch {
-    return loadBinding('native');
+  return bindings.values().next().value ?? firstPresent([() => loadBinding('wasm'), () => loadBinding('native'), cudaBinding]);
+}
+
+/** The CUDA addon, for engine-independent calls where it is the only build (a GPU machine given it alone). */
+const cudaBinding = () => loadBinding('native', 'cuda');
+
+/** The first of `loads` that succeeds; the first one's error if none does. */
+function firstPresent(loads: (() => Binding)[]): Binding {
+  let first: unknown;
+  for (const load of loads) {
+    try {
+      return load();
+    } catch (err) {
+      first ??= err;
+    }
   }
+  throw first;
 }
 
 /** nanoGPT's learning rate at iteration `iter`: linear warmup, cosine decay, floor at min_lr. */
@@ -707,11 +717,8 @@ export function repeatLinear(kind: EngineKind, pass: 'forward' | 'backward', n: 
 
 /** The addon reads files itself, so prefer it for them; the WebAssembly build is the fallback. */
 function fileBinding(): Binding {
-  try {
-    return loadBinding('native');
-  } catch {
-    return loadBinding('wasm');
-  }
+  const loaded = [...bindings.values()].find((b) => b.kind === 'native');
+  return loaded ?? firstPresent([() => loadBinding('native'), () => loadBinding('wasm'), cudaBinding]);
 }
 
 /** The `model_args`, `iter_num`, `best_val_loss` and `config` in nanoGPT's `ckpt.pt` at `path`. */
