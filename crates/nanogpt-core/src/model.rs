@@ -348,3 +348,24 @@ impl Gpt {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kv_cache_holds_no_computation_graph() -> Result<()> {
+        let args =
+            ModelArgs { n_layer: 2, n_head: 2, n_embd: 16, block_size: 8, vocab_size: 11, bias: true, dropout: 0.0, gelu: Gelu::Erf };
+        let model = Gpt::new(&args, 3, &Device::Cpu)?;
+        let mut cache = KvCache::new(args.n_layer);
+        for tokens in [&[1u32, 2, 3][..], &[4], &[5]] {
+            model.next_token_logits(&Tensor::new(tokens, &Device::Cpu)?.unsqueeze(0)?, Some(&mut cache))?;
+        }
+        assert_eq!(cache.len(), 5);
+        for (k, v) in cache.layers.iter().flatten() {
+            assert!(!k.track_op() && !v.track_op(), "cached keys and values keep the graph that made them");
+        }
+        Ok(())
+    }
+}

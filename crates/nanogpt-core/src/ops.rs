@@ -126,7 +126,9 @@ pub fn causal_self_attention(
             k = Tensor::cat(&[k_past, &k], 2)?;
             v = Tensor::cat(&[v_past, &v], 2)?;
         }
-        *cache = Some((k.clone(), v.clone()));
+        // Detached: the cache outlives this step, and with the graph attached every cached key would keep
+        // alive the whole history of its computation, on a GPU each step's bf16 copies of the weights too.
+        *cache = Some((k.detach(), v.detach()));
     }
     let att = causal_attention_weights(&q, &k)?;
     let att = mode.dropout(&att, dropout, Site::Attention(layer))?;
