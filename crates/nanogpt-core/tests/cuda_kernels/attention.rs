@@ -22,6 +22,9 @@ struct Case {
     n_head: usize,
     hs: usize,
     dropout: Option<f32>,
+    /// qkv and dout start one element past an aligned address, as a slice of a larger buffer may: the
+    /// tensor-core kernels then copy tiles element by element rather than 16 bytes at a time.
+    misaligned: bool,
 }
 
 /// Each query's log of the sum of exp(scaled score) over the keys it sees, in f64.
@@ -46,7 +49,7 @@ fn log_sum_exp(qkv: &[f32], case: Case) -> Vec<f32> {
 /// Forward (out, lse) then backward (dqkv) on the emulated GPU against the CPU kernels, on inputs
 /// representable in `x`; the backward takes the CUDA forward's out and lse, as training would.
 fn check(x: Precision, case: Case, tol: f32) {
-    let Case { b, t, n_head, hs, dropout } = case;
+    let Case { b, t, n_head, hs, dropout, misaligned } = case;
     let c = n_head * hs;
     let what = |name: &str| format!("{name} {x:?} {case:?}");
     let qkv = representable(x, random(b * t * 3 * c, 1.0, 11 + t as u64));
@@ -58,22 +61,27 @@ fn check(x: Precision, case: Case, tol: f32) {
     let mut want_dqkv = vec![0f32; qkv.len()];
     attention::backward(&mut want_dqkv, &dout, &qkv, t, c, n_head, mask);
 
-    let (qkv_x, dout_x) = (Buffer::new(x, &qkv), Buffer::new(x, &dout));
+    let shift = misaligned as usize;
+    let padded = |values: &[f32]| [vec![0.0; shift], values.to_vec()].concat();
+    let (qkv_x, dout_x) = (Buffer::new(x, &padded(&qkv)), Buffer::new(x, &padded(&dout)));
+    let skip = (shift * x.size_in_bytes()) as u64;
+    let (qkv_addr, dout_addr) = (qkv_x.addr() + skip, dout_x.addr() + skip);
     // Outputs start as NaN so that an element left unwritten fails.
     let (out, lse) = (Buffer::unwritten(x, b * t * c), Buffer::unwritten(Precision::F32, b * n_head * t));
-    cuda::forward(gpu(), x, out.addr(), lse.addr(), qkv_x.addr(), b, t, c, n_head, mask).unwrap();
+    cuda::forward(gpu(), x, out.addr(), lse.addr(), qkv_addr, b, t, c, n_head, mask).unwrap();
     assert_close(&what("out"), &out.values(), &want_out, tol);
     assert_close(&what("lse"), &lse.values(), &log_sum_exp(&qkv, case), tol);
 
     let (dqkv, delta) = (Buffer::unwritten(x, qkv.len()), Buffer::unwritten(Precision::F32, b * n_head * t));
-    cuda::backward(gpu(), x, dqkv.addr(), dout_x.addr(), qkv_x.addr(), out.addr(), lse.addr(), delta.addr(), b, t, c, n_head, mask)
-        .unwrap();
+    cuda::backward(gpu(), x, dqkv.addr(), dout_addr, qkv_addr, out.addr(), lse.addr(), delta.addr(), b, t, c, n_head, mask).unwrap();
     assert_close(&what("dqkv"), &dqkv.values(), &want_dqkv, tol);
 }
 
 /// Sequence lengths of one token, less than a tile, and over two and several tiles of 32.
 fn head_size_16_cases() -> impl Iterator<Item = Case> {
-    [1, 7, 33, 70].into_iter().flat_map(|t| [None, Some(0.2)].map(|dropout| Case { b: 2, t, n_head: 2, hs: 16, dropout }))
+    [1, 7, 33, 70]
+        .into_iter()
+        .flat_map(|t| [None, Some(0.2)].map(|dropout| Case { b: 2, t, n_head: 2, hs: 16, dropout, misaligned: false }))
 }
 
 #[test]
@@ -90,7 +98,7 @@ fn bf16_matches_the_cpu_kernels_at_head_size_16() {
 fn every_head_size_matches_the_cpu_kernels() {
     for hs in [32, 64, 128] {
         for dropout in [None, Some(0.2)] {
-            let case = Case { b: 1, t: 20, n_head: 2, hs, dropout };
+            let case = Case { b: 1, t: 20, n_head: 2, hs, dropout, misaligned: false };
             check(Precision::F32, case, 1e-5);
             check(Precision::Bf16, case, 1e-2);
         }
@@ -98,12 +106,14 @@ fn every_head_size_matches_the_cpu_kernels() {
 }
 
 /// The tensor-core kernels (bf16 at head sizes 64 and 128) over several 64-row query tiles and key
-/// tiles, the last one partial.
+/// tiles, the last one partial, with inputs aligned for 16-byte copies and not.
 #[test]
 fn bf16_tensor_core_kernels_match_the_cpu_kernels_over_several_tiles() {
     for (hs, t) in [(64, 150), (128, 130)] {
         for dropout in [None, Some(0.2)] {
-            check(Precision::Bf16, Case { b: 1, t, n_head: 1, hs, dropout }, 1e-2);
+            for misaligned in [false, true] {
+                check(Precision::Bf16, Case { b: 1, t, n_head: 1, hs, dropout, misaligned }, 1e-2);
+            }
         }
     }
 }

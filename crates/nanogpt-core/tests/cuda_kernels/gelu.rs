@@ -5,16 +5,19 @@ use nanogpt_core::kernels::gelu as cpu;
 
 use crate::gpu::{assert_close, gpu, random, tolerance, Buffer};
 
-// An odd size: 5 blocks of 256 threads, the last one partly out of range.
+// An odd size: the last thread's pack of elements partly out of range.
 const N: usize = 1037;
 
-fn check_forward(x: Precision, tanh: bool) {
-    let inp = Buffer::new(x, &random(N, 5.0, 1));
+/// With `misaligned`, the input starts one element past an aligned address (a slice of a larger buffer),
+/// so that no thread's pack can be read as one 16-byte access.
+fn check_forward(x: Precision, tanh: bool, misaligned: bool) {
+    let shift = misaligned as usize;
+    let inp = Buffer::new(x, &random(N + shift, 5.0, 1));
     let out = Buffer::new(x, &vec![0.0; N]);
-    gelu::forward(gpu(), x, out.addr(), inp.addr(), N, tanh).unwrap();
+    gelu::forward(gpu(), x, out.addr(), inp.addr() + (shift * x.size_in_bytes()) as u64, N, tanh).unwrap();
     let mut want = vec![0.0; N];
-    cpu::forward(&mut want, &inp.values(), tanh);
-    assert_close(&format!("gelu {x:?} tanh={tanh}"), &out.values(), &want, tolerance(x));
+    cpu::forward(&mut want, &inp.values()[shift..], tanh);
+    assert_close(&format!("gelu {x:?} tanh={tanh} misaligned={misaligned}"), &out.values(), &want, tolerance(x));
 }
 
 fn check_backward(x: Precision, tanh: bool, in_place: bool) {
@@ -32,7 +35,8 @@ fn check_backward(x: Precision, tanh: bool, in_place: bool) {
 fn forward_matches_cpu() {
     for x in [Precision::F32, Precision::Bf16] {
         for tanh in [false, true] {
-            check_forward(x, tanh);
+            check_forward(x, tanh, false);
+            check_forward(x, tanh, true);
         }
     }
 }

@@ -324,8 +324,8 @@ __device__ void backward_key(X* dqkv, const X* dout, const X* qkv, const float* 
 // A block of TC_WARPS warps owns TC_ROWS = 64 rows (queries, or keys for the dK/dV kernel), 16 per warp,
 // and walks tiles of TC_COLS = 64 of the other side. 64 x 64 tiles give each warp 16 x 64 scores, four
 // accumulator fragments, per (16 x HS) x (HS x 64) product: each K or V element loaded into shared memory
-// feeds 64 rows' products (against 16 for the CUDA-core kernels), which is what moves these kernels from
-// shared-memory bound to tensor-core bound. A fragment's element-to-lane mapping is unspecified, so the
+// feeds 64 rows' products (against 16 for the CUDA-core kernels), to move these kernels from shared-memory
+// bound towards tensor-core bound. A fragment's element-to-lane mapping is unspecified, so the
 // row-wise work (masking, the online softmax, dropout, the backward's dS) is done on an f32 copy of the
 // score tile in shared memory: lane pair (2r, 2r+1) owns row r of its warp's 16, every other column.
 // Shared memory is dynamic (attention.rs's tc_shared_bytes): the K and V (or Q and dO) tiles as bf16 with
@@ -334,11 +334,10 @@ __device__ void backward_key(X* dqkv, const X* dout, const X* qkv, const float* 
 // scratch of 16 rows (max(64, HS) + 4 wide in the forward, max(128, HS) + 4 in the backward, which holds
 // two score tiles side by side), and a few per-row floats. Every region starts at a multiple of 32 bytes,
 // and the kernels have no static shared memory, so the dynamic block starts aligned.
-// Global reads are one bf16 per lane (coalesced, 64 bytes per warp): bf16 tensors need only 2-byte
-// alignment, so 128-bit loads would need an alignment check.
+// Global reads of the tiles are 16 bytes per lane where the rows are aligned for it (load_tile).
 //
-// Sizes on Hopper (nvcc 13, -Xptxas -v, sm_90, no spills), at HS=64 / HS=128: forward 128 / 167
-// registers, 44.3 / 76.3 KiB; dQ kernel 127 / 168 registers, 69.5 / 85.5 KiB; dK/dV kernel 160 / 254
+// Sizes on Hopper (nvcc 13, -Xptxas -v, sm_90, no spills), at HS=64 / HS=128: forward 128 / 168
+// registers, 44.3 / 76.3 KiB; dQ kernel 130 / 226 registers, 69.5 / 85.5 KiB; dK/dV kernel 168 / 255
 // registers, 69.5 / 85.5 KiB. Per SM (64K registers, 228 KiB) that is 2 to 4 blocks of 4 warps: the
 // forward at HS=64 is register-limited to 4 blocks (16 warps), the others to 2 or 3 by shared memory or
 // registers; the dK/dV kernel at HS=128 keeps K, V fragments and dK, dV accumulators (16 fragments each)
@@ -367,12 +366,40 @@ typedef wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> RowsB;
 typedef wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> ColumnsB;
 
 // Rows first..first+TC_ROWS of an HS-wide slice of a row-major bf16 matrix (rows `stride` apart) into a
-// shared tile, rows TILE_LD apart; rows past T read as zeros. Lanes along a row: coalesced reads.
+// shared tile, rows TILE_LD apart; rows past T read as zeros. Where the slice's rows are 16-byte aligned
+// (GPT-2's qkv and dout are), each thread moves 16-byte pieces, LOADS_IN_FLIGHT loads issued before their
+// stores: a tile then waits for one memory latency per batch (2 batches at HS=64, 4 at HS=128) rather
+// than one per element, which bounded these kernels when each thread copied one bf16 at a time (64
+// loads in turn per 64 x 64 tile). Batches of 2 and a loop over them (unroll 1) keep the forward and dQ
+// kernels at HS=64 at their former 128 and 130 registers (4 in flight took the forward to 168, one
+// block fewer per SM) and the dK/dV kernel at HS=128, at the register limit, from spilling.
+// Otherwise one bf16 per lane along a row, coalesced.
+constexpr int TC_THREADS = TC_WARPS * WARP_SIZE;
+constexpr int LOADS_IN_FLIGHT = 2;
 template <int HS>
 __device__ __forceinline__ void load_tile(bf16* tile, const bf16* src, int stride, int first, int T) {
-  for (int idx = threadIdx.x; idx < TC_ROWS * HS; idx += blockDim.x) {
-    const int r = idx / HS, d = idx % HS, row = first + r;
-    tile[r * TILE_LD<HS> + d] = row < T ? src[(size_t)row * stride + d] : from_float<bf16>(0.0f);
+  constexpr int PIECE = 8, PIECES_PER_ROW = HS / PIECE, PIECES = TC_ROWS * PIECES_PER_ROW / TC_THREADS;
+  static_assert(PIECES % LOADS_IN_FLIGHT == 0, "a thread's pieces come in whole batches");
+  if ((uintptr_t)src % 16 != 0 || stride % PIECE != 0) {
+    for (int idx = threadIdx.x; idx < TC_ROWS * HS; idx += TC_THREADS) {
+      const int r = idx / HS, d = idx % HS, row = first + r;
+      tile[r * TILE_LD<HS> + d] = row < T ? src[(size_t)row * stride + d] : from_float<bf16>(0.0f);
+    }
+    return;
+  }
+#pragma unroll 1
+  for (int batch = 0; batch < PIECES; batch += LOADS_IN_FLIGHT) {
+    uint4 piece[LOADS_IN_FLIGHT];
+#pragma unroll
+    for (int n = 0; n < LOADS_IN_FLIGHT; ++n) {
+      const int idx = threadIdx.x + (batch + n) * TC_THREADS, row = first + idx / PIECES_PER_ROW;
+      piece[n] = row < T ? *reinterpret_cast<const uint4*>(src + (size_t)row * stride + idx % PIECES_PER_ROW * PIECE) : uint4{0, 0, 0, 0};
+    }
+#pragma unroll
+    for (int n = 0; n < LOADS_IN_FLIGHT; ++n) {
+      const int idx = threadIdx.x + (batch + n) * TC_THREADS;
+      *reinterpret_cast<uint4*>(tile + idx / PIECES_PER_ROW * TILE_LD<HS> + idx % PIECES_PER_ROW * PIECE) = piece[n];
+    }
   }
 }
 

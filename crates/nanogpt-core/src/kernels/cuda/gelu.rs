@@ -4,9 +4,14 @@ use candle_core::{bail, Result};
 
 use super::{blocks_for, Arg, Gpu, Precision};
 
-/// Threads per block: one element per thread; 8 warps a block, several blocks per SM, keep enough loads
-/// in flight for an elementwise kernel bound by memory bandwidth.
+/// Threads per block: one 16-byte pack of elements per thread (gelu.cu); 8 warps a block, several blocks
+/// per SM, keep enough loads in flight for an elementwise kernel bound by memory bandwidth.
 const THREADS: u32 = 256;
+
+/// Blocks for `n` elements of X, a 16-byte pack per thread.
+fn grid(x: Precision, n: usize) -> [u32; 3] {
+    [blocks_for(n.div_ceil(16 / x.size_in_bytes()), THREADS), 1, 1]
+}
 
 /// `out` = gelu(`inp`), `n` elements of X each.
 pub fn forward(gpu: &dyn Gpu, x: Precision, out: u64, inp: u64, n: usize, tanh_approximation: bool) -> Result<()> {
@@ -14,7 +19,7 @@ pub fn forward(gpu: &dyn Gpu, x: Precision, out: u64, inp: u64, n: usize, tanh_a
         bail!("gelu: no elements to launch on (n = 0)");
     }
     let args = [Arg::Ptr(out), Arg::Ptr(inp), Arg::I64(n as i64), Arg::I32(tanh_approximation as i32)];
-    gpu.launch(&x.kernel("gelu_forward"), [blocks_for(n, THREADS), 1, 1], [THREADS, 1, 1], 0, &args)
+    gpu.launch(&x.kernel("gelu_forward"), grid(x, n), [THREADS, 1, 1], 0, &args)
 }
 
 /// `dinp` = `dout` * gelu'(`inp`), `n` elements of X each, written. `dinp` may be `dout` (in place).
@@ -23,5 +28,5 @@ pub fn backward(gpu: &dyn Gpu, x: Precision, dinp: u64, inp: u64, dout: u64, n: 
         bail!("gelu backward: no elements to launch on (n = 0)");
     }
     let args = [Arg::Ptr(dinp), Arg::Ptr(inp), Arg::Ptr(dout), Arg::I64(n as i64), Arg::I32(tanh_approximation as i32)];
-    gpu.launch(&x.kernel("gelu_backward"), [blocks_for(n, THREADS), 1, 1], [THREADS, 1, 1], 0, &args)
+    gpu.launch(&x.kernel("gelu_backward"), grid(x, n), [THREADS, 1, 1], 0, &args)
 }
