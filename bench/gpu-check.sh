@@ -7,12 +7,12 @@
 #      (torch_ref.py kernels); then a run of one rank over NCCL (rendezvous on localhost) against the same run
 #      without it (crates/nanogpt-core/tests/nccl.rs);
 #   2. throughput at GPT-2 124M shapes (B=12, T=1024, bfloat16): torch_ref.py bench, then the fused CUDA step
-#      (examples/cuda_step_bench.rs: train_step_cuda.rs on the kernels above), then ours through the engine on
-#      candle's graph, then on the fused step (NANOGPT_CUDA_STEP=fused);
+#      alone (examples/cuda_step_bench.rs: train_step_cuda.rs on the kernels above), then ours through the CLI
+#      (the engine's default, the fused step), then through candle's graph (NANOGPT_CUDA_STEP=graph);
 #   3. per-phase profile of our step (data, forward, backward, optimizer), at 124M and shakespeare_char shapes;
 #   4. sampling from a GPT-2 XL-shaped model (bench/sample.ts): torch_ref.py sample, then ours; tokens/s of each;
-#   5. the shakespeare_char recipe: torch_ref.py train, then our train on the graph and on the fused step; best val
-#      loss and wall time of each.
+#   5. the shakespeare_char recipe: torch_ref.py train, then our train (the fused step); best val loss and wall time
+#      of each.
 # It builds nothing: run `bash scripts/pack-gpu-check.sh` first and carry .gpu-check with the working tree. The
 # machine needs python3 with torch, the NVIDIA driver, and CUDA 13 libraries (cuBLAS, cuRAND, NVRTC; NCCL for the nccl phase).
 #
@@ -113,9 +113,9 @@ phase nccl 120 "$app/tests/nccl" --ignored --nocapture --test-threads=1
 shape=(--n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --batch_size=12)
 phase torch_bench 180 python3 "$root/bench/torch_ref.py" bench "${shape[@]}"
 phase step_bench 90 "$app/bench/cuda_step_bench"
-phase our_bench 180 "$node" "$app/dist/cli.mjs" bench "${shape[@]}" --device=cuda --dtype=bfloat16
-# The engine on the fused step (NANOGPT_CUDA_STEP=fused) rather than candle's graph, through the same CLI.
-phase fused_bench 120 env NANOGPT_CUDA_STEP=fused "$node" "$app/dist/cli.mjs" bench "${shape[@]}" --device=cuda --dtype=bfloat16
+phase our_bench 120 "$node" "$app/dist/cli.mjs" bench "${shape[@]}" --device=cuda --dtype=bfloat16
+# The engine on candle's graph (NANOGPT_CUDA_STEP=graph) rather than the fused step, through the same CLI.
+phase graph_bench 180 env NANOGPT_CUDA_STEP=graph "$node" "$app/dist/cli.mjs" bench "${shape[@]}" --device=cuda --dtype=bfloat16
 
 # ---------------------------------------------------------------- 3. profile
 phase profile_124m 90 "$node" "$app/dist/cli.mjs" bench "${shape[@]}" --device=cuda --dtype=bfloat16 \
@@ -138,16 +138,10 @@ phase our_train 240 "$node" "$app/dist/cli.mjs" train "$app/configs/train_shakes
   --device=cuda --dtype=bfloat16 --compile=False --data_dir="$work/data" --out_dir="$work/out" "${recipe[@]}"
 ours_wall=n/a
 [[ ${status[our_train]} == ok* ]] && ours_wall="$((SECONDS - t_ours)) (process)"
-t_fused=$SECONDS
-phase fused_train 240 env NANOGPT_CUDA_STEP=fused "$node" "$app/dist/cli.mjs" train "$app/configs/train_shakespeare_char.mjs" \
-  --device=cuda --dtype=bfloat16 --compile=False --data_dir="$work/data" --out_dir="$work/out-fused" "${recipe[@]}"
-fused_wall=n/a
-[[ ${status[fused_train]} == ok* ]] && fused_wall="$((SECONDS - t_fused)) (process)"
 
 # ---------------------------------------------------------------- summary
 ours_best=$(grep -hoE 'val loss [0-9.]+' "$out/our_train.log" 2>/dev/null | awk '{print $3}' | sort -g | head -n1)
 ours_last_iter=$(grep -hoE '^iter [0-9]+' "$out/our_train.log" 2>/dev/null | tail -n1 | awk '{print $2}')
-fused_best=$(grep -hoE 'val loss [0-9.]+' "$out/fused_train.log" 2>/dev/null | awk '{print $3}' | sort -g | head -n1)
 ratio() { python3 -c "import sys
 try: print(f'{float(sys.argv[1]) / float(sys.argv[2]):.2f}')
 except Exception: print('n/a')" "$1" "$2"; }
@@ -155,12 +149,12 @@ gib() { python3 -c "import sys
 try: print(f'{float(sys.argv[1]) / 2**30:.2f}')
 except Exception: print('n/a')" "$1"; }
 t_tok=$(result torch_bench tokens_per_s) o_tok=$(result our_bench tokens_per_s) f_tok=$(result step_bench tokens_per_s)
-e_tok=$(result fused_bench tokens_per_s)
+g_tok=$(result graph_bench tokens_per_s)
 t_wall=$(result torch_train wall_s) t_best=$(result torch_train best_val)
 
 section "summary"
-for name in unpack correctness kernels kernel_bench_ours kernel_bench_torch nccl torch_bench step_bench our_bench fused_bench profile_124m \
-  prepare profile_char sample_xl torch_train our_train fused_train; do
+for name in unpack correctness kernels kernel_bench_ours kernel_bench_torch nccl torch_bench step_bench our_bench graph_bench profile_124m \
+  prepare profile_char sample_xl torch_train our_train; do
   printf '%-18s %s\n' "$name" "${status[$name]:-not run}"
 done
 echo
@@ -190,14 +184,12 @@ printf '%-34s %14s %14s %8s\n' "124M bench ms/iter" "$(result torch_bench ms_per
   "$(ratio "$(result our_bench ms_per_iter)" "$(result torch_bench ms_per_iter)")"
 printf '%-34s %14s %14s %8s\n' "124M bench peak memory GiB" "$(result torch_bench peak_mem_gb)" "$(gib "$(result our_bench peak_mem_bytes)")" ""
 printf '%-34s %14s %14s %8s\n' "124M fused step tokens/s" "${t_tok:-n/a}" "${f_tok:-n/a}" "$(ratio "$f_tok" "$t_tok")"
-printf '%-34s %14s %14s %8s\n' "124M bench, fused step, tokens/s" "${t_tok:-n/a}" "${e_tok:-n/a}" "$(ratio "$e_tok" "$t_tok")"
+printf '%-34s %14s %14s %8s\n' "124M bench, graph, tokens/s" "${t_tok:-n/a}" "${g_tok:-n/a}" "$(ratio "$g_tok" "$t_tok")"
 printf '%-34s %14s %14s %8s\n' "124M fused step MFU" "$(result torch_bench mfu_h100_989)" "$(result step_bench mfu)" ""
 printf '%-34s %14s %14s %8s\n' "124M fused step peak memory GiB" "$(result torch_bench peak_mem_gb)" "$(gib "$(result step_bench peak_mem_bytes)")" ""
 printf '%-34s %14s %14s %8s\n' "GPT-2 XL sampling tokens/s" "$(result sample_xl torch_tokens_per_s)" "$(result sample_xl tokens_per_s)" \
   "$(result sample_xl ratio)"
 printf '%-34s %14s %14s %8s\n' "char recipe ($train_iters it) best val" "${t_best:-n/a}" "${ours_best:-n/a}" ""
 printf '%-34s %14s %14s %8s\n' "char recipe wall s" "${t_wall:-n/a}" "$ours_wall" "$(ratio "${ours_wall% *}" "$t_wall")"
-printf '%-34s %14s %14s %8s\n' "char recipe, fused step, best val" "${t_best:-n/a}" "${fused_best:-n/a}" ""
-printf '%-34s %14s %14s %8s\n' "char recipe, fused step, wall s" "${t_wall:-n/a}" "$fused_wall" "$(ratio "${fused_wall% *}" "$t_wall")"
 [ -n "$ours_last_iter" ] && echo "(our train reached iter $ours_last_iter of $train_iters; torch's wall time excludes start-up, ours includes it)"
 exit 0

@@ -23,8 +23,9 @@ use crate::train_step::{self, Activations, ParamLayout};
 use crate::train_step_cuda::CudaTrainStep;
 
 /// Trains a model with one of three steps: the explicit CPU step over flat buffers (`train_step.rs`,
-/// on the CPU in float32), the explicit GPU step over the fused kernels (`train_step_cuda.rs`, opted
-/// into on CUDA with `NANOGPT_CUDA_STEP=fused`), or candle's autograd graph (GPU, and mixed precision).
+/// on the CPU in float32), the explicit GPU step over the fused kernels (`train_step_cuda.rs`, on CUDA
+/// in float32 and bfloat16), or candle's autograd graph (float16 on CUDA, `NANOGPT_CUDA_STEP=graph`,
+/// and mixed precision on the CPU in tests).
 pub struct Engine {
     /// The candle model: sampling, export, and the graph path's trained weights. On the explicit
     /// steps its weights are refreshed from the step's parameters when something reads them.
@@ -53,6 +54,8 @@ pub struct Engine {
     zero_stage: u32,
     /// The last micro-step's loss, behind a lock so that evaluation (`&Engine`) can settle it.
     last_loss: Mutex<Option<PendingLoss>>,
+    /// On a CUDA device, the step that `configure_optimizer` moves training onto.
+    cuda_step: CudaStep,
 }
 
 /// A micro-step's mean loss, wherever it is until someone reads it.
@@ -163,14 +166,23 @@ fn gpu_step_precision(dtype: DType) -> Result<Precision> {
     }
 }
 
-/// Whether `NANOGPT_CUDA_STEP` asks a CUDA engine to train on the fused kernels (`fused`) rather
-/// than candle's graph (`graph`, the default until the fused step has been measured on hardware).
-#[cfg(feature = "cuda")]
-fn fused_cuda_step_requested() -> Result<bool> {
-    match std::env::var("NANOGPT_CUDA_STEP").as_deref() {
-        Err(_) | Ok("graph") => Ok(false),
-        Ok("fused") => Ok(true),
-        Ok(other) => candle_core::bail!("NANOGPT_CUDA_STEP must be fused or graph, got `{other}`"),
+/// The step a CUDA engine trains on, from `NANOGPT_CUDA_STEP`: `fused` or `graph`, and unset, the fused step
+/// in float32 and bfloat16 and candle's graph in float16, which the fused step does not have.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum CudaStep {
+    Fused,
+    Graph,
+    FusedUnlessFloat16,
+}
+
+impl CudaStep {
+    fn from_env() -> Result<Self> {
+        match std::env::var("NANOGPT_CUDA_STEP").as_deref() {
+            Err(_) => Ok(CudaStep::FusedUnlessFloat16),
+            Ok("fused") => Ok(CudaStep::Fused),
+            Ok("graph") => Ok(CudaStep::Graph),
+            Ok(other) => candle_core::bail!("NANOGPT_CUDA_STEP must be fused or graph, got `{other}`"),
+        }
     }
 }
 
@@ -312,14 +324,45 @@ impl Engine {
             collective: Box::new(SingleProcess),
             zero_stage: 0,
             last_loss: Mutex::new(None),
+            cuda_step: CudaStep::Graph,
         };
         engine.use_flat_step(engine.model.device().is_cpu())?;
-        #[cfg(feature = "cuda")]
-        if engine.model.device().is_cuda() && fused_cuda_step_requested()? {
-            let kernels = Arc::new(cuda::Kernels::new(engine.model.device())?);
-            engine.use_gpu_step(Some(kernels), Precision::F32)?;
+        if engine.model.device().is_cuda() {
+            engine.cuda_step = CudaStep::from_env()?;
         }
         Ok(engine)
+    }
+
+    /// Trains this CUDA model through candle's autograd graph rather than the fused step (as
+    /// `NANOGPT_CUDA_STEP=graph` does); call it before configuring the optimizer.
+    pub fn train_on_graph(&mut self) -> Result<()> {
+        if self.optimizer_configured() {
+            candle_core::bail!("choose the graph before configuring the optimizer");
+        }
+        self.cuda_step = CudaStep::Graph;
+        Ok(())
+    }
+
+    /// On a CUDA device, moves training onto the fused step unless `cuda_step` or float16 keeps it on the
+    /// graph. The step holds the weights, their gradients and the AdamW moments on the device, so it
+    /// starts with the optimizer: an engine that only samples or evaluates does not pay for it.
+    fn start_fused_cuda_step(&mut self) -> Result<()> {
+        if self.gpu_step.is_some() || !self.model.device().is_cuda() {
+            return Ok(());
+        }
+        let dtype = self.model.compute_dtype();
+        if self.cuda_step == CudaStep::Graph || (self.cuda_step == CudaStep::FusedUnlessFloat16 && dtype == DType::F16) {
+            return Ok(());
+        }
+        let precision = gpu_step_precision(dtype)?;
+        #[cfg(feature = "cuda")]
+        {
+            let kernels = Arc::new(cuda::Kernels::new(self.model.device())?);
+            self.scaler = None;
+            self.use_gpu_step(Some(kernels), precision)
+        }
+        #[cfg(not(feature = "cuda"))]
+        candle_core::bail!("a CUDA device in a build without CUDA cannot run the fused step in {precision:?}")
     }
 
     /// Trains this model from now on with the explicit GPU step on `gpu` (a CUDA device's kernels, or
@@ -589,6 +632,7 @@ impl Engine {
     }
 
     pub fn configure_optimizer(&mut self, args: &OptimizerArgs) -> Result<ParamGroups> {
+        self.start_fused_cuda_step()?;
         if let Some(gpu_step) = self.gpu_step.as_mut() {
             gpu_step.optimizer = Some(args.clone());
             return Ok(FlatAdamW::groups(gpu_step.step().layout()));

@@ -247,6 +247,10 @@ impl Gpt {
         self.compute_dtype = dtype;
     }
 
+    pub fn compute_dtype(&self) -> DType {
+        self.compute_dtype
+    }
+
     /// nanoGPT's `crop_block_size`: shrinks the context to `block_size` by keeping the first rows of the
     /// position embedding, e.g. to finetune GPT-2 (1024 positions) on shorter blocks.
     pub fn crop_block_size(&mut self, block_size: usize) -> Result<()> {

@@ -97,8 +97,8 @@ fn bfloat16_matches_the_cpu_engine() -> Result<()> {
     compare(&gpu, DType::BF16, 6e-2)
 }
 
-/// A few AdamW steps (with dropout, clipping and, for float16, loss scaling) on the GPU in each dtype
-/// follow the CPU's f32 losses.
+/// A few AdamW steps (with dropout, clipping and, for float16, loss scaling) on the GPU in each dtype,
+/// on the fused step (float32 and bfloat16) and on candle's graph, follow the CPU's f32 losses.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn training_steps_track_the_cpu_engine() -> Result<()> {
@@ -115,8 +115,11 @@ fn training_steps_track_the_cpu_engine() -> Result<()> {
             Ok(loss)
         })
         .collect::<Result<_>>()?;
-    for dtype in ["float32", "bfloat16", "float16"] {
+    for (dtype, graph) in [("float32", false), ("bfloat16", false), ("float32", true), ("bfloat16", true), ("float16", true)] {
         let mut engine = Engine::new(&args, 3, "cuda")?;
+        if graph {
+            engine.train_on_graph()?;
+        }
         engine.set_precision(dtype)?;
         engine.configure_optimizer(&optimizer)?;
         let mut skipped = 0;
@@ -127,7 +130,8 @@ fn training_steps_track_the_cpu_engine() -> Result<()> {
         }
         let (first, last) = (losses[0], losses[29]);
         eprintln!(
-            "{dtype}: loss {first:.4} -> {last:.4} (cpu f32 {:.4} -> {:.4}), {skipped} skipped steps, loss scale {}",
+            "{dtype} on the {}: loss {first:.4} -> {last:.4} (cpu f32 {:.4} -> {:.4}), {skipped} skipped steps, loss scale {}",
+            if graph { "graph" } else { "fused step" },
             cpu_losses[0],
             cpu_losses[29],
             engine.loss_scale()

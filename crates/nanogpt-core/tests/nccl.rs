@@ -34,6 +34,8 @@ fn losses(dtype: &str, nccl: bool, fused: bool) -> Result<Vec<f32>> {
     let mut engine = Engine::new(&args(), 7, "cuda").unwrap_or_else(|e| panic!("no usable GPU: {e}"));
     if fused {
         engine.train_on_gpu_step(Arc::new(Kernels::new(engine.device())?))?;
+    } else {
+        engine.train_on_graph()?;
     }
     engine.set_precision(dtype)?;
     if nccl {
