@@ -177,6 +177,17 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __float2bfloat16(f); 
 
 #define __align__(n) __attribute__((aligned(n)))
 
+// Asynchronous copies to shared memory (CUDA's <cuda_pipeline.h>, cp.async): here each copy is done at once,
+// which every wait then finds complete. The last `zfill` of `size` bytes are zeros rather than copied.
+inline void __pipeline_memcpy_async(void* dst, const void* src, size_t size, size_t zfill = 0) {
+  assert((size == 4 || size == 8 || size == 16) && zfill <= size && "cp.async copies 4, 8 or 16 bytes");
+  assert((uintptr_t)dst % size == 0 && (uintptr_t)src % size == 0 && "cp.async needs addresses aligned to its size");
+  memcpy(dst, src, size - zfill);
+  memset(static_cast<char*>(dst) + (size - zfill), 0, zfill);
+}
+inline void __pipeline_commit() {}
+inline void __pipeline_wait_prior(size_t) {}
+
 // Tensor-core matrix products (CUDA's <mma.h>), for m16n16k16 with bf16 operands and float accumulators.
 // CUDA leaves unspecified which of a fragment's elements a lane holds; here every lane holds the whole
 // 16x16 tile (num_elements = 256) and computes the whole product. Kernels must not depend on the mapping:

@@ -328,22 +328,23 @@ __device__ void backward_key(X* dqkv, const X* dout, const X* qkv, const float* 
 // bound towards tensor-core bound. A fragment's element-to-lane mapping is unspecified, so the
 // row-wise work (masking, the online softmax, dropout, the backward's dS) is done on an f32 copy of the
 // score tile in shared memory: lane pair (2r, 2r+1) owns row r of its warp's 16, every other column.
-// Shared memory is dynamic (attention.rs's tc_shared_bytes): the K and V (or Q and dO) tiles as bf16 with
-// rows padded by 8 elements (16 bytes, keeping wmma's 32-byte alignment per 16 rows while shifting banks),
-// per warp one (forward) or two (backward) 16 x 64 bf16 operand tiles (P; dS; W^T and dS^T) and a float
-// scratch of 16 rows (max(64, HS) + 4 wide in the forward, max(128, HS) + 4 in the backward, which holds
-// two score tiles side by side), and a few per-row floats. Every region starts at a multiple of 32 bytes,
-// and the kernels have no static shared memory, so the dynamic block starts aligned.
-// Global reads of the tiles are 16 bytes per lane where the rows are aligned for it (load_tile).
+// Shared memory is dynamic (attention.rs's tc_shared_bytes): the K and V (or Q and dO) tiles as bf16, twice
+// over in the forward (double-buffered), with rows padded by 8 elements (16 bytes, keeping wmma's 32-byte
+// alignment per 16 rows while shifting banks), per warp one (forward) or two (backward) 16 x 64 bf16 operand
+// tiles (P; dS; W^T and dS^T) and a float scratch of 16 rows (max(64, HS) + 4 wide in the forward,
+// max(128, HS) + 4 in the backward, which holds two score tiles side by side), and a few per-row floats.
+// Every region starts at a multiple of 32 bytes, and the kernels have no static shared memory, so the
+// dynamic block starts aligned. Global reads of the tiles are 16 bytes per lane where the rows are aligned
+// for it: asynchronous copies in the forward (copy_tile_async), loads through registers in the backward
+// (load_tile), whose kernels have no shared memory to spare for a second pair of tiles.
 //
-// Sizes on Hopper (nvcc 13, -Xptxas -v, sm_90, no spills), at HS=64 / HS=128: forward 128 / 168
-// registers, 44.3 / 76.3 KiB; dQ kernel 130 / 226 registers, 69.5 / 85.5 KiB; dK/dV kernel 168 / 255
-// registers, 69.5 / 85.5 KiB. Per SM (64K registers, 228 KiB) that is 2 to 4 blocks of 4 warps: the
-// forward at HS=64 is register-limited to 4 blocks (16 warps), the others to 2 or 3 by shared memory or
-// registers; the dK/dV kernel at HS=128 keeps K, V fragments and dK, dV accumulators (16 fragments each)
-// in registers, at the 255 limit. 64-row blocks give T/64 x B*NH = 2304 blocks at GPT-2's B=12, T=1024:
-// several waves over 132 SMs. Larger tiles (128 queries, 8 warps) would halve K/V traffic again but
-// leave half as many blocks and, at 76 to 86 KiB per 64 rows, no second block per SM at HS=128.
+// Sizes on Hopper (nvcc 13, -Xptxas -v, sm_90, no spills), at HS=64 / HS=128: forward 140 / 168
+// registers, 62.3 / 110.3 KiB; dQ kernel 130 / 226 registers, 69.5 / 85.5 KiB; dK/dV kernel 168 / 255
+// registers, 69.5 / 85.5 KiB. Per SM (64K registers, 228 KiB) that is 2 or 3 blocks of 4 warps, limited by
+// shared memory or registers; the dK/dV kernel at HS=128 keeps K, V fragments and dK, dV accumulators (16
+// fragments each) in registers, at the 255 limit. 64-row blocks give T/64 x B*NH = 2304 blocks at GPT-2's
+// B=12, T=1024: several waves over 132 SMs. Larger tiles (128 queries, 8 warps) would halve K/V traffic
+// again but leave half as many blocks and, at 76 to 86 KiB per 64 rows, no second block per SM at HS=128.
 namespace attention_tc {
 using namespace nvcuda;
 
@@ -370,17 +371,21 @@ typedef wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> Column
 // (GPT-2's qkv and dout are), each thread moves 16-byte pieces, LOADS_IN_FLIGHT loads issued before their
 // stores: a tile then waits for one memory latency per batch (2 batches at HS=64, 4 at HS=128) rather
 // than one per element, which bounded these kernels when each thread copied one bf16 at a time (64
-// loads in turn per 64 x 64 tile). Batches of 2 and a loop over them (unroll 1) keep the forward and dQ
-// kernels at HS=64 at their former 128 and 130 registers (4 in flight took the forward to 168, one
-// block fewer per SM) and the dK/dV kernel at HS=128, at the register limit, from spilling.
+// loads in turn per 64 x 64 tile). Batches of 2 and a loop over them (unroll 1) keep the dQ kernel at
+// HS=64 at 130 registers (4 in flight took the forward to 168, one block fewer per SM) and the dK/dV
+// kernel at HS=128, at the register limit, from spilling.
 // Otherwise one bf16 per lane along a row, coalesced.
 constexpr int TC_THREADS = TC_WARPS * WARP_SIZE;
 constexpr int LOADS_IN_FLIGHT = 2;
+constexpr int PIECE = 8;  // bf16 per 16-byte piece
+
+__device__ __forceinline__ bool rows_aligned(const bf16* src, int stride) { return (uintptr_t)src % 16 == 0 && stride % PIECE == 0; }
+
 template <int HS>
 __device__ __forceinline__ void load_tile(bf16* tile, const bf16* src, int stride, int first, int T) {
-  constexpr int PIECE = 8, PIECES_PER_ROW = HS / PIECE, PIECES = TC_ROWS * PIECES_PER_ROW / TC_THREADS;
+  constexpr int PIECES_PER_ROW = HS / PIECE, PIECES = TC_ROWS * PIECES_PER_ROW / TC_THREADS;
   static_assert(PIECES % LOADS_IN_FLIGHT == 0, "a thread's pieces come in whole batches");
-  if ((uintptr_t)src % 16 != 0 || stride % PIECE != 0) {
+  if (!rows_aligned(src, stride)) {
     for (int idx = threadIdx.x; idx < TC_ROWS * HS; idx += TC_THREADS) {
       const int r = idx / HS, d = idx % HS, row = first + r;
       tile[r * TILE_LD<HS> + d] = row < T ? src[(size_t)row * stride + d] : from_float<bf16>(0.0f);
@@ -400,6 +405,26 @@ __device__ __forceinline__ void load_tile(bf16* tile, const bf16* src, int strid
       const int idx = threadIdx.x + (batch + n) * TC_THREADS;
       *reinterpret_cast<uint4*>(tile + idx / PIECES_PER_ROW * TILE_LD<HS> + idx % PIECES_PER_ROW * PIECE) = piece[n];
     }
+  }
+}
+
+// load_tile's contract, as asynchronous copies (cp.async) into the calling thread's current group: the tile
+// is in place once the thread has committed the group and waited for it, and the block has then passed a
+// barrier. No registers hold the data on its way, so the forward fetches the next key tile while it works
+// on this one. Misaligned rows take load_tile's element copies, complete on return.
+template <int HS>
+__device__ __forceinline__ void copy_tile_async(bf16* tile, const bf16* src, int stride, int first, int T) {
+  constexpr int PIECES_PER_ROW = HS / PIECE, PIECES = TC_ROWS * PIECES_PER_ROW / TC_THREADS;
+  if (!rows_aligned(src, stride)) {
+    load_tile<HS>(tile, src, stride, first, T);
+    return;
+  }
+  // Not unrolled: the forward would hold every piece's address, 167 registers against 140.
+#pragma unroll 1
+  for (int n = 0; n < PIECES; ++n) {
+    const int idx = threadIdx.x + n * TC_THREADS, r = idx / PIECES_PER_ROW, d = idx % PIECES_PER_ROW * PIECE, row = first + r;
+    // Rows past T are zero-filled: nothing is read, from a row that exists.
+    __pipeline_memcpy_async(tile + r * TILE_LD<HS> + d, src + (size_t)min(row, T - 1) * stride + d, 16, row < T ? 0 : 16);
   }
 }
 
@@ -474,20 +499,23 @@ __device__ __forceinline__ void store_rows(bf16* dst, int stride, int row0, int 
 }
 
 // attention::forward's contract on tensor cores: per (b, h, 64 queries) a running softmax over tiles of
-// 64 keys. Warp w owns queries first_row + 16w.. and, on the diagonal tile, skips the 16-key blocks past
-// its last query. Its output rows live in registers as o[e] = element lane + 32e of its 16 x HS block
+// 64 keys. K and V tiles are double-buffered: the copies of tile i+1 (copy_tile_async) run while the warps
+// work on tile i. Warp w owns queries first_row + 16w.. and, on the diagonal tile, skips the 16-key blocks
+// past its last query. Its output rows live in registers as o[e] = element lane + 32e of its 16 x HS block
 // (row (lane + 32e) / HS), so that P.V's result is read from the scratch without bank conflicts; each
 // row's rescale factor reaches them through `row_factor` in shared memory.
 template <int HS>
 __device__ void forward(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) {
   constexpr int SLD = FORWARD_LD<HS>, PER_LANE = 16 * HS / WARP_SIZE;
+  constexpr int TILE_ELEMENTS = TC_ROWS * TILE_LD<HS>;
   DYNAMIC_SHARED(bf16, attention_shared);
-  bf16* k_tile = attention_shared;
-  bf16* v_tile = k_tile + TC_ROWS * TILE_LD<HS>;
+  // Buffer s holds K at tiles + 2s and V at tiles + 2s + 1 (in units of TILE_ELEMENTS).
+  bf16* tiles = attention_shared;
   const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
-  bf16* p_tile = v_tile + TC_ROWS * TILE_LD<HS> + warp * 16 * OPERAND_LD;
-  float* scratch = reinterpret_cast<float*>(v_tile + TC_ROWS * TILE_LD<HS> + TC_WARPS * 16 * OPERAND_LD) + warp * 16 * SLD;
-  float* row_factor = reinterpret_cast<float*>(v_tile + TC_ROWS * TILE_LD<HS> + TC_WARPS * 16 * OPERAND_LD) + TC_WARPS * 16 * SLD + warp * 16;
+  bf16* operands = tiles + 4 * TILE_ELEMENTS;
+  bf16* p_tile = operands + warp * 16 * OPERAND_LD;
+  float* scratch = reinterpret_cast<float*>(operands + TC_WARPS * 16 * OPERAND_LD) + warp * 16 * SLD;
+  float* row_factor = reinterpret_cast<float*>(operands + TC_WARPS * 16 * OPERAND_LD) + TC_WARPS * 16 * SLD + warp * 16;
   const int bh = blockIdx.y, b = bh / NH, h = bh % NH, C3 = 3 * C;
   const float scale = 1.0f / sqrtf((float)HS);
   const uint64_t first_weight = (uint64_t)bh * T * T;
@@ -496,49 +524,61 @@ __device__ void forward(bf16* out, float* lse, const bf16* qkv, int T, int C, in
   const bf16* k = q + C;
   const bf16* v = q + 2 * C;
 
-  // Q passes through k_tile into the warp's fragments, kept for every key tile.
+  // Q passes through the first K tile into the warp's fragments, kept for every key tile.
   RowsA q_frag[HS / 16];
-  load_tile<HS>(k_tile, q, C3, first_row, T);
+  load_tile<HS>(tiles, q, C3, first_row, T);
   __syncthreads();
-  load_row_fragments<HS>(q_frag, k_tile + 16 * warp * TILE_LD<HS>);
+  load_row_fragments<HS>(q_frag, tiles + 16 * warp * TILE_LD<HS>);
+  __syncthreads();  // every warp holds its Q before the first K tile is copied over it
+  copy_tile_async<HS>(tiles, k, C3, 0, T);
+  copy_tile_async<HS>(tiles + TILE_ELEMENTS, v, C3, 0, T);
+  __pipeline_commit();
 
   // Lane pair (2r, 2r+1) keeps row r's running max and sum; `half` picks its columns.
   const int r = lane / 2, half = lane % 2, i = q0 + r;
   float m = -INFINITY, l = 0.0f, o[PER_LANE] = {};
   const bool active = q0 < T;  // warp-uniform
   const int last_row = min(first_row + TC_ROWS, T) - 1;
-  for (int k0 = 0; k0 <= last_row; k0 += TC_COLS) {
-    __syncthreads();  // the previous tile's readers (and Q's) are done
-    load_tile<HS>(k_tile, k, C3, k0, T);
-    load_tile<HS>(v_tile, v, C3, k0, T);
-    __syncthreads();
-    if (!active) continue;
-    // 16-key blocks with a key some row of the warp sees: k0 <= q0, so at least one.
-    const int blocks = min(TC_COLS / 16, (q0 - k0) / 16 + 1), keys = 16 * blocks;
-    rows_times_tile_transposed<HS, SLD>(scratch, q_frag, k_tile, 0, blocks);
-    __syncwarp();
-    float tile_max = -INFINITY;
-    for (int c = half; c < keys; c += 2)
-      if (k0 + c <= i) tile_max = fmaxf(tile_max, scratch[r * SLD + c] * scale);
-    const float m_new = fmaxf(m, fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1)));
-    float sum = 0.0f;
-    for (int c = half; c < keys; c += 2) {
-      const int j = k0 + c;
-      const float p = j <= i ? __expf(scratch[r * SLD + c] * scale - m_new) : 0.0f;
-      sum += p;
-      p_tile[r * OPERAND_LD + c] = from_float<bf16>(p * attention::dropout_at(first_weight, T, i, j, stream, threshold, keep));
+  for (int k0 = 0, s = 0; k0 <= last_row; k0 += TC_COLS, s ^= 1) {
+    // Buffer s^1 was last read in the previous iteration, which every warp has left (the barrier at its end).
+    if (k0 + TC_COLS <= last_row) {
+      copy_tile_async<HS>(tiles + 2 * (s ^ 1) * TILE_ELEMENTS, k, C3, k0 + TC_COLS, T);
+      copy_tile_async<HS>(tiles + (2 * (s ^ 1) + 1) * TILE_ELEMENTS, v, C3, k0 + TC_COLS, T);
     }
-    const float rescale = __expf(m - m_new);
-    l = l * rescale + sum + __shfl_xor_sync(0xffffffffu, sum, 1);
-    m = m_new;
-    if (half == 0) row_factor[r] = rescale;
-    __syncwarp();
-    operand_times_tile<HS, SLD>(scratch, p_tile, v_tile, blocks);
-    __syncwarp();
-    for (int e = 0; e < PER_LANE; ++e) {
-      const int idx = lane + WARP_SIZE * e, row = idx / HS;
-      o[e] = o[e] * row_factor[row] + scratch[row * SLD + idx % HS];
+    __pipeline_commit();       // empty after the last tile, so that the wait below always means tile s
+    __pipeline_wait_prior(1);  // this thread's copies of tile s are done...
+    __syncthreads();           // ...and every thread's
+    const bf16* k_tile = tiles + 2 * s * TILE_ELEMENTS;
+    const bf16* v_tile = k_tile + TILE_ELEMENTS;
+    if (active) {
+      // 16-key blocks with a key some row of the warp sees: k0 <= q0, so at least one.
+      const int blocks = min(TC_COLS / 16, (q0 - k0) / 16 + 1), keys = 16 * blocks;
+      rows_times_tile_transposed<HS, SLD>(scratch, q_frag, k_tile, 0, blocks);
+      __syncwarp();
+      float tile_max = -INFINITY;
+      for (int c = half; c < keys; c += 2)
+        if (k0 + c <= i) tile_max = fmaxf(tile_max, scratch[r * SLD + c] * scale);
+      const float m_new = fmaxf(m, fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1)));
+      float sum = 0.0f;
+      for (int c = half; c < keys; c += 2) {
+        const int j = k0 + c;
+        const float p = j <= i ? __expf(scratch[r * SLD + c] * scale - m_new) : 0.0f;
+        sum += p;
+        p_tile[r * OPERAND_LD + c] = from_float<bf16>(p * attention::dropout_at(first_weight, T, i, j, stream, threshold, keep));
+      }
+      const float rescale = __expf(m - m_new);
+      l = l * rescale + sum + __shfl_xor_sync(0xffffffffu, sum, 1);
+      m = m_new;
+      if (half == 0) row_factor[r] = rescale;
+      __syncwarp();
+      operand_times_tile<HS, SLD>(scratch, p_tile, v_tile, blocks);
+      __syncwarp();
+      for (int e = 0; e < PER_LANE; ++e) {
+        const int idx = lane + WARP_SIZE * e, row = idx / HS;
+        o[e] = o[e] * row_factor[row] + scratch[row * SLD + idx % HS];
+      }
     }
+    __syncthreads();  // every warp is done with buffer s before the next iteration copies into it
   }
   if (!active) return;
   __syncwarp();  // the last tile's readers of row_factor are done

@@ -12,6 +12,7 @@
 
 #ifdef __CUDACC__
 #include <cuda_bf16.h>
+#include <cuda_pipeline.h>
 #include <mma.h>
 #include <stdint.h>
 #define DYNAMIC_SHARED(type, name) extern __shared__ type name[]
