@@ -358,7 +358,6 @@ impl Engine {
         #[cfg(feature = "cuda")]
         {
             let kernels = Arc::new(cuda::Kernels::new(self.model.device())?);
-            self.scaler = None;
             self.use_gpu_step(Some(kernels), precision)
         }
         #[cfg(not(feature = "cuda"))]
