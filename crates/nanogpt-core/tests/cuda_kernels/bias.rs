@@ -11,15 +11,27 @@ use crate::gpu::{assert_close, gpu, random, tolerance, Buffer};
 const N: usize = 70;
 const OC: usize = 83;
 
+/// With `misaligned`, `out` starts one element past an aligned address, so that no pack is one 16-byte access.
+fn check_add(x: Precision, oc: usize, misaligned: bool) {
+    let shift = misaligned as usize;
+    let out = Buffer::new(x, &random(shift + N * oc, 1.0, 1));
+    let b = Buffer::new(x, &random(oc, 1.0, 2));
+    let before = out.values();
+    let mut want = before[shift..].to_vec();
+    matmul::forward(&mut want, &vec![0.0; N], &vec![0.0; oc], Some(&b.values()), N, 1, oc, true);
+    bias::add(gpu(), x, out.addr() + (shift * x.size_in_bytes()) as u64, b.addr(), N, oc).unwrap();
+    let got = out.values();
+    assert_eq!(got[..shift], before[..shift], "add_bias wrote before the start of out");
+    assert_close(&format!("add_bias {x:?} oc={oc} misaligned={misaligned}"), &got[shift..], &want, tolerance(x));
+}
+
 #[test]
 fn add_bias_matches_cpu() {
     for x in [Precision::F32, Precision::Bf16] {
-        let out = Buffer::new(x, &random(N * OC, 1.0, 1));
-        let b = Buffer::new(x, &random(OC, 1.0, 2));
-        let mut want = out.values();
-        matmul::forward(&mut want, &vec![0.0; N], &vec![0.0; OC], Some(&b.values()), N, 1, OC, true);
-        bias::add(gpu(), x, out.addr(), b.addr(), N, OC).unwrap();
-        assert_close(&format!("add_bias {x:?}"), &out.values(), &want, tolerance(x));
+        // Whole 16-byte packs within rows (96 columns), packs across rows (83), and no aligned pack at all.
+        check_add(x, 96, false);
+        check_add(x, OC, false);
+        check_add(x, 96, true);
     }
 }
 

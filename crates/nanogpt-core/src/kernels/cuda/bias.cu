@@ -6,11 +6,28 @@ namespace bias {
 // per SM for a kernel that reads N x OC once.
 constexpr int ROW_LANES = 32;
 
-// out (n x oc) rows += row_bias.
+// out (n x oc) rows += row_bias, one 16-byte pack of elements per thread, as GELU does. When oc is a
+// multiple of the pack and both buffers are 16-byte aligned, no pack straddles two rows and its bias is
+// one aligned pack too: two loads and a store per pack, and one division for its column. Otherwise the
+// thread adds its elements one at a time.
 template <typename X>
 __device__ void add(X* out, const X* row_bias, long long n, int oc) {
-  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i < n * oc) out[i] = from_float<X>(to_float(out[i]) + to_float(row_bias[i % oc]));
+  constexpr int P = PACK<X>;
+  const long long total = n * oc, first = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * P;
+  if (first >= total) return;
+  int col = (int)(first % oc);
+  if (oc % P == 0 && aligned16(out) && aligned16(row_bias)) {
+    alignas(16) X values[P], biases[P];
+    *reinterpret_cast<uint4*>(values) = *reinterpret_cast<const uint4*>(out + first);
+    *reinterpret_cast<uint4*>(biases) = *reinterpret_cast<const uint4*>(row_bias + col);
+    for (int e = 0; e < P; ++e) values[e] = from_float<X>(to_float(values[e]) + to_float(biases[e]));
+    *reinterpret_cast<uint4*>(out + first) = *reinterpret_cast<const uint4*>(values);
+  } else {
+    for (long long i = first; i < total && i < first + P; ++i) {
+      out[i] = from_float<X>(to_float(out[i]) + to_float(row_bias[col]));
+      col = col + 1 == oc ? 0 : col + 1;
+    }
+  }
 }
 
 // dbias[c] += sum over rows of dout[row, c]. Each block owns 32 columns and all N rows, so the sum has one

@@ -6,7 +6,8 @@ use candle_core::{bail, Result};
 use super::{blocks_for, Arg, Gpu, Precision};
 use crate::kernels::dropout::Mask;
 
-/// Threads per block of the elementwise kernels: one element per thread, 8 warps a block.
+/// Threads per block of the elementwise kernels, 8 warps a block: add_bias takes a 16-byte pack of elements per
+/// thread, dropout_apply one element.
 const THREADS: u32 = 256;
 /// Columns per block of bias_backward (one warp across them) and its row lanes (`ROW_LANES` in bias.cu).
 const COLUMNS: u32 = 32;
@@ -23,7 +24,8 @@ fn check(what: &str, n: usize, oc: usize) -> Result<()> {
 pub fn add(gpu: &dyn Gpu, x: Precision, out: u64, bias: u64, n: usize, oc: usize) -> Result<()> {
     check("add_bias", n, oc)?;
     let args = [Arg::Ptr(out), Arg::Ptr(bias), Arg::I64(n as i64), Arg::I32(oc as i32)];
-    gpu.launch(&x.kernel("add_bias"), [blocks_for(n * oc, THREADS), 1, 1], [THREADS, 1, 1], 0, &args)
+    let packs = (n * oc).div_ceil(16 / x.size_in_bytes());
+    gpu.launch(&x.kernel("add_bias"), [blocks_for(packs, THREADS), 1, 1], [THREADS, 1, 1], 0, &args)
 }
 
 /// Adds the column sums of `dout` (N x OC of X) to `dbias` (OC floats), deterministically: one block of

@@ -32,6 +32,13 @@ __device__ __forceinline__ bf16 from_float<bf16>(float x) { return __float2bfloa
 
 constexpr int WARP_SIZE = 32;
 
+// Elements in one 16-byte pack (8 bf16 or 4 floats): elementwise kernels load and store a pack as one access
+// where the buffers are 16-byte aligned, an eighth (bf16) of the memory instructions of one element at a time.
+template <typename X>
+constexpr int PACK = 16 / sizeof(X);
+
+__device__ __forceinline__ bool aligned16(const void* p) { return (uintptr_t)p % 16 == 0; }
+
 __device__ __forceinline__ float warp_sum(float v) {
   for (int offset = WARP_SIZE / 2; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
   return v;

@@ -24,12 +24,6 @@ __device__ __forceinline__ float slope(float x, bool tanh_approximation) {
   return 0.5f * (1.0f + erff(x * INV_SQRT_2)) + x * INV_SQRT_2PI * expf(-0.5f * x * x);
 }
 
-// Elements per thread: one 16-byte pack.
-template <typename X>
-constexpr int PACK = 16 / sizeof(X);
-
-__device__ __forceinline__ bool aligned16(const void* p) { return (uintptr_t)p % 16 == 0; }
-
 // out[i] = f(a[i], b[i]) over the calling thread's pack (b is unused by one-input maps; pass a). out may be
 // a or b: each pack is read whole before it is written.
 template <typename X, typename F>
