@@ -7,7 +7,8 @@
 #      (torch_ref.py kernels); then a run of one rank over NCCL (rendezvous on localhost) against the same run
 #      without it (crates/nanogpt-core/tests/nccl.rs);
 #   2. throughput at GPT-2 124M shapes (B=12, T=1024, bfloat16): torch_ref.py bench, then the fused CUDA step
-#      alone (examples/cuda_step_bench.rs: train_step_cuda.rs on the kernels above), then ours through the CLI
+#      alone (examples/cuda_step_bench.rs: train_step_cuda.rs on the kernels above, then 3 more steps with every
+#      kernel and product timed by CUDA events, for the table of device time per kernel), then ours through the CLI
 #      (the engine's default, the fused step), then through candle's graph (NANOGPT_CUDA_STEP=graph);
 #   3. per-phase profile of our step (data, forward, backward, optimizer), at 124M and shakespeare_char shapes;
 #   4. sampling from a GPT-2 XL-shaped model (bench/sample.ts): torch_ref.py sample, then ours; tokens/s of each;
@@ -111,7 +112,7 @@ phase nccl 120 "$app/tests/nccl" --ignored --nocapture --test-threads=1
 
 # ---------------------------------------------------------------- 2. throughput, 124M shapes
 shape=(--n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --batch_size=12)
-phase torch_bench 180 python3 "$root/bench/torch_ref.py" bench "${shape[@]}"
+phase torch_bench 180 python3 "$root/bench/torch_ref.py" bench "${shape[@]}" --profile=3
 phase step_bench 90 "$app/bench/cuda_step_bench"
 phase our_bench 120 "$node" "$app/dist/cli.mjs" bench "${shape[@]}" --device=cuda --dtype=bfloat16
 # The engine on candle's graph (NANOGPT_CUDA_STEP=graph) rather than the fused step, through the same CLI.
@@ -171,6 +172,23 @@ for name in list(ours) + [n for n in torch if n not in ours]:
     o, t = ours.get(name), torch.get(name)
     ratio = f"{o / t:.2f}" if o is not None and t else "n/a"
     print(f"  {name:<24} {'n/a' if o is None else o:>10} {'n/a' if t is None else t:>10} {ratio:>10}")
+TABLE
+echo
+echo "device time per step by kernel, 3 profiled steps at 124M shapes: ours (the fused step, CUDA events around each"
+echo "launch, examples/cuda_step_bench.rs), then PyTorch's (torch.profiler, torch_ref.py bench --profile=3):"
+python3 - "$out/step_bench.log" "$out/torch_bench.log" <<'TABLE'
+import json, sys
+for side, log in zip(("ours", "torch"), sys.argv[1:]):
+    try: lines = open(log).read().splitlines()
+    except OSError: lines = []
+    kernels = [json.loads(l[len("STEP_KERNEL "):]) for l in lines if l.startswith("STEP_KERNEL ")]
+    total = sum(k["ms_per_step"] for k in kernels)
+    if not kernels:
+        print(f"  {side}: n/a (its bench did not run or printed no profile)")
+        continue
+    print(f"  {side}: {total:.2f} ms in all; the largest:")
+    for k in kernels[:20]:
+        print(f"    {k['name'][:70]:<70} {k['launches_per_step']:>5g} x {k['ms_per_step']:>8.3f} ms {100 * k['ms_per_step'] / total:>5.1f}%")
 TABLE
 echo
 echo "profile (ms per step: data / forward / backward / optimizer):"

@@ -175,6 +175,34 @@ def bench(a):
                peak_mem_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev == "cuda" else None)
     print(f"{res['ms_per_iter']} ms/iter  {res['tokens_per_s']} tok/s  {res['tflops']} TFLOP/s")
     print("RESULT " + json.dumps(res))
+    if a.profile:
+        profile_steps(one, a.profile, dev)
+
+
+def profile_steps(one, steps, dev):
+    """Device time per step of each kernel over `steps` more steps (torch.profiler; on the CPU, each
+    operator's own CPU time), as STEP_KERNEL lines, the largest first: the counterpart of the table
+    examples/cuda_step_bench.rs prints for the engine's fused step."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            one()
+        sync(dev)
+    rows = []
+    for e in prof.key_averages():
+        if dev == "cuda":
+            if e.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        else:
+            us = e.self_cpu_time_total
+        if us > 0:
+            rows.append((us / 1e3 / steps, e.count / steps, e.key))
+    rows.sort(reverse=True)
+    print(f"device time per step, by kernel, over {steps} profiled steps: {sum(r[0] for r in rows):.2f} ms")
+    for ms, launches, name in rows:
+        print("STEP_KERNEL " + json.dumps(dict(name=name[:100], launches_per_step=launches, ms_per_step=round(ms, 4))))
 
 
 def train(a):
@@ -370,7 +398,7 @@ def main():
         n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2, bias=0,
         lr=1e-3, min_lr=1e-4, warmup_iters=100, max_iters=5000, lr_decay_iters=5000,
         beta2=0.99, weight_decay=0.1, eval_interval=250, eval_iters=200,
-        vocab_size=50304, warmup=10, iters=30, text="",
+        vocab_size=50304, warmup=10, iters=30, profile=0, text="",
         num_samples=10, max_new_tokens=500, temperature=0.8, top_k=200)
     for k, v in defaults.items():
         p.add_argument(f"--{k}", type=type(v), default=v)

@@ -2,8 +2,10 @@
 //! (bias off, vocab 50304) at B=12, T=1024 in bf16 by default, one fixed batch, 10 steps of warm-up then
 //! 20 timed ones, each ending with the loss read back (bench.py's `loss.item()`). Prints ms/iter,
 //! tokens/s, MFU against `peak_tflops` (989: H100/H200 dense bf16), the device memory peak, and a
-//! `RESULT {json}` line. Arguments are `key=value`: n_layer n_head n_embd block_size vocab_size
-//! batch_size dtype (bfloat16 | float32) warmup iters peak_tflops.
+//! `RESULT {json}` line. Then `profile` more steps (default 3) with every kernel and product timed by
+//! CUDA events: one `STEP_KERNEL {json}` line each, with its device milliseconds per step. Arguments are
+//! `key=value`: n_layer n_head n_embd block_size vocab_size batch_size dtype (bfloat16 | float32) warmup
+//! iters profile peak_tflops.
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
@@ -42,6 +44,7 @@ fn run() -> candle_core::Result<()> {
     let b = number("batch_size", take("batch_size", "12"))? as usize;
     let warmup = number("warmup", take("warmup", "10"))? as usize;
     let iters = number("iters", take("iters", "20"))? as usize;
+    let profiled = number("profile", take("profile", "3"))? as usize;
     let peak_tflops = number("peak_tflops", take("peak_tflops", "989"))?;
     let x = match take("dtype", "bfloat16").as_str() {
         "bfloat16" => Precision::Bf16,
@@ -55,7 +58,8 @@ fn run() -> candle_core::Result<()> {
     let args = ModelArgs { n_layer, n_head, n_embd, block_size, vocab_size, bias: false, dropout: 0.0, gelu: Default::default() };
     args.validate()?;
     let device = nanogpt_core::cuda::open(0, 1337)?;
-    let gpu: Arc<dyn Gpu + Send + Sync> = Arc::new(nanogpt_core::cuda::Kernels::new(&device)?);
+    let kernels = Arc::new(nanogpt_core::cuda::Kernels::new(&device)?);
+    let gpu: Arc<dyn Gpu + Send + Sync> = kernels.clone();
     let layout = ParamLayout::new(&args);
     // GPT-2's initialisation scale; the bench measures speed, so the residual projections' smaller
     // scale and the LayerNorm weights of one do not matter here.
@@ -70,19 +74,28 @@ fn run() -> candle_core::Result<()> {
     let tokens: Vec<u32> = (0..b * t).map(|_| rng.random_range(0..vocab_size as u32)).collect();
     let targets: Vec<i32> = (0..b * t).map(|_| rng.random_range(0..vocab_size as i32)).collect();
     let mut losses = Vec::new();
-    let mut timed = 0.0;
-    for i in 0..warmup + iters {
-        let start = Instant::now();
+    let mut train = |step: &mut CudaTrainStep| -> candle_core::Result<()> {
         step.zero_grads()?;
         step.forward(&tokens, b, t, None)?;
         step.loss(&targets, Some(1.0))?;
         step.backward(None)?;
         step.optimizer_step(&optimizer, 6e-4)?;
         losses.push(step.read_loss()?);
+        Ok(())
+    };
+    let mut timed = 0.0;
+    for i in 0..warmup + iters {
+        let start = Instant::now();
+        train(&mut step)?;
         if i >= warmup {
             timed += start.elapsed().as_secs_f64();
         }
     }
+    kernels.start_profile();
+    for _ in 0..profiled {
+        train(&mut step)?;
+    }
+    let profile = kernels.take_profile()?;
     let ms_per_iter = timed / iters as f64 * 1e3;
     let tokens_per_s = (b * t) as f64 / (ms_per_iter / 1e3);
     // nanoGPT's estimate_mfu: 6N + 12·L·H·Q·T FLOPs per token, N without the position embedding.
@@ -103,5 +116,16 @@ fn run() -> candle_core::Result<()> {
         losses[0],
         losses[losses.len() - 1]
     );
+    if profiled > 0 {
+        let total: f64 = profile.iter().map(|k| k.ms).sum::<f64>() / profiled as f64;
+        println!("device time per step, by kernel, over {profiled} profiled steps: {total:.2} ms in kernels and products");
+        let mut by_time = profile.clone();
+        by_time.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+        for k in &by_time {
+            let (launches, ms) = (k.launches as f64 / profiled as f64, k.ms / profiled as f64);
+            println!("  {:<60} {launches:>6} launches {ms:>9.3} ms {:>5.1}%", k.name, 100.0 * ms / total);
+            println!("STEP_KERNEL {{\"name\": {:?}, \"launches_per_step\": {launches}, \"ms_per_step\": {ms:.4}}}", k.name);
+        }
+    }
     Ok(())
 }

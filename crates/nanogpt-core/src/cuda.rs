@@ -102,6 +102,17 @@ pub struct Kernels {
     device: candle_core::CudaDevice,
     functions: std::sync::Mutex<std::collections::HashMap<String, cudarc::driver::CudaFunction>>,
     staging: std::sync::Mutex<Staging>,
+    /// While profiling: each launch and product queued, by name, between the two events queued around it.
+    profile: std::sync::Mutex<Option<Vec<(String, driver::CudaEvent, driver::CudaEvent)>>>,
+}
+
+/// The device time of one kernel (or one shape of product) over a profile: see [`Kernels::start_profile`].
+#[cfg(feature = "cuda")]
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct KernelTime {
+    pub name: String,
+    pub launches: usize,
+    pub ms: f64,
 }
 
 /// Page-locked host buffers that small uploads (a batch's tokens and targets) pass through: a copy from
@@ -127,7 +138,53 @@ impl Kernels {
     const PTX: &'static str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
 
     pub fn new(device: &Device) -> Result<Self> {
-        Ok(Self { device: device.as_cuda_device()?.clone(), functions: Default::default(), staging: Default::default() })
+        Ok(Self {
+            device: device.as_cuda_device()?.clone(),
+            functions: Default::default(),
+            staging: Default::default(),
+            profile: Default::default(),
+        })
+    }
+
+    /// Starts timing every kernel launch and matrix product by the device's clock: two events are queued
+    /// around each, so nothing waits for the device, but creating them costs host time, and a profiled step
+    /// runs slower than an unprofiled one wherever the host is what the device waits for.
+    pub fn start_profile(&self) {
+        *self.profile.lock().unwrap() = Some(Vec::new());
+    }
+
+    /// Ends the profile: the device time of each kernel name (products as `gemm MxNxK` with their
+    /// transposes) summed over its launches, in the order of their first launch. Waits for the device.
+    pub fn take_profile(&self) -> Result<Vec<KernelTime>> {
+        let records = self.profile.lock().unwrap().take().unwrap_or_default();
+        let mut times: Vec<KernelTime> = Vec::new();
+        for (name, start, end) in records {
+            let ms = start.elapsed_ms(&end).map_err(driver_error)? as f64;
+            match times.iter_mut().find(|t| t.name == name) {
+                Some(t) => {
+                    t.launches += 1;
+                    t.ms += ms;
+                }
+                None => times.push(KernelTime { name, launches: 1, ms }),
+            }
+        }
+        Ok(times)
+    }
+
+    /// Queues `work`, between two timing events when profiling.
+    fn timed(&self, name: impl FnOnce() -> String, work: impl FnOnce() -> Result<()>) -> Result<()> {
+        let mut profile = self.profile.lock().unwrap();
+        let Some(records) = profile.as_mut() else {
+            drop(profile);
+            return work();
+        };
+        let stream = self.stream()?;
+        let timing = Some(driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let start = stream.record_event(timing).map_err(driver_error)?;
+        work()?;
+        let end = stream.record_event(timing).map_err(driver_error)?;
+        records.push((name(), start, end));
+        Ok(())
     }
 
     pub fn device(&self) -> &candle_core::CudaDevice {
@@ -168,19 +225,24 @@ impl crate::kernels::cuda::Gpu for Kernels {
         let mut args = args.to_vec();
         let mut params = crate::kernels::cuda::Arg::kernel_params(&mut args);
         let stream = self.stream()?;
-        // SAFETY: the launch functions of kernels/cuda pass the arguments the kernel declares, in its order;
-        // cuLaunchKernel copies them before returning, while `args` is alive.
-        unsafe {
-            cudarc::driver::result::launch_kernel(
-                function.cu_function(),
-                (grid[0], grid[1], grid[2]),
-                (block[0], block[1], block[2]),
-                shared_bytes,
-                stream.cu_stream(),
-                &mut params,
-            )
-        }
-        .map_err(|e| candle_core::Error::Msg(format!("launching CUDA kernel {kernel}: {e}")))
+        self.timed(
+            || kernel.to_string(),
+            || {
+                // SAFETY: the launch functions of kernels/cuda pass the arguments the kernel declares, in its
+                // order; cuLaunchKernel copies them before returning, while `args` is alive.
+                unsafe {
+                    cudarc::driver::result::launch_kernel(
+                        function.cu_function(),
+                        (grid[0], grid[1], grid[2]),
+                        (block[0], block[1], block[2]),
+                        shared_bytes,
+                        stream.cu_stream(),
+                        &mut params,
+                    )
+                }
+                .map_err(|e| candle_core::Error::Msg(format!("launching CUDA kernel {kernel}: {e}")))
+            },
+        )
     }
 
     // Memory comes from the device's stream-ordered pool (the one `open` keeps freed memory in), and is
@@ -284,32 +346,47 @@ impl crate::kernels::cuda::Gpu for Kernels {
         // cuBLAS runs in the context current on the calling thread.
         self.stream()?;
         let blas = self.device.cublas_handle();
-        // SAFETY: the handle is bound to the device's stream; the caller's a, b and c hold the packed
-        // matrices `g` describes; alpha and beta are host f32s, read before the call returns, as cuBLAS's
-        // default host pointer mode and its 32F compute types expect.
-        unsafe {
-            cudarc::cublas::result::gemm_ex(
-                *blas.handle(),
-                op(cm.transpose_a),
-                op(cm.transpose_b),
-                int(cm.m),
-                int(cm.n),
-                int(cm.k),
-                &g.alpha as *const f32 as *const _,
-                cm.a as *const _,
-                data_type(g.inputs),
-                int(cm.lda),
-                cm.b as *const _,
-                data_type(g.inputs),
-                int(cm.ldb),
-                &g.beta as *const f32 as *const _,
-                cm.c as *mut _,
-                data_type(g.output),
-                int(cm.ldc),
-                compute,
-                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        let name = || {
+            let transposed = |t: bool| if t { "^T" } else { "" };
+            format!(
+                "gemm {}x{}x{} a{} b{} {:?}->{:?}",
+                g.m,
+                g.n,
+                g.k,
+                transposed(g.transpose_a),
+                transposed(g.transpose_b),
+                g.inputs,
+                g.output
             )
-        }
-        .map_err(|e| candle_core::Error::Msg(format!("cuBLAS gemm m={} n={} k={}: {e}", g.m, g.n, g.k)))
+        };
+        self.timed(name, || {
+            // SAFETY: the handle is bound to the device's stream; the caller's a, b and c hold the packed
+            // matrices `g` describes; alpha and beta are host f32s, read before the call returns, as cuBLAS's
+            // default host pointer mode and its 32F compute types expect.
+            unsafe {
+                cudarc::cublas::result::gemm_ex(
+                    *blas.handle(),
+                    op(cm.transpose_a),
+                    op(cm.transpose_b),
+                    int(cm.m),
+                    int(cm.n),
+                    int(cm.k),
+                    &g.alpha as *const f32 as *const _,
+                    cm.a as *const _,
+                    data_type(g.inputs),
+                    int(cm.lda),
+                    cm.b as *const _,
+                    data_type(g.inputs),
+                    int(cm.ldb),
+                    &g.beta as *const f32 as *const _,
+                    cm.c as *mut _,
+                    data_type(g.output),
+                    int(cm.ldc),
+                    compute,
+                    cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+            .map_err(|e| candle_core::Error::Msg(format!("cuBLAS gemm m={} n={} k={}: {e}", g.m, g.n, g.k)))
+        })
     }
 }
