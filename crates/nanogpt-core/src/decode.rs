@@ -265,11 +265,10 @@ fn attend_to_cache(
     }
 }
 
-/// Sequences sampled together from one prompt, each with its own generator (seeded from its
-/// seed), so that each equals what it would be alone. It holds no model: each step is given the
-/// weights, which must be those it started with.
-pub struct Generation {
-    decoder: Decoder,
+/// Sequences sampled together from one prompt, each with its own generator (seeded from its seed), so
+/// that each equals what it would be alone: what to feed the next pass, and the sampling of its logits.
+/// The passes themselves are a decoder's, on the CPU ([`Generation`]) or a GPU (decode_cuda.rs).
+pub struct Sequences {
     /// (B, tokens so far): the prompt and what was sampled after it.
     tokens: Vec<Vec<u32>>,
     rngs: Vec<StdRng>,
@@ -282,14 +281,13 @@ pub struct Generation {
     sampled: Vec<u32>,
 }
 
-impl Generation {
+impl Sequences {
     pub fn new(args: &ModelArgs, prompt: &[u32], seeds: &[u64], sample: &SampleArgs) -> candle_core::Result<Self> {
         sample::check(prompt, args.vocab_size, sample.temperature)?;
         if seeds.is_empty() {
             candle_core::bail!("nothing to generate: give at least one seed (one per sequence)");
         }
         Ok(Self {
-            decoder: Decoder::new(args, seeds.len()),
             tokens: seeds.iter().map(|_| prompt.to_vec()).collect(),
             rngs: seeds.iter().map(|&s| StdRng::seed_from_u64(s)).collect(),
             temperature: sample.temperature,
@@ -300,23 +298,27 @@ impl Generation {
         })
     }
 
-    /// Samples the next token of every sequence and returns them.
-    pub fn next_tokens(&mut self, model: Weights) -> &[u32] {
-        let block = model.args.block_size;
+    /// What the next pass runs, given the positions its decoder has `cached`: the new positions of every
+    /// sequence (B x T), T, and whether the cache must be emptied first. That is the last token alone while
+    /// the text fits in `block`; otherwise the last `block` tokens, whose positions have all shifted.
+    pub fn feed(&mut self, block: usize, cached: usize) -> (&[u32], usize, bool) {
         let len = self.tokens[0].len();
         self.feed.clear();
-        if len > block || self.decoder.cached == 0 {
+        if len > block || cached == 0 {
             let window = len.min(block);
             self.tokens.iter().for_each(|seq| self.feed.extend_from_slice(&seq[len - window..]));
-            self.decoder.cached = 0;
-            self.decoder.forward(model, &self.feed, window);
+            (&self.feed, window, true)
         } else {
             self.feed.extend(self.tokens.iter().map(|seq| seq[len - 1]));
-            self.decoder.forward(model, &self.feed, 1);
+            (&self.feed, 1, false)
         }
-        let v = model.args.vocab_size;
+    }
+
+    /// Samples each sequence's next token from its row of `logits` (B x V, modified in place by the
+    /// temperature and top-k), appends it, and returns them.
+    pub fn sample(&mut self, logits: &mut [f32], v: usize) -> &[u32] {
         self.sampled.clear();
-        for ((logits, rng), seq) in self.decoder.buffers.logits.chunks_exact_mut(v).zip(&mut self.rngs).zip(&mut self.tokens) {
+        for ((logits, rng), seq) in logits.chunks_exact_mut(v).zip(&mut self.rngs).zip(&mut self.tokens) {
             let token = sample::sample_token(logits, self.temperature, self.top_k, &mut self.selection, rng);
             seq.push(token);
             self.sampled.push(token);
@@ -331,6 +333,39 @@ impl Generation {
 
     pub fn into_sequences(self) -> Vec<Vec<u32>> {
         self.tokens
+    }
+}
+
+/// [`Sequences`] decoded on the CPU. It holds no model: each step is given the weights, which must be
+/// those it started with.
+pub struct Generation {
+    decoder: Decoder,
+    sequences: Sequences,
+}
+
+impl Generation {
+    pub fn new(args: &ModelArgs, prompt: &[u32], seeds: &[u64], sample: &SampleArgs) -> candle_core::Result<Self> {
+        let sequences = Sequences::new(args, prompt, seeds, sample)?;
+        Ok(Self { decoder: Decoder::new(args, seeds.len()), sequences })
+    }
+
+    /// Samples the next token of every sequence and returns them.
+    pub fn next_tokens(&mut self, model: Weights) -> &[u32] {
+        let (feed, t, restart) = self.sequences.feed(model.args.block_size, self.decoder.cached);
+        if restart {
+            self.decoder.cached = 0;
+        }
+        self.decoder.forward(model, feed, t);
+        self.sequences.sample(&mut self.decoder.buffers.logits, model.args.vocab_size)
+    }
+
+    /// The sequences so far, prompt included.
+    pub fn sequences(&self) -> &[Vec<u32>] {
+        self.sequences.sequences()
+    }
+
+    pub fn into_sequences(self) -> Vec<Vec<u32>> {
+        self.sequences.into_sequences()
     }
 }
 
@@ -426,13 +461,15 @@ mod tests {
         let model = Weights { args: &args, layout: &layout, params: &params };
         let mut generation = Generation::new(&args, &[1], &[1, 2], &sample).unwrap();
         generation.next_tokens(model);
-        let before =
-            generation.decoder.buffers.keys.capacity() + generation.decoder.buffers.residual.capacity() + generation.feed.capacity();
+        let before = generation.decoder.buffers.keys.capacity()
+            + generation.decoder.buffers.residual.capacity()
+            + generation.sequences.feed.capacity();
         for _ in 0..3 * args.block_size {
             generation.next_tokens(model);
         }
-        let after =
-            generation.decoder.buffers.keys.capacity() + generation.decoder.buffers.residual.capacity() + generation.feed.capacity();
+        let after = generation.decoder.buffers.keys.capacity()
+            + generation.decoder.buffers.residual.capacity()
+            + generation.sequences.feed.capacity();
         assert_eq!(before, after);
         assert_eq!(generation.sequences()[0].len(), 2 + 3 * args.block_size);
     }

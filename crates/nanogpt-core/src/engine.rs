@@ -12,8 +12,9 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use crate::collective::{self, Collective, SingleProcess, Watchdog};
 use crate::cuda::{self, MemoryStats};
 use crate::decode;
+use crate::decode_cuda::CudaGeneration;
 use crate::hf;
-use crate::kernels::cuda::{Gpu, Precision};
+use crate::kernels::cuda::{DeviceBuffer, Gpu, Precision};
 use crate::kernels::dropout::DropoutKey;
 use crate::model::{Gpt, Mode, ModelArgs};
 use crate::optim::{AdamW, FlatAdamW, GradScaler, OptimizerArgs, ParamGroups, StepStats};
@@ -48,6 +49,9 @@ pub struct Engine {
     profile: Option<PhaseTimes>,
     /// The generation `start_sampling` began, continued by `next_tokens`.
     sampling: Option<Sampling>,
+    /// The weights as the GPU decoder reads them (decode_cuda.rs), in its precision, kept between generations
+    /// until the weights change.
+    gpu_weights: Mutex<Option<(Precision, Arc<DeviceBuffer>)>>,
     /// The ranks of a data-parallel run, which average their gradients before every step.
     collective: Box<dyn Collective>,
     /// 1: the explicit CPU step's AdamW state is sharded over the ranks (ZeRO stage 1); 0: it is not.
@@ -67,10 +71,11 @@ enum PendingLoss {
     GpuStep,
 }
 
-/// Sequences drawn token by token: by the CPU decoder over the flat parameters, or by the candle
-/// model (one KV-cached sampler per sequence).
+/// Sequences drawn token by token: by the CPU decoder over the flat parameters, by the GPU decoder
+/// over its copy of them, or by the candle model (one KV-cached sampler per sequence).
 enum Sampling {
     Decoder(Box<decode::Generation>),
+    Gpu(Box<CudaGeneration>),
     Graph(Vec<Sampler>),
 }
 
@@ -295,9 +300,16 @@ impl Engine {
         &self.model.args
     }
 
+    /// Ends any generation in progress and drops the GPU decoder's copy of the weights, before the weights
+    /// change (training steps, loading, cropping, rank 0's broadcast).
+    fn weights_changing(&mut self) {
+        self.sampling = None;
+        *self.gpu_weights.get_mut().expect("no panic while holding the GPU weights") = None;
+    }
+
     /// Shrinks the context to `block_size` positions (nanoGPT's `crop_block_size`).
     pub fn crop_block_size(&mut self, block_size: usize) -> Result<()> {
-        self.sampling = None;
+        self.weights_changing();
         if self.optimizer_configured() {
             candle_core::bail!("crop the block size before configuring the optimizer, which holds the old position embedding");
         }
@@ -321,6 +333,7 @@ impl Engine {
             scaler: None,
             profile: None,
             sampling: None,
+            gpu_weights: Mutex::new(None),
             collective: Box::new(SingleProcess),
             zero_stage: 0,
             last_loss: Mutex::new(None),
@@ -525,7 +538,7 @@ impl Engine {
         if collective.world_size() > 1 {
             collective = Box::new(Watchdog::new(collective, timeout));
         }
-        self.sampling = None;
+        self.weights_changing();
         match (self.flat.as_mut(), self.gpu_step.as_ref()) {
             (Some(flat), _) => {
                 collective.broadcast(&mut flat.params, 0);
@@ -674,7 +687,7 @@ impl Engine {
 
     /// Replaces the weights from tensors named as in nanoGPT's state dict, checking names and shapes.
     fn load_weights(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
-        self.sampling = None;
+        self.weights_changing();
         self.sync_model()?;
         self.model.load(tensors)?;
         if let Some(flat) = self.flat.as_mut() {
@@ -873,7 +886,7 @@ impl Engine {
 
     /// Applies the accumulated gradients (clipped if configured) at learning rate `lr`, then clears them.
     pub fn step(&mut self, lr: f64) -> Result<StepStats> {
-        self.sampling = None;
+        self.weights_changing();
         let start = self.mark();
         if self.gpu_step.is_some() {
             let stats = self.gpu_step_update(lr)?;
@@ -958,22 +971,59 @@ impl Engine {
     /// seed (`args.seed` is not used), each what [`Engine::generate`] gives for that seed. On the CPU they
     /// decode together as one batch.
     pub fn generate_batch(&self, prompt: &[u32], seeds: &[u64], args: &SampleArgs) -> Result<Vec<Vec<u32>>> {
-        match self.flat.as_ref() {
-            Some(flat) => decode::generate(flat.weights(&self.model.args), prompt, seeds, args),
-            None => {
-                let model = self.synced_model()?;
-                seeds.iter().map(|&seed| sample::generate(model, prompt, &SampleArgs { seed, ..args.clone() })).collect()
-            }
+        if let Some(flat) = self.flat.as_ref() {
+            return decode::generate(flat.weights(&self.model.args), prompt, seeds, args);
         }
+        if let Some(mut generation) = self.gpu_generation(prompt, seeds, args)? {
+            for _ in 0..args.max_new_tokens {
+                generation.next_tokens()?;
+            }
+            return Ok(generation.into_sequences());
+        }
+        let model = self.synced_model()?;
+        seeds.iter().map(|&seed| sample::generate(model, prompt, &SampleArgs { seed, ..args.clone() })).collect()
+    }
+
+    /// On a CUDA device, sequences to decode on its kernels (decode_cuda.rs) from a copy of the weights in
+    /// the compute precision; None where candle's graph samples instead: in float16, which the kernels do not
+    /// have, with `NANOGPT_CUDA_STEP=graph`, and off CUDA.
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    fn gpu_generation(&self, prompt: &[u32], seeds: &[u64], args: &SampleArgs) -> Result<Option<CudaGeneration>> {
+        let dtype = self.model.compute_dtype();
+        if !self.model.device().is_cuda() || self.cuda_step == CudaStep::Graph || dtype == DType::F16 {
+            return Ok(None);
+        }
+        #[cfg(feature = "cuda")]
+        {
+            let model = self.synced_model()?;
+            let x = gpu_step_precision(dtype)?;
+            let gpu: Arc<dyn Gpu + Send + Sync> = Arc::new(cuda::Kernels::new(model.device())?);
+            let mut cached = self.gpu_weights.lock().expect("no panic while holding the GPU weights");
+            let weights = match cached.as_ref() {
+                Some((precision, weights)) if *precision == x => weights.clone(),
+                _ => {
+                    let layout = ParamLayout::new(&model.args);
+                    let mut params = vec![0f32; layout.len];
+                    copy_from_model(&layout, &mut params, model)?;
+                    let weights = crate::decode_cuda::upload_weights(&gpu, x, &params)?;
+                    *cached = Some((x, weights.clone()));
+                    weights
+                }
+            };
+            Ok(Some(CudaGeneration::new(gpu, &model.args, x, weights, prompt, seeds, args)?))
+        }
+        #[cfg(not(feature = "cuda"))]
+        candle_core::bail!("a CUDA device in a build without CUDA cannot sample on its kernels")
     }
 
     /// Starts sequences (one per seed) to be drawn token by token with [`Engine::next_tokens`]; the tokens
     /// are those [`Engine::generate_batch`] gives. Training steps end it.
     pub fn start_sampling(&mut self, prompt: &[u32], seeds: &[u64], temperature: f64, top_k: Option<usize>) -> Result<()> {
         let args = SampleArgs { max_new_tokens: 0, temperature, top_k, seed: 0 };
-        self.sampling = Some(match self.flat.as_ref() {
-            Some(_) => Sampling::Decoder(Box::new(decode::Generation::new(&self.model.args, prompt, seeds, &args)?)),
-            None => {
+        self.sampling = Some(match (self.flat.as_ref(), self.gpu_generation(prompt, seeds, &args)?) {
+            (Some(_), _) => Sampling::Decoder(Box::new(decode::Generation::new(&self.model.args, prompt, seeds, &args)?)),
+            (None, Some(generation)) => Sampling::Gpu(Box::new(generation)),
+            (None, None) => {
                 let model = self.synced_model()?;
                 Sampling::Graph(seeds.iter().map(|&seed| Sampler::new(model, prompt, temperature, top_k, seed)).collect::<Result<_>>()?)
             }
@@ -985,6 +1035,7 @@ impl Engine {
     pub fn next_tokens(&mut self) -> Result<Vec<u32>> {
         match (self.sampling.as_mut(), self.flat.as_ref()) {
             (Some(Sampling::Decoder(generation)), Some(flat)) => Ok(generation.next_tokens(flat.weights(&self.model.args)).to_vec()),
+            (Some(Sampling::Gpu(generation)), _) => Ok(generation.next_tokens()?.to_vec()),
             // Without the flat step the candle model holds the weights itself.
             (Some(Sampling::Graph(samplers)), None) => samplers.iter_mut().map(|s| s.next_token(&self.model)).collect(),
             _ => candle_core::bail!("no generation to continue: call start_sampling first (training steps end a generation)"),

@@ -7,6 +7,7 @@ mod collective_nccl;
 pub mod cpu_ops;
 pub mod cuda;
 pub mod decode;
+pub mod decode_cuda;
 pub mod engine;
 pub mod files;
 pub mod hf;

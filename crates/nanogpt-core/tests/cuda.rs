@@ -1,5 +1,6 @@
 //! The CUDA engine against the CPU engine on a small model: logits, loss and every gradient, in
-//! float32 (TF32 matmuls) and bfloat16, then a few training steps in each dtype. Built only with the
+//! float32 (TF32 matmuls) and bfloat16, then a few training steps in each dtype, and sampling on the
+//! kernels, streamed token by token and as one batch. Built only with the
 //! `cuda` feature. They need a GPU, so `cargo test` lists them as ignored: run them with
 //! `cargo test --release -p nanogpt-core --features cuda --test cuda -- --ignored` (bench/gpu-check.sh
 //! does), where a missing GPU fails them.
@@ -8,6 +9,7 @@
 use candle_core::{DType, Device, Result, Tensor};
 use nanogpt_core::engine::device;
 use nanogpt_core::model::{Gpt, Mode};
+use nanogpt_core::sample::SampleArgs;
 use nanogpt_core::{Engine, Gelu, ModelArgs, OptimizerArgs};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -143,6 +145,33 @@ fn training_steps_track_the_cpu_engine() -> Result<()> {
         let memory = engine.memory_stats()?.expect("memory figures on a GPU");
         eprintln!("{dtype}: memory {memory:?}");
         assert!(memory.peak_bytes >= memory.in_use_bytes && memory.in_use_bytes > 0 && memory.total_bytes > 0);
+    }
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn sampling_on_the_kernels_streams_what_a_batch_gives() -> Result<()> {
+    gpu();
+    let args = args(0.0);
+    let sample = SampleArgs { max_new_tokens: args.block_size + 5, temperature: 0.8, top_k: Some(10), seed: 0 };
+    let (prompt, seeds) = ([1u32, 2], [5u64, 6]);
+    for dtype in ["float32", "bfloat16"] {
+        let mut engine = Engine::new(&args, 3, "cuda")?;
+        engine.set_precision(dtype)?;
+        let batch = engine.generate_batch(&prompt, &seeds, &sample)?;
+        assert!(
+            batch.iter().all(|s| s.len() == prompt.len() + sample.max_new_tokens && s.iter().all(|&t| (t as usize) < args.vocab_size)),
+            "{dtype}: {batch:?}"
+        );
+        engine.start_sampling(&prompt, &seeds, sample.temperature, sample.top_k)?;
+        let mut streamed = vec![prompt.to_vec(); seeds.len()];
+        for _ in 0..sample.max_new_tokens {
+            for (seq, token) in streamed.iter_mut().zip(engine.next_tokens()?) {
+                seq.push(token);
+            }
+        }
+        assert_eq!(batch, streamed, "{dtype}: token by token against the whole batch");
     }
     Ok(())
 }

@@ -7,6 +7,7 @@ mod adamw;
 mod attention;
 mod bias;
 mod classifier;
+mod decode;
 mod encoder;
 mod engine;
 mod gelu;

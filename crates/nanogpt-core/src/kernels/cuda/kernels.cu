@@ -8,3 +8,4 @@
 #include "attention.cu"
 #include "classifier.cu"
 #include "adamw.cu"
+#include "decode.cu"

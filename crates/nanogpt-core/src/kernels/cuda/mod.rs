@@ -10,6 +10,7 @@ pub mod adamw;
 pub mod attention;
 pub mod bias;
 pub mod classifier;
+pub mod decode;
 pub mod encoder;
 pub mod gelu;
 pub mod layernorm;
