@@ -1,9 +1,10 @@
 //! Generation on a GPU: decode.rs's design on the kernels of `kernels/cuda`, for a batch of sequences
-//! that decode together. The weights (of the precision X), a KV cache for the whole block and every
-//! buffer a pass needs are allocated once per generation, so that a token allocates nothing; a pass
-//! runs the model over the new positions only, against the cache, and brings each sequence's last
-//! logits back to the host, where decode.rs's [`Sequences`] samples them. Past `block_size` the
-//! window is recomputed as one prefill pass, as on the CPU.
+//! that decode together. The weights are uploaded once in the precision X ([`upload_weights`]) and
+//! shared by generations; a KV cache for the whole block and every buffer a pass needs are allocated
+//! once per generation, so that a token allocates nothing. A pass runs the model over the new
+//! positions only, against the cache, and brings each sequence's last logits back to the host, where
+//! decode.rs's [`Sequences`] samples them. Past `block_size` the window is recomputed as one prefill
+//! pass, as on the CPU.
 //!
 //! Shapes: B sequences, T new positions per pass, C = n_embd, NH heads, V vocab, L layers.
 
