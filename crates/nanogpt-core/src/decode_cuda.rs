@@ -15,7 +15,7 @@ use candle_core::{bail, Result};
 
 use crate::decode::Sequences;
 use crate::kernels::cuda::decode::{self, Cache};
-use crate::kernels::cuda::{encoder, gelu, layernorm, matmul, DeviceBuffer, Gpu, Precision};
+use crate::kernels::cuda::{attention, encoder, gelu, layernorm, matmul, DeviceBuffer, Gpu, Precision};
 use crate::model::{Gelu, ModelArgs};
 use crate::sample::SampleArgs;
 use crate::train_step::{Affine, ParamLayout};
@@ -48,9 +48,10 @@ pub struct CudaDecoder {
     branch: DeviceBuffer,
     fch: DeviceBuffer,
     fch_gelu: DeviceBuffer,
-    /// (B, block) LayerNorm statistics, f32.
+    /// (B, block) LayerNorm statistics, and (B, NH, block) the flash attention's log-sum-exps, f32.
     mean: DeviceBuffer,
     rstd: DeviceBuffer,
+    lse: DeviceBuffer,
     /// (B, C): each sequence's last row after the final LayerNorm; (B, V): its logits.
     last: DeviceBuffer,
     logits: DeviceBuffer,
@@ -86,6 +87,7 @@ impl CudaDecoder {
             fch_gelu: buffer(rows * 4 * c, xs)?,
             mean: buffer(rows, 4)?,
             rstd: buffer(rows, 4)?,
+            lse: buffer(rows * args.n_head, 4)?,
             last: buffer(batch * c, xs)?,
             logits: buffer(batch * args.vocab_size, xs)?,
             host_logits: vec![0.0; batch * args.vocab_size],
@@ -128,6 +130,9 @@ impl CudaDecoder {
         let cache = Cache { keys: self.keys.addr, values: self.values.addr, n_layer: self.args.n_layer, block, c };
         let (residual, ln, mean, rstd) = (self.residual.addr, self.ln.addr, self.mean.addr, self.rstd.addr);
         let tanh = self.args.gelu == Gelu::Tanh;
+        // A prefill attends among its own positions only: the training step's flash attention does that at a
+        // fraction of the cost of one block per query, which matters past block_size, where every token is one.
+        let prefill_by_flash_attention = pos0 == 0 && t > 1 && attention::HEAD_SIZES.contains(&(c / nh));
 
         // The new positions' rows of the position embedding start at pos0.
         let wpe = self.weight(&layout.wpe) + (pos0 * c * x.size_in_bytes()) as u64;
@@ -138,7 +143,11 @@ impl CudaDecoder {
             let (w, bias) = self.affine(&lp.c_attn);
             matmul::forward(gpu, x, self.qkv.addr, ln, w, bias, n, c, 3 * c)?;
             decode::append(gpu, x, &cache, l, self.qkv.addr, n, t, pos0)?;
-            decode::attend(gpu, x, self.atty.addr, self.qkv.addr, &cache, l, b, t, pos0, nh)?;
+            if prefill_by_flash_attention {
+                attention::forward(gpu, x, self.atty.addr, self.lse.addr, self.qkv.addr, b, t, c, nh, None)?;
+            } else {
+                decode::attend(gpu, x, self.atty.addr, self.qkv.addr, &cache, l, b, t, pos0, nh)?;
+            }
             let (w, bias) = self.affine(&lp.attn_proj);
             matmul::forward(gpu, x, self.branch.addr, self.atty.addr, w, bias, n, c, c)?;
             let (w, bias) = self.affine(&lp.ln_2);
