@@ -968,8 +968,8 @@ impl Engine {
     }
 
     /// One sequence per seed, each the prompt followed by `args.max_new_tokens` tokens sampled with its own
-    /// seed (`args.seed` is not used), each what [`Engine::generate`] gives for that seed. On the CPU they
-    /// decode together as one batch.
+    /// seed (`args.seed` is not used), each what [`Engine::generate`] gives for that seed. On the CPU, and on a
+    /// GPU in float32 and bfloat16, they decode together as one batch.
     pub fn generate_batch(&self, prompt: &[u32], seeds: &[u64], args: &SampleArgs) -> Result<Vec<Vec<u32>>> {
         if let Some(flat) = self.flat.as_ref() {
             return decode::generate(flat.weights(&self.model.args), prompt, seeds, args);
