@@ -303,6 +303,30 @@ describe.skipIf(!canRun)('data-parallel training on two ranks (mpirun)', () => {
     }
   });
 
+  it('stops every rank when only rank 1 is asked, rank 0 announcing the stop and saving', async () => {
+    // mpirun forwards a stop request to the ranks one by one, so rank 0 may learn of it from another rank first.
+    const marker = `nanogpt-ddp-stop-one-${process.pid}`;
+    const job = startJob(work, marker, [...tiny, '--nproc_per_node=2', '--gradient_accumulation_steps=2', '--max_iters=100000', '--eval_interval=100000', '--out_dir=out-stop-one']);
+    try {
+      job.onStdout((stdout) => {
+        if (!/^iter 3: /m.test(stdout)) return false;
+        process.kill(rankProcess(marker, 1), 'SIGUSR2');
+        return true;
+      });
+      const status = await job.closed;
+      expect(job.stderr()).toBe('');
+      expect(status).toBe(0);
+      const stdout = job.stdout();
+      expect(stdout.match(/^interrupted: stopping after this step and saving a checkpoint/gm)).toHaveLength(1);
+      const stopped = /^stopped at iteration (\d+); resume with --init_from=resume --out_dir=out-stop-one$/m.exec(stdout);
+      expect(stopped).not.toBeNull();
+      expect(JSON.parse(readFileSync(join(work, 'out-stop-one', 'ckpt.json'), 'utf8')).iter_num).toBe(Number(stopped![1]) + 1);
+      expect(await leftBehind(marker)).toEqual([]);
+    } finally {
+      job.kill();
+    }
+  });
+
   it('stops the job when a rank hangs, once ddp_timeout has passed', async () => {
     const marker = `nanogpt-ddp-hang-${process.pid}`;
     const timeout = 4;

@@ -282,7 +282,8 @@ describe('library API', () => {
     printed.mockRestore();
     written.mockRestore();
     expect(result).toMatchObject({ stopped: true, iter_num: 3, iterations: 4 });
-    expect(events.map((e) => e.kind).filter((kind) => kind !== 'info')).toEqual(['eval', 'iter', 'iter', 'iter', 'iter', 'checkpoint']);
+    expect(events.map((e) => e.kind).filter((kind) => kind !== 'info')).toEqual(['eval', 'iter', 'iter', 'iter', 'iter', 'stop', 'checkpoint']);
+    expect(events.find((e) => e.kind === 'stop')).toMatchObject({ iter: 3, message: 'stopping after iteration 3' });
     expect(events.map((e) => e.message)).toContain('Initializing a new model from scratch');
     expect(events.at(-1)!.message).toBe(`saving checkpoint to ${outDir}`);
     expect(JSON.parse(readFileSync(join(outDir, 'ckpt.json'), 'utf8')).iter_num).toBe(4);

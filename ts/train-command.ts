@@ -22,10 +22,15 @@ export async function runTrainCommand(overrides: Partial<TrainConfig>): Promise<
   // Only the first request is caught: once the listeners are gone, the signals' default action (exit) is back, so a
   // second one ends the process at once, even in the middle of a step or of the checkpoint save.
   const stopSignals: NodeJS.Signals[] = worldSize > 1 ? ['SIGINT', 'SIGUSR2'] : ['SIGINT'];
+  let announced = false;
+  const announceStop = () => {
+    if (!announced) print('interrupted: stopping after this step and saving a checkpoint (Ctrl-C again to quit at once)');
+    announced = true;
+  };
   const onStop = () => {
     for (const signal of stopSignals) process.off(signal, onStop);
     stop.abort();
-    print('interrupted: stopping after this step and saving a checkpoint (Ctrl-C again to quit at once)');
+    announceStop();
   };
   for (const signal of stopSignals) process.on(signal, onStop);
   try {
@@ -36,6 +41,10 @@ export async function runTrainCommand(overrides: Partial<TrainConfig>): Promise<
           progress ??= new Progress(output, overrides.max_iters ?? trainSchema.max_iters.default);
           progress.log(event.message);
           progress.update(event.iter, event.loss);
+        } else if (event.kind === 'stop') {
+          // Rank 0 can learn of the stop from another rank before its own signal handler runs (mpirun forwards the
+          // request to one rank after another), or never be asked at all (a rank signalled by hand).
+          announceStop();
         } else {
           print(event.message);
         }

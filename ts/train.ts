@@ -29,14 +29,16 @@ export interface TrainResult {
 }
 
 /**
- * What a run reports, each with the line the CLI prints: `iter` at each log interval, `eval` at each evaluation,
- * `checkpoint` at each save, `info` for everything else (set-up, notes).
+ * What a run reports, each with a line to print: `iter` at each log interval, `eval` at each evaluation, `checkpoint` at
+ * each save, `stop` before the checkpoint of a run stopped through `signal` (on every rank of a data-parallel run,
+ * whichever of them was asked), `info` for everything else (set-up, notes).
  */
 export type TrainLogEvent =
   | { kind: 'info'; message: string }
   | { kind: 'iter'; message: string; iter: number; loss: number; time_ms: number; mfu: number | null }
   | { kind: 'eval'; message: string; iter: number; train_loss: number; val_loss: number }
-  | { kind: 'checkpoint'; message: string; iter: number; out_dir: string };
+  | { kind: 'checkpoint'; message: string; iter: number; out_dir: string }
+  | { kind: 'stop'; message: string; iter: number };
 
 export interface TrainOptions {
   /** Receives the run's progress; nothing is printed. */
@@ -246,6 +248,7 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
       if (engine.anyRank(options.signal?.aborted ?? false)) {
         // The step is applied: the checkpoint resumes at the next iteration.
         stopped = true;
+        report({ kind: 'stop', message: `stopping after iteration ${iterNum - 1}`, iter: iterNum - 1 });
         save();
         break;
       }
