@@ -37,10 +37,11 @@ namespace cuda_on_cpu {
 void* dynamic_shared();
 void syncthreads();
 void syncwarp();
-// This thread's index within its block (x fastest), and the block's per-thread exchange slots that
-// warp shuffles pass values through.
+// This thread's index within its block (x fastest), and the block's per-thread exchange slots, SLOT_WORDS
+// words each, that warp shuffles and tensor-core fragments pass through.
 unsigned thread_in_block();
-uint64_t* shuffle_slots();
+constexpr unsigned SLOT_WORDS = 4;
+uint64_t* exchange_slots();
 
 // Each lane publishes its value, the warp waits, each lane reads lane `source(lane)` (its own value
 // where the source is out of range), and the warp waits again before the slots can be reused.
@@ -51,11 +52,11 @@ T shuffle(T value, Source source) {
   const unsigned threads = blockDim.x * blockDim.y * blockDim.z;
   uint64_t bits = 0;
   memcpy(&bits, &value, sizeof(T));
-  shuffle_slots()[tid] = bits;
+  exchange_slots()[tid * SLOT_WORDS] = bits;
   syncwarp();
   const int from = source((int)lane);
   T result = value;
-  if (from >= 0 && from < 32 && first + from < threads) memcpy(&result, &shuffle_slots()[first + from], sizeof(T));
+  if (from >= 0 && from < 32 && first + from < threads) memcpy(&result, &exchange_slots()[(first + from) * SLOT_WORDS], sizeof(T));
   syncwarp();
   return result;
 }
@@ -269,3 +270,35 @@ void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix
 }
 }  // namespace wmma
 }  // namespace nvcuda
+
+// PTX's mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32, d += a b, for the calling warp (all 32 lanes).
+// Unlike wmma's, these fragments' layout is PTX's documented one, which kernels rely on (common.cuh's
+// mma_16x8x16 spells it out): every lane publishes its registers, then computes its own four results from
+// the whole A (16 x 16) and B (16 x 8), products exact in float, summed in float along k.
+namespace cuda_on_cpu {
+inline void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  const unsigned tid = thread_in_block(), lane = tid % 32, first = tid - lane;
+  uint32_t* mine = reinterpret_cast<uint32_t*>(exchange_slots() + tid * SLOT_WORDS);
+  for (int i = 0; i < 4; ++i) mine[i] = a[i];
+  mine[4] = b[0];
+  mine[5] = b[1];
+  syncwarp();
+  // Element `half` (0: the lower 16 bits) of register `reg` of lane `source`.
+  const auto element = [&](unsigned source, int reg, int half) {
+    const uint32_t word = reinterpret_cast<const uint32_t*>(exchange_slots() + (first + source) * SLOT_WORDS)[reg];
+    return __bfloat162float(__nv_bfloat16{(uint16_t)(half ? word >> 16 : word & 0xffffu)});
+  };
+  const auto a_at = [&](int row, int k) { return element((row % 8) * 4 + (k % 8) / 2, (row >= 8) + 2 * (k >= 8), k % 2); };
+  const auto b_at = [&](int k, int col) { return element(col * 4 + (k % 8) / 2, 4 + (k >= 8), k % 2); };
+  const int g = (int)lane / 4, t = (int)lane % 4;
+  float result[4];
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + 8 * (e / 2), col = 2 * t + e % 2;
+    float sum = d[e];
+    for (int k = 0; k < 16; ++k) sum += a_at(row, k) * b_at(k, col);
+    result[e] = sum;
+  }
+  syncwarp();  // every lane has read the slots before any of them is reused
+  for (int e = 0; e < 4; ++e) d[e] = result[e];
+}
+}  // namespace cuda_on_cpu

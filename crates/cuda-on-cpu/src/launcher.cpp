@@ -1,6 +1,6 @@
 // Runs a registered kernel over its grid: for each block in turn, the launch's worker threads (one per
 // CUDA thread of a block) run the kernel together, with a fresh barrier per block for __syncthreads, one
-// per warp for shuffles and __syncwarp, and dynamic shared memory filled with NaNs so that a read before
+// per warp for shuffles, mma.sync and __syncwarp, and dynamic shared memory filled with NaNs so that a read before
 // a write shows. A thread that returns leaves its barriers, as an exited CUDA thread stops counting.
 // The worker threads outlive launches: starting up to 1024 threads costs more than most test launches.
 
@@ -147,7 +147,7 @@ void* dynamic_shared() { return current->shared.data(); }
 void syncthreads() { current->block_sync->arrive_and_wait(); }
 void syncwarp() { current->warp_sync[thread_index / 32]->arrive_and_wait(); }
 unsigned thread_in_block() { return thread_index; }
-uint64_t* shuffle_slots() { return current->slots.data(); }
+uint64_t* exchange_slots() { return current->slots.data(); }
 
 void add_kernel(const char* name, size_t arity, void (*thunk)(void*, void**), void* function) {
   kernels()[name] = Kernel{arity, thunk, function};
@@ -184,7 +184,7 @@ extern "C" int cuda_on_cpu_launch(const char* name, const uint32_t* grid, const 
   launch.blocks = (uint64_t)grid[0] * grid[1] * grid[2];
   launch.block_start = std::make_unique<std::barrier<>>(threads + 1);
   launch.block_end = std::make_unique<std::barrier<>>(threads + 1);
-  launch.slots.assign(threads, 0);
+  launch.slots.assign((size_t)threads * SLOT_WORDS, 0);
   launch.shared.assign((shared_bytes + sizeof(Launch::Line) - 1) / sizeof(Launch::Line), Launch::Line{});
   current = &launch;
   blockDim = dim3{block[0], block[1], block[2]};

@@ -318,33 +318,34 @@ __device__ void backward_key(X* dqkv, const X* dout, const X* qkv, const float* 
 }  // namespace attention
 
 // Tensor-core kernels, for bf16 at head sizes 64 and 128 (GPT-2's sizes). Same contract as the kernels
-// above (lse, dropout indices, D_i), with every tile product (Q.K^T and P.V here, dS.K, dS^T.Q, P^T.dO and
-// dO.V^T in the backward) a wmma m16n16k16 product of bf16 operands into float accumulators.
+// above (lse, dropout indices, D_i), with every tile product a tensor-core product of bf16 operands into
+// float accumulators: Q.K^T and P.V in the forward as mma.sync tiles whose layout PTX documents (the
+// softmax stays in registers, see forward), dS.K, dS^T.Q, P^T.dO and dO.V^T in the backward as wmma
+// m16n16k16 products.
 //
 // A block of TC_WARPS warps owns TC_ROWS = 64 rows (queries, or keys for the dK/dV kernel), 16 per warp,
-// and walks tiles of TC_COLS = 64 of the other side. 64 x 64 tiles give each warp 16 x 64 scores, four
-// accumulator fragments, per (16 x HS) x (HS x 64) product: each K or V element loaded into shared memory
-// feeds 64 rows' products (against 16 for the CUDA-core kernels), to move these kernels from shared-memory
-// bound towards tensor-core bound. A fragment's element-to-lane mapping is unspecified, so the
-// row-wise work (masking, the online softmax, dropout, the backward's dS) is done on an f32 copy of the
-// score tile in shared memory: lane pair (2r, 2r+1) owns row r of its warp's 16, every other column.
+// and walks tiles of TC_COLS = 64 of the other side. 64 x 64 tiles give each warp 16 x 64 scores per
+// (16 x HS) x (HS x 64) product: each K or V element loaded into shared memory feeds 64 rows' products
+// (against 16 for the CUDA-core kernels), to move these kernels from shared-memory bound towards
+// tensor-core bound. A wmma fragment's element-to-lane mapping is unspecified, so the backward's row-wise
+// work (masking, dropout, dS) is done on an f32 copy of the score tile in shared memory: lane pair
+// (2r, 2r+1) owns row r of its warp's 16, every other column.
 // Shared memory is dynamic (attention.rs's tc_shared_bytes): the K and V (or Q and dO) tiles as bf16, twice
 // over in the forward (double-buffered), with rows padded by 8 elements (16 bytes, keeping wmma's 32-byte
-// alignment per 16 rows while shifting banks), per warp one (forward) or two (backward) 16 x 64 bf16 operand
-// tiles (P; dS; W^T and dS^T) and a float scratch of 16 rows (max(64, HS) + 4 wide in the forward,
-// max(128, HS) + 4 in the backward, which holds two score tiles side by side), and a few per-row floats.
-// Every region starts at a multiple of 32 bytes, and the kernels have no static shared memory, so the
-// dynamic block starts aligned. Global reads of the tiles are 16 bytes per lane where the rows are aligned
-// for it: asynchronous copies in the forward (copy_tile_async), loads through registers in the backward
-// (load_tile), whose kernels have no shared memory to spare for a second pair of tiles.
+// alignment per 16 rows while shifting banks, and the forward's operand reads free of bank conflicts); in
+// the backward also per warp two 16 x 64 bf16 operand tiles (W^T and dS^T) and a float scratch of 16 rows,
+// max(128, HS) + 4 wide (two score tiles side by side), and 2 x 64 per-row floats. Every region starts at
+// a multiple of 32 bytes, and the kernels have no static shared memory, so the dynamic block starts
+// aligned. Global reads of the tiles are 16 bytes per lane where the rows are aligned for it: asynchronous
+// copies in the forward (copy_tile_async), loads through registers in the backward (load_tile), whose
+// kernels have no shared memory to spare for a second pair of tiles.
 //
-// Sizes on Hopper (nvcc 13, -Xptxas -v, sm_90, no spills), at HS=64 / HS=128: forward 140 / 168
-// registers, 62.3 / 110.3 KiB; dQ kernel 130 / 226 registers, 69.5 / 85.5 KiB; dK/dV kernel 168 / 255
-// registers, 69.5 / 85.5 KiB. Per SM (64K registers, 228 KiB) that is 2 or 3 blocks of 4 warps, limited by
-// shared memory or registers; the dK/dV kernel at HS=128 keeps K, V fragments and dK, dV accumulators (16
+// Sizes on Hopper (nvcc 13, -Xptxas -v, sm_90, no spills), at HS=64 / HS=128: forward 168 / 251 registers,
+// 36 / 68 KiB; dQ kernel 130 / 226 registers, 69.5 / 85.5 KiB; dK/dV kernel 168 / 255 registers, 69.5 /
+// 85.5 KiB. Per SM (64K registers, 228 KiB) that is 3 / 2 blocks of 4 warps for the forward, registers
+// limiting, and 2 or 3 for the backward, limited by shared memory or registers; the dK/dV kernel at HS=128 keeps K, V fragments and dK, dV accumulators (16
 // fragments each) in registers, at the 255 limit. 64-row blocks give T/64 x B*NH = 2304 blocks at GPT-2's
-// B=12, T=1024: several waves over 132 SMs. Larger tiles (128 queries, 8 warps) would halve K/V traffic
-// again but leave half as many blocks and, at 76 to 86 KiB per 64 rows, no second block per SM at HS=128.
+// B=12, T=1024: several waves over 132 SMs.
 namespace attention_tc {
 using namespace nvcuda;
 
@@ -354,10 +355,7 @@ constexpr int TC_COLS = 64;
 constexpr int OPERAND_LD = TC_COLS + 8;  // bf16 pitch of a warp's 16 x 64 operand tile
 template <int HS>
 constexpr int TILE_LD = HS + 8;  // bf16 pitch of a 64 x HS tile
-// Float pitch of a warp's scratch: the forward's holds 16 x 64 scores or 16 x HS outputs, the backward's
-// two 16 x 64 score tiles side by side or 16 x HS gradients.
-template <int HS>
-constexpr int FORWARD_LD = (HS > TC_COLS ? HS : TC_COLS) + 4;
+// Float pitch of a backward warp's scratch: two 16 x 64 score tiles side by side, or 16 x HS gradients.
 template <int HS>
 constexpr int BACKWARD_LD = (HS > 2 * TC_COLS ? HS : 2 * TC_COLS) + 4;
 
@@ -466,24 +464,6 @@ __device__ __forceinline__ void accumulate_operand_times_tile(Accumulator (&acc)
   }
 }
 
-// out (16 x HS, pitch SLD) = operand (16 x 64 bf16) times `tile`, over column blocks 0..blocks-1. One
-// fragment at a time: the forward keeps no accumulators across tiles (its rows are rescaled).
-template <int HS, int SLD>
-__device__ __forceinline__ void operand_times_tile(float* out, const bf16* operand, const bf16* tile, int blocks) {
-  for (int dn = 0; dn < HS / 16; ++dn) {
-    Accumulator acc;
-    wmma::fill_fragment(acc, 0.0f);
-    for (int n = 0; n < blocks; ++n) {
-      RowsA a;
-      RowsB t;
-      wmma::load_matrix_sync(a, operand + 16 * n, OPERAND_LD);
-      wmma::load_matrix_sync(t, tile + 16 * n * TILE_LD<HS> + 16 * dn, TILE_LD<HS>);
-      wmma::mma_sync(acc, a, t, acc);
-    }
-    wmma::store_matrix_sync(out + 16 * dn, acc, SLD, wmma::mem_row_major);
-  }
-}
-
 // The warp's 16 x HS accumulators into `scratch` (pitch SLD), then as bf16 into rows row0.. of `dst`
 // (rows `stride` apart) that lie before T, lanes along a row.
 template <int HS, int SLD>
@@ -498,24 +478,22 @@ __device__ __forceinline__ void store_rows(bf16* dst, int stride, int row0, int 
   __syncwarp();
 }
 
-// attention::forward's contract on tensor cores: per (b, h, 64 queries) a running softmax over tiles of
-// 64 keys. K and V tiles are double-buffered: the copies of tile i+1 (copy_tile_async) run while the warps
-// work on tile i. Warp w owns queries first_row + 16w.. and, on the diagonal tile, skips the 16-key blocks
-// past its last query. Its output rows live in registers as o[e] = element lane + 32e of its 16 x HS block
-// (row (lane + 32e) / HS), so that P.V's result is read from the scratch without bank conflicts; each
-// row's rescale factor reaches them through `row_factor` in shared memory.
+// attention::forward's contract on mma.sync tiles (common.cuh's mma_16x8x16), per (b, h, 64 queries): a
+// running softmax over tiles of 64 keys, as FlashAttention-2 does it, in registers. K and V tiles are
+// double-buffered in shared memory: the copies of tile i+1 (copy_tile_async) run while the warps work on
+// tile i. Warp w owns queries q0 = first_row + 16w.. and keeps, per lane (g = lane / 4, t = lane % 4),
+// their Q operands, the scores of rows g and g+8 against keys 2t, 2t+1 of each 8-key column block, and
+// the same rows' output columns. A row's max and sum are thus over the 4 lanes of a group (two shuffles),
+// the probabilities become P.V's A operands without leaving registers, and nothing but K and V passes
+// through shared memory. On the diagonal tile a warp skips the 16-key blocks past its last query.
 template <int HS>
 __device__ void forward(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) {
-  constexpr int SLD = FORWARD_LD<HS>, PER_LANE = 16 * HS / WARP_SIZE;
-  constexpr int TILE_ELEMENTS = TC_ROWS * TILE_LD<HS>;
+  constexpr int LD = TILE_LD<HS>, TILE_ELEMENTS = TC_ROWS * LD;
+  constexpr int KEY_BLOCKS = TC_COLS / 8, DIM_BLOCKS = HS / 8, DIM_STEPS = HS / 16, KEY_STEPS = TC_COLS / 16;
   DYNAMIC_SHARED(bf16, attention_shared);
   // Buffer s holds K at tiles + 2s and V at tiles + 2s + 1 (in units of TILE_ELEMENTS).
   bf16* tiles = attention_shared;
-  const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
-  bf16* operands = tiles + 4 * TILE_ELEMENTS;
-  bf16* p_tile = operands + warp * 16 * OPERAND_LD;
-  float* scratch = reinterpret_cast<float*>(operands + TC_WARPS * 16 * OPERAND_LD) + warp * 16 * SLD;
-  float* row_factor = reinterpret_cast<float*>(operands + TC_WARPS * 16 * OPERAND_LD) + TC_WARPS * 16 * SLD + warp * 16;
+  const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE, g = lane / 4, t = lane % 4;
   const int bh = blockIdx.y, b = bh / NH, h = bh % NH, C3 = 3 * C;
   const float scale = 1.0f / sqrtf((float)HS);
   const uint64_t first_weight = (uint64_t)bh * T * T;
@@ -524,19 +502,28 @@ __device__ void forward(bf16* out, float* lse, const bf16* qkv, int T, int C, in
   const bf16* k = q + C;
   const bf16* v = q + 2 * C;
 
-  // Q passes through the first K tile into the warp's fragments, kept for every key tile.
-  RowsA q_frag[HS / 16];
+  // Q passes through the first K tile into the warp's operands, kept for every key tile.
+  uint32_t q_frag[DIM_STEPS][4];
   load_tile<HS>(tiles, q, C3, first_row, T);
   __syncthreads();
-  load_row_fragments<HS>(q_frag, tiles + 16 * warp * TILE_LD<HS>);
+  const bf16* q_rows = tiles + 16 * warp * LD;
+#pragma unroll
+  for (int ds = 0; ds < DIM_STEPS; ++ds) {
+    const bf16* at = q_rows + g * LD + 16 * ds + 2 * t;
+    q_frag[ds][0] = load_bf16_pair(at);
+    q_frag[ds][1] = load_bf16_pair(at + 8 * LD);
+    q_frag[ds][2] = load_bf16_pair(at + 8);
+    q_frag[ds][3] = load_bf16_pair(at + 8 * LD + 8);
+  }
   __syncthreads();  // every warp holds its Q before the first K tile is copied over it
   copy_tile_async<HS>(tiles, k, C3, 0, T);
   copy_tile_async<HS>(tiles + TILE_ELEMENTS, v, C3, 0, T);
   __pipeline_commit();
 
-  // Lane pair (2r, 2r+1) keeps row r's running max and sum; `half` picks its columns.
-  const int r = lane / 2, half = lane % 2, i = q0 + r;
-  float m = -INFINITY, l = 0.0f, o[PER_LANE] = {};
+  // Index 0 is row q0 + g, index 1 row q0 + g + 8; l is this lane's share of the row's sum, summed over
+  // the group at the end (the rescales are the group's alike).
+  const int rows[2] = {q0 + g, q0 + g + 8};
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, o[DIM_BLOCKS][4] = {};
   const bool active = q0 < T;  // warp-uniform
   const int last_row = min(first_row + TC_ROWS, T) - 1;
   for (int k0 = 0, s = 0; k0 <= last_row; k0 += TC_COLS, s ^= 1) {
@@ -551,43 +538,91 @@ __device__ void forward(bf16* out, float* lse, const bf16* qkv, int T, int C, in
     const bf16* k_tile = tiles + 2 * s * TILE_ELEMENTS;
     const bf16* v_tile = k_tile + TILE_ELEMENTS;
     if (active) {
-      // 16-key blocks with a key some row of the warp sees: k0 <= q0, so at least one.
-      const int blocks = min(TC_COLS / 16, (q0 - k0) / 16 + 1), keys = 16 * blocks;
-      rows_times_tile_transposed<HS, SLD>(scratch, q_frag, k_tile, 0, blocks);
-      __syncwarp();
-      float tile_max = -INFINITY;
-      for (int c = half; c < keys; c += 2)
-        if (k0 + c <= i) tile_max = fmaxf(tile_max, scratch[r * SLD + c] * scale);
-      const float m_new = fmaxf(m, fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1)));
-      float sum = 0.0f;
-      for (int c = half; c < keys; c += 2) {
-        const int j = k0 + c;
-        const float p = j <= i ? __expf(scratch[r * SLD + c] * scale - m_new) : 0.0f;
-        sum += p;
-        p_tile[r * OPERAND_LD + c] = from_float<bf16>(p * attention::dropout_at(first_weight, T, i, j, stream, threshold, keep));
+      // 16-key blocks with a key some row of the warp sees: k0 <= q0, so at least one. The loops below run
+      // over every block, skipping the rest, so that the register arrays are indexed by constants.
+      const int key_steps = min(KEY_STEPS, (q0 - k0) / 16 + 1);
+      float p[KEY_BLOCKS][4];
+#pragma unroll
+      for (int kb = 0; kb < KEY_BLOCKS; ++kb) {
+        p[kb][0] = p[kb][1] = p[kb][2] = p[kb][3] = 0.0f;
+        if (kb / 2 >= key_steps) continue;
+        const bf16* key = k_tile + (8 * kb + g) * LD + 2 * t;
+#pragma unroll
+        for (int ds = 0; ds < DIM_STEPS; ++ds) {
+          const uint32_t kt[2] = {load_bf16_pair(key + 16 * ds), load_bf16_pair(key + 16 * ds + 8)};
+          mma_16x8x16(p[kb], q_frag[ds], kt);
+        }
       }
-      const float rescale = __expf(m - m_new);
-      l = l * rescale + sum + __shfl_xor_sync(0xffffffffu, sum, 1);
-      m = m_new;
-      if (half == 0) row_factor[r] = rescale;
-      __syncwarp();
-      operand_times_tile<HS, SLD>(scratch, p_tile, v_tile, blocks);
-      __syncwarp();
-      for (int e = 0; e < PER_LANE; ++e) {
-        const int idx = lane + WARP_SIZE * e, row = idx / HS;
-        o[e] = o[e] * row_factor[row] + scratch[row * SLD + idx % HS];
+      // Scaled and masked scores, then the rows' new maxima over the group's lanes (j <= i: key k0 is
+      // visible to every row, so the maxima are finite from the first tile on).
+      float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int kb = 0; kb < KEY_BLOCKS; ++kb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int j = k0 + 8 * kb + 2 * t + e % 2;
+          p[kb][e] = kb / 2 < key_steps && j <= rows[e / 2] ? p[kb][e] * scale : -INFINITY;
+          tile_max[e / 2] = fmaxf(tile_max[e / 2], p[kb][e]);
+        }
+      float rescale[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+        const float m_new = fmaxf(m[r], tile_max[r]);
+        rescale[r] = __expf(m[r] - m_new);
+        m[r] = m_new;
+        l[r] *= rescale[r];
+      }
+#pragma unroll
+      for (int db = 0; db < DIM_BLOCKS; ++db)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[db][e] *= rescale[e / 2];
+      // Probabilities: the sum takes them as they are, P.V with the dropout factor.
+#pragma unroll
+      for (int kb = 0; kb < KEY_BLOCKS; ++kb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float prob = __expf(p[kb][e] - m[e / 2]);
+          l[e / 2] += prob;
+          const int j = k0 + 8 * kb + 2 * t + e % 2;
+          p[kb][e] = prob * attention::dropout_at(first_weight, T, rows[e / 2], j, stream, threshold, keep);
+        }
+      // O += P.V, 16 keys at a time: two adjacent 8-key blocks of P are one A operand. V's column-major
+      // operand takes its two keys from two rows of the tile.
+#pragma unroll
+      for (int ks = 0; ks < KEY_STEPS; ++ks) {
+        if (ks >= key_steps) continue;
+        const uint32_t pa[4] = {pack_bf16(p[2 * ks][0], p[2 * ks][1]), pack_bf16(p[2 * ks][2], p[2 * ks][3]),
+                                pack_bf16(p[2 * ks + 1][0], p[2 * ks + 1][1]), pack_bf16(p[2 * ks + 1][2], p[2 * ks + 1][3])};
+        const bf16* value = v_tile + (16 * ks + 2 * t) * LD + g;
+#pragma unroll
+        for (int db = 0; db < DIM_BLOCKS; ++db) {
+          const bf16* at = value + 8 * db;
+          const uint32_t vt[2] = {pack_bf16(at[0], at[LD]), pack_bf16(at[8 * LD], at[9 * LD])};
+          mma_16x8x16(o[db], pa, vt);
+        }
       }
     }
     __syncthreads();  // every warp is done with buffer s before the next iteration copies into it
   }
   if (!active) return;
-  __syncwarp();  // the last tile's readers of row_factor are done
-  if (half == 0) row_factor[r] = 1.0f / l;
-  if (half == 0 && i < T) lse[(size_t)bh * T + i] = m + logf(l);
-  __syncwarp();
-  for (int e = 0; e < PER_LANE; ++e) {
-    const int idx = lane + WARP_SIZE * e, row = idx / HS, row_i = q0 + row;
-    if (row_i < T) out[((size_t)b * T + row_i) * C + h * HS + idx % HS] = from_float<bf16>(o[e] * row_factor[row]);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    if (t == 0 && rows[r] < T) lse[(size_t)bh * T + rows[r]] = m[r] + logf(l[r]);
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (rows[r] >= T) continue;
+    const float inverse = 1.0f / l[r];
+    bf16* row_out = out + ((size_t)b * T + rows[r]) * C + h * HS + 2 * t;
+#pragma unroll
+    for (int db = 0; db < DIM_BLOCKS; ++db) {
+      row_out[8 * db] = from_float<bf16>(o[db][2 * r] * inverse);
+      row_out[8 * db + 1] = from_float<bf16>(o[db][2 * r + 1] * inverse);
+    }
   }
 }
 

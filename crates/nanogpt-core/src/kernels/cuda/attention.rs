@@ -53,17 +53,17 @@ fn tensor_cores(x: Precision, hs: usize) -> bool {
 }
 
 /// Dynamic shared memory of a tensor-core kernel, laid out as attention.cu's `attention_tc` says: 64 x
-/// (hs + 8) bf16 tiles (K and V twice over in the forward, which double-buffers them; two in the
-/// backward), then per warp 16 rows of bf16 operands (one 64 + 8 wide in the forward, two in the
-/// backward) and of float scratch (max(64, hs) + 4 wide in the forward, max(128, hs) + 4 in the
-/// backward), then 16 row factors per warp (forward) or 2 x 64 per-query values (backward).
-/// Forward 62.3 / 110.3 KiB, backward 69.5 / 85.5 KiB at hs 64 / 128.
+/// (hs + 8) bf16 tiles (K and V twice over in the forward, which double-buffers them, and nothing else);
+/// in the backward two tiles, then per warp 16 rows of two 64 + 8 wide bf16 operands and of
+/// max(128, hs) + 4 floats of scratch, then 2 x 64 per-query values. Forward 36 / 68 KiB, backward
+/// 69.5 / 85.5 KiB at hs 64 / 128.
 fn tc_shared_bytes(forward: bool, hs: usize) -> u32 {
-    let tiles = if forward { 4 } else { 2 } * TC_ROWS * (hs + 8) * 2;
-    let (operands, scratch_width, row_values) = if forward { (1, hs.max(64) + 4, 16 * 4) } else { (2, hs.max(128) + 4, 0) };
-    let per_warp = 16 * (operands * (64 + 8) * 2 + scratch_width * 4) + row_values;
-    let block_values = if forward { 0 } else { 2 * TC_ROWS * 4 };
-    (tiles + WARPS as usize * per_warp + block_values) as u32
+    let tile = TC_ROWS * (hs + 8) * 2;
+    if forward {
+        return (4 * tile) as u32;
+    }
+    let per_warp = 16 * (2 * (64 + 8) * 2 + (hs.max(128) + 4) * 4);
+    (2 * tile + WARPS as usize * per_warp + 2 * TC_ROWS * 4) as u32
 }
 
 /// Blocks of the tensor-core kernels: one per (64 rows, b, h).

@@ -74,3 +74,40 @@ __device__ __forceinline__ float dropout_scale(uint64_t stream, uint32_t thresho
   const uint32_t u = (uint32_t)(dropout_mix(stream ^ (i * 0x9E3779B97F4A7C15ull)) >> 40);
   return u < threshold ? 0.0f : keep_scale;
 }
+
+// d += a b on tensor cores for one 16 x 8 x 16 tile (PTX's mma.sync m16n8k16: A 16 x 16 row-major, B 16 x 8
+// column-major, bf16 operands, float accumulators). Unlike wmma's fragments, these have a documented
+// layout, so a kernel can work on rows of a product (a softmax) in registers. With g = lane / 4 and
+// t = lane % 4, each operand register holds two bf16, the lower half at the lower column (A) or k (B):
+//   a[0] A(g, 2t..2t+1)   a[1] A(g+8, 2t..2t+1)   a[2] A(g, 2t+8..2t+9)   a[3] A(g+8, 2t+8..2t+9)
+//   b[0] B(2t..2t+1, g)   b[1] B(2t+8..2t+9, g)
+//   d[0], d[1] D(g, 2t), D(g, 2t+1)   d[2], d[3] D(g+8, 2t), D(g+8, 2t+1)
+// Two adjacent D tiles (columns 0..7 and 8..15) are thus, packed to bf16 in that order, an A operand.
+__device__ __forceinline__ void mma_16x8x16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#ifdef __CUDACC__
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+  cuda_on_cpu::mma_m16n8k16_bf16(d, a, b);
+#endif
+}
+
+// Two bf16 as one operand register, `lower` in the lower half.
+__device__ __forceinline__ uint32_t pack_bf16(bf16 lower, bf16 upper) {
+  uint16_t lo, hi;
+  memcpy(&lo, &lower, 2);
+  memcpy(&hi, &upper, 2);
+  return (uint32_t)lo | ((uint32_t)hi << 16);
+}
+__device__ __forceinline__ uint32_t pack_bf16(float lower, float upper) {
+#ifdef __CUDACC__
+  const __nv_bfloat162 pair = __floats2bfloat162_rn(lower, upper);  // one conversion instruction for both
+  return *reinterpret_cast<const uint32_t*>(&pair);
+#else
+  return pack_bf16(from_float<bf16>(lower), from_float<bf16>(upper));
+#endif
+}
+
+// The two consecutive bf16 at p (4-byte aligned) as one operand register.
+__device__ __forceinline__ uint32_t load_bf16_pair(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
