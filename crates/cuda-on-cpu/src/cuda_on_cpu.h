@@ -189,92 +189,10 @@ inline void __pipeline_memcpy_async(void* dst, const void* src, size_t size, siz
 inline void __pipeline_commit() {}
 inline void __pipeline_wait_prior(size_t) {}
 
-// Tensor-core matrix products (CUDA's <mma.h>), for m16n16k16 with bf16 operands and float accumulators.
-// CUDA leaves unspecified which of a fragment's elements a lane holds; here every lane holds the whole
-// 16x16 tile (num_elements = 256) and computes the whole product. Kernels must not depend on the mapping:
-// x[i] is only for element-wise operations applied to every element alike (scaling, conversion), and
-// anything row- or column-wise (a softmax's max and sum, masking, rescaling by row) goes through a
-// store_matrix_sync to shared memory. Loads and stores check CUDA's requirements: a 32-byte aligned
-// pointer and a leading dimension that is a multiple of 16 bytes.
-namespace nvcuda {
-namespace wmma {
-struct matrix_a {};
-struct matrix_b {};
-struct accumulator {};
-struct row_major {};
-struct col_major {};
-enum layout_t { mem_row_major, mem_col_major };
-
-template <typename Use, int M, int N, int K, typename T, typename Layout = void>
-struct fragment {
-  static_assert(M == 16 && N == 16 && K == 16, "the emulator's wmma has the m16n16k16 shape only");
-  static_assert(std::is_same_v<Use, accumulator> ? std::is_same_v<T, float> : std::is_same_v<T, __nv_bfloat16>,
-                "the emulator's wmma has bf16 operands and float accumulators only");
-  static_assert(std::is_same_v<Use, accumulator> == std::is_void_v<Layout>, "operands take a layout, accumulators do not");
-  static constexpr int num_elements = 256;
-  // Element (r, c) of the tile, row-major: for matrix_a (row, k), for matrix_b (k, col).
-  T x[num_elements];
-};
-
-namespace detail {
-template <typename T>
-void check_access(const T* ptr, unsigned ldm) {
-  assert((uintptr_t)ptr % 32 == 0 && "wmma loads and stores need a 32-byte aligned pointer");
-  assert(ldm * sizeof(T) % 16 == 0 && "wmma's leading dimension must be a multiple of 16 bytes");
-}
-}  // namespace detail
-
-template <typename Use, typename T, typename Layout>
-void fill_fragment(fragment<Use, 16, 16, 16, T, Layout>& f, T value) {
-  for (int i = 0; i < 256; ++i) f.x[i] = value;
-}
-
-// Operands: element (r, c) at ptr[r * ldm + c] (row_major) or ptr[c * ldm + r] (col_major).
-template <typename Use, typename Layout>
-void load_matrix_sync(fragment<Use, 16, 16, 16, __nv_bfloat16, Layout>& f, const __nv_bfloat16* ptr, unsigned ldm) {
-  detail::check_access(ptr, ldm);
-  constexpr bool rows = std::is_same_v<Layout, row_major>;
-  for (int r = 0; r < 16; ++r)
-    for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = rows ? ptr[r * ldm + c] : ptr[c * ldm + r];
-}
-
-inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* ptr, unsigned ldm, layout_t layout) {
-  detail::check_access(ptr, ldm);
-  for (int r = 0; r < 16; ++r)
-    for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = layout == mem_row_major ? ptr[r * ldm + c] : ptr[c * ldm + r];
-}
-
-// Every lane holds the same tile, so one lane writes it; the warp waits for it on both sides, as the
-// lanes of a GPU's store_matrix_sync finish together.
-inline void store_matrix_sync(float* ptr, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm, layout_t layout) {
-  detail::check_access(ptr, ldm);
-  __syncwarp();
-  if (cuda_on_cpu::thread_in_block() % 32 == 0)
-    for (int r = 0; r < 16; ++r)
-      for (int c = 0; c < 16; ++c) (layout == mem_row_major ? ptr[r * ldm + c] : ptr[c * ldm + r]) = f.x[r * 16 + c];
-  __syncwarp();
-}
-
-// d = a b + c, the products of bf16 exact in float and summed in float.
-template <typename LayoutA, typename LayoutB>
-void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, __nv_bfloat16, LayoutA>& a,
-              const fragment<matrix_b, 16, 16, 16, __nv_bfloat16, LayoutB>& b, const fragment<accumulator, 16, 16, 16, float>& c) {
-  float result[256];
-  for (int r = 0; r < 16; ++r)
-    for (int col = 0; col < 16; ++col) {
-      float sum = c.x[r * 16 + col];
-      for (int k = 0; k < 16; ++k) sum += __bfloat162float(a.x[r * 16 + k]) * __bfloat162float(b.x[k * 16 + col]);
-      result[r * 16 + col] = sum;
-    }
-  memcpy(d.x, result, sizeof result);
-}
-}  // namespace wmma
-}  // namespace nvcuda
-
 // PTX's mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32, d += a b, for the calling warp (all 32 lanes).
-// Unlike wmma's, these fragments' layout is PTX's documented one, which kernels rely on (common.cuh's
-// mma_16x8x16 spells it out): every lane publishes its registers, then computes its own four results from
-// the whole A (16 x 16) and B (16 x 8), products exact in float, summed in float along k.
+// The fragments' layout is PTX's documented one, which kernels rely on (common.cuh's mma_16x8x16 spells it
+// out): every lane publishes its registers, then computes its own four results from the whole A (16 x 16)
+// and B (16 x 8), products exact in float, summed in float along k.
 namespace cuda_on_cpu {
 inline void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   const unsigned tid = thread_in_block(), lane = tid % 32, first = tid - lane;

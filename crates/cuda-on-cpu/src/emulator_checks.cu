@@ -32,43 +32,22 @@ extern "C" __global__ void check_shuffles(int* down, int* xored, int* broadcast,
   rounded[t] = to_float(from_float<bf16>(in[t]));
 }
 
-// out = 2 (a b + c) for a (32x48), b (48x16) bf16 and c, out (32x16) float, through wmma m16n16k16: a warp
-// per 16 rows, three steps along k, the factor 2 applied element-wise through x[i]. All four matrices are
-// row-major, or all column-major when `column_major`. They pass through static shared memory.
-extern "C" __global__ void check_wmma(float* out, const bf16* a, const bf16* b, const float* c, int column_major) {
-  using namespace nvcuda;
-  constexpr int M = 32, N = 16, K = 48;
-  __shared__ __align__(32) bf16 a_tile[M * K];
-  __shared__ __align__(32) bf16 b_tile[K * N];
-  __shared__ __align__(32) float c_tile[M * N];
-  for (int i = threadIdx.x; i < M * K; i += blockDim.x) a_tile[i] = a[i];
-  for (int i = threadIdx.x; i < K * N; i += blockDim.x) b_tile[i] = b[i];
-  for (int i = threadIdx.x; i < M * N; i += blockDim.x) c_tile[i] = c[i];
-  __syncthreads();
-  const int row0 = (int)threadIdx.x / WARP_SIZE * 16;
-  const wmma::layout_t layout = column_major ? wmma::mem_col_major : wmma::mem_row_major;
-  float* c_block = column_major ? c_tile + row0 : c_tile + row0 * N;
-  const unsigned c_ld = column_major ? M : N;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-  wmma::load_matrix_sync(acc, c_block, c_ld, layout);
-  for (int k0 = 0; k0 < K; k0 += 16) {
-    if (column_major) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::col_major> fa;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> fb;
-      wmma::load_matrix_sync(fa, a_tile + k0 * M + row0, M);
-      wmma::load_matrix_sync(fb, b_tile + k0, K);
-      wmma::mma_sync(acc, fa, fb, acc);
-    } else {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> fa;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> fb;
-      wmma::load_matrix_sync(fa, a_tile + row0 * K + k0, K);
-      wmma::load_matrix_sync(fb, b_tile + k0 * N, N);
-      wmma::mma_sync(acc, fa, fb, acc);
+// out = a b + c for a (32x48, row-major), b (48x16, stored as its row-major transpose) bf16 and c, out
+// (32x16, row-major) float, through mma_16x8x16: a warp per 16 rows, two 8-column tiles, three steps along
+// k, each lane loading its fragments from global memory as common.cuh lays them out.
+extern "C" __global__ void check_mma(float* out, const bf16* a, const bf16* b_transposed, const float* c) {
+  constexpr int N = 16, K = 48;
+  const int lane = threadIdx.x % WARP_SIZE, g = lane / 4, t = lane % 4, row0 = threadIdx.x / WARP_SIZE * 16;
+  for (int n0 = 0; n0 < N; n0 += 8) {
+    float d[4];
+    for (int e = 0; e < 4; ++e) d[e] = c[(row0 + g + 8 * (e / 2)) * N + n0 + 2 * t + e % 2];
+    for (int k0 = 0; k0 < K; k0 += 16) {
+      const bf16* at = a + (row0 + g) * K + k0 + 2 * t;
+      const uint32_t fa[4] = {load_bf16_pair(at), load_bf16_pair(at + 8 * K), load_bf16_pair(at + 8), load_bf16_pair(at + 8 * K + 8)};
+      const bf16* bt = b_transposed + (n0 + g) * K + k0 + 2 * t;
+      const uint32_t fb[2] = {load_bf16_pair(bt), load_bf16_pair(bt + 8)};
+      mma_16x8x16(d, fa, fb);
     }
+    for (int e = 0; e < 4; ++e) out[(row0 + g + 8 * (e / 2)) * N + n0 + 2 * t + e % 2] = d[e];
   }
-  for (int i = 0; i < acc.num_elements; ++i) acc.x[i] *= 2.0f;
-  __syncthreads();  // every warp's accumulator is loaded before c_tile is overwritten with the results
-  wmma::store_matrix_sync(c_block, acc, c_ld, layout);
-  __syncthreads();
-  for (int i = threadIdx.x; i < M * N; i += blockDim.x) out[i] = c_tile[i];
 }

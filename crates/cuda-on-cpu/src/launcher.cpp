@@ -47,7 +47,7 @@ struct Launch {
   std::unique_ptr<std::barrier<>> block_sync;
   std::vector<std::unique_ptr<std::barrier<>>> warp_sync;
   std::vector<uint64_t> slots;
-  // Dynamic shared memory, aligned as a GPU's is (wmma's loads and stores need 32-byte alignment).
+  // Dynamic shared memory, aligned as a GPU's is.
   struct alignas(128) Line {
     unsigned char bytes[128];
   };

@@ -5,9 +5,8 @@
 //!
 //! What it does not model: the GPU's memory (kernels get host addresses), warp lock-step beyond
 //! the shuffles and `__syncwarp`, and the device's fast-math intrinsics (they compute exactly here).
-//! Tensor-core products (`nvcuda::wmma`, m16n16k16, bf16 operands, float accumulators) give every
-//! lane the whole 16x16 tile, where a GPU spreads it over the warp in an unspecified way: kernels must
-//! not depend on which elements a lane holds (see cuda_on_cpu.h).
+//! Tensor-core products (PTX's `mma.sync` m16n8k16, bf16 operands, float accumulators) take and give
+//! each lane the fragment elements PTX documents, so kernels that rely on the layout are tested too.
 
 use std::ffi::{c_char, c_int, c_void, CString};
 

@@ -318,106 +318,62 @@ __device__ void backward_key(X* dqkv, const X* dout, const X* qkv, const float* 
 }  // namespace attention
 
 // Tensor-core kernels, for bf16 at head sizes 64 and 128 (GPT-2's sizes). Same contract as the kernels
-// above (lse, dropout indices, D_i), with every tile product a tensor-core product of bf16 operands into
-// float accumulators: Q.K^T and P.V in the forward as mma.sync tiles whose layout PTX documents (the
-// softmax stays in registers, see forward), dS.K, dS^T.Q, P^T.dO and dO.V^T in the backward as wmma
-// m16n16k16 products.
+// above (lse, dropout indices, D_i), with every tile product (Q.K^T and P.V in the forward; S = Q.K^T,
+// dW = dO.V^T and dQ = dS.K in the dQ kernel; their transposes and dV = W^T.dO, dK = dS^T.Q in the dK/dV
+// kernel) made of mma.sync tiles (common.cuh's mma_16x8x16), bf16 operands into float accumulators, as
+// FlashAttention-2 does it. Their fragment layout is PTX's documented one, so the row-wise work (masking,
+// the online softmax, dropout, dS) happens in registers, and a product's accumulators become the next
+// product's A operand without leaving them: only the tiles of Q, K, V and dO pass through shared memory.
 //
 // A block of TC_WARPS warps owns TC_ROWS = 64 rows (queries, or keys for the dK/dV kernel), 16 per warp,
-// and walks tiles of TC_COLS = 64 of the other side. 64 x 64 tiles give each warp 16 x 64 scores per
-// (16 x HS) x (HS x 64) product: each K or V element loaded into shared memory feeds 64 rows' products
-// (against 16 for the CUDA-core kernels), to move these kernels from shared-memory bound towards
-// tensor-core bound. A wmma fragment's element-to-lane mapping is unspecified, so the backward's row-wise
-// work (masking, dropout, dS) is done on an f32 copy of the score tile in shared memory: lane pair
-// (2r, 2r+1) owns row r of its warp's 16, every other column.
-// Shared memory is dynamic (attention.rs's tc_shared_bytes): the K and V (or Q and dO) tiles as bf16, twice
-// over in the forward (double-buffered), with rows padded by 8 elements (16 bytes, keeping wmma's 32-byte
-// alignment per 16 rows while shifting banks, and the forward's operand reads free of bank conflicts); in
-// the backward also per warp two 16 x 64 bf16 operand tiles (W^T and dS^T) and a float scratch of 16 rows,
-// max(128, HS) + 4 wide (two score tiles side by side), and 2 x 64 per-row floats. Every region starts at
-// a multiple of 32 bytes, and the kernels have no static shared memory, so the dynamic block starts
-// aligned. Global reads of the tiles are 16 bytes per lane where the rows are aligned for it: asynchronous
-// copies in the forward (copy_tile_async), loads through registers in the backward (load_tile), whose
-// kernels have no shared memory to spare for a second pair of tiles.
+// and walks tiles of TC_COLS = 64 of the other side, double-buffered: the asynchronous copies
+// (copy_tile_async) of tile i+1 run while the warps work on tile i. Each K, V, Q or dO element loaded into
+// shared memory feeds 64 rows' products. With g = lane / 4 and t = lane % 4, a lane holds, of its warp's
+// 16 rows, rows g and g+8, against columns 2t and 2t+1 of every 8-column block: a row's max or sum is
+// over the 4 lanes of its group (two shuffles).
 //
-// Sizes on Hopper (nvcc 13, -Xptxas -v, sm_90, no spills), at HS=64 / HS=128: forward 168 / 251 registers,
-// 36 / 68 KiB; dQ kernel 130 / 226 registers, 69.5 / 85.5 KiB; dK/dV kernel 168 / 255 registers, 69.5 /
-// 85.5 KiB. Per SM (64K registers, 228 KiB) that is 3 / 2 blocks of 4 warps for the forward, registers
-// limiting, and 2 or 3 for the backward, limited by shared memory or registers; the dK/dV kernel at HS=128 keeps K, V fragments and dK, dV accumulators (16
-// fragments each) in registers, at the 255 limit. 64-row blocks give T/64 x B*NH = 2304 blocks at GPT-2's
-// B=12, T=1024: several waves over 132 SMs.
+// Shared memory is dynamic (attention.rs's tc_shared_bytes): 64 x HS bf16 tiles with rows padded by 8
+// elements (16 bytes, which keeps the copies' 16-byte alignment and puts the 8 groups' operand reads in
+// distinct banks): in the forward K and V twice over (36 / 68 KiB at HS=64 / 128); in the backward the
+// block's own two tiles (Q and dO, or K and V) and the other side's two twice over, then the dK/dV
+// kernel's per-query lse and D_i twice over (55 / 103 KiB). The kernels have no static shared memory.
+//
+// Registers on Hopper (nvcc 13, -Xptxas -v, sm_90), at HS=64 / HS=128: forward 166 / 220, dQ kernel
+// 162 / 166, dK/dV kernel 215 / 255 (its dK and dV accumulators, 64 floats each at HS=128, spill 12 bytes
+// there; GPT-2's head size is 64). Per SM (64K registers) that is 3 blocks of 4 warps at HS=64, 2 for the
+// dK/dV kernel. 64-row blocks give T/64 x B*NH = 2304 blocks at GPT-2's B=12, T=1024: several waves over
+// 132 SMs.
 namespace attention_tc {
-using namespace nvcuda;
 
 constexpr int TC_WARPS = 4;
+constexpr int TC_THREADS = TC_WARPS * WARP_SIZE;
 constexpr int TC_ROWS = 16 * TC_WARPS;
 constexpr int TC_COLS = 64;
-constexpr int OPERAND_LD = TC_COLS + 8;  // bf16 pitch of a warp's 16 x 64 operand tile
+constexpr int COL_BLOCKS = TC_COLS / 8;  // 8-column blocks of a warp's 16 x 64 products
+constexpr int COL_STEPS = TC_COLS / 16;  // and 16-column steps, the k of the products that take them as A
 template <int HS>
 constexpr int TILE_LD = HS + 8;  // bf16 pitch of a 64 x HS tile
-// Float pitch of a backward warp's scratch: two 16 x 64 score tiles side by side, or 16 x HS gradients.
 template <int HS>
-constexpr int BACKWARD_LD = (HS > 2 * TC_COLS ? HS : 2 * TC_COLS) + 4;
-
-typedef wmma::fragment<wmma::accumulator, 16, 16, 16, float> Accumulator;
-typedef wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> RowsA;
-typedef wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> RowsB;
-typedef wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> ColumnsB;
-
-// Rows first..first+TC_ROWS of an HS-wide slice of a row-major bf16 matrix (rows `stride` apart) into a
-// shared tile, rows TILE_LD apart; rows past T read as zeros. Where the slice's rows are 16-byte aligned
-// (GPT-2's qkv and dout are), each thread moves 16-byte pieces, LOADS_IN_FLIGHT loads issued before their
-// stores: a tile then waits for one memory latency per batch (2 batches at HS=64, 4 at HS=128) rather
-// than one per element, which bounded these kernels when each thread copied one bf16 at a time (64
-// loads in turn per 64 x 64 tile). Batches of 2 and a loop over them (unroll 1) keep the dQ kernel at
-// HS=64 at 130 registers (4 in flight took the forward to 168, one block fewer per SM) and the dK/dV
-// kernel at HS=128, at the register limit, from spilling.
-// Otherwise one bf16 per lane along a row, coalesced.
-constexpr int TC_THREADS = TC_WARPS * WARP_SIZE;
-constexpr int LOADS_IN_FLIGHT = 2;
+constexpr int TILE_ELEMENTS = TC_ROWS * TILE_LD<HS>;
 constexpr int PIECE = 8;  // bf16 per 16-byte piece
 
-__device__ __forceinline__ bool rows_aligned(const bf16* src, int stride) { return (uintptr_t)src % 16 == 0 && stride % PIECE == 0; }
-
+// Rows first..first+TC_ROWS of an HS-wide slice of a row-major bf16 matrix (rows `stride` apart) into a
+// shared tile, rows TILE_LD apart, rows past T as zeros, as asynchronous copies (cp.async) into the calling
+// thread's current group: the tile is in place once the thread has committed the group and waited for it,
+// and the block has then passed a barrier. Where the slice's rows are 16-byte aligned (GPT-2's qkv and
+// dout are) each copy moves 16 bytes; otherwise the copy is one bf16 per lane along a row, complete on
+// return.
 template <int HS>
-__device__ __forceinline__ void load_tile(bf16* tile, const bf16* src, int stride, int first, int T) {
+__device__ __forceinline__ void copy_tile_async(bf16* tile, const bf16* src, int stride, int first, int T) {
   constexpr int PIECES_PER_ROW = HS / PIECE, PIECES = TC_ROWS * PIECES_PER_ROW / TC_THREADS;
-  static_assert(PIECES % LOADS_IN_FLIGHT == 0, "a thread's pieces come in whole batches");
-  if (!rows_aligned(src, stride)) {
+  if ((uintptr_t)src % 16 != 0 || stride % PIECE != 0) {
     for (int idx = threadIdx.x; idx < TC_ROWS * HS; idx += TC_THREADS) {
       const int r = idx / HS, d = idx % HS, row = first + r;
       tile[r * TILE_LD<HS> + d] = row < T ? src[(size_t)row * stride + d] : from_float<bf16>(0.0f);
     }
     return;
   }
-#pragma unroll 1
-  for (int batch = 0; batch < PIECES; batch += LOADS_IN_FLIGHT) {
-    uint4 piece[LOADS_IN_FLIGHT];
-#pragma unroll
-    for (int n = 0; n < LOADS_IN_FLIGHT; ++n) {
-      const int idx = threadIdx.x + (batch + n) * TC_THREADS, row = first + idx / PIECES_PER_ROW;
-      piece[n] = row < T ? *reinterpret_cast<const uint4*>(src + (size_t)row * stride + idx % PIECES_PER_ROW * PIECE) : uint4{0, 0, 0, 0};
-    }
-#pragma unroll
-    for (int n = 0; n < LOADS_IN_FLIGHT; ++n) {
-      const int idx = threadIdx.x + (batch + n) * TC_THREADS;
-      *reinterpret_cast<uint4*>(tile + idx / PIECES_PER_ROW * TILE_LD<HS> + idx % PIECES_PER_ROW * PIECE) = piece[n];
-    }
-  }
-}
-
-// load_tile's contract, as asynchronous copies (cp.async) into the calling thread's current group: the tile
-// is in place once the thread has committed the group and waited for it, and the block has then passed a
-// barrier. No registers hold the data on its way, so the forward fetches the next key tile while it works
-// on this one. Misaligned rows take load_tile's element copies, complete on return.
-template <int HS>
-__device__ __forceinline__ void copy_tile_async(bf16* tile, const bf16* src, int stride, int first, int T) {
-  constexpr int PIECES_PER_ROW = HS / PIECE, PIECES = TC_ROWS * PIECES_PER_ROW / TC_THREADS;
-  if (!rows_aligned(src, stride)) {
-    load_tile<HS>(tile, src, stride, first, T);
-    return;
-  }
-  // Not unrolled: the forward would hold every piece's address, 167 registers against 140.
+  // Not unrolled: the kernels would hold every piece's address in registers.
 #pragma unroll 1
   for (int n = 0; n < PIECES; ++n) {
     const int idx = threadIdx.x + n * TC_THREADS, r = idx / PIECES_PER_ROW, d = idx % PIECES_PER_ROW * PIECE, row = first + r;
@@ -426,72 +382,112 @@ __device__ __forceinline__ void copy_tile_async(bf16* tile, const bf16* src, int
   }
 }
 
-// The warp's 16 rows (from `rows`, pitch TILE_LD) as HS/16 operand fragments, for products along HS.
-template <int HS>
-__device__ __forceinline__ void load_row_fragments(RowsA (&a)[HS / 16], const bf16* rows) {
-  for (int d = 0; d < HS / 16; ++d) wmma::load_matrix_sync(a[d], rows + 16 * d, TILE_LD<HS>);
-}
-
-// scores (16 x 64, pitch SLD; column blocks first..end-1 written) = a (16 x HS) times the transpose of
-// `tile` (64 x HS): a row's dot products with the tile's rows.
-template <int HS, int SLD>
-__device__ __forceinline__ void rows_times_tile_transposed(float* scores, const RowsA (&a)[HS / 16], const bf16* tile, int first, int end) {
-  for (int n = first; n < end; ++n) {
-    Accumulator s;
-    wmma::fill_fragment(s, 0.0f);
-    for (int d = 0; d < HS / 16; ++d) {
-      ColumnsB kt;
-      wmma::load_matrix_sync(kt, tile + 16 * n * TILE_LD<HS> + 16 * d, TILE_LD<HS>);
-      wmma::mma_sync(s, a[d], kt, s);
-    }
-    wmma::store_matrix_sync(scores + 16 * n, s, SLD, wmma::mem_row_major);
-  }
-}
-
-// acc[dn] (16 x HS in HS/16 fragments) += operand (16 x 64 bf16, pitch OPERAND_LD) times `tile`
-// (64 x HS), over the operand's column blocks (the tile's row blocks) first..end-1.
-template <int HS>
-__device__ __forceinline__ void accumulate_operand_times_tile(Accumulator (&acc)[HS / 16], const bf16* operand, const bf16* tile, int first,
-                                                              int end) {
-  for (int n = first; n < end; ++n) {
-    RowsA a;
-    wmma::load_matrix_sync(a, operand + 16 * n, OPERAND_LD);
-    for (int dn = 0; dn < HS / 16; ++dn) {
-      RowsB t;
-      wmma::load_matrix_sync(t, tile + 16 * n * TILE_LD<HS> + 16 * dn, TILE_LD<HS>);
-      wmma::mma_sync(acc[dn], a, t, acc[dn]);
-    }
-  }
-}
-
-// The warp's 16 x HS accumulators into `scratch` (pitch SLD), then as bf16 into rows row0.. of `dst`
-// (rows `stride` apart) that lie before T, lanes along a row.
-template <int HS, int SLD>
-__device__ __forceinline__ void store_rows(bf16* dst, int stride, int row0, int T, const Accumulator (&acc)[HS / 16], float* scratch) {
+// The operands of a 16 x 8 x 16 tile from shared memory (pitch LD), for products along the head dimension
+// or along a tile's rows:
+// - A: the 16 rows at `rows`, k = columns k0..k0+15.
+// - B with its n (8 columns of the product) along rows n0.. of `tile` and k = columns k0..: S = Q.K^T's K.
+// - B with its k along rows k0..k0+15 of `tile` and n = columns n0..n0+7: P.V's V. Its two k values per
+//   register come from two rows, hence two 16-bit reads.
+template <int LD>
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const bf16* rows, int k0) {
   const int lane = threadIdx.x % WARP_SIZE;
-  for (int dn = 0; dn < HS / 16; ++dn) wmma::store_matrix_sync(scratch + 16 * dn, acc[dn], SLD, wmma::mem_row_major);
-  __syncwarp();
-  for (int idx = lane; idx < 16 * HS; idx += WARP_SIZE) {
-    const int r = idx / HS, d = idx % HS;
-    if (row0 + r < T) dst[(size_t)(row0 + r) * stride + d] = from_float<bf16>(scratch[r * SLD + d]);
-  }
-  __syncwarp();
+  const bf16* at = rows + (lane / 4) * LD + k0 + 2 * (lane % 4);
+  a[0] = load_bf16_pair(at);
+  a[1] = load_bf16_pair(at + 8 * LD);
+  a[2] = load_bf16_pair(at + 8);
+  a[3] = load_bf16_pair(at + 8 * LD + 8);
+}
+template <int LD>
+__device__ __forceinline__ void load_b_from_rows(uint32_t (&b)[2], const bf16* tile, int n0, int k0) {
+  const int lane = threadIdx.x % WARP_SIZE;
+  const bf16* at = tile + (n0 + lane / 4) * LD + k0 + 2 * (lane % 4);
+  b[0] = load_bf16_pair(at);
+  b[1] = load_bf16_pair(at + 8);
+}
+template <int LD>
+__device__ __forceinline__ void load_b_from_columns(uint32_t (&b)[2], const bf16* tile, int k0, int n0) {
+  const int lane = threadIdx.x % WARP_SIZE;
+  const bf16* at = tile + (k0 + 2 * (lane % 4)) * LD + n0 + lane / 4;
+  b[0] = pack_bf16(at[0], at[LD]);
+  b[1] = pack_bf16(at[8 * LD], at[9 * LD]);
 }
 
-// attention::forward's contract on mma.sync tiles (common.cuh's mma_16x8x16), per (b, h, 64 queries): a
-// running softmax over tiles of 64 keys, as FlashAttention-2 does it, in registers. K and V tiles are
-// double-buffered in shared memory: the copies of tile i+1 (copy_tile_async) run while the warps work on
-// tile i. Warp w owns queries q0 = first_row + 16w.. and keeps, per lane (g = lane / 4, t = lane % 4),
-// their Q operands, the scores of rows g and g+8 against keys 2t, 2t+1 of each 8-key column block, and
-// the same rows' output columns. A row's max and sum are thus over the 4 lanes of a group (two shuffles),
-// the probabilities become P.V's A operands without leaving registers, and nothing but K and V passes
-// through shared memory. On the diagonal tile a warp skips the 16-key blocks past its last query.
+// 16 columns (8-column blocks 2s and 2s+1) of a warp's 16 x 64 accumulators as the A operand of a
+// product along those columns, rounded to bf16.
+__device__ __forceinline__ void accumulators_as_a(uint32_t (&a)[4], const float (&acc)[COL_BLOCKS][4], int s) {
+  a[0] = pack_bf16(acc[2 * s][0], acc[2 * s][1]);
+  a[1] = pack_bf16(acc[2 * s][2], acc[2 * s][3]);
+  a[2] = pack_bf16(acc[2 * s + 1][0], acc[2 * s + 1][1]);
+  a[3] = pack_bf16(acc[2 * s + 1][2], acc[2 * s + 1][3]);
+}
+
+// acc[cb] (the warp's 16 rows x 8-column block cb of the tile) = rows (16 x HS, shared) times the
+// transpose of `tile` (64 x HS, shared), for the 16-column steps in [first, end); the other blocks are
+// zeroed. The loops run over every block, skipping the rest, so that the register arrays are indexed by
+// constants.
+template <int HS>
+__device__ __forceinline__ void rows_times_tile_transposed(float (&acc)[COL_BLOCKS][4], const bf16* rows, const bf16* tile, int first, int end) {
+#pragma unroll
+  for (int cb = 0; cb < COL_BLOCKS; ++cb) acc[cb][0] = acc[cb][1] = acc[cb][2] = acc[cb][3] = 0.0f;
+#pragma unroll
+  for (int ds = 0; ds < HS / 16; ++ds) {
+    uint32_t a[4];
+    load_a<TILE_LD<HS>>(a, rows, 16 * ds);
+#pragma unroll
+    for (int cb = 0; cb < COL_BLOCKS; ++cb) {
+      if (cb / 2 < first || cb / 2 >= end) continue;
+      uint32_t b[2];
+      load_b_from_rows<TILE_LD<HS>>(b, tile, 8 * cb, 16 * ds);
+      mma_16x8x16(acc[cb], a, b);
+    }
+  }
+}
+
+// out (16 x HS in 8-column blocks) += operand (the warp's 16 x 64 accumulators, as bf16) times `tile`
+// (64 x HS, shared), over the operand's 16-column steps in [first, end).
+template <int HS>
+__device__ __forceinline__ void accumulate_times_tile(float (&out)[HS / 8][4], const float (&operand)[COL_BLOCKS][4], const bf16* tile, int first,
+                                                      int end) {
+#pragma unroll
+  for (int cs = 0; cs < COL_STEPS; ++cs) {
+    if (cs < first || cs >= end) continue;
+    uint32_t a[4];
+    accumulators_as_a(a, operand, cs);
+#pragma unroll
+    for (int db = 0; db < HS / 8; ++db) {
+      uint32_t b[2];
+      load_b_from_columns<TILE_LD<HS>>(b, tile, 16 * cs, 8 * db);
+      mma_16x8x16(out[db], a, b);
+    }
+  }
+}
+
+// Rows row0 + g and row0 + g + 8 of a warp's 16 x HS accumulators (times `factor[0]`, `factor[1]`), those
+// before T, as bf16 into `dst` (rows `stride` apart).
+template <int HS>
+__device__ __forceinline__ void store_rows(bf16* dst, int stride, int row0, int T, const float (&acc)[HS / 8][4], const float (&factor)[2]) {
+  const int lane = threadIdx.x % WARP_SIZE, g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row0 + g + 8 * r;
+    if (row >= T) continue;
+    bf16* at = dst + (size_t)row * stride + 2 * t;
+#pragma unroll
+    for (int db = 0; db < HS / 8; ++db) {
+      at[8 * db] = from_float<bf16>(acc[db][2 * r] * factor[r]);
+      at[8 * db + 1] = from_float<bf16>(acc[db][2 * r + 1] * factor[r]);
+    }
+  }
+}
+
+// attention::forward's contract, per (b, h, 64 queries): a running softmax over tiles of 64 keys. Warp w
+// owns queries q0 = first_row + 16w.., keeps their Q operands in registers for every key tile, and on the
+// diagonal tile skips the 16-key steps past its last query.
 template <int HS>
 __device__ void forward(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) {
-  constexpr int LD = TILE_LD<HS>, TILE_ELEMENTS = TC_ROWS * LD;
-  constexpr int KEY_BLOCKS = TC_COLS / 8, DIM_BLOCKS = HS / 8, DIM_STEPS = HS / 16, KEY_STEPS = TC_COLS / 16;
+  constexpr int LD = TILE_LD<HS>, TILE = TILE_ELEMENTS<HS>, DIM_STEPS = HS / 16;
   DYNAMIC_SHARED(bf16, attention_shared);
-  // Buffer s holds K at tiles + 2s and V at tiles + 2s + 1 (in units of TILE_ELEMENTS).
+  // Buffer s holds K at tiles + 2s and V at tiles + 2s + 1 (in units of TILE).
   bf16* tiles = attention_shared;
   const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE, g = lane / 4, t = lane % 4;
   const int bh = blockIdx.y, b = bh / NH, h = bh % NH, C3 = 3 * C;
@@ -502,67 +498,61 @@ __device__ void forward(bf16* out, float* lse, const bf16* qkv, int T, int C, in
   const bf16* k = q + C;
   const bf16* v = q + 2 * C;
 
-  // Q passes through the first K tile into the warp's operands, kept for every key tile.
-  uint32_t q_frag[DIM_STEPS][4];
-  load_tile<HS>(tiles, q, C3, first_row, T);
+  // Q passes through the first K tile into the warp's operands.
+  copy_tile_async<HS>(tiles, q, C3, first_row, T);
+  __pipeline_commit();
+  __pipeline_wait_prior(0);
   __syncthreads();
-  const bf16* q_rows = tiles + 16 * warp * LD;
+  uint32_t q_frag[DIM_STEPS][4];
 #pragma unroll
-  for (int ds = 0; ds < DIM_STEPS; ++ds) {
-    const bf16* at = q_rows + g * LD + 16 * ds + 2 * t;
-    q_frag[ds][0] = load_bf16_pair(at);
-    q_frag[ds][1] = load_bf16_pair(at + 8 * LD);
-    q_frag[ds][2] = load_bf16_pair(at + 8);
-    q_frag[ds][3] = load_bf16_pair(at + 8 * LD + 8);
-  }
+  for (int ds = 0; ds < DIM_STEPS; ++ds) load_a<LD>(q_frag[ds], tiles + 16 * warp * LD, 16 * ds);
   __syncthreads();  // every warp holds its Q before the first K tile is copied over it
   copy_tile_async<HS>(tiles, k, C3, 0, T);
-  copy_tile_async<HS>(tiles + TILE_ELEMENTS, v, C3, 0, T);
+  copy_tile_async<HS>(tiles + TILE, v, C3, 0, T);
   __pipeline_commit();
 
-  // Index 0 is row q0 + g, index 1 row q0 + g + 8; l is this lane's share of the row's sum, summed over
-  // the group at the end (the rescales are the group's alike).
+  // Index r is row q0 + g + 8r. l is this lane's share of the row's sum, summed over the group at the end
+  // (the rescales are the group's alike).
   const int rows[2] = {q0 + g, q0 + g + 8};
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, o[DIM_BLOCKS][4] = {};
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, o[HS / 8][4] = {};
   const bool active = q0 < T;  // warp-uniform
   const int last_row = min(first_row + TC_ROWS, T) - 1;
   for (int k0 = 0, s = 0; k0 <= last_row; k0 += TC_COLS, s ^= 1) {
     // Buffer s^1 was last read in the previous iteration, which every warp has left (the barrier at its end).
     if (k0 + TC_COLS <= last_row) {
-      copy_tile_async<HS>(tiles + 2 * (s ^ 1) * TILE_ELEMENTS, k, C3, k0 + TC_COLS, T);
-      copy_tile_async<HS>(tiles + (2 * (s ^ 1) + 1) * TILE_ELEMENTS, v, C3, k0 + TC_COLS, T);
+      copy_tile_async<HS>(tiles + 2 * (s ^ 1) * TILE, k, C3, k0 + TC_COLS, T);
+      copy_tile_async<HS>(tiles + (2 * (s ^ 1) + 1) * TILE, v, C3, k0 + TC_COLS, T);
     }
     __pipeline_commit();       // empty after the last tile, so that the wait below always means tile s
     __pipeline_wait_prior(1);  // this thread's copies of tile s are done...
     __syncthreads();           // ...and every thread's
-    const bf16* k_tile = tiles + 2 * s * TILE_ELEMENTS;
-    const bf16* v_tile = k_tile + TILE_ELEMENTS;
+    const bf16* k_tile = tiles + 2 * s * TILE;
+    const bf16* v_tile = k_tile + TILE;
     if (active) {
-      // 16-key blocks with a key some row of the warp sees: k0 <= q0, so at least one. The loops below run
-      // over every block, skipping the rest, so that the register arrays are indexed by constants.
-      const int key_steps = min(KEY_STEPS, (q0 - k0) / 16 + 1);
-      float p[KEY_BLOCKS][4];
+      // 16-key steps with a key some row of the warp sees: k0 <= q0, so at least one.
+      const int steps = min(COL_STEPS, (q0 - k0) / 16 + 1);
+      float p[COL_BLOCKS][4];
 #pragma unroll
-      for (int kb = 0; kb < KEY_BLOCKS; ++kb) {
-        p[kb][0] = p[kb][1] = p[kb][2] = p[kb][3] = 0.0f;
-        if (kb / 2 >= key_steps) continue;
-        const bf16* key = k_tile + (8 * kb + g) * LD + 2 * t;
+      for (int cb = 0; cb < COL_BLOCKS; ++cb) p[cb][0] = p[cb][1] = p[cb][2] = p[cb][3] = 0.0f;
 #pragma unroll
-        for (int ds = 0; ds < DIM_STEPS; ++ds) {
-          const uint32_t kt[2] = {load_bf16_pair(key + 16 * ds), load_bf16_pair(key + 16 * ds + 8)};
-          mma_16x8x16(p[kb], q_frag[ds], kt);
+      for (int ds = 0; ds < DIM_STEPS; ++ds)
+#pragma unroll
+        for (int cb = 0; cb < COL_BLOCKS; ++cb) {
+          if (cb / 2 >= steps) continue;
+          uint32_t kt[2];
+          load_b_from_rows<LD>(kt, k_tile, 8 * cb, 16 * ds);
+          mma_16x8x16(p[cb], q_frag[ds], kt);
         }
-      }
-      // Scaled and masked scores, then the rows' new maxima over the group's lanes (j <= i: key k0 is
-      // visible to every row, so the maxima are finite from the first tile on).
+      // Scaled and masked scores, then the rows' new maxima (key k0 is visible to every row, so they are
+      // finite from the first tile on).
       float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-      for (int kb = 0; kb < KEY_BLOCKS; ++kb)
+      for (int cb = 0; cb < COL_BLOCKS; ++cb)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int j = k0 + 8 * kb + 2 * t + e % 2;
-          p[kb][e] = kb / 2 < key_steps && j <= rows[e / 2] ? p[kb][e] * scale : -INFINITY;
-          tile_max[e / 2] = fmaxf(tile_max[e / 2], p[kb][e]);
+          const int j = k0 + 8 * cb + 2 * t + e % 2;
+          p[cb][e] = cb / 2 < steps && j <= rows[e / 2] ? p[cb][e] * scale : -INFINITY;
+          tile_max[e / 2] = fmaxf(tile_max[e / 2], p[cb][e]);
         }
       float rescale[2];
 #pragma unroll
@@ -575,89 +565,45 @@ __device__ void forward(bf16* out, float* lse, const bf16* qkv, int T, int C, in
         l[r] *= rescale[r];
       }
 #pragma unroll
-      for (int db = 0; db < DIM_BLOCKS; ++db)
+      for (int db = 0; db < HS / 8; ++db)
 #pragma unroll
         for (int e = 0; e < 4; ++e) o[db][e] *= rescale[e / 2];
       // Probabilities: the sum takes them as they are, P.V with the dropout factor.
 #pragma unroll
-      for (int kb = 0; kb < KEY_BLOCKS; ++kb)
+      for (int cb = 0; cb < COL_BLOCKS; ++cb)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const float prob = __expf(p[kb][e] - m[e / 2]);
+          const float prob = __expf(p[cb][e] - m[e / 2]);
           l[e / 2] += prob;
-          const int j = k0 + 8 * kb + 2 * t + e % 2;
-          p[kb][e] = prob * attention::dropout_at(first_weight, T, rows[e / 2], j, stream, threshold, keep);
+          p[cb][e] = prob * attention::dropout_at(first_weight, T, rows[e / 2], k0 + 8 * cb + 2 * t + e % 2, stream, threshold, keep);
         }
-      // O += P.V, 16 keys at a time: two adjacent 8-key blocks of P are one A operand. V's column-major
-      // operand takes its two keys from two rows of the tile.
-#pragma unroll
-      for (int ks = 0; ks < KEY_STEPS; ++ks) {
-        if (ks >= key_steps) continue;
-        const uint32_t pa[4] = {pack_bf16(p[2 * ks][0], p[2 * ks][1]), pack_bf16(p[2 * ks][2], p[2 * ks][3]),
-                                pack_bf16(p[2 * ks + 1][0], p[2 * ks + 1][1]), pack_bf16(p[2 * ks + 1][2], p[2 * ks + 1][3])};
-        const bf16* value = v_tile + (16 * ks + 2 * t) * LD + g;
-#pragma unroll
-        for (int db = 0; db < DIM_BLOCKS; ++db) {
-          const bf16* at = value + 8 * db;
-          const uint32_t vt[2] = {pack_bf16(at[0], at[LD]), pack_bf16(at[8 * LD], at[9 * LD])};
-          mma_16x8x16(o[db], pa, vt);
-        }
-      }
+      accumulate_times_tile<HS>(o, p, v_tile, 0, steps);
     }
     __syncthreads();  // every warp is done with buffer s before the next iteration copies into it
   }
   if (!active) return;
+  float inverse[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    inverse[r] = 1.0f / l[r];
     if (t == 0 && rows[r] < T) lse[(size_t)bh * T + rows[r]] = m[r] + logf(l[r]);
   }
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    if (rows[r] >= T) continue;
-    const float inverse = 1.0f / l[r];
-    bf16* row_out = out + ((size_t)b * T + rows[r]) * C + h * HS + 2 * t;
-#pragma unroll
-    for (int db = 0; db < DIM_BLOCKS; ++db) {
-      row_out[8 * db] = from_float<bf16>(o[db][2 * r] * inverse);
-      row_out[8 * db + 1] = from_float<bf16>(o[db][2 * r + 1] * inverse);
-    }
-  }
+  store_rows<HS>(out + (size_t)b * T * C + h * HS, C, q0, T, o, inverse);
 }
 
-
-// Shared memory of both backward kernels: two 64 x HS bf16 tiles, per warp two 16 x 64 bf16 operand
-// tiles and a 16 x BACKWARD_LD float scratch, then 2 x 64 floats of per-row values.
-struct BackwardShared {
-  bf16 *tile_a, *tile_b, *operand_a, *operand_b;
-  float *scratch, *row_values;
-};
-template <int HS>
-__device__ __forceinline__ BackwardShared backward_shared() {
-  DYNAMIC_SHARED(bf16, attention_shared);
-  const int warp = threadIdx.x / WARP_SIZE;
-  bf16* operands = attention_shared + 2 * TC_ROWS * TILE_LD<HS>;
-  float* scratch = reinterpret_cast<float*>(operands + TC_WARPS * 2 * 16 * OPERAND_LD);
-  return {attention_shared,
-          attention_shared + TC_ROWS * TILE_LD<HS>,
-          operands + warp * 2 * 16 * OPERAND_LD,
-          operands + warp * 2 * 16 * OPERAND_LD + 16 * OPERAND_LD,
-          scratch + warp * 16 * BACKWARD_LD<HS>,
-          scratch + TC_WARPS * 16 * BACKWARD_LD<HS>};
-}
-
-// attention::backward_query's contract on tensor cores, per (b, h, 64 queries): D_i, then over the key
-// tiles S = Q.K^T and dW = dO.V^T side by side in the warp's scratch, dS on them by lane pairs, and
-// dQ += dS.K in accumulator fragments that stay in registers across tiles (nothing rescales them).
+// attention::backward_query's contract, per (b, h, 64 queries): D_i, then over the key tiles S = Q.K^T
+// and dW = dO.V^T, dS from them, and dQ += dS.K, accumulated in registers across tiles (nothing rescales
+// them). The block's Q and dO rows stay in shared memory, where the warps read their operands per tile.
 template <int HS>
 __device__ void backward_query(bf16* dqkv, float* delta, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse, int T, int C,
                                int NH, uint64_t stream, uint32_t threshold, float keep) {
-  constexpr int SLD = BACKWARD_LD<HS>;
-  const BackwardShared sh = backward_shared<HS>();
-  bf16 *k_tile = sh.tile_a, *v_tile = sh.tile_b, *ds_tile = sh.operand_a;
-  float* scratch = sh.scratch;
-  const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
+  constexpr int LD = TILE_LD<HS>, TILE = TILE_ELEMENTS<HS>;
+  DYNAMIC_SHARED(bf16, attention_shared);
+  // The block's Q and dO, then buffer s's K at tiles + 2s and V at tiles + 2s + 1 (in units of TILE).
+  bf16 *q_rows = attention_shared, *do_rows = attention_shared + TILE, *tiles = attention_shared + 2 * TILE;
+  const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE, g = lane / 4, t = lane % 4;
   const int bh = blockIdx.y, b = bh / NH, h = bh % NH, C3 = 3 * C;
   const float scale = 1.0f / sqrtf((float)HS);
   const uint64_t first_weight = (uint64_t)bh * T * T;
@@ -666,67 +612,86 @@ __device__ void backward_query(bf16* dqkv, float* delta, const bf16* dout, const
   const bf16* k = q + C;
   const bf16* v = q + 2 * C;
   const bf16* dout_bh = dout + (size_t)b * T * C + h * HS;
+  const bf16* my_q = q_rows + 16 * warp * LD;
+  const bf16* my_do = do_rows + 16 * warp * LD;
 
-  // Q and dO pass through the K and V tiles into the warp's fragments.
-  RowsA q_frag[HS / 16], do_frag[HS / 16];
-  load_tile<HS>(k_tile, q, C3, first_row, T);
-  load_tile<HS>(v_tile, dout_bh, C, first_row, T);
-  __syncthreads();
-  load_row_fragments<HS>(q_frag, k_tile + 16 * warp * TILE_LD<HS>);
-  load_row_fragments<HS>(do_frag, v_tile + 16 * warp * TILE_LD<HS>);
-  const int r = lane / 2, half = lane % 2, i = q0 + r;
-  float row_lse = 0.0f, row_delta = 0.0f;
-  if (i < T) {
-    const bf16* do_row = v_tile + (16 * warp + r) * TILE_LD<HS>;
-    const bf16* out_row = out + ((size_t)b * T + i) * C + h * HS;
-    for (int d = half; d < HS; d += 2) row_delta += to_float(do_row[d]) * to_float(out_row[d]);
-    row_lse = lse[(size_t)bh * T + i];
+  copy_tile_async<HS>(q_rows, q, C3, first_row, T);
+  copy_tile_async<HS>(do_rows, dout_bh, C, first_row, T);
+  __pipeline_commit();
+  copy_tile_async<HS>(tiles, k, C3, 0, T);
+  copy_tile_async<HS>(tiles + TILE, v, C3, 0, T);
+  __pipeline_commit();
+  __pipeline_wait_prior(1);  // this thread's Q and dO copies are done...
+  __syncthreads();           // ...and every thread's
+
+  // Index r is row q0 + g + 8r: D_i = dO_i . out_i over the group's lanes, each taking every 4th column.
+  const int rows[2] = {q0 + g, q0 + g + 8};
+  float row_lse[2] = {0.0f, 0.0f}, row_delta[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (rows[r] < T) {
+      const bf16* out_row = out + ((size_t)b * T + rows[r]) * C + h * HS;
+      for (int d = t; d < HS; d += 4) row_delta[r] += to_float(my_do[(g + 8 * r) * LD + d]) * to_float(out_row[d]);
+      row_lse[r] = lse[(size_t)bh * T + rows[r]];
+    }
+    row_delta[r] += __shfl_xor_sync(0xffffffffu, row_delta[r], 1);
+    row_delta[r] += __shfl_xor_sync(0xffffffffu, row_delta[r], 2);
+    if (t == 0 && rows[r] < T) delta[(size_t)bh * T + rows[r]] = row_delta[r];
   }
-  row_delta += __shfl_xor_sync(0xffffffffu, row_delta, 1);
-  if (half == 0 && i < T) delta[(size_t)bh * T + i] = row_delta;
 
-  Accumulator dq[HS / 16];
-  for (int dn = 0; dn < HS / 16; ++dn) wmma::fill_fragment(dq[dn], 0.0f);
+  float dq[HS / 8][4] = {};
   const bool active = q0 < T;  // warp-uniform
   const int last_row = min(first_row + TC_ROWS, T) - 1;
-  for (int k0 = 0; k0 <= last_row; k0 += TC_COLS) {
-    __syncthreads();
-    load_tile<HS>(k_tile, k, C3, k0, T);
-    load_tile<HS>(v_tile, v, C3, k0, T);
-    __syncthreads();
-    if (!active) continue;
-    const int blocks = min(TC_COLS / 16, (q0 - k0) / 16 + 1), keys = 16 * blocks;
-    rows_times_tile_transposed<HS, SLD>(scratch, q_frag, k_tile, 0, blocks);
-    rows_times_tile_transposed<HS, SLD>(scratch + TC_COLS, do_frag, v_tile, 0, blocks);
-    __syncwarp();
-    for (int c = half; c < keys; c += 2) {
-      const int j = k0 + c;
-      float ds = 0.0f;
-      if (j <= i) {
-        const float p = __expf(scratch[r * SLD + c] * scale - row_lse);
-        const float dw = scratch[r * SLD + TC_COLS + c];
-        ds = p * (dw * attention::dropout_at(first_weight, T, i, j, stream, threshold, keep) - row_delta) * scale;
-      }
-      ds_tile[r * OPERAND_LD + c] = from_float<bf16>(ds);
+  for (int k0 = 0, s = 0; k0 <= last_row; k0 += TC_COLS, s ^= 1) {
+    // Buffer s^1 was last read in the previous iteration, which every warp has left (the barrier at its end).
+    if (k0 + TC_COLS <= last_row) {
+      copy_tile_async<HS>(tiles + 2 * (s ^ 1) * TILE, k, C3, k0 + TC_COLS, T);
+      copy_tile_async<HS>(tiles + (2 * (s ^ 1) + 1) * TILE, v, C3, k0 + TC_COLS, T);
     }
-    __syncwarp();
-    accumulate_operand_times_tile<HS>(dq, ds_tile, k_tile, 0, blocks);
+    __pipeline_commit();
+    __pipeline_wait_prior(1);
+    __syncthreads();
+    const bf16* k_tile = tiles + 2 * s * TILE;
+    const bf16* v_tile = k_tile + TILE;
+    if (active) {
+      const int steps = min(COL_STEPS, (q0 - k0) / 16 + 1);
+      float ds[COL_BLOCKS][4], dw[COL_BLOCKS][4];
+      rows_times_tile_transposed<HS>(ds, my_q, k_tile, 0, steps);
+      rows_times_tile_transposed<HS>(dw, my_do, v_tile, 0, steps);
+#pragma unroll
+      for (int cb = 0; cb < COL_BLOCKS; ++cb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = rows[e / 2], j = k0 + 8 * cb + 2 * t + e % 2;
+          float grad = 0.0f;
+          if (cb / 2 < steps && j <= i) {
+            const float p = __expf(ds[cb][e] * scale - row_lse[e / 2]);
+            grad = p * (dw[cb][e] * attention::dropout_at(first_weight, T, i, j, stream, threshold, keep) - row_delta[e / 2]) * scale;
+          }
+          ds[cb][e] = grad;
+        }
+      accumulate_times_tile<HS>(dq, ds, k_tile, 0, steps);
+    }
+    __syncthreads();
   }
-  if (active) store_rows<HS, SLD>(dqkv + (size_t)b * T * C3 + h * HS, C3, q0, T, dq, scratch);
+  if (active) store_rows<HS>(dqkv + (size_t)b * T * C3 + h * HS, C3, q0, T, dq, {1.0f, 1.0f});
 }
 
-// attention::backward_key's contract on tensor cores, per (b, h, 64 keys): over the query tiles from the
-// block's first key on, S^T = K.Q^T and dW^T = V.dO^T side by side in the warp's scratch, W^T and dS^T on
-// them by lane pairs (row r is key j, column c query i), and dV += W^T.dO, dK += dS^T.Q in registers.
-// On the first tile warp w skips the 16-query blocks before its first key.
+// attention::backward_key's contract, per (b, h, 64 keys): over the query tiles from the block's first key
+// on, S^T = K.Q^T and dW^T = V.dO^T (row g of a warp is key j, a column query i), W^T and dS^T from them,
+// and dV += W^T.dO, dK += dS^T.Q in registers. The block's K and V rows stay in shared memory; each query
+// tile comes with its queries' lse and D_i. On the first tile warp w skips the 16-query steps before its
+// first key.
 template <int HS>
 __device__ void backward_key(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* delta, int T, int C, int NH,
                              uint64_t stream, uint32_t threshold, float keep) {
-  constexpr int SLD = BACKWARD_LD<HS>;
-  const BackwardShared sh = backward_shared<HS>();
-  bf16 *q_tile = sh.tile_a, *do_tile = sh.tile_b, *w_tile = sh.operand_a, *ds_tile = sh.operand_b;
-  float *scratch = sh.scratch, *lse_tile = sh.row_values, *delta_tile = sh.row_values + TC_COLS;
-  const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
+  constexpr int LD = TILE_LD<HS>, TILE = TILE_ELEMENTS<HS>;
+  DYNAMIC_SHARED(bf16, attention_shared);
+  // The block's K and V, then buffer s's Q at tiles + 2s and dO at tiles + 2s + 1 (in units of TILE), then
+  // buffer s's lse and D_i at query_values + 2s * TC_COLS and + (2s + 1) * TC_COLS.
+  bf16 *k_rows = attention_shared, *v_rows = attention_shared + TILE, *tiles = attention_shared + 2 * TILE;
+  float* query_values = reinterpret_cast<float*>(attention_shared + 6 * TILE);
+  const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE, g = lane / 4, t = lane % 4;
   const int bh = blockIdx.y, b = bh / NH, h = bh % NH, C3 = 3 * C;
   const float scale = 1.0f / sqrtf((float)HS);
   const uint64_t first_weight = (uint64_t)bh * T * T;
@@ -735,54 +700,71 @@ __device__ void backward_key(bf16* dqkv, const bf16* dout, const bf16* qkv, cons
   const bf16* k = q + C;
   const bf16* v = q + 2 * C;
   const bf16* dout_bh = dout + (size_t)b * T * C + h * HS;
-
-  RowsA k_frag[HS / 16], v_frag[HS / 16];
-  load_tile<HS>(q_tile, k, C3, first_key, T);
-  load_tile<HS>(do_tile, v, C3, first_key, T);
-  __syncthreads();
-  load_row_fragments<HS>(k_frag, q_tile + 16 * warp * TILE_LD<HS>);
-  load_row_fragments<HS>(v_frag, do_tile + 16 * warp * TILE_LD<HS>);
-
-  Accumulator dk[HS / 16], dv[HS / 16];
-  for (int dn = 0; dn < HS / 16; ++dn) wmma::fill_fragment(dk[dn], 0.0f), wmma::fill_fragment(dv[dn], 0.0f);
-  const int r = lane / 2, half = lane % 2, j = j0 + r;
-  const bool active = j0 < T;  // warp-uniform
-  for (int i0 = first_key; i0 < T; i0 += TC_COLS) {
-    __syncthreads();
-    load_tile<HS>(q_tile, q, C3, i0, T);
-    load_tile<HS>(do_tile, dout_bh, C, i0, T);
+  const bf16* my_k = k_rows + 16 * warp * LD;
+  const bf16* my_v = v_rows + 16 * warp * LD;
+  // A query tile's lse and D_i, by the block's first 64 threads, as plain stores: the barrier after the
+  // tile's copies publishes them.
+  const auto load_query_values = [&](int i0, int s) {
+    const int i = i0 + (int)threadIdx.x;
     if (threadIdx.x < TC_COLS) {
-      const int i = i0 + threadIdx.x;
-      lse_tile[threadIdx.x] = i < T ? lse[(size_t)bh * T + i] : 0.0f;
-      delta_tile[threadIdx.x] = i < T ? delta[(size_t)bh * T + i] : 0.0f;
+      query_values[2 * s * TC_COLS + threadIdx.x] = i < T ? lse[(size_t)bh * T + i] : 0.0f;
+      query_values[(2 * s + 1) * TC_COLS + threadIdx.x] = i < T ? delta[(size_t)bh * T + i] : 0.0f;
+    }
+  };
+
+  copy_tile_async<HS>(k_rows, k, C3, first_key, T);
+  copy_tile_async<HS>(v_rows, v, C3, first_key, T);
+  copy_tile_async<HS>(tiles, q, C3, first_key, T);
+  copy_tile_async<HS>(tiles + TILE, dout_bh, C, first_key, T);
+  load_query_values(first_key, 0);
+  __pipeline_commit();
+
+  float dk[HS / 8][4] = {}, dv[HS / 8][4] = {};
+  const int keys[2] = {j0 + g, j0 + g + 8};
+  const bool active = j0 < T;  // warp-uniform
+  for (int i0 = first_key, s = 0; i0 < T; i0 += TC_COLS, s ^= 1) {
+    if (i0 + TC_COLS < T) {
+      copy_tile_async<HS>(tiles + 2 * (s ^ 1) * TILE, q, C3, i0 + TC_COLS, T);
+      copy_tile_async<HS>(tiles + (2 * (s ^ 1) + 1) * TILE, dout_bh, C, i0 + TC_COLS, T);
+      load_query_values(i0 + TC_COLS, s ^ 1);
+    }
+    __pipeline_commit();
+    __pipeline_wait_prior(1);
+    __syncthreads();
+    const bf16* q_tile = tiles + 2 * s * TILE;
+    const bf16* do_tile = q_tile + TILE;
+    const float* tile_lse = query_values + 2 * s * TC_COLS;
+    const float* tile_delta = tile_lse + TC_COLS;
+    if (active) {
+      // 16-query steps with a query at or after some key of the warp, and before T.
+      const int first = max(0, (j0 - i0) / 16), end = min(COL_STEPS, (T - i0 + 15) / 16);
+      float w[COL_BLOCKS][4], ds[COL_BLOCKS][4];
+      rows_times_tile_transposed<HS>(w, my_k, q_tile, first, end);
+      rows_times_tile_transposed<HS>(ds, my_v, do_tile, first, end);
+#pragma unroll
+      for (int cb = 0; cb < COL_BLOCKS; ++cb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int c = 8 * cb + 2 * t + e % 2, i = i0 + c, j = keys[e / 2];
+          float weight = 0.0f, grad = 0.0f;
+          if (cb / 2 >= first && cb / 2 < end && j <= i && i < T) {
+            const float p = __expf(w[cb][e] * scale - tile_lse[c]);
+            const float drop = attention::dropout_at(first_weight, T, i, j, stream, threshold, keep);
+            weight = p * drop;
+            grad = p * (ds[cb][e] * drop - tile_delta[c]) * scale;
+          }
+          w[cb][e] = weight;
+          ds[cb][e] = grad;
+        }
+      accumulate_times_tile<HS>(dv, w, do_tile, first, end);
+      accumulate_times_tile<HS>(dk, ds, q_tile, first, end);
     }
     __syncthreads();
-    if (!active) continue;
-    // Query blocks with a query at or after some key of the warp, and before T.
-    const int first = max(0, (j0 - i0) / 16), end = min(TC_COLS / 16, (T - i0 + 15) / 16);
-    rows_times_tile_transposed<HS, SLD>(scratch, k_frag, q_tile, first, end);
-    rows_times_tile_transposed<HS, SLD>(scratch + TC_COLS, v_frag, do_tile, first, end);
-    __syncwarp();
-    for (int c = 16 * first + half; c < 16 * end; c += 2) {
-      const int i = i0 + c;
-      float w = 0.0f, ds = 0.0f;
-      if (j <= i && i < T) {
-        const float p = __expf(scratch[r * SLD + c] * scale - lse_tile[c]);
-        const float drop = attention::dropout_at(first_weight, T, i, j, stream, threshold, keep);
-        w = p * drop;
-        ds = p * (scratch[r * SLD + TC_COLS + c] * drop - delta_tile[c]) * scale;
-      }
-      w_tile[r * OPERAND_LD + c] = from_float<bf16>(w);
-      ds_tile[r * OPERAND_LD + c] = from_float<bf16>(ds);
-    }
-    __syncwarp();
-    accumulate_operand_times_tile<HS>(dv, w_tile, do_tile, first, end);
-    accumulate_operand_times_tile<HS>(dk, ds_tile, q_tile, first, end);
   }
   if (!active) return;
   bf16* dk_rows = dqkv + (size_t)b * T * C3 + C + h * HS;
-  store_rows<HS, SLD>(dk_rows, C3, j0, T, dk, scratch);
-  store_rows<HS, SLD>(dk_rows + C, C3, j0, T, dv, scratch);
+  store_rows<HS>(dk_rows, C3, j0, T, dk, {1.0f, 1.0f});
+  store_rows<HS>(dk_rows + C, C3, j0, T, dv, {1.0f, 1.0f});
 }
 
 }  // namespace attention_tc

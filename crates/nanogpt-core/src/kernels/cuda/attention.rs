@@ -53,17 +53,16 @@ fn tensor_cores(x: Precision, hs: usize) -> bool {
 }
 
 /// Dynamic shared memory of a tensor-core kernel, laid out as attention.cu's `attention_tc` says: 64 x
-/// (hs + 8) bf16 tiles (K and V twice over in the forward, which double-buffers them, and nothing else);
-/// in the backward two tiles, then per warp 16 rows of two 64 + 8 wide bf16 operands and of
-/// max(128, hs) + 4 floats of scratch, then 2 x 64 per-query values. Forward 36 / 68 KiB, backward
-/// 69.5 / 85.5 KiB at hs 64 / 128.
+/// (hs + 8) bf16 tiles, four in the forward (K and V, double-buffered), six in the backward (the block's
+/// own two, and the other side's two double-buffered), then in the backward 2 x 2 x 64 floats (a query
+/// tile's lse and D_i, double-buffered). Forward 36 / 68 KiB, backward 55 / 103 KiB at hs 64 / 128.
 fn tc_shared_bytes(forward: bool, hs: usize) -> u32 {
     let tile = TC_ROWS * (hs + 8) * 2;
     if forward {
-        return (4 * tile) as u32;
+        (4 * tile) as u32
+    } else {
+        (6 * tile + 4 * TC_ROWS * 4) as u32
     }
-    let per_warp = 16 * (2 * (64 + 8) * 2 + (hs.max(128) + 4) * 4);
-    (2 * tile + WARPS as usize * per_warp + 2 * TC_ROWS * 4) as u32
 }
 
 /// Blocks of the tensor-core kernels: one per (64 rows, b, h).

@@ -13,7 +13,6 @@
 #ifdef __CUDACC__
 #include <cuda_bf16.h>
 #include <cuda_pipeline.h>
-#include <mma.h>
 #include <stdint.h>
 #define DYNAMIC_SHARED(type, name) extern __shared__ type name[]
 #endif
@@ -76,8 +75,8 @@ __device__ __forceinline__ float dropout_scale(uint64_t stream, uint32_t thresho
 }
 
 // d += a b on tensor cores for one 16 x 8 x 16 tile (PTX's mma.sync m16n8k16: A 16 x 16 row-major, B 16 x 8
-// column-major, bf16 operands, float accumulators). Unlike wmma's fragments, these have a documented
-// layout, so a kernel can work on rows of a product (a softmax) in registers. With g = lane / 4 and
+// column-major, bf16 operands, float accumulators). The fragments' layout is documented (unlike wmma's),
+// so a kernel can work on rows of a product (a softmax) in registers. With g = lane / 4 and
 // t = lane % 4, each operand register holds two bf16, the lower half at the lower column (A) or k (B):
 //   a[0] A(g, 2t..2t+1)   a[1] A(g+8, 2t..2t+1)   a[2] A(g, 2t+8..2t+9)   a[3] A(g+8, 2t+8..2t+9)
 //   b[0] B(2t..2t+1, g)   b[1] B(2t+8..2t+9, g)
