@@ -1,6 +1,6 @@
 //! Compiles the engine's CUDA kernels, and this crate's own test kernels, as C++ with the emulator's
 //! definitions of CUDA's built-ins, and a function registering each kernel entry point (every
-//! `extern "C" __global__ void name(` line) by name.
+//! `extern "C" __global__ void name(` line, `__launch_bounds__(..)` allowed before the name) by name.
 
 use std::path::{Path, PathBuf};
 use std::{env, fs};
@@ -21,6 +21,8 @@ fn main() {
         println!("cargo:rerun-if-changed={}", source.display());
         for line in fs::read_to_string(source).unwrap().lines() {
             if let Some(rest) = line.strip_prefix(ENTRY) {
+                // `__launch_bounds__(threads, blocks)` may come before the name.
+                let rest = rest.strip_prefix("__launch_bounds__(").map_or(rest, |bounds| bounds.split_once(')').unwrap().1);
                 entries.push(rest.split('(').next().unwrap().trim().to_string());
             }
         }

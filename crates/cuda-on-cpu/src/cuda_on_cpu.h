@@ -220,3 +220,23 @@ inline void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], const uint3
   for (int e = 0; e < 4; ++e) d[e] = result[e];
 }
 }  // namespace cuda_on_cpu
+
+// PTX's ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16 for the calling warp (all 32 lanes): lane i gives
+// the address of row i % 8 of 8 x 8 matrix i / 8 (eight 16-bit elements); register m of lane l receives,
+// of matrix m, elements (l / 4, 2 (l % 4)) and (l / 4, 2 (l % 4) + 1), or with `transpose` (2 (l % 4), l / 4)
+// and (2 (l % 4) + 1, l / 4), the first in the lower half.
+namespace cuda_on_cpu {
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool transpose) {
+  const unsigned tid = thread_in_block(), lane = tid % 32, first = tid - lane;
+  exchange_slots()[tid * SLOT_WORDS] = (uint64_t)(uintptr_t)row;
+  syncwarp();
+  const auto at = [&](unsigned matrix, unsigned i, unsigned j) {
+    const uint16_t* row_i = reinterpret_cast<const uint16_t*>((uintptr_t)exchange_slots()[(first + 8 * matrix + i) * SLOT_WORDS]);
+    return (uint32_t)row_i[j];
+  };
+  const unsigned a = lane / 4, b = 2 * (lane % 4);
+  for (unsigned m = 0; m < 4; ++m)
+    r[m] = transpose ? at(m, b, a) | at(m, b + 1, a) << 16 : at(m, a, b) | at(m, a, b + 1) << 16;
+  syncwarp();  // every lane has read the addresses before any of them is reused
+}
+}  // namespace cuda_on_cpu

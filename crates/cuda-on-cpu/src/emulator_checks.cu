@@ -32,22 +32,26 @@ extern "C" __global__ void check_shuffles(int* down, int* xored, int* broadcast,
   rounded[t] = to_float(from_float<bf16>(in[t]));
 }
 
-// out = a b + c for a (32x48, row-major), b (48x16, stored as its row-major transpose) bf16 and c, out
-// (32x16, row-major) float, through mma_16x8x16: a warp per 16 rows, two 8-column tiles, three steps along
-// k, each lane loading its fragments from global memory as common.cuh lays them out.
-extern "C" __global__ void check_mma(float* out, const bf16* a, const bf16* b_transposed, const float* c) {
-  constexpr int N = 16, K = 48;
+// out = a b + c for a (32x48), b (48x16) bf16 and c, out (32x16) float, all row-major, through mma_16x8x16:
+// a warp per 16 rows, both 8-column tiles, three steps along k, the operands taken from shared memory by
+// ldmatrix as common.cuh lays them out (b transposed on the way).
+extern "C" __global__ void check_mma(float* out, const bf16* a, const bf16* b, const float* c) {
+  constexpr int M = 32, N = 16, K = 48, LD_A = K + 8, LD_B = N + 8;
+  __shared__ __align__(16) bf16 a_tile[M * LD_A];
+  __shared__ __align__(16) bf16 b_tile[K * LD_B];
+  for (int i = threadIdx.x; i < M * K; i += blockDim.x) a_tile[i / K * LD_A + i % K] = a[i];
+  for (int i = threadIdx.x; i < K * N; i += blockDim.x) b_tile[i / N * LD_B + i % N] = b[i];
+  __syncthreads();
   const int lane = threadIdx.x % WARP_SIZE, g = lane / 4, t = lane % 4, row0 = threadIdx.x / WARP_SIZE * 16;
-  for (int n0 = 0; n0 < N; n0 += 8) {
-    float d[4];
-    for (int e = 0; e < 4; ++e) d[e] = c[(row0 + g + 8 * (e / 2)) * N + n0 + 2 * t + e % 2];
-    for (int k0 = 0; k0 < K; k0 += 16) {
-      const bf16* at = a + (row0 + g) * K + k0 + 2 * t;
-      const uint32_t fa[4] = {load_bf16_pair(at), load_bf16_pair(at + 8 * K), load_bf16_pair(at + 8), load_bf16_pair(at + 8 * K + 8)};
-      const bf16* bt = b_transposed + (n0 + g) * K + k0 + 2 * t;
-      const uint32_t fb[2] = {load_bf16_pair(bt), load_bf16_pair(bt + 8)};
-      mma_16x8x16(d, fa, fb);
-    }
-    for (int e = 0; e < 4; ++e) out[(row0 + g + 8 * (e / 2)) * N + n0 + 2 * t + e % 2] = d[e];
+  float d[2][4];
+  for (int e = 0; e < 8; ++e) d[e / 4][e % 4] = c[(row0 + g + 8 * (e % 4 / 2)) * N + 8 * (e / 4) + 2 * t + e % 2];
+  for (int k0 = 0; k0 < K; k0 += 16) {
+    uint32_t fa[4], fb[4];
+    ldmatrix_x4(fa, a_tile + (row0 + lane % 16) * LD_A + k0 + 8 * (lane / 16));
+    ldmatrix_x4_transposed(fb, b_tile + (k0 + lane % 8 + 8 * (lane / 8 % 2)) * LD_B + 8 * (lane / 16));
+    const uint32_t b0[2] = {fb[0], fb[1]}, b1[2] = {fb[2], fb[3]};
+    mma_16x8x16(d[0], fa, b0);
+    mma_16x8x16(d[1], fa, b1);
   }
+  for (int e = 0; e < 8; ++e) out[(row0 + g + 8 * (e % 4 / 2)) * N + 8 * (e / 4) + 2 * t + e % 2] = d[e / 4][e % 4];
 }

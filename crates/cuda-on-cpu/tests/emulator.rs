@@ -82,7 +82,7 @@ fn bad_launches_are_refused_with_the_reason() {
 }
 
 #[test]
-fn mma_tiles_match_a_plain_product() {
+fn ldmatrix_and_mma_tiles_match_a_plain_product() {
     let (m, n, k) = (32usize, 16usize, 48usize);
     // Multiples of 1/8 below 4: exact in bf16, and their products and sums exact in float.
     let value = |i: usize, salt: usize| ((i * 7 + salt * 13) % 31) as f32 / 8.0 - 1.5;
@@ -90,8 +90,7 @@ fn mma_tiles_match_a_plain_product() {
         ((0..m * k).map(|i| value(i, 1)).collect(), (0..k * n).map(|i| value(i, 2)).collect(), (0..m * n).map(|i| value(i, 3)).collect());
     let bf16 = |v: &[f32]| -> Vec<u16> { v.iter().map(|x| (x.to_bits() >> 16) as u16).collect() };
     let want: Vec<f32> = (0..m * n).map(|e| (0..k).map(|kk| a[e / n * k + kk] * b[kk * n + e % n]).sum::<f32>() + c[e]).collect();
-    let b_transposed: Vec<f32> = (0..n * k).map(|i| b[i % k * n + i / k]).collect();
-    let (a_in, b_in) = (bf16(&a), bf16(&b_transposed));
+    let (a_in, b_in) = (bf16(&a), bf16(&b));
     let mut out = vec![f32::NAN; m * n];
     let (mut o, mut pa, mut pb, mut pc) = (out.as_mut_ptr(), a_in.as_ptr(), b_in.as_ptr(), c.as_ptr());
     unsafe { cuda_on_cpu::launch("check_mma", [1, 1, 1], [64, 1, 1], 0, &mut [ptr(&mut o), ptr(&mut pa), ptr(&mut pb), ptr(&mut pc)]) }

@@ -332,16 +332,20 @@ __device__ void backward_key(X* dqkv, const X* dout, const X* qkv, const float* 
 // 16 rows, rows g and g+8, against columns 2t and 2t+1 of every 8-column block: a row's max or sum is
 // over the 4 lanes of its group (two shuffles).
 //
-// Shared memory is dynamic (attention.rs's tc_shared_bytes): 64 x HS bf16 tiles with rows padded by 8
-// elements (16 bytes, which keeps the copies' 16-byte alignment and puts the 8 groups' operand reads in
-// distinct banks): in the forward K and V twice over (36 / 68 KiB at HS=64 / 128); in the backward the
-// block's own two tiles (Q and dO, or K and V) and the other side's two twice over, then the dK/dV
-// kernel's per-query lse and D_i twice over (55 / 103 KiB). The kernels have no static shared memory.
+// Operands reach registers through ldmatrix, four 8 x 8 matrices per instruction (transposed on the way
+// where a tile's rows are a B operand's k, as V's in P.V).
 //
-// Registers on Hopper (nvcc 13, -Xptxas -v, sm_90), at HS=64 / HS=128: forward 166 / 220, dQ kernel
-// 162 / 166, dK/dV kernel 215 / 255 (its dK and dV accumulators, 64 floats each at HS=128, spill 12 bytes
-// there; GPT-2's head size is 64). Per SM (64K registers) that is 3 blocks of 4 warps at HS=64, 2 for the
-// dK/dV kernel. 64-row blocks give T/64 x B*NH = 2304 blocks at GPT-2's B=12, T=1024: several waves over
+// Shared memory is dynamic (attention.rs's tc_shared_bytes): 64 x HS bf16 tiles with rows padded by 8
+// elements (16 bytes, which keeps rows 16-byte aligned for the copies and for ldmatrix, and puts the 8
+// rows of one ldmatrix matrix in distinct banks): in the forward K and V twice over (36 / 68 KiB at HS=64 /
+// 128); in the backward the block's own two tiles (Q and dO, or K and V) and the other side's two twice
+// over, then the dK/dV kernel's per-query lse and D_i twice over (55 / 103 KiB). The kernels have no
+// static shared memory.
+//
+// Registers on Hopper (nvcc 13, -Xptxas -v, sm_90), at HS=64 / HS=128: forward 168 / 217 (at HS=64
+// bounded for 3 blocks per SM, without spills; 172 left it 2), dQ kernel 148 / 187, dK/dV kernel 209 / 255
+// (its dK and dV accumulators, 64 floats each at HS=128, spill 4 bytes there; GPT-2's head size is 64).
+// Per SM (64K registers) that is 3 blocks of 4 warps at HS=64, 2 for the dK/dV kernel. 64-row blocks give T/64 x B*NH = 2304 blocks at GPT-2's B=12, T=1024: several waves over
 // 132 SMs.
 namespace attention_tc {
 
@@ -382,34 +386,34 @@ __device__ __forceinline__ void copy_tile_async(bf16* tile, const bf16* src, int
   }
 }
 
-// The operands of a 16 x 8 x 16 tile from shared memory (pitch LD), for products along the head dimension
-// or along a tile's rows:
-// - A: the 16 rows at `rows`, k = columns k0..k0+15.
-// - B with its n (8 columns of the product) along rows n0.. of `tile` and k = columns k0..: S = Q.K^T's K.
-// - B with its k along rows k0..k0+15 of `tile` and n = columns n0..n0+7: P.V's V. Its two k values per
-//   register come from two rows, hence two 16-bit reads.
+// The operands of 16 x 8 x 16 tiles from shared memory (pitch LD), one ldmatrix for the warp each:
+// - load_a: an A operand, the 16 rows at `rows`, k = columns k0..k0+15.
+// - load_b_from_rows: B operands for two 8-column blocks of a product: n along rows n0..n0+15 of `tile`
+//   ({b[0], b[1]} for rows n0.., {b[2], b[3]} for n0+8..), k = columns k0..k0+15. S = Q.K^T's K.
+// - load_b_from_columns: the same with k along rows k0..k0+15 of `tile` and n = columns n0..n0+15
+//   ({b[0], b[1]} for columns n0.., {b[2], b[3]} for n0+8..), transposed on the way. P.V's V.
+// Rows are 16-byte aligned (TILE_LD), and the 8 rows of one matrix fall in distinct banks.
 template <int LD>
 __device__ __forceinline__ void load_a(uint32_t (&a)[4], const bf16* rows, int k0) {
   const int lane = threadIdx.x % WARP_SIZE;
-  const bf16* at = rows + (lane / 4) * LD + k0 + 2 * (lane % 4);
-  a[0] = load_bf16_pair(at);
-  a[1] = load_bf16_pair(at + 8 * LD);
-  a[2] = load_bf16_pair(at + 8);
-  a[3] = load_bf16_pair(at + 8 * LD + 8);
+  ldmatrix_x4(a, rows + (lane % 16) * LD + k0 + 8 * (lane / 16));
 }
 template <int LD>
-__device__ __forceinline__ void load_b_from_rows(uint32_t (&b)[2], const bf16* tile, int n0, int k0) {
+__device__ __forceinline__ void load_b_from_rows(uint32_t (&b)[4], const bf16* tile, int n0, int k0) {
   const int lane = threadIdx.x % WARP_SIZE;
-  const bf16* at = tile + (n0 + lane / 4) * LD + k0 + 2 * (lane % 4);
-  b[0] = load_bf16_pair(at);
-  b[1] = load_bf16_pair(at + 8);
+  ldmatrix_x4(b, tile + (n0 + lane % 8 + 8 * (lane / 16)) * LD + k0 + 8 * (lane / 8 % 2));
 }
 template <int LD>
-__device__ __forceinline__ void load_b_from_columns(uint32_t (&b)[2], const bf16* tile, int k0, int n0) {
+__device__ __forceinline__ void load_b_from_columns(uint32_t (&b)[4], const bf16* tile, int k0, int n0) {
   const int lane = threadIdx.x % WARP_SIZE;
-  const bf16* at = tile + (k0 + 2 * (lane % 4)) * LD + n0 + lane / 4;
-  b[0] = pack_bf16(at[0], at[LD]);
-  b[1] = pack_bf16(at[8 * LD], at[9 * LD]);
+  ldmatrix_x4_transposed(b, tile + (k0 + lane % 8 + 8 * (lane / 8 % 2)) * LD + n0 + 8 * (lane / 16));
+}
+
+// d0 += a times the first B operand of `b` (registers 0, 1), d1 += a times the second (2, 3).
+__device__ __forceinline__ void mma_pair(float (&d0)[4], float (&d1)[4], const uint32_t (&a)[4], const uint32_t (&b)[4]) {
+  const uint32_t first[2] = {b[0], b[1]}, second[2] = {b[2], b[3]};
+  mma_16x8x16(d0, a, first);
+  mma_16x8x16(d1, a, second);
 }
 
 // 16 columns (8-column blocks 2s and 2s+1) of a warp's 16 x 64 accumulators as the A operand of a
@@ -434,11 +438,11 @@ __device__ __forceinline__ void rows_times_tile_transposed(float (&acc)[COL_BLOC
     uint32_t a[4];
     load_a<TILE_LD<HS>>(a, rows, 16 * ds);
 #pragma unroll
-    for (int cb = 0; cb < COL_BLOCKS; ++cb) {
-      if (cb / 2 < first || cb / 2 >= end) continue;
-      uint32_t b[2];
-      load_b_from_rows<TILE_LD<HS>>(b, tile, 8 * cb, 16 * ds);
-      mma_16x8x16(acc[cb], a, b);
+    for (int cs = 0; cs < COL_STEPS; ++cs) {
+      if (cs < first || cs >= end) continue;
+      uint32_t b[4];
+      load_b_from_rows<TILE_LD<HS>>(b, tile, 16 * cs, 16 * ds);
+      mma_pair(acc[2 * cs], acc[2 * cs + 1], a, b);
     }
   }
 }
@@ -454,10 +458,10 @@ __device__ __forceinline__ void accumulate_times_tile(float (&out)[HS / 8][4], c
     uint32_t a[4];
     accumulators_as_a(a, operand, cs);
 #pragma unroll
-    for (int db = 0; db < HS / 8; ++db) {
-      uint32_t b[2];
+    for (int db = 0; db < HS / 8; db += 2) {
+      uint32_t b[4];
       load_b_from_columns<TILE_LD<HS>>(b, tile, 16 * cs, 8 * db);
-      mma_16x8x16(out[db], a, b);
+      mma_pair(out[db], out[db + 1], a, b);
     }
   }
 }
@@ -537,11 +541,11 @@ __device__ void forward(bf16* out, float* lse, const bf16* qkv, int T, int C, in
 #pragma unroll
       for (int ds = 0; ds < DIM_STEPS; ++ds)
 #pragma unroll
-        for (int cb = 0; cb < COL_BLOCKS; ++cb) {
-          if (cb / 2 >= steps) continue;
-          uint32_t kt[2];
-          load_b_from_rows<LD>(kt, k_tile, 8 * cb, 16 * ds);
-          mma_16x8x16(p[cb], q_frag[ds], kt);
+        for (int cs = 0; cs < COL_STEPS; ++cs) {
+          if (cs >= steps) continue;
+          uint32_t kt[4];
+          load_b_from_rows<LD>(kt, k_tile, 16 * cs, 16 * ds);
+          mma_pair(p[2 * cs], p[2 * cs + 1], q_frag[ds], kt);
         }
       // Scaled and masked scores, then the rows' new maxima (key k0 is visible to every row, so they are
       // finite from the first tile on).
@@ -779,7 +783,7 @@ extern "C" __global__ void attention_forward_hs64_f32(float* out, float* lse, co
 extern "C" __global__ void attention_forward_hs128_f32(float* out, float* lse, const float* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::forward<float, 128>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_forward_hs16_bf16(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::forward<bf16, 16>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_forward_hs32_bf16(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::forward<bf16, 32>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
-extern "C" __global__ void attention_forward_tc_hs64_bf16(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention_tc::forward<64>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
+extern "C" __global__ void __launch_bounds__(128, 3) attention_forward_tc_hs64_bf16(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention_tc::forward<64>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_forward_tc_hs128_bf16(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention_tc::forward<128>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_backward_query_hs16_f32(float* dqkv, float* delta, const float* dout, const float* qkv, const float* out, const float* lse, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::backward_query<float, 16>(dqkv, delta, dout, qkv, out, lse, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_backward_query_hs32_f32(float* dqkv, float* delta, const float* dout, const float* qkv, const float* out, const float* lse, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::backward_query<float, 32>(dqkv, delta, dout, qkv, out, lse, T, C, NH, stream, threshold, keep); }

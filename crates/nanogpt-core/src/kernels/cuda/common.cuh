@@ -6,8 +6,8 @@
 // - X, the activation type, is float or bf16; each kernel is instantiated twice, `name_f32` and `name_bf16`.
 // - Arithmetic is in float. Parameter gradients, LayerNorm statistics and losses are float, and parameter
 //   gradients are always added to: the training step zeroes them once per optimizer step.
-// - Kernel entry points are `extern "C" __global__ void name(...)`, one per line start, so the CPU build
-//   can find and register them.
+// - Kernel entry points are `extern "C" __global__ void name(...)` (or `... void __launch_bounds__(..) name(`),
+//   one per line start, so the CPU build can find and register them.
 #pragma once
 
 #ifdef __CUDACC__
@@ -108,5 +108,26 @@ __device__ __forceinline__ uint32_t pack_bf16(float lower, float upper) {
 #endif
 }
 
-// The two consecutive bf16 at p (4-byte aligned) as one operand register.
-__device__ __forceinline__ uint32_t load_bf16_pair(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
+// Four 8 x 8 bf16 matrices from shared memory into operand registers, one instruction for the warp (PTX's
+// ldmatrix .x4): lane i gives the address of row i % 8 of matrix i / 8 (16-byte aligned), and register m
+// of lane l receives matrix m's elements (l / 4, 2 (l % 4)..+1), or transposed, (2 (l % 4)..+1, l / 4).
+// That is mma_16x8x16's layout: matrices (rows 0-7, 8-15) x (columns 0-7, 8-15) in column order are an A
+// operand; two matrices of a row-major K x N tile, transposed, are a B operand.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const bf16* row) {
+#ifdef __CUDACC__
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"((uint32_t)__cvta_generic_to_shared(row)));
+#else
+  cuda_on_cpu::ldmatrix_x4(r, row, false);
+#endif
+}
+__device__ __forceinline__ void ldmatrix_x4_transposed(uint32_t (&r)[4], const bf16* row) {
+#ifdef __CUDACC__
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"((uint32_t)__cvta_generic_to_shared(row)));
+#else
+  cuda_on_cpu::ldmatrix_x4(r, row, true);
+#endif
+}
