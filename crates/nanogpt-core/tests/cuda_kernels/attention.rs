@@ -106,7 +106,8 @@ fn every_head_size_matches_the_cpu_kernels() {
 }
 
 /// The tensor-core kernels (bf16 at head sizes 64 and 128) over several 64-row query tiles and key
-/// tiles, the last one partial, with inputs aligned for 16-byte copies and not.
+/// tiles, the last one partial, with inputs aligned for 16-byte copies and not, and over two sequences
+/// of two heads.
 #[test]
 fn bf16_tensor_core_kernels_match_the_cpu_kernels_over_several_tiles() {
     for (hs, t) in [(64, 150), (128, 130)] {
@@ -115,6 +116,7 @@ fn bf16_tensor_core_kernels_match_the_cpu_kernels_over_several_tiles() {
                 check(Precision::Bf16, Case { b: 1, t, n_head: 1, hs, dropout, misaligned }, 1e-2);
             }
         }
+        check(Precision::Bf16, Case { b: 2, t: 70, n_head: 2, hs, dropout: Some(0.2), misaligned: false }, 1e-2);
     }
 }
 
