@@ -304,13 +304,23 @@ describe.skipIf(!canRun)('data-parallel training on two ranks (mpirun)', () => {
   });
 
   it('stops every rank when only rank 1 is asked, rank 0 announcing the stop and saving', async () => {
-    // mpirun forwards a stop request to the ranks one by one, so rank 0 may learn of it from another rank first.
+    // mpirun forwards a stop request to the ranks one by one, so rank 0 may learn of it from another rank first, and a
+    // rank may get it after the stop: a second request to rank 1, once rank 0 announces the stop, must not end it.
     const marker = `nanogpt-ddp-stop-one-${process.pid}`;
     const job = startJob(work, marker, [...tiny, '--nproc_per_node=2', '--gradient_accumulation_steps=2', '--max_iters=100000', '--eval_interval=100000', '--out_dir=out-stop-one']);
     try {
+      let rank1: number | undefined;
       job.onStdout((stdout) => {
-        if (!/^iter 3: /m.test(stdout)) return false;
-        process.kill(rankProcess(marker, 1), 'SIGUSR2');
+        if (rank1 === undefined && /^iter 3: /m.test(stdout)) {
+          rank1 = rankProcess(marker, 1);
+          process.kill(rank1, 'SIGUSR2');
+        }
+        if (rank1 === undefined || !/^interrupted: /m.test(stdout)) return false;
+        try {
+          process.kill(rank1, 'SIGUSR2');
+        } catch {
+          // Rank 1 has exited already.
+        }
         return true;
       });
       const status = await job.closed;

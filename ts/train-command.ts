@@ -19,20 +19,23 @@ export async function runTrainCommand(overrides: Partial<TrainConfig>): Promise<
     if (progress) progress.print(line);
     else console.log(line);
   };
-  // Only the first request is caught: once the listeners are gone, the signals' default action (exit) is back, so a
-  // second one ends the process at once, even in the middle of a step or of the checkpoint save.
-  const stopSignals: NodeJS.Signals[] = worldSize > 1 ? ['SIGINT', 'SIGUSR2'] : ['SIGINT'];
   let announced = false;
   const announceStop = () => {
     if (!announced) print('interrupted: stopping after this step and saving a checkpoint (Ctrl-C again to quit at once)');
     announced = true;
   };
-  const onStop = () => {
-    for (const signal of stopSignals) process.off(signal, onStop);
+  // Only the first Ctrl-C is caught: once its listener is gone, SIGINT's default action (exit) is back, so a second
+  // one ends the process at once, even in the middle of a step or of the checkpoint save.
+  const requestStop = () => {
+    process.off('SIGINT', requestStop);
     stop.abort();
     announceStop();
   };
-  for (const signal of stopSignals) process.on(signal, onStop);
+  process.on('SIGINT', requestStop);
+  // A rank's SIGUSR2 stays caught until the process exits: mpirun forwards the request to one rank after another, and
+  // the ranks stop as soon as one of them has it (see train.ts), so it can reach a rank that has already stopped,
+  // where SIGUSR2's default action would end the rank and mpirun report it as failed.
+  if (worldSize > 1) process.on('SIGUSR2', requestStop);
   try {
     const result = await train(overrides, {
       signal: stop.signal,
@@ -58,6 +61,6 @@ export async function runTrainCommand(overrides: Partial<TrainConfig>): Promise<
       process.exitCode = worldSize > 1 ? 0 : 130;
     }
   } finally {
-    for (const signal of stopSignals) process.off(signal, onStop);
+    process.off('SIGINT', requestStop);
   }
 }
