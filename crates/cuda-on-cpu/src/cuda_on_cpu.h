@@ -10,8 +10,10 @@
 
 #include <atomic>
 #include <cmath>
+#include <deque>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #define __global__
 #define __device__
@@ -178,16 +180,63 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __float2bfloat16(f); 
 
 #define __align__(n) __attribute__((aligned(n)))
 
-// Asynchronous copies to shared memory (CUDA's <cuda_pipeline.h>, cp.async): here each copy is done at once,
-// which every wait then finds complete. The last `zfill` of `size` bytes are zeros rather than copied.
+// Asynchronous copies to shared memory (CUDA's <cuda_pipeline.h>, cp.async), landing as late as the hardware
+// may let other threads see them: an issued copy only joins this thread's open group, `__pipeline_commit`
+// closes the group, `__pipeline_wait_prior(n)` completes every closed group but the newest n, and the copies
+// completed land at the thread's next `__syncthreads`, before it arrives there. So a kernel that reads a tile
+// before its wait, or before the barrier that must follow every thread's wait, reads what was there before
+// (each block's shared memory starts as 0xff bytes, bf16 NaNs). This is stricter than the hardware in one
+// case: there a thread sees its own completed copies right after its wait, which no kernel here relies on.
+// Copies still pending when the thread's kernel returns land then. The last `zfill` of `size` bytes are zeros
+// rather than copied.
+namespace cuda_on_cpu {
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  size_t size, zfill;
+};
+struct AsyncCopies {
+  std::vector<AsyncCopy> open, completed;
+  std::deque<std::vector<AsyncCopy>> committed;
+};
+inline AsyncCopies& async_copies() {
+  thread_local AsyncCopies copies;
+  return copies;
+}
+inline void land(std::vector<AsyncCopy>& copies) {
+  for (const AsyncCopy& c : copies) {
+    memcpy(c.dst, c.src, c.size - c.zfill);
+    memset(static_cast<char*>(c.dst) + (c.size - c.zfill), 0, c.zfill);
+  }
+  copies.clear();
+}
+// At a barrier: the copies this thread's waits completed.
+inline void land_completed_copies() { land(async_copies().completed); }
+// When the thread's kernel returns: every copy it issued.
+inline void land_pending_copies() {
+  AsyncCopies& copies = async_copies();
+  land(copies.completed);
+  for (auto& group : copies.committed) land(group);
+  copies.committed.clear();
+  land(copies.open);
+}
+}  // namespace cuda_on_cpu
+
 inline void __pipeline_memcpy_async(void* dst, const void* src, size_t size, size_t zfill = 0) {
   assert((size == 4 || size == 8 || size == 16) && zfill <= size && "cp.async copies 4, 8 or 16 bytes");
   assert((uintptr_t)dst % size == 0 && (uintptr_t)src % size == 0 && "cp.async needs addresses aligned to its size");
-  memcpy(dst, src, size - zfill);
-  memset(static_cast<char*>(dst) + (size - zfill), 0, zfill);
+  cuda_on_cpu::async_copies().open.push_back({dst, src, size, zfill});
 }
-inline void __pipeline_commit() {}
-inline void __pipeline_wait_prior(size_t) {}
+inline void __pipeline_commit() {
+  cuda_on_cpu::AsyncCopies& copies = cuda_on_cpu::async_copies();
+  copies.committed.push_back(std::move(copies.open));
+  copies.open.clear();
+}
+inline void __pipeline_wait_prior(size_t newest) {
+  cuda_on_cpu::AsyncCopies& copies = cuda_on_cpu::async_copies();
+  for (; copies.committed.size() > newest; copies.committed.pop_front())
+    copies.completed.insert(copies.completed.end(), copies.committed.front().begin(), copies.committed.front().end());
+}
 
 // PTX's mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32, d += a b, for the calling warp (all 32 lanes).
 // The fragments' layout is PTX's documented one, which kernels rely on (common.cuh's mma_16x8x16 spells it

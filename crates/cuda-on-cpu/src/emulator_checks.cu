@@ -55,3 +55,26 @@ extern "C" __global__ void check_mma(float* out, const bf16* a, const bf16* b, c
   }
   for (int e = 0; e < 8; ++e) out[(row0 + g + 8 * (e % 4 / 2)) * N + 8 * (e / 4) + 2 * t + e % 2] = d[e / 4][e % 4];
 }
+
+// Each thread copies two 16-byte rows of `in` to dynamic shared memory with cp.async, as two groups (row t, then
+// row n + t, which thread 0 zero-fills instead), and records the first word of its neighbour's rows as it finds
+// them: before any wait, after waiting for the older group (and the barrier after), and after waiting for both.
+extern "C" __global__ void check_async_copies(unsigned* seen, const uint4* in) {
+  DYNAMIC_SHARED(uint4, rows);
+  const unsigned t = threadIdx.x, n = blockDim.x, next = (t + 1) % n;
+  __pipeline_memcpy_async(&rows[t], &in[t], 16);
+  __pipeline_commit();
+  __pipeline_memcpy_async(&rows[n + t], &in[n + t], 16, t == 0 ? 16 : 0);
+  __pipeline_commit();
+  __syncthreads();
+  seen[4 * t] = rows[next].x;
+  __syncthreads();
+  __pipeline_wait_prior(1);
+  __syncthreads();
+  seen[4 * t + 1] = rows[next].x;
+  seen[4 * t + 2] = rows[n + next].x;
+  __syncthreads();
+  __pipeline_wait_prior(0);
+  __syncthreads();
+  seen[4 * t + 3] = rows[n + next].x;
+}

@@ -90,6 +90,7 @@ void run_blocks(Launch& launch) {
     launch.block_start->arrive_and_wait();
     blockIdx = unflatten(b, gridDim);
     launch.kernel->thunk(launch.kernel->function, launch.params);
+    land_pending_copies();
     launch.block_sync->arrive_and_drop();
     launch.warp_sync[thread_index / 32]->arrive_and_drop();
     launch.block_end->arrive_and_wait();
@@ -144,7 +145,10 @@ int fail(char* error, size_t len, const std::string& message) {
 }  // namespace
 
 void* dynamic_shared() { return current->shared.data(); }
-void syncthreads() { current->block_sync->arrive_and_wait(); }
+void syncthreads() {
+  land_completed_copies();
+  current->block_sync->arrive_and_wait();
+}
 void syncwarp() { current->warp_sync[thread_index / 32]->arrive_and_wait(); }
 unsigned thread_in_block() { return thread_index; }
 uint64_t* exchange_slots() { return current->slots.data(); }

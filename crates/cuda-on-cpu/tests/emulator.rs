@@ -70,6 +70,28 @@ fn shuffles_and_bf16_rounding_follow_cuda() {
     }
 }
 
+/// A 16-byte row, aligned as cp.async's sources must be.
+#[derive(Clone, Copy)]
+#[repr(C, align(16))]
+struct Row([u32; 4]);
+
+#[test]
+fn async_copies_land_only_at_the_barrier_after_their_wait() {
+    let n = 64usize;
+    let input: Vec<Row> = (0..2 * n).map(|r| Row([1000 + r as u32, 0, 0, 0])).collect();
+    let mut seen = vec![0u32; 4 * n];
+    let (mut s, mut i) = (seen.as_mut_ptr(), input.as_ptr());
+    unsafe { cuda_on_cpu::launch("check_async_copies", [1, 1, 1], [n as u32, 1, 1], 32 * n as u32, &mut [ptr(&mut s), ptr(&mut i)]) }
+        .unwrap();
+    // Shared memory starts as 0xff bytes: a copy not yet waited for (and published by a barrier) reads as that.
+    let unlanded = u32::MAX;
+    for t in 0..n {
+        let next = (t + 1) % n;
+        let second = if next == 0 { 0 } else { input[n + next].0[0] };
+        assert_eq!(seen[4 * t..][..4], [unlanded, input[next].0[0], unlanded, second], "thread {t}");
+    }
+}
+
 #[test]
 fn bad_launches_are_refused_with_the_reason() {
     let err = unsafe { cuda_on_cpu::launch("no_such_kernel", [1, 1, 1], [32, 1, 1], 0, &mut []) }.unwrap_err();

@@ -14,7 +14,7 @@
 #include <cuda_bf16.h>
 #include <cuda_pipeline.h>
 #include <stdint.h>
-#define DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#define DYNAMIC_SHARED(type, name) extern __shared__ __align__(16) type name[]
 #endif
 
 typedef __nv_bfloat16 bf16;
