@@ -74,6 +74,7 @@ interface BindingGpt {
   joinNccl?(masterAddr: string, masterPort: number, rank: number, worldSize: number, rendezvousTimeoutSeconds: number, timeoutSeconds: number): number[];
   barrier?(): void;
   anyRank?(flag: boolean): boolean;
+  setBackwardGradSync?(sync: boolean): void;
   setZeroStage?(stage: number): void;
   gatherOptimizerState?(): void;
 }
@@ -648,6 +649,16 @@ export class Engine {
   /** Whether `flag` is set on any rank of the data-parallel run (`flag` itself on one process). */
   anyRank(flag: boolean): boolean {
     return this.gpt.anyRank?.(flag) ?? flag;
+  }
+
+  /**
+   * Whether the backward passes of the micro-steps that follow average the gradients over the ranks as they finish
+   * them, layer by layer beside the rest of the pass, instead of `step` averaging them all after it: set it for the
+   * last micro-step before each `step`, as nanoGPT sets DDP's `require_backward_grad_sync`. The fused CUDA step over
+   * NCCL does so; elsewhere `step` averages them.
+   */
+  setBackwardGradSync(sync: boolean): void {
+    this.gpt.setBackwardGradSync?.(sync);
   }
 
   /**

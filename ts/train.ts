@@ -213,6 +213,8 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
       // Gradients accumulate over the micro-steps, each scaled so the sum is the mean over all of them; the engine then
       // averages these sums over the ranks.
       for (let microStep = 0; microStep < accumulationSteps; microStep++) {
+        // As nanoGPT's require_backward_grad_sync: the last micro-step's backward pass starts the all-reduce.
+        if (worldSize > 1) engine.setBackwardGradSync(microStep === accumulationSteps - 1);
         engine.accumulate(x, y, config.batch_size, 1 / accumulationSteps);
         ({ x, y } = batches.next('train'));
       }

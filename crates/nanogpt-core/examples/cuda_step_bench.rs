@@ -78,7 +78,7 @@ fn run() -> candle_core::Result<()> {
         step.zero_grads()?;
         step.forward(&tokens, b, t, None)?;
         step.loss(&targets, Some(1.0))?;
-        step.backward(None)?;
+        step.backward(None, &mut |_| Ok(()))?;
         step.optimizer_step(&optimizer, 6e-4)?;
         losses.push(step.read_loss()?);
         Ok(())

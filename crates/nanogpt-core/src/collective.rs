@@ -119,6 +119,19 @@ pub trait Collective {
         Ok(self.world_size() == 1)
     }
 
+    /// Starts replacing the `len` f32 values at device address `addr` (a finished part of the fused GPU
+    /// step's gradients) by their mean over all ranks, on the device: it reads them once the work queued
+    /// before has finished, and runs beside the work queued after, until [`Collective::finish_device_means`].
+    /// Returns false, having done nothing, where the backend exchanges host memory only.
+    fn start_mean_device(&mut self, _addr: u64, _len: usize) -> candle_core::Result<bool> {
+        Ok(self.world_size() == 1)
+    }
+
+    /// Makes the work queued from now on wait for every mean that [`Collective::start_mean_device`] started.
+    fn finish_device_means(&mut self) -> candle_core::Result<()> {
+        Ok(())
+    }
+
     /// Replaces every variable (the graph path's weights) on every rank by rank `root`'s. This default goes
     /// through host memory; a GPU backend broadcasts on the device.
     fn broadcast_vars(&mut self, vars: &[Var], root: usize) -> candle_core::Result<()> {
@@ -342,6 +355,16 @@ impl Collective for Watchdog {
     fn all_reduce_mean_device(&mut self, addr: u64, len: usize) -> candle_core::Result<bool> {
         let _call = self.watch.begin(ALL_REDUCE_MEAN);
         self.inner.all_reduce_mean_device(addr, len)
+    }
+
+    fn start_mean_device(&mut self, addr: u64, len: usize) -> candle_core::Result<bool> {
+        let _call = self.watch.begin(ALL_REDUCE_MEAN);
+        self.inner.start_mean_device(addr, len)
+    }
+
+    fn finish_device_means(&mut self) -> candle_core::Result<()> {
+        let _call = self.watch.begin(ALL_REDUCE_MEAN);
+        self.inner.finish_device_means()
     }
 
     fn broadcast_vars(&mut self, vars: &[Var], root: usize) -> candle_core::Result<()> {

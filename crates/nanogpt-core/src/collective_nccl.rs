@@ -1,6 +1,9 @@
-//! The collective of a data-parallel run on GPUs, one rank per GPU: NCCL (through cudarc) on candle's own
-//! stream of this rank's device, so that the reductions queue behind the backward pass and ahead of the
-//! optimizer without the host waiting. A step's per-parameter gradients are averaged in place in one NCCL
+//! The collective of a data-parallel run on GPUs, one rank per GPU: NCCL (through cudarc), on a stream of
+//! its own beside candle's stream of this rank's device, where the model computes. Each exchange waits on
+//! the device for the work queued on the compute stream before it, and the work queued there after it
+//! waits for the exchange, so the host never waits; the exception is the fused step's gradients, whose
+//! means start range by range as the backward pass finishes them and run beside the rest of it, until
+//! `finish_device_means`. The graph path's per-parameter gradients are averaged in place in one NCCL
 //! group (one launch for all of them, as DDP's buckets), and the weights are broadcast from rank 0 at join.
 
 use std::ffi::{c_char, CStr};
@@ -16,9 +19,10 @@ use crate::collective::Collective;
 use crate::rendezvous::Rendezvous;
 
 pub(crate) struct NcclWorld {
+    /// Runs on its own stream, `comm.stream()`.
     comm: Comm,
-    /// candle's stream of this rank's GPU, on which NCCL runs too.
-    stream: Arc<CudaStream>,
+    /// candle's stream of this rank's GPU.
+    compute: Arc<CudaStream>,
 }
 
 impl NcclWorld {
@@ -37,39 +41,58 @@ impl NcclWorld {
         let internal: [c_char; 128] = id.iter().map(|&b| b as c_char).collect::<Vec<_>>().try_into().map_err(|bytes: Vec<c_char>| {
             candle_core::Error::Msg(format!("rank 0 sent {} bytes for NCCL's 128-byte unique id", bytes.len()))
         })?;
-        let stream = cuda.cuda_stream();
+        let compute = cuda.cuda_stream();
         // NCCL makes the communicator on the calling thread's current device.
-        stream.context().bind_to_thread().map_err(|e| candle_core::Error::Msg(format!("CUDA driver: {e}")))?;
-        let comm = Comm::from_rank(stream.clone(), rendezvous.rank, rendezvous.world_size, Id::uninit(internal)).map_err(|e| {
+        compute.context().bind_to_thread().map_err(driver_error)?;
+        let stream = compute.context().new_stream().map_err(driver_error)?;
+        let comm = Comm::from_rank(stream, rendezvous.rank, rendezvous.world_size, Id::uninit(internal)).map_err(|e| {
             nccl_error(&format!("rank {} of {} cannot make the NCCL communicator", rendezvous.rank, rendezvous.world_size), e)
         })?;
-        Ok(Self { comm, stream })
+        Ok(Self { comm, compute })
+    }
+
+    /// Queues `exchange` on the communicator's stream behind the work queued on the compute stream, and
+    /// makes the compute stream's later work wait for it.
+    fn ordered<T>(&self, exchange: impl FnOnce() -> Result<T>) -> Result<T> {
+        let stream = self.comm.stream();
+        stream.join(&self.compute).map_err(driver_error)?;
+        let done = exchange();
+        self.compute.join(&stream).map_err(driver_error)?;
+        done
     }
 
     /// Runs `op` on a device copy of `host` and copies the result back: the host-memory side of [`Collective`].
     fn staged(&self, host: &mut [f32], what: &str, op: impl FnOnce(&Comm, &mut CudaSlice<f32>) -> NcclResult) -> Result<()> {
         let driver = |e: cudarc::driver::DriverError| candle_core::Error::Msg(format!("NCCL {what}: CUDA driver: {e}"));
-        let mut buffer = self.stream.clone_htod(host).map_err(driver)?;
-        op(&self.comm, &mut buffer).map_err(|e| nccl_error(&format!("NCCL {what} failed"), e))?;
-        self.stream.memcpy_dtoh(&buffer, host).map_err(driver)?;
-        self.stream.synchronize().map_err(driver)
+        let mut buffer = self.compute.clone_htod(host).map_err(driver)?;
+        self.ordered(|| op(&self.comm, &mut buffer).map(|_| ()).map_err(|e| nccl_error(&format!("NCCL {what} failed"), e)))?;
+        self.compute.memcpy_dtoh(&buffer, host).map_err(driver)?;
+        self.compute.synchronize().map_err(driver)
     }
 
     /// Applies `exchange` in place to every tensor, queued as one NCCL group.
     fn exchange<'t>(&self, tensors: impl IntoIterator<Item = &'t Tensor>, exchange: Exchange) -> Result<()> {
         let op = InPlace { comm: &self.comm, exchange };
-        group_start().map_err(|e| nccl_error("NCCL group start", e))?;
-        let queued = tensors.into_iter().try_for_each(|t| t.inplace_op1(&op));
-        // The group is closed whatever happened, or NCCL would hold every later call.
-        let launched = group_end().map_err(|e| nccl_error(exchange.describe(), e));
-        queued.and(launched.map(|_| ()))
+        self.ordered(|| {
+            group_start().map_err(|e| nccl_error("NCCL group start", e))?;
+            let queued = tensors.into_iter().try_for_each(|t| t.inplace_op1(&op));
+            // The group is closed whatever happened, or NCCL would hold every later call.
+            let launched = group_end().map_err(|e| nccl_error(exchange.describe(), e));
+            queued.and(launched.map(|_| ()))
+        })
+    }
+
+    /// The mean over the ranks of the `len` f32 values at `addr`, in place, queued on the communicator's stream.
+    fn mean_in_place(&self, addr: u64, len: usize) -> Result<()> {
+        let mut values = RawDeviceSlice { addr, len, stream: self.comm.stream() };
+        self.comm.all_reduce_in_place(&mut values, &ReduceOp::Avg).map(|_| ()).map_err(|e| nccl_error(Exchange::Mean.describe(), e))
     }
 }
 
 type NcclResult = std::result::Result<NcclStatus, NcclError>;
 
-/// Device memory the engine allocated itself (the fused GPU step's buffers), on the stream NCCL runs on:
-/// the stream orders every access, so there is nothing to wait for or record.
+/// Device memory the engine allocated itself (the fused GPU step's buffers), used on the communicator's
+/// stream: `NcclWorld` orders that stream against the compute stream, so there is nothing to record.
 struct RawDeviceSlice {
     addr: u64,
     len: usize,
@@ -190,10 +213,23 @@ impl Collective for NcclWorld {
         self.exchange(vars.iter().map(Var::as_tensor), Exchange::BroadcastFrom(root))
     }
 
-    /// In place, on the device, queued behind the backward pass on the same stream, also with one rank.
+    /// In place, on the device, behind the backward pass and ahead of the optimizer, also with one rank.
     fn all_reduce_mean_device(&mut self, addr: u64, len: usize) -> Result<bool> {
-        let mut gradients = RawDeviceSlice { addr, len, stream: self.stream.clone() };
-        self.comm.all_reduce_in_place(&mut gradients, &ReduceOp::Avg).map_err(|e| nccl_error(Exchange::Mean.describe(), e))?;
+        self.ordered(|| self.mean_in_place(addr, len))?;
         Ok(true)
     }
+
+    fn start_mean_device(&mut self, addr: u64, len: usize) -> Result<bool> {
+        self.comm.stream().join(&self.compute).map_err(driver_error)?;
+        self.mean_in_place(addr, len)?;
+        Ok(true)
+    }
+
+    fn finish_device_means(&mut self) -> Result<()> {
+        self.compute.join(&self.comm.stream()).map_err(driver_error)
+    }
+}
+
+fn driver_error(e: cudarc::driver::DriverError) -> candle_core::Error {
+    candle_core::Error::Msg(format!("CUDA driver: {e}"))
 }

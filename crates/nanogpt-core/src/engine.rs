@@ -54,6 +54,9 @@ pub struct Engine {
     gpu_weights: Mutex<Option<(Precision, Arc<DeviceBuffer>)>>,
     /// The ranks of a data-parallel run, which average their gradients before every step.
     collective: Box<dyn Collective>,
+    /// Whether a micro-step's backward pass averages the gradients over the ranks as it finishes them
+    /// ([`Engine::set_backward_grad_sync`]).
+    backward_grad_sync: bool,
     /// 1: the explicit CPU step's AdamW state is sharded over the ranks (ZeRO stage 1); 0: it is not.
     zero_stage: u32,
     /// The last micro-step's loss, behind a lock so that evaluation (`&Engine`) can settle it.
@@ -144,6 +147,8 @@ struct GpuTrainer {
     optimizer: Option<OptimizerArgs>,
     /// Whether the step holds gradients not yet applied (later micro-steps add to them).
     has_grads: bool,
+    /// Whether they are already the mean over the ranks: the last micro-step's backward pass averaged them.
+    grads_averaged: bool,
 }
 
 impl GpuTrainer {
@@ -152,7 +157,7 @@ impl GpuTrainer {
         let mut params = vec![0f32; layout.len];
         copy_from_model(&layout, &mut params, model)?;
         let step = CudaTrainStep::new(gpu.clone(), &model.args, precision, &params)?;
-        Ok(Self { gpu, step: Mutex::new(step), optimizer: None, has_grads: false })
+        Ok(Self { gpu, step: Mutex::new(step), optimizer: None, has_grads: false, grads_averaged: false })
     }
 
     fn step(&self) -> std::sync::MutexGuard<'_, CudaTrainStep> {
@@ -335,6 +340,7 @@ impl Engine {
             sampling: None,
             gpu_weights: Mutex::new(None),
             collective: Box::new(SingleProcess),
+            backward_grad_sync: false,
             zero_stage: 0,
             last_loss: Mutex::new(None),
             cuda_step: CudaStep::Graph,
@@ -568,6 +574,15 @@ impl Engine {
     /// Returns once every rank has called it.
     pub fn barrier(&self) {
         self.collective.barrier();
+    }
+
+    /// Whether the backward passes of the micro-steps that follow average the gradients over the ranks
+    /// as they finish them, layer by layer beside the rest of the pass, instead of [`Engine::step`]
+    /// averaging them all after it: set it for the last micro-step before each step, as nanoGPT sets
+    /// DDP's `require_backward_grad_sync`. The GPU step over a collective with a device path (NCCL) does
+    /// so; elsewhere `step` averages them.
+    pub fn set_backward_grad_sync(&mut self, sync: bool) {
+        self.backward_grad_sync = sync;
     }
 
     /// Whether `flag` is set on any rank: every rank gets the same answer.
@@ -848,8 +863,22 @@ impl Engine {
         }
         let forward_ms = start.map(|s| s.elapsed().as_secs_f64() * 1e3);
         let start = self.profile.is_some().then(std::time::Instant::now);
-        step.backward(dropout)?;
+        // Each finished range's mean over the ranks starts while the rest of the backward pass runs. A
+        // collective without a device path declines the first, and `step` averages them all instead.
+        let (sync, grads) = (self.backward_grad_sync, step.grads_addr());
+        let collective = &mut self.collective;
+        let mut averaging = sync;
+        step.backward(dropout, &mut |range| {
+            if averaging {
+                averaging = collective.start_mean_device(grads + (range.start * 4) as u64, range.len())?;
+            }
+            Ok(())
+        })?;
+        if sync {
+            collective.finish_device_means()?;
+        }
         gpu_step.has_grads = true;
+        gpu_step.grads_averaged = averaging;
         if start.is_some() {
             step.read_grad_norm()?;
         }
@@ -871,14 +900,14 @@ impl Engine {
         }
         let args = gpu_step.optimizer.clone().ok_or_else(|| candle_core::Error::Msg("configure the optimizer before training".into()))?;
         let mut step = gpu_step.step.lock().expect("no panic while holding the GPU step");
-        if !self.collective.all_reduce_mean_device(step.grads_addr(), step.layout().len)? {
+        if !gpu_step.grads_averaged && !self.collective.all_reduce_mean_device(step.grads_addr(), step.layout().len)? {
             let mut grads = step.read_grads()?;
             self.collective.all_reduce_mean(&mut grads);
             step.load_grads(&grads)?;
         }
         step.optimizer_step(&args, lr)?;
         let grad_norm = step.read_grad_norm()? as f64;
-        gpu_step.has_grads = false;
+        (gpu_step.has_grads, gpu_step.grads_averaged) = (false, false);
         self.model_stale.store(true, Ordering::Release);
         // The per-tensor update ratios are not computed on the device.
         Ok(StepStats { grad_norm, clipped: args.grad_clip > 0.0 && grad_norm > args.grad_clip, update_ratios: Vec::new(), skipped: false })

@@ -43,10 +43,14 @@ impl Affine {
         (&buffer[self.weight.clone()], self.bias.clone().map(|b| &buffer[b]))
     }
 
+    /// Where the weight, or its bias when it has one, ends in the flat buffers.
+    pub(crate) fn end(&self) -> usize {
+        self.bias.as_ref().map_or(self.weight.end, |b| b.end)
+    }
+
     /// Weight and bias slices of `buffer`, mutable together.
     fn get_mut<'a>(&self, buffer: &'a mut [f32]) -> (&'a mut [f32], Option<&'a mut [f32]>) {
-        let end = self.bias.as_ref().map_or(self.weight.end, |b| b.end);
-        let (weight, bias) = buffer[self.weight.start..end].split_at_mut(self.weight.len());
+        let (weight, bias) = buffer[self.weight.start..self.end()].split_at_mut(self.weight.len());
         (weight, self.bias.is_some().then_some(bias))
     }
 }
@@ -59,6 +63,13 @@ pub(crate) struct LayerParams {
     pub(crate) ln_2: Affine,
     pub(crate) c_fc: Affine,
     pub(crate) mlp_proj: Affine,
+}
+
+impl LayerParams {
+    /// The layer's parameters in the flat buffers: one contiguous range, `ln_1` first, `mlp_proj` last.
+    pub(crate) fn range(&self) -> Range<usize> {
+        self.ln_1.weight.start..self.mlp_proj.end()
+    }
 }
 
 /// Where every parameter tensor lives in the flat buffers.

@@ -380,8 +380,11 @@ impl CudaTrainStep {
     }
 
     /// The backward pass from the logits' gradient (left by [`Self::loss`]) to the parameter
-    /// gradients, which it adds to.
-    pub fn backward(&mut self, dropout: Option<(DropoutKey, f32)>) -> Result<()> {
+    /// gradients, which it adds to. `finished` receives the ranges of the flat buffers whose gradients
+    /// are complete as soon as their last kernel is queued, the final LayerNorm's first, then each
+    /// layer's from the last, then the embeddings': together they cover the buffers once. A
+    /// data-parallel run starts averaging each over the ranks there, beside the rest of the backward pass.
+    pub fn backward(&mut self, dropout: Option<(DropoutKey, f32)>, finished: &mut dyn FnMut(Range<usize>) -> Result<()>) -> Result<()> {
         let acts = self.acts.as_ref().ok_or_else(|| candle_core::Error::Msg("backward before any forward pass".into()))?;
         let (gpu, x, layout) = (&*self.gpu, self.x, &self.layout);
         let (b, t) = (acts.b, acts.t);
@@ -429,6 +432,7 @@ impl CudaTrainStep {
             c,
             false,
         )?;
+        finished(layout.ln_f.weight.start..layout.ln_f.end())?;
 
         for (l, lp) in layout.layers.iter().enumerate().rev() {
             let residual = if l == 0 { &acts.encoded } else { &acts.layers[l - 1].residual_3 };
@@ -511,6 +515,7 @@ impl CudaTrainStep {
                 c,
                 true,
             )?;
+            finished(lp.range())?;
         }
         encoder::backward(
             gpu,
@@ -523,7 +528,9 @@ impl CudaTrainStep {
             t,
             c,
             mask(dropout, Site::Embedding),
-        )
+        )?;
+        // The token embedding's gradient also has the output layer's (weight tying): it is complete only now.
+        finished(layout.wte.start..layout.wpe.end)
     }
 
     /// One AdamW step at learning rate `lr` from the accumulated gradients, with nanoGPT's groups

@@ -1,7 +1,7 @@
 //! Data-parallel training over NCCL (the `nccl` feature): a run of one rank, meeting at a rendezvous on
 //! localhost, trains as a process without a collective does, through the same NCCL calls a run of several
 //! GPUs makes (the broadcast of the weights at join, the in-place average of every gradient at each step,
-//! the barrier). It needs a GPU and NCCL's library, so `cargo test` lists it as ignored: run it with
+//! or of each layer's during the backward pass, the barrier). It needs a GPU and NCCL's library, so `cargo test` lists it as ignored: run it with
 //! `cargo test --release -p nanogpt-core --features nccl --test nccl -- --ignored` (bench/gpu-check.sh does).
 #![cfg(feature = "nccl")]
 
@@ -28,11 +28,21 @@ fn batch(s: usize) -> (Vec<u32>, Vec<i32>) {
     (x, y)
 }
 
-/// The losses of `STEPS` steps on cuda:0 computing in `dtype`, as one rank of an NCCL run or alone, through
-/// candle's graph or on the fused step (whose gradients NCCL averages in its flat buffer).
-fn losses(dtype: &str, nccl: bool, fused: bool) -> Result<Vec<f32>> {
+/// How the gradients reach the optimizer.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Path {
+    /// Candle's graph: NCCL averages each parameter's gradient tensor.
+    Graph,
+    /// The fused step: NCCL averages its flat gradient buffer before the optimizer step...
+    Fused,
+    /// ...or each layer's range of it during the backward pass, on NCCL's own stream.
+    FusedOverlapped,
+}
+
+/// The losses of `STEPS` steps on cuda:0 computing in `dtype`, as one rank of an NCCL run or alone.
+fn losses(dtype: &str, nccl: bool, path: Path) -> Result<Vec<f32>> {
     let mut engine = Engine::new(&args(), 7, "cuda").unwrap_or_else(|e| panic!("no usable GPU: {e}"));
-    if fused {
+    if path != Path::Graph {
         engine.train_on_gpu_step(Arc::new(Kernels::new(engine.device())?))?;
     } else {
         engine.train_on_graph()?;
@@ -47,6 +57,7 @@ fn losses(dtype: &str, nccl: bool, fused: bool) -> Result<Vec<f32>> {
     }
     engine.configure_optimizer(&OptimizerArgs { weight_decay: 0.1, beta1: 0.9, beta2: 0.95, grad_clip: 1.0 })?;
     let mut losses = Vec::new();
+    engine.set_backward_grad_sync(path == Path::FusedOverlapped);
     for s in 0..STEPS {
         let (x, y) = batch(s);
         losses.push(engine.forward_backward(&x, &y, 4, 1.0)?);
@@ -56,10 +67,10 @@ fn losses(dtype: &str, nccl: bool, fused: bool) -> Result<Vec<f32>> {
     Ok(losses)
 }
 
-fn same_losses_with_and_without_nccl(dtype: &str, fused: bool) -> Result<()> {
-    let alone = losses(dtype, false, fused)?;
-    let over_nccl = losses(dtype, true, fused)?;
-    eprintln!("{dtype}{}: alone {alone:?}, over NCCL {over_nccl:?}", if fused { " (fused step)" } else { "" });
+fn same_losses_with_and_without_nccl(dtype: &str, path: Path) -> Result<()> {
+    let alone = losses(dtype, false, path)?;
+    let over_nccl = losses(dtype, true, path)?;
+    eprintln!("{dtype} ({path:?}): alone {alone:?}, over NCCL {over_nccl:?}");
     assert!(alone[STEPS - 1] < alone[0], "{dtype}: training did not lower the loss: {alone:?}");
     for (s, (a, n)) in alone.iter().zip(&over_nccl).enumerate() {
         // One rank's average is its own gradient; only the GPU's reduction order may differ between runs.
@@ -71,17 +82,23 @@ fn same_losses_with_and_without_nccl(dtype: &str, fused: bool) -> Result<()> {
 #[test]
 #[ignore = "needs a CUDA GPU and NCCL"]
 fn one_rank_over_nccl_trains_as_alone_in_float32() -> Result<()> {
-    same_losses_with_and_without_nccl("float32", false)
+    same_losses_with_and_without_nccl("float32", Path::Graph)
 }
 
 #[test]
 #[ignore = "needs a CUDA GPU and NCCL"]
 fn one_rank_over_nccl_trains_as_alone_in_bfloat16() -> Result<()> {
-    same_losses_with_and_without_nccl("bfloat16", false)
+    same_losses_with_and_without_nccl("bfloat16", Path::Graph)
 }
 
 #[test]
 #[ignore = "needs a CUDA GPU and NCCL"]
 fn one_rank_over_nccl_trains_as_alone_on_the_fused_step() -> Result<()> {
-    same_losses_with_and_without_nccl("bfloat16", true)
+    same_losses_with_and_without_nccl("bfloat16", Path::Fused)
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU and NCCL"]
+fn one_rank_over_nccl_averages_during_the_backward_pass_as_alone() -> Result<()> {
+    same_losses_with_and_without_nccl("bfloat16", Path::FusedOverlapped)
 }

@@ -261,6 +261,12 @@ impl Gpt {
         self.engine.any_rank(flag)
     }
 
+    /// Whether the next micro-steps' backward passes average the gradients over the ranks as they finish them.
+    #[napi]
+    pub fn set_backward_grad_sync(&mut self, sync: bool) {
+        self.engine.set_backward_grad_sync(sync);
+    }
+
     /// ZeRO stage 1 (1) or none (0), after joining and before configuring the optimizer.
     #[napi]
     pub fn set_zero_stage(&mut self, stage: u32) -> Result<()> {

@@ -87,7 +87,7 @@ fn both(args: &ModelArgs, x: Precision, p: f32) -> (Step, Step) {
         gpu.forward(tokens, b, t, dropout(step as u64)).unwrap();
         gpu.loss(targets, Some(scale)).unwrap();
         gpu_losses.push(gpu.read_loss().unwrap());
-        gpu.backward(dropout(step as u64)).unwrap();
+        gpu.backward(dropout(step as u64), &mut |_| Ok(())).unwrap();
     }
     let gpu_grads = gpu.read_grads().unwrap();
     gpu.optimizer_step(&OPTIMIZER, 1e-2).unwrap();
@@ -156,7 +156,7 @@ fn training_run(args: &ModelArgs, x: Precision, steps: usize) -> (Vec<f32>, Vec<
         gpu.forward(tokens, b, t, None).unwrap();
         gpu.loss(targets, Some(1.0)).unwrap();
         gpu_losses.push(gpu.read_loss().unwrap());
-        gpu.backward(None).unwrap();
+        gpu.backward(None, &mut |_| Ok(())).unwrap();
         gpu.optimizer_step(&OPTIMIZER, lr).unwrap();
     }
     (cpu_losses, gpu_losses)
