@@ -132,6 +132,12 @@ pub trait Collective {
         Ok(())
     }
 
+    /// Runs `wait`, which waits for the device to finish the exchanges queued there (a device path's means
+    /// return before the other ranks have taken part), under the same bound as a call that waits for them.
+    fn wait_for_device(&mut self, wait: &mut dyn FnMut() -> candle_core::Result<()>) -> candle_core::Result<()> {
+        wait()
+    }
+
     /// Replaces every variable (the graph path's weights) on every rank by rank `root`'s. This default goes
     /// through host memory; a GPU backend broadcasts on the device.
     fn broadcast_vars(&mut self, vars: &[Var], root: usize) -> candle_core::Result<()> {
@@ -365,6 +371,11 @@ impl Collective for Watchdog {
     fn finish_device_means(&mut self) -> candle_core::Result<()> {
         let _call = self.watch.begin(ALL_REDUCE_MEAN);
         self.inner.finish_device_means()
+    }
+
+    fn wait_for_device(&mut self, wait: &mut dyn FnMut() -> candle_core::Result<()>) -> candle_core::Result<()> {
+        let _call = self.watch.begin(ALL_REDUCE_MEAN);
+        self.inner.wait_for_device(wait)
     }
 
     fn broadcast_vars(&mut self, vars: &[Var], root: usize) -> candle_core::Result<()> {
@@ -660,6 +671,19 @@ mod tests {
         watchdog_of_flag.any_rank(true);
         assert!(messages.lock().unwrap()[0].contains(" in a barrier for the other ranks;"));
         assert!(flag_messages.lock().unwrap()[0].contains(" in the all-reduce of a stop or save flag for the other ranks;"));
+        // A device that never finishes the gradients' means queued there (a peer hung inside NCCL's kernels).
+        let (mut device, device_messages) = watched(None, Duration::from_millis(50));
+        let (stopped, start) = (Arc::clone(&device_messages), Instant::now());
+        device
+            .wait_for_device(&mut || {
+                while stopped.lock().unwrap().is_empty() && start.elapsed() < Duration::from_secs(5) {
+                    thread::sleep(Duration::from_millis(5));
+                }
+                Ok(())
+            })
+            .unwrap();
+        let messages = device_messages.lock().unwrap();
+        assert!(messages.first().is_some_and(|m| m.contains(" in the gradient all-reduce for the other ranks;")), "{messages:?}");
     }
 
     #[test]

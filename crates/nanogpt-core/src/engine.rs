@@ -906,7 +906,12 @@ impl Engine {
             step.load_grads(&grads)?;
         }
         step.optimizer_step(&args, lr)?;
-        let grad_norm = step.read_grad_norm()? as f64;
+        // The first wait for the device since the gradients' means were queued: where a rank that hangs holds the others.
+        let mut grad_norm = 0.0;
+        self.collective.wait_for_device(&mut || {
+            grad_norm = step.read_grad_norm()? as f64;
+            Ok(())
+        })?;
         (gpu_step.has_grads, gpu_step.grads_averaged) = (false, false);
         self.model_stale.store(true, Ordering::Release);
         // The per-tensor update ratios are not computed on the device.
