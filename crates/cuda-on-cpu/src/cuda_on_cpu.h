@@ -180,16 +180,18 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __float2bfloat16(f); 
 
 #define __align__(n) __attribute__((aligned(n)))
 
-// Asynchronous copies to shared memory (CUDA's <cuda_pipeline.h>, cp.async), landing as late as the hardware
-// may let other threads see them: an issued copy only joins this thread's open group, `__pipeline_commit`
-// closes the group, `__pipeline_wait_prior(n)` completes every closed group but the newest n, and the copies
-// completed land at the thread's next `__syncthreads`, before it arrives there. So a kernel that reads a tile
-// before its wait, or before the barrier that must follow every thread's wait, reads what was there before
-// (each block's shared memory starts as 0xff bytes, bf16 NaNs). This is stricter than the hardware in one
+// Asynchronous copies to shared memory (CUDA's <cuda_pipeline.h>, cp.async), landing at one of the two ends of
+// what the hardware allows, as the launch asks (lib.rs's CopyLanding). Early: as issued, so that a copy over a
+// tile that another warp may still read corrupts it. Late: an issued copy only joins this thread's open group,
+// `__pipeline_commit` closes the group, `__pipeline_wait_prior(n)` completes every closed group but the newest n,
+// and the copies completed land at the thread's next `__syncthreads`, before it arrives there; so a kernel that
+// reads a tile before its wait, or before the barrier that must follow every thread's wait, reads what was there
+// before (each block's shared memory starts as 0xff bytes, bf16 NaNs). Late is stricter than the hardware in one
 // case: there a thread sees its own completed copies right after its wait, which no kernel here relies on.
 // Copies still pending when the thread's kernel returns land then. The last `zfill` of `size` bytes are zeros
 // rather than copied.
 namespace cuda_on_cpu {
+bool copies_land_early();
 struct AsyncCopy {
   void* dst;
   const void* src;
@@ -226,6 +228,7 @@ inline void __pipeline_memcpy_async(void* dst, const void* src, size_t size, siz
   assert((size == 4 || size == 8 || size == 16) && zfill <= size && "cp.async copies 4, 8 or 16 bytes");
   assert((uintptr_t)dst % size == 0 && (uintptr_t)src % size == 0 && "cp.async needs addresses aligned to its size");
   cuda_on_cpu::async_copies().open.push_back({dst, src, size, zfill});
+  if (cuda_on_cpu::copies_land_early()) cuda_on_cpu::land(cuda_on_cpu::async_copies().open);
 }
 inline void __pipeline_commit() {
   cuda_on_cpu::AsyncCopies& copies = cuda_on_cpu::async_copies();

@@ -43,6 +43,8 @@ struct Launch {
   void** params;
   unsigned threads;
   uint64_t blocks;
+  // Asynchronous copies land as issued (true) or at the barrier after their wait (cuda_on_cpu.h).
+  bool early_copies;
   std::unique_ptr<std::barrier<>> block_start, block_end;
   std::unique_ptr<std::barrier<>> block_sync;
   std::vector<std::unique_ptr<std::barrier<>>> warp_sync;
@@ -151,6 +153,7 @@ void syncthreads() {
 }
 void syncwarp() { current->warp_sync[thread_index / 32]->arrive_and_wait(); }
 unsigned thread_in_block() { return thread_index; }
+bool copies_land_early() { return current->early_copies; }
 uint64_t* exchange_slots() { return current->slots.data(); }
 
 void add_kernel(const char* name, size_t arity, void (*thunk)(void*, void**), void* function) {
@@ -160,7 +163,7 @@ void add_kernel(const char* name, size_t arity, void (*thunk)(void*, void**), vo
 }  // namespace cuda_on_cpu
 
 extern "C" int cuda_on_cpu_launch(const char* name, const uint32_t* grid, const uint32_t* block, uint32_t shared_bytes,
-                                  void** params, size_t n_params, char* error, size_t error_len) {
+                                  void** params, size_t n_params, bool early_copies, char* error, size_t error_len) {
   using namespace cuda_on_cpu;
   static std::mutex one_at_a_time;
   static std::once_flag registered;
@@ -185,6 +188,7 @@ extern "C" int cuda_on_cpu_launch(const char* name, const uint32_t* grid, const 
   launch.kernel = &kernel;
   launch.params = params;
   launch.threads = (unsigned)threads;
+  launch.early_copies = early_copies;
   launch.blocks = (uint64_t)grid[0] * grid[1] * grid[2];
   launch.block_start = std::make_unique<std::barrier<>>(threads + 1);
   launch.block_end = std::make_unique<std::barrier<>>(threads + 1);

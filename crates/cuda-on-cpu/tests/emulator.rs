@@ -2,6 +2,8 @@
 
 use std::ffi::c_void;
 
+use cuda_on_cpu::CopyLanding;
+
 fn ptr<T>(value: &mut T) -> *mut c_void {
     value as *mut T as *mut c_void
 }
@@ -75,20 +77,37 @@ fn shuffles_and_bf16_rounding_follow_cuda() {
 #[repr(C, align(16))]
 struct Row([u32; 4]);
 
-#[test]
-fn async_copies_land_only_at_the_barrier_after_their_wait() {
-    let n = 64usize;
-    let input: Vec<Row> = (0..2 * n).map(|r| Row([1000 + r as u32, 0, 0, 0])).collect();
+/// What each thread of `check_async_copies` saw of its neighbour's two rows, with copies landing as `landing` says.
+fn async_copies_seen(landing: CopyLanding, input: &[Row]) -> Vec<u32> {
+    let n = input.len() / 2;
     let mut seen = vec![0u32; 4 * n];
     let (mut s, mut i) = (seen.as_mut_ptr(), input.as_ptr());
-    unsafe { cuda_on_cpu::launch("check_async_copies", [1, 1, 1], [n as u32, 1, 1], 32 * n as u32, &mut [ptr(&mut s), ptr(&mut i)]) }
-        .unwrap();
+    unsafe {
+        cuda_on_cpu::launch_landing(
+            "check_async_copies",
+            [1, 1, 1],
+            [n as u32, 1, 1],
+            32 * n as u32,
+            &mut [ptr(&mut s), ptr(&mut i)],
+            landing,
+        )
+    }
+    .unwrap();
+    seen
+}
+
+#[test]
+fn async_copies_land_at_the_barrier_after_their_wait_or_as_issued() {
+    let n = 64usize;
+    let input: Vec<Row> = (0..2 * n).map(|r| Row([1000 + r as u32, 0, 0, 0])).collect();
+    let (late, early) = (async_copies_seen(CopyLanding::Late, &input), async_copies_seen(CopyLanding::Early, &input));
     // Shared memory starts as 0xff bytes: a copy not yet waited for (and published by a barrier) reads as that.
     let unlanded = u32::MAX;
     for t in 0..n {
         let next = (t + 1) % n;
-        let second = if next == 0 { 0 } else { input[n + next].0[0] };
-        assert_eq!(seen[4 * t..][..4], [unlanded, input[next].0[0], unlanded, second], "thread {t}");
+        let (first, second) = (input[next].0[0], if next == 0 { 0 } else { input[n + next].0[0] });
+        assert_eq!(late[4 * t..][..4], [unlanded, first, unlanded, second], "late, thread {t}");
+        assert_eq!(early[4 * t..][..4], [first, first, second, second], "early, thread {t}");
     }
 }
 

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::{bail, Result};
+use cuda_on_cpu::CopyLanding;
 use half::bf16;
 use nanogpt_core::kernels::cuda::{Arg, DeviceBuffer, Gemm, Gpu, Precision};
 use rand::rngs::StdRng;
@@ -17,7 +18,9 @@ use rand::{Rng, SeedableRng};
 /// plain loops.
 #[derive(Default)]
 struct Emulated {
-    allocations: Mutex<BTreeMap<u64, Layout>>,
+    allocations: Arc<Mutex<BTreeMap<u64, Layout>>>,
+    /// When the kernels' asynchronous copies land.
+    landing: CopyLanding,
 }
 
 /// Alignment of the emulator's allocations: cudaMalloc's, ample for 128-bit loads.
@@ -82,7 +85,8 @@ impl Gpu for Emulated {
         let mut params = Arg::kernel_params(&mut args);
         // SAFETY: the launch functions of kernels/cuda pass arguments of the types the kernel declares,
         // and the tests pass addresses inside live allocations of the sizes the kernel reads and writes.
-        unsafe { cuda_on_cpu::launch(kernel, grid, block, shared_bytes, &mut params) }.map_err(candle_core::Error::Msg)
+        unsafe { cuda_on_cpu::launch_landing(kernel, grid, block, shared_bytes, &mut params, self.landing) }
+            .map_err(candle_core::Error::Msg)
     }
 
     fn alloc(&self, bytes: usize) -> Result<u64> {
@@ -161,8 +165,26 @@ fn shared() -> &'static Arc<dyn Gpu + Send + Sync> {
     GPU.get_or_init(|| match std::env::var("NANOGPT_TEST_DEVICE").as_deref() {
         Ok("cuda") => device::open(),
         Ok(other) if !other.is_empty() => panic!("NANOGPT_TEST_DEVICE={other}: use `cuda`, or leave it unset for the emulator"),
-        _ => Arc::new(Emulated::default()),
+        _ => emulator().clone(),
     })
+}
+
+fn emulator() -> &'static Arc<Emulated> {
+    static EMULATOR: OnceLock<Arc<Emulated>> = OnceLock::new();
+    EMULATOR.get_or_init(Default::default)
+}
+
+/// [`gpu`], but where the emulator lands each asynchronous copy as it is issued rather than at the barrier
+/// after its wait (over the same memory): running a kernel on both covers both orders a missing wait or
+/// barrier can break. On a CUDA device, the device itself.
+pub fn gpu_landing_copies_early() -> &'static dyn Gpu {
+    static EARLY: OnceLock<Arc<dyn Gpu + Send + Sync>> = OnceLock::new();
+    EARLY
+        .get_or_init(|| match on_cuda_device() {
+            true => shared().clone(),
+            false => Arc::new(Emulated { allocations: emulator().allocations.clone(), landing: CopyLanding::Early }),
+        })
+        .as_ref()
 }
 
 /// Where the tests run, chosen once per test process.

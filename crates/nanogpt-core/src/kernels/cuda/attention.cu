@@ -502,18 +502,18 @@ __device__ void forward(bf16* out, float* lse, const bf16* qkv, int T, int C, in
   const bf16* k = q + C;
   const bf16* v = q + 2 * C;
 
-  // Q passes through the first K tile into the warp's operands.
-  copy_tile_async<HS>(tiles, q, C3, first_row, T);
+  // Q passes through buffer 1's K tile into the warp's operands, while the first tile loads into buffer 0.
+  copy_tile_async<HS>(tiles + 2 * TILE, q, C3, first_row, T);
   __pipeline_commit();
-  __pipeline_wait_prior(0);
-  __syncthreads();
-  uint32_t q_frag[DIM_STEPS][4];
-#pragma unroll
-  for (int ds = 0; ds < DIM_STEPS; ++ds) load_a<LD>(q_frag[ds], tiles + 16 * warp * LD, 16 * ds);
-  __syncthreads();  // every warp holds its Q before the first K tile is copied over it
   copy_tile_async<HS>(tiles, k, C3, 0, T);
   copy_tile_async<HS>(tiles + TILE, v, C3, 0, T);
   __pipeline_commit();
+  __pipeline_wait_prior(1);  // this thread's Q copies are done...
+  __syncthreads();           // ...and every thread's
+  uint32_t q_frag[DIM_STEPS][4];
+#pragma unroll
+  for (int ds = 0; ds < DIM_STEPS; ++ds) load_a<LD>(q_frag[ds], tiles + 2 * TILE + 16 * warp * LD, 16 * ds);
+  __syncthreads();  // every warp holds its Q before the second tile is copied over it
 
   // Index r is row q0 + g + 8r. l is this lane's share of the row's sum, summed over the group at the end
   // (the rescales are the group's alike).
