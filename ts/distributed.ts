@@ -19,9 +19,6 @@ export function checkDataParallel(config: TrainConfig, worldSize: number): void 
   if (config.zero_stage !== 0 && config.zero_stage !== 1) {
     throw new UserError(`zero_stage must be 0 (off) or 1 (AdamW state sharded over the ranks), got ${config.zero_stage}; use --zero_stage=1 or --zero_stage=0`);
   }
-  if (config.zero_stage === 1 && config.device !== 'cpu') {
-    throw new UserError(`zero_stage=1 shards the AdamW state of the CPU training step only, not on ${config.device}; use --zero_stage=0 there`);
-  }
   if (worldSize === 1) return;
   if (config.gradient_accumulation_steps % worldSize !== 0) {
     throw new UserError(

@@ -66,7 +66,7 @@ export const trainKeys = {
   lr_decay_iters: int(600000, 'iteration where the learning rate reaches min_lr'),
   min_lr: float(6e-5, 'floor of the learning rate'),
   backend: str('nccl', "DDP backend (no effect: data-parallel runs use NCCL on cuda and MPI on cpu)"),
-  zero_stage: int(0, 'data-parallel runs on cpu: 1 shards the AdamW state over the ranks (ZeRO stage 1), 0 keeps all of it on each'),
+  zero_stage: int(0, 'data-parallel runs: 1 shards the AdamW state over the ranks (ZeRO stage 1), 0 keeps all of it on each'),
   ddp_timeout: float(600, 'seconds a rank of a data-parallel run waits in one all-reduce, broadcast or barrier for the others before it stops the job (one of them hangs)'),
   device: str('cpu', "'cpu', or 'cuda' / 'cuda:N' (the default where a GPU and the CUDA build are present)"),
   engine: str('auto', "engine build: 'wasm' (portable, cpu), 'native' (napi addon), 'auto' = wasm on cpu, native otherwise", engineChoices),

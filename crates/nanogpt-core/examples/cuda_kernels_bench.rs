@@ -304,6 +304,7 @@ fn run() -> Result<()> {
         exp_avg_sq: memory.zeroed(p * F32B)?,
         params_copy: memory.zeroed(p * XB)?,
         len: p,
+        shard: 0..p,
     };
     let (lr, beta1, beta2): (f64, f64, f64) = (6e-4, 0.9, 0.95);
     let step = AdamWUpdate {

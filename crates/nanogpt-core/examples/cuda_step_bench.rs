@@ -79,7 +79,7 @@ fn run() -> candle_core::Result<()> {
         step.forward(&tokens, b, t, None)?;
         step.loss(&targets, Some(1.0))?;
         step.backward(None, &mut |_| Ok(()))?;
-        step.optimizer_step(&optimizer, 6e-4)?;
+        step.optimizer_step(&optimizer, 6e-4, &mut |_| Ok(()))?;
         losses.push(step.read_loss()?);
         Ok(())
     };

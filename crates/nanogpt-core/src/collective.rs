@@ -127,7 +127,30 @@ pub trait Collective {
         Ok(self.world_size() == 1)
     }
 
-    /// Makes the work queued from now on wait for every mean that [`Collective::start_mean_device`] started.
+    /// ZeRO-1's [`Collective::start_mean_device`]: starts averaging the elements `range` of the `len` f32
+    /// values at device address `addr` (the fused GPU step's flat gradients) onto the ranks whose [`shard`]s
+    /// hold them, leaving the rest of the range undefined. Returns false, having done nothing, where the
+    /// backend exchanges host memory only.
+    fn start_reduce_scatter_mean_device(&mut self, _addr: u64, _len: usize, _range: Range<usize>) -> candle_core::Result<bool> {
+        Ok(self.world_size() == 1)
+    }
+
+    /// Replaces the `len` f32 values at device address `addr` (a step's partial sums) by their sum over all
+    /// ranks, queued on the device; returns false, having done nothing, where the backend exchanges host
+    /// memory only.
+    fn all_reduce_sum_device(&mut self, _addr: u64, _len: usize) -> candle_core::Result<bool> {
+        Ok(self.world_size() == 1)
+    }
+
+    /// ZeRO-1's weight exchange on the device: every rank's [`shard`] of the `len` f32 values at device
+    /// address `addr` to every rank, queued there; returns false, having done nothing, where the backend
+    /// exchanges host memory only.
+    fn all_gather_device(&mut self, _addr: u64, _len: usize) -> candle_core::Result<bool> {
+        Ok(self.world_size() == 1)
+    }
+
+    /// Makes the work queued from now on wait for every mean that [`Collective::start_mean_device`] or
+    /// [`Collective::start_reduce_scatter_mean_device`] started.
     fn finish_device_means(&mut self) -> candle_core::Result<()> {
         Ok(())
     }
@@ -366,6 +389,21 @@ impl Collective for Watchdog {
     fn start_mean_device(&mut self, addr: u64, len: usize) -> candle_core::Result<bool> {
         let _call = self.watch.begin(ALL_REDUCE_MEAN);
         self.inner.start_mean_device(addr, len)
+    }
+
+    fn start_reduce_scatter_mean_device(&mut self, addr: u64, len: usize, range: Range<usize>) -> candle_core::Result<bool> {
+        let _call = self.watch.begin(REDUCE_SCATTER);
+        self.inner.start_reduce_scatter_mean_device(addr, len, range)
+    }
+
+    fn all_reduce_sum_device(&mut self, addr: u64, len: usize) -> candle_core::Result<bool> {
+        let _call = self.watch.begin(ALL_REDUCE);
+        self.inner.all_reduce_sum_device(addr, len)
+    }
+
+    fn all_gather_device(&mut self, addr: u64, len: usize) -> candle_core::Result<bool> {
+        let _call = self.watch.begin(ALL_GATHER);
+        self.inner.all_gather_device(addr, len)
     }
 
     fn finish_device_means(&mut self) -> candle_core::Result<()> {

@@ -3,10 +3,13 @@
 //! the device for the work queued on the compute stream before it, and the work queued there after it
 //! waits for the exchange, so the host never waits; the exception is the fused step's gradients, whose
 //! means start range by range as the backward pass finishes them and run beside the rest of it, until
-//! `finish_device_means`. The graph path's per-parameter gradients are averaged in place in one NCCL
-//! group (one launch for all of them, as DDP's buckets), and the weights are broadcast from rank 0 at join.
+//! `finish_device_means` (under ZeRO-1 each range's mean goes only to the ranks whose shards hold it, and
+//! the updated shards come back from their owners after the optimizer). The graph path's per-parameter
+//! gradients are averaged in place in one NCCL group (one launch for all of them, as DDP's buckets), and
+//! the weights are broadcast from rank 0 at join.
 
 use std::ffi::{c_char, CStr};
+use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
@@ -15,7 +18,7 @@ use cudarc::driver::{sys, CudaSlice, CudaStream, CudaViewMut, DevicePtrMut, Devi
 use cudarc::nccl::result::{NcclError, NcclStatus};
 use cudarc::nccl::safe::{group_end, group_start, Comm, Id, ReduceOp};
 
-use crate::collective::Collective;
+use crate::collective::{shard, Collective};
 use crate::rendezvous::Rendezvous;
 
 pub(crate) struct NcclWorld {
@@ -82,10 +85,43 @@ impl NcclWorld {
         })
     }
 
+    /// The `len` f32 values at `addr`, for NCCL's calls on the communicator's stream.
+    fn device_values(&self, addr: u64, len: usize) -> RawDeviceSlice {
+        RawDeviceSlice { addr, len, stream: self.comm.stream() }
+    }
+
     /// The mean over the ranks of the `len` f32 values at `addr`, in place, queued on the communicator's stream.
     fn mean_in_place(&self, addr: u64, len: usize) -> Result<()> {
-        let mut values = RawDeviceSlice { addr, len, stream: self.comm.stream() };
+        let mut values = self.device_values(addr, len);
         self.comm.all_reduce_in_place(&mut values, &ReduceOp::Avg).map(|_| ()).map_err(|e| nccl_error(Exchange::Mean.describe(), e))
+    }
+
+    /// Queues `per_shard` for the part of `range` in each rank's [`shard`] of a `len`-long buffer at `addr`,
+    /// as one NCCL group: ZeRO-1's shards are uneven where `len` does not divide, which NCCL's reduce-scatter
+    /// and all-gather (equal counts) do not allow, and a group of one reduce or broadcast per shard moves
+    /// the same bytes.
+    fn per_shard(
+        &self,
+        addr: u64,
+        len: usize,
+        range: Range<usize>,
+        what: &str,
+        per_shard: impl Fn(&Comm, &mut RawDeviceSlice, i32) -> NcclResult,
+    ) -> Result<()> {
+        group_start().map_err(|e| nccl_error("NCCL group start", e))?;
+        let world_size = self.world_size();
+        let queued = (0..world_size).try_for_each(|owner| {
+            let owned = shard(len, world_size, owner);
+            let part = owned.start.max(range.start)..owned.end.min(range.end);
+            if part.is_empty() {
+                return Ok(());
+            }
+            let mut values = self.device_values(addr + (part.start * 4) as u64, part.len());
+            per_shard(&self.comm, &mut values, owner as i32).map(|_| ()).map_err(|e| nccl_error(what, e))
+        });
+        // The group is closed whatever happened, or NCCL would hold every later call.
+        let launched = group_end().map_err(|e| nccl_error(what, e));
+        queued.and(launched.map(|_| ()))
     }
 }
 
@@ -222,6 +258,34 @@ impl Collective for NcclWorld {
     fn start_mean_device(&mut self, addr: u64, len: usize) -> Result<bool> {
         self.comm.stream().join(&self.compute).map_err(driver_error)?;
         self.mean_in_place(addr, len)?;
+        Ok(true)
+    }
+
+    fn start_reduce_scatter_mean_device(&mut self, addr: u64, len: usize, range: Range<usize>) -> Result<bool> {
+        self.comm.stream().join(&self.compute).map_err(driver_error)?;
+        self.per_shard(addr, len, range, "NCCL reduce of the gradients onto their shards' ranks failed", |comm, values, owner| {
+            comm.reduce_in_place(values, &ReduceOp::Avg, owner)
+        })?;
+        Ok(true)
+    }
+
+    fn all_reduce_sum_device(&mut self, addr: u64, len: usize) -> Result<bool> {
+        self.ordered(|| {
+            let mut values = self.device_values(addr, len);
+            self.comm
+                .all_reduce_in_place(&mut values, &ReduceOp::Sum)
+                .map(|_| ())
+                .map_err(|e| nccl_error("NCCL all-reduce of the step's sums failed", e))
+        })?;
+        Ok(true)
+    }
+
+    fn all_gather_device(&mut self, addr: u64, len: usize) -> Result<bool> {
+        self.ordered(|| {
+            self.per_shard(addr, len, 0..len, "NCCL broadcast of the updated weights' shards failed", |comm, values, owner| {
+                comm.broadcast_in_place(values, owner)
+            })
+        })?;
         Ok(true)
     }
 

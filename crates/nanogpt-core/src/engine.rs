@@ -57,7 +57,7 @@ pub struct Engine {
     /// Whether a micro-step's backward pass averages the gradients over the ranks as it finishes them
     /// ([`Engine::set_backward_grad_sync`]).
     backward_grad_sync: bool,
-    /// 1: the explicit CPU step's AdamW state is sharded over the ranks (ZeRO stage 1); 0: it is not.
+    /// 1: the explicit step's AdamW state (CPU or GPU) is sharded over the ranks (ZeRO stage 1); 0: it is not.
     zero_stage: u32,
     /// The last micro-step's loss, behind a lock so that evaluation (`&Engine`) can settle it.
     last_loss: Mutex<Option<PendingLoss>>,
@@ -149,6 +149,9 @@ struct GpuTrainer {
     has_grads: bool,
     /// Whether they are already the mean over the ranks: the last micro-step's backward pass averaged them.
     grads_averaged: bool,
+    /// Rank 0 under ZeRO-1: the whole AdamW state, gathered from every rank's shard for a checkpoint
+    /// until the next step.
+    gathered_optimizer: Option<FlatAdamW>,
 }
 
 impl GpuTrainer {
@@ -157,7 +160,7 @@ impl GpuTrainer {
         let mut params = vec![0f32; layout.len];
         copy_from_model(&layout, &mut params, model)?;
         let step = CudaTrainStep::new(gpu.clone(), &model.args, precision, &params)?;
-        Ok(Self { gpu, step: Mutex::new(step), optimizer: None, has_grads: false, grads_averaged: false })
+        Ok(Self { gpu, step: Mutex::new(step), optimizer: None, has_grads: false, grads_averaged: false, gathered_optimizer: None })
     }
 
     fn step(&self) -> std::sync::MutexGuard<'_, CudaTrainStep> {
@@ -366,14 +369,10 @@ impl Engine {
     /// graph. The step holds the weights, their gradients and the AdamW moments on the device, so it
     /// starts with the optimizer: an engine that only samples or evaluates does not pay for it.
     fn start_fused_cuda_step(&mut self) -> Result<()> {
-        if self.gpu_step.is_some() || !self.model.device().is_cuda() {
+        if self.gpu_step.is_some() || !self.trains_on_fused_cuda_step() {
             return Ok(());
         }
-        let dtype = self.model.compute_dtype();
-        if self.cuda_step == CudaStep::Graph || (self.cuda_step == CudaStep::FusedUnlessFloat16 && dtype == DType::F16) {
-            return Ok(());
-        }
-        let precision = gpu_step_precision(dtype)?;
+        let precision = gpu_step_precision(self.model.compute_dtype())?;
         #[cfg(feature = "cuda")]
         {
             let kernels = Arc::new(cuda::Kernels::new(self.model.device())?);
@@ -381,6 +380,17 @@ impl Engine {
         }
         #[cfg(not(feature = "cuda"))]
         candle_core::bail!("a CUDA device in a build without CUDA cannot run the fused step in {precision:?}")
+    }
+
+    /// Whether `configure_optimizer` moves training onto the explicit GPU step: on a CUDA device, unless
+    /// NANOGPT_CUDA_STEP or float16 keep it on candle's graph.
+    fn trains_on_fused_cuda_step(&self) -> bool {
+        let graph = match self.cuda_step {
+            CudaStep::Graph => true,
+            CudaStep::FusedUnlessFloat16 => self.model.compute_dtype() == DType::F16,
+            CudaStep::Fused => false,
+        };
+        self.model.device().is_cuda() && !graph
     }
 
     /// Trains this model from now on with the explicit GPU step on `gpu` (a CUDA device's kernels, or
@@ -601,9 +611,9 @@ impl Engine {
         if self.optimizer_configured() {
             candle_core::bail!("set zero_stage before configuring the optimizer");
         }
-        if stage == 1 && self.flat.is_none() {
+        if stage == 1 && self.flat.is_none() && self.gpu_step.is_none() && !self.trains_on_fused_cuda_step() {
             candle_core::bail!(
-                "zero_stage=1 shards the AdamW state of the CPU training step (float32) only; train with --device=cpu, or set zero_stage=0"
+                "zero_stage=1 shards the AdamW state of the explicit training steps only (float32 on the CPU, float32 or bfloat16 on a GPU), not of candle's graph (float16, or NANOGPT_CUDA_STEP=graph); change dtype, or set zero_stage=0"
             );
         }
         self.zero_stage = stage;
@@ -613,29 +623,28 @@ impl Engine {
     /// Under ZeRO-1, brings every rank's shard of the AdamW state to rank 0, where the next checkpoint
     /// saves it whole; every rank must call it, and it does nothing otherwise.
     pub fn gather_optimizer_state(&mut self) -> Result<()> {
+        const UNCONFIGURED: &str = "configure the optimizer before training";
+        if let Some(gpu_step) = self.gpu_step.as_mut() {
+            let args = gpu_step.optimizer.clone().ok_or_else(|| candle_core::Error::Msg(UNCONFIGURED.into()))?;
+            let step = gpu_step.step.get_mut().expect("no panic while holding the GPU step");
+            let len = step.layout().len;
+            if step.shard() == (0..len) {
+                return Ok(());
+            }
+            let (exp_avg, exp_avg_sq, steps) = step.read_optimizer_state()?;
+            gpu_step.gathered_optimizer = gather_moments(self.collective.as_mut(), len, [&exp_avg, &exp_avg_sq])
+                .map(|[exp_avg, exp_avg_sq]| FlatAdamW::from_moments(args, exp_avg, exp_avg_sq, steps));
+            return Ok(());
+        }
         let Some(flat) = self.flat.as_mut() else { return Ok(()) };
-        let Some(optimizer) = flat.optimizer.as_ref() else { candle_core::bail!("configure the optimizer before training") };
+        let Some(optimizer) = flat.optimizer.as_ref() else { candle_core::bail!("{UNCONFIGURED}") };
         let len = flat.layout.len;
         if optimizer.shard() == (0..len) {
             return Ok(());
         }
-        let (rank, world_size) = (self.collective.rank(), self.collective.world_size());
         let (exp_avg, exp_avg_sq, steps) = optimizer.moments();
-        let mut whole = [vec![0f32; if rank == 0 { len } else { 0 }], vec![0f32; if rank == 0 { len } else { 0 }]];
-        for (mine, whole) in [exp_avg, exp_avg_sq].into_iter().zip(whole.iter_mut()) {
-            for owner in 0..world_size {
-                let owned = collective::shard(len, world_size, owner);
-                let mut part = if owner == rank { mine.to_vec() } else { vec![0f32; owned.len()] };
-                self.collective.broadcast(&mut part, owner);
-                if rank == 0 {
-                    whole[owned].copy_from_slice(&part);
-                }
-            }
-        }
-        if rank == 0 {
-            let [exp_avg, exp_avg_sq] = whole;
-            flat.gathered_optimizer = Some(FlatAdamW::from_moments(optimizer.args().clone(), exp_avg, exp_avg_sq, steps));
-        }
+        flat.gathered_optimizer = gather_moments(self.collective.as_mut(), len, [exp_avg, exp_avg_sq])
+            .map(|[exp_avg, exp_avg_sq]| FlatAdamW::from_moments(optimizer.args().clone(), exp_avg, exp_avg_sq, steps));
         Ok(())
     }
 
@@ -660,12 +669,16 @@ impl Engine {
 
     pub fn configure_optimizer(&mut self, args: &OptimizerArgs) -> Result<ParamGroups> {
         self.start_fused_cuda_step()?;
+        let (rank, world_size) = (self.collective.rank(), self.collective.world_size());
         if let Some(gpu_step) = self.gpu_step.as_mut() {
             gpu_step.optimizer = Some(args.clone());
-            return Ok(FlatAdamW::groups(gpu_step.step().layout()));
+            let step = gpu_step.step.get_mut().expect("no panic while holding the GPU step");
+            if self.zero_stage == 1 {
+                step.shard_optimizer(collective::shard(step.layout().len, world_size, rank))?;
+            }
+            return Ok(FlatAdamW::groups(step.layout()));
         }
         if let Some(flat) = self.flat.as_mut() {
-            let (rank, world_size) = (self.collective.rank(), self.collective.world_size());
             let shard = if self.zero_stage == 1 { collective::shard(flat.layout.len, world_size, rank) } else { 0..flat.layout.len };
             flat.optimizer = Some(FlatAdamW::for_shard(args.clone(), shard));
             return Ok(FlatAdamW::groups(&flat.layout));
@@ -685,11 +698,13 @@ impl Engine {
         const UNCONFIGURED: &str = "configure the optimizer before training";
         if let Some(gpu_step) = self.gpu_step.as_mut() {
             let args = gpu_step.optimizer.clone().ok_or_else(|| candle_core::Error::Msg(UNCONFIGURED.into()))?;
+            gpu_step.gathered_optimizer = None;
             let mut step = gpu_step.step();
             let mut staged = FlatAdamW::new(step.layout(), args);
             staged.load_state(step.layout(), tensors)?;
             let (exp_avg, exp_avg_sq, steps) = staged.moments();
-            return step.load_optimizer_state(exp_avg, exp_avg_sq, steps);
+            let shard = step.shard();
+            return step.load_optimizer_state(&exp_avg[shard.clone()], &exp_avg_sq[shard], steps);
         }
         match self.flat.as_mut() {
             Some(flat) => {
@@ -865,12 +880,17 @@ impl Engine {
         let start = self.profile.is_some().then(std::time::Instant::now);
         // Each finished range's mean over the ranks starts while the rest of the backward pass runs. A
         // collective without a device path declines the first, and `step` averages them all instead.
-        let (sync, grads) = (self.backward_grad_sync, step.grads_addr());
+        // Under ZeRO-1 each range goes only to the ranks whose shards hold it.
+        let (sync, grads, len) = (self.backward_grad_sync, step.grads_addr(), step.layout().len);
+        let sharded = step.shard() != (0..len);
         let collective = &mut self.collective;
         let mut averaging = sync;
         step.backward(dropout, &mut |range| {
             if averaging {
-                averaging = collective.start_mean_device(grads + (range.start * 4) as u64, range.len())?;
+                averaging = match sharded {
+                    true => collective.start_reduce_scatter_mean_device(grads, len, range)?,
+                    false => collective.start_mean_device(grads + (range.start * 4) as u64, range.len())?,
+                };
             }
             Ok(())
         })?;
@@ -892,7 +912,8 @@ impl Engine {
 
     /// [`Engine::step`] on the explicit GPU step: clipping and AdamW run on the device; the gradient
     /// norm is read back for the log. Several ranks average the flat gradients on the device (NCCL), or
-    /// through host memory where their collective has no device path.
+    /// through host memory where their collective has no device path. Under ZeRO-1 each rank averages,
+    /// clips and updates its shard, and the ranks then exchange the updated shards, all on the device.
     fn gpu_step_update(&mut self, lr: f64) -> Result<StepStats> {
         let gpu_step = self.gpu_step.as_mut().expect("on the GPU step");
         if !gpu_step.has_grads {
@@ -900,15 +921,39 @@ impl Engine {
         }
         let args = gpu_step.optimizer.clone().ok_or_else(|| candle_core::Error::Msg("configure the optimizer before training".into()))?;
         let mut step = gpu_step.step.lock().expect("no panic while holding the GPU step");
-        if !gpu_step.grads_averaged && !self.collective.all_reduce_mean_device(step.grads_addr(), step.layout().len)? {
-            let mut grads = step.read_grads()?;
-            self.collective.all_reduce_mean(&mut grads);
-            step.load_grads(&grads)?;
+        let len = step.layout().len;
+        let sharded = step.shard() != (0..len);
+        let collective = &mut self.collective;
+        let on_device = |done: bool| {
+            match done {
+            true => Ok(()),
+            false => Err(candle_core::Error::Msg(
+                "zero_stage=1 on the GPU step exchanges shards on the device, which this collective cannot; train the ranks over NCCL (--device=cuda), or set zero_stage=0".into(),
+            )),
         }
-        step.optimizer_step(&args, lr)?;
+        };
+        if !gpu_step.grads_averaged {
+            if sharded {
+                on_device(collective.start_reduce_scatter_mean_device(step.grads_addr(), len, 0..len)?)?;
+                collective.finish_device_means()?;
+            } else if !collective.all_reduce_mean_device(step.grads_addr(), len)? {
+                let mut grads = step.read_grads()?;
+                collective.all_reduce_mean(&mut grads);
+                step.load_grads(&grads)?;
+            }
+        }
+        step.optimizer_step(&args, lr, &mut |norm_squared| match sharded {
+            true => on_device(collective.all_reduce_sum_device(norm_squared, 1)?),
+            false => Ok(()),
+        })?;
+        if sharded {
+            on_device(collective.all_gather_device(step.params_addr(), len)?)?;
+            step.params_written()?;
+        }
+        gpu_step.gathered_optimizer = None;
         // The first wait for the device since the gradients' means were queued: where a rank that hangs holds the others.
         let mut grad_norm = 0.0;
-        self.collective.wait_for_device(&mut || {
+        collective.wait_for_device(&mut || {
             grad_norm = step.read_grad_norm()? as f64;
             Ok(())
         })?;
@@ -1125,6 +1170,9 @@ impl Engine {
         if let Some(gpu_step) = self.gpu_step.as_ref() {
             let args = gpu_step.optimizer.clone().ok_or_else(none)?;
             let step = gpu_step.step();
+            if let Some(gathered) = gpu_step.gathered_optimizer.as_ref() {
+                return gathered.state(step.layout());
+            }
             let (exp_avg, exp_avg_sq, steps) = step.read_optimizer_state()?;
             return FlatAdamW::from_moments(args, exp_avg, exp_avg_sq, steps).state(step.layout());
         }
@@ -1138,6 +1186,24 @@ impl Engine {
     pub fn save_optimizer(&self, out: &mut impl Write) -> Result<()> {
         write_safetensors(self.optimizer_state()?, None, out)
     }
+}
+
+/// ZeRO-1's checkpoint: every rank's [`collective::shard`] of AdamW's two moments (`mine`, this rank's), each
+/// broadcast by its owner, put together on rank 0, which returns them whole; the other ranks return None.
+fn gather_moments(collective: &mut dyn Collective, len: usize, mine: [&[f32]; 2]) -> Option<[Vec<f32>; 2]> {
+    let (rank, world_size) = (collective.rank(), collective.world_size());
+    let mut whole = [vec![0f32; if rank == 0 { len } else { 0 }], vec![0f32; if rank == 0 { len } else { 0 }]];
+    for (mine, whole) in mine.into_iter().zip(whole.iter_mut()) {
+        for owner in 0..world_size {
+            let owned = collective::shard(len, world_size, owner);
+            let mut part = if owner == rank { mine.to_vec() } else { vec![0f32; owned.len()] };
+            collective.broadcast(&mut part, owner);
+            if rank == 0 {
+                whole[owned].copy_from_slice(&part);
+            }
+        }
+    }
+    (rank == 0).then_some(whole)
 }
 
 /// transformers refuses safetensors files that do not say they hold PyTorch tensors.

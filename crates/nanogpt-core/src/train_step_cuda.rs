@@ -141,11 +141,13 @@ pub struct CudaTrainStep {
     args: ModelArgs,
     layout: ParamLayout,
     x: Precision,
-    /// f32 master weights, their gradients and AdamW's two moments: one flat buffer each.
+    /// f32 master weights, their gradients and AdamW's two moments: one flat buffer each, the moments
+    /// for the `shard` of the weights that this step updates (all of them, or a ZeRO-1 rank's).
     params: DeviceBuffer,
     grads: DeviceBuffer,
     exp_avg: DeviceBuffer,
     exp_avg_sq: DeviceBuffer,
+    shard: Range<usize>,
     /// The bf16 copy of the weights that the kernels read; None in f32, where they read `params`.
     weights_copy: Option<DeviceBuffer>,
     /// Which tensor each parameter belongs to and whether it decays (AdamW's groups), on the device,
@@ -194,6 +196,7 @@ impl CudaTrainStep {
             grads: DeviceBuffer::zeroed(&gpu, bytes)?,
             exp_avg: DeviceBuffer::zeroed(&gpu, bytes)?,
             exp_avg_sq: DeviceBuffer::zeroed(&gpu, bytes)?,
+            shard: 0..layout.len,
             params: master,
             weights_copy,
             gpu,
@@ -247,6 +250,27 @@ impl CudaTrainStep {
 
     fn affine_grads(&self, affine: &Affine) -> (u64, Option<u64>) {
         (self.grad(&affine.weight), affine.bias.as_ref().map(|b| self.grad(b)))
+    }
+
+    /// Keeps AdamW's moments for `shard` of the weights only, and updates only those (ZeRO stage 1: each
+    /// rank of a data-parallel run updates its own shard, and the ranks exchange the results); set before
+    /// the first optimizer step.
+    pub fn shard_optimizer(&mut self, shard: Range<usize>) -> Result<()> {
+        if self.optimizer_steps > 0 {
+            bail!("shard the optimizer before its first step");
+        }
+        if shard.start > shard.end || shard.end > self.layout.len {
+            bail!("the shard {shard:?} is not within the model's {} parameters", self.layout.len);
+        }
+        self.exp_avg = DeviceBuffer::zeroed(&self.gpu, shard.len() * 4)?;
+        self.exp_avg_sq = DeviceBuffer::zeroed(&self.gpu, shard.len() * 4)?;
+        self.shard = shard;
+        Ok(())
+    }
+
+    /// The weights whose AdamW moments this step keeps and updates.
+    pub fn shard(&self) -> Range<usize> {
+        self.shard.clone()
     }
 
     /// Clears the parameter gradients, before the first micro-step of an optimizer step.
@@ -535,11 +559,18 @@ impl CudaTrainStep {
 
     /// One AdamW step at learning rate `lr` from the accumulated gradients, with nanoGPT's groups
     /// (only tensors of rank >= 2 decay) and global-norm clipping, all on the device: the norm is
-    /// reduced there and the clip coefficient computed there, so the host does not wait.
-    pub fn optimizer_step(&mut self, args: &OptimizerArgs, lr: f64) -> Result<()> {
+    /// reduced there and the clip coefficient computed there, so the host does not wait. Only the
+    /// step's [`Self::shard`] moves; `sum_over_ranks` receives the device address of the shard's squared
+    /// gradient norm (one f32) to add the other shards' to, before the clip reads it.
+    pub fn optimizer_step(&mut self, args: &OptimizerArgs, lr: f64, sum_over_ranks: &mut dyn FnMut(u64) -> Result<()>) -> Result<()> {
         let gpu = &*self.gpu;
-        let n = self.layout.len;
-        adamw::grad_norm_squared(gpu, self.grad_norm_squared.addr, self.grad_norm_partials.addr, GRAD_NORM_PARTIALS, self.grads.addr, n)?;
+        let shard = self.shard.clone();
+        let norm_squared = self.grad_norm_squared.addr;
+        match shard.len() {
+            0 => gpu.zero(norm_squared, 4)?,
+            len => adamw::grad_norm_squared(gpu, norm_squared, self.grad_norm_partials.addr, GRAD_NORM_PARTIALS, self.grad(&shard), len)?,
+        }
+        sum_over_ranks(norm_squared)?;
         self.optimizer_steps += 1;
         let (b1, b2, step) = (args.beta1, args.beta2, self.optimizer_steps as i32);
         let update = AdamWUpdate {
@@ -558,11 +589,25 @@ impl CudaTrainStep {
             exp_avg: self.exp_avg.addr,
             exp_avg_sq: self.exp_avg_sq.addr,
             params_copy: self.weights_copy.as_ref().map_or(0, |c| c.addr),
-            len: n,
+            len: self.layout.len,
+            shard,
         };
-        let clip =
-            (args.grad_clip > 0.0).then_some(Clip { grad_norm_squared: self.grad_norm_squared.addr, max_norm: args.grad_clip as f32 });
+        let clip = (args.grad_clip > 0.0).then_some(Clip { grad_norm_squared: norm_squared, max_norm: args.grad_clip as f32 });
         adamw::update(gpu, self.x, &buffers, &self.tensor_table, &update, clip)
+    }
+
+    /// The device address of the f32 master weights, for a collective that brings the other ranks' shards.
+    pub fn params_addr(&self) -> u64 {
+        self.params.addr
+    }
+
+    /// Refreshes the compute copy of the weights once the master weights were written on the device
+    /// (by the other ranks' shards).
+    pub fn params_written(&self) -> Result<()> {
+        match &self.weights_copy {
+            Some(copy) => adamw::round_params_bf16(&*self.gpu, copy.addr, self.params.addr, self.layout.len),
+            None => Ok(()),
+        }
     }
 
     /// The global gradient norm the last optimizer step clipped by: waits for the GPU.
@@ -588,15 +633,15 @@ impl CudaTrainStep {
         self.grads.upload_f32(grads)
     }
 
-    /// AdamW's two moments and the number of steps taken: waits for the GPU.
+    /// AdamW's two moments (of [`Self::shard`]) and the number of steps taken: waits for the GPU.
     pub fn read_optimizer_state(&self) -> Result<(Vec<f32>, Vec<f32>, u64)> {
         Ok((self.exp_avg.download_f32()?, self.exp_avg_sq.download_f32()?, self.optimizer_steps))
     }
 
-    /// Resumes AdamW from moments and a step count that [`Self::read_optimizer_state`] gave.
+    /// Resumes AdamW from moments (of [`Self::shard`]) and a step count that [`Self::read_optimizer_state`] gave.
     pub fn load_optimizer_state(&mut self, exp_avg: &[f32], exp_avg_sq: &[f32], steps: u64) -> Result<()> {
-        if exp_avg.len() != self.layout.len || exp_avg_sq.len() != self.layout.len {
-            bail!("optimizer state for {} parameters given to a model of {}", exp_avg.len(), self.layout.len);
+        if exp_avg.len() != self.shard.len() || exp_avg_sq.len() != self.shard.len() {
+            bail!("optimizer state for {} parameters given to a step that updates {}", exp_avg.len(), self.shard.len());
         }
         self.exp_avg.upload_f32(exp_avg)?;
         self.exp_avg_sq.upload_f32(exp_avg_sq)?;

@@ -1,5 +1,6 @@
 //! adamw.cu against optim::FlatAdamW (which runs kernels::adamw on the CPU): the global norm, clipping
-//! on and off, weight decay on the tensors of rank >= 2 only, and the weights' compute copy.
+//! on and off, weight decay on the tensors of rank >= 2 only, the weights' compute copy, and ZeRO-1's
+//! updates of one shard at a time.
 
 use nanogpt_core::kernels::adamw::AdamWUpdate;
 use nanogpt_core::kernels::cuda::adamw::{self, Clip, FlatBuffers, TensorTable, GRAD_NORM_PARTIALS};
@@ -99,6 +100,7 @@ fn check_steps(x: Precision, with_copy: bool, grad_clip: f64, loss_scale: f32) {
             exp_avg_sq: exp_avg_sq.addr(),
             params_copy,
             len: n,
+            shard: 0..n,
         };
         adamw::grad_norm_squared(gpu(), norm_squared.addr(), partials.addr(), GRAD_NORM_PARTIALS, buffers.grads, n).unwrap();
         let step = AdamWUpdate {
@@ -165,7 +167,7 @@ fn a_loss_scale_is_removed_before_clipping() {
 }
 
 #[test]
-fn mismatched_buffers_and_bad_clipping_are_refused() {
+fn mismatched_buffers_shards_and_bad_clipping_are_refused() {
     let layout = layout();
     let table = TensorTable::new(&layout).on_device(0, 0);
     let step = AdamWUpdate {
@@ -178,11 +180,77 @@ fn mismatched_buffers_and_bad_clipping_are_refused() {
         step_size: 1e-2,
         bias_correction2_sqrt: 0.2,
     };
-    let buffers = FlatBuffers { params: 0, grads: 0, exp_avg: 0, exp_avg_sq: 0, params_copy: 0, len: layout.len - 1 };
+    let buffers =
+        FlatBuffers { params: 0, grads: 0, exp_avg: 0, exp_avg_sq: 0, params_copy: 0, len: layout.len - 1, shard: 0..layout.len - 1 };
     let err = adamw::update(gpu(), Precision::F32, &buffers, &table, &step, None).unwrap_err();
     assert!(err.to_string().contains("build both from one ParamLayout"), "{err}");
-    let buffers = FlatBuffers { len: layout.len, ..buffers };
+    let buffers = FlatBuffers { len: layout.len, shard: 3..layout.len + 1, ..buffers };
+    let err = adamw::update(gpu(), Precision::F32, &buffers, &table, &step, None).unwrap_err();
+    assert!(err.to_string().contains("take it from collective::shard"), "{err}");
+    let buffers = FlatBuffers { shard: 0..layout.len, ..buffers };
     let clip = Some(Clip { grad_norm_squared: 0, max_norm: 0.0 });
     let err = adamw::update(gpu(), Precision::F32, &buffers, &table, &step, clip).unwrap_err();
     assert!(err.to_string().contains("pass a positive max norm"), "{err}");
+}
+
+/// The buffers' moments and compute copy after one bf16 update of `shards` in turn, each with moments of its
+/// own (ZeRO-1's ranks), from the same weights, gradients and moments.
+fn update_in_shards(layout: &ParamLayout, shards: &[std::ops::Range<usize>]) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+    let n = layout.len;
+    let table = TensorTable::new(layout);
+    let ends = device_bytes(&table.ends.iter().flat_map(|e| e.to_ne_bytes()).collect::<Vec<u8>>());
+    let decays = device_bytes(&table.decays);
+    let device_table = table.on_device(ends.addr, decays.addr);
+    let (params, grads) = (Buffer::f32(&random(n, 1.0, 1)), Buffer::f32(&random(n, 1.0, 2)));
+    let exp_avg = random(n, 0.1, 3);
+    let exp_avg_sq: Vec<f32> = random(n, 0.1, 4).iter().map(|v| v.abs()).collect();
+    let copy = Buffer::unwritten(Precision::Bf16, n);
+    let step = AdamWUpdate {
+        lr: 1e-2,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        grad_scale: 1.0,
+        step_size: 1e-2 / (1.0 - 0.9f64.powi(3)),
+        bias_correction2_sqrt: (1.0 - 0.95f64.powi(3)).sqrt(),
+    };
+    let (mut avg_out, mut avg_sq_out) = (Vec::new(), Vec::new());
+    for shard in shards {
+        let (avg, avg_sq) = (Buffer::f32(&exp_avg[shard.clone()]), Buffer::f32(&exp_avg_sq[shard.clone()]));
+        let buffers = FlatBuffers {
+            params: params.addr(),
+            grads: grads.addr(),
+            exp_avg: avg.addr(),
+            exp_avg_sq: avg_sq.addr(),
+            params_copy: copy.addr(),
+            len: n,
+            shard: shard.clone(),
+        };
+        adamw::update(gpu(), Precision::Bf16, &buffers, &device_table, &step, None).unwrap();
+        avg_out.extend(avg.values());
+        avg_sq_out.extend(avg_sq.values());
+    }
+    (params.values(), copy.values(), avg_out, avg_sq_out)
+}
+
+#[test]
+fn updates_of_shards_in_turn_match_one_update_of_the_whole_buffers() {
+    let layout = layout();
+    let n = layout.len;
+    let whole = update_in_shards(&layout, std::slice::from_ref(&(0..n)));
+    // Boundaries inside tensors of both groups (a bias, then a matrix), and an empty shard, as the last ranks
+    // of a small model get.
+    let inside = |rank: usize| layout.tensors.iter().find(|t| t.shape.len() == rank && t.range.start > 0).unwrap().range.start + 3;
+    let (first, second) = (inside(1).min(inside(2)), inside(1).max(inside(2)));
+    let sharded = update_in_shards(&layout, &[0..first, first..second, second..n, n..n]);
+    assert_eq!(whole, sharded, "each element's update must not depend on the shard it is in");
+}
+
+#[test]
+fn the_compute_copy_is_the_rounded_weights() {
+    let params = random(5000, 1.0, 9);
+    let (weights, copy) = (Buffer::f32(&params), Buffer::unwritten(Precision::Bf16, params.len()));
+    adamw::round_params_bf16(gpu(), copy.addr(), weights.addr(), params.len()).unwrap();
+    assert_eq!(copy.values(), from_bf16(&to_bf16(&params)));
 }

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use candle_core::{Device, Result};
-use nanogpt_core::collective::Collective;
+use nanogpt_core::collective::{shard, Collective};
 use nanogpt_core::kernels::cuda::Gpu;
 use nanogpt_core::sample::SampleArgs;
 use nanogpt_core::{files, Engine, Gelu, ModelArgs, OptimizerArgs};
@@ -258,5 +258,177 @@ fn gradients_averaged_during_the_backward_pass_take_the_same_step() -> Result<()
     // Two runs alike differ by up to ~4e-6, from the order of the kernels' atomic additions.
     let difference = max_difference(&after_step.weights, &during_backward.weights);
     assert!(difference < 1e-4, "averaging during the backward pass changed the weights by {difference}");
+    Ok(())
+}
+
+/// The ranks of a data-parallel run as threads of this process, each with its own engine on the shared
+/// GPU, exchanging through host memory: every call puts this rank's values on the table, waits for the
+/// others', and takes them all. Device paths are taken (and synchronous); ZeRO-1's reduce-scatter leaves
+/// NaN where the range is not this rank's, so reading a gradient another rank owns poisons the step.
+struct ThreadRanks {
+    rank: usize,
+    world_size: usize,
+    gpu: Arc<dyn Gpu + Send + Sync>,
+    table: Arc<(std::sync::Barrier, Mutex<Vec<Vec<f32>>>)>,
+}
+
+impl ThreadRanks {
+    fn world(world_size: usize) -> Vec<Self> {
+        let table = Arc::new((std::sync::Barrier::new(world_size), Mutex::new(vec![Vec::new(); world_size])));
+        (0..world_size).map(|rank| Self { rank, world_size, gpu: shared_gpu(), table: table.clone() }).collect()
+    }
+
+    /// Every rank's `mine`, in rank order.
+    fn exchange(&self, mine: &[f32]) -> Vec<Vec<f32>> {
+        let (barrier, slots) = &*self.table;
+        slots.lock().unwrap()[self.rank] = mine.to_vec();
+        barrier.wait();
+        let all = slots.lock().unwrap().clone();
+        // Nobody writes the next call's values before everyone has read these.
+        barrier.wait();
+        all
+    }
+
+    fn summed(&self, mine: &[f32]) -> Vec<f32> {
+        let all = self.exchange(mine);
+        (0..mine.len()).map(|i| all.iter().map(|values| values[i]).sum()).collect()
+    }
+
+    fn read(&self, addr: u64, len: usize) -> Result<Vec<f32>> {
+        let mut bytes = vec![0u8; len * 4];
+        self.gpu.download(addr, &mut bytes)?;
+        Ok(bytes.chunks_exact(4).map(|b| f32::from_ne_bytes(b.try_into().unwrap())).collect())
+    }
+
+    fn write(&self, addr: u64, values: &[f32]) -> Result<()> {
+        self.gpu.upload(addr, &values.iter().flat_map(|v| v.to_ne_bytes()).collect::<Vec<u8>>())
+    }
+
+    fn device_mean(&self, addr: u64, len: usize) -> Result<bool> {
+        let scale = 1.0 / self.world_size as f32;
+        let mean: Vec<f32> = self.summed(&self.read(addr, len)?).iter().map(|s| s * scale).collect();
+        self.write(addr, &mean)?;
+        Ok(true)
+    }
+}
+
+impl Collective for ThreadRanks {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    fn all_reduce_sum_bucket(&mut self, bucket: &mut [f32]) {
+        let sum = self.summed(bucket);
+        bucket.copy_from_slice(&sum);
+    }
+
+    fn broadcast(&mut self, buffer: &mut [f32], root: usize) {
+        let all = self.exchange(buffer);
+        buffer.copy_from_slice(&all[root]);
+    }
+
+    fn barrier(&self) {
+        self.table.0.wait();
+    }
+
+    fn all_reduce_mean_device(&mut self, addr: u64, len: usize) -> Result<bool> {
+        self.device_mean(addr, len)
+    }
+
+    fn start_mean_device(&mut self, addr: u64, len: usize) -> Result<bool> {
+        self.device_mean(addr, len)
+    }
+
+    fn start_reduce_scatter_mean_device(&mut self, addr: u64, len: usize, range: std::ops::Range<usize>) -> Result<bool> {
+        let at = addr + (range.start * 4) as u64;
+        let scale = 1.0 / self.world_size as f32;
+        let sum = self.summed(&self.read(at, range.len())?);
+        let owned = shard(len, self.world_size, self.rank);
+        let values: Vec<f32> = range.clone().zip(sum).map(|(i, s)| if owned.contains(&i) { s * scale } else { f32::NAN }).collect();
+        self.write(at, &values)?;
+        Ok(true)
+    }
+
+    fn all_reduce_sum_device(&mut self, addr: u64, len: usize) -> Result<bool> {
+        let sum = self.summed(&self.read(addr, len)?);
+        self.write(addr, &sum)?;
+        Ok(true)
+    }
+
+    fn all_gather_device(&mut self, addr: u64, len: usize) -> Result<bool> {
+        let all = self.exchange(&self.read(addr, len)?);
+        let gathered: Vec<f32> =
+            (0..len).map(|i| all[(0..self.world_size).find(|&r| shard(len, self.world_size, r).contains(&i)).unwrap()][i]).collect();
+        self.write(addr, &gathered)?;
+        Ok(true)
+    }
+}
+
+/// What rank 0 of a two-rank run ends with: its weights and the whole AdamW state, as a checkpoint has them.
+struct RankZero {
+    weights: HashMap<String, Vec<f32>>,
+    optimizer: HashMap<String, Vec<f32>>,
+}
+
+/// Two ranks over [`ThreadRanks`], each training three steps of two micro-steps on batches of its own, in
+/// `precision`, with ZeRO `zero_stage`; with `sync`, the second micro-step's backward pass averages the
+/// gradients as it finishes them.
+fn two_ranks(args: &ModelArgs, precision: &str, zero_stage: u32, sync: bool) -> Result<RankZero> {
+    let runs: Vec<_> = ThreadRanks::world(2)
+        .into_iter()
+        .map(|ranks| {
+            let (args, precision) = (args.clone(), precision.to_string());
+            std::thread::spawn(move || -> Result<Option<RankZero>> {
+                let rank = ranks.rank as u64;
+                let mut engine = on_gpu_step(Engine::new(&args, 7 + rank, "cpu")?)?;
+                engine.set_precision(&precision)?;
+                engine.join(Box::new(ranks), Duration::from_secs(600))?;
+                engine.set_zero_stage(zero_stage)?;
+                engine.configure_optimizer(&OPTIMIZER)?;
+                for step in 0..3 {
+                    for micro in 0..2 {
+                        engine.set_backward_grad_sync(sync && micro == 1);
+                        let (x, y) = batch(&args, 2, 1000 * rank + 100 * step + micro);
+                        engine.accumulate(&x, &y, 2, 0.5)?;
+                    }
+                    engine.step(LR)?;
+                }
+                engine.gather_optimizer_state()?;
+                if rank > 0 {
+                    return Ok(None);
+                }
+                let state = candle_core::safetensors::load_buffer(&files::to_vec(|out| engine.save_optimizer(out))?, &Device::Cpu)?;
+                let optimizer = state
+                    .into_iter()
+                    .map(|(name, t)| Ok((name, t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?)))
+                    .collect::<Result<_>>()?;
+                Ok(Some(RankZero { weights: weights(&engine)?, optimizer }))
+            })
+        })
+        .collect();
+    let mut results = runs.into_iter().map(|run| run.join().expect("a rank panicked")).collect::<Result<Vec<_>>>()?;
+    Ok(results.swap_remove(0).expect("rank 0 returns its state"))
+}
+
+#[test]
+fn zero_stage_1_on_the_gpu_step_takes_the_steps_of_a_whole_optimizer_on_every_rank() -> Result<()> {
+    let args = model(0.0);
+    // bfloat16 adds the compute copy of the gathered weights; averaging during the backward pass is the same there.
+    for (precision, sync) in [("float32", false), ("float32", true), ("bfloat16", true)] {
+        let whole = two_ranks(&args, precision, 0, sync)?;
+        let sharded = two_ranks(&args, precision, 1, sync)?;
+        let what = format!("{precision}, averaging {}", if sync { "during the backward pass" } else { "before the optimizer" });
+        // The shards' norms are summed in another order than the whole buffer's, and the embeddings' gradients
+        // come from atomic additions: ~1e-6 apart. Each of these moves the weights by 8e-4 or more: the shards
+        // not gathered back, the bf16 copy of the gathered weights not refreshed, the norm of one shard alone.
+        let difference = max_difference(&whole.weights, &sharded.weights);
+        assert!(difference < 1e-4, "{what}: ZeRO-1 moved the weights by {difference}");
+        let difference = max_difference(&whole.optimizer, &sharded.optimizer);
+        assert!(difference < 1e-4, "{what}: ZeRO-1's gathered AdamW state differs by {difference}");
+    }
     Ok(())
 }

@@ -90,7 +90,7 @@ fn both(args: &ModelArgs, x: Precision, p: f32) -> (Step, Step) {
         gpu.backward(dropout(step as u64), &mut |_| Ok(())).unwrap();
     }
     let gpu_grads = gpu.read_grads().unwrap();
-    gpu.optimizer_step(&OPTIMIZER, 1e-2).unwrap();
+    gpu.optimizer_step(&OPTIMIZER, 1e-2, &mut |_| Ok(())).unwrap();
     (
         Step { losses: cpu_losses, grads, params: cpu_params },
         Step { losses: gpu_losses, grads: gpu_grads, params: gpu.read_params().unwrap() },
@@ -157,7 +157,7 @@ fn training_run(args: &ModelArgs, x: Precision, steps: usize) -> (Vec<f32>, Vec<
         gpu.loss(targets, Some(1.0)).unwrap();
         gpu_losses.push(gpu.read_loss().unwrap());
         gpu.backward(None, &mut |_| Ok(())).unwrap();
-        gpu.optimizer_step(&OPTIMIZER, lr).unwrap();
+        gpu.optimizer_step(&OPTIMIZER, lr, &mut |_| Ok(())).unwrap();
     }
     (cpu_losses, gpu_losses)
 }

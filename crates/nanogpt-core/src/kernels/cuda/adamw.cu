@@ -45,10 +45,11 @@ static __device__ __forceinline__ int tensor_of(long long i, const long long* te
 }
 
 // One element per thread: the step reads 16 and writes 12 bytes (plus the compute copy) per element,
-// so it is bound by memory bandwidth, and a flat grid keeps every access coalesced.
+// so it is bound by memory bandwidth, and a flat grid keeps every access coalesced. The n elements start
+// at element `first` of the table's layout (ZeRO-1's shard of this rank; 0 otherwise).
 template <typename X>
 __device__ void update(float* params, const float* grads, float* exp_avg, float* exp_avg_sq, X* params_copy, long long n,
-                       const long long* tensor_ends, const unsigned char* tensor_decays, int tensors, float beta1,
+                       long long first, const long long* tensor_ends, const unsigned char* tensor_decays, int tensors, float beta1,
                        float beta2, float eps, float decay_keep, float step_size, float bias_correction2_sqrt,
                        float grad_scale, const float* grad_norm_squared, float max_norm) {
   const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -57,7 +58,7 @@ __device__ void update(float* params, const float* grads, float* exp_avg, float*
   // torch.nn.utils.clip_grad_norm_'s coefficient, max_norm / (norm + 1e-6), whenever it is below one, for
   // the norm of the gradients once multiplied by grad_scale (as GradScaler.unscale_ precedes clipping).
   const float clip = grad_norm_squared ? fminf(1.0f, max_norm / (sqrtf(*grad_norm_squared) * grad_scale + 1e-6f)) : 1.0f;
-  const float keep = tensor_decays[tensor_of(i, tensor_ends, tensors)] ? decay_keep : 1.0f;
+  const float keep = tensor_decays[tensor_of(first + i, tensor_ends, tensors)] ? decay_keep : 1.0f;
   // kernels/adamw.rs's arithmetic, term for term.
   const float gi = g * (grad_scale * clip);
   const float m = beta1 * m0 + (1.0f - beta1) * gi;
@@ -71,11 +72,18 @@ __device__ void update(float* params, const float* grads, float* exp_avg, float*
 
 }  // namespace adamw
 
-extern "C" __global__ void adamw_f32(float* params, const float* grads, float* exp_avg, float* exp_avg_sq, float* params_copy, long long n, const long long* tensor_ends, const unsigned char* tensor_decays, int tensors, float beta1, float beta2, float eps, float decay_keep, float step_size, float bias_correction2_sqrt, float grad_scale, const float* grad_norm_squared, float max_norm) {
-  adamw::update(params, grads, exp_avg, exp_avg_sq, params_copy, n, tensor_ends, tensor_decays, tensors, beta1, beta2, eps,
+extern "C" __global__ void adamw_f32(float* params, const float* grads, float* exp_avg, float* exp_avg_sq, float* params_copy, long long n, long long first, const long long* tensor_ends, const unsigned char* tensor_decays, int tensors, float beta1, float beta2, float eps, float decay_keep, float step_size, float bias_correction2_sqrt, float grad_scale, const float* grad_norm_squared, float max_norm) {
+  adamw::update(params, grads, exp_avg, exp_avg_sq, params_copy, n, first, tensor_ends, tensor_decays, tensors, beta1, beta2, eps,
                 decay_keep, step_size, bias_correction2_sqrt, grad_scale, grad_norm_squared, max_norm);
 }
-extern "C" __global__ void adamw_bf16(float* params, const float* grads, float* exp_avg, float* exp_avg_sq, bf16* params_copy, long long n, const long long* tensor_ends, const unsigned char* tensor_decays, int tensors, float beta1, float beta2, float eps, float decay_keep, float step_size, float bias_correction2_sqrt, float grad_scale, const float* grad_norm_squared, float max_norm) {
-  adamw::update(params, grads, exp_avg, exp_avg_sq, params_copy, n, tensor_ends, tensor_decays, tensors, beta1, beta2, eps,
+extern "C" __global__ void adamw_bf16(float* params, const float* grads, float* exp_avg, float* exp_avg_sq, bf16* params_copy, long long n, long long first, const long long* tensor_ends, const unsigned char* tensor_decays, int tensors, float beta1, float beta2, float eps, float decay_keep, float step_size, float bias_correction2_sqrt, float grad_scale, const float* grad_norm_squared, float max_norm) {
+  adamw::update(params, grads, exp_avg, exp_avg_sq, params_copy, n, first, tensor_ends, tensor_decays, tensors, beta1, beta2, eps,
                 decay_keep, step_size, bias_correction2_sqrt, grad_scale, grad_norm_squared, max_norm);
+}
+
+// copy[i] = params[i] rounded to bf16: the compute copy of weights that other ranks updated (ZeRO-1's all-gather
+// brings their f32 master weights).
+extern "C" __global__ void round_params_bf16(bf16* copy, const float* params, long long n) {
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) copy[i] = from_float<bf16>(params[i]);
 }

@@ -1,6 +1,9 @@
 //! The optimizer step on the device (`adamw.cu`), as `optim::FlatAdamW` on the CPU: the squared global
-//! gradient norm into one device float, then one AdamW launch over the whole flat buffers that clips
-//! by that norm itself, decays only the tensors of rank >= 2, and writes the weights' compute copy.
+//! gradient norm into one device float, then one AdamW launch over the flat buffers (or ZeRO-1's shard of
+//! them) that clips by that norm itself, decays only the tensors of rank >= 2, and writes the weights'
+//! compute copy.
+
+use std::ops::Range;
 
 use candle_core::Result;
 
@@ -75,9 +78,11 @@ pub struct DeviceTensorTable {
     len: usize,
 }
 
-/// The optimizer's flat f32 buffers on the device, each `len` elements laid out as the table's
-/// tensors, and the compute copy of the weights (of the launch's precision; 0 for none).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The optimizer's flat f32 buffers on the device, laid out as the table's tensors: the weights and
+/// their gradients, `len` elements each, the compute copy of the weights (of the launch's precision; 0
+/// for none), and AdamW's two moments for the `shard` of them that the update covers (all of them, but
+/// under ZeRO-1, where each rank updates its own).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FlatBuffers {
     pub params: u64,
     pub grads: u64,
@@ -85,6 +90,7 @@ pub struct FlatBuffers {
     pub exp_avg_sq: u64,
     pub params_copy: u64,
     pub len: usize,
+    pub shard: Range<usize>,
 }
 
 /// Global-norm clipping on the device: the gradients are scaled by max_norm / (norm + 1e-6) when that
@@ -98,11 +104,11 @@ pub struct Clip {
 
 const UPDATE_THREADS: u32 = 512;
 
-/// One AdamW step over all of `buffers` in one launch: `params`, `exp_avg`, `exp_avg_sq` updated in
-/// place and `params_copy` (when present) written with the new parameters in precision `x`, from
-/// `grads` times `step.grad_scale` times the clip coefficient. `step.weight_decay` applies to the
-/// tensors the table marks as decaying; `step_size` and `bias_correction2_sqrt` are as
-/// [`AdamWUpdate`]'s. Nothing is read back to the host.
+/// One AdamW step over `buffers.shard` in one launch: those elements of `params`, and the moments,
+/// updated in place and of `params_copy` (when present) written with the new parameters in precision
+/// `x`, from `grads` times `step.grad_scale` times the clip coefficient. `step.weight_decay` applies to
+/// the tensors the table marks as decaying; `step_size` and `bias_correction2_sqrt` are as
+/// [`AdamWUpdate`]'s. Nothing is read back to the host; an empty shard launches nothing.
 pub fn update(
     gpu: &dyn Gpu,
     x: Precision,
@@ -118,8 +124,15 @@ pub fn update(
             table.len
         );
     }
-    if buffers.len.div_ceil(UPDATE_THREADS as usize) > i32::MAX as usize {
-        candle_core::bail!("adamw: {} elements are more than one launch covers; split the buffers", buffers.len);
+    let shard = &buffers.shard;
+    if shard.start > shard.end || shard.end > buffers.len {
+        candle_core::bail!("adamw: the shard {shard:?} is not within the {} elements; take it from collective::shard", buffers.len);
+    }
+    if shard.is_empty() {
+        return Ok(());
+    }
+    if shard.len().div_ceil(UPDATE_THREADS as usize) > i32::MAX as usize {
+        candle_core::bail!("adamw: {} elements are more than one launch covers; split the buffers", shard.len());
     }
     if let Some(clip) = clip {
         if clip.max_norm.is_nan() || clip.max_norm <= 0.0 {
@@ -127,13 +140,15 @@ pub fn update(
         }
     }
     let (grad_norm_squared, max_norm) = clip.map_or((0, 0.0), |c| (c.grad_norm_squared, c.max_norm));
+    let at = |buffer: u64, element_bytes: usize| if buffer == 0 { 0 } else { buffer + (shard.start * element_bytes) as u64 };
     let args = [
-        Arg::Ptr(buffers.params),
-        Arg::Ptr(buffers.grads),
+        Arg::Ptr(at(buffers.params, 4)),
+        Arg::Ptr(at(buffers.grads, 4)),
         Arg::Ptr(buffers.exp_avg),
         Arg::Ptr(buffers.exp_avg_sq),
-        Arg::Ptr(buffers.params_copy),
-        Arg::I64(buffers.len as i64),
+        Arg::Ptr(at(buffers.params_copy, x.size_in_bytes())),
+        Arg::I64(shard.len() as i64),
+        Arg::I64(shard.start as i64),
         Arg::Ptr(table.ends),
         Arg::Ptr(table.decays),
         Arg::I32(table.tensors as i32),
@@ -148,5 +163,19 @@ pub fn update(
         Arg::Ptr(grad_norm_squared),
         Arg::F32(max_norm),
     ];
-    gpu.launch(&x.kernel("adamw"), [blocks_for(buffers.len, UPDATE_THREADS), 1, 1], [UPDATE_THREADS, 1, 1], 0, &args)
+    gpu.launch(&x.kernel("adamw"), [blocks_for(shard.len(), UPDATE_THREADS), 1, 1], [UPDATE_THREADS, 1, 1], 0, &args)
+}
+
+/// `copy` (n bf16) = `params` (n f32) rounded: the compute copy of weights that arrived from other ranks.
+pub fn round_params_bf16(gpu: &dyn Gpu, copy: u64, params: u64, n: usize) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    gpu.launch(
+        "round_params_bf16",
+        [blocks_for(n, UPDATE_THREADS), 1, 1],
+        [UPDATE_THREADS, 1, 1],
+        0,
+        &[Arg::Ptr(copy), Arg::Ptr(params), Arg::I64(n as i64)],
+    )
 }
