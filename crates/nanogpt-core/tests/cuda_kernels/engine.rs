@@ -376,12 +376,13 @@ struct RankZero {
 
 /// Two ranks over [`ThreadRanks`], each training three steps of two micro-steps on batches of its own, in
 /// `precision`, with ZeRO `zero_stage`; with `sync`, the second micro-step's backward pass averages the
-/// gradients as it finishes them.
+/// gradients as it finishes them. Before the last step both load the AdamW state rank 0 saved, as a resume does.
 fn two_ranks(args: &ModelArgs, precision: &str, zero_stage: u32, sync: bool) -> Result<RankZero> {
+    let checkpoint = Arc::new(Mutex::new(Vec::new()));
     let runs: Vec<_> = ThreadRanks::world(2)
         .into_iter()
         .map(|ranks| {
-            let (args, precision) = (args.clone(), precision.to_string());
+            let (args, precision, checkpoint) = (args.clone(), precision.to_string(), checkpoint.clone());
             std::thread::spawn(move || -> Result<Option<RankZero>> {
                 let rank = ranks.rank as u64;
                 let mut engine = on_gpu_step(Engine::new(&args, 7 + rank, "cpu")?)?;
@@ -390,6 +391,15 @@ fn two_ranks(args: &ModelArgs, precision: &str, zero_stage: u32, sync: bool) -> 
                 engine.set_zero_stage(zero_stage)?;
                 engine.configure_optimizer(&OPTIMIZER)?;
                 for step in 0..3 {
+                    if step == 2 {
+                        engine.gather_optimizer_state()?;
+                        if rank == 0 {
+                            *checkpoint.lock().unwrap() = files::to_vec(|out| engine.save_optimizer(out))?;
+                        }
+                        engine.barrier();
+                        let saved = checkpoint.lock().unwrap().clone();
+                        engine.load_optimizer(&saved)?;
+                    }
                     for micro in 0..2 {
                         engine.set_backward_grad_sync(sync && micro == 1);
                         let (x, y) = batch(&args, 2, 1000 * rank + 100 * step + micro);
@@ -424,7 +434,8 @@ fn zero_stage_1_on_the_gpu_step_takes_the_steps_of_a_whole_optimizer_on_every_ra
         let what = format!("{precision}, averaging {}", if sync { "during the backward pass" } else { "before the optimizer" });
         // The shards' norms are summed in another order than the whole buffer's, and the embeddings' gradients
         // come from atomic additions: ~1e-6 apart. Each of these moves the weights by 8e-4 or more: the shards
-        // not gathered back, the bf16 copy of the gathered weights not refreshed, the norm of one shard alone.
+        // not gathered back, the bf16 copy of the gathered weights not refreshed, the norm of one shard alone,
+        // a resumed rank loading another shard's moments.
         let difference = max_difference(&whole.weights, &sharded.weights);
         assert!(difference < 1e-4, "{what}: ZeRO-1 moved the weights by {difference}");
         let difference = max_difference(&whole.optimizer, &sharded.optimizer);
