@@ -867,6 +867,13 @@ impl Engine {
         let dropout = (args.dropout > 0.0).then_some((key, args.dropout as f32));
         let gpu_step = self.gpu_step.as_mut().expect("on the GPU step");
         let mut step = gpu_step.step.lock().expect("no panic while holding the GPU step");
+        // Under ZeRO-1 a rank's mean holds only its own shard, so adding more gradients to it would mix
+        // means and local sums: one micro-step per optimizer step may average.
+        if gpu_step.grads_averaged && step.shard() != (0..step.layout().len) {
+            candle_core::bail!(
+                "zero_stage=1 averages the gradients once per optimizer step, and this micro-step follows one that did; set_backward_grad_sync only on the last micro-step before step"
+            );
+        }
         if !gpu_step.has_grads {
             step.zero_grads()?;
         }

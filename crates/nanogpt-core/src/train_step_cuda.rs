@@ -142,7 +142,8 @@ pub struct CudaTrainStep {
     layout: ParamLayout,
     x: Precision,
     /// f32 master weights, their gradients and AdamW's two moments: one flat buffer each, the moments
-    /// for the `shard` of the weights that this step updates (all of them, or a ZeRO-1 rank's).
+    /// for the `shard` of the weights that this step updates (all of them, or a ZeRO-1 rank's), allocated
+    /// by the first optimizer step or resume, so that sampling and evaluation never hold them.
     params: DeviceBuffer,
     grads: DeviceBuffer,
     exp_avg: DeviceBuffer,
@@ -194,8 +195,8 @@ impl CudaTrainStep {
             grad_norm_partials: DeviceBuffer::zeroed(&gpu, GRAD_NORM_PARTIALS * 4)?,
             optimizer_steps: 0,
             grads: DeviceBuffer::zeroed(&gpu, bytes)?,
-            exp_avg: DeviceBuffer::zeroed(&gpu, bytes)?,
-            exp_avg_sq: DeviceBuffer::zeroed(&gpu, bytes)?,
+            exp_avg: DeviceBuffer::zeroed(&gpu, 0)?,
+            exp_avg_sq: DeviceBuffer::zeroed(&gpu, 0)?,
             shard: 0..layout.len,
             params: master,
             weights_copy,
@@ -262,9 +263,17 @@ impl CudaTrainStep {
         if shard.start > shard.end || shard.end > self.layout.len {
             bail!("the shard {shard:?} is not within the model's {} parameters", self.layout.len);
         }
-        self.exp_avg = DeviceBuffer::zeroed(&self.gpu, shard.len() * 4)?;
-        self.exp_avg_sq = DeviceBuffer::zeroed(&self.gpu, shard.len() * 4)?;
         self.shard = shard;
+        Ok(())
+    }
+
+    /// Allocates AdamW's moments for the shard (zero), unless they are.
+    fn allocate_moments(&mut self) -> Result<()> {
+        let bytes = self.shard.len() * 4;
+        if self.exp_avg.bytes != bytes {
+            self.exp_avg = DeviceBuffer::zeroed(&self.gpu, bytes)?;
+            self.exp_avg_sq = DeviceBuffer::zeroed(&self.gpu, bytes)?;
+        }
         Ok(())
     }
 
@@ -563,6 +572,7 @@ impl CudaTrainStep {
     /// step's [`Self::shard`] moves; `sum_over_ranks` receives the device address of the shard's squared
     /// gradient norm (one f32) to add the other shards' to, before the clip reads it.
     pub fn optimizer_step(&mut self, args: &OptimizerArgs, lr: f64, sum_over_ranks: &mut dyn FnMut(u64) -> Result<()>) -> Result<()> {
+        self.allocate_moments()?;
         let gpu = &*self.gpu;
         let shard = self.shard.clone();
         let norm_squared = self.grad_norm_squared.addr;
@@ -635,6 +645,9 @@ impl CudaTrainStep {
 
     /// AdamW's two moments (of [`Self::shard`]) and the number of steps taken: waits for the GPU.
     pub fn read_optimizer_state(&self) -> Result<(Vec<f32>, Vec<f32>, u64)> {
+        if self.exp_avg.bytes != self.shard.len() * 4 {
+            return Ok((vec![0.0; self.shard.len()], vec![0.0; self.shard.len()], self.optimizer_steps));
+        }
         Ok((self.exp_avg.download_f32()?, self.exp_avg_sq.download_f32()?, self.optimizer_steps))
     }
 
@@ -643,6 +656,7 @@ impl CudaTrainStep {
         if exp_avg.len() != self.shard.len() || exp_avg_sq.len() != self.shard.len() {
             bail!("optimizer state for {} parameters given to a step that updates {}", exp_avg.len(), self.shard.len());
         }
+        self.allocate_moments()?;
         self.exp_avg.upload_f32(exp_avg)?;
         self.exp_avg_sq.upload_f32(exp_avg_sq)?;
         self.optimizer_steps = steps;

@@ -56,9 +56,11 @@ fn weights(engine: &Engine) -> Result<HashMap<String, Vec<f32>>> {
     tensors.into_iter().map(|(name, t)| Ok((name, t.flatten_all()?.to_vec1::<f32>()?))).collect()
 }
 
+/// The largest difference between like-named values; infinite where either is NaN (f32::max would skip it).
 fn max_difference(a: &HashMap<String, Vec<f32>>, b: &HashMap<String, Vec<f32>>) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().flat_map(|(name, va)| va.iter().zip(&b[name]).map(|(x, y)| (x - y).abs())).fold(0.0, f32::max)
+    let difference = |x: f32, y: f32| if x.is_nan() || y.is_nan() { f32::INFINITY } else { (x - y).abs() };
+    a.iter().flat_map(|(name, va)| va.iter().zip(&b[name]).map(|(&x, &y)| difference(x, y))).fold(0.0, f32::max)
 }
 
 /// f32 products on a CUDA device round their inputs to TF32.
@@ -440,6 +442,34 @@ fn zero_stage_1_on_the_gpu_step_takes_the_steps_of_a_whole_optimizer_on_every_ra
         assert!(difference < 1e-4, "{what}: ZeRO-1 moved the weights by {difference}");
         let difference = max_difference(&whole.optimizer, &sharded.optimizer);
         assert!(difference < 1e-4, "{what}: ZeRO-1's gathered AdamW state differs by {difference}");
+    }
+    Ok(())
+}
+
+#[test]
+fn zero_stage_1_refuses_a_micro_step_after_one_that_averaged() -> Result<()> {
+    let args = model(0.0);
+    let runs: Vec<_> = ThreadRanks::world(2)
+        .into_iter()
+        .map(|ranks| {
+            let args = args.clone();
+            std::thread::spawn(move || -> Result<String> {
+                let mut engine = on_gpu_step(Engine::new(&args, 7, "cpu")?)?;
+                engine.join(Box::new(ranks), Duration::from_secs(600))?;
+                engine.set_zero_stage(1)?;
+                engine.configure_optimizer(&OPTIMIZER)?;
+                engine.set_backward_grad_sync(true);
+                let (x, y) = batch(&args, 2, 1);
+                engine.accumulate(&x, &y, 2, 0.5)?;
+                // Each rank now holds the mean of its own shard only, and its own sums elsewhere.
+                let Err(err) = engine.accumulate(&x, &y, 2, 0.5) else { panic!("a second averaging micro-step must be refused") };
+                Ok(err.to_string())
+            })
+        })
+        .collect();
+    for run in runs {
+        let message = run.join().expect("a rank panicked")?;
+        assert!(message.contains("set_backward_grad_sync only on the last micro-step"), "{message}");
     }
     Ok(())
 }
