@@ -590,7 +590,8 @@ impl Engine {
     /// as they finish them, layer by layer beside the rest of the pass, instead of [`Engine::step`]
     /// averaging them all after it: set it for the last micro-step before each step, as nanoGPT sets
     /// DDP's `require_backward_grad_sync`. The GPU step over a collective with a device path (NCCL) does
-    /// so; elsewhere `step` averages them.
+    /// so; elsewhere `step` averages them. Under ZeRO-1 only that last micro-step may: another after it
+    /// is refused.
     pub fn set_backward_grad_sync(&mut self, sync: bool) {
         self.backward_grad_sync = sync;
     }
@@ -682,6 +683,11 @@ impl Engine {
             let shard = if self.zero_stage == 1 { collective::shard(flat.layout.len, world_size, rank) } else { 0..flat.layout.len };
             flat.optimizer = Some(FlatAdamW::for_shard(args.clone(), shard));
             return Ok(FlatAdamW::groups(&flat.layout));
+        }
+        if self.zero_stage == 1 && world_size > 1 {
+            candle_core::bail!(
+                "zero_stage=1 shards the AdamW state of the explicit training steps only, and this run trains on candle's graph (float16, or NANOGPT_CUDA_STEP=graph); change dtype, or set zero_stage=0"
+            );
         }
         let optimizer = AdamW::new(self.params(), args.clone())?;
         let groups = optimizer.groups();

@@ -570,7 +570,8 @@ impl CudaTrainStep {
     /// (only tensors of rank >= 2 decay) and global-norm clipping, all on the device: the norm is
     /// reduced there and the clip coefficient computed there, so the host does not wait. Only the
     /// step's [`Self::shard`] moves; `sum_over_ranks` receives the device address of the shard's squared
-    /// gradient norm (one f32) to add the other shards' to, before the clip reads it.
+    /// gradient norm (one f32) to add the other shards' to, before the clip reads it. A shard leaves the
+    /// compute copy of the weights to [`Self::params_written`], once the ranks have gathered the shards.
     pub fn optimizer_step(&mut self, args: &OptimizerArgs, lr: f64, sum_over_ranks: &mut dyn FnMut(u64) -> Result<()>) -> Result<()> {
         self.allocate_moments()?;
         let gpu = &*self.gpu;
@@ -598,7 +599,8 @@ impl CudaTrainStep {
             grads: self.grads.addr,
             exp_avg: self.exp_avg.addr,
             exp_avg_sq: self.exp_avg_sq.addr,
-            params_copy: self.weights_copy.as_ref().map_or(0, |c| c.addr),
+            // A shard's copy is rounded whole once the shards are gathered (`params_written`).
+            params_copy: if shard.len() == self.layout.len { self.weights_copy.as_ref().map_or(0, |c| c.addr) } else { 0 },
             len: self.layout.len,
             shard,
         };
