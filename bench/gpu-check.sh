@@ -129,7 +129,7 @@ phase profile_char 60 "$node" "$app/dist/cli.mjs" bench "${char_shape[@]}" --rea
   --dataset=shakespeare_char --data_dir="$work/data" --device=cuda --dtype=bfloat16 --warmup=5 --iters=20 --profile
 
 # ---------------------------------------------------------------- 4. sampling
-phase sample_xl 150 "$node" "$app/bench/sample.mjs" --device=cuda --shapes=gpt2-xl
+phase sample_xl 150 "$node" "$app/bench/sample.mjs" --device=cuda --shapes=gpt2-xl --trials=1
 
 # ---------------------------------------------------------------- 5. shakespeare_char recipe
 recipe=(--max_iters="$train_iters" --lr_decay_iters="$train_iters" --eval_iters=100)

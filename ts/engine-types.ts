@@ -52,7 +52,8 @@ skipped: boolean, };
  */
 export type MemoryEstimate = {
 /**
- * The weights (training keeps two copies: the training step's and the candle model's).
+ * The weights (training keeps two copies: the training step's and the candle model's; sampling on the CPU
+ * a third, the decoder's transposed one).
  */
 parameters: number,
 /**

@@ -30,10 +30,44 @@ pub struct Weights<'a> {
 /// The forward pass of new positions against a KV cache, for B sequences of equal length.
 struct Decoder {
     batch: usize,
+    weights: Transposed,
     /// Positions already in the cache, the same for every sequence.
     cached: usize,
     /// Every buffer, sequence-major so that a contiguous run of sequences owns one slice of each.
     buffers: Buffers,
+}
+
+/// The linear layers' weights transposed to (in, out) rows, and the token embedding (the output layer's weight) to
+/// (C, V), made once per generation. In PyTorch's (out, in) layout gemm re-lays out a weight on every call, which
+/// for a pass of a few rows costs more than the product: a copy of the weights is the cheaper trade.
+struct Transposed {
+    /// Per layer: c_attn (C, 3C), attn_proj (C, C), c_fc (C, 4C), mlp_proj (4C, C).
+    layers: Vec<[Vec<f32>; 4]>,
+    wte: Vec<f32>,
+}
+
+impl Transposed {
+    fn new(model: Weights) -> Self {
+        let Weights { args, layout, params } = model;
+        let c = args.n_embd;
+        let transpose = |weight: &[f32], rows: usize| {
+            let cols = weight.len() / rows;
+            let mut out = vec![0f32; weight.len()];
+            for (r, row) in weight.chunks_exact(cols).enumerate() {
+                row.iter().enumerate().for_each(|(k, &w)| out[k * rows + r] = w);
+            }
+            out
+        };
+        let layers = layout
+            .layers
+            .iter()
+            .map(|lp| {
+                [(&lp.c_attn, 3 * c), (&lp.attn_proj, c), (&lp.c_fc, 4 * c), (&lp.mlp_proj, c)]
+                    .map(|(affine, rows)| transpose(affine.get(params).0, rows))
+            })
+            .collect();
+        Self { layers, wte: transpose(&params[layout.wte.clone()], args.vocab_size) }
+    }
 }
 
 /// Per-sequence buffers, sequence after sequence: `B x len` elements each, with `len` as listed.
@@ -94,17 +128,22 @@ fn lengths_per_sequence(args: &ModelArgs) -> [usize; 12] {
     ]
 }
 
-/// f32 elements the decoder of `batch` sequences allocates.
+/// f32 elements the decoder of `batch` sequences allocates for its buffers.
 pub fn buffer_len(args: &ModelArgs, batch: usize) -> usize {
     batch * lengths_per_sequence(args).iter().sum::<usize>()
 }
 
+/// f32 elements of the decoder's transposed copy of the weights.
+pub fn transposed_weights_len(args: &ModelArgs) -> usize {
+    args.n_layer * 12 * args.n_embd * args.n_embd + args.vocab_size * args.n_embd
+}
+
 impl Decoder {
-    fn new(args: &ModelArgs, batch: usize) -> Self {
+    fn new(model: Weights, batch: usize) -> Self {
         let [keys, values, residual, ln, qkv, atty, fch, fch_gelu, mean, rstd, scores, logits] =
-            lengths_per_sequence(args).map(|len| vec![0f32; batch * len]);
+            lengths_per_sequence(model.args).map(|len| vec![0f32; batch * len]);
         let buffers = Buffers { keys, values, residual, ln, qkv, atty, fch, fch_gelu, mean, rstd, scores, logits };
-        Self { batch, cached: 0, buffers }
+        Self { batch, weights: Transposed::new(model), cached: 0, buffers }
     }
 
     /// Runs `tokens` (B x T, the next T positions of every sequence) through the model, appending
@@ -122,34 +161,38 @@ impl Decoder {
             "decode: {t} new positions after {pos0} do not fit the block of {block}"
         );
         let per_shard = self.batch.div_ceil(rayon::current_num_threads().min(self.batch));
-        let shards = self.shards(model.args, per_shard);
+        let (shards, transposed) = self.shards(model.args, per_shard);
         if shards.len() == 1 {
-            shards.into_iter().for_each(|shard| shard.forward(model, tokens, t, pos0));
+            shards.into_iter().for_each(|shard| shard.forward(model, transposed, tokens, t, pos0));
         } else {
-            shards.into_par_iter().zip(tokens.par_chunks(per_shard * t)).for_each(|(shard, tokens)| shard.forward(model, tokens, t, pos0));
+            shards
+                .into_par_iter()
+                .zip(tokens.par_chunks(per_shard * t))
+                .for_each(|(shard, tokens)| shard.forward(model, transposed, tokens, t, pos0));
         }
         self.cached += t;
     }
 
-    /// The buffers cut into runs of `per_shard` sequences (the last run may be shorter).
-    fn shards(&mut self, args: &ModelArgs, per_shard: usize) -> Vec<Shard<'_>> {
+    /// The buffers cut into runs of `per_shard` sequences (the last run may be shorter), and the weights they share.
+    fn shards(&mut self, args: &ModelArgs, per_shard: usize) -> (Vec<Shard<'_>>, &Transposed) {
         let Buffers { keys, values, residual, ln, qkv, atty, fch, fch_gelu, mean, rstd, scores, logits } = &mut self.buffers;
         let buffers = [keys, values, residual, ln, qkv, atty, fch, fch_gelu, mean, rstd, scores, logits];
         let mut parts =
             buffers.into_iter().zip(lengths_per_sequence(args)).map(|(buf, len)| buf.chunks_mut(per_shard * len)).collect::<Vec<_>>();
-        (0..self.batch.div_ceil(per_shard))
+        let shards = (0..self.batch.div_ceil(per_shard))
             .map(|_| {
                 let [keys, values, residual, ln, qkv, atty, fch, fch_gelu, mean, rstd, scores, logits] =
                     std::array::from_fn(|i| parts[i].next().expect("every buffer has a part per shard"));
                 Shard { keys, values, residual, ln, qkv, atty, fch, fch_gelu, mean, rstd, scores, logits }
             })
-            .collect()
+            .collect();
+        (shards, &self.weights)
     }
 }
 
 impl Shard<'_> {
     /// [`Decoder::forward`] for this shard's sequences: `tokens` holds T positions of each.
-    fn forward(self, model: Weights, tokens: &[u32], t: usize, pos0: usize) {
+    fn forward(self, model: Weights, transposed: &Transposed, tokens: &[u32], t: usize, pos0: usize) {
         let Weights { args, layout, params } = model;
         let (c, nh, block, v) = (args.n_embd, args.n_head, args.block_size, args.vocab_size);
         let (b, n) = (tokens.len() / t, tokens.len());
@@ -160,26 +203,30 @@ impl Shard<'_> {
         let layer_cache = block * c;
 
         embedding::forward(x, tokens, p(&layout.wte), &p(&layout.wpe)[pos0 * c..], t, c, None);
-        for (l, lp) in layout.layers.iter().enumerate() {
+        for (l, (lp, [c_attn, attn_proj, c_fc, mlp_proj])) in layout.layers.iter().zip(&transposed.layers).enumerate() {
             let (w, bias) = lp.ln_1.get(params);
             layernorm::forward(ln, mean, rstd, x, w, bias);
             // After the last layer's keys and values, only each sequence's last position matters: its
             // query alone is computed, and its row alone goes on, through attention to the cache and the MLP.
             let last_only = l + 1 == args.n_layer && t > 1;
-            let (w, bias) = lp.c_attn.get(params);
-            // c_attn's rows are the query, key and value weights in turn: (3C, C).
+            let bias = lp.c_attn.get(params).1;
+            // c_attn's (transposed) columns are the query, key and value weights in turn: (C, 3C).
             let (kv_rows, kv_width, k_at) = if last_only {
                 let kv = &mut qkv[..n * 2 * c];
-                matmul::forward(kv, ln, &w[c * c..], bias.map(|b| &b[c..]), n, c, 2 * c, false);
+                matmul::forward_transposed(kv, ln, &c_attn[c..], 3 * c, bias.map(|b| &b[c..]), n, c, 2 * c, false);
                 (&*kv, 2 * c, 0)
             } else {
-                matmul::forward(qkv, ln, w, bias, n, c, 3 * c, false);
+                matmul::forward_transposed(qkv, ln, c_attn, 3 * c, bias, n, c, 3 * c, false);
                 (&*qkv, 3 * c, c)
             };
-            for (row, kv_row) in kv_rows.chunks_exact(kv_width).enumerate() {
-                let slot = (((row / t) * args.n_layer + l) * block + pos0 + row % t) * c;
-                self.keys[slot..slot + c].copy_from_slice(&kv_row[k_at..k_at + c]);
-                self.values[slot..slot + c].copy_from_slice(&kv_row[k_at + c..k_at + 2 * c]);
+            // A pass over a whole block is the last to use this cache (the next one crops the window and starts
+            // again), and its attention reads the keys and values from `qkv`: only the last layer's go to the cache.
+            if t < block || last_only {
+                for (row, kv_row) in kv_rows.chunks_exact(kv_width).enumerate() {
+                    let slot = (((row / t) * args.n_layer + l) * block + pos0 + row % t) * c;
+                    self.keys[slot..slot + c].copy_from_slice(&kv_row[k_at..k_at + c]);
+                    self.values[slot..slot + c].copy_from_slice(&kv_row[k_at + c..k_at + 2 * c]);
+                }
             }
             // The queries of the rows that go on: rows of `q_width` with the query first.
             let (rows, queries, first, q_width) = if last_only {
@@ -188,7 +235,7 @@ impl Shard<'_> {
                     x.copy_within(last * c..(last + 1) * c, seq * c);
                     ln.copy_within(last * c..(last + 1) * c, seq * c);
                 }
-                matmul::forward(&mut qkv[..b * c], &ln[..b * c], &w[..c * c], bias.map(|b| &b[..c]), b, c, c, false);
+                matmul::forward_transposed(&mut qkv[..b * c], &ln[..b * c], c_attn, 3 * c, bias.map(|b| &b[..c]), b, c, c, false);
                 (b, 1, pos0 + t - 1, c)
             } else {
                 (n, t, pos0, 3 * c)
@@ -206,21 +253,18 @@ impl Shard<'_> {
                     attend_to_cache(out, self.scores, seq_queries, q_width, &self.keys[cache.clone()], &self.values[cache], first, c, nh);
                 }
             }
-            let (w, bias) = lp.attn_proj.get(params);
-            matmul::forward(x, atty, w, bias, rows, c, c, true);
+            matmul::forward_transposed(x, atty, attn_proj, c, lp.attn_proj.get(params).1, rows, c, c, true);
             let (w, bias) = lp.ln_2.get(params);
             layernorm::forward(ln, mean, rstd, x, w, bias);
-            let (w, bias) = lp.c_fc.get(params);
-            matmul::forward(fch, ln, w, bias, rows, c, 4 * c, false);
+            matmul::forward_transposed(fch, ln, c_fc, 4 * c, lp.c_fc.get(params).1, rows, c, 4 * c, false);
             gelu::forward(fch_gelu, fch, args.gelu == Gelu::Tanh);
-            let (w, bias) = lp.mlp_proj.get(params);
-            matmul::forward(x, fch_gelu, w, bias, rows, 4 * c, c, true);
+            matmul::forward_transposed(x, fch_gelu, mlp_proj, c, lp.mlp_proj.get(params).1, rows, 4 * c, c, true);
         }
         // Each sequence's last position is now its row of x (T = 1, or the last layer kept only it).
         let (x, ln) = (&x[..b * c], &mut ln[..b * c]);
         let (w, bias) = layout.ln_f.get(params);
         layernorm::forward(ln, &mut mean[..b], &mut rstd[..b], x, w, bias);
-        matmul::forward(&mut self.logits[..b * v], ln, p(&layout.wte), None, b, c, v, false);
+        matmul::forward_transposed(&mut self.logits[..b * v], ln, &transposed.wte, v, None, b, c, v, false);
     }
 }
 
@@ -336,17 +380,17 @@ impl Sequences {
     }
 }
 
-/// [`Sequences`] decoded on the CPU. It holds no model: each step is given the weights, which must be
-/// those it started with.
+/// [`Sequences`] decoded on the CPU. It holds the transposed copy of the weights made when it starts, and
+/// each step is given the weights themselves (embeddings, LayerNorms, biases), which must be those it started with.
 pub struct Generation {
     decoder: Decoder,
     sequences: Sequences,
 }
 
 impl Generation {
-    pub fn new(args: &ModelArgs, prompt: &[u32], seeds: &[u64], sample: &SampleArgs) -> candle_core::Result<Self> {
-        let sequences = Sequences::new(args, prompt, seeds, sample)?;
-        Ok(Self { decoder: Decoder::new(args, seeds.len()), sequences })
+    pub fn new(model: Weights, prompt: &[u32], seeds: &[u64], sample: &SampleArgs) -> candle_core::Result<Self> {
+        let sequences = Sequences::new(model.args, prompt, seeds, sample)?;
+        Ok(Self { decoder: Decoder::new(model, seeds.len()), sequences })
     }
 
     /// Samples the next token of every sequence and returns them.
@@ -371,7 +415,7 @@ impl Generation {
 
 /// One sequence per seed, each the prompt followed by `max_new_tokens` more tokens.
 pub fn generate(model: Weights, prompt: &[u32], seeds: &[u64], sample: &SampleArgs) -> candle_core::Result<Vec<Vec<u32>>> {
-    let mut generation = Generation::new(model.args, prompt, seeds, sample)?;
+    let mut generation = Generation::new(model, prompt, seeds, sample)?;
     for _ in 0..sample.max_new_tokens {
         generation.next_tokens(model);
     }
@@ -404,15 +448,22 @@ mod tests {
     fn cached_logits_equal_a_full_recompute_at_every_position() {
         for (gelu, bias) in [(Gelu::Erf, true), (Gelu::Tanh, false)] {
             let (args, layout, params) = model(gelu, bias);
-            let tokens: Vec<u32> = (0..args.block_size as u32).map(|i| (i * 7 + 3) % 11).collect();
+            let block = args.block_size;
+            let tokens: Vec<u32> = (0..3 * block as u32).map(|i| (i * 7 + 3) % 11).collect();
             let model = Weights { args: &args, layout: &layout, params: &params };
-            let mut decoder = Decoder::new(&args, 1);
+            let mut decoder = Decoder::new(model, 1);
             decoder.forward(model, &tokens[..3], 3);
             for len in 3..=tokens.len() {
-                if len > 3 {
+                // Within the block, one new position against the cache; past it, the cropped window's prefill,
+                // which starts the cache again as generation does.
+                let context = &tokens[len.saturating_sub(block)..len];
+                if len > block {
+                    decoder.cached = 0;
+                    decoder.forward(model, context, block);
+                } else if len > 3 {
                     decoder.forward(model, &tokens[len - 1..len], 1);
                 }
-                let expected = recomputed(&args, &layout, &params, &tokens[..len]);
+                let expected = recomputed(&args, &layout, &params, context);
                 for (a, b) in decoder.buffers.logits.iter().zip(&expected) {
                     assert!((a - b).abs() < 1e-5, "position {len}: cached {a} vs recomputed {b}");
                 }
@@ -459,7 +510,7 @@ mod tests {
         let (args, layout, params) = model(Gelu::Erf, false);
         let sample = SampleArgs { max_new_tokens: 0, temperature: 1.0, top_k: None, seed: 0 };
         let model = Weights { args: &args, layout: &layout, params: &params };
-        let mut generation = Generation::new(&args, &[1], &[1, 2], &sample).unwrap();
+        let mut generation = Generation::new(model, &[1], &[1, 2], &sample).unwrap();
         generation.next_tokens(model);
         let before = generation.decoder.buffers.keys.capacity()
             + generation.decoder.buffers.residual.capacity()

@@ -1113,7 +1113,7 @@ impl Engine {
     pub fn start_sampling(&mut self, prompt: &[u32], seeds: &[u64], temperature: f64, top_k: Option<usize>) -> Result<()> {
         let args = SampleArgs { max_new_tokens: 0, temperature, top_k, seed: 0 };
         self.sampling = Some(match (self.flat.as_ref(), self.gpu_generation(prompt, seeds, &args)?) {
-            (Some(_), _) => Sampling::Decoder(Box::new(decode::Generation::new(&self.model.args, prompt, seeds, &args)?)),
+            (Some(flat), _) => Sampling::Decoder(Box::new(decode::Generation::new(flat.weights(&self.model.args), prompt, seeds, &args)?)),
             (None, Some(generation)) => Sampling::Gpu(Box::new(generation)),
             (None, None) => {
                 let model = self.synced_model()?;

@@ -11,7 +11,8 @@ use crate::train_step;
 /// Bytes by purpose. Every tensor the engine trains with is f32.
 #[derive(Debug, Clone, Serialize, PartialEq, ts_rs::TS)]
 pub struct MemoryEstimate {
-    /// The weights (training keeps two copies: the training step's and the candle model's).
+    /// The weights (training keeps two copies: the training step's and the candle model's; sampling on the CPU
+    /// a third, the decoder's transposed one).
     pub parameters: u64,
     /// The gradients (micro-steps add into the same buffer).
     pub gradients: u64,
@@ -52,11 +53,13 @@ pub fn training(args: &ModelArgs, batch_size: usize) -> MemoryEstimate {
 }
 
 /// Sampling `batch_size` sequences on the CPU decoder: its KV cache for the whole block and its
-/// per-position buffers, sized by the function it allocates with, the attention scratch of a window's
-/// prefill, and both copies of the weights (the flat parameters and the candle model's).
+/// per-position buffers, sized by the functions it allocates with, the attention scratch of a window's
+/// prefill, and three copies of the weights (the flat parameters, the candle model's and the decoder's
+/// transposed one).
 pub fn sampling(args: &ModelArgs, batch_size: usize) -> MemoryEstimate {
     let activations = F32 * (decode::buffer_len(args, batch_size) as u64 + attention_scratch(args)) + RUNTIME;
-    estimate(2 * F32 * parameter_count(args), 0, 0, activations)
+    let weights = F32 * (2 * parameter_count(args) + decode::transposed_weights_len(args) as u64);
+    estimate(weights, 0, 0, activations)
 }
 
 fn estimate(parameters: u64, gradients: u64, optimizer: u64, activations: u64) -> MemoryEstimate {

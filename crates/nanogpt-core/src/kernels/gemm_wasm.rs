@@ -19,7 +19,8 @@ const KC: usize = 256;
 const MC: usize = 96;
 /// Columns of one packed block of the right operand (KC x NC).
 const NC: usize = 256;
-/// Products of fewer rows than this, with the depth contiguous in both operands, run as dot products (see `dots`).
+/// Products of fewer rows than this read their operands in place: as dot products where the depth is contiguous in
+/// both (see `dots`), or with the microkernel where the rows of rhs are (see `rows_in_place`).
 const DOT_ROWS: usize = 2 * MR;
 /// Columns of one tile of `dots`: rows of a linear layer's weight, read together.
 const DOT_COLS: usize = 4;
@@ -145,6 +146,9 @@ unsafe fn product(m: usize, n: usize, k: usize, dst: Dst, lhs: Operand, rhs: Ope
     if m < DOT_ROWS && lhs.col_stride == 1 && rhs.row_stride == 1 {
         return dots(m, n, k, dst, lhs, rhs, scale);
     }
+    if m < DOT_ROWS && rhs.col_stride == 1 {
+        return rows_in_place(m, n, k, dst, lhs, rhs, scale);
+    }
     PANELS.with_borrow_mut(|(rhs_panels, lhs_panels)| {
         let (rhs_len, lhs_len) = (KC.min(k) * n.min(NC).next_multiple_of(NR), KC.min(k) * m.min(MC).next_multiple_of(MR));
         // Grown, never shrunk: a training step calls this with the same few shapes over and over.
@@ -190,7 +194,8 @@ unsafe fn blocked(
                     let b = &rhs_panels[jr * kc..(jr + NR) * kc];
                     for ir in (0..mc).step_by(MR) {
                         let a = &lhs_panels[ir * kc..(ir + MR) * kc];
-                        let tile = microkernel(kc, a, b);
+                        // SAFETY: each panel holds kc steps of MR (or NR) values.
+                        let tile = microkernel(kc, std::array::from_fn(|i| a.as_ptr().add(i)), MR, b.as_ptr(), NR);
                         store(&tile, dst, ic + ir, MR.min(mc - ir), jc + jr, NR.min(nc - jr), block_scale);
                     }
                 }
@@ -217,6 +222,28 @@ unsafe fn dots(m: usize, n: usize, k: usize, dst: Dst, lhs: Operand, rhs: Operan
                 let tile = dot_tile(k, [lhs.row(i0).ptr], columns);
                 store_values(&tile, dst, i0, 1, j0, cols, scale);
             }
+        }
+    }
+}
+
+/// The product of a few rows against an rhs whose rows are contiguous (a linear layer's weight stored transposed,
+/// as decoding keeps it): the microkernel reads both operands in place, for the same reason as [`dots`]. Columns past
+/// the last whole tile are summed one at a time.
+unsafe fn rows_in_place(m: usize, n: usize, k: usize, dst: Dst, lhs: Operand, rhs: Operand, scale: Scale) {
+    let whole = n / NR * NR;
+    for j0 in (0..whole).step_by(NR) {
+        for i0 in (0..m).step_by(MR) {
+            let rows = MR.min(m - i0);
+            // A ragged last tile reads its last row again in place of the missing ones, and stores only `rows`.
+            let a: [*const f32; MR] = std::array::from_fn(|i| lhs.row(i0 + i.min(rows - 1)).ptr);
+            let tile = microkernel(k, a, lhs.col_stride as usize, rhs.ptr.add(j0), rhs.row_stride as usize);
+            store(&tile, dst, i0, rows, j0, NR, scale);
+        }
+    }
+    for i in 0..m {
+        for j in whole..n {
+            let value = (0..k).map(|p| lhs.at(i, p) * rhs.at(p, j)).sum::<f32>();
+            store_values(&[[value]], dst, i, 1, j, 1, scale);
         }
     }
 }
@@ -397,23 +424,22 @@ unsafe fn store_values<const COLS: usize>(tile: &[[f32; COLS]], dst: Dst, row: u
     }
 }
 
-/// a (kc x MR panel) times b (kc x NR panel): the MR x NR tile of their product.
+/// The MR x NR tile of a times b over kc steps: step p reads a's value of row i at `a[i] + p * a_step` and b's NR
+/// contiguous values at `b + p * b_step` (packed panels, or operands read in place).
+///
+/// Safety: every value read must lie inside its operand.
 #[cfg(target_arch = "wasm32")]
 #[inline(always)]
-fn microkernel(kc: usize, a: &[f32], b: &[f32]) -> Tile {
+unsafe fn microkernel(kc: usize, a: [*const f32; MR], a_step: usize, b: *const f32, b_step: usize) -> Tile {
     use core::arch::wasm32::*;
-    assert!(a.len() >= kc * MR && b.len() >= kc * NR);
     let mut acc = [[f32x4_splat(0.0); NR / LANES]; MR];
     for p in 0..kc {
-        // SAFETY: p < kc, and both panels hold kc steps (checked above).
-        unsafe {
-            let b_step = b.as_ptr().add(p * NR);
-            let bv: [v128; NR / LANES] = std::array::from_fn(|v| v128_load(b_step.add(v * LANES) as *const v128));
-            for (i, row) in acc.iter_mut().enumerate() {
-                let a_value = v128_load32_splat(a.as_ptr().add(p * MR + i) as *const u32);
-                for (c, &b_value) in row.iter_mut().zip(&bv) {
-                    *c = madd(a_value, b_value, *c);
-                }
+        let b_step = b.add(p * b_step);
+        let bv: [v128; NR / LANES] = std::array::from_fn(|v| v128_load(b_step.add(v * LANES) as *const v128));
+        for (row, a_row) in acc.iter_mut().zip(a) {
+            let a_value = v128_load32_splat(a_row.add(p * a_step) as *const u32);
+            for (c, &b_value) in row.iter_mut().zip(&bv) {
+                *c = madd(a_value, b_value, *c);
             }
         }
     }
@@ -431,14 +457,15 @@ fn madd(a: core::arch::wasm32::v128, b: core::arch::wasm32::v128, c: core::arch:
     return f32x4_add(f32x4_mul(a, b), c);
 }
 
-/// The scalar microkernel the unit tests run: the same panels, the same tile.
+/// The scalar microkernel the unit tests run: the same operands, the same tile.
 #[cfg(not(target_arch = "wasm32"))]
-fn microkernel(kc: usize, a: &[f32], b: &[f32]) -> Tile {
+unsafe fn microkernel(kc: usize, a: [*const f32; MR], a_step: usize, b: *const f32, b_step: usize) -> Tile {
     let mut tile = [[0f32; NR]; MR];
-    for (a_step, b_step) in a.chunks_exact(MR).zip(b.chunks_exact(NR)).take(kc) {
-        for (row, &a_value) in tile.iter_mut().zip(a_step) {
-            for (c, &b_value) in row.iter_mut().zip(b_step) {
-                *c += a_value * b_value;
+    for p in 0..kc {
+        for (row, a_row) in tile.iter_mut().zip(a) {
+            let a_value = *a_row.add(p * a_step);
+            for (j, c) in row.iter_mut().enumerate() {
+                *c += a_value * *b.add(p * b_step + j);
             }
         }
     }
@@ -534,6 +561,8 @@ mod tests {
                 check(m, n, k, false, true, false, 0.0, 1.0, 1);
                 check(m, n, k, false, true, true, 0.5, -2.0, 1);
                 check(m, n, k, true, false, true, 1.0, 1.0, 1);
+                check(m, n, k, false, false, false, 0.0, 1.0, 1);
+                check(m, n, k, true, false, false, 0.0, 1.0, 1);
             }
         }
     }

@@ -6,10 +6,52 @@ use super::{gemm, parallelism, store};
 /// (the residual stream), which saves a separate add pass.
 #[allow(clippy::too_many_arguments)]
 pub fn forward(out: &mut [f32], inp: &[f32], weight: &[f32], bias: Option<&[f32]>, n: usize, c: usize, oc: usize, residual: bool) {
+    assert!(weight.len() == oc * c, "linear: the weight is not ({oc}x{c})");
+    // SAFETY: the weight's size was checked against its (OC, C) rows, read here as the columns of Wᵀ.
+    unsafe { linear(out, inp, weight.as_ptr(), c as isize, 1, bias, n, c, oc, residual) }
+}
+
+/// [`forward`] with the weight given transposed, as (C, OC) rows `row_stride` apart (a column block of a wider
+/// matrix when the stride exceeds OC). For few rows this is the fast layout: gemm re-lays out a weight in
+/// PyTorch's (OC, C) layout on every call, which costs as much as the product itself below a few dozen rows
+/// (`decode.rs` keeps its weights this way).
+#[allow(clippy::too_many_arguments)]
+pub fn forward_transposed(
+    out: &mut [f32],
+    inp: &[f32],
+    weight_t: &[f32],
+    row_stride: usize,
+    bias: Option<&[f32]>,
+    n: usize,
+    c: usize,
+    oc: usize,
+    residual: bool,
+) {
     assert!(
-        out.len() == n * oc && inp.len() == n * c && weight.len() == oc * c,
-        "linear: buffer sizes do not match ({n}x{c}) @ ({oc}x{c})ᵀ"
+        oc <= row_stride && (c == 0 || weight_t.len() >= (c - 1) * row_stride + oc),
+        "linear: the transposed weight does not hold {c} rows of {oc} columns, {row_stride} apart"
     );
+    // SAFETY: every (row, column) read lies inside weight_t, as checked above.
+    unsafe { linear(out, inp, weight_t.as_ptr(), 1, row_stride as isize, bias, n, c, oc, residual) }
+}
+
+/// `out` (N x OC) = inp (N x C) Wᵀ + b, with Wᵀ (C x OC) addressed by its column and row strides.
+///
+/// Safety: `weight_t` must address a valid C x OC matrix with those strides.
+#[allow(clippy::too_many_arguments)]
+unsafe fn linear(
+    out: &mut [f32],
+    inp: &[f32],
+    weight_t: *const f32,
+    col_stride: isize,
+    row_stride: isize,
+    bias: Option<&[f32]>,
+    n: usize,
+    c: usize,
+    oc: usize,
+    residual: bool,
+) {
+    assert!(out.len() == n * oc && inp.len() == n * c, "linear: buffer sizes do not match ({n}x{c}) -> ({n}x{oc})");
     if let Some(b) = bias {
         if residual {
             out.chunks_exact_mut(oc).for_each(|row| row.iter_mut().zip(b).for_each(|(o, b)| *o += b));
@@ -18,8 +60,8 @@ pub fn forward(out: &mut [f32], inp: &[f32], weight: &[f32], bias: Option<&[f32]
         }
     }
     let read_out = residual || bias.is_some();
-    // SAFETY: out is n x oc, inp n x c, weight oc x c read transposed; all three sizes were checked above
-    // and out is a distinct mutable borrow, so it overlaps neither input.
+    // SAFETY: out is n x oc, inp n x c, both checked above, and out is a distinct mutable borrow, so it overlaps
+    // neither input; the caller vouches for the weight.
     unsafe {
         gemm(
             n,
@@ -32,9 +74,9 @@ pub fn forward(out: &mut [f32], inp: &[f32], weight: &[f32], bias: Option<&[f32]
             inp.as_ptr(),
             1,
             c as isize,
-            weight.as_ptr(),
-            c as isize,
-            1,
+            weight_t,
+            col_stride,
+            row_stride,
             1.0,
             1.0,
             parallelism(n * oc * c),
