@@ -30,6 +30,7 @@ pub struct Weights<'a> {
 /// The forward pass of new positions against a KV cache, for B sequences of equal length.
 struct Decoder {
     batch: usize,
+    /// The weights the products run on, copied when the generation starts.
     weights: Transposed,
     /// Positions already in the cache, the same for every sequence.
     cached: usize,
