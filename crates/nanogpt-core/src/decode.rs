@@ -151,9 +151,12 @@ impl Decoder {
     /// their keys and values to the cache, and leaves the logits of each sequence's last position
     /// in `logits`. With an empty cache this is the prefill of a prompt or window.
     ///
-    /// The sequences split into one shard per thread, each decoded start to end on its own thread
-    /// with single-threaded kernels: a pass is too short to share each small product between
-    /// threads. A single sequence runs on the calling thread, where the products use every thread.
+    /// A pass of at most [`matmul::FEW_ROWS`] rows in all (a new position of a few sequences) is one
+    /// shard, on a thread of the pool, whose products split their columns between the threads: such
+    /// products are bound by reading the weights, which one shard does once rather than once per thread.
+    /// Longer passes split the sequences into one shard per thread, each decoded start to end on its
+    /// own thread with single-threaded kernels: a pass is too short to share each small product between
+    /// threads. A single sequence runs on the calling thread, where gemm's products use every thread.
     fn forward(&mut self, model: Weights, tokens: &[u32], t: usize) {
         let block = model.args.block_size;
         let pos0 = self.cached;
@@ -161,15 +164,21 @@ impl Decoder {
             tokens.len() == self.batch * t && pos0 + t <= block,
             "decode: {t} new positions after {pos0} do not fit the block of {block}"
         );
-        let per_shard = self.batch.div_ceil(rayon::current_num_threads().min(self.batch));
-        let (shards, transposed) = self.shards(model.args, per_shard);
-        if shards.len() == 1 {
-            shards.into_iter().for_each(|shard| shard.forward(model, transposed, tokens, t, pos0));
+        let threads = rayon::current_num_threads();
+        if tokens.len() <= matmul::FEW_ROWS && threads > 1 {
+            let (shards, transposed) = self.shards(model.args, self.batch);
+            rayon::scope(|_| shards.into_iter().for_each(|shard| shard.forward(model, transposed, tokens, t, pos0, threads)));
         } else {
-            shards
-                .into_par_iter()
-                .zip(tokens.par_chunks(per_shard * t))
-                .for_each(|(shard, tokens)| shard.forward(model, transposed, tokens, t, pos0));
+            let per_shard = self.batch.div_ceil(threads.min(self.batch));
+            let (shards, transposed) = self.shards(model.args, per_shard);
+            if shards.len() == 1 {
+                shards.into_iter().for_each(|shard| shard.forward(model, transposed, tokens, t, pos0, 1));
+            } else {
+                shards
+                    .into_par_iter()
+                    .zip(tokens.par_chunks(per_shard * t))
+                    .for_each(|(shard, tokens)| shard.forward(model, transposed, tokens, t, pos0, 1));
+            }
         }
         self.cached += t;
     }
@@ -192,8 +201,9 @@ impl Decoder {
 }
 
 impl Shard<'_> {
-    /// [`Decoder::forward`] for this shard's sequences: `tokens` holds T positions of each.
-    fn forward(self, model: Weights, transposed: &Transposed, tokens: &[u32], t: usize, pos0: usize) {
+    /// [`Decoder::forward`] for this shard's sequences: `tokens` holds T positions of each. The products of at most
+    /// [`matmul::FEW_ROWS`] rows split their columns between `threads` threads.
+    fn forward(self, model: Weights, transposed: &Transposed, tokens: &[u32], t: usize, pos0: usize, threads: usize) {
         let Weights { args, layout, params } = model;
         let (c, nh, block, v) = (args.n_embd, args.n_head, args.block_size, args.vocab_size);
         let (b, n) = (tokens.len() / t, tokens.len());
@@ -201,7 +211,6 @@ impl Shard<'_> {
         let (x, ln, qkv, atty) = (&mut self.residual[..n * c], &mut self.ln[..n * c], &mut self.qkv[..n * 3 * c], &mut self.atty[..n * c]);
         let (fch, fch_gelu) = (&mut self.fch[..n * 4 * c], &mut self.fch_gelu[..n * 4 * c]);
         let (mean, rstd) = (&mut self.mean[..n], &mut self.rstd[..n]);
-        let layer_cache = block * c;
 
         embedding::forward(x, tokens, p(&layout.wte), &p(&layout.wpe)[pos0 * c..], t, c, None);
         for (l, (lp, [c_attn, attn_proj, c_fc, mlp_proj])) in layout.layers.iter().zip(&transposed.layers).enumerate() {
@@ -214,10 +223,10 @@ impl Shard<'_> {
             // c_attn's (transposed) columns are the query, key and value weights in turn: (C, 3C).
             let (kv_rows, kv_width, k_at) = if last_only {
                 let kv = &mut qkv[..n * 2 * c];
-                matmul::forward_transposed(kv, ln, &c_attn[c..], 3 * c, bias.map(|b| &b[c..]), n, c, 2 * c, false);
+                matmul::forward_transposed(kv, ln, &c_attn[c..], 3 * c, bias.map(|b| &b[c..]), n, c, 2 * c, false, threads);
                 (&*kv, 2 * c, 0)
             } else {
-                matmul::forward_transposed(qkv, ln, c_attn, 3 * c, bias, n, c, 3 * c, false);
+                matmul::forward_transposed(qkv, ln, c_attn, 3 * c, bias, n, c, 3 * c, false, threads);
                 (&*qkv, 3 * c, c)
             };
             // A pass over a whole block is the last to use this cache (the next one crops the window and starts
@@ -236,7 +245,7 @@ impl Shard<'_> {
                     x.copy_within(last * c..(last + 1) * c, seq * c);
                     ln.copy_within(last * c..(last + 1) * c, seq * c);
                 }
-                matmul::forward_transposed(&mut qkv[..b * c], &ln[..b * c], c_attn, 3 * c, bias.map(|b| &b[..c]), b, c, c, false);
+                matmul::forward_transposed(&mut qkv[..b * c], &ln[..b * c], c_attn, 3 * c, bias.map(|b| &b[..c]), b, c, c, false, threads);
                 (b, 1, pos0 + t - 1, c)
             } else {
                 (n, t, pos0, 3 * c)
@@ -247,66 +256,81 @@ impl Shard<'_> {
             if first == 0 && queries > 1 {
                 attention::forward_in(atty, &qkv[..rows * 3 * c], queries, c, nh, self.scores);
             } else {
-                for seq in 0..b {
-                    let cache = (seq * args.n_layer + l) * layer_cache..(seq * args.n_layer + l + 1) * layer_cache;
-                    let (out, seq_queries) =
-                        (&mut atty[seq * queries * c..][..queries * c], &qkv[seq * queries * q_width..][..queries * q_width]);
-                    attend_to_cache(out, self.scores, seq_queries, q_width, &self.keys[cache.clone()], &self.values[cache], first, c, nh);
-                }
+                let cache = Cache { keys: self.keys, values: self.values, layer: l, n_layer: args.n_layer, block, c };
+                attend_to_cache(atty, self.scores, &qkv[..rows * q_width], q_width, queries, &cache, first, nh, threads);
             }
-            matmul::forward_transposed(x, atty, attn_proj, c, lp.attn_proj.get(params).1, rows, c, c, true);
+            matmul::forward_transposed(x, atty, attn_proj, c, lp.attn_proj.get(params).1, rows, c, c, true, threads);
             let (w, bias) = lp.ln_2.get(params);
             layernorm::forward(ln, mean, rstd, x, w, bias);
-            matmul::forward_transposed(fch, ln, c_fc, 4 * c, lp.c_fc.get(params).1, rows, c, 4 * c, false);
+            matmul::forward_transposed(fch, ln, c_fc, 4 * c, lp.c_fc.get(params).1, rows, c, 4 * c, false, threads);
             gelu::forward(fch_gelu, fch, args.gelu == Gelu::Tanh);
-            matmul::forward_transposed(x, fch_gelu, mlp_proj, c, lp.mlp_proj.get(params).1, rows, 4 * c, c, true);
+            matmul::forward_transposed(x, fch_gelu, mlp_proj, c, lp.mlp_proj.get(params).1, rows, 4 * c, c, true, threads);
         }
         // Each sequence's last position is now its row of x (T = 1, or the last layer kept only it).
         let (x, ln) = (&x[..b * c], &mut ln[..b * c]);
         let (w, bias) = layout.ln_f.get(params);
         layernorm::forward(ln, &mut mean[..b], &mut rstd[..b], x, w, bias);
-        matmul::forward_transposed(&mut self.logits[..b * v], ln, &transposed.wte, v, None, b, c, v, false);
+        matmul::forward_transposed(&mut self.logits[..b * v], ln, &transposed.wte, v, None, b, c, v, false, threads);
     }
 }
 
-/// Causal attention of one sequence's T new positions (queries: T rows of `q_width`, each query in
-/// its first C) over the `pos0 + T` positions in its layer's cache (`keys`, `values`: (block, C)),
-/// into `atty` (T, C).
+/// The shard's KV cache as one layer's attention reads it: (B, L, block, C) keys and values.
+struct Cache<'a> {
+    keys: &'a [f32],
+    values: &'a [f32],
+    layer: usize,
+    n_layer: usize,
+    block: usize,
+    c: usize,
+}
+
+/// Causal attention of each sequence's `queries` new positions (rows of `q_width` in `qkv`, the query in the first
+/// C of each) over `cache` up to each one's own position, `first` being that of each sequence's first query,
+/// into `atty` (B x queries, C). Each (position, head) is one item, with `block` floats of `scores` for its weights;
+/// with `threads` above one, the items are split between the threads of rayon's pool, on one of which this runs.
 #[allow(clippy::too_many_arguments)]
 fn attend_to_cache(
     atty: &mut [f32],
     scores: &mut [f32],
-    queries: &[f32],
+    qkv: &[f32],
     q_width: usize,
-    keys: &[f32],
-    values: &[f32],
-    pos0: usize,
-    c: usize,
+    queries: usize,
+    cache: &Cache,
+    first: usize,
     nh: usize,
+    threads: usize,
 ) {
+    let (c, block) = (cache.c, cache.block);
     let hs = c / nh;
     let scale = 1.0 / (hs as f32).sqrt();
-    for (i, (out, q_row)) in atty.chunks_exact_mut(c).zip(queries.chunks_exact(q_width)).enumerate() {
-        let seen = pos0 + i + 1;
-        for h in 0..nh {
-            let q = &q_row[h * hs..][..hs];
-            let scores = &mut scores[..seen];
-            for (j, s) in scores.iter_mut().enumerate() {
-                *s = dot(q, &keys[j * c + h * hs..][..hs]) * scale;
-            }
-            let max = max(scores);
-            let mut total = 0f32;
-            scores.iter_mut().for_each(|s| {
-                *s = exp(*s - max);
-                total += *s;
-            });
-            let y = &mut out[h * hs..][..hs];
-            y.fill(0.0);
-            for (j, &s) in scores.iter().enumerate() {
-                let weight = s / total;
-                y.iter_mut().zip(&values[j * c + h * hs..][..hs]).for_each(|(y, v)| *y += weight * v);
-            }
+    let item = |(index, (y, scores)): (usize, (&mut [f32], &mut [f32]))| {
+        let (row, h) = (index / nh, index % nh);
+        let (seq, seen) = (row / queries, first + row % queries + 1);
+        let at = (seq * cache.n_layer + cache.layer) * block * c + h * hs;
+        let (keys, values) = (&cache.keys[at..], &cache.values[at..]);
+        let q = &qkv[row * q_width + h * hs..][..hs];
+        let scores = &mut scores[..seen];
+        for (j, s) in scores.iter_mut().enumerate() {
+            *s = dot(q, &keys[j * c..][..hs]) * scale;
         }
+        let max = max(scores);
+        let mut total = 0f32;
+        scores.iter_mut().for_each(|s| {
+            *s = exp(*s - max);
+            total += *s;
+        });
+        y.fill(0.0);
+        for (j, &s) in scores.iter().enumerate() {
+            let weight = s / total;
+            y.iter_mut().zip(&values[j * c..][..hs]).for_each(|(y, v)| *y += weight * v);
+        }
+    };
+    // atty's rows are the heads' outputs side by side: its hs-long chunks are the items in order.
+    if threads > 1 {
+        assert!(scores.len() >= atty.len() / hs * block, "decode: too little attention scratch for one row of weights per item");
+        atty.par_chunks_mut(hs).zip(scores.par_chunks_mut(block)).enumerate().for_each(item);
+    } else {
+        atty.chunks_mut(hs).enumerate().for_each(|(index, y)| item((index, (y, &mut scores[..block]))));
     }
 }
 

@@ -24,6 +24,8 @@ const NC: usize = 256;
 const DOT_ROWS: usize = 2 * MR;
 /// Columns of one tile of `dots`: rows of a linear layer's weight, read together.
 const DOT_COLS: usize = 4;
+/// Rows of rhs per sweep of `rows_in_place` along them.
+const STREAM_DEPTH: usize = 16;
 /// f32 lanes of a SIMD vector.
 #[cfg(target_arch = "wasm32")]
 const LANES: usize = 4;
@@ -227,17 +229,25 @@ unsafe fn dots(m: usize, n: usize, k: usize, dst: Dst, lhs: Operand, rhs: Operan
 }
 
 /// The product of a few rows against an rhs whose rows are contiguous (a linear layer's weight stored transposed,
-/// as decoding keeps it): the microkernel reads both operands in place, for the same reason as [`dots`]. Columns past
-/// the last whole tile are summed one at a time.
+/// as decoding keeps it): the microkernel reads both operands in place, for the same reason as [`dots`]. Such a
+/// product reads each weight for a few multiply-adds, so it is bound by memory bandwidth: rhs is read STREAM_DEPTH
+/// rows at a time, tile after tile along them, a few sequential streams that the prefetcher follows (a tile's whole
+/// depth at once would read one 32-byte run per row, rows far apart), and dst is updated once per STREAM_DEPTH rows.
+/// Columns past the last whole tile are summed one at a time.
 unsafe fn rows_in_place(m: usize, n: usize, k: usize, dst: Dst, lhs: Operand, rhs: Operand, scale: Scale) {
     let whole = n / NR * NR;
-    for j0 in (0..whole).step_by(NR) {
-        for i0 in (0..m).step_by(MR) {
-            let rows = MR.min(m - i0);
-            // A ragged last tile reads its last row again in place of the missing ones, and stores only `rows`.
-            let a: [*const f32; MR] = std::array::from_fn(|i| lhs.row(i0 + i.min(rows - 1)).ptr);
-            let tile = microkernel(k, a, lhs.col_stride as usize, rhs.ptr.add(j0), rhs.row_stride as usize);
-            store(&tile, dst, i0, rows, j0, NR, scale);
+    for p0 in (0..k).step_by(STREAM_DEPTH) {
+        let depth = STREAM_DEPTH.min(k - p0);
+        // The first rows of rhs scale what dst held; later ones add to the partial sums there.
+        let scale = if p0 == 0 { scale } else { Scale { alpha: Some(1.0), ..scale } };
+        for j0 in (0..whole).step_by(NR) {
+            for i0 in (0..m).step_by(MR) {
+                let rows = MR.min(m - i0);
+                // A ragged last tile reads its last row again in place of the missing ones, and stores only `rows`.
+                let a: [*const f32; MR] = std::array::from_fn(|i| lhs.row(i0 + i.min(rows - 1)).ptr.offset(p0 as isize * lhs.col_stride));
+                let tile = microkernel(depth, a, lhs.col_stride as usize, rhs.row(p0).ptr.add(j0), rhs.row_stride as usize);
+                store(&tile, dst, i0, rows, j0, NR, scale);
+            }
         }
     }
     for i in 0..m {
@@ -377,13 +387,14 @@ unsafe fn transpose_into(_panel: &mut [f32], _width: usize, _src: *const f32, _s
     0
 }
 
-/// Writes the rows x cols corner of a tile into dst at (row, col): a whole tile into unit-stride rows straight from
-/// the registers, four lanes at a time; an edge tile, or a destination with strided columns, one value at a time.
+/// Writes the rows x cols corner of a tile into dst at (row, col): the rows of a tile of whole columns into
+/// unit-stride rows straight from the registers, four lanes at a time; a tile with columns missing, or a destination
+/// with strided columns, one value at a time.
 #[cfg(target_arch = "wasm32")]
 #[inline(always)]
 unsafe fn store(tile: &Tile, dst: Dst, row: usize, rows: usize, col: usize, cols: usize, scale: Scale) {
     use core::arch::wasm32::*;
-    if rows < MR || cols < NR || dst.col_stride != 1 {
+    if cols < NR || dst.col_stride != 1 {
         let mut values = [[0f32; NR]; MR];
         for (out, vectors) in values.iter_mut().zip(tile) {
             for (v, vector) in vectors.iter().enumerate() {
@@ -393,7 +404,7 @@ unsafe fn store(tile: &Tile, dst: Dst, row: usize, rows: usize, col: usize, cols
         return store_values(&values, dst, row, rows, col, cols, scale);
     }
     let beta = f32x4_splat(scale.beta);
-    for (i, vectors) in tile.iter().enumerate() {
+    for (i, vectors) in tile.iter().enumerate().take(rows) {
         let base = dst.ptr.offset((row + i) as isize * dst.row_stride + col as isize);
         for (v, &vector) in vectors.iter().enumerate() {
             let d = base.add(v * LANES) as *mut v128;
@@ -555,13 +566,14 @@ mod tests {
     #[test]
     fn few_rows_read_in_place_match_a_naive_product() {
         // Below DOT_ROWS, in the linear layer's layout (lhs rows and rhs columns contiguous along k) and the others:
-        // ragged column tiles, an odd depth, one row past a pair.
+        // ragged column tiles, an odd depth (over several of rows_in_place's passes), one row past a pair.
         for m in [1, 2, 3, DOT_ROWS - 1] {
             for (n, k) in [(1, 1), (5, 3), (13, 37), (2 * DOT_COLS + 3, KC + 5)] {
                 check(m, n, k, false, true, false, 0.0, 1.0, 1);
                 check(m, n, k, false, true, true, 0.5, -2.0, 1);
                 check(m, n, k, true, false, true, 1.0, 1.0, 1);
                 check(m, n, k, false, false, false, 0.0, 1.0, 1);
+                check(m, n, k, false, false, true, 0.5, -2.0, 1);
                 check(m, n, k, true, false, false, 0.0, 1.0, 1);
             }
         }
