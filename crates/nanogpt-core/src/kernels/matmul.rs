@@ -45,7 +45,7 @@ pub fn forward_transposed(
     assert!(out.len() == n * oc && inp.len() == n * c, "linear: buffer sizes do not match ({n}x{c}) -> ({n}x{oc})");
     add_bias(out, bias, oc, residual);
     let read_out = residual || bias.is_some();
-    // Parts of whole 64-column strips (a cache line of each weight row), at most one per thread.
+    // Parts of whole 64-column strips (the kernel's widest), at most one per thread.
     let part = oc.div_ceil(threads.max(1)).next_multiple_of(64);
     if part >= oc {
         // SAFETY: sizes checked above; out is a distinct mutable borrow.
