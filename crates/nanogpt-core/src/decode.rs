@@ -8,13 +8,18 @@
 //! last `block_size` tokens, which shifts every position: the cached keys no longer apply, so the
 //! window is recomputed as one prefill pass.
 //!
+//! Such window passes are nearly all of a long generation's arithmetic, and two rearrangements of the
+//! same sums take work out of them (see [`FirstLayerTables`] and [`last_window_attention`]): layer 0's
+//! query, key and value come from per-token and per-position tables, and the last layer computes no key
+//! or value rows, only the weighted sums its one query needs.
+//!
 //! Shapes: B sequences, T new positions per pass, C = n_embd, NH heads, V vocab, L layers.
 
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rayon::prelude::*;
 
-use crate::kernels::{attention, dot, embedding, exp, gelu, layernorm, matmul, max};
+use crate::kernels::{attention, dot, embedding, exp, gelu, layernorm, madd, matmul, max, sum};
 use crate::model::{Gelu, ModelArgs};
 use crate::sample::{self, SampleArgs};
 use crate::train_step::ParamLayout;
@@ -45,6 +50,7 @@ struct Transposed {
     /// Per layer: c_attn (C, 3C), attn_proj (C, C), c_fc (C, 4C), mlp_proj (4C, C).
     layers: Vec<[Vec<f32>; 4]>,
     wte: Vec<f32>,
+    first_layer: Option<FirstLayerTables>,
 }
 
 impl Transposed {
@@ -59,7 +65,7 @@ impl Transposed {
             }
             out
         };
-        let layers = layout
+        let layers: Vec<[Vec<f32>; 4]> = layout
             .layers
             .iter()
             .map(|lp| {
@@ -67,7 +73,84 @@ impl Transposed {
                     .map(|(affine, rows)| transpose(affine.get(params).0, rows))
             })
             .collect();
-        Self { layers, wte: transpose(&params[layout.wte.clone()], args.vocab_size) }
+        let first_layer = FirstLayerTables::new(model, &layers[0][0]);
+        Self { layers, wte: transpose(&params[layout.wte.clone()], args.vocab_size), first_layer }
+    }
+}
+
+/// Layer 0's query, key and value in a window pass, from tables instead of a product per position.
+///
+/// Its input row at position j with token s is x = wte[s] + wpe[j], and x's mean is the sum of the two rows'
+/// means, so ln_1(x) = rstd(x) (w̃[s] + p̃[j]) γ + β, where w̃ and p̃ are the rows minus their own means. Through
+/// c_attn (W, bias b) that is rstd(x) (w̃[s] γ W + p̃[j] γ W) + (β W + b): only rstd(x) needs the row itself.
+/// Centring each row before the product, rather than subtracting mean(x) γ W after it, keeps the sum free of
+/// cancellation. The tables cost V + block rows of the product once per generation; they are made only for
+/// vocabularies of at most four blocks, which a single sequence's window passes pay back within four tokens.
+struct FirstLayerTables {
+    /// (V, 3C) and (block, 3C): w̃[s] γ W and p̃[j] γ W.
+    tokens: Vec<f32>,
+    positions: Vec<f32>,
+    /// (3C): β W + b.
+    constant: Vec<f32>,
+}
+
+impl FirstLayerTables {
+    /// The tables of layer 0, whose c_attn is given transposed, (C, 3C).
+    fn new(model: Weights, c_attn: &[f32]) -> Option<Self> {
+        let Weights { args, layout, params } = model;
+        if !Self::made_for(args) {
+            return None;
+        }
+        let c = args.n_embd;
+        let (gamma, beta) = layout.layers[0].ln_1.get(params);
+        let bias = layout.layers[0].c_attn.get(params).1;
+        let through_c_attn = |rows: &[f32], bias: Option<&[f32]>| {
+            let n = rows.len() / c;
+            let mut out = vec![0f32; n * 3 * c];
+            matmul::forward_transposed(&mut out, rows, c_attn, 3 * c, bias, n, c, 3 * c, false, 1);
+            out
+        };
+        let centred_times_gamma = |table: &[f32]| {
+            let mut rows = table.to_vec();
+            for row in rows.chunks_exact_mut(c) {
+                let mean = sum(row) / c as f32;
+                row.iter_mut().zip(gamma).for_each(|(x, g)| *x = (*x - mean) * g);
+            }
+            through_c_attn(&rows, None)
+        };
+        Some(Self {
+            tokens: centred_times_gamma(&params[layout.wte.clone()]),
+            positions: centred_times_gamma(&params[layout.wpe.clone()]),
+            constant: match (beta, bias) {
+                (Some(beta), bias) => through_c_attn(beta, bias),
+                (None, Some(bias)) => bias.to_vec(),
+                (None, None) => vec![0f32; 3 * c],
+            },
+        })
+    }
+
+    fn made_for(args: &ModelArgs) -> bool {
+        args.vocab_size <= 4 * args.block_size
+    }
+
+    /// f32 elements of the tables, when they are made.
+    fn len(args: &ModelArgs) -> usize {
+        if Self::made_for(args) {
+            (args.vocab_size + args.block_size + 1) * 3 * args.n_embd
+        } else {
+            0
+        }
+    }
+
+    /// `qkv` (B x T, 3C) for `tokens` at positions from `pos0`, given each row's `rstd` from ln_1.
+    fn qkv(&self, qkv: &mut [f32], tokens: &[u32], rstd: &[f32], t: usize, pos0: usize) {
+        let c3 = self.constant.len();
+        for (row, (out, (&token, &rstd))) in qkv.chunks_exact_mut(c3).zip(tokens.iter().zip(rstd)).enumerate() {
+            let (token, position) = (&self.tokens[token as usize * c3..][..c3], &self.positions[(pos0 + row % t) * c3..][..c3]);
+            for (((out, w), p), d) in out.iter_mut().zip(token).zip(position).zip(&self.constant) {
+                *out = madd(rstd, w + p, *d);
+            }
+        }
     }
 }
 
@@ -87,7 +170,7 @@ struct Buffers {
     mean: Vec<f32>,
     rstd: Vec<f32>,
     /// The attention's working memory: its (block, block) matrices in a prefill, one row of them
-    /// against the cache.
+    /// against the cache, or [`last_window_attention`]'s vectors.
     scores: Vec<f32>,
     /// (V): the next token's logits.
     logits: Vec<f32>,
@@ -124,7 +207,7 @@ fn lengths_per_sequence(args: &ModelArgs) -> [usize; 12] {
         block * 4 * c,
         block,
         block,
-        attention::scratch_len(block),
+        attention::scratch_len(block).max(last_window_scratch_len(args)),
         args.vocab_size,
     ]
 }
@@ -134,9 +217,9 @@ pub fn buffer_len(args: &ModelArgs, batch: usize) -> usize {
     batch * lengths_per_sequence(args).iter().sum::<usize>()
 }
 
-/// f32 elements of the decoder's transposed copy of the weights.
+/// f32 elements of the decoder's transposed copy of the weights, with layer 0's tables.
 pub fn transposed_weights_len(args: &ModelArgs) -> usize {
-    args.n_layer * 12 * args.n_embd * args.n_embd + args.vocab_size * args.n_embd
+    args.n_layer * 12 * args.n_embd * args.n_embd + args.vocab_size * args.n_embd + FirstLayerTables::len(args)
 }
 
 impl Decoder {
@@ -213,52 +296,64 @@ impl Shard<'_> {
         let (mean, rstd) = (&mut self.mean[..n], &mut self.rstd[..n]);
 
         embedding::forward(x, tokens, p(&layout.wte), &p(&layout.wpe)[pos0 * c..], t, c, None);
+        // A pass over a whole block recomputes a cropped window and is the last to use this cache (the next pass
+        // crops the window again): it writes no keys or values, and its attention reads them from `qkv`.
+        let window = t == block && t > 1;
         for (l, (lp, [c_attn, attn_proj, c_fc, mlp_proj])) in layout.layers.iter().zip(&transposed.layers).enumerate() {
             let (w, bias) = lp.ln_1.get(params);
-            layernorm::forward(ln, mean, rstd, x, w, bias);
-            // After the last layer's keys and values, only each sequence's last position matters: its
-            // query alone is computed, and its row alone goes on, through attention to the cache and the MLP.
-            let last_only = l + 1 == args.n_layer && t > 1;
-            let bias = lp.c_attn.get(params).1;
-            // c_attn's (transposed) columns are the query, key and value weights in turn: (C, 3C).
-            let (kv_rows, kv_width, k_at) = if last_only {
-                let kv = &mut qkv[..n * 2 * c];
-                matmul::forward_transposed(kv, ln, &c_attn[c..], 3 * c, bias.map(|b| &b[c..]), n, c, 2 * c, false, threads);
-                (&*kv, 2 * c, 0)
-            } else {
-                matmul::forward_transposed(qkv, ln, c_attn, 3 * c, bias, n, c, 3 * c, false, threads);
-                (&*qkv, 3 * c, c)
-            };
-            // A pass over a whole block is the last to use this cache (the next one crops the window and starts
-            // again), and its attention reads the keys and values from `qkv`: only the last layer's go to the cache.
-            if t < block || last_only {
-                for (row, kv_row) in kv_rows.chunks_exact(kv_width).enumerate() {
-                    let slot = (((row / t) * args.n_layer + l) * block + pos0 + row % t) * c;
-                    self.keys[slot..slot + c].copy_from_slice(&kv_row[k_at..k_at + c]);
-                    self.values[slot..slot + c].copy_from_slice(&kv_row[k_at + c..k_at + 2 * c]);
+            let qkv_bias = lp.c_attn.get(params).1;
+            // After the last layer's keys and values, only each sequence's last position matters: its query alone
+            // is computed, and its row alone goes on, through attention and the MLP.
+            let rows = if l + 1 == args.n_layer && t > 1 {
+                layernorm::forward(ln, mean, rstd, x, w, bias);
+                if window {
+                    last_window_attention(&mut atty[..b * c], self.scores, ln, c_attn, qkv_bias, t, nh, threads);
+                } else {
+                    // c_attn's (transposed) columns are the query, key and value weights in turn: (C, 3C).
+                    let kv = &mut qkv[..n * 2 * c];
+                    matmul::forward_transposed(kv, ln, &c_attn[c..], 3 * c, qkv_bias.map(|b| &b[c..]), n, c, 2 * c, false, threads);
+                    for (row, kv) in kv.chunks_exact(2 * c).enumerate() {
+                        let slot = (((row / t) * args.n_layer + l) * block + pos0 + row % t) * c;
+                        self.keys[slot..slot + c].copy_from_slice(&kv[..c]);
+                        self.values[slot..slot + c].copy_from_slice(&kv[c..]);
+                    }
+                    keep_last_rows(ln, t, c);
+                    let (ln, q) = (&ln[..b * c], &mut qkv[..b * c]);
+                    matmul::forward_transposed(q, ln, c_attn, 3 * c, qkv_bias.map(|b| &b[..c]), b, c, c, false, threads);
+                    let cache = Cache { keys: self.keys, values: self.values, layer: l, n_layer: args.n_layer, block, c };
+                    attend_to_cache(&mut atty[..b * c], self.scores, q, c, 1, &cache, pos0 + t - 1, nh, threads);
                 }
-            }
-            // The queries of the rows that go on: rows of `q_width` with the query first.
-            let (rows, queries, first, q_width) = if last_only {
-                for seq in 0..b {
-                    let last = seq * t + t - 1;
-                    x.copy_within(last * c..(last + 1) * c, seq * c);
-                    ln.copy_within(last * c..(last + 1) * c, seq * c);
-                }
-                matmul::forward_transposed(&mut qkv[..b * c], &ln[..b * c], c_attn, 3 * c, bias.map(|b| &b[..c]), b, c, c, false, threads);
-                (b, 1, pos0 + t - 1, c)
+                keep_last_rows(x, t, c);
+                b
             } else {
-                (n, t, pos0, 3 * c)
+                match &transposed.first_layer {
+                    Some(tables) if window && l == 0 => {
+                        x.chunks_exact(c).zip(rstd.iter_mut()).for_each(|(x, rstd)| *rstd = layernorm::row_stats(x).1);
+                        tables.qkv(qkv, tokens, rstd, t, pos0);
+                    }
+                    _ => {
+                        layernorm::forward(ln, mean, rstd, x, w, bias);
+                        matmul::forward_transposed(qkv, ln, c_attn, 3 * c, qkv_bias, n, c, 3 * c, false, threads);
+                    }
+                }
+                if !window {
+                    for (row, qkv) in qkv.chunks_exact(3 * c).enumerate() {
+                        let slot = (((row / t) * args.n_layer + l) * block + pos0 + row % t) * c;
+                        self.keys[slot..slot + c].copy_from_slice(&qkv[c..2 * c]);
+                        self.values[slot..slot + c].copy_from_slice(&qkv[2 * c..]);
+                    }
+                }
+                if pos0 == 0 && t > 1 {
+                    attention::forward_in(atty, qkv, t, c, nh, self.scores);
+                } else {
+                    let cache = Cache { keys: self.keys, values: self.values, layer: l, n_layer: args.n_layer, block, c };
+                    attend_to_cache(atty, self.scores, qkv, 3 * c, t, &cache, pos0, nh, threads);
+                }
+                n
             };
             let (x, ln, atty) = (&mut x[..rows * c], &mut ln[..rows * c], &mut atty[..rows * c]);
             let (fch, fch_gelu) = (&mut fch[..rows * 4 * c], &mut fch_gelu[..rows * 4 * c]);
             let (mean, rstd) = (&mut mean[..rows], &mut rstd[..rows]);
-            if first == 0 && queries > 1 {
-                attention::forward_in(atty, &qkv[..rows * 3 * c], queries, c, nh, self.scores);
-            } else {
-                let cache = Cache { keys: self.keys, values: self.values, layer: l, n_layer: args.n_layer, block, c };
-                attend_to_cache(atty, self.scores, &qkv[..rows * q_width], q_width, queries, &cache, first, nh, threads);
-            }
             matmul::forward_transposed(x, atty, attn_proj, c, lp.attn_proj.get(params).1, rows, c, c, true, threads);
             let (w, bias) = lp.ln_2.get(params);
             layernorm::forward(ln, mean, rstd, x, w, bias);
@@ -271,6 +366,90 @@ impl Shard<'_> {
         let (w, bias) = layout.ln_f.get(params);
         layernorm::forward(ln, &mut mean[..b], &mut rstd[..b], x, w, bias);
         matmul::forward_transposed(&mut self.logits[..b * v], ln, &transposed.wte, v, None, b, c, v, false, threads);
+    }
+}
+
+/// Moves each sequence's last row (of `t` rows of `c`) to the front of `rows`, in sequence order.
+fn keep_last_rows(rows: &mut [f32], t: usize, c: usize) {
+    for seq in 0..rows.len() / (t * c) {
+        let last = seq * t + t - 1;
+        rows.copy_within(last * c..(last + 1) * c, seq * c);
+    }
+}
+
+/// f32 elements of [`last_window_attention`]'s working memory per sequence: the query, and per head the key weights
+/// applied to it, the probabilities and the weighted sum of LayerNorm rows.
+fn last_window_scratch_len(args: &ModelArgs) -> usize {
+    args.n_embd + args.n_head * (2 * args.n_embd + args.block_size)
+}
+
+/// The last layer's attention in a window pass: `atty` (B, C), the output at each sequence's last position, from
+/// `ln` (B x T, C), ln_1's rows, and c_attn transposed (C, 3C) with its bias. The other positions' keys and values
+/// are never formed. Per head h, with q the last query, ℓ_j the rows, and W_k, b_k, W_v, b_v its part of c_attn:
+/// - q·k_j = ℓ_j·(W_k q) + q·b_k, and the second term is the same for every j, which softmax ignores;
+/// - Σ_j p_j v_j = (Σ_j p_j ℓ_j) W_v + b_v, as the probabilities p_j sum to one.
+///
+/// A position then costs 2 x NH x C multiply-adds instead of the 2 x C² of its key and value rows.
+#[allow(clippy::too_many_arguments)]
+fn last_window_attention(
+    atty: &mut [f32],
+    scratch: &mut [f32],
+    ln: &[f32],
+    c_attn: &[f32],
+    bias: Option<&[f32]>,
+    t: usize,
+    nh: usize,
+    threads: usize,
+) {
+    let c = (c_attn.len() / 3).isqrt(); // c_attn is (C, 3C)
+    let (b, hs) = (atty.len() / c, c / nh);
+    let scale = 1.0 / (hs as f32).sqrt();
+    let per_sequence = scratch.len() / b;
+    assert!(ln.len() == b * t * c && per_sequence >= c + nh * (2 * c + t), "decode: last_window_attention's buffer sizes do not match");
+    for (seq, (y, scratch)) in atty.chunks_exact_mut(c).zip(scratch.chunks_exact_mut(per_sequence)).enumerate() {
+        let rows = &ln[seq * t * c..][..t * c];
+        let (q, rest) = scratch.split_at_mut(c);
+        let (keys_q, rest) = rest.split_at_mut(nh * c);
+        let (probs, rest) = rest.split_at_mut(nh * t);
+        let weighted = &mut rest[..nh * c];
+        matmul::forward_transposed(q, &rows[(t - 1) * c..], c_attn, 3 * c, bias.map(|b| &b[..c]), 1, c, c, false, threads);
+        // Row i of c_attn holds, per head, W_k's and W_v's row i: (W_k q)[i] is one dot product per head.
+        for (i, w) in c_attn.chunks_exact(3 * c).enumerate() {
+            for h in 0..nh {
+                keys_q[h * c + i] = dot(&w[c + h * hs..][..hs], &q[h * hs..][..hs]);
+            }
+        }
+        for (j, row) in rows.chunks_exact(c).enumerate() {
+            for (h, keys_q) in keys_q.chunks_exact(c).enumerate() {
+                probs[h * t + j] = dot(row, keys_q) * scale;
+            }
+        }
+        for probs in probs.chunks_exact_mut(t) {
+            let max = max(probs);
+            let mut total = 0f32;
+            probs.iter_mut().for_each(|p| {
+                *p = exp(*p - max);
+                total += *p;
+            });
+            probs.iter_mut().for_each(|p| *p /= total);
+        }
+        weighted.fill(0.0);
+        for (j, row) in rows.chunks_exact(c).enumerate() {
+            for (h, weighted) in weighted.chunks_exact_mut(c).enumerate() {
+                let p = probs[h * t + j];
+                weighted.iter_mut().zip(row).for_each(|(z, l)| *z = madd(p, *l, *z));
+            }
+        }
+        match bias {
+            Some(bias) => y.copy_from_slice(&bias[2 * c..]),
+            None => y.fill(0.0),
+        }
+        for (i, w) in c_attn.chunks_exact(3 * c).enumerate() {
+            for (h, y) in y.chunks_exact_mut(hs).enumerate() {
+                let z = weighted[h * c + i];
+                y.iter_mut().zip(&w[2 * c + h * hs..][..hs]).for_each(|(y, w)| *y = madd(z, *w, *y));
+            }
+        }
     }
 }
 
@@ -454,8 +633,15 @@ mod tests {
     use super::*;
     use crate::train_step::{self, Activations};
 
+    fn small(gelu: Gelu, bias: bool) -> ModelArgs {
+        ModelArgs { n_layer: 2, n_head: 2, n_embd: 16, block_size: 8, vocab_size: 11, bias, dropout: 0.0, gelu }
+    }
+
     fn model(gelu: Gelu, bias: bool) -> (ModelArgs, ParamLayout, Vec<f32>) {
-        let args = ModelArgs { n_layer: 2, n_head: 2, n_embd: 16, block_size: 8, vocab_size: 11, bias, dropout: 0.0, gelu };
+        model_of(small(gelu, bias))
+    }
+
+    fn model_of(args: ModelArgs) -> (ModelArgs, ParamLayout, Vec<f32>) {
         let layout = ParamLayout::new(&args);
         let mut rng = StdRng::seed_from_u64(5);
         let params = (0..layout.len).map(|_| rng.random_range(-0.5f32..0.5)).collect();
@@ -471,10 +657,20 @@ mod tests {
 
     #[test]
     fn cached_logits_equal_a_full_recompute_at_every_position() {
-        for (gelu, bias) in [(Gelu::Erf, true), (Gelu::Tanh, false)] {
-            let (args, layout, params) = model(gelu, bias);
+        // Window passes take layer 0's products from tables for a small vocabulary only: 11 tokens against a block
+        // of 8 (both biases, then neither), then 40 tokens (a product per position). One layer is both the first
+        // and the last.
+        let models = [
+            small(Gelu::Erf, true),
+            small(Gelu::Tanh, false),
+            ModelArgs { vocab_size: 40, ..small(Gelu::Erf, true) },
+            ModelArgs { n_layer: 1, ..small(Gelu::Erf, true) },
+        ];
+        for args in models {
+            let (args, layout, params) = model_of(args);
             let block = args.block_size;
-            let tokens: Vec<u32> = (0..3 * block as u32).map(|i| (i * 7 + 3) % 11).collect();
+            assert_eq!(FirstLayerTables::made_for(&args), args.vocab_size == 11);
+            let tokens: Vec<u32> = (0..3 * block as u32).map(|i| (i * 7 + 3) % args.vocab_size as u32).collect();
             let model = Weights { args: &args, layout: &layout, params: &params };
             let mut decoder = Decoder::new(model, 1);
             decoder.forward(model, &tokens[..3], 3);
