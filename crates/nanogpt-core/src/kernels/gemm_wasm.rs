@@ -30,11 +30,12 @@ const STREAM_DEPTH: usize = 16;
 #[cfg(target_arch = "wasm32")]
 const LANES: usize = 4;
 
-/// An MR x NR tile of the product: in registers, as NR / LANES vectors per row, where the microkernel is SIMD.
+/// A ROWS x NR tile of the product (MR rows unless said): in registers, as NR / LANES vectors per row, where the
+/// microkernel is SIMD.
 #[cfg(target_arch = "wasm32")]
-type Tile = [[core::arch::wasm32::v128; NR / LANES]; MR];
+type Tile<const ROWS: usize = MR> = [[core::arch::wasm32::v128; NR / LANES]; ROWS];
 #[cfg(not(target_arch = "wasm32"))]
-type Tile = [[f32; NR]; MR];
+type Tile<const ROWS: usize = MR> = [[f32; NR]; ROWS];
 
 /// A matrix operand: element (row, col) at `ptr + row * row_stride + col * col_stride`.
 #[derive(Clone, Copy)]
@@ -197,7 +198,7 @@ unsafe fn blocked(
                     for ir in (0..mc).step_by(MR) {
                         let a = &lhs_panels[ir * kc..(ir + MR) * kc];
                         // SAFETY: each panel holds kc steps of MR (or NR) values.
-                        let tile = microkernel(kc, std::array::from_fn(|i| a.as_ptr().add(i)), MR, b.as_ptr(), NR);
+                        let tile = microkernel::<MR>(kc, std::array::from_fn(|i| a.as_ptr().add(i)), MR, b.as_ptr(), NR);
                         store(&tile, dst, ic + ir, MR.min(mc - ir), jc + jr, NR.min(nc - jr), block_scale);
                     }
                 }
@@ -243,10 +244,15 @@ unsafe fn rows_in_place(m: usize, n: usize, k: usize, dst: Dst, lhs: Operand, rh
         for j0 in (0..whole).step_by(NR) {
             for i0 in (0..m).step_by(MR) {
                 let rows = MR.min(m - i0);
-                // A ragged last tile reads its last row again in place of the missing ones, and stores only `rows`.
-                let a: [*const f32; MR] = std::array::from_fn(|i| lhs.row(i0 + i.min(rows - 1)).ptr.offset(p0 as isize * lhs.col_stride));
-                let tile = microkernel(depth, a, lhs.col_stride as usize, rhs.row(p0).ptr.add(j0), rhs.row_stride as usize);
-                store(&tile, dst, i0, rows, j0, NR, scale);
+                let (b, a_step, b_step) = (rhs.row(p0).ptr.add(j0), lhs.col_stride as usize, rhs.row_stride as usize);
+                // A ragged last tile reads its last row again in place of the missing ones, and stores only `rows`;
+                // up to two rows take a tile of two, with half the multiply-adds.
+                let a = |i: usize| lhs.row(i0 + i.min(rows - 1)).ptr.offset(p0 as isize * lhs.col_stride);
+                if rows <= 2 {
+                    store(&microkernel::<2>(depth, std::array::from_fn(a), a_step, b, b_step), dst, i0, rows, j0, NR, scale);
+                } else {
+                    store(&microkernel::<MR>(depth, std::array::from_fn(a), a_step, b, b_step), dst, i0, rows, j0, NR, scale);
+                }
             }
         }
     }
@@ -392,10 +398,10 @@ unsafe fn transpose_into(_panel: &mut [f32], _width: usize, _src: *const f32, _s
 /// with strided columns, one value at a time.
 #[cfg(target_arch = "wasm32")]
 #[inline(always)]
-unsafe fn store(tile: &Tile, dst: Dst, row: usize, rows: usize, col: usize, cols: usize, scale: Scale) {
+unsafe fn store<const ROWS: usize>(tile: &Tile<ROWS>, dst: Dst, row: usize, rows: usize, col: usize, cols: usize, scale: Scale) {
     use core::arch::wasm32::*;
     if cols < NR || dst.col_stride != 1 {
-        let mut values = [[0f32; NR]; MR];
+        let mut values = [[0f32; NR]; ROWS];
         for (out, vectors) in values.iter_mut().zip(tile) {
             for (v, vector) in vectors.iter().enumerate() {
                 v128_store(out.as_mut_ptr().add(v * LANES) as *mut v128, *vector);
@@ -418,7 +424,7 @@ unsafe fn store(tile: &Tile, dst: Dst, row: usize, rows: usize, col: usize, cols
 }
 
 #[cfg(not(target_arch = "wasm32"))]
-unsafe fn store(tile: &Tile, dst: Dst, row: usize, rows: usize, col: usize, cols: usize, scale: Scale) {
+unsafe fn store<const ROWS: usize>(tile: &Tile<ROWS>, dst: Dst, row: usize, rows: usize, col: usize, cols: usize, scale: Scale) {
     store_values(tile, dst, row, rows, col, cols, scale)
 }
 
@@ -435,15 +441,15 @@ unsafe fn store_values<const COLS: usize>(tile: &[[f32; COLS]], dst: Dst, row: u
     }
 }
 
-/// The MR x NR tile of a times b over kc steps: step p reads a's value of row i at `a[i] + p * a_step` and b's NR
+/// The ROWS x NR tile of a times b over kc steps: step p reads a's value of row i at `a[i] + p * a_step` and b's NR
 /// contiguous values at `b + p * b_step` (packed panels, or operands read in place).
 ///
 /// Safety: every value read must lie inside its operand.
 #[cfg(target_arch = "wasm32")]
 #[inline(always)]
-unsafe fn microkernel(kc: usize, a: [*const f32; MR], a_step: usize, b: *const f32, b_step: usize) -> Tile {
+unsafe fn microkernel<const ROWS: usize>(kc: usize, a: [*const f32; ROWS], a_step: usize, b: *const f32, b_step: usize) -> Tile<ROWS> {
     use core::arch::wasm32::*;
-    let mut acc = [[f32x4_splat(0.0); NR / LANES]; MR];
+    let mut acc = [[f32x4_splat(0.0); NR / LANES]; ROWS];
     for p in 0..kc {
         let b_step = b.add(p * b_step);
         let bv: [v128; NR / LANES] = std::array::from_fn(|v| v128_load(b_step.add(v * LANES) as *const v128));
@@ -470,8 +476,8 @@ fn madd(a: core::arch::wasm32::v128, b: core::arch::wasm32::v128, c: core::arch:
 
 /// The scalar microkernel the unit tests run: the same operands, the same tile.
 #[cfg(not(target_arch = "wasm32"))]
-unsafe fn microkernel(kc: usize, a: [*const f32; MR], a_step: usize, b: *const f32, b_step: usize) -> Tile {
-    let mut tile = [[0f32; NR]; MR];
+unsafe fn microkernel<const ROWS: usize>(kc: usize, a: [*const f32; ROWS], a_step: usize, b: *const f32, b_step: usize) -> Tile<ROWS> {
+    let mut tile = [[0f32; NR]; ROWS];
     for p in 0..kc {
         for (row, a_row) in tile.iter_mut().zip(a) {
             let a_value = *a_row.add(p * a_step);
@@ -566,8 +572,9 @@ mod tests {
     #[test]
     fn few_rows_read_in_place_match_a_naive_product() {
         // Below DOT_ROWS, in the linear layer's layout (lhs rows and rhs columns contiguous along k) and the others:
-        // ragged column tiles, an odd depth (over several of rows_in_place's passes), one row past a pair.
-        for m in [1, 2, 3, DOT_ROWS - 1] {
+        // ragged column tiles, an odd depth (over several of rows_in_place's passes), one row past a pair, and a
+        // whole tile followed by one of two rows.
+        for m in [1, 2, 3, MR + 1, DOT_ROWS - 1] {
             for (n, k) in [(1, 1), (5, 3), (13, 37), (2 * DOT_COLS + 3, KC + 5)] {
                 check(m, n, k, false, true, false, 0.0, 1.0, 1);
                 check(m, n, k, false, true, true, 0.5, -2.0, 1);
