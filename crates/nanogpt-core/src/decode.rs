@@ -84,8 +84,8 @@ impl Transposed {
 /// means, so ln_1(x) = rstd(x) (w̃[s] + p̃[j]) γ + β, where w̃ and p̃ are the rows minus their own means. Through
 /// c_attn (W, bias b) that is rstd(x) (w̃[s] γ W + p̃[j] γ W) + (β W + b): only rstd(x) needs the row itself.
 /// Centring each row before the product, rather than subtracting mean(x) γ W after it, keeps the sum free of
-/// cancellation. The tables cost V + block rows of the product once per generation; they are made only for
-/// vocabularies of at most four blocks, which a single sequence's window passes pay back within four tokens.
+/// cancellation. The tables cost V + block rows of the product once per generation, and each window pass of a
+/// sequence saves block rows: they are made for vocabularies of at most four blocks, paid back within five tokens.
 struct FirstLayerTables {
     /// (V, 3C) and (block, 3C): w̃[s] γ W and p̃[j] γ W.
     tokens: Vec<f32>,
