@@ -1,7 +1,9 @@
 // Sampling speed: this engine's decode path against nanoGPT's sample.py loop (bench/torch_ref.py sample: one
 // sequence after another, a full forward pass over the cropped context per token), in one command, at each shape
 // and on each engine build. Weights are random: the work per token does not depend on them. Each side's figure is its
-// best of `--trials` runs (3 by default), as a shared machine's speed drifts between runs.
+// best of `--trials` runs (3 by default), as a shared machine's speed drifts between runs; the sides take turns, a run
+// each per round (its ratios printed), so that the drift falls on all of them alike. RSS is the process's, from after
+// the warm-ups to the end.
 // Usage: npm run bench:sample [-- --engines=native,wasm] [--shapes=recipe,char] [--trials=3] [--quick]
 //        npm run bench:sample -- --device=cuda --shapes=gpt2-xl   (the CUDA build in bfloat16, against torch's autocast)
 import { execFileSync } from 'node:child_process';
@@ -37,43 +39,59 @@ for (const shape of shapes) {
   const tokens = quick ? Math.ceil(shape.tokens / 5) : shape.tokens;
   const modelArgs: ModelArgs = { n_layer: shape.n_layer, n_head: shape.n_head, n_embd: shape.n_embd, block_size: shape.block_size, vocab_size: shape.vocab_size, bias: false, dropout: 0 };
   console.log(`\n==== ${shape.name}: ${shape.samples} samples x ${tokens} tokens ====`);
-  let torchTps = NaN;
-  try {
-    for (let trial = 0; trial < trials; trial++) {
-      const out = execFileSync('python3', [torchRef, 'sample', `--device=${device}`, '--compile=0', `--n_layer=${shape.n_layer}`, `--n_head=${shape.n_head}`,
-        `--n_embd=${shape.n_embd}`, `--block_size=${shape.block_size}`, `--vocab_size=${shape.vocab_size}`, `--num_samples=${shape.samples}`, `--max_new_tokens=${tokens}`], { encoding: 'utf8' });
-      const tps: number = JSON.parse(out.split('\n').find((l) => l.startsWith('RESULT '))!.slice('RESULT '.length)).tokens_per_s;
-      console.log(`torch_ref.py, run ${trial + 1} of ${trials}: ${tps} tokens/s`);
-      torchTps = Number.isNaN(torchTps) ? tps : Math.max(torchTps, tps);
-    }
-    rows.push({ shape: shape.name, side: 'PyTorch (nanoGPT sample.py loop)', tokensPerS: torchTps, note: '' });
-  } catch (err) {
-    console.log(`torch_ref.py could not run (${String(err).split('\n')[0]}); pip install torch numpy for the reference`);
-  }
-  for (const kind of engines) {
+  const seeds = Uint32Array.from({ length: shape.samples }, (_, i) => 1000 + i);
+  const torchRun = (): number => {
+    const out = execFileSync('python3', [torchRef, 'sample', `--device=${device}`, '--compile=0', `--n_layer=${shape.n_layer}`, `--n_head=${shape.n_head}`,
+      `--n_embd=${shape.n_embd}`, `--block_size=${shape.block_size}`, `--vocab_size=${shape.vocab_size}`, `--num_samples=${shape.samples}`, `--max_new_tokens=${tokens}`], { encoding: 'utf8' });
+    return JSON.parse(out.split('\n').find((l) => l.startsWith('RESULT '))!.slice('RESULT '.length)).tokens_per_s;
+  };
+  const ours = engines.map((kind) => {
     const engine = Engine.create(modelArgs, 1337, device, kind);
     if (onGpu) engine.setPrecision('bfloat16');
-    const seeds = Uint32Array.from({ length: shape.samples }, (_, i) => 1000 + i);
     engine.generateBatch(Uint32Array.of(0), seeds, 8, 0.8, 200); // warm-up: thread pool, page faults
-    const rssBefore = rssMiB();
-    let seconds = Infinity;
-    for (let trial = 0; trial < trials; trial++) {
-      const t0 = performance.now();
-      const sequences = engine.generateBatch(Uint32Array.of(0), seeds, tokens, 0.8, 200);
-      seconds = Math.min(seconds, (performance.now() - t0) / 1e3);
-      if (sequences.length !== shape.samples || sequences[0].length !== tokens + 1) throw new Error('generateBatch returned the wrong shape');
+    return { kind, engine, tps: 0 };
+  });
+  const oursRun = (engine: Engine): number => {
+    const t0 = performance.now();
+    const sequences = engine.generateBatch(Uint32Array.of(0), seeds, tokens, 0.8, 200);
+    const seconds = (performance.now() - t0) / 1e3;
+    if (sequences.length !== shape.samples || sequences[0].length !== tokens + 1) throw new Error('generateBatch returned the wrong shape');
+    return (shape.samples * tokens) / seconds;
+  };
+  // The sides take turns, one run each per round, so that a drift in the machine's speed falls on all of them.
+  const rssBefore = rssMiB();
+  let torchTps = NaN;
+  let torchMissing = '';
+  for (let round = 0; round < trials; round++) {
+    const line: string[] = [];
+    let torchNow = NaN;
+    if (!torchMissing) {
+      try {
+        torchNow = torchRun();
+        torchTps = Number.isNaN(torchTps) ? torchNow : Math.max(torchTps, torchNow);
+        line.push(`torch_ref.py ${torchNow.toFixed(1)}`);
+      } catch (err) {
+        torchMissing = String(err).split('\n')[0];
+        console.log(`torch_ref.py could not run (${torchMissing}); pip install torch numpy for the reference`);
+      }
     }
-    const rssAfter = rssMiB();
-    const tps = (shape.samples * tokens) / seconds;
-    const note = `RSS ${rssBefore.toFixed(0)} -> ${rssAfter.toFixed(0)} MiB`;
+    for (const side of ours) {
+      const tps = oursRun(side.engine);
+      side.tps = Math.max(side.tps, tps);
+      line.push(`${side.kind} ${tps.toFixed(1)}` + (Number.isNaN(torchNow) ? '' : ` (x${(tps / torchNow).toFixed(2)})`));
+    }
+    console.log(`round ${round + 1} of ${trials}, tokens/s: ${line.join(', ')}`);
+  }
+  const note = `RSS ${rssBefore.toFixed(0)} -> ${rssMiB().toFixed(0)} MiB`;
+  if (!torchMissing) rows.push({ shape: shape.name, side: 'PyTorch (nanoGPT sample.py loop)', tokensPerS: torchTps, note: '' });
+  for (const { kind, tps } of ours) {
     rows.push({ shape: shape.name, side: `nanogpt-rs ${kind}`, tokensPerS: tps, note });
-    console.log(`nanogpt-rs ${kind}: ${tps.toFixed(1)} tokens/s (${note})`);
     const ratio = tps / torchTps;
     console.log(`RESULT ${JSON.stringify({ shape: shape.name, engine: kind, tokens_per_s: Math.round(tps * 10) / 10, torch_tokens_per_s: torchTps, ratio: Number.isFinite(ratio) ? Math.round(ratio * 100) / 100 : null })}`);
   }
 }
 
-console.log(`\n==== summary (tokens/s, best of ${trials} runs each; ratio = ours / PyTorch in this run) ====`);
+console.log(`\n==== summary (tokens/s, best of ${trials} runs each, taking turns; ratio = ours / PyTorch in this run) ====`);
 for (const shape of shapes) {
   const torch = rows.find((r) => r.shape === shape.name && r.side.startsWith('PyTorch'))?.tokensPerS ?? NaN;
   for (const row of rows.filter((r) => r.shape === shape.name)) {
