@@ -358,6 +358,9 @@ def kernels(a):
     post, fc_bias = rand(N, H), rand(H)
     report("bias_add", lambda: post.add_(fc_bias), 2 * N * H * XB + H * XB)
     report("bias_bwd", lambda: dpost.sum(0), N * H * XB + 2 * H * F32B)
+    fc_b = rand(H)
+    with torch.no_grad():
+        report("matmul_fc_bias_fwd", lambda: F.linear(x, fc_w, fc_b), (N * C + H * C + N * H + H) * XB, mm_flops)
 
     # causal self-attention from qkv (B, T, 3C), out as (B, T, C)
     qkv = rand(B, T, 3 * C, grad=True)

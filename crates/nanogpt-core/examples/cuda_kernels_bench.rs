@@ -255,12 +255,23 @@ fn run() -> Result<()> {
         matmul::forward(k, X, fc_out, inp, fc_weight, None, n, c, hidden)
     })?;
     timer.report("matmul_fc_bwd", (2 * n * c + hidden * c + n * hidden) * XB + 2 * hidden * c * F32B, Some(2.0 * matmul_flops), &|k| {
-        matmul::backward(k, X, Some(dinp), dfc_weight, None, dpost, inp, fc_weight, n, c, hidden)
+        matmul::backward(k, X, Some(dinp), dfc_weight, None, 0, dpost, inp, fc_weight, n, c, hidden)
     })?;
     let fc_bias = memory.random_bf16(hidden, 1.0)?;
     let dfc_bias = memory.zeroed(hidden * F32B)?;
+    let bias_scratch = memory.zeroed(bias::backward_scratch_len(n, hidden) * F32B)?;
     timer.report("bias_add", 2 * n * hidden * XB + hidden * XB, None, &|k| bias::add(k, X, post, fc_bias, n, hidden))?;
-    timer.report("bias_bwd", n * hidden * XB + 2 * hidden * F32B, None, &|k| bias::backward(k, X, dfc_bias, dpre, n, hidden))?;
+    timer.report("bias_bwd", n * hidden * XB + 2 * hidden * F32B, None, &|k| {
+        bias::backward(k, X, dfc_bias, bias_scratch, dpre, n, hidden)
+    })?;
+    // The same layer with its bias, as the training step runs it: the bias in cuBLASLt's epilogue.
+    kernels.take_bias_fallback();
+    timer.report("matmul_fc_bias_fwd", (n * c + hidden * c + n * hidden + hidden) * XB, Some(matmul_flops), &|k| {
+        matmul::forward(k, X, fc_out, inp, fc_weight, Some(fc_bias), n, c, hidden)
+    })?;
+    if let Some(reason) = kernels.take_bias_fallback() {
+        eprintln!("cuda_kernels_bench: matmul_fc_bias_fwd added its bias with bias.cu's kernel, not cuBLASLt's epilogue: {reason}");
+    }
 
     // Causal self-attention from qkv (B, T, 3C).
     let qkv = memory.random_bf16(n * 3 * c, 1.0)?;

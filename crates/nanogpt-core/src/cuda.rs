@@ -104,6 +104,41 @@ pub struct Kernels {
     staging: std::sync::Mutex<Staging>,
     /// While profiling: each launch and product queued, by name, between the two events queued around it.
     profile: std::sync::Mutex<Option<Vec<(String, driver::CudaEvent, driver::CudaEvent)>>>,
+    /// cuBLASLt, made at the first product with a bias.
+    blas_lt: std::sync::Mutex<Option<BlasLt>>,
+    /// Set by `NANOGPT_CUDA_BIAS_EPILOGUE=0`: every product with a bias adds it with bias.cu's kernel, not in
+    /// cuBLASLt's epilogue (to compare the two).
+    bias_epilogue_off: Option<String>,
+    /// Why the last product with a bias added it with bias.cu's kernel: see `take_bias_fallback`.
+    bias_fallback: std::sync::Mutex<Option<String>>,
+}
+
+/// A cuBLASLt handle and the workspace its kernels may use: 32 MiB, NVIDIA's figure for Hopper (cudarc's own
+/// cuBLASLt wrapper allocates the same), from the device's pool.
+#[cfg(feature = "cuda")]
+struct BlasLt {
+    handle: cudarc::cublaslt::sys::cublasLtHandle_t,
+    workspace: u64,
+    stream: std::sync::Arc<driver::CudaStream>,
+}
+
+#[cfg(feature = "cuda")]
+const BLAS_LT_WORKSPACE: usize = 32 << 20;
+
+// SAFETY: a cuBLASLt handle is not tied to the thread that made it; `Kernels` uses it under its mutex only.
+#[cfg(feature = "cuda")]
+unsafe impl Send for BlasLt {}
+
+#[cfg(feature = "cuda")]
+impl Drop for BlasLt {
+    fn drop(&mut self) {
+        // Failures leave the handle or the memory to the process's end; a destructor cannot report them.
+        // SAFETY: the workspace came from this stream's pool; the work queued before still sees it.
+        unsafe {
+            let _ = cudarc::cublaslt::result::destroy_handle(self.handle);
+            let _ = driver::result::free_async(self.workspace, self.stream.cu_stream());
+        }
+    }
 }
 
 /// The device time of one kernel (or one shape of product) over a profile: see [`Kernels::start_profile`].
@@ -143,7 +178,20 @@ impl Kernels {
             functions: Default::default(),
             staging: Default::default(),
             profile: Default::default(),
+            blas_lt: Default::default(),
+            bias_epilogue_off: match std::env::var("NANOGPT_CUDA_BIAS_EPILOGUE").as_deref() {
+                Ok("0") => Some("NANOGPT_CUDA_BIAS_EPILOGUE=0".to_string()),
+                Ok("1") | Err(_) => None,
+                Ok(other) => candle_core::bail!("NANOGPT_CUDA_BIAS_EPILOGUE must be 0 or 1, got `{other}`"),
+            },
+            bias_fallback: Default::default(),
         })
+    }
+
+    /// Why the last product with a bias since the previous call added it with a kernel of its own rather than
+    /// in cuBLASLt's epilogue; None if every one of them used the epilogue.
+    pub fn take_bias_fallback(&self) -> Option<String> {
+        self.bias_fallback.lock().unwrap().take()
     }
 
     /// Starts timing every kernel launch and matrix product by the device's clock: two events are queued
@@ -324,69 +372,208 @@ impl crate::kernels::cuda::Gpu for Kernels {
         unsafe { driver::result::memset_d8_async(dst, 0, bytes, stream.cu_stream()) }.map_err(driver_error)
     }
 
-    // cuBLAS is column-major: the product goes to it as `Gemm::column_major` restates it.
+    // A bias goes into cuBLASLt's epilogue, which adds it before the output's one rounding, with no pass of its
+    // own over the output; where cuBLASLt refuses the product (or NANOGPT_CUDA_BIAS_EPILOGUE=0), cuBLAS computes
+    // it and bias.cu's kernel adds the bias, and `take_bias_fallback` says why.
     fn gemm(&self, g: &crate::kernels::cuda::Gemm) -> Result<()> {
-        use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
-
-        use crate::kernels::cuda::Precision;
-
         g.check()?;
-        let data_type = |p: Precision| match p {
-            Precision::F32 => cudaDataType_t::CUDA_R_32F,
-            Precision::Bf16 => cudaDataType_t::CUDA_R_16BF,
+        let Some(bias) = g.bias else {
+            return self.timed(|| gemm_name(g, ""), || self.gemm_blas(g));
         };
+        let fused = match &self.bias_epilogue_off {
+            Some(reason) => Err(reason.clone()),
+            None => self.timed(|| gemm_name(g, " +bias"), || self.gemm_blas_lt(g, bias)).map_err(|e| first_line(&e)),
+        };
+        if let Err(reason) = fused {
+            *self.bias_fallback.lock().unwrap() = Some(reason);
+            let product = crate::kernels::cuda::Gemm { bias: None, ..*g };
+            self.timed(|| gemm_name(&product, ""), || self.gemm_blas(&product))?;
+            crate::kernels::cuda::bias::add(self, g.output, g.c, bias, g.m, g.n)?;
+        }
+        Ok(())
+    }
+}
+
+/// A product's name in a profile: its shape, transposes and types.
+#[cfg(feature = "cuda")]
+fn gemm_name(g: &crate::kernels::cuda::Gemm, epilogue: &str) -> String {
+    let transposed = |t: bool| if t { "^T" } else { "" };
+    format!(
+        "gemm {}x{}x{} a{} b{} {:?}->{:?}{epilogue}",
+        g.m,
+        g.n,
+        g.k,
+        transposed(g.transpose_a),
+        transposed(g.transpose_b),
+        g.inputs,
+        g.output
+    )
+}
+
+#[cfg(feature = "cuda")]
+fn cublas_data_type(p: crate::kernels::cuda::Precision) -> cudarc::cublas::sys::cudaDataType_t {
+    match p {
+        crate::kernels::cuda::Precision::F32 => cudarc::cublas::sys::cudaDataType_t::CUDA_R_32F,
+        crate::kernels::cuda::Precision::Bf16 => cudarc::cublas::sys::cudaDataType_t::CUDA_R_16BF,
+    }
+}
+
+/// The products' compute type: TF32 tensor cores for f32 inputs, as nanoGPT allows; f32 sums for bf16.
+#[cfg(feature = "cuda")]
+fn cublas_compute_type(inputs: crate::kernels::cuda::Precision) -> cudarc::cublas::sys::cublasComputeType_t {
+    match inputs {
+        crate::kernels::cuda::Precision::F32 => cudarc::cublas::sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
+        crate::kernels::cuda::Precision::Bf16 => cudarc::cublas::sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+    }
+}
+
+/// Destroys a cuBLASLt descriptor when dropped.
+#[cfg(feature = "cuda")]
+struct LtDescriptor<T: Copy>(T, unsafe fn(T) -> std::result::Result<(), cudarc::cublaslt::result::CublasError>);
+
+#[cfg(feature = "cuda")]
+impl<T: Copy> Drop for LtDescriptor<T> {
+    fn drop(&mut self) {
+        // SAFETY: the descriptor was created once and is destroyed once, after its last use.
+        let _ = unsafe { (self.1)(self.0) };
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Kernels {
+    /// `g` through cublasGemmEx, column-major as `Gemm::column_major` restates it; `g` has no bias.
+    fn gemm_blas(&self, g: &crate::kernels::cuda::Gemm) -> Result<()> {
+        use cudarc::cublas::sys::{cublasGemmAlgo_t, cublasOperation_t};
+
         let op = |transposed: bool| if transposed { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
-        let compute = match g.inputs {
-            Precision::F32 => cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
-            Precision::Bf16 => cublasComputeType_t::CUBLAS_COMPUTE_32F,
-        };
         let cm = g.column_major();
         // `check` bounded m, n and k by i32::MAX, and every leading dimension is one of them.
         let int = |d: usize| d as i32;
         // cuBLAS runs in the context current on the calling thread.
         self.stream()?;
         let blas = self.device.cublas_handle();
-        let name = || {
-            let transposed = |t: bool| if t { "^T" } else { "" };
-            format!(
-                "gemm {}x{}x{} a{} b{} {:?}->{:?}",
-                g.m,
-                g.n,
-                g.k,
-                transposed(g.transpose_a),
-                transposed(g.transpose_b),
-                g.inputs,
-                g.output
+        // SAFETY: the handle is bound to the device's stream; the caller's a, b and c hold the packed
+        // matrices `g` describes; alpha and beta are host f32s, read before the call returns, as cuBLAS's
+        // default host pointer mode and its 32F compute types expect.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *blas.handle(),
+                op(cm.transpose_a),
+                op(cm.transpose_b),
+                int(cm.m),
+                int(cm.n),
+                int(cm.k),
+                &g.alpha as *const f32 as *const _,
+                cm.a as *const _,
+                cublas_data_type(g.inputs),
+                int(cm.lda),
+                cm.b as *const _,
+                cublas_data_type(g.inputs),
+                int(cm.ldb),
+                &g.beta as *const f32 as *const _,
+                cm.c as *mut _,
+                cublas_data_type(g.output),
+                int(cm.ldc),
+                cublas_compute_type(g.inputs),
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
+        }
+        .map_err(|e| candle_core::Error::Msg(format!("cuBLAS gemm m={} n={} k={}: {e}", g.m, g.n, g.k)))
+    }
+
+    /// `g` through cublasLtMatmul with the bias epilogue, column-major as for `gemm_blas`: there the bias has
+    /// one value per row of C (column-major m), which is what cuBLASLt's epilogue broadcasts.
+    fn gemm_blas_lt(&self, g: &crate::kernels::cuda::Gemm, bias: u64) -> Result<()> {
+        use cudarc::cublas::sys::cublasOperation_t;
+        use cudarc::cublaslt::result as lt;
+        use cudarc::cublaslt::sys::{
+            cublasLtEpilogue_t, cublasLtMatmulDescAttributes_t as Desc, cublasLtMatmulPreferenceAttributes_t as Pref, cudaDataType_t,
         };
-        self.timed(name, || {
-            // SAFETY: the handle is bound to the device's stream; the caller's a, b and c hold the packed
-            // matrices `g` describes; alpha and beta are host f32s, read before the call returns, as cuBLAS's
-            // default host pointer mode and its 32F compute types expect.
-            unsafe {
-                cudarc::cublas::result::gemm_ex(
-                    *blas.handle(),
-                    op(cm.transpose_a),
-                    op(cm.transpose_b),
-                    int(cm.m),
-                    int(cm.n),
-                    int(cm.k),
-                    &g.alpha as *const f32 as *const _,
-                    cm.a as *const _,
-                    data_type(g.inputs),
-                    int(cm.lda),
-                    cm.b as *const _,
-                    data_type(g.inputs),
-                    int(cm.ldb),
-                    &g.beta as *const f32 as *const _,
-                    cm.c as *mut _,
-                    data_type(g.output),
-                    int(cm.ldc),
-                    compute,
-                    cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                )
-            }
-            .map_err(|e| candle_core::Error::Msg(format!("cuBLAS gemm m={} n={} k={}: {e}", g.m, g.n, g.k)))
-        })
+
+        let failed =
+            |what: &str, e: lt::CublasError| candle_core::Error::Msg(format!("cuBLASLt {what} m={} n={} k={}: {e}", g.m, g.n, g.k));
+        let data_type = |p: crate::kernels::cuda::Precision| match p {
+            crate::kernels::cuda::Precision::F32 => cudaDataType_t::CUDA_R_32F,
+            crate::kernels::cuda::Precision::Bf16 => cudaDataType_t::CUDA_R_16BF,
+        };
+        // The same enumerators as cuBLAS's, in cuBLASLt's own bindings.
+        let compute = match g.inputs {
+            crate::kernels::cuda::Precision::F32 => cudarc::cublaslt::sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
+            crate::kernels::cuda::Precision::Bf16 => cudarc::cublaslt::sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        };
+        let cm = g.column_major();
+        let stream = self.stream()?;
+        let mut blas_lt = self.blas_lt.lock().unwrap();
+        if blas_lt.is_none() {
+            let handle = lt::create_handle().map_err(|e| failed("handle", e))?;
+            // SAFETY: a fresh allocation of the stated size on the device's stream.
+            let workspace = unsafe { driver::result::malloc_async(stream.cu_stream(), BLAS_LT_WORKSPACE) }.map_err(driver_error)?;
+            *blas_lt = Some(BlasLt { handle, workspace, stream: stream.clone() });
+        }
+        let BlasLt { handle, workspace, .. } = blas_lt.as_ref().unwrap();
+
+        // Matrices as BLAS stores them: rows x columns with a leading dimension, transposed ones as stored.
+        let layout = |p, rows: usize, cols: usize, ld: usize| -> Result<LtDescriptor<_>> {
+            let layout = lt::create_matrix_layout(data_type(p), rows as u64, cols as u64, ld as i64).map_err(|e| failed("layout", e))?;
+            Ok(LtDescriptor(layout, lt::destroy_matrix_layout))
+        };
+        let (a_rows, a_cols) = if cm.transpose_a { (cm.k, cm.m) } else { (cm.m, cm.k) };
+        let (b_rows, b_cols) = if cm.transpose_b { (cm.n, cm.k) } else { (cm.k, cm.n) };
+        let a_layout = layout(g.inputs, a_rows, a_cols, cm.lda)?;
+        let b_layout = layout(g.inputs, b_rows, b_cols, cm.ldb)?;
+        let c_layout = layout(g.output, cm.m, cm.n, cm.ldc)?;
+
+        let desc = LtDescriptor(
+            lt::create_matmul_desc(compute, cudaDataType_t::CUDA_R_32F).map_err(|e| failed("descriptor", e))?,
+            lt::destroy_matmul_desc,
+        );
+        let op = |transposed: bool| if transposed { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
+        let (op_a, op_b, epilogue) = (op(cm.transpose_a), op(cm.transpose_b), cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS);
+        // SAFETY: each value is of the type and size its attribute takes, and is read before the call returns;
+        // the bias pointer's vector is of `output`'s type, cuBLASLt's default for a bias.
+        unsafe {
+            let set = |attr: Desc, value: *const std::ffi::c_void, size: usize| {
+                lt::set_matmul_desc_attribute(desc.0, attr, value, size).map_err(|e| failed("attribute", e))
+            };
+            set(Desc::CUBLASLT_MATMUL_DESC_TRANSA, &op_a as *const _ as *const _, std::mem::size_of_val(&op_a))?;
+            set(Desc::CUBLASLT_MATMUL_DESC_TRANSB, &op_b as *const _ as *const _, std::mem::size_of_val(&op_b))?;
+            set(Desc::CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue as *const _ as *const _, std::mem::size_of_val(&epilogue))?;
+            set(Desc::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias as *const u64 as *const _, std::mem::size_of::<u64>())?;
+        }
+        let preference = LtDescriptor(lt::create_matmul_pref().map_err(|e| failed("preference", e))?, lt::destroy_matmul_pref);
+        let workspace_bytes = BLAS_LT_WORKSPACE;
+        // SAFETY: as above; the algorithm found fits the workspace it is given below.
+        unsafe {
+            lt::set_matmul_pref_attribute(
+                preference.0,
+                Pref::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                &workspace_bytes as *const usize as *const _,
+                std::mem::size_of::<usize>(),
+            )
+            .map_err(|e| failed("preference", e))?;
+            let heuristic = lt::get_matmul_algo_heuristic(*handle, desc.0, a_layout.0, b_layout.0, c_layout.0, c_layout.0, preference.0)
+                .map_err(|e| failed("algorithm search", e))?;
+            // SAFETY: the caller's a, b, c and bias hold what `g` describes; alpha and beta are host f32s (the
+            // descriptor's scale type), read before the call returns; C is also D, written in place.
+            lt::matmul(
+                *handle,
+                desc.0,
+                &g.alpha as *const f32 as *const _,
+                &g.beta as *const f32 as *const _,
+                cm.a as *const _,
+                a_layout.0,
+                cm.b as *const _,
+                b_layout.0,
+                cm.c as *const _,
+                c_layout.0,
+                cm.c as *mut _,
+                c_layout.0,
+                &heuristic.algo,
+                *workspace as *mut _,
+                workspace_bytes,
+                stream.cu_stream() as *mut _,
+            )
+            .map_err(|e| failed("matmul", e))
+        }
     }
 }

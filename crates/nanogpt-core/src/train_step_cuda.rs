@@ -81,8 +81,10 @@ struct Activations {
     datty: DeviceBuffer,
     dqkv: DeviceBuffer,
     dfch: DeviceBuffer,
-    /// f32 partial sums of the LayerNorm backward, and the attention backward's row dot products.
+    /// f32 partial sums of the LayerNorm backward and of the linear layers' bias gradients (none without
+    /// biases), and the attention backward's row dot products.
     layernorm_scratch: DeviceBuffer,
+    bias_scratch: DeviceBuffer,
     attention_delta: DeviceBuffer,
 }
 
@@ -130,6 +132,7 @@ impl Activations {
             dqkv: xs(n * 3 * c)?,
             dfch: xs(n * 4 * c)?,
             layernorm_scratch: f32s(layernorm::backward_scratch_len(n, c))?,
+            bias_scratch: f32s(if args.bias { bias::backward_scratch_len(n, 4 * c) } else { 0 })?,
             attention_delta: f32s(b * nh * t)?,
         })
     }
@@ -424,7 +427,7 @@ impl CudaTrainStep {
         let (n, c, nh, v) = (b * t, self.args.n_embd, self.args.n_head, self.args.vocab_size);
         let tanh = self.args.gelu == Gelu::Tanh;
         let (dresidual, scratch) = (acts.dresidual.addr, acts.scratch.addr);
-        let ln_scratch = acts.layernorm_scratch.addr;
+        let (ln_scratch, bias_scratch) = (acts.layernorm_scratch.addr, acts.bias_scratch.addr);
         // The gradient of a block's output projection: the residual stream's, through the residual dropout.
         let through_dropout = |mask: Option<Mask>| -> Result<u64> {
             match mask {
@@ -439,6 +442,7 @@ impl CudaTrainStep {
             Some(scratch),
             self.grad(&layout.wte),
             None,
+            0,
             acts.logits.addr,
             acts.ln_f.addr,
             self.weight(&layout.wte),
@@ -480,6 +484,7 @@ impl CudaTrainStep {
                 Some(acts.dfch.addr),
                 dw,
                 db,
+                bias_scratch,
                 dproj,
                 acts.fch_gelu.addr,
                 self.weight(&lp.mlp_proj.weight),
@@ -489,7 +494,8 @@ impl CudaTrainStep {
             )?;
             gelu::backward(gpu, x, acts.dfch.addr, a.fch.addr, acts.dfch.addr, n * 4 * c, tanh)?;
             let (dw, db) = self.affine_grads(&lp.c_fc);
-            matmul::backward(gpu, x, Some(scratch), dw, db, acts.dfch.addr, a.ln_2.addr, self.weight(&lp.c_fc.weight), n, c, 4 * c)?;
+            let w = self.weight(&lp.c_fc.weight);
+            matmul::backward(gpu, x, Some(scratch), dw, db, bias_scratch, acts.dfch.addr, a.ln_2.addr, w, n, c, 4 * c)?;
             let (dw, db) = self.affine_grads(&lp.ln_2);
             let w = self.weight(&lp.ln_2.weight);
             layernorm::backward(
@@ -512,7 +518,8 @@ impl CudaTrainStep {
             // Attention block: residual_2 = residual + dropout(attention(ln_1 W_attnᵀ) W_projᵀ).
             let dproj = through_dropout(mask(dropout, Site::AttentionResidual(l)))?;
             let (dw, db) = self.affine_grads(&lp.attn_proj);
-            matmul::backward(gpu, x, Some(acts.datty.addr), dw, db, dproj, a.atty.addr, self.weight(&lp.attn_proj.weight), n, c, c)?;
+            let w = self.weight(&lp.attn_proj.weight);
+            matmul::backward(gpu, x, Some(acts.datty.addr), dw, db, bias_scratch, dproj, a.atty.addr, w, n, c, c)?;
             attention::backward(
                 gpu,
                 x,
@@ -529,7 +536,8 @@ impl CudaTrainStep {
                 mask(dropout, Site::Attention(l)),
             )?;
             let (dw, db) = self.affine_grads(&lp.c_attn);
-            matmul::backward(gpu, x, Some(scratch), dw, db, acts.dqkv.addr, a.ln_1.addr, self.weight(&lp.c_attn.weight), n, c, 3 * c)?;
+            let w = self.weight(&lp.c_attn.weight);
+            matmul::backward(gpu, x, Some(scratch), dw, db, bias_scratch, acts.dqkv.addr, a.ln_1.addr, w, n, c, 3 * c)?;
             let (dw, db) = self.affine_grads(&lp.ln_1);
             let w = self.weight(&lp.ln_1.weight);
             layernorm::backward(

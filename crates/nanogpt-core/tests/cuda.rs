@@ -175,3 +175,58 @@ fn sampling_on_the_kernels_streams_what_a_batch_gives() -> Result<()> {
     }
     Ok(())
 }
+
+/// A linear layer with a bias at GPT-2's shapes adds it in cuBLASLt's epilogue, in both precisions, and gets the
+/// CPU kernel's values: `Kernels` falls back on a separate bias kernel only where cuBLASLt refuses a product,
+/// and says so in `take_bias_fallback`. (The kernels' tests check the values at odd shapes, either way.)
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn biases_are_added_in_cublaslt_epilogue() -> Result<()> {
+    use std::sync::Arc;
+
+    use nanogpt_core::cuda::Kernels;
+    use nanogpt_core::kernels::cuda::{matmul, DeviceBuffer, Gpu, Precision};
+
+    let kernels = Arc::new(Kernels::new(&gpu())?);
+    let shared: Arc<dyn Gpu + Send + Sync> = kernels.clone();
+    let (n, c, oc) = (256, 768, 2304);
+    let mut rng = StdRng::seed_from_u64(9);
+    let mut random = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect() };
+    let (inp, weight, bias) = (random(n * c), random(oc * c), random(oc));
+    for x in [Precision::F32, Precision::Bf16] {
+        // Values as precision x holds them, and on the device.
+        let held = |values: &[f32]| -> Vec<f32> {
+            match x {
+                Precision::F32 => values.to_vec(),
+                Precision::Bf16 => values.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect(),
+            }
+        };
+        let upload = |values: &[f32]| -> Result<DeviceBuffer> {
+            let buffer = DeviceBuffer::zeroed(&shared, values.len() * x.size_in_bytes())?;
+            match x {
+                Precision::F32 => buffer.upload_f32(values)?,
+                Precision::Bf16 => {
+                    buffer.upload_bytes(&values.iter().flat_map(|&v| half::bf16::from_f32(v).to_ne_bytes()).collect::<Vec<u8>>())?
+                }
+            }
+            Ok(buffer)
+        };
+        let (inp, weight, bias) = (held(&inp), held(&weight), held(&bias));
+        let out = DeviceBuffer::zeroed(&shared, n * oc * x.size_in_bytes())?;
+        kernels.take_bias_fallback();
+        matmul::forward(&*kernels, x, out.addr, upload(&inp)?.addr, upload(&weight)?.addr, Some(upload(&bias)?.addr), n, c, oc)?;
+        assert_eq!(kernels.take_bias_fallback(), None, "{x:?}: the bias was not added in cuBLASLt's epilogue");
+
+        let got: Vec<f32> = match x {
+            Precision::F32 => out.download_f32()?,
+            Precision::Bf16 => out.download_bytes()?.chunks_exact(2).map(|b| half::bf16::from_ne_bytes([b[0], b[1]]).to_f32()).collect(),
+        };
+        let mut want = vec![0.0; n * oc];
+        nanogpt_core::kernels::matmul::forward(&mut want, &inp, &weight, Some(&bias), n, c, oc, false);
+        // Sums of 768 products of TF32- or bf16-rounded values, then bf16's rounding of the result.
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!((g - w).abs() <= 3e-2 * (1.0 + w.abs()), "{x:?} element {i}: got {g}, want {w}");
+        }
+    }
+    Ok(())
+}

@@ -35,17 +35,30 @@ fn add_bias_matches_cpu() {
     }
 }
 
+/// With `misaligned`, dout starts one element past an aligned address, so that no pack is one 16-byte load.
+fn check_backward(x: Precision, n: usize, oc: usize, misaligned: bool) {
+    let shift = misaligned as usize;
+    let dout = Buffer::new(x, &random(shift + n * oc, 1.0, 3));
+    let dbias = Buffer::f32(&random(oc, 1.0, 4));
+    let scratch = Buffer::unwritten(Precision::F32, bias::backward_scratch_len(n, oc));
+    let mut want = dbias.values();
+    let mut dweight = vec![0.0; oc];
+    matmul::backward(None, &mut dweight, Some(&mut want), &dout.values()[shift..], &vec![0.0; n], &vec![0.0; oc], n, 1, oc, true);
+    let dout_addr = dout.addr() + (shift * x.size_in_bytes()) as u64;
+    bias::backward(gpu(), x, dbias.addr(), scratch.addr(), dout_addr, n, oc).unwrap();
+    // Sums of floats in both precisions: only the order of the additions differs.
+    assert_close(&format!("bias_backward {x:?} n={n} oc={oc} misaligned={misaligned}"), &dbias.values(), &want, 1e-5);
+}
+
 #[test]
 fn bias_backward_adds_column_sums() {
     for x in [Precision::F32, Precision::Bf16] {
-        let dout = Buffer::new(x, &random(N * OC, 1.0, 3));
-        let dbias = Buffer::f32(&random(OC, 1.0, 4));
-        let mut want = dbias.values();
-        let mut dweight = vec![0.0; OC];
-        matmul::backward(None, &mut dweight, Some(&mut want), &dout.values(), &vec![0.0; N], &vec![0.0; OC], N, 1, OC, true);
-        bias::backward(gpu(), x, dbias.addr(), dout.addr(), N, OC).unwrap();
-        // Sums of floats in both precisions: only the order of the additions differs.
-        assert_close(&format!("bias_backward {x:?}"), &dbias.values(), &want, 1e-5);
+        // One chunk of rows and two (the second partial); columns past one block's 256 (bf16) or 128 (f32), in
+        // whole packs (264) or not (OC), from an aligned start or not.
+        check_backward(x, 50, OC, false);
+        check_backward(x, N, OC, false);
+        check_backward(x, 200, 264, false);
+        check_backward(x, 200, 264, true);
     }
 }
 

@@ -138,7 +138,7 @@ impl Gpu for Emulated {
     }
 
     // The product as cuBLAS receives it (`Gemm::column_major`), computed by BLAS's definition, so that the
-    // tests check that translation too.
+    // tests check that translation too; a bias goes down each column there, as cuBLASLt's bias epilogue adds it.
     fn gemm(&self, g: &Gemm) -> Result<()> {
         g.check()?;
         let cm = g.column_major();
@@ -147,13 +147,17 @@ impl Gpu for Emulated {
         let b = self.read("gemm B", cm.b, g.inputs, cm.ldb * stored_columns(cm.transpose_b, cm.k, cm.n))?;
         let len = cm.ldc * cm.n;
         let mut c = if g.beta == 0.0 { vec![0.0; len] } else { self.read("gemm C", cm.c, g.output, len)? };
+        let bias = match g.bias {
+            Some(addr) => self.read("gemm bias", addr, g.output, cm.m)?,
+            None => vec![0.0; cm.m],
+        };
         let a_at = |i: usize, p: usize| if cm.transpose_a { a[p + i * cm.lda] } else { a[i + p * cm.lda] };
         let b_at = |p: usize, j: usize| if cm.transpose_b { b[j + p * cm.ldb] } else { b[p + j * cm.ldb] };
         for j in 0..cm.n {
             for i in 0..cm.m {
                 let product: f32 = (0..cm.k).map(|p| a_at(i, p) * b_at(p, j)).sum();
                 let old = if g.beta == 0.0 { 0.0 } else { g.beta * c[i + j * cm.ldc] };
-                c[i + j * cm.ldc] = g.alpha * product + old;
+                c[i + j * cm.ldc] = g.alpha * product + old + bias[i];
             }
         }
         self.write("gemm C", cm.c, g.output, &c)

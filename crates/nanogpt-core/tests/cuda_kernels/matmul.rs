@@ -2,10 +2,10 @@
 //! f64 in every transpose and precision combination, and kernels/cuda/matmul.rs's linear layer against
 //! kernels/matmul.rs.
 
-use nanogpt_core::kernels::cuda::{matmul, DeviceBuffer, Gemm, Precision};
+use nanogpt_core::kernels::cuda::{bias, matmul, DeviceBuffer, Gemm, Precision};
 use nanogpt_core::kernels::matmul as cpu;
 
-use crate::gpu::{assert_close, device_buffer, device_values, gpu, on_cuda_device, random, shared_gpu};
+use crate::gpu::{assert_close, device_buffer, device_values, gpu, on_cuda_device, random, shared_gpu, Buffer};
 
 // Odd shapes: no dimension a multiple of a warp, a tile or a block.
 const N: usize = 37;
@@ -64,8 +64,8 @@ fn device_buffer_round_trips() {
     assert!(empty.download_bytes().unwrap().is_empty());
 }
 
-/// op(A) op(B) in f64, from the stored matrices, transposed into place first.
-fn reference(g: &Gemm, a: &[f32], b: &[f32], c: &[f32]) -> Vec<f32> {
+/// alpha op(A) op(B) + beta C + bias in f64, from the stored matrices, transposed into place first.
+fn reference(g: &Gemm, a: &[f32], b: &[f32], c: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
     let Gemm { m, n, k, .. } = *g;
     let transposed =
         |x: &[f32], rows: usize, cols: usize| -> Vec<f32> { (0..cols).flat_map(|j| (0..rows).map(move |i| x[i * cols + j])).collect() };
@@ -75,7 +75,8 @@ fn reference(g: &Gemm, a: &[f32], b: &[f32], c: &[f32]) -> Vec<f32> {
     for i in 0..m {
         for j in 0..n {
             let product: f64 = (0..k).map(|p| a[i * k + p] as f64 * b[p * n + j] as f64).sum();
-            out[i * n + j] = (g.alpha as f64 * product + g.beta as f64 * c[i * n + j] as f64) as f32;
+            let row_bias = bias.map_or(0.0, |bias| bias[j] as f64);
+            out[i * n + j] = (g.alpha as f64 * product + g.beta as f64 * c[i * n + j] as f64 + row_bias) as f32;
         }
     }
     out
@@ -87,11 +88,13 @@ fn gemm_matches_reference() {
     let combinations = [(Precision::F32, Precision::F32), (Precision::Bf16, Precision::F32), (Precision::Bf16, Precision::Bf16)];
     for (inputs, output) in combinations {
         for (transpose_a, transpose_b) in [(false, false), (false, true), (true, false), (true, true)] {
-            for beta in [0.0, 1.0] {
+            for (beta, with_bias) in [(0.0, false), (1.0, false), (0.0, true), (1.0, true)] {
                 let a = rounded(inputs, &random(m * k, 1.0, 1));
                 let b = rounded(inputs, &random(k * n, 1.0, 2));
                 let c = rounded(output, &random(m * n, 1.0, 3));
+                let bias = rounded(output, &random(n, 1.0, 4));
                 let (a_buffer, b_buffer, c_buffer) = (device_buffer(inputs, &a), device_buffer(inputs, &b), device_buffer(output, &c));
+                let bias_buffer = device_buffer(output, &bias);
                 let g = Gemm {
                     m,
                     n,
@@ -105,10 +108,14 @@ fn gemm_matches_reference() {
                     output,
                     alpha: 1.5,
                     beta,
+                    bias: with_bias.then_some(bias_buffer.addr),
                 };
                 gpu().gemm(&g).unwrap();
-                let what = format!("gemm {inputs:?} -> {output:?} transpose_a={transpose_a} transpose_b={transpose_b} beta={beta}");
-                assert_close(&what, &device_values(output, &c_buffer), &reference(&g, &a, &b, &c), product_tolerance(inputs, output));
+                let what = format!(
+                    "gemm {inputs:?} -> {output:?} transpose_a={transpose_a} transpose_b={transpose_b} beta={beta} bias={with_bias}"
+                );
+                let want = reference(&g, &a, &b, &c, with_bias.then_some(&bias[..]));
+                assert_close(&what, &device_values(output, &c_buffer), &want, product_tolerance(inputs, output));
             }
         }
     }
@@ -130,6 +137,7 @@ fn gemm_refuses_what_cublas_cannot_do() {
         output: Precision::Bf16,
         alpha: 1.0,
         beta: 0.0,
+        bias: None,
     };
     let error = gpu().gemm(&g).unwrap_err().to_string();
     assert!(error.contains("f32 inputs with a bf16 output"), "{error}");
@@ -186,12 +194,14 @@ fn check_backward(x: Precision, with_dinp: bool, with_bias: bool) {
     let dweight_buffer = device_buffer(Precision::F32, &dweight);
     let dbias_buffer = device_buffer(Precision::F32, &dbias);
     let (dout_buffer, inp_buffer, weight_buffer) = (device_buffer(x, &dout), device_buffer(x, &inp), device_buffer(x, &weight));
+    let bias_scratch = Buffer::unwritten(Precision::F32, bias::backward_scratch_len(N, OC));
     matmul::backward(
         gpu(),
         x,
         with_dinp.then_some(dinp_buffer.addr),
         dweight_buffer.addr,
         with_bias.then_some(dbias_buffer.addr),
+        bias_scratch.addr(),
         dout_buffer.addr,
         inp_buffer.addr,
         weight_buffer.addr,

@@ -94,9 +94,10 @@ pub fn residual_forward(
 }
 
 /// The floats of scratch memory [`backward`] needs for N rows of C channels: each block's partial sums
-/// of the weight and bias gradients.
+/// of the weight and bias gradients, then the scratch of the bias gradient's kernel that adds them up.
 pub fn backward_scratch_len(n: usize, c: usize) -> usize {
-    2 * n.div_ceil(BACKWARD_ROWS) * c
+    let blocks = n.div_ceil(BACKWARD_ROWS);
+    2 * blocks * c + bias::backward_scratch_len(blocks, c)
 }
 
 /// The backward pass, in two launches. The input gradient goes to `dinp` (N x C of X): added to it when
@@ -138,9 +139,10 @@ pub fn backward(
         Arg::I32(add_to_dinp as i32),
     ];
     gpu.launch(&x.kernel("layernorm_backward"), [blocks as u32, 1, 1], [BACKWARD_THREADS, 1, 1], 0, &args)?;
-    bias::backward(gpu, Precision::F32, dweight, scratch, blocks, c)?;
+    let (bias_partials, sums_scratch) = (scratch + (4 * blocks * c) as u64, scratch + (8 * blocks * c) as u64);
+    bias::backward(gpu, Precision::F32, dweight, sums_scratch, scratch, blocks, c)?;
     if let Some(dbias) = dbias {
-        bias::backward(gpu, Precision::F32, dbias, scratch + (4 * blocks * c) as u64, blocks, c)?;
+        bias::backward(gpu, Precision::F32, dbias, sums_scratch, bias_partials, blocks, c)?;
     }
     Ok(())
 }

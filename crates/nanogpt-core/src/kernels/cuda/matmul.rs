@@ -1,5 +1,7 @@
 //! The linear layer `out = inp Wᵀ + b` on a [`Gpu`] (kernels/matmul.rs's forward and backward), W in
-//! PyTorch's (OC, C) layout: its products are [`Gemm`]s (cuBLAS on a CUDA device), its bias bias.cu's kernels.
+//! PyTorch's (OC, C) layout: its products are [`Gemm`]s (cuBLAS on a CUDA device), the forward's bias added
+//! inside its product (cuBLASLt's bias epilogue: no pass of its own over the output), the bias's gradient
+//! summed by bias.cu.
 
 use candle_core::Result;
 
@@ -32,17 +34,15 @@ pub fn forward(
         output: x,
         alpha: 1.0,
         beta: 0.0,
+        bias,
     };
-    gpu.gemm(&product)?;
-    match bias {
-        Some(b) => bias::add(gpu, x, out, b, n, oc),
-        None => Ok(()),
-    }
+    gpu.gemm(&product)
 }
 
 /// The gradients from `dout` (N x OC of X), with `inp` (N x C of X) and `weight` (OC x C of X) the
 /// forward's: `dinp` (N x C of X) = dout W is written; `dweight` (OC x C, f32) += doutᵀ inp and
 /// `dbias` (OC, f32) += dout's column sums are added to, so that micro-steps accumulate their gradients.
+/// `bias_scratch` holds [`bias::backward_scratch_len`] floats when there is a dbias.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     gpu: &dyn Gpu,
@@ -50,6 +50,7 @@ pub fn backward(
     dinp: Option<u64>,
     dweight: u64,
     dbias: Option<u64>,
+    bias_scratch: u64,
     dout: u64,
     inp: u64,
     weight: u64,
@@ -71,6 +72,7 @@ pub fn backward(
             output: x,
             alpha: 1.0,
             beta: 0.0,
+            bias: None,
         };
         gpu.gemm(&product)?;
     }
@@ -87,10 +89,11 @@ pub fn backward(
         output: Precision::F32,
         alpha: 1.0,
         beta: 1.0,
+        bias: None,
     };
     gpu.gemm(&weight_gradient)?;
     match dbias {
-        Some(dbias) => bias::backward(gpu, x, dbias, dout, n, oc),
+        Some(dbias) => bias::backward(gpu, x, dbias, bias_scratch, dout, n, oc),
         None => Ok(()),
     }
 }

@@ -114,10 +114,11 @@ pub trait Gpu {
     fn gemm(&self, g: &Gemm) -> Result<()>;
 }
 
-/// Row-major `C` (m x n) = alpha op(A) op(B) + beta C, op(A) m x k and op(B) k x n, every matrix packed
-/// (rows contiguous): A is stored m x k, or k x m when `transpose_a`; B k x n, or n x k when `transpose_b`.
-/// A and B hold `inputs`, C holds `output`; products accumulate in f32 (TF32 tensor cores for f32 inputs
-/// on a CUDA device, as nanoGPT allows). With beta 0, C is written without being read.
+/// Row-major `C` (m x n) = alpha op(A) op(B) + beta C + bias, op(A) m x k and op(B) k x n, every matrix
+/// packed (rows contiguous): A is stored m x k, or k x m when `transpose_a`; B k x n, or n x k when
+/// `transpose_b`. A and B hold `inputs`, C and the bias (n values, added to every row) hold `output`; products
+/// accumulate in f32 (TF32 tensor cores for f32 inputs on a CUDA device, as nanoGPT allows), and the bias is
+/// added to that sum before its one rounding to `output`. With beta 0, C is written without being read.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Gemm {
     pub m: usize,
@@ -132,6 +133,7 @@ pub struct Gemm {
     pub output: Precision,
     pub alpha: f32,
     pub beta: f32,
+    pub bias: Option<u64>,
 }
 
 impl Gemm {
