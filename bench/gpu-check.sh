@@ -95,6 +95,7 @@ python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.versio
 echo "logs: $out"
 
 phase unpack 120 tar -C "$work" -xJf "$root/.gpu-check/payload.tar.xz" || { echo "cannot unpack the payload: run scripts/pack-gpu-check.sh"; exit 1; }
+echo "payload built from commit $(cat "$app/COMMIT" 2>/dev/null || echo unknown)"
 "$node" --version
 echo "ldd of the addon:"
 ldd "$addon" | grep -E 'cuda|cublas|curand|nvrtc|not found' || true
@@ -154,6 +155,7 @@ g_tok=$(result graph_bench tokens_per_s)
 t_wall=$(result torch_train wall_s) t_best=$(result torch_train best_val)
 
 section "summary"
+echo "payload: commit $(cat "$app/COMMIT" 2>/dev/null || echo unknown); GPU: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -n1)"
 for name in unpack correctness kernels kernel_bench_ours kernel_bench_torch nccl torch_bench step_bench our_bench graph_bench profile_124m \
   prepare profile_char sample_xl torch_train our_train; do
   printf '%-18s %s\n' "$name" "${status[$name]:-not run}"

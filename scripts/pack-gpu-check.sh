@@ -12,6 +12,8 @@
 #   app/configs/*.mjs                       the config files, as JavaScript (the bundle has no TypeScript loader)
 #   app/bench/sample.mjs, torch_ref.py      the sampling benchmark (bench/sample.ts), bundled, and its reference
 #   node/bin/node                           this machine's Node.js runtime
+#   app/COMMIT                              the commit it was built from (`git describe --always --dirty`), which
+#                                           bench/gpu-check.sh prints, so that a stale payload shows in the log
 # Needs: cargo, node_modules (npm ci), and the CUDA toolkit that scripts/build-cuda.sh sets up.
 set -euo pipefail
 
@@ -46,6 +48,7 @@ cp "$kernels_test_bin" "$app/tests/cuda_kernels"
 cp "$nccl_test_bin" "$app/tests/nccl"
 cp "$CARGO_TARGET_DIR/release/examples/cuda_kernels_bench" "$CARGO_TARGET_DIR/release/examples/cuda_step_bench" "$app/bench/"
 cp package.json "$app/"
+git describe --always --dirty > "$app/COMMIT"
 # The corpus module resolves tsx's location when it loads (for its worker threads); shakespeare_char needs no worker.
 cp node_modules/tsx/package.json "$app/node_modules/tsx/"
 esbuild=node_modules/.bin/esbuild
