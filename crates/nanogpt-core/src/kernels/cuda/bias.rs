@@ -39,14 +39,17 @@ pub fn backward_scratch_len(n: usize, oc: usize) -> usize {
 
 /// Adds the column sums of `dout` (N x OC of X) to `dbias` (OC floats), deterministically, in two launches: each
 /// chunk of 64 rows is summed into a row of `scratch` ([`backward_scratch_len`] floats), then each column's
-/// chunk sums are added in order. Reading dout once, the first launch has a block per 64 rows for every 256
-/// (bf16) or 128 (f32) columns: 576 blocks at GPT-2's N = 12288, OC = 768.
+/// chunk sums are added in order. The first launch, which reads dout once, has a block per 64 rows for every
+/// 256 (bf16) or 128 (f32) columns: 576 blocks at GPT-2's N = 12288, OC = 768.
 pub fn backward(gpu: &dyn Gpu, x: Precision, dbias: u64, scratch: u64, dout: u64, n: usize, oc: usize) -> Result<()> {
     check("bias_backward", n, oc)?;
     if n > i32::MAX as usize {
         bail!("bias_backward: {n} rows is more than 2^31 - 1");
     }
     let chunks = n.div_ceil(CHUNK_ROWS);
+    if chunks > 65_535 {
+        bail!("bias_backward: {n} rows make {chunks} chunks of {CHUNK_ROWS}, past a grid's 65535 rows; use smaller batches");
+    }
     let block_columns = LANES as usize * (16 / x.size_in_bytes());
     let (n_arg, oc_arg) = (Arg::I32(n as i32), Arg::I32(oc as i32));
     gpu.launch(
