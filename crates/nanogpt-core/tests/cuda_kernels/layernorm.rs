@@ -71,15 +71,20 @@ fn check_residual_forward(x: Precision, mask: Option<Mask>) {
     assert_close(&format!("{what}: rstd"), &rstd.values(), &want_rstd, tolerance(x));
 }
 
-fn check_backward(x: Precision, with_bias: bool, add_to_dinp: bool) {
-    let inp = Buffer::new(x, &random(N * C, 2.0, 8));
-    let weight = Buffer::new(x, &random(C, 1.0, 9));
-    let dout = Buffer::new(x, &random(N * C, 1.0, 10));
-    let dinp = Buffer::new(x, &random(N * C, 1.0, 11));
-    let (mut mean, mut rstd) = (vec![0.0; N], vec![0.0; N]);
-    cpu::forward(&mut vec![0.0; N * C], &mut mean, &mut rstd, &inp.values(), &weight.values(), None);
+/// With `misaligned_weight`, the weight starts one element past an aligned address, so that the kernel
+/// cannot take rows in 16-byte packs.
+fn check_backward(x: Precision, with_bias: bool, add_to_dinp: bool, n: usize, c: usize, misaligned_weight: bool) {
+    let inp = Buffer::new(x, &random(n * c, 2.0, 8));
+    let shift = misaligned_weight as usize;
+    let shifted_weight = Buffer::new(x, &random(shift + c, 1.0, 9));
+    let weight_values = shifted_weight.values()[shift..].to_vec();
+    let weight_addr = shifted_weight.addr() + (shift * x.size_in_bytes()) as u64;
+    let dout = Buffer::new(x, &random(n * c, 1.0, 10));
+    let dinp = Buffer::new(x, &random(n * c, 1.0, 11));
+    let (mut mean, mut rstd) = (vec![0.0; n], vec![0.0; n]);
+    cpu::forward(&mut vec![0.0; n * c], &mut mean, &mut rstd, &inp.values(), &weight_values, None);
     // Gradients already there (earlier micro-steps'), which the kernels add to.
-    let (dweight, dbias) = (Buffer::f32(&random(C, 1.0, 12)), Buffer::f32(&random(C, 1.0, 13)));
+    let (dweight, dbias) = (Buffer::f32(&random(c, 1.0, 12)), Buffer::f32(&random(c, 1.0, 13)));
     let (mut want_dinp, mut want_dweight, mut want_dbias) = (dinp.values(), dweight.values(), dbias.values());
     cpu::backward(
         &mut want_dinp,
@@ -89,12 +94,12 @@ fn check_backward(x: Precision, with_bias: bool, add_to_dinp: bool) {
         &inp.values(),
         &mean,
         &rstd,
-        &weight.values(),
+        &weight_values,
         add_to_dinp,
         true,
     );
 
-    let scratch = Buffer::unwritten(Precision::F32, layernorm::backward_scratch_len(N, C));
+    let scratch = Buffer::unwritten(Precision::F32, layernorm::backward_scratch_len(n, c));
     let (device_mean, device_rstd) = (Buffer::f32(&mean), Buffer::f32(&rstd));
     layernorm::backward(
         gpu(),
@@ -105,15 +110,16 @@ fn check_backward(x: Precision, with_bias: bool, add_to_dinp: bool) {
         scratch.addr(),
         dout.addr(),
         inp.addr(),
-        weight.addr(),
+        weight_addr,
         device_mean.addr(),
         device_rstd.addr(),
-        N,
-        C,
+        n,
+        c,
         add_to_dinp,
     )
     .unwrap();
-    let what = format!("layernorm backward {x:?} bias={with_bias} add_to_dinp={add_to_dinp}");
+    let what =
+        format!("layernorm backward {x:?} bias={with_bias} add_to_dinp={add_to_dinp} n={n} c={c} misaligned_weight={misaligned_weight}");
     assert_close(&format!("{what}: dinp"), &dinp.values(), &want_dinp, tolerance(x));
     // Float sums of the same (rounded) inputs in both precisions.
     assert_close(&format!("{what}: dweight"), &dweight.values(), &want_dweight, 1e-5);
@@ -156,8 +162,32 @@ fn backward_matches_cpu() {
     for x in [Precision::F32, Precision::Bf16] {
         for with_bias in [true, false] {
             for add_to_dinp in [true, false] {
-                check_backward(x, with_bias, add_to_dinp);
+                check_backward(x, with_bias, add_to_dinp, N, C, false);
             }
         }
     }
+}
+
+#[test]
+fn backward_in_packs_matches_cpu() {
+    // C a multiple of both packs (8 bf16, 4 floats): whole rows in 16-byte accesses, unless the weight is
+    // misaligned.
+    for x in [Precision::F32, Precision::Bf16] {
+        for misaligned_weight in [false, true] {
+            check_backward(x, true, true, N, 96, misaligned_weight);
+        }
+        check_backward(x, false, false, 33, 96, false);
+    }
+}
+
+#[test]
+fn backward_of_wide_rows_takes_fewer_warps_a_block() {
+    // 2000 channels: 3 warps' sums of dweight and dbias fit in a block's 48 KiB of shared memory, not 8.
+    check_backward(Precision::Bf16, true, true, 40, 2000, false);
+}
+
+#[test]
+fn backward_refuses_rows_too_wide_for_shared_memory() {
+    let err = layernorm::backward(gpu(), Precision::F32, 0, 0, None, 0, 0, 0, 0, 0, 0, 1, 7000, false).unwrap_err().to_string();
+    assert!(err.contains("C = 7000"), "{err}");
 }

@@ -2,8 +2,7 @@
 // mean and 1/std kept (float) for the backward pass. Row reductions take one warp per row.
 namespace layernorm {
 constexpr float EPS = 1e-5f;
-// Rows per block of the backward kernel: its warps share them out for dinp, then each thread sums its
-// columns of dweight and dbias over them into the block's partial sums (see backward).
+// Rows per block of the backward kernel, which its warps share out (see backward_rows).
 constexpr int BACKWARD_ROWS = 32;
 
 // Normalises one row, held as floats in this warp's `x` (each lane reads back only the channels it wrote,
@@ -65,45 +64,97 @@ __device__ void residual_forward(X* residual_out, X* ln_out, float* mean, float*
   normalize_row(ln_out, mean, rstd, x, weight, bias, C, row);
 }
 
-// Block b owns rows [b*BACKWARD_ROWS, (b+1)*BACKWARD_ROWS). First its warps take those rows in turn and
-// write (or add to) dinp, a warp per row for the two row means. Then thread k sums channels k,
-// k + blockDim.x, ... over the same rows, in row order, into the block's partial sums of dweight
-// (partials[b*C + c]) and dbias (partials[(blocks + b)*C + c]); bias_backward then adds their column sums
-// to dweight and dbias. Fixed orders throughout, so the result is deterministic without atomics. The
-// second pass re-reads rows this block has just read, mostly from cache.
-template <typename X>
-__device__ void backward(X* dinp, float* partials, const X* dout, const X* inp, const X* weight, const float* mean,
-                         const float* rstd, int N, int C, int add_to_dinp) {
+// P elements from src into v: one 16-byte access where P is a pack, else one element.
+template <typename X, int P>
+__device__ __forceinline__ void load(X (&v)[P], const X* src) {
+  if constexpr (P == 1) {
+    v[0] = *src;
+  } else {
+    *reinterpret_cast<uint4*>(v) = *reinterpret_cast<const uint4*>(src);
+  }
+}
+template <typename X, int P>
+__device__ __forceinline__ void store(X* dst, const X (&v)[P]) {
+  if constexpr (P == 1) {
+    *dst = v[0];
+  } else {
+    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(v);
+  }
+}
+
+// Block b owns rows [b*BACKWARD_ROWS, (b+1)*BACKWARD_ROWS); warp w takes rows b*BACKWARD_ROWS + w, + w + warps,
+// ... Each lane owns the same P-element groups of channels (16-byte packs where C and the buffers allow, else
+// single elements) in every row, so that the pass that writes dinp also adds the row's terms of dweight and
+// dbias to the warp's own C floats of each in shared memory, with no barrier and no atomics: one read of dout
+// and inp from memory (the second pass over a row finds it in cache), where a separate column pass would read
+// them again. The block then adds its warps' sums, in warp order, into its partial sums (partials[b*C + c] and
+// partials[(blocks + b)*C + c]), whose column sums bias_backward adds to dweight and dbias. Fixed orders
+// throughout, so the result is deterministic.
+template <typename X, int P>
+__device__ void backward_rows(X* dinp, float* partials, const X* dout, const X* inp, const X* weight,
+                              const float* mean, const float* rstd, int N, int C, int add_to_dinp) {
+  DYNAMIC_SHARED(float, warp_sums);
   const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE, warps = blockDim.x / WARP_SIZE;
-  const int first = blockIdx.x * BACKWARD_ROWS, end = min(first + BACKWARD_ROWS, N);
+  const int first = blockIdx.x * BACKWARD_ROWS, end = min(first + BACKWARD_ROWS, N), groups = C / P;
+  float* dweight_sum = warp_sums + 2 * warp * C;
+  float* dbias_sum = dweight_sum + C;
+  for (int g = lane; g < groups; g += WARP_SIZE) {
+    for (int e = 0; e < P; ++e) dweight_sum[g * P + e] = dbias_sum[g * P + e] = 0.0f;
+  }
   for (int row = first + warp; row < end; row += warps) {
-    const X* dy = dout + (long long)row * C;
-    const X* x = inp + (long long)row * C;
+    const X* dy_row = dout + (long long)row * C;
+    const X* x_row = inp + (long long)row * C;
+    X* dx_row = dinp + (long long)row * C;
     const float mu = mean[row], rs = rstd[row];
     float dnorm_sum = 0.0f, dnorm_centred_sum = 0.0f;
-    for (int c = lane; c < C; c += WARP_SIZE) {
-      const float dnorm = to_float(weight[c]) * to_float(dy[c]);
-      dnorm_sum += dnorm;
-      dnorm_centred_sum += dnorm * (to_float(x[c]) - mu);
+    for (int g = lane; g < groups; g += WARP_SIZE) {
+      X dy[P], x[P], w[P];
+      load(dy, dy_row + g * P);
+      load(x, x_row + g * P);
+      load(w, weight + g * P);
+      for (int e = 0; e < P; ++e) {
+        const float dnorm = to_float(w[e]) * to_float(dy[e]);
+        dnorm_sum += dnorm;
+        dnorm_centred_sum += dnorm * (to_float(x[e]) - mu);
+      }
     }
     const float dnorm_mean = warp_sum(dnorm_sum) / C, dnorm_norm_mean = warp_sum(dnorm_centred_sum) * rs / C;
-    X* dx = dinp + (long long)row * C;
-    for (int c = lane; c < C; c += WARP_SIZE) {
-      const float dnorm = to_float(weight[c]) * to_float(dy[c]);
-      const float grad = (dnorm - (to_float(x[c]) - mu) * rs * dnorm_norm_mean - dnorm_mean) * rs;
-      dx[c] = from_float<X>(add_to_dinp ? to_float(dx[c]) + grad : grad);
+    for (int g = lane; g < groups; g += WARP_SIZE) {
+      X dy[P], x[P], w[P], dx[P];
+      load(dy, dy_row + g * P);
+      load(x, x_row + g * P);
+      load(w, weight + g * P);
+      if (add_to_dinp) load(dx, dx_row + g * P);
+      for (int e = 0; e < P; ++e) {
+        const float normed = (to_float(x[e]) - mu) * rs, dy_e = to_float(dy[e]);
+        const float grad = (to_float(w[e]) * dy_e - normed * dnorm_norm_mean - dnorm_mean) * rs;
+        dx[e] = from_float<X>(add_to_dinp ? to_float(dx[e]) + grad : grad);
+        dweight_sum[g * P + e] += normed * dy_e;
+        dbias_sum[g * P + e] += dy_e;
+      }
+      store(dx_row + g * P, dx);
     }
   }
+  __syncthreads();
   for (int c = threadIdx.x; c < C; c += blockDim.x) {
     float dweight = 0.0f, dbias = 0.0f;
-    for (int row = first; row < end; ++row) {
-      const long long i = (long long)row * C + c;
-      const float dy = to_float(dout[i]);
-      dweight += (to_float(inp[i]) - mean[row]) * rstd[row] * dy;
-      dbias += dy;
+    for (int w = 0; w < warps; ++w) {
+      dweight += warp_sums[2 * w * C + c];
+      dbias += warp_sums[(2 * w + 1) * C + c];
     }
     partials[(long long)blockIdx.x * C + c] = dweight;
     partials[(long long)(gridDim.x + blockIdx.x) * C + c] = dbias;
+  }
+}
+
+// dinp must not overlap dout or inp (the second pass over a row reads them after writing dinp's row).
+template <typename X>
+__device__ void backward(X* dinp, float* partials, const X* dout, const X* inp, const X* weight, const float* mean,
+                         const float* rstd, int N, int C, int add_to_dinp) {
+  if (C % PACK<X> == 0 && aligned16(dinp) && aligned16(dout) && aligned16(inp) && aligned16(weight)) {
+    backward_rows<X, PACK<X>>(dinp, partials, dout, inp, weight, mean, rstd, N, C, add_to_dinp);
+  } else {
+    backward_rows<X, 1>(dinp, partials, dout, inp, weight, mean, rstd, N, C, add_to_dinp);
   }
 }
 }  // namespace layernorm

@@ -10,16 +10,26 @@ use crate::kernels::dropout::Mask;
 const SHARED_BYTES: usize = 48 * 1024;
 /// Rows (warps) per block of the forward kernels, at most: 256 threads.
 const FORWARD_ROWS: usize = 8;
-/// Rows per block of the backward kernel (`BACKWARD_ROWS` in layernorm.cu), and its threads: 8 warps,
-/// 4 rows each.
+/// Rows per block of the backward kernel (`BACKWARD_ROWS` in layernorm.cu), and its warps at most: 4 rows
+/// each.
 const BACKWARD_ROWS: usize = 32;
-const BACKWARD_THREADS: u32 = 256;
+const BACKWARD_WARPS: usize = 8;
 
 fn check(what: &str, n: usize, c: usize) -> Result<[Arg; 2]> {
     match (i32::try_from(n), i32::try_from(c)) {
         (Ok(n), Ok(c)) if n > 0 && c > 0 => Ok([Arg::I32(n), Arg::I32(c)]),
         _ => bail!("{what}: (N, C) = ({n}, {c}) must each be between 1 and 2^31 - 1"),
     }
+}
+
+/// Block and shared memory of the backward kernel: each warp sums its rows' terms of dweight and dbias in
+/// 2 x C floats of shared memory; 8 warps a block, fewer where 8 would not fit in 48 KiB.
+fn backward_launch(c: usize) -> Result<([u32; 3], u32)> {
+    let warps = (SHARED_BYTES / (8 * c)).min(BACKWARD_WARPS);
+    if warps == 0 {
+        bail!("layernorm_backward: C = {c} is more than the {} channels a block's 48 KiB of shared memory can hold", SHARED_BYTES / 8);
+    }
+    Ok(([32 * warps as u32, 1, 1], (8 * warps * c) as u32))
 }
 
 /// Grid, block and shared memory of the forward kernels: a warp per row, each caching its row as C
@@ -125,6 +135,7 @@ pub fn backward(
     add_to_dinp: bool,
 ) -> Result<()> {
     let [n_arg, c_arg] = check("layernorm_backward", n, c)?;
+    let (block, shared) = backward_launch(c)?;
     let blocks = n.div_ceil(BACKWARD_ROWS);
     let args = [
         Arg::Ptr(dinp),
@@ -138,7 +149,7 @@ pub fn backward(
         c_arg,
         Arg::I32(add_to_dinp as i32),
     ];
-    gpu.launch(&x.kernel("layernorm_backward"), [blocks as u32, 1, 1], [BACKWARD_THREADS, 1, 1], 0, &args)?;
+    gpu.launch(&x.kernel("layernorm_backward"), [blocks as u32, 1, 1], block, shared, &args)?;
     let (bias_partials, sums_scratch) = (scratch + (4 * blocks * c) as u64, scratch + (8 * blocks * c) as u64);
     bias::backward(gpu, Precision::F32, dweight, sums_scratch, scratch, blocks, c)?;
     if let Some(dbias) = dbias {
