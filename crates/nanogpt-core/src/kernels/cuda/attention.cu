@@ -360,6 +360,9 @@ constexpr int TILE_LD = HS + 8;  // bf16 pitch of a 64 x HS tile
 template <int HS>
 constexpr int TILE_ELEMENTS = TC_ROWS * TILE_LD<HS>;
 constexpr int PIECE = 8;  // bf16 per 16-byte piece
+// Softmax in base 2 (fast_exp2): scores times log2(e) / sqrt(HS), lse back to natural log units.
+constexpr float LOG2E = 1.4426950409f;
+constexpr float LN2 = 0.6931471806f;
 
 // Rows first..first+TC_ROWS of an HS-wide slice of a row-major bf16 matrix (rows `stride` apart) into a
 // shared tile, rows TILE_LD apart, rows past T as zeros, as asynchronous copies (cp.async) into the calling
@@ -495,7 +498,7 @@ __device__ void forward(bf16* out, float* lse, const bf16* qkv, int T, int C, in
   bf16* tiles = attention_shared;
   const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE, g = lane / 4, t = lane % 4;
   const int bh = blockIdx.y, b = bh / NH, h = bh % NH, C3 = 3 * C;
-  const float scale = 1.0f / sqrtf((float)HS);
+  const float scale_log2 = LOG2E / sqrtf((float)HS);
   const uint64_t first_weight = (uint64_t)bh * T * T;
   const int first_row = (gridDim.x - 1 - blockIdx.x) * TC_ROWS, q0 = first_row + 16 * warp;
   const bf16* q = qkv + (size_t)b * T * C3 + h * HS;
@@ -515,8 +518,9 @@ __device__ void forward(bf16* out, float* lse, const bf16* qkv, int T, int C, in
   for (int ds = 0; ds < DIM_STEPS; ++ds) load_a<LD>(q_frag[ds], tiles + 2 * TILE + 16 * warp * LD, 16 * ds);
   __syncthreads();  // every warp holds its Q before the second tile is copied over it
 
-  // Index r is row q0 + g + 8r. l is this lane's share of the row's sum, summed over the group at the end
-  // (the rescales are the group's alike).
+  // Index r is row q0 + g + 8r. m is the row's running max of scaled scores in base-2 units (times log2 e),
+  // l this lane's share of the row's sum, summed over the group at the end (the rescales are the group's
+  // alike).
   const int rows[2] = {q0 + g, q0 + g + 8};
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, o[HS / 8][4] = {};
   const bool active = q0 < T;  // warp-uniform
@@ -547,15 +551,15 @@ __device__ void forward(bf16* out, float* lse, const bf16* qkv, int T, int C, in
           load_b_from_rows<LD>(kt, k_tile, 16 * cs, 16 * ds);
           mma_pair(p[2 * cs], p[2 * cs + 1], q_frag[ds], kt);
         }
-      // Scaled and masked scores, then the rows' new maxima (key k0 is visible to every row, so they are
-      // finite from the first tile on).
+      // Masked scores, then the rows' new maxima (key k0 is visible to every row, so they are finite from the
+      // first tile on). Only a tile that reaches past the warp's first query has keys that some row must not see.
+      const bool diagonal = k0 + TC_COLS > q0;
       float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
       for (int cb = 0; cb < COL_BLOCKS; ++cb)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int j = k0 + 8 * cb + 2 * t + e % 2;
-          p[cb][e] = cb / 2 < steps && j <= rows[e / 2] ? p[cb][e] * scale : -INFINITY;
+          if (diagonal && (cb / 2 >= steps || k0 + 8 * cb + 2 * t + e % 2 > rows[e / 2])) p[cb][e] = -INFINITY;
           tile_max[e / 2] = fmaxf(tile_max[e / 2], p[cb][e]);
         }
       float rescale[2];
@@ -563,8 +567,8 @@ __device__ void forward(bf16* out, float* lse, const bf16* qkv, int T, int C, in
       for (int r = 0; r < 2; ++r) {
         tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
         tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
-        const float m_new = fmaxf(m[r], tile_max[r]);
-        rescale[r] = __expf(m[r] - m_new);
+        const float m_new = fmaxf(m[r], tile_max[r] * scale_log2);
+        rescale[r] = fast_exp2(m[r] - m_new);
         m[r] = m_new;
         l[r] *= rescale[r];
       }
@@ -572,15 +576,21 @@ __device__ void forward(bf16* out, float* lse, const bf16* qkv, int T, int C, in
       for (int db = 0; db < HS / 8; ++db)
 #pragma unroll
         for (int e = 0; e < 4; ++e) o[db][e] *= rescale[e / 2];
-      // Probabilities: the sum takes them as they are, P.V with the dropout factor.
+      // Probabilities, scaled and shifted in one multiply-add: the sum takes them as they are, P.V with the
+      // dropout factor.
 #pragma unroll
       for (int cb = 0; cb < COL_BLOCKS; ++cb)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const float prob = __expf(p[cb][e] - m[e / 2]);
-          l[e / 2] += prob;
-          p[cb][e] = prob * attention::dropout_at(first_weight, T, rows[e / 2], k0 + 8 * cb + 2 * t + e % 2, stream, threshold, keep);
+          p[cb][e] = fast_exp2(fmaf(p[cb][e], scale_log2, -m[e / 2]));
+          l[e / 2] += p[cb][e];
         }
+      if (threshold != 0) {
+#pragma unroll
+        for (int cb = 0; cb < COL_BLOCKS; ++cb)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) p[cb][e] *= dropout_scale(stream, threshold, keep, first_weight + (uint64_t)rows[e / 2] * T + k0 + 8 * cb + 2 * t + e % 2);
+      }
       accumulate_times_tile<HS>(o, p, v_tile, 0, steps);
     }
     __syncthreads();  // every warp is done with buffer s before the next iteration copies into it
@@ -592,7 +602,7 @@ __device__ void forward(bf16* out, float* lse, const bf16* qkv, int T, int C, in
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
     inverse[r] = 1.0f / l[r];
-    if (t == 0 && rows[r] < T) lse[(size_t)bh * T + rows[r]] = m[r] + logf(l[r]);
+    if (t == 0 && rows[r] < T) lse[(size_t)bh * T + rows[r]] = m[r] * LN2 + logf(l[r]);
   }
   store_rows<HS>(out + (size_t)b * T * C + h * HS, C, q0, T, o, inverse);
 }
@@ -609,7 +619,7 @@ __device__ void backward_query(bf16* dqkv, float* delta, const bf16* dout, const
   bf16 *q_rows = attention_shared, *do_rows = attention_shared + TILE, *tiles = attention_shared + 2 * TILE;
   const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE, g = lane / 4, t = lane % 4;
   const int bh = blockIdx.y, b = bh / NH, h = bh % NH, C3 = 3 * C;
-  const float scale = 1.0f / sqrtf((float)HS);
+  const float scale = 1.0f / sqrtf((float)HS), scale_log2 = LOG2E * scale;
   const uint64_t first_weight = (uint64_t)bh * T * T;
   const int first_row = (gridDim.x - 1 - blockIdx.x) * TC_ROWS, q0 = first_row + 16 * warp;
   const bf16* q = qkv + (size_t)b * T * C3 + h * HS;
@@ -636,7 +646,7 @@ __device__ void backward_query(bf16* dqkv, float* delta, const bf16* dout, const
     if (rows[r] < T) {
       const bf16* out_row = out + ((size_t)b * T + rows[r]) * C + h * HS;
       for (int d = t; d < HS; d += 4) row_delta[r] += to_float(my_do[(g + 8 * r) * LD + d]) * to_float(out_row[d]);
-      row_lse[r] = lse[(size_t)bh * T + rows[r]];
+      row_lse[r] = lse[(size_t)bh * T + rows[r]] * LOG2E;  // base 2, as the probabilities are taken
     }
     row_delta[r] += __shfl_xor_sync(0xffffffffu, row_delta[r], 1);
     row_delta[r] += __shfl_xor_sync(0xffffffffu, row_delta[r], 2);
@@ -662,17 +672,16 @@ __device__ void backward_query(bf16* dqkv, float* delta, const bf16* dout, const
       float ds[COL_BLOCKS][4], dw[COL_BLOCKS][4];
       rows_times_tile_transposed<HS>(ds, my_q, k_tile, 0, steps);
       rows_times_tile_transposed<HS>(dw, my_do, v_tile, 0, steps);
+      // As in the forward pass, only a tile that reaches past the warp's first query has keys to mask.
+      const bool diagonal = k0 + TC_COLS > q0;
 #pragma unroll
       for (int cb = 0; cb < COL_BLOCKS; ++cb)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int i = rows[e / 2], j = k0 + 8 * cb + 2 * t + e % 2;
-          float grad = 0.0f;
-          if (cb / 2 < steps && j <= i) {
-            const float p = __expf(ds[cb][e] * scale - row_lse[e / 2]);
-            grad = p * (dw[cb][e] * attention::dropout_at(first_weight, T, i, j, stream, threshold, keep) - row_delta[e / 2]) * scale;
-          }
-          ds[cb][e] = grad;
+          const float p = fast_exp2(fmaf(ds[cb][e], scale_log2, -row_lse[e / 2]));
+          const float dp = threshold == 0 ? dw[cb][e] : dw[cb][e] * dropout_scale(stream, threshold, keep, first_weight + (uint64_t)i * T + j);
+          ds[cb][e] = diagonal && (cb / 2 >= steps || j > i) ? 0.0f : p * (dp - row_delta[e / 2]) * scale;
         }
       accumulate_times_tile<HS>(dq, ds, k_tile, 0, steps);
     }
@@ -697,7 +706,7 @@ __device__ void backward_key(bf16* dqkv, const bf16* dout, const bf16* qkv, cons
   float* query_values = reinterpret_cast<float*>(attention_shared + 6 * TILE);
   const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE, g = lane / 4, t = lane % 4;
   const int bh = blockIdx.y, b = bh / NH, h = bh % NH, C3 = 3 * C;
-  const float scale = 1.0f / sqrtf((float)HS);
+  const float scale = 1.0f / sqrtf((float)HS), scale_log2 = LOG2E * scale;
   const uint64_t first_weight = (uint64_t)bh * T * T;
   const int first_key = blockIdx.x * TC_ROWS, j0 = first_key + 16 * warp;
   const bf16* q = qkv + (size_t)b * T * C3 + h * HS;
@@ -706,12 +715,12 @@ __device__ void backward_key(bf16* dqkv, const bf16* dout, const bf16* qkv, cons
   const bf16* dout_bh = dout + (size_t)b * T * C + h * HS;
   const bf16* my_k = k_rows + 16 * warp * LD;
   const bf16* my_v = v_rows + 16 * warp * LD;
-  // A query tile's lse and D_i, by the block's first 64 threads, as plain stores: the barrier after the
-  // tile's copies publishes them.
+  // A query tile's lse (in base 2, as the probabilities are taken) and D_i, by the block's first 64 threads,
+  // as plain stores: the barrier after the tile's copies publishes them.
   const auto load_query_values = [&](int i0, int s) {
     const int i = i0 + (int)threadIdx.x;
     if (threadIdx.x < TC_COLS) {
-      query_values[2 * s * TC_COLS + threadIdx.x] = i < T ? lse[(size_t)bh * T + i] : 0.0f;
+      query_values[2 * s * TC_COLS + threadIdx.x] = i < T ? lse[(size_t)bh * T + i] * LOG2E : 0.0f;
       query_values[(2 * s + 1) * TC_COLS + threadIdx.x] = i < T ? delta[(size_t)bh * T + i] : 0.0f;
     }
   };
@@ -745,20 +754,18 @@ __device__ void backward_key(bf16* dqkv, const bf16* dout, const bf16* qkv, cons
       float w[COL_BLOCKS][4], ds[COL_BLOCKS][4];
       rows_times_tile_transposed<HS>(w, my_k, q_tile, first, end);
       rows_times_tile_transposed<HS>(ds, my_v, do_tile, first, end);
+      // Only a tile that reaches back before the warp's last key, or past T, has pairs to mask.
+      const bool edge = i0 < j0 + 16 || i0 + TC_COLS > T;
 #pragma unroll
       for (int cb = 0; cb < COL_BLOCKS; ++cb)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int c = 8 * cb + 2 * t + e % 2, i = i0 + c, j = keys[e / 2];
-          float weight = 0.0f, grad = 0.0f;
-          if (cb / 2 >= first && cb / 2 < end && j <= i && i < T) {
-            const float p = __expf(w[cb][e] * scale - tile_lse[c]);
-            const float drop = attention::dropout_at(first_weight, T, i, j, stream, threshold, keep);
-            weight = p * drop;
-            grad = p * (ds[cb][e] * drop - tile_delta[c]) * scale;
-          }
-          w[cb][e] = weight;
-          ds[cb][e] = grad;
+          const float p = fast_exp2(fmaf(w[cb][e], scale_log2, -tile_lse[c]));
+          const float drop = threshold == 0 ? 1.0f : dropout_scale(stream, threshold, keep, first_weight + (uint64_t)i * T + j);
+          const bool masked = edge && (cb / 2 < first || cb / 2 >= end || j > i || i >= T);
+          w[cb][e] = masked ? 0.0f : p * drop;
+          ds[cb][e] = masked ? 0.0f : p * (ds[cb][e] * drop - tile_delta[c]) * scale;
         }
       accumulate_times_tile<HS>(dv, w, do_tile, first, end);
       accumulate_times_tile<HS>(dk, ds, q_tile, first, end);

@@ -38,6 +38,19 @@ constexpr int PACK = 16 / sizeof(X);
 
 __device__ __forceinline__ bool aligned16(const void* p) { return (uintptr_t)p % 16 == 0; }
 
+// 2^x as the hardware approximates it (one MUFU.EX2 instruction; 2^-inf = 0), exp2f on the emulator. Softmax
+// kernels take e^(s - m) as 2^(s log2 e - m log2 e), folding log2 e into a scale they apply anyway, where
+// __expf would multiply by log2 e itself.
+__device__ __forceinline__ float fast_exp2(float x) {
+#ifdef __CUDACC__
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return exp2f(x);
+#endif
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
   for (int offset = WARP_SIZE / 2; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
   return v;
