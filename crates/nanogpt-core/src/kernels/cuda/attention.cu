@@ -342,11 +342,13 @@ __device__ void backward_key(X* dqkv, const X* dout, const X* qkv, const float* 
 // over, then the dK/dV kernel's per-query lse and D_i twice over (55 / 103 KiB). The kernels have no
 // static shared memory.
 //
-// Registers on Hopper (nvcc 13, -Xptxas -v, sm_90), at HS=64 / HS=128: forward 168 / 217 (at HS=64
-// bounded for 3 blocks per SM, without spills; 172 left it 2), dQ kernel 148 / 187, dK/dV kernel 209 / 255
-// (its dK and dV accumulators, 64 floats each at HS=128, spill 4 bytes there; GPT-2's head size is 64).
-// Per SM (64K registers) that is 3 blocks of 4 warps at HS=64, 2 for the dK/dV kernel. 64-row blocks give T/64 x B*NH = 2304 blocks at GPT-2's B=12, T=1024: several waves over
-// 132 SMs.
+// Registers on Hopper (nvcc 13, -Xptxas -v, sm_90), at HS=64 / HS=128: forward 128 / 217, dQ kernel 168 / 194,
+// dK/dV kernel 168 / 255. At HS=64 the forward is bounded for 4 blocks per SM and the dK/dV kernel for 3 (each
+// spilling a few bytes; unbounded, they took 166 and 232 registers, 3 and 2 blocks); the kernels are latency-bound
+// (Nsight Compute on an H200: on most cycles no warp is ready to issue), and the extra block measured 2% and 10%
+// faster (bench/results/gpu-2026-11-30.md). The dQ kernel's shared memory allows 3 blocks whatever its registers.
+// At HS=128 the dK and dV accumulators, 64 floats each, spill 16 bytes; GPT-2's head size is 64. 64-row blocks
+// give T/64 x B*NH = 2304 blocks at GPT-2's B=12, T=1024: several waves over 132 SMs.
 namespace attention_tc {
 
 constexpr int TC_WARPS = 4;
@@ -790,7 +792,7 @@ extern "C" __global__ void attention_forward_hs64_f32(float* out, float* lse, co
 extern "C" __global__ void attention_forward_hs128_f32(float* out, float* lse, const float* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::forward<float, 128>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_forward_hs16_bf16(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::forward<bf16, 16>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_forward_hs32_bf16(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::forward<bf16, 32>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
-extern "C" __global__ void __launch_bounds__(128, 3) attention_forward_tc_hs64_bf16(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention_tc::forward<64>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
+extern "C" __global__ void __launch_bounds__(128, 4) attention_forward_tc_hs64_bf16(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention_tc::forward<64>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_forward_tc_hs128_bf16(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention_tc::forward<128>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_backward_query_hs16_f32(float* dqkv, float* delta, const float* dout, const float* qkv, const float* out, const float* lse, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::backward_query<float, 16>(dqkv, delta, dout, qkv, out, lse, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_backward_query_hs32_f32(float* dqkv, float* delta, const float* dout, const float* qkv, const float* out, const float* lse, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::backward_query<float, 32>(dqkv, delta, dout, qkv, out, lse, T, C, NH, stream, threshold, keep); }
@@ -806,5 +808,5 @@ extern "C" __global__ void attention_backward_key_hs16_bf16(bf16* dqkv, const bf
 extern "C" __global__ void attention_backward_key_hs32_bf16(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* delta, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::backward_key<bf16, 32>(dqkv, dout, qkv, lse, delta, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_backward_query_tc_hs64_bf16(bf16* dqkv, float* delta, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention_tc::backward_query<64>(dqkv, delta, dout, qkv, out, lse, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_backward_query_tc_hs128_bf16(bf16* dqkv, float* delta, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention_tc::backward_query<128>(dqkv, delta, dout, qkv, out, lse, T, C, NH, stream, threshold, keep); }
-extern "C" __global__ void attention_backward_key_tc_hs64_bf16(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* delta, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention_tc::backward_key<64>(dqkv, dout, qkv, lse, delta, T, C, NH, stream, threshold, keep); }
+extern "C" __global__ void __launch_bounds__(128, 3) attention_backward_key_tc_hs64_bf16(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* delta, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention_tc::backward_key<64>(dqkv, dout, qkv, lse, delta, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_backward_key_tc_hs128_bf16(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* delta, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention_tc::backward_key<128>(dqkv, dout, qkv, lse, delta, T, C, NH, stream, threshold, keep); }
