@@ -342,13 +342,13 @@ __device__ void backward_key(X* dqkv, const X* dout, const X* qkv, const float* 
 // over, then the dK/dV kernel's per-query lse and D_i twice over (55 / 103 KiB). The kernels have no
 // static shared memory.
 //
-// Registers on Hopper (nvcc 13, -Xptxas -v, sm_90), at HS=64 / HS=128: forward 128 / 217, dQ kernel 168 / 194,
+// Registers on Hopper (nvcc 13, -Xptxas -v, sm_90), at HS=64 / HS=128: forward 128 / 236, dQ kernel 168 / 170,
 // dK/dV kernel 168 / 255. At HS=64 the forward is bounded for 4 blocks per SM and the dK/dV kernel for 3 (each
-// spilling a few bytes; unbounded, they took 166 and 232 registers, 3 and 2 blocks); the kernels are latency-bound
+// spilling a few bytes; unbounded, they take 134 and 255 registers, 3 and 2 blocks); the kernels are latency-bound
 // (Nsight Compute on an H200: on most cycles no warp is ready to issue), and the extra block measured 2% and 10%
-// faster (bench/results/gpu-2026-11-30.md). The dQ kernel's shared memory allows 3 blocks whatever its registers.
-// At HS=128 the dK and dV accumulators, 64 floats each, spill 16 bytes; GPT-2's head size is 64. 64-row blocks
-// give T/64 x B*NH = 2304 blocks at GPT-2's B=12, T=1024: several waves over 132 SMs.
+// faster (bench/results/gpu-2026-11-30.md). The dQ kernel fits 3 blocks unbounded, as many as its shared memory
+// allows. At HS=128 the dK and dV accumulators, 64 floats each, spill a few bytes; GPT-2's head size is 64.
+// 64-row blocks give T/64 x B*NH = 2304 blocks at GPT-2's B=12, T=1024: several waves over 132 SMs.
 namespace attention_tc {
 
 constexpr int TC_WARPS = 4;
@@ -374,7 +374,7 @@ constexpr float LN2 = 0.6931471806f;
 // return.
 template <int HS>
 __device__ __forceinline__ void copy_tile_async(bf16* tile, const bf16* src, int stride, int first, int T) {
-  constexpr int PIECES_PER_ROW = HS / PIECE, PIECES = TC_ROWS * PIECES_PER_ROW / TC_THREADS;
+  constexpr int PIECES_PER_ROW = HS / PIECE, PIECES = TC_ROWS * PIECES_PER_ROW / TC_THREADS, ROW_STEP = TC_THREADS / PIECES_PER_ROW;
   if ((uintptr_t)src % 16 != 0 || stride % PIECE != 0) {
     for (int idx = threadIdx.x; idx < TC_ROWS * HS; idx += TC_THREADS) {
       const int r = idx / HS, d = idx % HS, row = first + r;
@@ -382,12 +382,22 @@ __device__ __forceinline__ void copy_tile_async(bf16* tile, const bf16* src, int
     }
     return;
   }
-  // Not unrolled: the kernels would hold every piece's address in registers.
+  // Thread x copies piece x % PIECES_PER_ROW of rows x / PIECES_PER_ROW + n * ROW_STEP.
+  const int r0 = threadIdx.x / PIECES_PER_ROW, d = threadIdx.x % PIECES_PER_ROW * PIECE;
+  bf16* to = tile + r0 * TILE_LD<HS> + d;
+  if (first + TC_ROWS <= T) {
+    // Every row exists: one address, stepped, rather than each piece's row and offset worked out afresh.
+    const bf16* from = src + (size_t)(first + r0) * stride + d;
+    const size_t step = (size_t)ROW_STEP * stride;
+#pragma unroll
+    for (int n = 0; n < PIECES; ++n) __pipeline_memcpy_async(to + n * ROW_STEP * TILE_LD<HS>, from + n * step, 16);
+    return;
+  }
 #pragma unroll 1
   for (int n = 0; n < PIECES; ++n) {
-    const int idx = threadIdx.x + n * TC_THREADS, r = idx / PIECES_PER_ROW, d = idx % PIECES_PER_ROW * PIECE, row = first + r;
+    const int row = first + r0 + n * ROW_STEP;
     // Rows past T are zero-filled: nothing is read, from a row that exists.
-    __pipeline_memcpy_async(tile + r * TILE_LD<HS> + d, src + (size_t)min(row, T - 1) * stride + d, 16, row < T ? 0 : 16);
+    __pipeline_memcpy_async(to + n * ROW_STEP * TILE_LD<HS>, src + (size_t)min(row, T - 1) * stride + d, 16, row < T ? 0 : 16);
   }
 }
 
@@ -538,9 +548,15 @@ __device__ void forward(bf16* out, float* lse, const bf16* qkv, int T, int C, in
     __syncthreads();           // ...and every thread's
     const bf16* k_tile = tiles + 2 * s * TILE;
     const bf16* v_tile = k_tile + TILE;
-    if (active) {
+    // The tile's work, compiled per case (with_cases). On the diagonal (a tile that reaches past the warp's
+    // first query) it masks and takes a run-time count of 16-key steps; below it nothing is masked and every
+    // loop has constant bounds, so ptxas issues a product's ldmatrix loads ahead of its mma rather than one
+    // before each. Without dropout no hash is computed: a run-time test per element let nvcc compute the
+    // hash for every element and select.
+    const auto attend = [&](auto diagonal_case, auto dropout_case) {
+      constexpr bool DIAGONAL = decltype(diagonal_case)::value, DROPOUT = decltype(dropout_case)::value;
       // 16-key steps with a key some row of the warp sees: k0 <= q0, so at least one.
-      const int steps = min(COL_STEPS, (q0 - k0) / 16 + 1);
+      const int steps = DIAGONAL ? min(COL_STEPS, (q0 - k0) / 16 + 1) : COL_STEPS;
       float p[COL_BLOCKS][4];
 #pragma unroll
       for (int cb = 0; cb < COL_BLOCKS; ++cb) p[cb][0] = p[cb][1] = p[cb][2] = p[cb][3] = 0.0f;
@@ -554,14 +570,13 @@ __device__ void forward(bf16* out, float* lse, const bf16* qkv, int T, int C, in
           mma_pair(p[2 * cs], p[2 * cs + 1], q_frag[ds], kt);
         }
       // Masked scores, then the rows' new maxima (key k0 is visible to every row, so they are finite from the
-      // first tile on). Only a tile that reaches past the warp's first query has keys that some row must not see.
-      const bool diagonal = k0 + TC_COLS > q0;
+      // first tile on).
       float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
       for (int cb = 0; cb < COL_BLOCKS; ++cb)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          if (diagonal && (cb / 2 >= steps || k0 + 8 * cb + 2 * t + e % 2 > rows[e / 2])) p[cb][e] = -INFINITY;
+          if (DIAGONAL && (cb / 2 >= steps || k0 + 8 * cb + 2 * t + e % 2 > rows[e / 2])) p[cb][e] = -INFINITY;
           tile_max[e / 2] = fmaxf(tile_max[e / 2], p[cb][e]);
         }
       float rescale[2];
@@ -587,14 +602,15 @@ __device__ void forward(bf16* out, float* lse, const bf16* qkv, int T, int C, in
           p[cb][e] = fast_exp2(fmaf(p[cb][e], scale_log2, -m[e / 2]));
           l[e / 2] += p[cb][e];
         }
-      if (threshold != 0) {
+      if (DROPOUT) {
 #pragma unroll
         for (int cb = 0; cb < COL_BLOCKS; ++cb)
 #pragma unroll
           for (int e = 0; e < 4; ++e) p[cb][e] *= dropout_scale(stream, threshold, keep, first_weight + (uint64_t)rows[e / 2] * T + k0 + 8 * cb + 2 * t + e % 2);
       }
       accumulate_times_tile<HS>(o, p, v_tile, 0, steps);
-    }
+    };
+    if (active) with_cases(k0 + TC_COLS > q0, threshold != 0, attend);
     __syncthreads();  // every warp is done with buffer s before the next iteration copies into it
   }
   if (!active) return;
@@ -669,24 +685,26 @@ __device__ void backward_query(bf16* dqkv, float* delta, const bf16* dout, const
     __syncthreads();
     const bf16* k_tile = tiles + 2 * s * TILE;
     const bf16* v_tile = k_tile + TILE;
-    if (active) {
-      const int steps = min(COL_STEPS, (q0 - k0) / 16 + 1);
+    // Compiled per case, as the forward's tile: on the diagonal with masks, below it whole; with dropout or
+    // without.
+    const auto differentiate = [&](auto diagonal_case, auto dropout_case) {
+      constexpr bool DIAGONAL = decltype(diagonal_case)::value, DROPOUT = decltype(dropout_case)::value;
+      const int steps = DIAGONAL ? min(COL_STEPS, (q0 - k0) / 16 + 1) : COL_STEPS;
       float ds[COL_BLOCKS][4], dw[COL_BLOCKS][4];
       rows_times_tile_transposed<HS>(ds, my_q, k_tile, 0, steps);
       rows_times_tile_transposed<HS>(dw, my_do, v_tile, 0, steps);
-      // As in the forward pass, only a tile that reaches past the warp's first query has keys to mask.
-      const bool diagonal = k0 + TC_COLS > q0;
 #pragma unroll
       for (int cb = 0; cb < COL_BLOCKS; ++cb)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int i = rows[e / 2], j = k0 + 8 * cb + 2 * t + e % 2;
           const float p = fast_exp2(fmaf(ds[cb][e], scale_log2, -row_lse[e / 2]));
-          const float dp = threshold == 0 ? dw[cb][e] : dw[cb][e] * dropout_scale(stream, threshold, keep, first_weight + (uint64_t)i * T + j);
-          ds[cb][e] = diagonal && (cb / 2 >= steps || j > i) ? 0.0f : p * (dp - row_delta[e / 2]) * scale;
+          const float dp = DROPOUT ? dw[cb][e] * dropout_scale(stream, threshold, keep, first_weight + (uint64_t)i * T + j) : dw[cb][e];
+          ds[cb][e] = DIAGONAL && (cb / 2 >= steps || j > i) ? 0.0f : p * (dp - row_delta[e / 2]) * scale;
         }
       accumulate_times_tile<HS>(dq, ds, k_tile, 0, steps);
-    }
+    };
+    if (active) with_cases(k0 + TC_COLS > q0, threshold != 0, differentiate);
     __syncthreads();
   }
   if (active) store_rows<HS>(dqkv + (size_t)b * T * C3 + h * HS, C3, q0, T, dq, {1.0f, 1.0f});
@@ -750,28 +768,31 @@ __device__ void backward_key(bf16* dqkv, const bf16* dout, const bf16* qkv, cons
     const bf16* do_tile = q_tile + TILE;
     const float* tile_lse = query_values + 2 * s * TC_COLS;
     const float* tile_delta = tile_lse + TC_COLS;
-    if (active) {
+    // Compiled per case, as the forward's tile: a tile with pairs to mask (it reaches back before the warp's
+    // last key, or past T) takes run-time bounds on its 16-query steps, a tile with none is whole; with
+    // dropout or without.
+    const auto differentiate = [&](auto edge_case, auto dropout_case) {
+      constexpr bool EDGE = decltype(edge_case)::value, DROPOUT = decltype(dropout_case)::value;
       // 16-query steps with a query at or after some key of the warp, and before T.
-      const int first = max(0, (j0 - i0) / 16), end = min(COL_STEPS, (T - i0 + 15) / 16);
+      const int first = EDGE ? max(0, (j0 - i0) / 16) : 0, end = EDGE ? min(COL_STEPS, (T - i0 + 15) / 16) : COL_STEPS;
       float w[COL_BLOCKS][4], ds[COL_BLOCKS][4];
       rows_times_tile_transposed<HS>(w, my_k, q_tile, first, end);
       rows_times_tile_transposed<HS>(ds, my_v, do_tile, first, end);
-      // Only a tile that reaches back before the warp's last key, or past T, has pairs to mask.
-      const bool edge = i0 < j0 + 16 || i0 + TC_COLS > T;
 #pragma unroll
       for (int cb = 0; cb < COL_BLOCKS; ++cb)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int c = 8 * cb + 2 * t + e % 2, i = i0 + c, j = keys[e / 2];
           const float p = fast_exp2(fmaf(w[cb][e], scale_log2, -tile_lse[c]));
-          const float drop = threshold == 0 ? 1.0f : dropout_scale(stream, threshold, keep, first_weight + (uint64_t)i * T + j);
-          const bool masked = edge && (cb / 2 < first || cb / 2 >= end || j > i || i >= T);
+          const float drop = DROPOUT ? dropout_scale(stream, threshold, keep, first_weight + (uint64_t)i * T + j) : 1.0f;
+          const bool masked = EDGE && (cb / 2 < first || cb / 2 >= end || j > i || i >= T);
           w[cb][e] = masked ? 0.0f : p * drop;
           ds[cb][e] = masked ? 0.0f : p * (ds[cb][e] * drop - tile_delta[c]) * scale;
         }
       accumulate_times_tile<HS>(dv, w, do_tile, first, end);
       accumulate_times_tile<HS>(dk, ds, q_tile, first, end);
-    }
+    };
+    if (active) with_cases(i0 < j0 + 16 || i0 + TC_COLS > T, threshold != 0, differentiate);
     __syncthreads();
   }
   if (!active) return;

@@ -14,6 +14,7 @@
 #include <cuda_bf16.h>
 #include <cuda_pipeline.h>
 #include <stdint.h>
+#include <type_traits>
 #define DYNAMIC_SHARED(type, name) extern __shared__ __align__(16) type name[]
 #endif
 
@@ -49,6 +50,20 @@ __device__ __forceinline__ float fast_exp2(float x) {
 #else
   return exp2f(x);
 #endif
+}
+
+// f(std::bool_constant<a>, std::bool_constant<b>) for run-time a and b: a body written as a generic lambda
+// over two cases is compiled once for each of the four, with the branches on them resolved at compile
+// time, and the run-time tests are made once, here, rather than per element.
+template <typename F>
+__device__ __forceinline__ void with_cases(bool a, bool b, const F& f) {
+  if (a) {
+    if (b) f(std::true_type{}, std::true_type{});
+    else f(std::true_type{}, std::false_type{});
+  } else {
+    if (b) f(std::false_type{}, std::true_type{});
+    else f(std::false_type{}, std::false_type{});
+  }
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
