@@ -346,9 +346,10 @@ __device__ void backward_key(X* dqkv, const X* dout, const X* qkv, const float* 
 // dK/dV kernel 168 / 255. At HS=64 the forward is bounded for 4 blocks per SM and the dK/dV kernel for 3 (each
 // spilling a few bytes; unbounded, they take 134 and 255 registers, 3 and 2 blocks); the kernels are latency-bound
 // (Nsight Compute on an H200: on most cycles no warp is ready to issue), and the extra block measured 2% and 10%
-// faster (bench/results/gpu-2026-11-30.md). The dQ kernel fits 3 blocks unbounded, as many as its shared memory
-// allows. At HS=128 the dK and dV accumulators, 64 floats each, spill a few bytes; GPT-2's head size is 64.
-// 64-row blocks give T/64 x B*NH = 2304 blocks at GPT-2's B=12, T=1024: several waves over 132 SMs.
+// faster (bench/results/gpu-2026-11-30.md). The dQ kernel is unbounded: 168 registers, 3 blocks (its shared memory
+// would allow 4, but bounded for 4 it spills inside the tile loop). At HS=128 the dK and dV accumulators, 64
+// floats each, spill a few bytes; GPT-2's head size is 64. 64-row blocks give T/64 x B*NH = 2304 blocks at GPT-2's
+// B=12, T=1024: several waves over 132 SMs.
 namespace attention_tc {
 
 constexpr int TC_WARPS = 4;
