@@ -1,4 +1,5 @@
-//! gelu.cu against kernels/gelu.rs, exact and tanh, forward and backward (in place and not).
+//! gelu.cu against kernels/gelu.rs, exact and tanh, forward and backward (in place and not, with the
+//! forward's output recomputed).
 
 use nanogpt_core::kernels::cuda::{gelu, Precision};
 use nanogpt_core::kernels::gelu as cpu;
@@ -20,15 +21,21 @@ fn check_forward(x: Precision, tanh: bool, misaligned: bool) {
     assert_close(&format!("gelu {x:?} tanh={tanh} misaligned={misaligned}"), &out.values(), &want, tolerance(x));
 }
 
+/// The gradient (in place over dout, or not) and the recomputed forward output.
 fn check_backward(x: Precision, tanh: bool, in_place: bool) {
     let inp = Buffer::new(x, &random(N, 5.0, 2));
     let dout = Buffer::new(x, &random(N, 1.0, 3));
     let mut want = dout.values();
     cpu::backward(&mut want, &inp.values(), tanh);
+    let mut want_out = vec![0.0; N];
+    cpu::forward(&mut want_out, &inp.values(), tanh);
     let dinp = if in_place { None } else { Some(Buffer::new(x, &vec![0.0; N])) };
     let target = dinp.as_ref().unwrap_or(&dout);
-    gelu::backward(gpu(), x, target.addr(), inp.addr(), dout.addr(), N, tanh).unwrap();
-    assert_close(&format!("gelu backward {x:?} tanh={tanh} in_place={in_place}"), &target.values(), &want, tolerance(x));
+    let out = Buffer::new(x, &vec![0.0; N]);
+    gelu::backward(gpu(), x, target.addr(), out.addr(), inp.addr(), dout.addr(), N, tanh).unwrap();
+    let what = format!("gelu backward {x:?} tanh={tanh} in_place={in_place}");
+    assert_close(&format!("{what}: dinp"), &target.values(), &want, tolerance(x));
+    assert_close(&format!("{what}: out"), &out.values(), &want_out, tolerance(x));
 }
 
 #[test]

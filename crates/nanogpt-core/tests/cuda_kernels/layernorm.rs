@@ -12,31 +12,36 @@ use crate::gpu::{assert_close, gpu, random, tolerance, Buffer};
 const N: usize = 70;
 const C: usize = 83;
 
-fn check_forward(x: Precision, with_bias: bool, n: usize, c: usize) {
-    let inp = Buffer::new(x, &random(n * c, 2.0, 1));
+/// With `misaligned_input`, the input starts one element past an aligned address, so that the kernel
+/// cannot take rows in 16-byte packs.
+fn check_forward(x: Precision, with_bias: bool, n: usize, c: usize, misaligned_input: bool) {
+    let shift = misaligned_input as usize;
+    let shifted_inp = Buffer::new(x, &random(shift + n * c, 2.0, 1));
+    let inp_values = shifted_inp.values()[shift..].to_vec();
     let weight = Buffer::new(x, &random(c, 1.0, 2));
     let bias = Buffer::new(x, &random(c, 1.0, 3));
     let (out, mean, rstd) = (Buffer::new(x, &vec![0.0; n * c]), Buffer::f32(&vec![0.0; n]), Buffer::f32(&vec![0.0; n]));
     let bias_addr = with_bias.then(|| bias.addr());
-    layernorm::forward(gpu(), x, out.addr(), mean.addr(), rstd.addr(), inp.addr(), weight.addr(), bias_addr, n, c).unwrap();
+    let inp_addr = shifted_inp.addr() + (shift * x.size_in_bytes()) as u64;
+    layernorm::forward(gpu(), x, out.addr(), mean.addr(), rstd.addr(), inp_addr, weight.addr(), bias_addr, n, c).unwrap();
 
     let (mut want, mut want_mean, mut want_rstd) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
     let bias_values = bias.values();
-    cpu::forward(&mut want, &mut want_mean, &mut want_rstd, &inp.values(), &weight.values(), with_bias.then_some(&bias_values[..]));
-    let what = format!("layernorm {x:?} bias={with_bias}");
+    cpu::forward(&mut want, &mut want_mean, &mut want_rstd, &inp_values, &weight.values(), with_bias.then_some(&bias_values[..]));
+    let what = format!("layernorm {x:?} bias={with_bias} n={n} c={c} misaligned_input={misaligned_input}");
     assert_close(&format!("{what}: out"), &out.values(), &want, tolerance(x));
     // The statistics are float in both precisions, of the same (rounded) inputs.
     assert_close(&format!("{what}: mean"), &mean.values(), &want_mean, 1e-5);
     assert_close(&format!("{what}: rstd"), &rstd.values(), &want_rstd, 1e-5);
 }
 
-fn check_residual_forward(x: Precision, mask: Option<Mask>) {
-    let inp = Buffer::new(x, &random(N * C, 1.0, 4));
-    let branch = Buffer::new(x, &random(N * C, 1.0, 5));
-    let weight = Buffer::new(x, &random(C, 1.0, 6));
-    let bias = Buffer::new(x, &random(C, 1.0, 7));
-    let (residual, ln) = (Buffer::new(x, &vec![0.0; N * C]), Buffer::new(x, &vec![0.0; N * C]));
-    let (mean, rstd) = (Buffer::f32(&[0.0; N]), Buffer::f32(&[0.0; N]));
+fn check_residual_forward(x: Precision, mask: Option<Mask>, n: usize, c: usize) {
+    let inp = Buffer::new(x, &random(n * c, 1.0, 4));
+    let branch = Buffer::new(x, &random(n * c, 1.0, 5));
+    let weight = Buffer::new(x, &random(c, 1.0, 6));
+    let bias = Buffer::new(x, &random(c, 1.0, 7));
+    let (residual, ln) = (Buffer::new(x, &vec![0.0; n * c]), Buffer::new(x, &vec![0.0; n * c]));
+    let (mean, rstd) = (Buffer::f32(&vec![0.0; n]), Buffer::f32(&vec![0.0; n]));
     layernorm::residual_forward(
         gpu(),
         x,
@@ -48,8 +53,8 @@ fn check_residual_forward(x: Precision, mask: Option<Mask>) {
         branch.addr(),
         weight.addr(),
         Some(bias.addr()),
-        N,
-        C,
+        n,
+        c,
         mask,
     )
     .unwrap();
@@ -62,9 +67,9 @@ fn check_residual_forward(x: Precision, mask: Option<Mask>) {
     let want_residual: Vec<f32> = inp.values().iter().zip(&dropped).map(|(r, d)| r + d).collect();
     // The LayerNorm is of the residual as stored in X.
     let stored_residual = Buffer::new(x, &want_residual).values();
-    let (mut want, mut want_mean, mut want_rstd) = (vec![0.0; N * C], vec![0.0; N], vec![0.0; N]);
+    let (mut want, mut want_mean, mut want_rstd) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
     cpu::forward(&mut want, &mut want_mean, &mut want_rstd, &stored_residual, &weight.values(), Some(&bias.values()));
-    let what = format!("residual_layernorm {x:?} dropout={}", mask.is_some());
+    let what = format!("residual_layernorm {x:?} dropout={} n={n} c={c}", mask.is_some());
     assert_close(&format!("{what}: residual"), &residual.values(), &want_residual, tolerance(x));
     assert_close(&format!("{what}: out"), &ln.values(), &want, tolerance(x));
     assert_close(&format!("{what}: mean"), &mean.values(), &want_mean, tolerance(x));
@@ -130,15 +135,27 @@ fn check_backward(x: Precision, with_bias: bool, add_to_dinp: bool, n: usize, c:
 fn forward_matches_cpu_with_and_without_bias() {
     for x in [Precision::F32, Precision::Bf16] {
         for with_bias in [true, false] {
-            check_forward(x, with_bias, N, C);
+            check_forward(x, with_bias, N, C, false);
         }
+    }
+}
+
+#[test]
+fn forward_in_packs_matches_cpu() {
+    // C a multiple of both packs (8 bf16, 4 floats): whole rows in 16-byte accesses, unless the input is
+    // misaligned.
+    for x in [Precision::F32, Precision::Bf16] {
+        for with_bias in [true, false] {
+            check_forward(x, with_bias, N, 96, false);
+        }
+        check_forward(x, true, N, 96, true);
     }
 }
 
 #[test]
 fn forward_of_wide_rows_fits_fewer_rows_a_block() {
     // 2000 channels: 6 rows' floats fit in a block's 48 KiB of shared memory, not 8.
-    check_forward(Precision::F32, true, 13, 2000);
+    check_forward(Precision::F32, true, 13, 2000, false);
 }
 
 #[test]
@@ -152,7 +169,9 @@ fn residual_forward_matches_cpu_with_and_without_dropout() {
     let mask = Mask::new(DropoutKey { seed: 3, step: 1 }, Site::AttentionResidual(2), 0.2);
     for x in [Precision::F32, Precision::Bf16] {
         for mask in [None, Some(mask)] {
-            check_residual_forward(x, mask);
+            check_residual_forward(x, mask, N, C);
+            // In 16-byte packs.
+            check_residual_forward(x, mask, 33, 96);
         }
     }
 }

@@ -21,11 +21,11 @@ __device__ void add(X* out, const X* row_bias, long long n, int oc) {
   if (first >= total) return;
   int col = (int)(first % oc);
   if (oc % P == 0 && aligned16(out) && aligned16(row_bias)) {
-    alignas(16) X values[P], biases[P];
-    *reinterpret_cast<uint4*>(values) = *reinterpret_cast<const uint4*>(out + first);
-    *reinterpret_cast<uint4*>(biases) = *reinterpret_cast<const uint4*>(row_bias + col);
+    X values[P], biases[P];
+    load_pack(values, out + first);
+    load_pack(biases, row_bias + col);
     for (int e = 0; e < P; ++e) values[e] = from_float<X>(to_float(values[e]) + to_float(biases[e]));
-    *reinterpret_cast<uint4*>(out + first) = *reinterpret_cast<const uint4*>(values);
+    store_pack(out + first, values);
   } else {
     for (long long i = first; i < total && i < first + P; ++i) {
       out[i] = from_float<X>(to_float(out[i]) + to_float(row_bias[col]));
@@ -48,8 +48,8 @@ __device__ void chunk_column_sums(float* partials, const X* dout, int n, int oc)
   for (int row = blockIdx.y * CHUNK_ROWS + threadIdx.y; row < row_end; row += ROW_LANES) {
     const X* values = dout + (long long)row * oc;
     if (packed && first < oc) {
-      alignas(16) X pack[P];
-      *reinterpret_cast<uint4*>(pack) = *reinterpret_cast<const uint4*>(values + first);
+      X pack[P];
+      load_pack(pack, values + first);
       for (int e = 0; e < P; ++e) sums[e] += to_float(pack[e]);
     } else {
       for (int e = 0; e < P && first + e < oc; ++e) sums[e] += to_float(values[first + e]);

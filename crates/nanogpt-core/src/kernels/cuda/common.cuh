@@ -39,6 +39,32 @@ constexpr int PACK = 16 / sizeof(X);
 
 __device__ __forceinline__ bool aligned16(const void* p) { return (uintptr_t)p % 16 == 0; }
 
+// P elements from memory at src into v, and back: one 16-byte access where P is a pack (src or dst then
+// 16-byte aligned), else one element. The bits pass through a uint4 by memcpy, not by casting v's address:
+// a compiler may assume that a uint4 store and X loads of the same array do not alias (the CPU build's
+// does), and drop the stores.
+template <typename X, int P>
+__device__ __forceinline__ void load_pack(X (&v)[P], const X* src) {
+  static_assert(P == 1 || P == PACK<X>, "a pack is one element or 16 bytes");
+  if constexpr (P == 1) {
+    v[0] = *src;
+  } else {
+    const uint4 bits = *reinterpret_cast<const uint4*>(src);
+    memcpy(v, &bits, sizeof(bits));
+  }
+}
+template <typename X, int P>
+__device__ __forceinline__ void store_pack(X* dst, const X (&v)[P]) {
+  static_assert(P == 1 || P == PACK<X>, "a pack is one element or 16 bytes");
+  if constexpr (P == 1) {
+    *dst = v[0];
+  } else {
+    uint4 bits;
+    memcpy(&bits, v, sizeof(bits));
+    *reinterpret_cast<uint4*>(dst) = bits;
+  }
+}
+
 // 2^x as the hardware approximates it (one MUFU.EX2 instruction; 2^-inf = 0), exp2f on the emulator. Softmax
 // kernels take e^(s - m) as 2^(s log2 e - m log2 e), folding log2 e into a scale they apply anyway, where
 // __expf would multiply by log2 e itself.

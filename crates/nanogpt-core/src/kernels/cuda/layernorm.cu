@@ -5,23 +5,65 @@ constexpr float EPS = 1e-5f;
 // Rows per block of the backward kernel, which its warps share out (see backward_rows).
 constexpr int BACKWARD_ROWS = 32;
 
-// Normalises one row, held as floats in this warp's `x` (each lane reads back only the channels it wrote,
-// so no barrier is needed), to out's row `row`, and keeps its statistics. Two passes over x, as the CPU
-// kernel: the variance is the mean of squared deviations, not E[x²] - mean², which cancels badly.
-template <typename X>
+// The forward kernels take one warp per row. Each lane owns the same P-element groups of channels (16-byte
+// packs where C and the buffers allow, else single elements) and caches them as floats in the warp's C
+// floats of dynamic shared memory: the input is read from global memory once, and each lane reads back only
+// what it wrote, so no barrier is needed. A group's floats move to and from the cache as 16-byte accesses.
+template <int P>
+__device__ __forceinline__ void cache(float* dst, const float (&v)[P]) {
+  if constexpr (P % 4 == 0) {
+    for (int q = 0; q < P / 4; ++q) reinterpret_cast<float4*>(dst)[q] = make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
+  } else {
+    for (int e = 0; e < P; ++e) dst[e] = v[e];
+  }
+}
+template <int P>
+__device__ __forceinline__ void uncache(float (&v)[P], const float* src) {
+  if constexpr (P % 4 == 0) {
+    for (int q = 0; q < P / 4; ++q) {
+      const float4 f = reinterpret_cast<const float4*>(src)[q];
+      v[4 * q] = f.x;
+      v[4 * q + 1] = f.y;
+      v[4 * q + 2] = f.z;
+      v[4 * q + 3] = f.w;
+    }
+  } else {
+    for (int e = 0; e < P; ++e) v[e] = src[e];
+  }
+}
+
+// Normalises the warp's cached row `x` to out's row `row`, and keeps its statistics. Two passes over x, as
+// the CPU kernel: the variance is the mean of squared deviations, not E[x²] - mean², which cancels badly.
+template <typename X, int P>
 __device__ void normalize_row(X* out, float* mean, float* rstd, const float* x, const X* weight, const X* bias, int C,
                               long long row) {
-  const int lane = threadIdx.x % WARP_SIZE;
+  const int lane = threadIdx.x % WARP_SIZE, groups = C / P;
   float sum = 0.0f;
-  for (int c = lane; c < C; c += WARP_SIZE) sum += x[c];
+  for (int g = lane; g < groups; g += WARP_SIZE) {
+    float v[P];
+    uncache(v, x + g * P);
+    for (int e = 0; e < P; ++e) sum += v[e];
+  }
   const float mu = warp_sum(sum) / C;
   float squares = 0.0f;
-  for (int c = lane; c < C; c += WARP_SIZE) squares += (x[c] - mu) * (x[c] - mu);
+  for (int g = lane; g < groups; g += WARP_SIZE) {
+    float v[P];
+    uncache(v, x + g * P);
+    for (int e = 0; e < P; ++e) squares += (v[e] - mu) * (v[e] - mu);
+  }
   const float rs = rsqrtf(warp_sum(squares) / C + EPS);
   X* y = out + row * C;
-  for (int c = lane; c < C; c += WARP_SIZE) {
-    const float normed = (x[c] - mu) * rs * to_float(weight[c]);
-    y[c] = from_float<X>(bias ? normed + to_float(bias[c]) : normed);
+  for (int g = lane; g < groups; g += WARP_SIZE) {
+    float v[P];
+    uncache(v, x + g * P);
+    X w[P], b[P], normed[P];
+    load_pack(w, weight + g * P);
+    if (bias) load_pack(b, bias + g * P);
+    for (int e = 0; e < P; ++e) {
+      const float scaled = (v[e] - mu) * rs * to_float(w[e]);
+      normed[e] = from_float<X>(bias ? scaled + to_float(b[e]) : scaled);
+    }
+    store_pack(y + g * P, normed);
   }
   if (lane == 0) {
     mean[row] = mu;
@@ -29,8 +71,13 @@ __device__ void normalize_row(X* out, float* mean, float* rstd, const float* x, 
   }
 }
 
-// One warp per row; each warp keeps its row as floats in dynamic shared memory (C floats per warp), so
-// the input is read from global memory once. bias may be null.
+// Whether a forward kernel's rows go in 16-byte packs: C a whole number of them, and every buffer aligned
+// (a null bias is).
+template <typename X, typename... Buffers>
+__device__ __forceinline__ bool packs_fit(int C, const Buffers*... buffers) {
+  return C % PACK<X> == 0 && (aligned16(buffers) && ...);
+}
+
 template <typename X>
 __device__ void forward(X* out, float* mean, float* rstd, const X* inp, const X* weight, const X* bias, int N, int C) {
   DYNAMIC_SHARED(float, layernorm_rows);
@@ -38,13 +85,25 @@ __device__ void forward(X* out, float* mean, float* rstd, const X* inp, const X*
   const long long row = (long long)blockIdx.x * (blockDim.x / WARP_SIZE) + warp;
   if (row >= N) return;  // whole warps leave together: the shuffles see only full warps
   float* x = layernorm_rows + warp * C;
-  for (int c = lane; c < C; c += WARP_SIZE) x[c] = to_float(inp[row * C + c]);
-  normalize_row(out, mean, rstd, x, weight, bias, C, row);
+  auto rows = [&](auto pack) {
+    constexpr int P = decltype(pack)::value;
+    for (int g = lane; g < C / P; g += WARP_SIZE) {
+      X v[P];
+      load_pack(v, inp + row * C + g * P);
+      float f[P];
+      for (int e = 0; e < P; ++e) f[e] = to_float(v[e]);
+      cache(x + g * P, f);
+    }
+    normalize_row<X, P>(out, mean, rstd, x, weight, bias, C, row);
+  };
+  if (packs_fit<X>(C, out, inp, weight, bias)) rows(std::integral_constant<int, PACK<X>>{});
+  else rows(std::integral_constant<int, 1>{});
 }
 
 // residual_out = inp + dropout(branch), then ln_out = LayerNorm(residual_out), in one pass over the inputs.
 // The LayerNorm reads residual_out as stored (rounded to X), so that it agrees with the backward pass,
-// which reads residual_out. residual_out may be inp.
+// which reads residual_out. residual_out may be inp. Without dropout (threshold 0) the kernel is compiled
+// without the dropout hash, which it would otherwise compute for every element.
 template <typename X>
 __device__ void residual_forward(X* residual_out, X* ln_out, float* mean, float* rstd, const X* inp, const X* branch,
                                  const X* weight, const X* bias, int N, int C, uint64_t stream, uint32_t threshold,
@@ -54,32 +113,26 @@ __device__ void residual_forward(X* residual_out, X* ln_out, float* mean, float*
   const long long row = (long long)blockIdx.x * (blockDim.x / WARP_SIZE) + warp;
   if (row >= N) return;
   float* x = layernorm_rows + warp * C;
-  for (int c = lane; c < C; c += WARP_SIZE) {
-    const long long i = row * C + c;
-    const float dropped = to_float(branch[i]) * dropout_scale(stream, threshold, keep_scale, (uint64_t)i);
-    const X sum = from_float<X>(to_float(inp[i]) + dropped);
-    residual_out[i] = sum;
-    x[c] = to_float(sum);
-  }
-  normalize_row(ln_out, mean, rstd, x, weight, bias, C, row);
-}
-
-// P elements from src into v: one 16-byte access where P is a pack, else one element.
-template <typename X, int P>
-__device__ __forceinline__ void load(X (&v)[P], const X* src) {
-  if constexpr (P == 1) {
-    v[0] = *src;
-  } else {
-    *reinterpret_cast<uint4*>(v) = *reinterpret_cast<const uint4*>(src);
-  }
-}
-template <typename X, int P>
-__device__ __forceinline__ void store(X* dst, const X (&v)[P]) {
-  if constexpr (P == 1) {
-    *dst = v[0];
-  } else {
-    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(v);
-  }
+  auto rows = [&](auto packed_case, auto dropout_case) {
+    constexpr int P = decltype(packed_case)::value ? PACK<X> : 1;
+    constexpr bool DROPOUT = decltype(dropout_case)::value;
+    for (int g = lane; g < C / P; g += WARP_SIZE) {
+      const long long first = row * C + g * P;
+      X a[P], b[P], sum[P];
+      load_pack(a, inp + first);
+      load_pack(b, branch + first);
+      float f[P];
+      for (int e = 0; e < P; ++e) {
+        const float dropped = DROPOUT ? to_float(b[e]) * dropout_scale(stream, threshold, keep_scale, (uint64_t)(first + e)) : to_float(b[e]);
+        sum[e] = from_float<X>(to_float(a[e]) + dropped);
+        f[e] = to_float(sum[e]);
+      }
+      store_pack(residual_out + first, sum);
+      cache(x + g * P, f);
+    }
+    normalize_row<X, P>(ln_out, mean, rstd, x, weight, bias, C, row);
+  };
+  with_cases(packs_fit<X>(C, residual_out, ln_out, inp, branch, weight, bias), threshold != 0, rows);
 }
 
 // Block b owns rows [b*BACKWARD_ROWS, (b+1)*BACKWARD_ROWS); warp w takes rows b*BACKWARD_ROWS + w, + w + warps,
@@ -109,9 +162,9 @@ __device__ void backward_rows(X* dinp, float* partials, const X* dout, const X* 
     float dnorm_sum = 0.0f, dnorm_centred_sum = 0.0f;
     for (int g = lane; g < groups; g += WARP_SIZE) {
       X dy[P], x[P], w[P];
-      load(dy, dy_row + g * P);
-      load(x, x_row + g * P);
-      load(w, weight + g * P);
+      load_pack(dy, dy_row + g * P);
+      load_pack(x, x_row + g * P);
+      load_pack(w, weight + g * P);
       for (int e = 0; e < P; ++e) {
         const float dnorm = to_float(w[e]) * to_float(dy[e]);
         dnorm_sum += dnorm;
@@ -121,10 +174,10 @@ __device__ void backward_rows(X* dinp, float* partials, const X* dout, const X* 
     const float dnorm_mean = warp_sum(dnorm_sum) / C, dnorm_norm_mean = warp_sum(dnorm_centred_sum) * rs / C;
     for (int g = lane; g < groups; g += WARP_SIZE) {
       X dy[P], x[P], w[P], dx[P];
-      load(dy, dy_row + g * P);
-      load(x, x_row + g * P);
-      load(w, weight + g * P);
-      if (add_to_dinp) load(dx, dx_row + g * P);
+      load_pack(dy, dy_row + g * P);
+      load_pack(x, x_row + g * P);
+      load_pack(w, weight + g * P);
+      if (add_to_dinp) load_pack(dx, dx_row + g * P);
       for (int e = 0; e < P; ++e) {
         const float normed = (to_float(x[e]) - mu) * rs, dy_e = to_float(dy[e]);
         const float grad = (to_float(w[e]) * dy_e - normed * dnorm_norm_mean - dnorm_mean) * rs;
@@ -132,7 +185,7 @@ __device__ void backward_rows(X* dinp, float* partials, const X* dout, const X* 
         dweight_sum[g * P + e] += normed * dy_e;
         dbias_sum[g * P + e] += dy_e;
       }
-      store(dx_row + g * P, dx);
+      store_pack(dx_row + g * P, dx);
     }
   }
   __syncthreads();

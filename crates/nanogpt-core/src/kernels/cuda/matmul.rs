@@ -40,9 +40,7 @@ pub fn forward(
 }
 
 /// The gradients from `dout` (N x OC of X), with `inp` (N x C of X) and `weight` (OC x C of X) the
-/// forward's: `dinp` (N x C of X) = dout W is written; `dweight` (OC x C, f32) += doutᵀ inp and
-/// `dbias` (OC, f32) += dout's column sums are added to, so that micro-steps accumulate their gradients.
-/// `bias_scratch` holds [`bias::backward_scratch_len`] floats when there is a dbias.
+/// forward's: [`input_gradient`] into `dinp` when there is one, then [`weight_gradients`].
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     gpu: &dyn Gpu,
@@ -59,23 +57,48 @@ pub fn backward(
     oc: usize,
 ) -> Result<()> {
     if let Some(dinp) = dinp {
-        let product = Gemm {
-            m: n,
-            n: c,
-            k: oc,
-            a: dout,
-            transpose_a: false,
-            b: weight,
-            transpose_b: false,
-            c: dinp,
-            inputs: x,
-            output: x,
-            alpha: 1.0,
-            beta: 0.0,
-            bias: None,
-        };
-        gpu.gemm(&product)?;
+        input_gradient(gpu, x, dinp, dout, weight, n, c, oc)?;
     }
+    weight_gradients(gpu, x, dweight, dbias, bias_scratch, dout, inp, n, c, oc)
+}
+
+/// `dinp` (N x C of X) = `dout` (N x OC of X) `weight` (OC x C of X), written.
+#[allow(clippy::too_many_arguments)]
+pub fn input_gradient(gpu: &dyn Gpu, x: Precision, dinp: u64, dout: u64, weight: u64, n: usize, c: usize, oc: usize) -> Result<()> {
+    let product = Gemm {
+        m: n,
+        n: c,
+        k: oc,
+        a: dout,
+        transpose_a: false,
+        b: weight,
+        transpose_b: false,
+        c: dinp,
+        inputs: x,
+        output: x,
+        alpha: 1.0,
+        beta: 0.0,
+        bias: None,
+    };
+    gpu.gemm(&product)
+}
+
+/// `dweight` (OC x C, f32) += `dout`ᵀ `inp` (N x OC and N x C of X) and `dbias` (OC, f32) += dout's column
+/// sums: added to, so that micro-steps accumulate their gradients. `bias_scratch` holds
+/// [`bias::backward_scratch_len`] floats when there is a dbias.
+#[allow(clippy::too_many_arguments)]
+pub fn weight_gradients(
+    gpu: &dyn Gpu,
+    x: Precision,
+    dweight: u64,
+    dbias: Option<u64>,
+    bias_scratch: u64,
+    dout: u64,
+    inp: u64,
+    n: usize,
+    c: usize,
+    oc: usize,
+) -> Result<()> {
     let weight_gradient = Gemm {
         m: oc,
         n: c,
