@@ -13,7 +13,8 @@
 #   3. per-phase profile of our step (data, forward, backward, optimizer), at 124M and shakespeare_char shapes;
 #   4. sampling from a GPT-2 XL-shaped model (bench/sample.ts): torch_ref.py sample, then ours; tokens/s of each;
 #   5. the shakespeare_char recipe: torch_ref.py train, then our train (the fused step); best val loss and wall time
-#      of each.
+#      of each;
+#   6. the tensor-core attention kernels under Nsight Compute (ncu), where the machine lets it read the counters.
 # It builds nothing: run `bash scripts/pack-gpu-check.sh` first and carry .gpu-check with the working tree. The
 # machine needs python3 with torch, the NVIDIA driver, and CUDA 13 libraries (cuBLAS, cuRAND, NVRTC; NCCL for the nccl phase).
 #
@@ -141,6 +142,15 @@ phase our_train 240 "$node" "$app/dist/cli.mjs" train "$app/configs/train_shakes
 ours_wall=n/a
 [[ ${status[our_train]} == ok* ]] && ours_wall="$((SECONDS - t_ours)) (process)"
 
+# ---------------------------------------------------------------- 6. the attention kernels under Nsight Compute
+# One launch of each tensor-core attention kernel at 124M shapes with the hardware counters, where the machine lets
+# ncu read them: occupancy, issue rate and the stall reasons, the evidence for the next change to these kernels.
+ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n1)
+phase ncu_attention 150 "${ncu_bin:-ncu}" --clock-control none --kernel-name regex:'attention_.*_tc_' --launch-count 3 \
+  --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats --section WarpStateStats \
+  --metrics regex:'smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' --csv --page details \
+  "$app/bench/cuda_kernels_bench" "${kernel_shape[@]}" --warmup=0 --iters=1
+
 # ---------------------------------------------------------------- summary
 ours_best=$(grep -hoE 'val loss [0-9.]+' "$out/our_train.log" 2>/dev/null | awk '{print $3}' | sort -g | head -n1)
 ours_last_iter=$(grep -hoE '^iter [0-9]+' "$out/our_train.log" 2>/dev/null | tail -n1 | awk '{print $2}')
@@ -157,7 +167,7 @@ t_wall=$(result torch_train wall_s) t_best=$(result torch_train best_val)
 section "summary"
 echo "payload: commit $(cat "$app/COMMIT" 2>/dev/null || echo unknown); GPU: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -n1)"
 for name in unpack correctness kernels kernel_bench_ours kernel_bench_torch nccl torch_bench step_bench our_bench graph_bench profile_124m \
-  prepare profile_char sample_xl torch_train our_train; do
+  prepare profile_char sample_xl torch_train our_train ncu_attention; do
   printf '%-18s %s\n' "$name" "${status[$name]:-not run}"
 done
 echo
@@ -212,4 +222,30 @@ printf '%-34s %14s %14s %8s\n' "GPT-2 XL sampling tokens/s" "$(result sample_xl 
 printf '%-34s %14s %14s %8s\n' "char recipe ($train_iters it) best val" "${t_best:-n/a}" "${ours_best:-n/a}" ""
 printf '%-34s %14s %14s %8s\n' "char recipe wall s" "${t_wall:-n/a}" "$ours_wall" "$(ratio "${ours_wall% *}" "$t_wall")"
 [ -n "$ours_last_iter" ] && echo "(our train reached iter $ours_last_iter of $train_iters; torch's wall time excludes start-up, ours includes it)"
+echo
+echo "attention kernels under Nsight Compute (one launch each at 124M shapes; the top stall reasons in warps per issue):"
+python3 - "$out/ncu_attention.log" <<'TABLE'
+import csv, sys
+try: lines = [l for l in open(sys.argv[1]).read().splitlines() if l.startswith('"')]
+except OSError: lines = []
+rows = list(csv.DictReader(lines))
+kernels = {}
+for r in rows:
+    key = (r.get("ID"), r.get("Kernel Name", "?"))
+    kernels.setdefault(key, {})[r.get("Metric Name", "")] = (r.get("Metric Value", ""), r.get("Metric Unit", ""))
+if not kernels:
+    print("  n/a (the phase did not run, or ncu could not read the counters: see ncu_attention.log)")
+wanted = ["Duration", "Registers Per Thread", "Achieved Occupancy", "Issue Slots Busy", "Eligible Warps Per Scheduler",
+          "Warp Cycles Per Issued Instruction", "Compute (SM) Throughput", "Memory Throughput"]
+for (_, name), metrics in kernels.items():
+    shown = ", ".join(f"{m} {metrics[m][0]} {metrics[m][1]}".rstrip() for m in wanted if m in metrics)
+    print(f"  {name.split('(')[0]}: {shown}")
+    stalls = []
+    for m, (value, _) in metrics.items():
+        if "issue_stalled_" in m and m.endswith("per_issue_active.ratio"):
+            try: stalls.append((float(value.replace(",", "")), m.split("issue_stalled_")[1].split("_per_issue")[0]))
+            except ValueError: pass
+    if stalls:
+        print("    stalls: " + ", ".join(f"{reason} {value:.2f}" for value, reason in sorted(stalls, reverse=True)[:6]))
+TABLE
 exit 0
