@@ -5,30 +5,47 @@ constexpr float EPS = 1e-5f;
 // Rows per block of the backward kernel, which its warps share out (see backward_rows).
 constexpr int BACKWARD_ROWS = 32;
 
-// The forward kernels take one warp per row. Each lane owns the same P-element groups of channels (16-byte
-// packs where C and the buffers allow, else single elements) and caches them as floats in the warp's C
-// floats of dynamic shared memory: the input is read from global memory once, and each lane reads back only
-// what it wrote, so no barrier is needed. A group's floats move to and from the cache as 16-byte accesses.
+// A warp's row of C floats in shared memory (the forward kernels' cached row, the backward kernel's sums of
+// dweight and dbias), as the P-element groups of channels its lanes own: lane l owns groups l, l + 32, ...
+// (16-byte packs where C and the buffers allow, else single elements), every row, so each lane reads back
+// only what it wrote and no barrier is needed. A group's floats are stored in 16-byte quads, quad q of every
+// group together: the 32 lanes' accesses to one quad are then 512 consecutive bytes, free of bank conflicts,
+// where a group's 8 floats side by side put the lanes 32 bytes apart (2-way conflicts for 16-byte accesses,
+// 8-way for 4-byte ones).
 template <int P>
-__device__ __forceinline__ void cache(float* dst, const float (&v)[P]) {
+__device__ __forceinline__ int float_index(int groups, int g, int e) {
   if constexpr (P % 4 == 0) {
-    for (int q = 0; q < P / 4; ++q) reinterpret_cast<float4*>(dst)[q] = make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
+    return ((e / 4) * groups + g) * 4 + e % 4;
   } else {
-    for (int e = 0; e < P; ++e) dst[e] = v[e];
+    return g * P + e;
+  }
+}
+// The same for channel c.
+template <int P>
+__device__ __forceinline__ int channel_index(int groups, int c) {
+  return float_index<P>(groups, c / P, c % P);
+}
+template <int P>
+__device__ __forceinline__ void cache(float* row, int groups, int g, const float (&v)[P]) {
+  if constexpr (P % 4 == 0) {
+    for (int q = 0; q < P / 4; ++q)
+      *reinterpret_cast<float4*>(row + float_index<P>(groups, g, 4 * q)) = make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
+  } else {
+    for (int e = 0; e < P; ++e) row[float_index<P>(groups, g, e)] = v[e];
   }
 }
 template <int P>
-__device__ __forceinline__ void uncache(float (&v)[P], const float* src) {
+__device__ __forceinline__ void uncache(float (&v)[P], const float* row, int groups, int g) {
   if constexpr (P % 4 == 0) {
     for (int q = 0; q < P / 4; ++q) {
-      const float4 f = reinterpret_cast<const float4*>(src)[q];
+      const float4 f = *reinterpret_cast<const float4*>(row + float_index<P>(groups, g, 4 * q));
       v[4 * q] = f.x;
       v[4 * q + 1] = f.y;
       v[4 * q + 2] = f.z;
       v[4 * q + 3] = f.w;
     }
   } else {
-    for (int e = 0; e < P; ++e) v[e] = src[e];
+    for (int e = 0; e < P; ++e) v[e] = row[float_index<P>(groups, g, e)];
   }
 }
 
@@ -41,21 +58,21 @@ __device__ void normalize_row(X* out, float* mean, float* rstd, const float* x, 
   float sum = 0.0f;
   for (int g = lane; g < groups; g += WARP_SIZE) {
     float v[P];
-    uncache(v, x + g * P);
+    uncache(v, x, groups, g);
     for (int e = 0; e < P; ++e) sum += v[e];
   }
   const float mu = warp_sum(sum) / C;
   float squares = 0.0f;
   for (int g = lane; g < groups; g += WARP_SIZE) {
     float v[P];
-    uncache(v, x + g * P);
+    uncache(v, x, groups, g);
     for (int e = 0; e < P; ++e) squares += (v[e] - mu) * (v[e] - mu);
   }
   const float rs = rsqrtf(warp_sum(squares) / C + EPS);
   X* y = out + row * C;
   for (int g = lane; g < groups; g += WARP_SIZE) {
     float v[P];
-    uncache(v, x + g * P);
+    uncache(v, x, groups, g);
     X w[P], b[P], normed[P];
     load_pack(w, weight + g * P);
     if (bias) load_pack(b, bias + g * P);
@@ -92,7 +109,7 @@ __device__ void forward(X* out, float* mean, float* rstd, const X* inp, const X*
       load_pack(v, inp + row * C + g * P);
       float f[P];
       for (int e = 0; e < P; ++e) f[e] = to_float(v[e]);
-      cache(x + g * P, f);
+      cache(x, C / P, g, f);
     }
     normalize_row<X, P>(out, mean, rstd, x, weight, bias, C, row);
   };
@@ -128,7 +145,7 @@ __device__ void residual_forward(X* residual_out, X* ln_out, float* mean, float*
         f[e] = to_float(sum[e]);
       }
       store_pack(residual_out + first, sum);
-      cache(x + g * P, f);
+      cache(x, C / P, g, f);
     }
     normalize_row<X, P>(ln_out, mean, rstd, x, weight, bias, C, row);
   };
@@ -136,9 +153,9 @@ __device__ void residual_forward(X* residual_out, X* ln_out, float* mean, float*
 }
 
 // Block b owns rows [b*BACKWARD_ROWS, (b+1)*BACKWARD_ROWS); warp w takes rows b*BACKWARD_ROWS + w, + w + warps,
-// ... Each lane owns the same P-element groups of channels (16-byte packs where C and the buffers allow, else
-// single elements) in every row, so that the pass that writes dinp also adds the row's terms of dweight and
-// dbias to the warp's own C floats of each in shared memory, with no barrier and no atomics: one read of dout
+// ... Each lane owns the same P-element groups of channels in every row (as the forward kernels' lanes do), so
+// that the pass that writes dinp also adds the row's terms of dweight and dbias to the warp's own C floats of
+// each in shared memory (laid out as cache() does), with no barrier and no atomics: one read of dout
 // and inp from memory (the second pass over a row finds it in cache), where a separate column pass would read
 // them again. The block then adds its warps' sums, in warp order, into its partial sums (partials[b*C + c] and
 // partials[(blocks + b)*C + c]), whose column sums bias_backward adds to dweight and dbias. Fixed orders
@@ -152,7 +169,9 @@ __device__ void backward_rows(X* dinp, float* partials, const X* dout, const X* 
   float* dweight_sum = warp_sums + 2 * warp * C;
   float* dbias_sum = dweight_sum + C;
   for (int g = lane; g < groups; g += WARP_SIZE) {
-    for (int e = 0; e < P; ++e) dweight_sum[g * P + e] = dbias_sum[g * P + e] = 0.0f;
+    const float zeros[P] = {};
+    cache(dweight_sum, groups, g, zeros);
+    cache(dbias_sum, groups, g, zeros);
   }
   for (int row = first + warp; row < end; row += warps) {
     const X* dy_row = dout + (long long)row * C;
@@ -178,22 +197,28 @@ __device__ void backward_rows(X* dinp, float* partials, const X* dout, const X* 
       load_pack(x, x_row + g * P);
       load_pack(w, weight + g * P);
       if (add_to_dinp) load_pack(dx, dx_row + g * P);
+      float dweight[P], dbias[P];
+      uncache(dweight, dweight_sum, groups, g);
+      uncache(dbias, dbias_sum, groups, g);
       for (int e = 0; e < P; ++e) {
         const float normed = (to_float(x[e]) - mu) * rs, dy_e = to_float(dy[e]);
         const float grad = (to_float(w[e]) * dy_e - normed * dnorm_norm_mean - dnorm_mean) * rs;
         dx[e] = from_float<X>(add_to_dinp ? to_float(dx[e]) + grad : grad);
-        dweight_sum[g * P + e] += normed * dy_e;
-        dbias_sum[g * P + e] += dy_e;
+        dweight[e] += normed * dy_e;
+        dbias[e] += dy_e;
       }
       store_pack(dx_row + g * P, dx);
+      cache(dweight_sum, groups, g, dweight);
+      cache(dbias_sum, groups, g, dbias);
     }
   }
   __syncthreads();
   for (int c = threadIdx.x; c < C; c += blockDim.x) {
+    const int at = channel_index<P>(groups, c);
     float dweight = 0.0f, dbias = 0.0f;
     for (int w = 0; w < warps; ++w) {
-      dweight += warp_sums[2 * w * C + c];
-      dbias += warp_sums[(2 * w + 1) * C + c];
+      dweight += warp_sums[2 * w * C + at];
+      dbias += warp_sums[(2 * w + 1) * C + at];
     }
     partials[(long long)blockIdx.x * C + c] = dweight;
     partials[(long long)(gridDim.x + blockIdx.x) * C + c] = dbias;
