@@ -18,7 +18,18 @@ fn main() {
         println!("cargo:rerun-if-changed={}", entry.unwrap().path().display());
     }
     let nvcc = env::var_os("CUDA_ROOT").map_or_else(|| PathBuf::from("nvcc"), |root| PathBuf::from(root).join("bin/nvcc"));
-    let compute_cap = env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
+    let compute_cap: u32 = match env::var("CUDA_COMPUTE_CAP") {
+        Ok(value) => value
+            .parse()
+            .unwrap_or_else(|_| panic!("CUDA_COMPUTE_CAP must be a compute capability without its dot, like 80 or 90; got `{value}`")),
+        Err(_) => 80,
+    };
+    // The tensor-core kernels multiply bfloat16 (mma.sync .bf16, cp.async), which compute capability 8.0 brought.
+    if compute_cap < 80 {
+        panic!("CUDA_COMPUTE_CAP={compute_cap}: the engine's CUDA kernels need compute capability 8.0 or newer (A100, RTX 30xx and later); set 80 or above");
+    }
+    // cuda.rs compares it with the GPU it opens: PTX for a newer architecture does not load on an older one.
+    println!("cargo:rustc-env=NANOGPT_CUDA_COMPUTE_CAP={compute_cap}");
     let ptx = PathBuf::from(env::var("OUT_DIR").unwrap()).join("kernels.ptx");
     let output = Command::new(&nvcc)
         .args(["-ptx", "-O3", "-std=c++17", "-lineinfo"])

@@ -29,6 +29,12 @@ pub fn open(ordinal: usize, seed: u64) -> Result<Device> {
     let device = Device::new_cuda(ordinal).map_err(|e| {
         candle_core::Error::Msg(format!("cannot open CUDA device {ordinal} ({}): is there an NVIDIA GPU, and its driver?", first_line(&e)))
     })?;
+    let context = device.as_cuda_device()?.cuda_stream().context().clone();
+    let (major, minor) = context.compute_capability().map_err(driver_error)?;
+    let built: u32 = env!("NANOGPT_CUDA_COMPUTE_CAP").parse().expect("build.rs sets a number");
+    if let Some(problem) = capability_problem(ordinal, &context.name().unwrap_or_default(), (major * 10 + minor) as u32, built) {
+        candle_core::bail!("{problem}");
+    }
     candle_core::cuda::set_gemm_reduced_precision_f32(true);
     device.set_seed(seed)?;
     let pool = mem_pool(device.as_cuda_device()?)?;
@@ -42,6 +48,29 @@ pub fn open(ordinal: usize, seed: u64) -> Result<Device> {
     }
     .map_err(driver_error)?;
     Ok(device)
+}
+
+/// Why GPU `ordinal` (`name`, compute capability `device` as 10 * major + minor) cannot run this build, whose
+/// kernels target `built` (its CUDA_COMPUTE_CAP); None if it can. The driver compiles PTX for the GPU it
+/// runs on when that is the same architecture or newer, never older, and would otherwise fail at the first
+/// launch with a bare "no binary for GPU".
+#[cfg(any(feature = "cuda", test))]
+fn capability_problem(ordinal: usize, name: &str, device: u32, built: u32) -> Option<String> {
+    let version = |cap: u32| format!("{}.{}", cap / 10, cap % 10);
+    if device < 80 {
+        Some(format!(
+            "GPU {ordinal} ({name}) has compute capability {}, and the CUDA engine needs 8.0 or newer (bfloat16 tensor cores: A100, RTX 30xx and later); use --device=cpu",
+            version(device)
+        ))
+    } else if device < built {
+        Some(format!(
+            "GPU {ordinal} ({name}) has compute capability {}, older than the {} this CUDA build was compiled for; rebuild it for this GPU with `CUDA_COMPUTE_CAP={device} npm run build:cuda`",
+            version(device),
+            version(built)
+        ))
+    } else {
+        None
+    }
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -575,5 +604,34 @@ impl Kernels {
             )
             .map_err(|e| failed("matmul", e))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::capability_problem;
+
+    #[test]
+    fn a_gpu_runs_builds_for_its_architecture_or_older_ones() {
+        assert_eq!(capability_problem(0, "NVIDIA H200", 90, 90), None);
+        assert_eq!(capability_problem(0, "NVIDIA H200", 90, 80), None);
+        assert_eq!(capability_problem(0, "NVIDIA A100", 80, 80), None);
+    }
+
+    #[test]
+    fn a_build_for_a_newer_architecture_names_the_rebuild() {
+        let problem = capability_problem(1, "NVIDIA A100-SXM4-80GB", 80, 90).unwrap();
+        assert_eq!(
+            problem,
+            "GPU 1 (NVIDIA A100-SXM4-80GB) has compute capability 8.0, older than the 9.0 this CUDA build was compiled for; rebuild it for this GPU with `CUDA_COMPUTE_CAP=80 npm run build:cuda`"
+        );
+        assert!(capability_problem(0, "NVIDIA L4", 89, 90).unwrap().contains("CUDA_COMPUTE_CAP=89"));
+    }
+
+    #[test]
+    fn a_gpu_without_bfloat16_tensor_cores_is_refused() {
+        let problem = capability_problem(0, "Tesla T4", 75, 80).unwrap();
+        assert!(problem.starts_with("GPU 0 (Tesla T4) has compute capability 7.5, and the CUDA engine needs 8.0 or newer"), "{problem}");
+        assert!(problem.ends_with("use --device=cpu"), "{problem}");
     }
 }
