@@ -325,12 +325,13 @@ __device__ void backward_key(X* dqkv, const X* dout, const X* qkv, const float* 
 // the online softmax, dropout, dS) happens in registers, and a product's accumulators become the next
 // product's A operand without leaving them: only the tiles of Q, K, V and dO pass through shared memory.
 //
-// A block of TC_WARPS warps owns TC_ROWS = 64 rows (queries, or keys for the dK/dV kernel), 16 per warp,
-// and walks tiles of TC_COLS = 64 of the other side, double-buffered: the asynchronous copies
-// (copy_tile_async) of tile i+1 run while the warps work on tile i. Each K, V, Q or dO element loaded into
-// shared memory feeds 64 rows' products. With g = lane / 4 and t = lane % 4, a lane holds, of its warp's
-// 16 rows, rows g and g+8, against columns 2t and 2t+1 of every 8-column block: a row's max or sum is
-// over the 4 lanes of its group (two shuffles).
+// A block of TC_WARPS warps owns TC_ROWS = 64 rows (queries, or keys for the dK/dV kernel), 16 per warp (the
+// forward at HS=64: 128 queries, 32 per warp, as two tiles of 16), and walks tiles of TC_COLS = 64 of the other
+// side, double-buffered: the asynchronous copies (copy_tile_async) of tile i+1 run while the warps work on
+// tile i. Each K, V, Q or dO element loaded into shared memory feeds the block's rows' products. With
+// g = lane / 4 and t = lane % 4, a lane holds, of each of its warp's tiles of 16 rows, rows g and g+8, against
+// columns 2t and 2t+1 of every 8-column block: a row's max or sum is over the 4 lanes of its group (two
+// shuffles).
 //
 // Operands reach registers through ldmatrix, four 8 x 8 matrices per instruction (transposed on the way
 // where a tile's rows are a B operand's k, as V's in P.V).
@@ -342,14 +343,16 @@ __device__ void backward_key(X* dqkv, const X* dout, const X* qkv, const float* 
 // over, then the dK/dV kernel's per-query lse and D_i twice over (55 / 103 KiB). The kernels have no
 // static shared memory.
 //
-// Registers on Hopper (nvcc 13, -Xptxas -v, sm_90), at HS=64 / HS=128: forward 128 / 236, dQ kernel 168 / 170,
-// dK/dV kernel 168 / 255. At HS=64 the forward is bounded for 4 blocks per SM and the dK/dV kernel for 3 (each
-// spilling a few bytes; unbounded, they take 134 and 255 registers, 3 and 2 blocks); the kernels are latency-bound
-// (Nsight Compute on an H200: on most cycles no warp is ready to issue), and the extra block measured 2% and 10%
+// Registers on Hopper (nvcc 13, -Xptxas -v, sm_90), at HS=64 / HS=128: forward 255 / 236, dQ kernel 168 / 170, dK/dV
+// kernel 168 / 255. The forward at HS=64 holds two tiles' accumulators, probabilities and Q operands (160 registers of
+// them) and runs 2 blocks per SM, spilling a few bytes (a whole tile's 585 instructions refill one); that is the 256
+// rows per SM that 4 blocks of 16-row warps ran, at half the shared-memory reads per product. The dK/dV kernel at HS=64
+// is bounded for 3 blocks per SM (spilling a few bytes; unbounded, it takes 255 registers, 2 blocks); the kernels are
+// latency-bound (Nsight Compute on an H200: on most cycles no warp is ready to issue), and the extra block measured 10%
 // faster (bench/results/gpu-2026-11-30.md). The dQ kernel is unbounded: 168 registers, 3 blocks (its shared memory
-// would allow 4, but bounded for 4 it spills inside the tile loop). At HS=128 the dK and dV accumulators, 64
-// floats each, spill a few bytes; GPT-2's head size is 64. 64-row blocks give T/64 x B*NH = 2304 blocks at GPT-2's
-// B=12, T=1024: several waves over 132 SMs.
+// would allow 4, but bounded for 4 it spills inside the tile loop). At HS=128 the dK and dV accumulators, 64 floats
+// each, spill a few bytes; GPT-2's head size is 64. At GPT-2's B=12, T=1024 the grids are T/64 x B*NH = 2304 blocks
+// (T/128 x B*NH = 1152 for the forward): several waves over 132 SMs.
 namespace attention_tc {
 
 constexpr int TC_WARPS = 4;
@@ -463,23 +466,34 @@ __device__ __forceinline__ void rows_times_tile_transposed(float (&acc)[COL_BLOC
   }
 }
 
-// out (16 x HS in 8-column blocks) += operand (the warp's 16 x 64 accumulators, as bf16) times `tile`
-// (64 x HS, shared), over the operand's 16-column steps in [first, end).
-template <int HS>
-__device__ __forceinline__ void accumulate_times_tile(float (&out)[HS / 8][4], const float (&operand)[COL_BLOCKS][4], const bf16* tile, int first,
-                                                      int end) {
+// out[mt] (16 x HS in 8-column blocks) += operand[mt] (16 x 64 accumulators, as bf16) times `tile` (64 x HS,
+// shared), for each of a warp's MT tiles of 16 rows, over the operands' 16-column steps in [first, end): each
+// B operand loaded from the tile feeds MT products.
+template <int HS, int MT>
+__device__ __forceinline__ void accumulate_times_tile(float (&out)[MT][HS / 8][4], const float (&operand)[MT][COL_BLOCKS][4], const bf16* tile,
+                                                      int first, int end) {
 #pragma unroll
   for (int cs = 0; cs < COL_STEPS; ++cs) {
     if (cs < first || cs >= end) continue;
-    uint32_t a[4];
-    accumulators_as_a(a, operand, cs);
+    uint32_t a[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) accumulators_as_a(a[mt], operand[mt], cs);
 #pragma unroll
     for (int db = 0; db < HS / 8; db += 2) {
       uint32_t b[4];
       load_b_from_columns<TILE_LD<HS>>(b, tile, 16 * cs, 8 * db);
-      mma_pair(out[db], out[db + 1], a, b);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) mma_pair(out[mt][db], out[mt][db + 1], a[mt], b);
     }
   }
+}
+// The same for a warp's one tile of 16 rows (the backward kernels').
+template <int HS>
+__device__ __forceinline__ void accumulate_times_tile(float (&out)[HS / 8][4], const float (&operand)[COL_BLOCKS][4], const bf16* tile, int first,
+                                                      int end) {
+  using OneOut = float[1][HS / 8][4];
+  using OneOperand = const float[1][COL_BLOCKS][4];
+  accumulate_times_tile<HS, 1>(reinterpret_cast<OneOut&>(out), reinterpret_cast<OneOperand&>(operand), tile, first, end);
 }
 
 // Rows row0 + g and row0 + g + 8 of a warp's 16 x HS accumulators (times `factor[0]`, `factor[1]`), those
@@ -500,12 +514,24 @@ __device__ __forceinline__ void store_rows(bf16* dst, int stride, int row0, int 
   }
 }
 
-// attention::forward's contract, per (b, h, 64 queries): a running softmax over tiles of 64 keys. Warp w
-// owns queries q0 = first_row + 16w.., keeps their Q operands in registers for every key tile, and on the
-// diagonal tile skips the 16-key steps past its last query.
+// Query rows per warp of the forward: two tiles of 16 at HS=64, so that each K or V operand loaded from shared
+// memory feeds two products (with one, ldmatrix's shared-memory traffic outweighed the products' time on the
+// tensor cores); one at HS=128, where a second tile's accumulators would not fit in registers.
+template <int HS>
+constexpr int FORWARD_ROW_TILES = HS == 64 ? 2 : 1;
+template <int HS>
+constexpr int FORWARD_ROWS = 16 * FORWARD_ROW_TILES<HS> * TC_WARPS;  // per block: 128 at HS=64, 64 at HS=128
+
+// attention::forward's contract, per (b, h, FORWARD_ROWS queries): a running softmax over tiles of 64 keys.
+// Warp w owns the MT = FORWARD_ROW_TILES tiles of 16 queries from q0 = first_row + 16 MT w, keeps their Q
+// operands in registers for every key tile, and on the diagonal tile skips the 16-key steps past its last
+// query. Key tiles start at multiples of 64 and q0 at multiples of 16 MT, so a key tile either starts at or
+// before q0 (every query of the warp sees its first key) or lies wholly past the warp's queries, and is
+// skipped: with 128-row blocks, the block's last key tile is past its first two warps' queries.
 template <int HS>
 __device__ void forward(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) {
-  constexpr int LD = TILE_LD<HS>, TILE = TILE_ELEMENTS<HS>, DIM_STEPS = HS / 16;
+  constexpr int LD = TILE_LD<HS>, TILE = TILE_ELEMENTS<HS>, DIM_STEPS = HS / 16, MT = FORWARD_ROW_TILES<HS>, BLOCK_ROWS = FORWARD_ROWS<HS>;
+  static_assert(MT <= 2 && TC_COLS % (16 * MT) == 0, "the block's queries pass through buffer 1, and key tiles align with warps' queries");
   DYNAMIC_SHARED(bf16, attention_shared);
   // Buffer s holds K at tiles + 2s and V at tiles + 2s + 1 (in units of TILE).
   bf16* tiles = attention_shared;
@@ -513,31 +539,39 @@ __device__ void forward(bf16* out, float* lse, const bf16* qkv, int T, int C, in
   const int bh = blockIdx.y, b = bh / NH, h = bh % NH, C3 = 3 * C;
   const float scale_log2 = LOG2E / sqrtf((float)HS);
   const uint64_t first_weight = (uint64_t)bh * T * T;
-  const int first_row = (gridDim.x - 1 - blockIdx.x) * TC_ROWS, q0 = first_row + 16 * warp;
+  const int first_row = (gridDim.x - 1 - blockIdx.x) * BLOCK_ROWS, q0 = first_row + 16 * MT * warp;
   const bf16* q = qkv + (size_t)b * T * C3 + h * HS;
   const bf16* k = q + C;
   const bf16* v = q + 2 * C;
 
-  // Q passes through buffer 1's K tile into the warp's operands, while the first tile loads into buffer 0.
-  copy_tile_async<HS>(tiles + 2 * TILE, q, C3, first_row, T);
+  // Q passes through buffer 1 (its K tile, then its V tile) into the warps' operands, while the first key tile
+  // loads into buffer 0.
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) copy_tile_async<HS>(tiles + (2 + mt) * TILE, q, C3, first_row + mt * TC_ROWS, T);
   __pipeline_commit();
   copy_tile_async<HS>(tiles, k, C3, 0, T);
   copy_tile_async<HS>(tiles + TILE, v, C3, 0, T);
   __pipeline_commit();
   __pipeline_wait_prior(1);  // this thread's Q copies are done...
   __syncthreads();           // ...and every thread's
-  uint32_t q_frag[DIM_STEPS][4];
+  uint32_t q_frag[MT][DIM_STEPS][4];
 #pragma unroll
-  for (int ds = 0; ds < DIM_STEPS; ++ds) load_a<LD>(q_frag[ds], tiles + 2 * TILE + 16 * warp * LD, 16 * ds);
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int ds = 0; ds < DIM_STEPS; ++ds) load_a<LD>(q_frag[mt][ds], tiles + 2 * TILE + (q0 - first_row + 16 * mt) * LD, 16 * ds);
   __syncthreads();  // every warp holds its Q before the second tile is copied over it
 
-  // Index r is row q0 + g + 8r. m is the row's running max of scaled scores in base-2 units (times log2 e),
-  // l this lane's share of the row's sum, summed over the group at the end (the rescales are the group's
-  // alike).
-  const int rows[2] = {q0 + g, q0 + g + 8};
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, o[HS / 8][4] = {};
+  // Index [mt][r] is row q0 + 16 mt + g + 8r. m is the row's running max of scaled scores in base-2 units (times
+  // log2 e), l this lane's share of the row's sum, summed over the group at the end (the rescales are the
+  // group's alike).
+  int rows[MT][2];
+  float m[MT][2], l[MT][2], o[MT][HS / 8][4] = {};
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) rows[mt][r] = q0 + 16 * mt + g + 8 * r, m[mt][r] = -INFINITY, l[mt][r] = 0.0f;
   const bool active = q0 < T;  // warp-uniform
-  const int last_row = min(first_row + TC_ROWS, T) - 1;
+  const int last_row = min(first_row + BLOCK_ROWS, T) - 1;
   for (int k0 = 0, s = 0; k0 <= last_row; k0 += TC_COLS, s ^= 1) {
     // Buffer s^1 was last read in the previous iteration, which every warp has left (the barrier at its end).
     if (k0 + TC_COLS <= last_row) {
@@ -556,11 +590,14 @@ __device__ void forward(bf16* out, float* lse, const bf16* qkv, int T, int C, in
     // hash for every element and select.
     const auto attend = [&](auto diagonal_case, auto dropout_case) {
       constexpr bool DIAGONAL = decltype(diagonal_case)::value, DROPOUT = decltype(dropout_case)::value;
-      // 16-key steps with a key some row of the warp sees: k0 <= q0, so at least one.
-      const int steps = DIAGONAL ? min(COL_STEPS, (q0 - k0) / 16 + 1) : COL_STEPS;
-      float p[COL_BLOCKS][4];
+      // 16-key steps with a key that some row of the warp sees (its last tile's rows see the most): k0 <= q0,
+      // so at least one.
+      const int steps = DIAGONAL ? min(COL_STEPS, (q0 + 16 * (MT - 1) - k0) / 16 + 1) : COL_STEPS;
+      float p[MT][COL_BLOCKS][4];
 #pragma unroll
-      for (int cb = 0; cb < COL_BLOCKS; ++cb) p[cb][0] = p[cb][1] = p[cb][2] = p[cb][3] = 0.0f;
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int cb = 0; cb < COL_BLOCKS; ++cb) p[mt][cb][0] = p[mt][cb][1] = p[mt][cb][2] = p[mt][cb][3] = 0.0f;
 #pragma unroll
       for (int ds = 0; ds < DIM_STEPS; ++ds)
 #pragma unroll
@@ -568,62 +605,70 @@ __device__ void forward(bf16* out, float* lse, const bf16* qkv, int T, int C, in
           if (cs >= steps) continue;
           uint32_t kt[4];
           load_b_from_rows<LD>(kt, k_tile, 16 * cs, 16 * ds);
-          mma_pair(p[2 * cs], p[2 * cs + 1], q_frag[ds], kt);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) mma_pair(p[mt][2 * cs], p[mt][2 * cs + 1], q_frag[mt][ds], kt);
         }
-      // Masked scores, then the rows' new maxima (key k0 is visible to every row, so they are finite from the
-      // first tile on).
-      float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-      for (int cb = 0; cb < COL_BLOCKS; ++cb)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          if (DIAGONAL && (cb / 2 >= steps || k0 + 8 * cb + 2 * t + e % 2 > rows[e / 2])) p[cb][e] = -INFINITY;
-          tile_max[e / 2] = fmaxf(tile_max[e / 2], p[cb][e]);
-        }
-      float rescale[2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
-        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
-        const float m_new = fmaxf(m[r], tile_max[r] * scale_log2);
-        rescale[r] = fast_exp2(m[r] - m_new);
-        m[r] = m_new;
-        l[r] *= rescale[r];
-      }
-#pragma unroll
-      for (int db = 0; db < HS / 8; ++db)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) o[db][e] *= rescale[e / 2];
-      // Probabilities, scaled and shifted in one multiply-add: the sum takes them as they are, P.V with the
-      // dropout factor.
-#pragma unroll
-      for (int cb = 0; cb < COL_BLOCKS; ++cb)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          p[cb][e] = fast_exp2(fmaf(p[cb][e], scale_log2, -m[e / 2]));
-          l[e / 2] += p[cb][e];
-        }
-      if (DROPOUT) {
+      for (int mt = 0; mt < MT; ++mt) {
+        // Masked scores, then the rows' new maxima (key k0 is visible to every row, so they are finite from the
+        // first tile on).
+        float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
         for (int cb = 0; cb < COL_BLOCKS; ++cb)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) p[cb][e] *= dropout_scale(stream, threshold, keep, first_weight + (uint64_t)rows[e / 2] * T + k0 + 8 * cb + 2 * t + e % 2);
+          for (int e = 0; e < 4; ++e) {
+            if (DIAGONAL && (cb / 2 >= steps || k0 + 8 * cb + 2 * t + e % 2 > rows[mt][e / 2])) p[mt][cb][e] = -INFINITY;
+            tile_max[e / 2] = fmaxf(tile_max[e / 2], p[mt][cb][e]);
+          }
+        float rescale[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+          tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+          const float m_new = fmaxf(m[mt][r], tile_max[r] * scale_log2);
+          rescale[r] = fast_exp2(m[mt][r] - m_new);
+          m[mt][r] = m_new;
+          l[mt][r] *= rescale[r];
+        }
+#pragma unroll
+        for (int db = 0; db < HS / 8; ++db)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) o[mt][db][e] *= rescale[e / 2];
+        // Probabilities, scaled and shifted in one multiply-add: the sum takes them as they are, P.V with the
+        // dropout factor.
+#pragma unroll
+        for (int cb = 0; cb < COL_BLOCKS; ++cb)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            p[mt][cb][e] = fast_exp2(fmaf(p[mt][cb][e], scale_log2, -m[mt][e / 2]));
+            l[mt][e / 2] += p[mt][cb][e];
+          }
+        if (DROPOUT) {
+#pragma unroll
+          for (int cb = 0; cb < COL_BLOCKS; ++cb)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+              p[mt][cb][e] *= dropout_scale(stream, threshold, keep, first_weight + (uint64_t)rows[mt][e / 2] * T + k0 + 8 * cb + 2 * t + e % 2);
+        }
       }
-      accumulate_times_tile<HS>(o, p, v_tile, 0, steps);
+      accumulate_times_tile<HS, MT>(o, p, v_tile, 0, steps);
     };
-    if (active) with_cases(k0 + TC_COLS > q0, threshold != 0, attend);
+    if (active && k0 <= q0) with_cases(k0 + TC_COLS > q0, threshold != 0, attend);
     __syncthreads();  // every warp is done with buffer s before the next iteration copies into it
   }
   if (!active) return;
-  float inverse[2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-    inverse[r] = 1.0f / l[r];
-    if (t == 0 && rows[r] < T) lse[(size_t)bh * T + rows[r]] = m[r] * LN2 + logf(l[r]);
+  for (int mt = 0; mt < MT; ++mt) {
+    float inverse[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      l[mt][r] += __shfl_xor_sync(0xffffffffu, l[mt][r], 1);
+      l[mt][r] += __shfl_xor_sync(0xffffffffu, l[mt][r], 2);
+      inverse[r] = 1.0f / l[mt][r];
+      if (t == 0 && rows[mt][r] < T) lse[(size_t)bh * T + rows[mt][r]] = m[mt][r] * LN2 + logf(l[mt][r]);
+    }
+    store_rows<HS>(out + (size_t)b * T * C + h * HS, C, q0 + 16 * mt, T, o[mt], inverse);
   }
-  store_rows<HS>(out + (size_t)b * T * C + h * HS, C, q0, T, o, inverse);
 }
 
 // attention::backward_query's contract, per (b, h, 64 queries): D_i, then over the key tiles S = Q.K^T
@@ -814,7 +859,7 @@ extern "C" __global__ void attention_forward_hs64_f32(float* out, float* lse, co
 extern "C" __global__ void attention_forward_hs128_f32(float* out, float* lse, const float* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::forward<float, 128>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_forward_hs16_bf16(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::forward<bf16, 16>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_forward_hs32_bf16(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::forward<bf16, 32>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
-extern "C" __global__ void __launch_bounds__(128, 4) attention_forward_tc_hs64_bf16(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention_tc::forward<64>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
+extern "C" __global__ void attention_forward_tc_hs64_bf16(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention_tc::forward<64>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_forward_tc_hs128_bf16(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention_tc::forward<128>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_backward_query_hs16_f32(float* dqkv, float* delta, const float* dout, const float* qkv, const float* out, const float* lse, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::backward_query<float, 16>(dqkv, delta, dout, qkv, out, lse, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_backward_query_hs32_f32(float* dqkv, float* delta, const float* dout, const float* qkv, const float* out, const float* lse, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::backward_query<float, 32>(dqkv, delta, dout, qkv, out, lse, T, C, NH, stream, threshold, keep); }

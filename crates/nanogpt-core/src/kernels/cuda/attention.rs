@@ -44,8 +44,19 @@ fn grid(forward: bool, b: usize, t: usize, n_head: usize, hs: usize) -> [u32; 3]
 
 const BLOCK: [u32; 3] = [WARPS * 32, 1, 1];
 
-/// Rows (queries or keys) per block of the tensor-core kernels: attention.cu's `TC_ROWS`, 16 per warp.
+/// Rows (queries or keys) per block of the tensor-core kernels, and the rows of their shared-memory
+/// tiles: attention.cu's `TC_ROWS`, 16 per warp.
 const TC_ROWS: usize = 64;
+
+/// Queries per block of the tensor-core forward: attention.cu's `FORWARD_ROWS<HS>`, two tiles of 16 per
+/// warp at head size 64, one at 128.
+fn tc_forward_rows(hs: usize) -> usize {
+    if hs == 64 {
+        2 * TC_ROWS
+    } else {
+        TC_ROWS
+    }
+}
 
 /// Whether the shape runs on the tensor-core kernels (attention.cu's `attention_tc`).
 fn tensor_cores(x: Precision, hs: usize) -> bool {
@@ -65,9 +76,9 @@ fn tc_shared_bytes(forward: bool, hs: usize) -> u32 {
     }
 }
 
-/// Blocks of the tensor-core kernels: one per (64 rows, b, h).
-fn tc_grid(b: usize, t: usize, n_head: usize) -> [u32; 3] {
-    [t.div_ceil(TC_ROWS) as u32, (b * n_head) as u32, 1]
+/// Blocks of the tensor-core kernels: one per (`rows` rows, b, h).
+fn tc_grid(rows: usize, b: usize, t: usize, n_head: usize) -> [u32; 3] {
+    [t.div_ceil(rows) as u32, (b * n_head) as u32, 1]
 }
 
 /// `out` (B, T, C) and `lse` (float, (B, NH, T), each query's log-sum-exp of its scaled scores,
@@ -100,7 +111,13 @@ pub fn forward(
         keep,
     ];
     if tensor_cores(x, hs) {
-        return gpu.launch(&format!("attention_forward_tc_hs{hs}_bf16"), tc_grid(b, t, n_head), BLOCK, tc_shared_bytes(true, hs), &args);
+        return gpu.launch(
+            &format!("attention_forward_tc_hs{hs}_bf16"),
+            tc_grid(tc_forward_rows(hs), b, t, n_head),
+            BLOCK,
+            tc_shared_bytes(true, hs),
+            &args,
+        );
     }
     gpu.launch(&x.kernel(&format!("attention_forward_hs{hs}")), grid(true, b, t, n_head, hs), BLOCK, 0, &args)
 }
@@ -129,7 +146,7 @@ pub fn backward(
     // Both kernels take the same grid: a block per (tile of rows, b, h), queries then keys.
     let (names, grid, shared) = if tensor_cores(x, hs) {
         let names = [format!("attention_backward_query_tc_hs{hs}_bf16"), format!("attention_backward_key_tc_hs{hs}_bf16")];
-        (names, tc_grid(b, t, n_head), tc_shared_bytes(false, hs))
+        (names, tc_grid(TC_ROWS, b, t, n_head), tc_shared_bytes(false, hs))
     } else {
         let names = [x.kernel(&format!("attention_backward_query_hs{hs}")), x.kernel(&format!("attention_backward_key_hs{hs}"))];
         (names, grid(false, b, t, n_head, hs), 0)
