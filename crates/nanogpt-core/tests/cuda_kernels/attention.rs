@@ -109,9 +109,9 @@ fn every_head_size_matches_the_cpu_kernels() {
     }
 }
 
-/// The tensor-core kernels (bf16 at head sizes 64 and 128) over several blocks of queries (the forward's
-/// 128 rows at head size 64, 64 otherwise) and tiles of 64 keys, the last ones partial, with inputs
-/// aligned for 16-byte copies and not, and over two sequences of two heads; their double-buffered tiles with asynchronous copies landing at either end of what a GPU
+/// The tensor-core kernels (bf16 at head sizes 64 and 128) over several blocks of rows (128 queries for
+/// the forward and dQ kernels at head size 64, 64 rows otherwise) and tiles of 64, the last ones partial,
+/// with inputs aligned for 16-byte copies and not, and over two sequences of two heads; their double-buffered tiles with asynchronous copies landing at either end of what a GPU
 /// allows (see [`gpu_landing_copies_early`]).
 #[test]
 fn bf16_tensor_core_kernels_match_the_cpu_kernels_over_several_tiles() {

@@ -325,34 +325,32 @@ __device__ void backward_key(X* dqkv, const X* dout, const X* qkv, const float* 
 // the online softmax, dropout, dS) happens in registers, and a product's accumulators become the next
 // product's A operand without leaving them: only the tiles of Q, K, V and dO pass through shared memory.
 //
-// A block of TC_WARPS warps owns TC_ROWS = 64 rows (queries, or keys for the dK/dV kernel), 16 per warp (the
-// forward at HS=64: 128 queries, 32 per warp, as two tiles of 16), and walks tiles of TC_COLS = 64 of the other
-// side, double-buffered: the asynchronous copies (copy_tile_async) of tile i+1 run while the warps work on
-// tile i. Each K, V, Q or dO element loaded into shared memory feeds the block's rows' products. With
-// g = lane / 4 and t = lane % 4, a lane holds, of each of its warp's tiles of 16 rows, rows g and g+8, against
-// columns 2t and 2t+1 of every 8-column block: a row's max or sum is over the 4 lanes of its group (two
-// shuffles).
+// A block of TC_WARPS warps owns TC_ROWS = 64 rows (queries, or keys for the dK/dV kernel), 16 per warp (the forward
+// and dQ kernels at HS=64: 128 queries, 32 per warp, as two tiles of 16; QUERY_ROW_TILES below), and walks tiles of
+// TC_COLS = 64 of the other side, double-buffered: the asynchronous copies (copy_tile_async) of tile i+1 run while the
+// warps work on tile i. Each K, V, Q or dO element loaded into shared memory feeds the block's rows' products. With g =
+// lane / 4 and t = lane % 4, a lane holds, of each of its warp's tiles of 16 rows, rows g and g+8, against columns 2t
+// and 2t+1 of every 8-column block: a row's max or sum is over the 4 lanes of its group (two shuffles).
 //
 // Operands reach registers through ldmatrix, four 8 x 8 matrices per instruction (transposed on the way
 // where a tile's rows are a B operand's k, as V's in P.V).
 //
-// Shared memory is dynamic (attention.rs's tc_shared_bytes): 64 x HS bf16 tiles with rows padded by 8
-// elements (16 bytes, which keeps rows 16-byte aligned for the copies and for ldmatrix, and puts the 8
-// rows of one ldmatrix matrix in distinct banks): in the forward K and V twice over (36 / 68 KiB at HS=64 /
-// 128); in the backward the block's own two tiles (Q and dO, or K and V) and the other side's two twice
-// over, then the dK/dV kernel's per-query lse and D_i twice over (55 / 103 KiB). The kernels have no
-// static shared memory.
+// Shared memory is dynamic (attention.rs's tc_shared_bytes): 64 x HS bf16 tiles with rows padded by 8 elements (16
+// bytes, which keeps rows 16-byte aligned for the copies and for ldmatrix, and puts the 8 rows of one ldmatrix matrix
+// in distinct banks): in the forward K and V twice over (36 / 68 KiB at HS=64 / 128); in the backward the block's own
+// rows' tiles (Q and dO, or K and V) and the other side's two twice over, then the dK/dV kernel's per-query lse and D_i
+// twice over (dQ kernel 72 / 102 KiB, dK/dV kernel 55 / 103 KiB). The kernels have no static shared memory.
 //
-// Registers on Hopper (nvcc 13, -Xptxas -v, sm_90), at HS=64 / HS=128: forward 255 / 236, dQ kernel 168 / 170, dK/dV
-// kernel 168 / 255. The forward at HS=64 holds two tiles' accumulators, probabilities and Q operands (160 registers of
-// them) and runs 2 blocks per SM, spilling a few bytes (a whole tile's 585 instructions refill one); that is the 256
-// rows per SM that 4 blocks of 16-row warps ran, at half the shared-memory reads per product. The dK/dV kernel at HS=64
-// is bounded for 3 blocks per SM (spilling a few bytes; unbounded, it takes 255 registers, 2 blocks); the kernels are
-// latency-bound (Nsight Compute on an H200: on most cycles no warp is ready to issue), and the extra block measured 10%
-// faster (bench/results/gpu-2026-11-30.md). The dQ kernel is unbounded: 168 registers, 3 blocks (its shared memory
-// would allow 4, but bounded for 4 it spills inside the tile loop). At HS=128 the dK and dV accumulators, 64 floats
-// each, spill a few bytes; GPT-2's head size is 64. At GPT-2's B=12, T=1024 the grids are T/64 x B*NH = 2304 blocks
-// (T/128 x B*NH = 1152 for the forward): several waves over 132 SMs.
+// Registers on Hopper (nvcc 13, -Xptxas -v, sm_90), at HS=64 / HS=128: forward 255 / 236, dQ kernel 255 / 170, dK/dV
+// kernel 168 / 255. At HS=64 the forward and dQ kernels hold two tiles of 16 queries a warp and run 2 blocks per SM,
+// spilling a few bytes (one local access in the forward's 585 instructions of a whole key tile, eleven in the dQ
+// kernel's 620): that is 256 queries per SM where 4 and 3 blocks of 16-query warps ran 256 and 192, and each K or V
+// operand loaded from shared memory feeds twice the products. The dK/dV kernel at HS=64 is bounded for 3 blocks per SM
+// (spilling a few bytes; unbounded, it takes 255 registers, 2 blocks); the kernels are latency-bound (Nsight Compute on
+// an H200: on most cycles no warp is ready to issue), and the extra block measured 10% faster
+// (bench/results/gpu-2026-11-30.md). At HS=128 the dK and dV accumulators, 64 floats each, spill a few bytes; GPT-2's
+// head size is 64. At GPT-2's B=12, T=1024 the grids are T/64 x B*NH = 2304 blocks (T/128 x B*NH = 1152 for the forward
+// and dQ kernels): several waves over 132 SMs.
 namespace attention_tc {
 
 constexpr int TC_WARPS = 4;
@@ -435,45 +433,52 @@ __device__ __forceinline__ void mma_pair(float (&d0)[4], float (&d1)[4], const u
   mma_16x8x16(d1, a, second);
 }
 
-// 16 columns (8-column blocks 2s and 2s+1) of a warp's 16 x 64 accumulators as the A operand of a
-// product along those columns, rounded to bf16.
-__device__ __forceinline__ void accumulators_as_a(uint32_t (&a)[4], const float (&acc)[COL_BLOCKS][4], int s) {
+// 16 columns (8-column blocks 2s and 2s+1) of a warp's 16-row accumulators as the A operand of a product
+// along those columns, rounded to bf16.
+template <int BLOCKS>
+__device__ __forceinline__ void accumulators_as_a(uint32_t (&a)[4], const float (&acc)[BLOCKS][4], int s) {
   a[0] = pack_bf16(acc[2 * s][0], acc[2 * s][1]);
   a[1] = pack_bf16(acc[2 * s][2], acc[2 * s][3]);
   a[2] = pack_bf16(acc[2 * s + 1][0], acc[2 * s + 1][1]);
   a[3] = pack_bf16(acc[2 * s + 1][2], acc[2 * s + 1][3]);
 }
 
-// acc[cb] (the warp's 16 rows x 8-column block cb of the tile) = rows (16 x HS, shared) times the
-// transpose of `tile` (64 x HS, shared), for the 16-column steps in [first, end); the other blocks are
-// zeroed. The loops run over every block, skipping the rest, so that the register arrays are indexed by
-// constants.
-template <int HS>
-__device__ __forceinline__ void rows_times_tile_transposed(float (&acc)[COL_BLOCKS][4], const bf16* rows, const bf16* tile, int first, int end) {
+// The products below take a warp's MT tiles of 16 rows against STEPS 16-row steps of a shared tile (rows
+// TILE_LD<HS> apart): each operand loaded from the tile feeds MT products. Their loops run over every step,
+// skipping those outside [first, end), so that the register arrays are indexed by constants.
+
+// acc[mt][cb] (row tile mt x 8-column block cb of the tile's rows) = rows (MT consecutive tiles of 16 x HS,
+// shared) times the transpose of `tile` (16 STEPS x HS, shared), for the 16-column steps in [first, end); the
+// other blocks are zeroed.
+template <int HS, int MT, int STEPS = COL_STEPS>
+__device__ __forceinline__ void rows_times_tile_transposed(float (&acc)[MT][2 * STEPS][4], const bf16* rows, const bf16* tile, int first, int end) {
 #pragma unroll
-  for (int cb = 0; cb < COL_BLOCKS; ++cb) acc[cb][0] = acc[cb][1] = acc[cb][2] = acc[cb][3] = 0.0f;
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int cb = 0; cb < 2 * STEPS; ++cb) acc[mt][cb][0] = acc[mt][cb][1] = acc[mt][cb][2] = acc[mt][cb][3] = 0.0f;
 #pragma unroll
   for (int ds = 0; ds < HS / 16; ++ds) {
-    uint32_t a[4];
-    load_a<TILE_LD<HS>>(a, rows, 16 * ds);
+    uint32_t a[MT][4];
 #pragma unroll
-    for (int cs = 0; cs < COL_STEPS; ++cs) {
+    for (int mt = 0; mt < MT; ++mt) load_a<TILE_LD<HS>>(a[mt], rows + 16 * mt * TILE_LD<HS>, 16 * ds);
+#pragma unroll
+    for (int cs = 0; cs < STEPS; ++cs) {
       if (cs < first || cs >= end) continue;
       uint32_t b[4];
       load_b_from_rows<TILE_LD<HS>>(b, tile, 16 * cs, 16 * ds);
-      mma_pair(acc[2 * cs], acc[2 * cs + 1], a, b);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) mma_pair(acc[mt][2 * cs], acc[mt][2 * cs + 1], a[mt], b);
     }
   }
 }
 
-// out[mt] (16 x HS in 8-column blocks) += operand[mt] (16 x 64 accumulators, as bf16) times `tile` (64 x HS,
-// shared), for each of a warp's MT tiles of 16 rows, over the operands' 16-column steps in [first, end): each
-// B operand loaded from the tile feeds MT products.
-template <int HS, int MT>
-__device__ __forceinline__ void accumulate_times_tile(float (&out)[MT][HS / 8][4], const float (&operand)[MT][COL_BLOCKS][4], const bf16* tile,
+// out[mt] (16 x HS in 8-column blocks) += operand[mt] (16 x 16 STEPS accumulators, as bf16) times `tile`
+// (16 STEPS x HS, shared), over the operands' 16-column steps in [first, end).
+template <int HS, int MT, int STEPS = COL_STEPS>
+__device__ __forceinline__ void accumulate_times_tile(float (&out)[MT][HS / 8][4], const float (&operand)[MT][2 * STEPS][4], const bf16* tile,
                                                       int first, int end) {
 #pragma unroll
-  for (int cs = 0; cs < COL_STEPS; ++cs) {
+  for (int cs = 0; cs < STEPS; ++cs) {
     if (cs < first || cs >= end) continue;
     uint32_t a[MT][4];
 #pragma unroll
@@ -487,13 +492,17 @@ __device__ __forceinline__ void accumulate_times_tile(float (&out)[MT][HS / 8][4
     }
   }
 }
-// The same for a warp's one tile of 16 rows (the backward kernels').
+
+// The two for a warp's one tile of 16 rows and a whole 64-row tile (the dK/dV kernel's).
+template <int HS>
+__device__ __forceinline__ void rows_times_tile_transposed(float (&acc)[COL_BLOCKS][4], const bf16* rows, const bf16* tile, int first, int end) {
+  rows_times_tile_transposed<HS, 1>(reinterpret_cast<float(&)[1][COL_BLOCKS][4]>(acc), rows, tile, first, end);
+}
 template <int HS>
 __device__ __forceinline__ void accumulate_times_tile(float (&out)[HS / 8][4], const float (&operand)[COL_BLOCKS][4], const bf16* tile, int first,
                                                       int end) {
-  using OneOut = float[1][HS / 8][4];
-  using OneOperand = const float[1][COL_BLOCKS][4];
-  accumulate_times_tile<HS, 1>(reinterpret_cast<OneOut&>(out), reinterpret_cast<OneOperand&>(operand), tile, first, end);
+  accumulate_times_tile<HS, 1>(reinterpret_cast<float(&)[1][HS / 8][4]>(out), reinterpret_cast<const float(&)[1][COL_BLOCKS][4]>(operand), tile,
+                               first, end);
 }
 
 // Rows row0 + g and row0 + g + 8 of a warp's 16 x HS accumulators (times `factor[0]`, `factor[1]`), those
@@ -514,23 +523,26 @@ __device__ __forceinline__ void store_rows(bf16* dst, int stride, int row0, int 
   }
 }
 
-// Query rows per warp of the forward: two tiles of 16 at HS=64, so that each K or V operand loaded from shared
-// memory feeds two products (with one, ldmatrix's shared-memory traffic outweighed the products' time on the
-// tensor cores); one at HS=128, where a second tile's accumulators would not fit in registers.
+// Query rows per warp of the forward and dQ kernels: two tiles of 16 at HS=64, so that each K or V operand loaded
+// from shared memory feeds two products (with one, ldmatrix's shared-memory traffic outweighed the products' time
+// on the tensor cores); one at HS=128, where a second tile's accumulators would not fit in registers. The dQ
+// kernel takes its key tiles KEY_STEPS 16-key steps at a time, so that two tiles' S and dW fit beside dQ.
 template <int HS>
-constexpr int FORWARD_ROW_TILES = HS == 64 ? 2 : 1;
+constexpr int QUERY_ROW_TILES = HS == 64 ? 2 : 1;
 template <int HS>
-constexpr int FORWARD_ROWS = 16 * FORWARD_ROW_TILES<HS> * TC_WARPS;  // per block: 128 at HS=64, 64 at HS=128
+constexpr int QUERY_ROWS = 16 * QUERY_ROW_TILES<HS> * TC_WARPS;  // per block: 128 at HS=64, 64 at HS=128
+template <int HS>
+constexpr int KEY_STEPS = COL_STEPS / QUERY_ROW_TILES<HS>;
 
-// attention::forward's contract, per (b, h, FORWARD_ROWS queries): a running softmax over tiles of 64 keys.
-// Warp w owns the MT = FORWARD_ROW_TILES tiles of 16 queries from q0 = first_row + 16 MT w, keeps their Q
+// attention::forward's contract, per (b, h, QUERY_ROWS queries): a running softmax over tiles of 64 keys.
+// Warp w owns the MT = QUERY_ROW_TILES tiles of 16 queries from q0 = first_row + 16 MT w, keeps their Q
 // operands in registers for every key tile, and on the diagonal tile skips the 16-key steps past its last
 // query. Key tiles start at multiples of 64 and q0 at multiples of 16 MT, so a key tile either starts at or
 // before q0 (every query of the warp sees its first key) or lies wholly past the warp's queries, and is
 // skipped: with 128-row blocks, the block's last key tile is past its first two warps' queries.
 template <int HS>
 __device__ void forward(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) {
-  constexpr int LD = TILE_LD<HS>, TILE = TILE_ELEMENTS<HS>, DIM_STEPS = HS / 16, MT = FORWARD_ROW_TILES<HS>, BLOCK_ROWS = FORWARD_ROWS<HS>;
+  constexpr int LD = TILE_LD<HS>, TILE = TILE_ELEMENTS<HS>, DIM_STEPS = HS / 16, MT = QUERY_ROW_TILES<HS>, BLOCK_ROWS = QUERY_ROWS<HS>;
   static_assert(MT <= 2 && TC_COLS % (16 * MT) == 0, "the block's queries pass through buffer 1, and key tiles align with warps' queries");
   DYNAMIC_SHARED(bf16, attention_shared);
   // Buffer s holds K at tiles + 2s and V at tiles + 2s + 1 (in units of TILE).
@@ -671,30 +683,35 @@ __device__ void forward(bf16* out, float* lse, const bf16* qkv, int T, int C, in
   }
 }
 
-// attention::backward_query's contract, per (b, h, 64 queries): D_i, then over the key tiles S = Q.K^T
-// and dW = dO.V^T, dS from them, and dQ += dS.K, accumulated in registers across tiles (nothing rescales
-// them). The block's Q and dO rows stay in shared memory, where the warps read their operands per tile.
+// attention::backward_query's contract, per (b, h, QUERY_ROWS queries): D_i, then over the key tiles S = Q.K^T
+// and dW = dO.V^T, dS from them, and dQ += dS.K, accumulated in registers across tiles (nothing rescales them).
+// Warps own their queries as in the forward, and take each key tile in parts of KEY_STEPS 16-key steps. The
+// block's Q and dO rows stay in shared memory, where the warps read their operands per part.
 template <int HS>
 __device__ void backward_query(bf16* dqkv, float* delta, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse, int T, int C,
                                int NH, uint64_t stream, uint32_t threshold, float keep) {
-  constexpr int LD = TILE_LD<HS>, TILE = TILE_ELEMENTS<HS>;
+  constexpr int LD = TILE_LD<HS>, TILE = TILE_ELEMENTS<HS>, MT = QUERY_ROW_TILES<HS>, BLOCK_ROWS = QUERY_ROWS<HS>, STEPS = KEY_STEPS<HS>;
   DYNAMIC_SHARED(bf16, attention_shared);
-  // The block's Q and dO, then buffer s's K at tiles + 2s and V at tiles + 2s + 1 (in units of TILE).
-  bf16 *q_rows = attention_shared, *do_rows = attention_shared + TILE, *tiles = attention_shared + 2 * TILE;
+  // The block's Q and dO (MT tiles each), then buffer s's K at tiles + 2s and V at tiles + 2s + 1 (in units of
+  // TILE).
+  bf16 *q_rows = attention_shared, *do_rows = attention_shared + MT * TILE, *tiles = attention_shared + 2 * MT * TILE;
   const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE, g = lane / 4, t = lane % 4;
   const int bh = blockIdx.y, b = bh / NH, h = bh % NH, C3 = 3 * C;
   const float scale = 1.0f / sqrtf((float)HS), scale_log2 = LOG2E * scale;
   const uint64_t first_weight = (uint64_t)bh * T * T;
-  const int first_row = (gridDim.x - 1 - blockIdx.x) * TC_ROWS, q0 = first_row + 16 * warp;
+  const int first_row = (gridDim.x - 1 - blockIdx.x) * BLOCK_ROWS, q0 = first_row + 16 * MT * warp;
   const bf16* q = qkv + (size_t)b * T * C3 + h * HS;
   const bf16* k = q + C;
   const bf16* v = q + 2 * C;
   const bf16* dout_bh = dout + (size_t)b * T * C + h * HS;
-  const bf16* my_q = q_rows + 16 * warp * LD;
-  const bf16* my_do = do_rows + 16 * warp * LD;
+  const bf16* my_q = q_rows + (q0 - first_row) * LD;
+  const bf16* my_do = do_rows + (q0 - first_row) * LD;
 
-  copy_tile_async<HS>(q_rows, q, C3, first_row, T);
-  copy_tile_async<HS>(do_rows, dout_bh, C, first_row, T);
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    copy_tile_async<HS>(q_rows + mt * TILE, q, C3, first_row + mt * TC_ROWS, T);
+    copy_tile_async<HS>(do_rows + mt * TILE, dout_bh, C, first_row + mt * TC_ROWS, T);
+  }
   __pipeline_commit();
   copy_tile_async<HS>(tiles, k, C3, 0, T);
   copy_tile_async<HS>(tiles + TILE, v, C3, 0, T);
@@ -702,24 +719,30 @@ __device__ void backward_query(bf16* dqkv, float* delta, const bf16* dout, const
   __pipeline_wait_prior(1);  // this thread's Q and dO copies are done...
   __syncthreads();           // ...and every thread's
 
-  // Index r is row q0 + g + 8r: D_i = dO_i . out_i over the group's lanes, each taking every 4th column.
-  const int rows[2] = {q0 + g, q0 + g + 8};
-  float row_lse[2] = {0.0f, 0.0f}, row_delta[2] = {0.0f, 0.0f};
+  // Index [mt][r] is row q0 + 16 mt + g + 8r: D_i = dO_i . out_i over the group's lanes, each taking every 4th
+  // column.
+  int rows[MT][2];
+  float row_lse[MT][2], row_delta[MT][2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    if (rows[r] < T) {
-      const bf16* out_row = out + ((size_t)b * T + rows[r]) * C + h * HS;
-      for (int d = t; d < HS; d += 4) row_delta[r] += to_float(my_do[(g + 8 * r) * LD + d]) * to_float(out_row[d]);
-      row_lse[r] = lse[(size_t)bh * T + rows[r]] * LOG2E;  // base 2, as the probabilities are taken
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = q0 + 16 * mt + g + 8 * r;
+      rows[mt][r] = row;
+      row_lse[mt][r] = row_delta[mt][r] = 0.0f;
+      if (row < T) {
+        const bf16* out_row = out + ((size_t)b * T + row) * C + h * HS;
+        for (int d = t; d < HS; d += 4) row_delta[mt][r] += to_float(my_do[(16 * mt + g + 8 * r) * LD + d]) * to_float(out_row[d]);
+        row_lse[mt][r] = lse[(size_t)bh * T + row] * LOG2E;  // base 2, as the probabilities are taken
+      }
+      row_delta[mt][r] += __shfl_xor_sync(0xffffffffu, row_delta[mt][r], 1);
+      row_delta[mt][r] += __shfl_xor_sync(0xffffffffu, row_delta[mt][r], 2);
+      if (t == 0 && row < T) delta[(size_t)bh * T + row] = row_delta[mt][r];
     }
-    row_delta[r] += __shfl_xor_sync(0xffffffffu, row_delta[r], 1);
-    row_delta[r] += __shfl_xor_sync(0xffffffffu, row_delta[r], 2);
-    if (t == 0 && rows[r] < T) delta[(size_t)bh * T + rows[r]] = row_delta[r];
-  }
 
-  float dq[HS / 8][4] = {};
+  float dq[MT][HS / 8][4] = {};
   const bool active = q0 < T;  // warp-uniform
-  const int last_row = min(first_row + TC_ROWS, T) - 1;
+  const int last_row = min(first_row + BLOCK_ROWS, T) - 1;
   for (int k0 = 0, s = 0; k0 <= last_row; k0 += TC_COLS, s ^= 1) {
     // Buffer s^1 was last read in the previous iteration, which every warp has left (the barrier at its end).
     if (k0 + TC_COLS <= last_row) {
@@ -735,25 +758,36 @@ __device__ void backward_query(bf16* dqkv, float* delta, const bf16* dout, const
     // without.
     const auto differentiate = [&](auto diagonal_case, auto dropout_case) {
       constexpr bool DIAGONAL = decltype(diagonal_case)::value, DROPOUT = decltype(dropout_case)::value;
-      const int steps = DIAGONAL ? min(COL_STEPS, (q0 - k0) / 16 + 1) : COL_STEPS;
-      float ds[COL_BLOCKS][4], dw[COL_BLOCKS][4];
-      rows_times_tile_transposed<HS>(ds, my_q, k_tile, 0, steps);
-      rows_times_tile_transposed<HS>(dw, my_do, v_tile, 0, steps);
+      const int steps = DIAGONAL ? min(COL_STEPS, (q0 + 16 * (MT - 1) - k0) / 16 + 1) : COL_STEPS;
 #pragma unroll
-      for (int cb = 0; cb < COL_BLOCKS; ++cb)
+      for (int part = 0; part < COL_STEPS; part += STEPS) {
+        if (part >= steps) continue;
+        // Keys k0 + 16 part.. of the tile, the part's steps before `end` holding a key some row sees.
+        const int key0 = k0 + 16 * part, end = steps - part;
+        const bf16 *k_part = k_tile + 16 * part * LD, *v_part = v_tile + 16 * part * LD;
+        float ds[MT][2 * STEPS][4], dw[MT][2 * STEPS][4];
+        rows_times_tile_transposed<HS, MT, STEPS>(ds, my_q, k_part, 0, end);
+        rows_times_tile_transposed<HS, MT, STEPS>(dw, my_do, v_part, 0, end);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = rows[e / 2], j = k0 + 8 * cb + 2 * t + e % 2;
-          const float p = fast_exp2(fmaf(ds[cb][e], scale_log2, -row_lse[e / 2]));
-          const float dp = DROPOUT ? dw[cb][e] * dropout_scale(stream, threshold, keep, first_weight + (uint64_t)i * T + j) : dw[cb][e];
-          ds[cb][e] = DIAGONAL && (cb / 2 >= steps || j > i) ? 0.0f : p * (dp - row_delta[e / 2]) * scale;
-        }
-      accumulate_times_tile<HS>(dq, ds, k_tile, 0, steps);
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int cb = 0; cb < 2 * STEPS; ++cb)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int i = rows[mt][e / 2], j = key0 + 8 * cb + 2 * t + e % 2;
+              const float p = fast_exp2(fmaf(ds[mt][cb][e], scale_log2, -row_lse[mt][e / 2]));
+              const float dp = DROPOUT ? dw[mt][cb][e] * dropout_scale(stream, threshold, keep, first_weight + (uint64_t)i * T + j) : dw[mt][cb][e];
+              ds[mt][cb][e] = DIAGONAL && (cb / 2 >= end || j > i) ? 0.0f : p * (dp - row_delta[mt][e / 2]) * scale;
+            }
+        accumulate_times_tile<HS, MT, STEPS>(dq, ds, k_part, 0, end);
+      }
     };
-    if (active) with_cases(k0 + TC_COLS > q0, threshold != 0, differentiate);
+    if (active && k0 <= q0) with_cases(k0 + TC_COLS > q0, threshold != 0, differentiate);
     __syncthreads();
   }
-  if (active) store_rows<HS>(dqkv + (size_t)b * T * C3 + h * HS, C3, q0, T, dq, {1.0f, 1.0f});
+  if (!active) return;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) store_rows<HS>(dqkv + (size_t)b * T * C3 + h * HS, C3, q0 + 16 * mt, T, dq[mt], {1.0f, 1.0f});
 }
 
 // attention::backward_key's contract, per (b, h, 64 keys): over the query tiles from the block's first key

@@ -44,14 +44,23 @@ fn grid(forward: bool, b: usize, t: usize, n_head: usize, hs: usize) -> [u32; 3]
 
 const BLOCK: [u32; 3] = [WARPS * 32, 1, 1];
 
-/// Rows (queries or keys) per block of the tensor-core kernels, and the rows of their shared-memory
-/// tiles: attention.cu's `TC_ROWS`, 16 per warp.
+/// Rows of the tensor-core kernels' shared-memory tiles, and the keys per block of their dK/dV kernel:
+/// attention.cu's `TC_ROWS`, 16 per warp.
 const TC_ROWS: usize = 64;
 
-/// Queries per block of the tensor-core forward: attention.cu's `FORWARD_ROWS<HS>`, two tiles of 16 per
-/// warp at head size 64, one at 128.
-fn tc_forward_rows(hs: usize) -> usize {
-    if hs == 64 {
+/// The tensor-core kernels, which differ in rows per block and shared memory.
+#[derive(Clone, Copy, PartialEq)]
+enum TcKernel {
+    Forward,
+    Query,
+    Key,
+}
+
+/// Rows (queries, or keys for the dK/dV kernel) per block of a tensor-core kernel: for the forward and
+/// dQ kernels attention.cu's `QUERY_ROWS<HS>` (two tiles of 16 queries per warp at head size 64, one at
+/// 128), for the dK/dV kernel `TC_ROWS`.
+fn tc_rows(kernel: TcKernel, hs: usize) -> usize {
+    if kernel != TcKernel::Key && hs == 64 {
         2 * TC_ROWS
     } else {
         TC_ROWS
@@ -63,22 +72,27 @@ fn tensor_cores(x: Precision, hs: usize) -> bool {
     x == Precision::Bf16 && (hs == 64 || hs == 128)
 }
 
-/// Dynamic shared memory of a tensor-core kernel, laid out as attention.cu's `attention_tc` says: 64 x
-/// (hs + 8) bf16 tiles, four in the forward (K and V, double-buffered), six in the backward (the block's
-/// own two, and the other side's two double-buffered), then in the backward 2 x 2 x 64 floats (a query
-/// tile's lse and D_i, double-buffered). Forward 36 / 68 KiB, backward 55 / 103 KiB at hs 64 / 128.
-fn tc_shared_bytes(forward: bool, hs: usize) -> u32 {
+/// Dynamic shared memory of a tensor-core kernel, laid out as attention.cu's `attention_tc` says, in 64 x
+/// (hs + 8) bf16 tiles: the forward's K and V double-buffered (the block's Q passes through the second
+/// buffer); the dQ kernel's Q and dO of its queries, then K and V double-buffered; the dK/dV kernel's K
+/// and V of its keys, Q and dO double-buffered, then 2 x 2 x 64 floats (a query tile's lse and D_i,
+/// double-buffered). At hs 64 / 128: forward 36 / 68 KiB, dQ kernel 72 / 102 KiB, dK/dV kernel 55 /
+/// 103 KiB.
+fn tc_shared_bytes(kernel: TcKernel, hs: usize) -> u32 {
     let tile = TC_ROWS * (hs + 8) * 2;
-    if forward {
-        (4 * tile) as u32
-    } else {
-        (6 * tile + 4 * TC_ROWS * 4) as u32
-    }
+    let bytes = match kernel {
+        TcKernel::Forward => 4 * tile,
+        TcKernel::Query => (2 * tc_rows(kernel, hs) / TC_ROWS + 4) * tile,
+        TcKernel::Key => 6 * tile + 4 * TC_ROWS * 4,
+    };
+    bytes as u32
 }
 
-/// Blocks of the tensor-core kernels: one per (`rows` rows, b, h).
-fn tc_grid(rows: usize, b: usize, t: usize, n_head: usize) -> [u32; 3] {
-    [t.div_ceil(rows) as u32, (b * n_head) as u32, 1]
+/// Launches tensor-core kernel `kernel` at head size `hs`: a block per (rows of [`tc_rows`], b, h).
+#[allow(clippy::too_many_arguments)]
+fn launch_tc(gpu: &dyn Gpu, kernel: TcKernel, name: &str, hs: usize, b: usize, t: usize, n_head: usize, args: &[Arg]) -> Result<()> {
+    let grid = [t.div_ceil(tc_rows(kernel, hs)) as u32, (b * n_head) as u32, 1];
+    gpu.launch(name, grid, BLOCK, tc_shared_bytes(kernel, hs), args)
 }
 
 /// `out` (B, T, C) and `lse` (float, (B, NH, T), each query's log-sum-exp of its scaled scores,
@@ -111,13 +125,7 @@ pub fn forward(
         keep,
     ];
     if tensor_cores(x, hs) {
-        return gpu.launch(
-            &format!("attention_forward_tc_hs{hs}_bf16"),
-            tc_grid(tc_forward_rows(hs), b, t, n_head),
-            BLOCK,
-            tc_shared_bytes(true, hs),
-            &args,
-        );
+        return launch_tc(gpu, TcKernel::Forward, &format!("attention_forward_tc_hs{hs}_bf16"), hs, b, t, n_head, &args);
     }
     gpu.launch(&x.kernel(&format!("attention_forward_hs{hs}")), grid(true, b, t, n_head, hs), BLOCK, 0, &args)
 }
@@ -143,15 +151,7 @@ pub fn backward(
 ) -> Result<()> {
     let hs = head_size("attention backward", b, t, c, n_head)?;
     let [stream, threshold, keep] = Arg::dropout(dropout);
-    // Both kernels take the same grid: a block per (tile of rows, b, h), queries then keys.
-    let (names, grid, shared) = if tensor_cores(x, hs) {
-        let names = [format!("attention_backward_query_tc_hs{hs}_bf16"), format!("attention_backward_key_tc_hs{hs}_bf16")];
-        (names, tc_grid(TC_ROWS, b, t, n_head), tc_shared_bytes(false, hs))
-    } else {
-        let names = [x.kernel(&format!("attention_backward_query_hs{hs}")), x.kernel(&format!("attention_backward_key_hs{hs}"))];
-        (names, grid(false, b, t, n_head, hs), 0)
-    };
-    let (t, c, n_head) = (Arg::I32(t as i32), Arg::I32(c as i32), Arg::I32(n_head as i32));
+    let (t_arg, c_arg, n_head_arg) = (Arg::I32(t as i32), Arg::I32(c as i32), Arg::I32(n_head as i32));
     let query = [
         Arg::Ptr(dqkv),
         Arg::Ptr(delta_scratch),
@@ -159,15 +159,32 @@ pub fn backward(
         Arg::Ptr(qkv),
         Arg::Ptr(out),
         Arg::Ptr(lse),
-        t,
-        c,
-        n_head,
+        t_arg,
+        c_arg,
+        n_head_arg,
         stream,
         threshold,
         keep,
     ];
-    gpu.launch(&names[0], grid, BLOCK, shared, &query)?;
-    let key =
-        [Arg::Ptr(dqkv), Arg::Ptr(dout), Arg::Ptr(qkv), Arg::Ptr(lse), Arg::Ptr(delta_scratch), t, c, n_head, stream, threshold, keep];
-    gpu.launch(&names[1], grid, BLOCK, shared, &key)
+    let key = [
+        Arg::Ptr(dqkv),
+        Arg::Ptr(dout),
+        Arg::Ptr(qkv),
+        Arg::Ptr(lse),
+        Arg::Ptr(delta_scratch),
+        t_arg,
+        c_arg,
+        n_head_arg,
+        stream,
+        threshold,
+        keep,
+    ];
+    // The dQ kernel (which writes D_i), then the dK/dV kernel.
+    if tensor_cores(x, hs) {
+        launch_tc(gpu, TcKernel::Query, &format!("attention_backward_query_tc_hs{hs}_bf16"), hs, b, t, n_head, &query)?;
+        return launch_tc(gpu, TcKernel::Key, &format!("attention_backward_key_tc_hs{hs}_bf16"), hs, b, t, n_head, &key);
+    }
+    let grid = grid(false, b, t, n_head, hs);
+    gpu.launch(&x.kernel(&format!("attention_backward_query_hs{hs}")), grid, BLOCK, 0, &query)?;
+    gpu.launch(&x.kernel(&format!("attention_backward_key_hs{hs}")), grid, BLOCK, 0, &key)
 }
