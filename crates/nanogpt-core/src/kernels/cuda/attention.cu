@@ -325,12 +325,13 @@ __device__ void backward_key(X* dqkv, const X* dout, const X* qkv, const float* 
 // the online softmax, dropout, dS) happens in registers, and a product's accumulators become the next
 // product's A operand without leaving them: only the tiles of Q, K, V and dO pass through shared memory.
 //
-// A block of TC_WARPS warps owns TC_ROWS = 64 rows (queries, or keys for the dK/dV kernel), 16 per warp (the forward
-// and dQ kernels at HS=64: 128 queries, 32 per warp, as two tiles of 16; QUERY_ROW_TILES below), and walks tiles of
-// TC_COLS = 64 of the other side, double-buffered: the asynchronous copies (copy_tile_async) of tile i+1 run while the
-// warps work on tile i. Each K, V, Q or dO element loaded into shared memory feeds the block's rows' products. With g =
-// lane / 4 and t = lane % 4, a lane holds, of each of its warp's tiles of 16 rows, rows g and g+8, against columns 2t
-// and 2t+1 of every 8-column block: a row's max or sum is over the 4 lanes of its group (two shuffles).
+// A block of TC_WARPS warps owns BLOCK_ROWS rows (queries, or keys for the dK/dV kernel): 128 at HS=64, two tiles of 16
+// per warp, and 64 at HS=128, one tile per warp (ROW_TILES below). It walks tiles of TC_COLS = 64 of the other side,
+// double-buffered: the asynchronous copies (copy_tile_async) of tile i+1 run while the warps work on tile i. Each K, V,
+// Q or dO element loaded into shared memory feeds the block's rows' products, and each operand a warp loads from the
+// other side's tile feeds its row tiles' products. With g = lane / 4 and t = lane % 4, a lane holds, of each of its
+// warp's tiles of 16 rows, rows g and g+8, against columns 2t and 2t+1 of every 8-column block: a row's max or sum is
+// over the 4 lanes of its group (two shuffles).
 //
 // Operands reach registers through ldmatrix, four 8 x 8 matrices per instruction (transposed on the way
 // where a tile's rows are a B operand's k, as V's in P.V).
@@ -339,23 +340,22 @@ __device__ void backward_key(X* dqkv, const X* dout, const X* qkv, const float* 
 // bytes, which keeps rows 16-byte aligned for the copies and for ldmatrix, and puts the 8 rows of one ldmatrix matrix
 // in distinct banks): in the forward K and V twice over (36 / 68 KiB at HS=64 / 128); in the backward the block's own
 // rows' tiles (Q and dO, or K and V) and the other side's two twice over, then the dK/dV kernel's per-query lse and D_i
-// twice over (dQ kernel 72 / 102 KiB, dK/dV kernel 55 / 103 KiB). The kernels have no static shared memory.
+// twice over (dQ kernel 72 / 102 KiB, dK/dV kernel 73 / 103 KiB). The kernels have no static shared memory.
 //
 // Registers on Hopper (nvcc 13, -Xptxas -v, sm_90), at HS=64 / HS=128: forward 255 / 236, dQ kernel 255 / 170, dK/dV
-// kernel 168 / 255. At HS=64 the forward and dQ kernels hold two tiles of 16 queries a warp and run 2 blocks per SM,
-// spilling a few bytes (one local access in the forward's 585 instructions of a whole key tile, eleven in the dQ
-// kernel's 620): that is 256 queries per SM where 4 and 3 blocks of 16-query warps ran 256 and 192, and each K or V
-// operand loaded from shared memory feeds twice the products. The dK/dV kernel at HS=64 is bounded for 3 blocks per SM
-// (spilling a few bytes; unbounded, it takes 255 registers, 2 blocks); the kernels are latency-bound (Nsight Compute on
-// an H200: on most cycles no warp is ready to issue), and the extra block measured 10% faster
-// (bench/results/gpu-2026-11-30.md). At HS=128 the dK and dV accumulators, 64 floats each, spill a few bytes; GPT-2's
-// head size is 64. At GPT-2's B=12, T=1024 the grids are T/64 x B*NH = 2304 blocks (T/128 x B*NH = 1152 for the forward
-// and dQ kernels): several waves over 132 SMs.
+// kernel 255 / 255. At HS=64 each kernel holds two row tiles' accumulators and runs 2 blocks per SM, 256 rows, spilling
+// a few bytes: a whole tile of the other side without dropout takes 585 instructions with one local access in the
+// forward, 620 with eleven in the dQ kernel and 814 with six in the dK/dV kernel, whose tile with dropout has 178 (its
+// hash's registers beside both tiles' products). With one row tile a warp (4, 3 and 3 blocks per SM, 256, 192 and 192
+// rows), ldmatrix's shared-memory traffic outweighed the products' time on the tensor cores, and Nsight Compute on an
+// H200 showed the kernels latency-bound: on most cycles no warp ready to issue (bench/results/gpu-2026-11-30.md). At
+// HS=128 the dK and dV accumulators, 64 floats each, spill a few bytes; GPT-2's head size is 64. At GPT-2's B=12,
+// T=1024 the grids are T/128 x B*NH = 1152 blocks: several waves over 132 SMs.
 namespace attention_tc {
 
 constexpr int TC_WARPS = 4;
 constexpr int TC_THREADS = TC_WARPS * WARP_SIZE;
-constexpr int TC_ROWS = 16 * TC_WARPS;
+constexpr int TC_ROWS = 16 * TC_WARPS;  // rows of a shared tile
 constexpr int TC_COLS = 64;
 constexpr int COL_BLOCKS = TC_COLS / 8;  // 8-column blocks of a warp's 16 x 64 products
 constexpr int COL_STEPS = TC_COLS / 16;  // and 16-column steps, the k of the products that take them as A
@@ -523,26 +523,27 @@ __device__ __forceinline__ void store_rows(bf16* dst, int stride, int row0, int 
   }
 }
 
-// Query rows per warp of the forward and dQ kernels: two tiles of 16 at HS=64, so that each K or V operand loaded
-// from shared memory feeds two products (with one, ldmatrix's shared-memory traffic outweighed the products' time
-// on the tensor cores); one at HS=128, where a second tile's accumulators would not fit in registers. The dQ
-// kernel takes its key tiles KEY_STEPS 16-key steps at a time, so that two tiles' S and dW fit beside dQ.
+// Rows per warp (queries, or keys for the dK/dV kernel): two tiles of 16 at HS=64, so that each operand loaded
+// from the other side's shared tile feeds two products (with one, ldmatrix's shared-memory traffic outweighed the
+// products' time on the tensor cores); one at HS=128, where a second tile's accumulators would not fit in
+// registers. The backward kernels take the other side's tiles PART_STEPS 16-column steps at a time, so that two
+// row tiles' products (S and dW, or their transposes) fit beside the accumulators in registers.
 template <int HS>
-constexpr int QUERY_ROW_TILES = HS == 64 ? 2 : 1;
+constexpr int ROW_TILES = HS == 64 ? 2 : 1;
 template <int HS>
-constexpr int QUERY_ROWS = 16 * QUERY_ROW_TILES<HS> * TC_WARPS;  // per block: 128 at HS=64, 64 at HS=128
+constexpr int BLOCK_ROWS = 16 * ROW_TILES<HS> * TC_WARPS;  // 128 at HS=64, 64 at HS=128
 template <int HS>
-constexpr int KEY_STEPS = COL_STEPS / QUERY_ROW_TILES<HS>;
+constexpr int PART_STEPS = COL_STEPS / ROW_TILES<HS>;
 
-// attention::forward's contract, per (b, h, QUERY_ROWS queries): a running softmax over tiles of 64 keys.
-// Warp w owns the MT = QUERY_ROW_TILES tiles of 16 queries from q0 = first_row + 16 MT w, keeps their Q
+// attention::forward's contract, per (b, h, BLOCK_ROWS queries): a running softmax over tiles of 64 keys.
+// Warp w owns the MT = ROW_TILES tiles of 16 queries from q0 = first_row + 16 MT w, keeps their Q
 // operands in registers for every key tile, and on the diagonal tile skips the 16-key steps past its last
 // query. Key tiles start at multiples of 64 and q0 at multiples of 16 MT, so a key tile either starts at or
 // before q0 (every query of the warp sees its first key) or lies wholly past the warp's queries, and is
 // skipped: with 128-row blocks, the block's last key tile is past its first two warps' queries.
 template <int HS>
 __device__ void forward(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) {
-  constexpr int LD = TILE_LD<HS>, TILE = TILE_ELEMENTS<HS>, DIM_STEPS = HS / 16, MT = QUERY_ROW_TILES<HS>, BLOCK_ROWS = QUERY_ROWS<HS>;
+  constexpr int LD = TILE_LD<HS>, TILE = TILE_ELEMENTS<HS>, DIM_STEPS = HS / 16, MT = ROW_TILES<HS>, ROWS = BLOCK_ROWS<HS>;
   static_assert(MT <= 2 && TC_COLS % (16 * MT) == 0, "the block's queries pass through buffer 1, and key tiles align with warps' queries");
   DYNAMIC_SHARED(bf16, attention_shared);
   // Buffer s holds K at tiles + 2s and V at tiles + 2s + 1 (in units of TILE).
@@ -551,7 +552,7 @@ __device__ void forward(bf16* out, float* lse, const bf16* qkv, int T, int C, in
   const int bh = blockIdx.y, b = bh / NH, h = bh % NH, C3 = 3 * C;
   const float scale_log2 = LOG2E / sqrtf((float)HS);
   const uint64_t first_weight = (uint64_t)bh * T * T;
-  const int first_row = (gridDim.x - 1 - blockIdx.x) * BLOCK_ROWS, q0 = first_row + 16 * MT * warp;
+  const int first_row = (gridDim.x - 1 - blockIdx.x) * ROWS, q0 = first_row + 16 * MT * warp;
   const bf16* q = qkv + (size_t)b * T * C3 + h * HS;
   const bf16* k = q + C;
   const bf16* v = q + 2 * C;
@@ -583,7 +584,7 @@ __device__ void forward(bf16* out, float* lse, const bf16* qkv, int T, int C, in
 #pragma unroll
     for (int r = 0; r < 2; ++r) rows[mt][r] = q0 + 16 * mt + g + 8 * r, m[mt][r] = -INFINITY, l[mt][r] = 0.0f;
   const bool active = q0 < T;  // warp-uniform
-  const int last_row = min(first_row + BLOCK_ROWS, T) - 1;
+  const int last_row = min(first_row + ROWS, T) - 1;
   for (int k0 = 0, s = 0; k0 <= last_row; k0 += TC_COLS, s ^= 1) {
     // Buffer s^1 was last read in the previous iteration, which every warp has left (the barrier at its end).
     if (k0 + TC_COLS <= last_row) {
@@ -683,14 +684,14 @@ __device__ void forward(bf16* out, float* lse, const bf16* qkv, int T, int C, in
   }
 }
 
-// attention::backward_query's contract, per (b, h, QUERY_ROWS queries): D_i, then over the key tiles S = Q.K^T
+// attention::backward_query's contract, per (b, h, BLOCK_ROWS queries): D_i, then over the key tiles S = Q.K^T
 // and dW = dO.V^T, dS from them, and dQ += dS.K, accumulated in registers across tiles (nothing rescales them).
-// Warps own their queries as in the forward, and take each key tile in parts of KEY_STEPS 16-key steps. The
+// Warps own their queries as in the forward, and take each key tile in parts of PART_STEPS 16-key steps. The
 // block's Q and dO rows stay in shared memory, where the warps read their operands per part.
 template <int HS>
 __device__ void backward_query(bf16* dqkv, float* delta, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse, int T, int C,
                                int NH, uint64_t stream, uint32_t threshold, float keep) {
-  constexpr int LD = TILE_LD<HS>, TILE = TILE_ELEMENTS<HS>, MT = QUERY_ROW_TILES<HS>, BLOCK_ROWS = QUERY_ROWS<HS>, STEPS = KEY_STEPS<HS>;
+  constexpr int LD = TILE_LD<HS>, TILE = TILE_ELEMENTS<HS>, MT = ROW_TILES<HS>, ROWS = BLOCK_ROWS<HS>, STEPS = PART_STEPS<HS>;
   DYNAMIC_SHARED(bf16, attention_shared);
   // The block's Q and dO (MT tiles each), then buffer s's K at tiles + 2s and V at tiles + 2s + 1 (in units of
   // TILE).
@@ -699,7 +700,7 @@ __device__ void backward_query(bf16* dqkv, float* delta, const bf16* dout, const
   const int bh = blockIdx.y, b = bh / NH, h = bh % NH, C3 = 3 * C;
   const float scale = 1.0f / sqrtf((float)HS), scale_log2 = LOG2E * scale;
   const uint64_t first_weight = (uint64_t)bh * T * T;
-  const int first_row = (gridDim.x - 1 - blockIdx.x) * BLOCK_ROWS, q0 = first_row + 16 * MT * warp;
+  const int first_row = (gridDim.x - 1 - blockIdx.x) * ROWS, q0 = first_row + 16 * MT * warp;
   const bf16* q = qkv + (size_t)b * T * C3 + h * HS;
   const bf16* k = q + C;
   const bf16* v = q + 2 * C;
@@ -742,7 +743,7 @@ __device__ void backward_query(bf16* dqkv, float* delta, const bf16* dout, const
 
   float dq[MT][HS / 8][4] = {};
   const bool active = q0 < T;  // warp-uniform
-  const int last_row = min(first_row + BLOCK_ROWS, T) - 1;
+  const int last_row = min(first_row + ROWS, T) - 1;
   for (int k0 = 0, s = 0; k0 <= last_row; k0 += TC_COLS, s ^= 1) {
     // Buffer s^1 was last read in the previous iteration, which every warp has left (the barrier at its end).
     if (k0 + TC_COLS <= last_row) {
@@ -790,31 +791,34 @@ __device__ void backward_query(bf16* dqkv, float* delta, const bf16* dout, const
   for (int mt = 0; mt < MT; ++mt) store_rows<HS>(dqkv + (size_t)b * T * C3 + h * HS, C3, q0 + 16 * mt, T, dq[mt], {1.0f, 1.0f});
 }
 
-// attention::backward_key's contract, per (b, h, 64 keys): over the query tiles from the block's first key
-// on, S^T = K.Q^T and dW^T = V.dO^T (row g of a warp is key j, a column query i), W^T and dS^T from them,
-// and dV += W^T.dO, dK += dS^T.Q in registers. The block's K and V rows stay in shared memory; each query
-// tile comes with its queries' lse and D_i. On the first tile warp w skips the 16-query steps before its
-// first key.
+// attention::backward_key's contract, per (b, h, BLOCK_ROWS keys): over the query tiles from the block's first
+// key on, S^T = K.Q^T and dW^T = V.dO^T (row g of a warp's tile is key j, a column query i), W^T and dS^T from
+// them, and dV += W^T.dO, dK += dS^T.Q in registers. Warp w owns the MT = ROW_TILES tiles of 16 keys from
+// j0 = first_key + 16 MT w, and takes each query tile in parts of PART_STEPS 16-query steps. The block's K and V
+// rows stay in shared memory; each query tile comes with its queries' lse and D_i. A warp skips a query tile
+// wholly before its keys (with 128-key blocks, the block's first query tile for its last two warps), and the
+// 16-query steps before its first key.
 template <int HS>
 __device__ void backward_key(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* delta, int T, int C, int NH,
                              uint64_t stream, uint32_t threshold, float keep) {
-  constexpr int LD = TILE_LD<HS>, TILE = TILE_ELEMENTS<HS>;
+  constexpr int LD = TILE_LD<HS>, TILE = TILE_ELEMENTS<HS>, MT = ROW_TILES<HS>, ROWS = BLOCK_ROWS<HS>, STEPS = PART_STEPS<HS>;
   DYNAMIC_SHARED(bf16, attention_shared);
-  // The block's K and V, then buffer s's Q at tiles + 2s and dO at tiles + 2s + 1 (in units of TILE), then
-  // buffer s's lse and D_i at query_values + 2s * TC_COLS and + (2s + 1) * TC_COLS.
-  bf16 *k_rows = attention_shared, *v_rows = attention_shared + TILE, *tiles = attention_shared + 2 * TILE;
-  float* query_values = reinterpret_cast<float*>(attention_shared + 6 * TILE);
+  // The block's K and V (MT tiles each), then buffer s's Q at tiles + 2s and dO at tiles + 2s + 1 (in units of
+  // TILE), then buffer s's lse and D_i at query_values + 2s * TC_COLS and + (2s + 1) * TC_COLS.
+  bf16 *k_rows = attention_shared, *v_rows = attention_shared + MT * TILE, *tiles = attention_shared + 2 * MT * TILE;
+  float* query_values = reinterpret_cast<float*>(tiles + 4 * TILE);
   const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE, g = lane / 4, t = lane % 4;
   const int bh = blockIdx.y, b = bh / NH, h = bh % NH, C3 = 3 * C;
   const float scale = 1.0f / sqrtf((float)HS), scale_log2 = LOG2E * scale;
   const uint64_t first_weight = (uint64_t)bh * T * T;
-  const int first_key = blockIdx.x * TC_ROWS, j0 = first_key + 16 * warp;
+  // Earlier keys are seen by more queries: their blocks come first.
+  const int first_key = blockIdx.x * ROWS, j0 = first_key + 16 * MT * warp;
   const bf16* q = qkv + (size_t)b * T * C3 + h * HS;
   const bf16* k = q + C;
   const bf16* v = q + 2 * C;
   const bf16* dout_bh = dout + (size_t)b * T * C + h * HS;
-  const bf16* my_k = k_rows + 16 * warp * LD;
-  const bf16* my_v = v_rows + 16 * warp * LD;
+  const bf16* my_k = k_rows + (j0 - first_key) * LD;
+  const bf16* my_v = v_rows + (j0 - first_key) * LD;
   // A query tile's lse (in base 2, as the probabilities are taken) and D_i, by the block's first 64 threads,
   // as plain stores: the barrier after the tile's copies publishes them.
   const auto load_query_values = [&](int i0, int s) {
@@ -825,15 +829,21 @@ __device__ void backward_key(bf16* dqkv, const bf16* dout, const bf16* qkv, cons
     }
   };
 
-  copy_tile_async<HS>(k_rows, k, C3, first_key, T);
-  copy_tile_async<HS>(v_rows, v, C3, first_key, T);
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    copy_tile_async<HS>(k_rows + mt * TILE, k, C3, first_key + mt * TC_ROWS, T);
+    copy_tile_async<HS>(v_rows + mt * TILE, v, C3, first_key + mt * TC_ROWS, T);
+  }
   copy_tile_async<HS>(tiles, q, C3, first_key, T);
   copy_tile_async<HS>(tiles + TILE, dout_bh, C, first_key, T);
   load_query_values(first_key, 0);
   __pipeline_commit();
 
-  float dk[HS / 8][4] = {}, dv[HS / 8][4] = {};
-  const int keys[2] = {j0 + g, j0 + g + 8};
+  // Index [mt][r] is key j0 + 16 mt + g + 8r.
+  float dk[MT][HS / 8][4] = {}, dv[MT][HS / 8][4] = {};
+  int keys[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) keys[mt][0] = j0 + 16 * mt + g, keys[mt][1] = j0 + 16 * mt + g + 8;
   const bool active = j0 < T;  // warp-uniform
   for (int i0 = first_key, s = 0; i0 < T; i0 += TC_COLS, s ^= 1) {
     if (i0 + TC_COLS < T) {
@@ -855,30 +865,43 @@ __device__ void backward_key(bf16* dqkv, const bf16* dout, const bf16* qkv, cons
       constexpr bool EDGE = decltype(edge_case)::value, DROPOUT = decltype(dropout_case)::value;
       // 16-query steps with a query at or after some key of the warp, and before T.
       const int first = EDGE ? max(0, (j0 - i0) / 16) : 0, end = EDGE ? min(COL_STEPS, (T - i0 + 15) / 16) : COL_STEPS;
-      float w[COL_BLOCKS][4], ds[COL_BLOCKS][4];
-      rows_times_tile_transposed<HS>(w, my_k, q_tile, first, end);
-      rows_times_tile_transposed<HS>(ds, my_v, do_tile, first, end);
 #pragma unroll
-      for (int cb = 0; cb < COL_BLOCKS; ++cb)
+      for (int part = 0; part < COL_STEPS; part += STEPS) {
+        if (part + STEPS <= first || part >= end) continue;
+        // Queries i0 + 16 part.. of the tile; the part's own steps in [part_first, part_end).
+        const int query0 = i0 + 16 * part, part_first = first - part, part_end = end - part;
+        const bf16 *q_part = q_tile + 16 * part * LD, *do_part = do_tile + 16 * part * LD;
+        const float *part_lse = tile_lse + 16 * part, *part_delta = tile_delta + 16 * part;
+        float w[MT][2 * STEPS][4], ds[MT][2 * STEPS][4];
+        rows_times_tile_transposed<HS, MT, STEPS>(w, my_k, q_part, part_first, part_end);
+        rows_times_tile_transposed<HS, MT, STEPS>(ds, my_v, do_part, part_first, part_end);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int c = 8 * cb + 2 * t + e % 2, i = i0 + c, j = keys[e / 2];
-          const float p = fast_exp2(fmaf(w[cb][e], scale_log2, -tile_lse[c]));
-          const float drop = DROPOUT ? dropout_scale(stream, threshold, keep, first_weight + (uint64_t)i * T + j) : 1.0f;
-          const bool masked = EDGE && (cb / 2 < first || cb / 2 >= end || j > i || i >= T);
-          w[cb][e] = masked ? 0.0f : p * drop;
-          ds[cb][e] = masked ? 0.0f : p * (ds[cb][e] * drop - tile_delta[c]) * scale;
-        }
-      accumulate_times_tile<HS>(dv, w, do_tile, first, end);
-      accumulate_times_tile<HS>(dk, ds, q_tile, first, end);
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int cb = 0; cb < 2 * STEPS; ++cb)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int c = 8 * cb + 2 * t + e % 2, i = query0 + c, j = keys[mt][e / 2];
+              const float p = fast_exp2(fmaf(w[mt][cb][e], scale_log2, -part_lse[c]));
+              const float drop = DROPOUT ? dropout_scale(stream, threshold, keep, first_weight + (uint64_t)i * T + j) : 1.0f;
+              const bool masked = EDGE && (cb / 2 < part_first || cb / 2 >= part_end || j > i || i >= T);
+              w[mt][cb][e] = masked ? 0.0f : p * drop;
+              ds[mt][cb][e] = masked ? 0.0f : p * (ds[mt][cb][e] * drop - part_delta[c]) * scale;
+            }
+        accumulate_times_tile<HS, MT, STEPS>(dv, w, do_part, part_first, part_end);
+        accumulate_times_tile<HS, MT, STEPS>(dk, ds, q_part, part_first, part_end);
+      }
     };
-    if (active) with_cases(i0 < j0 + 16 || i0 + TC_COLS > T, threshold != 0, differentiate);
+    if (active && i0 + TC_COLS > j0) with_cases(i0 < j0 + 16 * MT || i0 + TC_COLS > T, threshold != 0, differentiate);
     __syncthreads();
   }
   if (!active) return;
   bf16* dk_rows = dqkv + (size_t)b * T * C3 + C + h * HS;
-  store_rows<HS>(dk_rows, C3, j0, T, dk, {1.0f, 1.0f});
-  store_rows<HS>(dk_rows + C, C3, j0, T, dv, {1.0f, 1.0f});
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    store_rows<HS>(dk_rows, C3, j0 + 16 * mt, T, dk[mt], {1.0f, 1.0f});
+    store_rows<HS>(dk_rows + C, C3, j0 + 16 * mt, T, dv[mt], {1.0f, 1.0f});
+  }
 }
 
 }  // namespace attention_tc
@@ -909,5 +932,5 @@ extern "C" __global__ void attention_backward_key_hs16_bf16(bf16* dqkv, const bf
 extern "C" __global__ void attention_backward_key_hs32_bf16(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* delta, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::backward_key<bf16, 32>(dqkv, dout, qkv, lse, delta, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_backward_query_tc_hs64_bf16(bf16* dqkv, float* delta, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention_tc::backward_query<64>(dqkv, delta, dout, qkv, out, lse, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_backward_query_tc_hs128_bf16(bf16* dqkv, float* delta, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention_tc::backward_query<128>(dqkv, delta, dout, qkv, out, lse, T, C, NH, stream, threshold, keep); }
-extern "C" __global__ void __launch_bounds__(128, 3) attention_backward_key_tc_hs64_bf16(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* delta, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention_tc::backward_key<64>(dqkv, dout, qkv, lse, delta, T, C, NH, stream, threshold, keep); }
+extern "C" __global__ void attention_backward_key_tc_hs64_bf16(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* delta, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention_tc::backward_key<64>(dqkv, dout, qkv, lse, delta, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_backward_key_tc_hs128_bf16(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* delta, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention_tc::backward_key<128>(dqkv, dout, qkv, lse, delta, T, C, NH, stream, threshold, keep); }

@@ -44,23 +44,25 @@ fn grid(forward: bool, b: usize, t: usize, n_head: usize, hs: usize) -> [u32; 3]
 
 const BLOCK: [u32; 3] = [WARPS * 32, 1, 1];
 
-/// Rows of the tensor-core kernels' shared-memory tiles, and the keys per block of their dK/dV kernel:
-/// attention.cu's `TC_ROWS`, 16 per warp.
+/// Rows of the tensor-core kernels' shared-memory tiles: attention.cu's `TC_ROWS`.
 const TC_ROWS: usize = 64;
 
-/// The tensor-core kernels, which differ in rows per block and shared memory.
-#[derive(Clone, Copy, PartialEq)]
+/// Columns (keys, or queries for the dK/dV kernel) of the tensor-core kernels' tiles of the other side:
+/// attention.cu's `TC_COLS`.
+const TC_COLS: usize = 64;
+
+/// The tensor-core kernels, which differ in shared memory.
+#[derive(Clone, Copy)]
 enum TcKernel {
     Forward,
     Query,
     Key,
 }
 
-/// Rows (queries, or keys for the dK/dV kernel) per block of a tensor-core kernel: for the forward and
-/// dQ kernels attention.cu's `QUERY_ROWS<HS>` (two tiles of 16 queries per warp at head size 64, one at
-/// 128), for the dK/dV kernel `TC_ROWS`.
-fn tc_rows(kernel: TcKernel, hs: usize) -> usize {
-    if kernel != TcKernel::Key && hs == 64 {
+/// Rows (queries, or keys for the dK/dV kernel) per block of the tensor-core kernels: attention.cu's
+/// `BLOCK_ROWS<HS>`, two tiles of 16 per warp at head size 64, one at 128.
+fn tc_rows(hs: usize) -> usize {
+    if hs == 64 {
         2 * TC_ROWS
     } else {
         TC_ROWS
@@ -74,24 +76,25 @@ fn tensor_cores(x: Precision, hs: usize) -> bool {
 
 /// Dynamic shared memory of a tensor-core kernel, laid out as attention.cu's `attention_tc` says, in 64 x
 /// (hs + 8) bf16 tiles: the forward's K and V double-buffered (the block's Q passes through the second
-/// buffer); the dQ kernel's Q and dO of its queries, then K and V double-buffered; the dK/dV kernel's K
-/// and V of its keys, Q and dO double-buffered, then 2 x 2 x 64 floats (a query tile's lse and D_i,
-/// double-buffered). At hs 64 / 128: forward 36 / 68 KiB, dQ kernel 72 / 102 KiB, dK/dV kernel 55 /
-/// 103 KiB.
+/// buffer); in the backward the block's own two sides (Q and dO, or K and V), two tiles each at hs 64,
+/// then the other side's double-buffered, and in the dK/dV kernel 2 x 2 x 64 floats (a query tile's lse
+/// and D_i, double-buffered). At hs 64 / 128: forward 36 / 68 KiB, dQ kernel 72 / 102 KiB, dK/dV kernel
+/// 73 / 103 KiB.
 fn tc_shared_bytes(kernel: TcKernel, hs: usize) -> u32 {
     let tile = TC_ROWS * (hs + 8) * 2;
+    let backward = (2 * tc_rows(hs) / TC_ROWS + 4) * tile;
     let bytes = match kernel {
         TcKernel::Forward => 4 * tile,
-        TcKernel::Query => (2 * tc_rows(kernel, hs) / TC_ROWS + 4) * tile,
-        TcKernel::Key => 6 * tile + 4 * TC_ROWS * 4,
+        TcKernel::Query => backward,
+        TcKernel::Key => backward + 4 * TC_COLS * 4,
     };
     bytes as u32
 }
 
-/// Launches tensor-core kernel `kernel` at head size `hs`: a block per (rows of [`tc_rows`], b, h).
+/// Launches tensor-core kernel `kernel` at head size `hs`: a block per ([`tc_rows`] rows, b, h).
 #[allow(clippy::too_many_arguments)]
 fn launch_tc(gpu: &dyn Gpu, kernel: TcKernel, name: &str, hs: usize, b: usize, t: usize, n_head: usize, args: &[Arg]) -> Result<()> {
-    let grid = [t.div_ceil(tc_rows(kernel, hs)) as u32, (b * n_head) as u32, 1];
+    let grid = [t.div_ceil(tc_rows(hs)) as u32, (b * n_head) as u32, 1];
     gpu.launch(name, grid, BLOCK, tc_shared_bytes(kernel, hs), args)
 }
 
