@@ -8,9 +8,11 @@
 #      without it (crates/nanogpt-core/tests/nccl.rs);
 #   2. throughput at GPT-2 124M shapes (B=12, T=1024, bfloat16): torch_ref.py bench, then the fused CUDA step
 #      alone (examples/cuda_step_bench.rs: train_step_cuda.rs on the kernels above, then 3 more steps with every
-#      kernel and product timed by CUDA events, for the table of device time per kernel), then ours through the CLI
-#      (the engine's default, the fused step), then through candle's graph (NANOGPT_CUDA_STEP=graph);
-#   3. per-phase profile of our step (data, forward, backward, optimizer), at 124M and shakespeare_char shapes;
+#      kernel and product timed by CUDA events, for the table of device time per kernel; again with the attention
+#      kernels at 16 rows a warp, NANOGPT_CUDA_ATTENTION_WARP_ROWS=16), then ours through the CLI (the engine's
+#      default, the fused step), then through candle's graph (NANOGPT_CUDA_STEP=graph);
+#   3. per-phase profile of our step (data, forward, backward, optimizer), at 124M and shakespeare_char shapes (the
+#      latter again with the attention kernels at 16 rows a warp);
 #   4. sampling from a GPT-2 XL-shaped model (bench/sample.ts): torch_ref.py sample, then ours; tokens/s of each;
 #   5. the shakespeare_char recipe: torch_ref.py train, then our train (the fused step); best val loss and wall time
 #      of each;
@@ -116,6 +118,8 @@ phase nccl 120 "$app/tests/nccl" --ignored --nocapture --test-threads=1
 shape=(--n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --batch_size=12)
 phase torch_bench 180 python3 "$root/bench/torch_ref.py" bench "${shape[@]}" --profile=3
 phase step_bench 90 "$app/bench/cuda_step_bench"
+# The same with the attention kernels at 16 rows a warp rather than 32 (kernels/cuda/attention.rs's WarpRows).
+phase step_bench_rows16 90 env NANOGPT_CUDA_ATTENTION_WARP_ROWS=16 "$app/bench/cuda_step_bench"
 phase our_bench 120 "$node" "$app/dist/cli.mjs" bench "${shape[@]}" --device=cuda --dtype=bfloat16
 # The engine on candle's graph (NANOGPT_CUDA_STEP=graph) rather than the fused step, through the same CLI.
 phase graph_bench 180 env NANOGPT_CUDA_STEP=graph "$node" "$app/dist/cli.mjs" bench "${shape[@]}" --device=cuda --dtype=bfloat16
@@ -129,6 +133,9 @@ phase prepare 60 "$node" "$app/dist/cli.mjs" prepare shakespeare_char --data_dir
 char_shape=(--n_layer=6 --n_head=6 --n_embd=384 --block_size=256 --batch_size=64 --vocab_size=65)
 phase profile_char 60 "$node" "$app/dist/cli.mjs" bench "${char_shape[@]}" --real_data \
   --dataset=shakespeare_char --data_dir="$work/data" --device=cuda --dtype=bfloat16 --warmup=5 --iters=20 --profile
+# The same with the attention kernels at 16 rows a warp: with dropout, the dK/dV kernel of 32 rows spills more.
+phase profile_char_rows16 60 env NANOGPT_CUDA_ATTENTION_WARP_ROWS=16 "$node" "$app/dist/cli.mjs" bench "${char_shape[@]}" \
+  --real_data --dataset=shakespeare_char --data_dir="$work/data" --device=cuda --dtype=bfloat16 --warmup=5 --iters=20 --profile
 
 # ---------------------------------------------------------------- 4. sampling
 phase sample_xl 150 "$node" "$app/bench/sample.mjs" --device=cuda --shapes=gpt2-xl --trials=1
@@ -161,14 +168,15 @@ gib() { python3 -c "import sys
 try: print(f'{float(sys.argv[1]) / 2**30:.2f}')
 except Exception: print('n/a')" "$1"; }
 t_tok=$(result torch_bench tokens_per_s) o_tok=$(result our_bench tokens_per_s) f_tok=$(result step_bench tokens_per_s)
+f16_tok=$(result step_bench_rows16 tokens_per_s)
 g_tok=$(result graph_bench tokens_per_s)
 t_wall=$(result torch_train wall_s) t_best=$(result torch_train best_val)
 
 section "summary"
 echo "payload: commit $(cat "$app/COMMIT" 2>/dev/null || echo unknown); GPU: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -n1)"
-for name in unpack correctness kernels kernel_bench_ours kernel_bench_torch nccl torch_bench step_bench our_bench graph_bench profile_124m \
-  prepare profile_char sample_xl torch_train our_train ncu_attention; do
-  printf '%-18s %s\n' "$name" "${status[$name]:-not run}"
+for name in unpack correctness kernels kernel_bench_ours kernel_bench_torch nccl torch_bench step_bench step_bench_rows16 our_bench \
+  graph_bench profile_124m prepare profile_char profile_char_rows16 sample_xl torch_train our_train ncu_attention; do
+  printf '%-19s %s\n' "$name" "${status[$name]:-not run}"
 done
 echo
 echo "kernels, one launch each at 124M shapes, bf16 (median ms; n/a: that side has no such kernel or did not run):"
@@ -187,10 +195,11 @@ for name in list(ours) + [n for n in torch if n not in ours]:
 TABLE
 echo
 echo "device time per step by kernel, 3 profiled steps at 124M shapes: ours (the fused step, CUDA events around each"
-echo "launch, examples/cuda_step_bench.rs), then PyTorch's (torch.profiler, torch_ref.py bench --profile=3):"
-python3 - "$out/step_bench.log" "$out/torch_bench.log" <<'TABLE'
+echo "launch, examples/cuda_step_bench.rs), and its attention kernels at 16 rows a warp; then PyTorch's (torch.profiler,"
+echo "torch_ref.py bench --profile=3):"
+python3 - "$out/step_bench.log" "$out/step_bench_rows16.log" "$out/torch_bench.log" <<'TABLE'
 import json, sys
-for side, log in zip(("ours", "torch"), sys.argv[1:]):
+for side, log in zip(("ours", "ours, attention at 16 rows a warp", "torch"), sys.argv[1:]):
     try: lines = open(log).read().splitlines()
     except OSError: lines = []
     kernels = [json.loads(l[len("STEP_KERNEL "):]) for l in lines if l.startswith("STEP_KERNEL ")]
@@ -198,14 +207,15 @@ for side, log in zip(("ours", "torch"), sys.argv[1:]):
     if not kernels:
         print(f"  {side}: n/a (its bench did not run or printed no profile)")
         continue
-    print(f"  {side}: {total:.2f} ms in all; the largest:")
-    for k in kernels[:20]:
+    attention_only = "16 rows" in side
+    print(f"  {side}: {total:.2f} ms in all; " + ("its attention kernels:" if attention_only else "the largest:"))
+    for k in [k for k in kernels if "attention" in k["name"]] if attention_only else kernels[:20]:
         print(f"    {k['name'][:70]:<70} {k['launches_per_step']:>5g} x {k['ms_per_step']:>8.3f} ms {100 * k['ms_per_step'] / total:>5.1f}%")
 TABLE
 echo
 echo "profile (ms per step: data / forward / backward / optimizer):"
-for name in profile_124m profile_char; do
-  printf '  %-13s %s\n' "$name" "$(result "$name" phases | tr -d "{}'" )"
+for name in profile_124m profile_char profile_char_rows16; do
+  printf '  %-19s %s\n' "$name" "$(result "$name" phases | tr -d "{}'" )"
 done
 echo
 printf '%-34s %14s %14s %8s\n' "" "torch_ref.py" "nanogpt-rs" "ours/ref"
@@ -214,6 +224,7 @@ printf '%-34s %14s %14s %8s\n' "124M bench ms/iter" "$(result torch_bench ms_per
   "$(ratio "$(result our_bench ms_per_iter)" "$(result torch_bench ms_per_iter)")"
 printf '%-34s %14s %14s %8s\n' "124M bench peak memory GiB" "$(result torch_bench peak_mem_gb)" "$(gib "$(result our_bench peak_mem_bytes)")" ""
 printf '%-34s %14s %14s %8s\n' "124M fused step tokens/s" "${t_tok:-n/a}" "${f_tok:-n/a}" "$(ratio "$f_tok" "$t_tok")"
+printf '%-34s %14s %14s %8s\n' "  attention 16 rows a warp" "${t_tok:-n/a}" "${f16_tok:-n/a}" "$(ratio "$f16_tok" "$t_tok")"
 printf '%-34s %14s %14s %8s\n' "124M bench, graph, tokens/s" "${t_tok:-n/a}" "${g_tok:-n/a}" "$(ratio "$g_tok" "$t_tok")"
 printf '%-34s %14s %14s %8s\n' "124M fused step MFU" "$(result torch_bench mfu_h100_989)" "$(result step_bench mfu)" ""
 printf '%-34s %14s %14s %8s\n' "124M fused step peak memory GiB" "$(result torch_bench peak_mem_gb)" "$(gib "$(result step_bench peak_mem_bytes)")" ""

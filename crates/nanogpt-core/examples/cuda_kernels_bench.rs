@@ -5,7 +5,9 @@
 //! timed alone between two CUDA events, after a write of 512 MiB has evicted its inputs from L2, and each
 //! kernel prints the median as one line, `KERNEL {"name", "ms", "gbps", ["tflops"]}`: gbps counts the bytes
 //! the kernel must read and write at least, tflops (products and attention) its multiply-adds times two,
-//! attention's causal half only.
+//! attention's causal half only. At head size 64 the attention kernels are timed in both of their shapes
+//! (kernels::cuda::attention::WarpRows): the one the environment chose as `attention_fwd` and `attention_bwd`, the
+//! other with its rows a warp as a suffix (`attention_fwd_rows16`).
 //! `python3 bench/torch_ref.py kernels` times PyTorch's counterparts the same way and prints the same lines
 //! with the same names; bench/gpu-check.sh puts the two side by side.
 //!
@@ -290,6 +292,21 @@ fn run() -> Result<()> {
     timer.report("attention_bwd", 8 * n * c * XB + rows, Some(2.5 * forward_flops), &|k| {
         attention::backward(k, X, dqkv, dout, qkv, att, lse, delta, b, t, c, n_head, None)
     })?;
+    // At head size 64 the kernels' other shape (attention::WarpRows), whichever the environment chose above.
+    if c / n_head == 64 {
+        let other = match kernels.attention_warp_rows() {
+            attention::WarpRows::ThirtyTwo => attention::WarpRows::Sixteen,
+            attention::WarpRows::Sixteen => attention::WarpRows::ThirtyTwo,
+        };
+        let suffix = format!("rows{}", other.rows());
+        timer.report(&format!("attention_fwd_{suffix}"), 4 * n * c * XB + rows, Some(forward_flops), &|k| {
+            attention::forward(&attention::WithWarpRows { gpu: k, rows: other }, X, att, lse, qkv, b, t, c, n_head, None)
+        })?;
+        timer.report(&format!("attention_bwd_{suffix}"), 8 * n * c * XB + rows, Some(2.5 * forward_flops), &|k| {
+            let gpu = attention::WithWarpRows { gpu: k, rows: other };
+            attention::backward(&gpu, X, dqkv, dout, qkv, att, lse, delta, b, t, c, n_head, None)
+        })?;
+    }
 
     // The loss over (N, V) logits: each row's loss, its gradient over the logits in place, and their sum.
     let logits = memory.random_bf16(n * vocab, 4.0)?;

@@ -140,6 +140,8 @@ pub struct Kernels {
     bias_epilogue_off: Option<String>,
     /// Why the last product with a bias added it with bias.cu's kernel: see `take_bias_fallback`.
     bias_fallback: std::sync::Mutex<Option<String>>,
+    /// The attention kernels' shape at head size 64, from `NANOGPT_CUDA_ATTENTION_WARP_ROWS`.
+    attention_warp_rows: crate::kernels::cuda::attention::WarpRows,
 }
 
 /// A cuBLASLt handle and the workspace its kernels may use: 32 MiB, NVIDIA's figure for Hopper (cudarc's own
@@ -214,6 +216,7 @@ impl Kernels {
                 Ok(other) => candle_core::bail!("NANOGPT_CUDA_BIAS_EPILOGUE must be 0 or 1, got `{other}`"),
             },
             bias_fallback: Default::default(),
+            attention_warp_rows: crate::kernels::cuda::attention::WarpRows::from_env()?,
         })
     }
 
@@ -297,6 +300,10 @@ impl Kernels {
 
 #[cfg(feature = "cuda")]
 impl crate::kernels::cuda::Gpu for Kernels {
+    fn attention_warp_rows(&self) -> crate::kernels::cuda::attention::WarpRows {
+        self.attention_warp_rows
+    }
+
     fn launch(&self, kernel: &str, grid: [u32; 3], block: [u32; 3], shared_bytes: u32, args: &[crate::kernels::cuda::Arg]) -> Result<()> {
         let function = self.function(kernel, shared_bytes)?;
         let mut args = args.to_vec();

@@ -109,21 +109,34 @@ fn every_head_size_matches_the_cpu_kernels() {
     }
 }
 
-/// The tensor-core kernels (bf16 at head sizes 64 and 128) over several blocks of rows (128 queries for
-/// the forward and dQ kernels at head size 64, 64 rows otherwise) and tiles of 64, the last ones partial,
-/// with inputs aligned for 16-byte copies and not, and over two sequences of two heads; their double-buffered tiles with asynchronous copies landing at either end of what a GPU
-/// allows (see [`gpu_landing_copies_early`]).
+/// The tensor-core kernels (bf16 at head sizes 64 and 128) over several blocks of rows (128 at head size 64,
+/// 64 at 128) and tiles of 64, the last ones partial, with inputs aligned for 16-byte copies and not, and over
+/// two sequences of two heads; their double-buffered tiles with asynchronous copies landing at either end of what
+/// a GPU allows (see [`gpu_landing_copies_early`]).
 #[test]
 fn bf16_tensor_core_kernels_match_the_cpu_kernels_over_several_tiles() {
     for gpu in [gpu(), gpu_landing_copies_early()] {
-        for (hs, t) in [(64, 150), (128, 130)] {
-            for dropout in [None, Some(0.2)] {
-                for misaligned in [false, true] {
-                    check_on(gpu, Precision::Bf16, Case { b: 1, t, n_head: 1, hs, dropout, misaligned }, 1e-2);
-                }
+        check_tensor_core_kernels(gpu, &[(64, 150), (128, 130)]);
+    }
+}
+
+/// The same at head size 64 with 16 rows a warp (64-row blocks), the shape a GPU may be asked for.
+#[test]
+fn bf16_tensor_core_kernels_with_16_rows_a_warp_match_the_cpu_kernels() {
+    for gpu in [gpu(), gpu_landing_copies_early()] {
+        let gpu = cuda::WithWarpRows { gpu, rows: cuda::WarpRows::Sixteen };
+        check_tensor_core_kernels(&gpu, &[(64, 150)]);
+    }
+}
+
+fn check_tensor_core_kernels(gpu: &dyn Gpu, head_sizes_and_lengths: &[(usize, usize)]) {
+    for &(hs, t) in head_sizes_and_lengths {
+        for dropout in [None, Some(0.2)] {
+            for misaligned in [false, true] {
+                check_on(gpu, Precision::Bf16, Case { b: 1, t, n_head: 1, hs, dropout, misaligned }, 1e-2);
             }
-            check_on(gpu, Precision::Bf16, Case { b: 2, t: 70, n_head: 2, hs, dropout: Some(0.2), misaligned: false }, 1e-2);
         }
+        check_on(gpu, Precision::Bf16, Case { b: 2, t: 70, n_head: 2, hs, dropout: Some(0.2), misaligned: false }, 1e-2);
     }
 }
 

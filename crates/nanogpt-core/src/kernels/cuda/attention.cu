@@ -325,13 +325,14 @@ __device__ void backward_key(X* dqkv, const X* dout, const X* qkv, const float* 
 // the online softmax, dropout, dS) happens in registers, and a product's accumulators become the next
 // product's A operand without leaving them: only the tiles of Q, K, V and dO pass through shared memory.
 //
-// A block of TC_WARPS warps owns BLOCK_ROWS rows (queries, or keys for the dK/dV kernel): 128 at HS=64, two tiles of 16
-// per warp, and 64 at HS=128, one tile per warp (ROW_TILES below). It walks tiles of TC_COLS = 64 of the other side,
-// double-buffered: the asynchronous copies (copy_tile_async) of tile i+1 run while the warps work on tile i. Each K, V,
-// Q or dO element loaded into shared memory feeds the block's rows' products, and each operand a warp loads from the
-// other side's tile feeds its row tiles' products. With g = lane / 4 and t = lane % 4, a lane holds, of each of its
-// warp's tiles of 16 rows, rows g and g+8, against columns 2t and 2t+1 of every 8-column block: a row's max or sum is
-// over the 4 lanes of its group (two shuffles).
+// A block of TC_WARPS warps owns BLOCK_ROWS<MT> rows (queries, or keys for the dK/dV kernel), MT tiles of 16 per warp:
+// at HS=64 two (128-row blocks) or, where the GPU asks for 16 rows a warp (attention.rs), one (64-row blocks); at
+// HS=128 one. It walks tiles of TC_COLS = 64 of the other side, double-buffered: the asynchronous copies
+// (copy_tile_async) of tile i+1 run while the warps work on tile i. Each K, V, Q or dO element loaded into shared
+// memory feeds the block's rows' products, and each operand a warp loads from the other side's tile feeds its row
+// tiles' products. With g = lane / 4 and t = lane % 4, a lane holds, of each of its warp's tiles of 16 rows, rows g and
+// g+8, against columns 2t and 2t+1 of every 8-column block: a row's max or sum is over the 4 lanes of its group (two
+// shuffles).
 //
 // Operands reach registers through ldmatrix, four 8 x 8 matrices per instruction (transposed on the way
 // where a tile's rows are a B operand's k, as V's in P.V).
@@ -339,18 +340,21 @@ __device__ void backward_key(X* dqkv, const X* dout, const X* qkv, const float* 
 // Shared memory is dynamic (attention.rs's tc_shared_bytes): 64 x HS bf16 tiles with rows padded by 8 elements (16
 // bytes, which keeps rows 16-byte aligned for the copies and for ldmatrix, and puts the 8 rows of one ldmatrix matrix
 // in distinct banks): in the forward K and V twice over (36 / 68 KiB at HS=64 / 128); in the backward the block's own
-// rows' tiles (Q and dO, or K and V) and the other side's two twice over, then the dK/dV kernel's per-query lse and D_i
-// twice over (dQ kernel 72 / 102 KiB, dK/dV kernel 73 / 103 KiB). The kernels have no static shared memory.
+// rows' tiles (Q and dO, or K and V, MT tiles each) and the other side's two twice over, then the dK/dV kernel's
+// per-query lse and D_i twice over (dQ kernel 72 / 102 KiB, dK/dV kernel 73 / 103 KiB; 54 and 55 KiB at HS=64 with
+// MT = 1). The kernels have no static shared memory.
 //
 // Registers on Hopper (nvcc 13, -Xptxas -v, sm_90), at HS=64 / HS=128: forward 255 / 236, dQ kernel 255 / 170, dK/dV
 // kernel 255 / 255. At HS=64 each kernel holds two row tiles' accumulators and runs 2 blocks per SM, 256 rows, spilling
 // a few bytes: a whole tile of the other side without dropout takes 585 instructions with one local access in the
 // forward, 620 with eleven in the dQ kernel and 814 with six in the dK/dV kernel, whose tile with dropout has 178 (its
-// hash's registers beside both tiles' products). With one row tile a warp (4, 3 and 3 blocks per SM, 256, 192 and 192
-// rows), ldmatrix's shared-memory traffic outweighed the products' time on the tensor cores, and Nsight Compute on an
-// H200 showed the kernels latency-bound: on most cycles no warp ready to issue (bench/results/gpu-2026-11-30.md). At
-// HS=128 the dK and dV accumulators, 64 floats each, spill a few bytes; GPT-2's head size is 64. At GPT-2's B=12,
-// T=1024 the grids are T/128 x B*NH = 1152 blocks: several waves over 132 SMs.
+// hash's registers beside both tiles' products). With one row tile a warp (the `_rows16` entry points: 128, 168 and
+// 168 registers, 4, 3 and 3 blocks per SM, 256, 192 and 192 rows), the same 32 rows take 654, 694 and 868 instructions
+// a whole tile, with twice the ldmatrix loads (64, 112 and 144 rather than 32, 65 and 81): shared-memory traffic beside
+// the products' time on the tensor cores. Nsight Compute on an H200 showed those kernels latency-bound, on most cycles
+// no warp ready to issue (bench/results/gpu-2026-11-30.md); the kernel benchmark times both shapes. At HS=128 the dK and
+// dV accumulators, 64 floats each, spill a few bytes; GPT-2's head size is 64. At GPT-2's B=12, T=1024 the grids are
+// T/128 x B*NH = 1152 blocks (2304 with 64-row blocks): several waves over 132 SMs.
 namespace attention_tc {
 
 constexpr int TC_WARPS = 4;
@@ -523,27 +527,24 @@ __device__ __forceinline__ void store_rows(bf16* dst, int stride, int row0, int 
   }
 }
 
-// Rows per warp (queries, or keys for the dK/dV kernel): two tiles of 16 at HS=64, so that each operand loaded
-// from the other side's shared tile feeds two products (with one, ldmatrix's shared-memory traffic outweighed the
-// products' time on the tensor cores); one at HS=128, where a second tile's accumulators would not fit in
-// registers. The backward kernels take the other side's tiles PART_STEPS 16-column steps at a time, so that two
-// row tiles' products (S and dW, or their transposes) fit beside the accumulators in registers.
-template <int HS>
-constexpr int ROW_TILES = HS == 64 ? 2 : 1;
-template <int HS>
-constexpr int BLOCK_ROWS = 16 * ROW_TILES<HS> * TC_WARPS;  // 128 at HS=64, 64 at HS=128
-template <int HS>
-constexpr int PART_STEPS = COL_STEPS / ROW_TILES<HS>;
+// MT, a kernel's tiles of 16 rows per warp (queries, or keys for the dK/dV kernel): with two, each operand loaded
+// from the other side's shared tile feeds two products; at HS=128 a second tile's accumulators would not fit in
+// registers. The backward kernels take the other side's tiles PART_STEPS 16-column steps at a time, so that MT row
+// tiles' products (S and dW, or their transposes) fit beside the accumulators in registers.
+template <int MT>
+constexpr int BLOCK_ROWS = 16 * MT * TC_WARPS;
+template <int MT>
+constexpr int PART_STEPS = COL_STEPS / MT;
 
 // attention::forward's contract, per (b, h, BLOCK_ROWS queries): a running softmax over tiles of 64 keys.
-// Warp w owns the MT = ROW_TILES tiles of 16 queries from q0 = first_row + 16 MT w, keeps their Q
+// Warp w owns its MT tiles of 16 queries from q0 = first_row + 16 MT w, keeps their Q
 // operands in registers for every key tile, and on the diagonal tile skips the 16-key steps past its last
 // query. Key tiles start at multiples of 64 and q0 at multiples of 16 MT, so a key tile either starts at or
 // before q0 (every query of the warp sees its first key) or lies wholly past the warp's queries, and is
 // skipped: with 128-row blocks, the block's last key tile is past its first two warps' queries.
-template <int HS>
+template <int HS, int MT>
 __device__ void forward(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) {
-  constexpr int LD = TILE_LD<HS>, TILE = TILE_ELEMENTS<HS>, DIM_STEPS = HS / 16, MT = ROW_TILES<HS>, ROWS = BLOCK_ROWS<HS>;
+  constexpr int LD = TILE_LD<HS>, TILE = TILE_ELEMENTS<HS>, DIM_STEPS = HS / 16, ROWS = BLOCK_ROWS<MT>;
   static_assert(MT <= 2 && TC_COLS % (16 * MT) == 0, "the block's queries pass through buffer 1, and key tiles align with warps' queries");
   DYNAMIC_SHARED(bf16, attention_shared);
   // Buffer s holds K at tiles + 2s and V at tiles + 2s + 1 (in units of TILE).
@@ -688,10 +689,10 @@ __device__ void forward(bf16* out, float* lse, const bf16* qkv, int T, int C, in
 // and dW = dO.V^T, dS from them, and dQ += dS.K, accumulated in registers across tiles (nothing rescales them).
 // Warps own their queries as in the forward, and take each key tile in parts of PART_STEPS 16-key steps. The
 // block's Q and dO rows stay in shared memory, where the warps read their operands per part.
-template <int HS>
+template <int HS, int MT>
 __device__ void backward_query(bf16* dqkv, float* delta, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse, int T, int C,
                                int NH, uint64_t stream, uint32_t threshold, float keep) {
-  constexpr int LD = TILE_LD<HS>, TILE = TILE_ELEMENTS<HS>, MT = ROW_TILES<HS>, ROWS = BLOCK_ROWS<HS>, STEPS = PART_STEPS<HS>;
+  constexpr int LD = TILE_LD<HS>, TILE = TILE_ELEMENTS<HS>, ROWS = BLOCK_ROWS<MT>, STEPS = PART_STEPS<MT>;
   DYNAMIC_SHARED(bf16, attention_shared);
   // The block's Q and dO (MT tiles each), then buffer s's K at tiles + 2s and V at tiles + 2s + 1 (in units of
   // TILE).
@@ -793,15 +794,15 @@ __device__ void backward_query(bf16* dqkv, float* delta, const bf16* dout, const
 
 // attention::backward_key's contract, per (b, h, BLOCK_ROWS keys): over the query tiles from the block's first
 // key on, S^T = K.Q^T and dW^T = V.dO^T (row g of a warp's tile is key j, a column query i), W^T and dS^T from
-// them, and dV += W^T.dO, dK += dS^T.Q in registers. Warp w owns the MT = ROW_TILES tiles of 16 keys from
+// them, and dV += W^T.dO, dK += dS^T.Q in registers. Warp w owns its MT tiles of 16 keys from
 // j0 = first_key + 16 MT w, and takes each query tile in parts of PART_STEPS 16-query steps. The block's K and V
 // rows stay in shared memory; each query tile comes with its queries' lse and D_i. A warp skips a query tile
 // wholly before its keys (with 128-key blocks, the block's first query tile for its last two warps), and the
 // 16-query steps before its first key.
-template <int HS>
+template <int HS, int MT>
 __device__ void backward_key(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* delta, int T, int C, int NH,
                              uint64_t stream, uint32_t threshold, float keep) {
-  constexpr int LD = TILE_LD<HS>, TILE = TILE_ELEMENTS<HS>, MT = ROW_TILES<HS>, ROWS = BLOCK_ROWS<HS>, STEPS = PART_STEPS<HS>;
+  constexpr int LD = TILE_LD<HS>, TILE = TILE_ELEMENTS<HS>, ROWS = BLOCK_ROWS<MT>, STEPS = PART_STEPS<MT>;
   DYNAMIC_SHARED(bf16, attention_shared);
   // The block's K and V (MT tiles each), then buffer s's Q at tiles + 2s and dO at tiles + 2s + 1 (in units of
   // TILE), then buffer s's lse and D_i at query_values + 2s * TC_COLS and + (2s + 1) * TC_COLS.
@@ -909,15 +910,18 @@ __device__ void backward_key(bf16* dqkv, const bf16* dout, const bf16* qkv, cons
 // Entry points, one per head size and precision (the tile shapes are compile-time): grid
 // (ceil(T / rows per block), B*NH), block WARPS * 32 threads. The CUDA-core kernels (f32 at every head
 // size, bf16 at 16 and 32) take no dynamic shared memory; the tensor-core ones (`_tc_`, bf16 at 64 and
-// 128) take attention.rs's tc_shared_bytes.
+// 128) take attention.rs's tc_shared_bytes. At head size 64 they come with 32 rows a warp (MT = 2) and, as
+// `_rows16_`, with 16 (MT = 1), bounded to the blocks per SM they ran best at: 4 for the forward, 3 for the
+// dK/dV kernel (bench/results/gpu-2026-11-30.md).
 extern "C" __global__ void attention_forward_hs16_f32(float* out, float* lse, const float* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::forward<float, 16>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_forward_hs32_f32(float* out, float* lse, const float* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::forward<float, 32>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_forward_hs64_f32(float* out, float* lse, const float* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::forward<float, 64>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_forward_hs128_f32(float* out, float* lse, const float* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::forward<float, 128>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_forward_hs16_bf16(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::forward<bf16, 16>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_forward_hs32_bf16(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::forward<bf16, 32>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
-extern "C" __global__ void attention_forward_tc_hs64_bf16(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention_tc::forward<64>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
-extern "C" __global__ void attention_forward_tc_hs128_bf16(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention_tc::forward<128>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
+extern "C" __global__ void attention_forward_tc_hs64_bf16(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention_tc::forward<64, 2>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
+extern "C" __global__ void __launch_bounds__(attention_tc::TC_THREADS, 4) attention_forward_tc_hs64_rows16_bf16(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention_tc::forward<64, 1>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
+extern "C" __global__ void attention_forward_tc_hs128_bf16(bf16* out, float* lse, const bf16* qkv, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention_tc::forward<128, 1>(out, lse, qkv, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_backward_query_hs16_f32(float* dqkv, float* delta, const float* dout, const float* qkv, const float* out, const float* lse, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::backward_query<float, 16>(dqkv, delta, dout, qkv, out, lse, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_backward_query_hs32_f32(float* dqkv, float* delta, const float* dout, const float* qkv, const float* out, const float* lse, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::backward_query<float, 32>(dqkv, delta, dout, qkv, out, lse, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_backward_query_hs64_f32(float* dqkv, float* delta, const float* dout, const float* qkv, const float* out, const float* lse, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::backward_query<float, 64>(dqkv, delta, dout, qkv, out, lse, T, C, NH, stream, threshold, keep); }
@@ -930,7 +934,9 @@ extern "C" __global__ void attention_backward_key_hs64_f32(float* dqkv, const fl
 extern "C" __global__ void attention_backward_key_hs128_f32(float* dqkv, const float* dout, const float* qkv, const float* lse, const float* delta, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::backward_key<float, 128>(dqkv, dout, qkv, lse, delta, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_backward_key_hs16_bf16(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* delta, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::backward_key<bf16, 16>(dqkv, dout, qkv, lse, delta, T, C, NH, stream, threshold, keep); }
 extern "C" __global__ void attention_backward_key_hs32_bf16(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* delta, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention::backward_key<bf16, 32>(dqkv, dout, qkv, lse, delta, T, C, NH, stream, threshold, keep); }
-extern "C" __global__ void attention_backward_query_tc_hs64_bf16(bf16* dqkv, float* delta, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention_tc::backward_query<64>(dqkv, delta, dout, qkv, out, lse, T, C, NH, stream, threshold, keep); }
-extern "C" __global__ void attention_backward_query_tc_hs128_bf16(bf16* dqkv, float* delta, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention_tc::backward_query<128>(dqkv, delta, dout, qkv, out, lse, T, C, NH, stream, threshold, keep); }
-extern "C" __global__ void attention_backward_key_tc_hs64_bf16(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* delta, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention_tc::backward_key<64>(dqkv, dout, qkv, lse, delta, T, C, NH, stream, threshold, keep); }
-extern "C" __global__ void attention_backward_key_tc_hs128_bf16(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* delta, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention_tc::backward_key<128>(dqkv, dout, qkv, lse, delta, T, C, NH, stream, threshold, keep); }
+extern "C" __global__ void attention_backward_query_tc_hs64_bf16(bf16* dqkv, float* delta, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention_tc::backward_query<64, 2>(dqkv, delta, dout, qkv, out, lse, T, C, NH, stream, threshold, keep); }
+extern "C" __global__ void __launch_bounds__(attention_tc::TC_THREADS, 3) attention_backward_query_tc_hs64_rows16_bf16(bf16* dqkv, float* delta, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention_tc::backward_query<64, 1>(dqkv, delta, dout, qkv, out, lse, T, C, NH, stream, threshold, keep); }
+extern "C" __global__ void attention_backward_query_tc_hs128_bf16(bf16* dqkv, float* delta, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention_tc::backward_query<128, 1>(dqkv, delta, dout, qkv, out, lse, T, C, NH, stream, threshold, keep); }
+extern "C" __global__ void attention_backward_key_tc_hs64_bf16(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* delta, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention_tc::backward_key<64, 2>(dqkv, dout, qkv, lse, delta, T, C, NH, stream, threshold, keep); }
+extern "C" __global__ void __launch_bounds__(attention_tc::TC_THREADS, 3) attention_backward_key_tc_hs64_rows16_bf16(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* delta, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention_tc::backward_key<64, 1>(dqkv, dout, qkv, lse, delta, T, C, NH, stream, threshold, keep); }
+extern "C" __global__ void attention_backward_key_tc_hs128_bf16(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* delta, int T, int C, int NH, uint64_t stream, uint32_t threshold, float keep) { attention_tc::backward_key<128, 1>(dqkv, dout, qkv, lse, delta, T, C, NH, stream, threshold, keep); }

@@ -4,7 +4,7 @@
 
 use candle_core::{bail, Result};
 
-use super::{Arg, Gpu, Precision};
+use super::{Arg, Gemm, Gpu, Precision};
 use crate::kernels::dropout::Mask;
 
 /// Head sizes (C / n_head) with compiled kernels: the tile shapes are compile-time.
@@ -51,6 +51,70 @@ const TC_ROWS: usize = 64;
 /// attention.cu's `TC_COLS`.
 const TC_COLS: usize = 64;
 
+/// Rows (queries, or keys in the dK/dV kernel) each warp of the tensor-core kernels owns at head size 64; at 128
+/// it is always 16. A [`Gpu`] says which it runs ([`Gpu::attention_warp_rows`]): 32 unless asked for 16
+/// (`NANOGPT_CUDA_ATTENTION_WARP_ROWS=16` on a CUDA device), to compare the two on a GPU.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WarpRows {
+    /// Two tiles of 16 a warp, 128-row blocks: each operand read from shared memory feeds two products.
+    #[default]
+    ThirtyTwo,
+    /// One tile of 16 a warp, 64-row blocks: fewer registers a warp, so more blocks per SM.
+    Sixteen,
+}
+
+impl WarpRows {
+    /// The setting of `NANOGPT_CUDA_ATTENTION_WARP_ROWS`, 32 where it is unset.
+    pub fn from_env() -> Result<Self> {
+        match std::env::var("NANOGPT_CUDA_ATTENTION_WARP_ROWS").as_deref() {
+            Ok("32") | Err(_) => Ok(WarpRows::ThirtyTwo),
+            Ok("16") => Ok(WarpRows::Sixteen),
+            Ok(other) => bail!("NANOGPT_CUDA_ATTENTION_WARP_ROWS must be 16 or 32, got `{other}`"),
+        }
+    }
+
+    pub fn rows(self) -> usize {
+        match self {
+            WarpRows::ThirtyTwo => 32,
+            WarpRows::Sixteen => 16,
+        }
+    }
+}
+
+/// `gpu` itself, but for the attention kernels' shape at head size 64, which is `rows`: to compare the two shapes on
+/// one GPU, in one process.
+pub struct WithWarpRows<'a> {
+    pub gpu: &'a dyn Gpu,
+    pub rows: WarpRows,
+}
+
+impl Gpu for WithWarpRows<'_> {
+    fn launch(&self, kernel: &str, grid: [u32; 3], block: [u32; 3], shared_bytes: u32, args: &[Arg]) -> Result<()> {
+        self.gpu.launch(kernel, grid, block, shared_bytes, args)
+    }
+    fn alloc(&self, bytes: usize) -> Result<u64> {
+        self.gpu.alloc(bytes)
+    }
+    fn free(&self, addr: u64) -> Result<()> {
+        self.gpu.free(addr)
+    }
+    fn upload(&self, dst: u64, src: &[u8]) -> Result<()> {
+        self.gpu.upload(dst, src)
+    }
+    fn download(&self, src: u64, dst: &mut [u8]) -> Result<()> {
+        self.gpu.download(src, dst)
+    }
+    fn zero(&self, dst: u64, bytes: usize) -> Result<()> {
+        self.gpu.zero(dst, bytes)
+    }
+    fn gemm(&self, g: &Gemm) -> Result<()> {
+        self.gpu.gemm(g)
+    }
+    fn attention_warp_rows(&self) -> WarpRows {
+        self.rows
+    }
+}
+
 /// The tensor-core kernels, which differ in shared memory.
 #[derive(Clone, Copy)]
 enum TcKernel {
@@ -59,13 +123,23 @@ enum TcKernel {
     Key,
 }
 
-/// Rows (queries, or keys for the dK/dV kernel) per block of the tensor-core kernels: attention.cu's
-/// `BLOCK_ROWS<HS>`, two tiles of 16 per warp at head size 64, one at 128.
-fn tc_rows(hs: usize) -> usize {
-    if hs == 64 {
-        2 * TC_ROWS
-    } else {
-        TC_ROWS
+impl TcKernel {
+    fn name(self) -> &'static str {
+        match self {
+            TcKernel::Forward => "attention_forward",
+            TcKernel::Query => "attention_backward_query",
+            TcKernel::Key => "attention_backward_key",
+        }
+    }
+}
+
+/// The tensor-core kernels' shape at head size `hs` on `gpu`: the kernels' name infix (attention.cu's entry points)
+/// and the rows per block, attention.cu's `BLOCK_ROWS<MT>`: MT tiles of 16 rows a warp.
+fn tc_shape(gpu: &dyn Gpu, hs: usize) -> (&'static str, usize) {
+    match (hs, gpu.attention_warp_rows()) {
+        (64, WarpRows::ThirtyTwo) => ("", 2 * TC_ROWS),
+        (64, WarpRows::Sixteen) => ("_rows16", TC_ROWS),
+        _ => ("", TC_ROWS),
     }
 }
 
@@ -74,15 +148,15 @@ fn tensor_cores(x: Precision, hs: usize) -> bool {
     x == Precision::Bf16 && (hs == 64 || hs == 128)
 }
 
-/// Dynamic shared memory of a tensor-core kernel, laid out as attention.cu's `attention_tc` says, in 64 x
-/// (hs + 8) bf16 tiles: the forward's K and V double-buffered (the block's Q passes through the second
-/// buffer); in the backward the block's own two sides (Q and dO, or K and V), two tiles each at hs 64,
-/// then the other side's double-buffered, and in the dK/dV kernel 2 x 2 x 64 floats (a query tile's lse
-/// and D_i, double-buffered). At hs 64 / 128: forward 36 / 68 KiB, dQ kernel 72 / 102 KiB, dK/dV kernel
-/// 73 / 103 KiB.
-fn tc_shared_bytes(kernel: TcKernel, hs: usize) -> u32 {
+/// Dynamic shared memory of a tensor-core kernel with `rows` rows a block, laid out as attention.cu's `attention_tc`
+/// says, in 64 x (hs + 8) bf16 tiles: the forward's K and V double-buffered (the block's Q passes through the second
+/// buffer); in the backward the block's own two sides (Q and dO, or K and V), rows / 64 tiles each, then the other
+/// side's double-buffered, and in the dK/dV kernel 2 x 2 x 64 floats (a query tile's lse and D_i,
+/// double-buffered). At hs 64 (128 rows) / 128: forward 36 / 68 KiB, dQ kernel 72 / 102 KiB, dK/dV kernel 73 / 103
+/// KiB; at hs 64 with 64 rows, 36, 54 and 55 KiB.
+fn tc_shared_bytes(kernel: TcKernel, hs: usize, rows: usize) -> u32 {
     let tile = TC_ROWS * (hs + 8) * 2;
-    let backward = (2 * tc_rows(hs) / TC_ROWS + 4) * tile;
+    let backward = (2 * rows / TC_ROWS + 4) * tile;
     let bytes = match kernel {
         TcKernel::Forward => 4 * tile,
         TcKernel::Query => backward,
@@ -91,11 +165,12 @@ fn tc_shared_bytes(kernel: TcKernel, hs: usize) -> u32 {
     bytes as u32
 }
 
-/// Launches tensor-core kernel `kernel` at head size `hs`: a block per ([`tc_rows`] rows, b, h).
-#[allow(clippy::too_many_arguments)]
-fn launch_tc(gpu: &dyn Gpu, kernel: TcKernel, name: &str, hs: usize, b: usize, t: usize, n_head: usize, args: &[Arg]) -> Result<()> {
-    let grid = [t.div_ceil(tc_rows(hs)) as u32, (b * n_head) as u32, 1];
-    gpu.launch(name, grid, BLOCK, tc_shared_bytes(kernel, hs), args)
+/// Launches tensor-core kernel `kernel` (`{name}_tc_hs{hs}{infix}_bf16`, see [`tc_shape`]) at head size `hs`: a
+/// block per (rows of [`tc_shape`], b, h).
+fn launch_tc(gpu: &dyn Gpu, kernel: TcKernel, hs: usize, b: usize, t: usize, n_head: usize, args: &[Arg]) -> Result<()> {
+    let (infix, rows) = tc_shape(gpu, hs);
+    let grid = [t.div_ceil(rows) as u32, (b * n_head) as u32, 1];
+    gpu.launch(&format!("{}_tc_hs{hs}{infix}_bf16", kernel.name()), grid, BLOCK, tc_shared_bytes(kernel, hs, rows), args)
 }
 
 /// `out` (B, T, C) and `lse` (float, (B, NH, T), each query's log-sum-exp of its scaled scores,
@@ -128,7 +203,7 @@ pub fn forward(
         keep,
     ];
     if tensor_cores(x, hs) {
-        return launch_tc(gpu, TcKernel::Forward, &format!("attention_forward_tc_hs{hs}_bf16"), hs, b, t, n_head, &args);
+        return launch_tc(gpu, TcKernel::Forward, hs, b, t, n_head, &args);
     }
     gpu.launch(&x.kernel(&format!("attention_forward_hs{hs}")), grid(true, b, t, n_head, hs), BLOCK, 0, &args)
 }
@@ -184,8 +259,8 @@ pub fn backward(
     ];
     // The dQ kernel (which writes D_i), then the dK/dV kernel.
     if tensor_cores(x, hs) {
-        launch_tc(gpu, TcKernel::Query, &format!("attention_backward_query_tc_hs{hs}_bf16"), hs, b, t, n_head, &query)?;
-        return launch_tc(gpu, TcKernel::Key, &format!("attention_backward_key_tc_hs{hs}_bf16"), hs, b, t, n_head, &key);
+        launch_tc(gpu, TcKernel::Query, hs, b, t, n_head, &query)?;
+        return launch_tc(gpu, TcKernel::Key, hs, b, t, n_head, &key);
     }
     let grid = grid(false, b, t, n_head, hs);
     gpu.launch(&x.kernel(&format!("attention_backward_query_hs{hs}")), grid, BLOCK, 0, &query)?;

@@ -112,6 +112,11 @@ pub trait Gpu {
 
     /// The matrix product `g` describes, queued.
     fn gemm(&self, g: &Gemm) -> Result<()>;
+
+    /// Rows a warp of the tensor-core attention kernels owns at head size 64: see [`attention::WarpRows`].
+    fn attention_warp_rows(&self) -> attention::WarpRows {
+        attention::WarpRows::default()
+    }
 }
 
 /// Row-major `C` (m x n) = alpha op(A) op(B) + beta C + bias, op(A) m x k and op(B) k x n, every matrix
