@@ -9,8 +9,9 @@
 #   2. throughput at GPT-2 124M shapes (B=12, T=1024, bfloat16): torch_ref.py bench, then the fused CUDA step
 #      alone (examples/cuda_step_bench.rs: train_step_cuda.rs on the kernels above, then 3 more steps with every
 #      kernel and product timed by CUDA events, for the table of device time per kernel; again with the attention
-#      kernels at 16 rows a warp, NANOGPT_CUDA_ATTENTION_WARP_ROWS=16), then ours through the CLI (the engine's
-#      default, the fused step), then through candle's graph (NANOGPT_CUDA_STEP=graph);
+#      kernels at 16 rows a warp, NANOGPT_CUDA_ATTENTION_WARP_ROWS=16, and with cuDNN's attention,
+#      NANOGPT_CUDA_ATTENTION=cudnn), then ours through the CLI (the engine's default, the fused step), then through
+#      candle's graph (NANOGPT_CUDA_STEP=graph);
 #   3. per-phase profile of our step (data, forward, backward, optimizer), at 124M and shakespeare_char shapes (the
 #      latter again with the attention kernels at 16 rows a warp);
 #   4. sampling from a GPT-2 XL-shaped model (bench/sample.ts): torch_ref.py sample, then ours; tokens/s of each;
@@ -18,7 +19,8 @@
 #      of each;
 #   6. the tensor-core attention kernels under Nsight Compute (ncu), where the machine lets it read the counters.
 # It builds nothing: run `bash scripts/pack-gpu-check.sh` first and carry .gpu-check with the working tree. The
-# machine needs python3 with torch, the NVIDIA driver, and CUDA 13 libraries (cuBLAS, cuRAND, NVRTC; NCCL for the nccl phase).
+# machine needs python3 with torch, the NVIDIA driver, and CUDA 13 libraries (cuBLAS, cuRAND, NVRTC; NCCL for the nccl
+# phase; cuDNN 9 for cuDNN's attention, which torch's wheels bring).
 #
 # Usage: bash bench/gpu-check.sh      (from the repository root; logs under $OUT, default .gpu-check/out)
 #   TRAIN_ITERS=N   length of the shakespeare_char runs on both sides (default 2000; the recipe's is 5000)
@@ -45,9 +47,11 @@ app=$work/app
 node=$work/node/bin/node
 addon=$app/native/cuda/nanogpt.linux-x64-gnu.node
 
-# The driver's libcuda, the toolkit's cuBLAS/NVRTC, and cuRAND and NCCL from the torch wheels, wherever this machine has them.
+# The driver's libcuda, the toolkit's cuBLAS/NVRTC, and cuRAND, NCCL and cuDNN from the torch wheels, wherever this
+# machine has them.
+torch_nvidia=/opt/torch/.venv/lib/python3.12/site-packages/nvidia
 for dir in /usr/local/nvidia/lib64 /usr/local/cuda-13.0/targets/x86_64-linux/lib /usr/local/cuda/lib64 \
-  /opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib /opt/torch/.venv/lib/python3.12/site-packages/nvidia/nccl/lib; do
+  "$torch_nvidia/cu13/lib" "$torch_nvidia/nccl/lib" "$torch_nvidia/cudnn/lib"; do
   [ -d "$dir" ] && LD_LIBRARY_PATH=$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 done
 export LD_LIBRARY_PATH
@@ -120,6 +124,8 @@ phase torch_bench 180 python3 "$root/bench/torch_ref.py" bench "${shape[@]}" --p
 phase step_bench 90 "$app/bench/cuda_step_bench"
 # The same with the attention kernels at 16 rows a warp rather than 32 (kernels/cuda/attention.rs's WarpRows).
 phase step_bench_rows16 90 env NANOGPT_CUDA_ATTENTION_WARP_ROWS=16 "$app/bench/cuda_step_bench"
+# The same with cuDNN's fused attention (kernels/cuda/attention.rs's AttentionKernels).
+phase step_bench_cudnn 90 env NANOGPT_CUDA_ATTENTION=cudnn "$app/bench/cuda_step_bench"
 phase our_bench 120 "$node" "$app/dist/cli.mjs" bench "${shape[@]}" --device=cuda --dtype=bfloat16
 # The engine on candle's graph (NANOGPT_CUDA_STEP=graph) rather than the fused step, through the same CLI.
 phase graph_bench 180 env NANOGPT_CUDA_STEP=graph "$node" "$app/dist/cli.mjs" bench "${shape[@]}" --device=cuda --dtype=bfloat16
@@ -168,13 +174,14 @@ gib() { python3 -c "import sys
 try: print(f'{float(sys.argv[1]) / 2**30:.2f}')
 except Exception: print('n/a')" "$1"; }
 t_tok=$(result torch_bench tokens_per_s) o_tok=$(result our_bench tokens_per_s) f_tok=$(result step_bench tokens_per_s)
-f16_tok=$(result step_bench_rows16 tokens_per_s)
+f16_tok=$(result step_bench_rows16 tokens_per_s) fc_tok=$(result step_bench_cudnn tokens_per_s)
 g_tok=$(result graph_bench tokens_per_s)
 t_wall=$(result torch_train wall_s) t_best=$(result torch_train best_val)
 
 section "summary"
 echo "payload: commit $(cat "$app/COMMIT" 2>/dev/null || echo unknown); GPU: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -n1)"
-for name in unpack correctness kernels kernel_bench_ours kernel_bench_torch nccl torch_bench step_bench step_bench_rows16 our_bench \
+for name in unpack correctness kernels kernel_bench_ours kernel_bench_torch nccl torch_bench step_bench step_bench_rows16 \
+  step_bench_cudnn our_bench \
   graph_bench profile_124m prepare profile_char profile_char_rows16 sample_xl torch_train our_train ncu_attention; do
   printf '%-19s %s\n' "$name" "${status[$name]:-not run}"
 done
@@ -195,11 +202,11 @@ for name in list(ours) + [n for n in torch if n not in ours]:
 TABLE
 echo
 echo "device time per step by kernel, 3 profiled steps at 124M shapes: ours (the fused step, CUDA events around each"
-echo "launch, examples/cuda_step_bench.rs), and its attention kernels at 16 rows a warp; then PyTorch's (torch.profiler,"
-echo "torch_ref.py bench --profile=3):"
-python3 - "$out/step_bench.log" "$out/step_bench_rows16.log" "$out/torch_bench.log" <<'TABLE'
+echo "launch, examples/cuda_step_bench.rs), and its attention kernels at 16 rows a warp and on cuDNN; then PyTorch's"
+echo "(torch.profiler, torch_ref.py bench --profile=3):"
+python3 - "$out/step_bench.log" "$out/step_bench_rows16.log" "$out/step_bench_cudnn.log" "$out/torch_bench.log" <<'TABLE'
 import json, sys
-for side, log in zip(("ours", "ours, attention at 16 rows a warp", "torch"), sys.argv[1:]):
+for side, log in zip(("ours", "ours, attention at 16 rows a warp", "ours, attention on cuDNN", "torch"), sys.argv[1:]):
     try: lines = open(log).read().splitlines()
     except OSError: lines = []
     kernels = [json.loads(l[len("STEP_KERNEL "):]) for l in lines if l.startswith("STEP_KERNEL ")]
@@ -207,7 +214,7 @@ for side, log in zip(("ours", "ours, attention at 16 rows a warp", "torch"), sys
     if not kernels:
         print(f"  {side}: n/a (its bench did not run or printed no profile)")
         continue
-    attention_only = "16 rows" in side
+    attention_only = "attention " in side
     print(f"  {side}: {total:.2f} ms in all; " + ("its attention kernels:" if attention_only else "the largest:"))
     for k in [k for k in kernels if "attention" in k["name"]] if attention_only else kernels[:20]:
         print(f"    {k['name'][:70]:<70} {k['launches_per_step']:>5g} x {k['ms_per_step']:>8.3f} ms {100 * k['ms_per_step'] / total:>5.1f}%")
@@ -225,6 +232,7 @@ printf '%-34s %14s %14s %8s\n' "124M bench ms/iter" "$(result torch_bench ms_per
 printf '%-34s %14s %14s %8s\n' "124M bench peak memory GiB" "$(result torch_bench peak_mem_gb)" "$(gib "$(result our_bench peak_mem_bytes)")" ""
 printf '%-34s %14s %14s %8s\n' "124M fused step tokens/s" "${t_tok:-n/a}" "${f_tok:-n/a}" "$(ratio "$f_tok" "$t_tok")"
 printf '%-34s %14s %14s %8s\n' "  attention 16 rows a warp" "${t_tok:-n/a}" "${f16_tok:-n/a}" "$(ratio "$f16_tok" "$t_tok")"
+printf '%-34s %14s %14s %8s\n' "  attention on cuDNN" "${t_tok:-n/a}" "${fc_tok:-n/a}" "$(ratio "$fc_tok" "$t_tok")"
 printf '%-34s %14s %14s %8s\n' "124M bench, graph, tokens/s" "${t_tok:-n/a}" "${g_tok:-n/a}" "$(ratio "$g_tok" "$t_tok")"
 printf '%-34s %14s %14s %8s\n' "124M fused step MFU" "$(result torch_bench mfu_h100_989)" "$(result step_bench mfu)" ""
 printf '%-34s %14s %14s %8s\n' "124M fused step peak memory GiB" "$(result torch_bench peak_mem_gb)" "$(gib "$(result step_bench peak_mem_bytes)")" ""

@@ -10,6 +10,7 @@
 #   CUDA_COMPUTE_CAP   GPU architecture of the kernels, e.g. 90 (H100/H200), 89 (L4/4090), 80 (A100);
 #                      default: the first GPU's, from nvidia-smi, else 90
 #   CUDA_ROOT          toolkit to build with; default: the one scripts/setup-cuda.sh finds or installs
+#   NANOGPT_CUDNN_INCLUDE  cuDNN's and the cuDNN frontend's headers; default: scripts/setup-cuda.sh installs them
 #
 # It compiles for x86-64-v3 (AVX2), not for this machine's CPU, so that the addon runs on the GPU machine
 # too, and in target/cuda so that it does not rebuild the CPU addon's dependencies.
@@ -24,6 +25,9 @@ if [ "${1:-}" = --nccl ]; then
 fi
 if [ -z "${CUDA_ROOT:-}" ] || ! command -v nvcc >/dev/null 2>&1 || [ "$features" = nccl ]; then
   eval "$(bash scripts/setup-cuda.sh "${setup[@]}")"
+fi
+if [ -z "${NANOGPT_CUDNN_INCLUDE:-}" ]; then
+  eval "$(bash scripts/setup-cuda.sh --cudnn-headers)"
 fi
 if [ -z "${CUDA_COMPUTE_CAP:-}" ]; then
   CUDA_COMPUTE_CAP=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1 | tr -d '. ' || true)

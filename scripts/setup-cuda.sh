@@ -2,11 +2,13 @@
 # Makes a CUDA 13.0 toolkit available for building the CUDA engine (`npm run build:cuda`) on a machine
 # without one: when `nvcc` is not on PATH, installs NVIDIA's PyPI wheels (nvcc, headers, cuBLAS, cuRAND,
 # NVRTC, the runtime) into .cuda/ in the repository, and writes a link-time stand-in for the driver
-# library libcuda.so.1, which only comes with the NVIDIA driver. Running it again reuses what is there.
+# library libcuda.so.1, which only comes with the NVIDIA driver; and, with any toolkit, the headers of cuDNN and
+# of the cuDNN frontend into .cuda/cudnn/include. Running it again reuses what is there.
 #
 # Prints the environment to use, as lines that can be eval'd:
 #   eval "$(bash scripts/setup-cuda.sh)"
-#   eval "$(bash scripts/setup-cuda.sh --with-nccl)"   # also NCCL, for the `nccl` feature (npm run build:cuda:nccl)
+#   eval "$(bash scripts/setup-cuda.sh --with-nccl)"     # also NCCL, for the `nccl` feature (npm run build:cuda:nccl)
+#   eval "$(bash scripts/setup-cuda.sh --cudnn-headers)" # only the cuDNN headers (NANOGPT_CUDNN_INCLUDE)
 # Progress goes to stderr.
 set -euo pipefail
 
@@ -31,11 +33,46 @@ nccl_wheel() {
   echo "$lib"
 }
 
+# cuDNN's headers (those of 9.13: the attention asks libcudnn.so.9 for nothing newer) and the cuDNN frontend's
+# (header-only C++, 1.32), which kernels/cuda/attention_cudnn.cpp compiles against, from their wheels: only the
+# headers are kept, as the library is loaded at run time from the GPU machine's cuDNN. Prints their folder.
+cudnn_headers() {
+  local include=$prefix/cudnn/include
+  if [ ! -e "$include/cudnn.h" ] || [ ! -e "$include/cudnn_frontend.h" ]; then
+    log "installing the headers of nvidia-cudnn-cu13==9.13.0.50 and nvidia-cudnn-frontend==1.32.0 into $include"
+    local wheels
+    wheels=$(mktemp -d "${TMPDIR:-/tmp}/nanogpt-cudnn.XXXXXX")
+    python3 -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: --dest "$wheels" \
+      'nvidia-cudnn-cu13==9.13.0.50' 'nvidia-cudnn-frontend==1.32.0' >&2
+    mkdir -p "$include"
+    python3 - "$include" "$wheels"/*.whl <<'PY'
+import pathlib, sys, zipfile
+include = pathlib.Path(sys.argv[1])
+for wheel in sys.argv[2:]:
+    with zipfile.ZipFile(wheel) as z:
+        for name in z.namelist():
+            for folder in ("nvidia/cudnn/include/", "include/"):
+                if name.startswith(folder) and not name.endswith("/"):
+                    target = include / name[len(folder):]
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(z.read(name))
+PY
+    rm -rf "$wheels"
+  fi
+  echo "$include"
+}
+
+if [ "${1:-}" = --cudnn-headers ]; then
+  echo "export NANOGPT_CUDNN_INCLUDE=$(cudnn_headers)"
+  exit 0
+fi
+
 if command -v nvcc >/dev/null 2>&1 && [ -z "${FORCE_WHEELS:-}" ]; then
   nvcc_dir=$(dirname "$(command -v nvcc)")
   cuda_root=$(cd "$nvcc_dir/.." && pwd)
   log "using the toolkit of $(command -v nvcc)"
   echo "export CUDA_ROOT=$cuda_root"
+  echo "export NANOGPT_CUDNN_INCLUDE=$(cudnn_headers)"
   if [ -n "$with_nccl" ] && ! ldconfig -p 2>/dev/null | grep -q 'libnccl\.so '; then
     echo "export LIBRARY_PATH=$(nccl_wheel)\${LIBRARY_PATH:+:\$LIBRARY_PATH}"
   fi
@@ -100,6 +137,7 @@ fi
 
 "$cuda_root/bin/nvcc" --version | tail -n 2 | head -n 1 | sed 's/^/setup-cuda: nvcc: /' >&2
 echo "export CUDA_ROOT=$cuda_root"
+echo "export NANOGPT_CUDNN_INCLUDE=$(cudnn_headers)"
 echo "export PATH=$cuda_root/bin:\$PATH"
 echo "export LIBRARY_PATH=$cuda_root/lib64:$stubs\${LIBRARY_PATH:+:\$LIBRARY_PATH}"
 echo "export LD_LIBRARY_PATH=$cuda_root/lib64\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"

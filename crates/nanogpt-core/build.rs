@@ -2,8 +2,11 @@
 //! module with nvcc, which the engine embeds and loads at run time. nvcc is `$CUDA_ROOT/bin/nvcc` or the
 //! one on PATH (scripts/build-cuda.sh sets CUDA_ROOT); the PTX targets `compute_$CUDA_COMPUTE_CAP`
 //! (default 80, the first architecture with bf16 arithmetic), which the driver compiles for newer GPUs too.
+//! It also compiles src/kernels/cuda/attention_cudnn.cpp, cuDNN's attention, with the C++ compiler against the
+//! CUDA headers and those of cuDNN and the cuDNN frontend in `$NANOGPT_CUDNN_INCLUDE` (scripts/setup-cuda.sh
+//! installs them); it loads libcudnn.so.9 at run time, so nothing links cuDNN.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::{env, fs};
 
@@ -11,6 +14,7 @@ fn main() {
     println!("cargo:rerun-if-changed=src/kernels/cuda");
     println!("cargo:rerun-if-env-changed=CUDA_ROOT");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
+    println!("cargo:rerun-if-env-changed=NANOGPT_CUDNN_INCLUDE");
     if env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
@@ -42,4 +46,41 @@ fn main() {
     if !output.status.success() {
         panic!("nvcc failed to compile src/kernels/cuda/kernels.cu:\n{}", String::from_utf8_lossy(&output.stderr));
     }
+    compile_cudnn_attention(&nvcc);
+}
+
+fn compile_cudnn_attention(nvcc: &Path) {
+    let cudnn_include = env::var_os("NANOGPT_CUDNN_INCLUDE").map(PathBuf::from).unwrap_or_default();
+    if !cudnn_include.join("cudnn_frontend.h").exists() || !cudnn_include.join("cudnn.h").exists() {
+        panic!(
+            "NANOGPT_CUDNN_INCLUDE={}: no cudnn.h and cudnn_frontend.h there; run `eval \"$(bash scripts/setup-cuda.sh --cudnn-headers)\"`, or build with scripts/build-cuda.sh",
+            cudnn_include.display()
+        );
+    }
+    // cuda.h and cuda_runtime_api.h: beside nvcc's bin/, in the toolkit's include/.
+    let cuda_include = match nvcc.parent() {
+        Some(bin) if !bin.as_os_str().is_empty() => bin.join("../include"),
+        _ => which_nvcc_include(),
+    };
+    cc::Build::new()
+        .cpp(true)
+        .std("c++17")
+        .opt_level(2)
+        .file("src/kernels/cuda/attention_cudnn.cpp")
+        .include(&cuda_include)
+        .include(&cudnn_include)
+        .define("NV_CUDNN_FRONTEND_USE_DYNAMIC_LOADING", None)
+        .define("CUDNN_FRONTEND_SKIP_JSON_LIB", None)
+        // The frontend's headers are NVIDIA's; their warnings are not this crate's to fix.
+        .warnings(false)
+        .compile("nanogpt_cudnn_attention");
+}
+
+/// The include/ folder of the toolkit whose nvcc is on PATH.
+fn which_nvcc_include() -> PathBuf {
+    let path = env::var_os("PATH").unwrap_or_default();
+    env::split_paths(&path)
+        .find(|dir| dir.join("nvcc").is_file())
+        .map(|bin| bin.join("../include"))
+        .unwrap_or_else(|| panic!("no nvcc on PATH: set CUDA_ROOT to the CUDA toolkit, or run scripts/build-cuda.sh"))
 }

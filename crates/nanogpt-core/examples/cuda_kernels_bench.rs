@@ -5,9 +5,10 @@
 //! timed alone between two CUDA events, after a write of 512 MiB has evicted its inputs from L2, and each
 //! kernel prints the median as one line, `KERNEL {"name", "ms", "gbps", ["tflops"]}`: gbps counts the bytes
 //! the kernel must read and write at least, tflops (products and attention) its multiply-adds times two,
-//! attention's causal half only. At head size 64 the attention kernels are timed in both of their shapes
-//! (kernels::cuda::attention::WarpRows): the one the environment chose as `attention_fwd` and `attention_bwd`, the
-//! other with its rows a warp as a suffix (`attention_fwd_rows16`).
+//! attention's causal half only. Attention is timed as the environment chose as `attention_fwd` and
+//! `attention_bwd`; at head size 64 also the engine kernels' other shape (kernels::cuda::attention::WarpRows),
+//! with its rows a warp as a suffix (`attention_fwd_rows16`), and cuDNN's kernels as `attention_fwd_cudnn` and
+//! `attention_bwd_cudnn` where libcudnn.so.9 loads.
 //! `python3 bench/torch_ref.py kernels` times PyTorch's counterparts the same way and prints the same lines
 //! with the same names; bench/gpu-check.sh puts the two side by side.
 //!
@@ -28,6 +29,11 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 const X: Precision = Precision::Bf16;
+
+/// `kernels` with attention on `which`, at `warp_rows` rows a warp on the engine's kernels.
+fn with_attention(kernels: &Kernels, which: attention::AttentionKernels, warp_rows: attention::WarpRows) -> attention::WithAttention<'_> {
+    attention::WithAttention { gpu: kernels, kernels: which, warp_rows }
+}
 /// Bytes of one bf16 and of one float.
 const XB: usize = 2;
 const F32B: usize = 4;
@@ -292,7 +298,7 @@ fn run() -> Result<()> {
     timer.report("attention_bwd", 8 * n * c * XB + rows, Some(2.5 * forward_flops), &|k| {
         attention::backward(k, X, dqkv, dout, qkv, att, lse, delta, b, t, c, n_head, None)
     })?;
-    // At head size 64 the kernels' other shape (attention::WarpRows), whichever the environment chose above.
+    // At head size 64 the engine kernels' other shape (attention::WarpRows), whichever the environment chose above.
     if c / n_head == 64 {
         let other = match kernels.attention_warp_rows() {
             attention::WarpRows::ThirtyTwo => attention::WarpRows::Sixteen,
@@ -300,12 +306,28 @@ fn run() -> Result<()> {
         };
         let suffix = format!("rows{}", other.rows());
         timer.report(&format!("attention_fwd_{suffix}"), 4 * n * c * XB + rows, Some(forward_flops), &|k| {
-            attention::forward(&attention::WithWarpRows { gpu: k, rows: other }, X, att, lse, qkv, b, t, c, n_head, None)
+            let gpu = with_attention(k, attention::AttentionKernels::Engine, other);
+            attention::forward(&gpu, X, att, lse, qkv, b, t, c, n_head, None)
         })?;
         timer.report(&format!("attention_bwd_{suffix}"), 8 * n * c * XB + rows, Some(2.5 * forward_flops), &|k| {
-            let gpu = attention::WithWarpRows { gpu: k, rows: other };
+            let gpu = with_attention(k, attention::AttentionKernels::Engine, other);
             attention::backward(&gpu, X, dqkv, dout, qkv, att, lse, delta, b, t, c, n_head, None)
         })?;
+    }
+    // cuDNN's fused attention, where libcudnn.so.9 loads, whichever kernels the environment chose above.
+    let timed_cudnn = timer
+        .report("attention_fwd_cudnn", 4 * n * c * XB + rows, Some(forward_flops), &|k| {
+            let gpu = with_attention(k, attention::AttentionKernels::Cudnn, k.attention_warp_rows());
+            attention::forward(&gpu, X, att, lse, qkv, b, t, c, n_head, None)
+        })
+        .and_then(|()| {
+            timer.report("attention_bwd_cudnn", 8 * n * c * XB + rows, Some(2.5 * forward_flops), &|k| {
+                let gpu = with_attention(k, attention::AttentionKernels::Cudnn, k.attention_warp_rows());
+                attention::backward(&gpu, X, dqkv, dout, qkv, att, lse, delta, b, t, c, n_head, None)
+            })
+        });
+    if let Err(e) = timed_cudnn {
+        eprintln!("cuda_kernels_bench: cuDNN's attention not timed: {e}");
     }
 
     // The loss over (N, V) logits: each row's loss, its gradient over the logits in place, and their sum.

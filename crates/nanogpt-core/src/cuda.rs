@@ -142,6 +142,10 @@ pub struct Kernels {
     bias_fallback: std::sync::Mutex<Option<String>>,
     /// The attention kernels' shape at head size 64, from `NANOGPT_CUDA_ATTENTION_WARP_ROWS`.
     attention_warp_rows: crate::kernels::cuda::attention::WarpRows,
+    /// Whose kernels run attention in bf16 without dropout, from `NANOGPT_CUDA_ATTENTION`.
+    attention_kernels: crate::kernels::cuda::attention::AttentionKernels,
+    /// cuDNN, opened at its first use (at `new` when `attention_kernels` asks for it).
+    cudnn: std::sync::Mutex<Option<crate::cudnn::Cudnn>>,
 }
 
 /// A cuBLASLt handle and the workspace its kernels may use: 32 MiB, NVIDIA's figure for Hopper (cudarc's own
@@ -204,7 +208,7 @@ impl Kernels {
     const PTX: &'static str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
 
     pub fn new(device: &Device) -> Result<Self> {
-        Ok(Self {
+        let kernels = Self {
             device: device.as_cuda_device()?.clone(),
             functions: Default::default(),
             staging: Default::default(),
@@ -217,7 +221,24 @@ impl Kernels {
             },
             bias_fallback: Default::default(),
             attention_warp_rows: crate::kernels::cuda::attention::WarpRows::from_env()?,
-        })
+            attention_kernels: crate::kernels::cuda::attention::AttentionKernels::from_env()?,
+            cudnn: Default::default(),
+        };
+        // Where cuDNN was asked for, a machine without it stops here, before any work.
+        if kernels.attention_kernels == crate::kernels::cuda::attention::AttentionKernels::Cudnn {
+            kernels.with_cudnn(|_| Ok(()))?;
+        }
+        Ok(kernels)
+    }
+
+    /// Runs `f` on cuDNN, opened on the device's stream at the first call.
+    fn with_cudnn(&self, f: impl FnOnce(&mut crate::cudnn::Cudnn) -> Result<()>) -> Result<()> {
+        let stream = self.stream()?;
+        let mut cudnn = self.cudnn.lock().unwrap();
+        if cudnn.is_none() {
+            *cudnn = Some(crate::cudnn::Cudnn::open(stream)?);
+        }
+        f(cudnn.as_mut().unwrap())
     }
 
     /// Why the last product with a bias since the previous call added it with a kernel of its own rather than
@@ -302,6 +323,18 @@ impl Kernels {
 impl crate::kernels::cuda::Gpu for Kernels {
     fn attention_warp_rows(&self) -> crate::kernels::cuda::attention::WarpRows {
         self.attention_warp_rows
+    }
+
+    fn attention_kernels(&self) -> crate::kernels::cuda::attention::AttentionKernels {
+        self.attention_kernels
+    }
+
+    fn cudnn_attention(&self, call: &crate::kernels::cuda::attention::CudnnCall) -> Result<()> {
+        let name = match call {
+            crate::kernels::cuda::attention::CudnnCall::Forward { .. } => "attention_forward_cudnn",
+            crate::kernels::cuda::attention::CudnnCall::Backward { .. } => "attention_backward_cudnn",
+        };
+        self.with_cudnn(|cudnn| self.timed(|| name.to_string(), || cudnn.run(call)))
     }
 
     fn launch(&self, kernel: &str, grid: [u32; 3], block: [u32; 3], shared_bytes: u32, args: &[crate::kernels::cuda::Arg]) -> Result<()> {

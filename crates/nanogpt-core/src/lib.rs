@@ -6,6 +6,8 @@ pub mod collective;
 mod collective_nccl;
 pub mod cpu_ops;
 pub mod cuda;
+#[cfg(feature = "cuda")]
+mod cudnn;
 pub mod decode;
 pub mod decode_cuda;
 pub mod engine;

@@ -230,3 +230,80 @@ fn biases_are_added_in_cublaslt_epilogue() -> Result<()> {
     }
     Ok(())
 }
+
+/// cuDNN's attention (`NANOGPT_CUDA_ATTENTION=cudnn`) against the engine's kernels in bf16, at GPT-2's head size
+/// and at 128, over lengths that are no multiple of any tile: the same outputs, log-sum-exps and gradients, within
+/// bf16's rounding; and the engine's backward from cuDNN's forward, which the two sides' one lse allows.
+#[test]
+#[ignore = "needs a CUDA GPU and cuDNN 9"]
+fn cudnn_attention_matches_the_engine_kernels() -> Result<()> {
+    use std::sync::Arc;
+
+    use nanogpt_core::cuda::Kernels;
+    use nanogpt_core::kernels::cuda::attention::{self, AttentionKernels, WithAttention};
+    use nanogpt_core::kernels::cuda::{DeviceBuffer, Gpu, Precision};
+
+    let kernels = Arc::new(Kernels::new(&gpu())?);
+    let shared: Arc<dyn Gpu + Send + Sync> = kernels.clone();
+    let on = |which| WithAttention { gpu: &*kernels, kernels: which, warp_rows: kernels.attention_warp_rows() };
+    let (engine, cudnn) = (on(AttentionKernels::Engine), on(AttentionKernels::Cudnn));
+    let bf16_buffer = |values: &[f32]| -> Result<DeviceBuffer> {
+        let buffer = DeviceBuffer::zeroed(&shared, values.len() * 2)?;
+        buffer.upload_bytes(&values.iter().flat_map(|&v| half::bf16::from_f32(v).to_ne_bytes()).collect::<Vec<u8>>())?;
+        Ok(buffer)
+    };
+    let bf16_values = |buffer: &DeviceBuffer| -> Result<Vec<f32>> {
+        Ok(buffer.download_bytes()?.chunks_exact(2).map(|b| half::bf16::from_ne_bytes([b[0], b[1]]).to_f32()).collect())
+    };
+    // |got - want| over |want|, over the whole tensor.
+    let relative = |got: &[f32], want: &[f32]| -> f32 {
+        let diff: f32 = got.iter().zip(want).map(|(g, w)| (g - w) * (g - w)).sum();
+        (diff / want.iter().map(|w| w * w).sum::<f32>()).sqrt()
+    };
+    let mut rng = StdRng::seed_from_u64(17);
+    for (b, t, n_head, hs) in [(2, 300, 3, 64), (1, 129, 2, 128)] {
+        let c = n_head * hs;
+        let qkv = bf16_buffer(&(0..b * t * 3 * c).map(|_| rng.random_range(-1.0f32..1.0)).collect::<Vec<_>>())?;
+        let dout = bf16_buffer(&(0..b * t * c).map(|_| rng.random_range(-1.0f32..1.0)).collect::<Vec<_>>())?;
+        let delta = DeviceBuffer::zeroed(&shared, b * n_head * t * 4)?;
+        let pass = |gpu: &dyn Gpu, backward_gpu: &dyn Gpu| -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+            let out = DeviceBuffer::zeroed(&shared, b * t * c * 2)?;
+            let lse = DeviceBuffer::zeroed(&shared, b * n_head * t * 4)?;
+            let dqkv = DeviceBuffer::zeroed(&shared, b * t * 3 * c * 2)?;
+            attention::forward(gpu, Precision::Bf16, out.addr, lse.addr, qkv.addr, b, t, c, n_head, None)?;
+            attention::backward(
+                backward_gpu,
+                Precision::Bf16,
+                dqkv.addr,
+                dout.addr,
+                qkv.addr,
+                out.addr,
+                lse.addr,
+                delta.addr,
+                b,
+                t,
+                c,
+                n_head,
+                None,
+            )?;
+            Ok((bf16_values(&out)?, lse.download_f32()?, bf16_values(&dqkv)?))
+        };
+        let (want_out, want_lse, want_dqkv) = pass(&engine, &engine)?;
+        kernels.start_profile();
+        let (out, lse, dqkv) = pass(&cudnn, &cudnn)?;
+        let ran: Vec<String> = kernels.take_profile()?.into_iter().map(|k| k.name).collect();
+        assert_eq!(ran, ["attention_forward_cudnn", "attention_backward_cudnn"], "what ran where cuDNN was asked for");
+        let what = format!("B={b}, T={t}, n_head={n_head}, head size {hs}");
+        assert!(relative(&out, &want_out) < 1e-2, "{what}: out differs by {}", relative(&out, &want_out));
+        let lse_error = lse.iter().zip(&want_lse).map(|(g, w)| (g - w).abs()).fold(0.0f32, f32::max);
+        assert!(lse_error < 1e-2, "{what}: lse differs by up to {lse_error}");
+        assert!(relative(&dqkv, &want_dqkv) < 2e-2, "{what}: dqkv differs by {}", relative(&dqkv, &want_dqkv));
+        let (_, _, mixed_dqkv) = pass(&cudnn, &engine)?;
+        assert!(
+            relative(&mixed_dqkv, &want_dqkv) < 2e-2,
+            "{what}: the engine's backward from cuDNN's forward differs by {}",
+            relative(&mixed_dqkv, &want_dqkv)
+        );
+    }
+    Ok(())
+}

@@ -124,7 +124,7 @@ fn bf16_tensor_core_kernels_match_the_cpu_kernels_over_several_tiles() {
 #[test]
 fn bf16_tensor_core_kernels_with_16_rows_a_warp_match_the_cpu_kernels() {
     for gpu in [gpu(), gpu_landing_copies_early()] {
-        let gpu = cuda::WithWarpRows { gpu, rows: cuda::WarpRows::Sixteen };
+        let gpu = cuda::WithAttention { gpu, kernels: cuda::AttentionKernels::Engine, warp_rows: cuda::WarpRows::Sixteen };
         check_tensor_core_kernels(&gpu, &[(64, 150)]);
     }
 }
@@ -138,6 +138,22 @@ fn check_tensor_core_kernels(gpu: &dyn Gpu, head_sizes_and_lengths: &[(usize, us
         }
         check_on(gpu, Precision::Bf16, Case { b: 2, t: 70, n_head: 2, hs, dropout: Some(0.2), misaligned: false }, 1e-2);
     }
+}
+
+/// Asked for cuDNN, a GPU runs bf16 passes without dropout there and every other pass on the engine's kernels: the
+/// emulator has no cuDNN, so the first refuse and the others match the CPU kernels.
+#[test]
+fn only_bf16_passes_without_dropout_go_to_cudnn() {
+    let gpu = cuda::WithAttention { gpu: gpu(), kernels: cuda::AttentionKernels::Cudnn, warp_rows: cuda::WarpRows::ThirtyTwo };
+    let buffer = Buffer::f32(&[0.0]);
+    let a = buffer.addr();
+    let err = cuda::forward(&gpu, Precision::Bf16, a, a, a, 1, 4, 128, 2, None).unwrap_err();
+    assert!(err.to_string().contains("cuDNN attention"), "{err}");
+    let err = cuda::backward(&gpu, Precision::Bf16, a, a, a, a, a, a, 1, 4, 128, 2, None).unwrap_err();
+    assert!(err.to_string().contains("cuDNN attention"), "{err}");
+    let case = |dropout| Case { b: 1, t: 20, n_head: 2, hs: 64, dropout, misaligned: false };
+    check_on(&gpu, Precision::Bf16, case(Some(0.2)), 1e-2);
+    check_on(&gpu, Precision::F32, case(None), 1e-5);
 }
 
 #[test]

@@ -81,14 +81,45 @@ impl WarpRows {
     }
 }
 
-/// `gpu` itself, but for the attention kernels' shape at head size 64, which is `rows`: to compare the two shapes on
-/// one GPU, in one process.
-pub struct WithWarpRows<'a> {
-    pub gpu: &'a dyn Gpu,
-    pub rows: WarpRows,
+/// Which kernels run attention in bf16 without dropout on a CUDA device: the engine's (attention.cu) unless asked
+/// for cuDNN's (`NANOGPT_CUDA_ATTENTION=cudnn`). cuDNN draws dropout from a generator of its own, not the
+/// engine's counter-based one, so a pass with dropout runs on the engine's kernels either way; float32 too.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttentionKernels {
+    #[default]
+    Engine,
+    /// cuDNN's fused flash attention (its SDPA graphs), loaded from libcudnn.so.9 at the first use.
+    Cudnn,
 }
 
-impl Gpu for WithWarpRows<'_> {
+impl AttentionKernels {
+    /// The setting of `NANOGPT_CUDA_ATTENTION`, the engine's kernels where it is unset.
+    pub fn from_env() -> Result<Self> {
+        match std::env::var("NANOGPT_CUDA_ATTENTION").as_deref() {
+            Ok("engine") | Err(_) => Ok(AttentionKernels::Engine),
+            Ok("cudnn") => Ok(AttentionKernels::Cudnn),
+            Ok(other) => bail!("NANOGPT_CUDA_ATTENTION must be engine or cudnn, got `{other}`"),
+        }
+    }
+}
+
+/// One pass of causal attention for cuDNN, with the buffers and layouts of [`forward`] and [`backward`] (bf16
+/// activations, float lse), none of it with dropout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CudnnCall {
+    Forward { out: u64, lse: u64, qkv: u64, b: usize, t: usize, c: usize, n_head: usize },
+    Backward { dqkv: u64, dout: u64, qkv: u64, out: u64, lse: u64, b: usize, t: usize, c: usize, n_head: usize },
+}
+
+/// `gpu` itself, but with attention on `kernels` and, on the engine's tensor-core kernels at head size 64,
+/// `warp_rows` rows a warp: to compare them on one GPU, in one process.
+pub struct WithAttention<'a> {
+    pub gpu: &'a dyn Gpu,
+    pub kernels: AttentionKernels,
+    pub warp_rows: WarpRows,
+}
+
+impl Gpu for WithAttention<'_> {
     fn launch(&self, kernel: &str, grid: [u32; 3], block: [u32; 3], shared_bytes: u32, args: &[Arg]) -> Result<()> {
         self.gpu.launch(kernel, grid, block, shared_bytes, args)
     }
@@ -111,7 +142,13 @@ impl Gpu for WithWarpRows<'_> {
         self.gpu.gemm(g)
     }
     fn attention_warp_rows(&self) -> WarpRows {
-        self.rows
+        self.warp_rows
+    }
+    fn attention_kernels(&self) -> AttentionKernels {
+        self.kernels
+    }
+    fn cudnn_attention(&self, call: &CudnnCall) -> Result<()> {
+        self.gpu.cudnn_attention(call)
     }
 }
 
@@ -148,6 +185,11 @@ fn tensor_cores(x: Precision, hs: usize) -> bool {
     x == Precision::Bf16 && (hs == 64 || hs == 128)
 }
 
+/// Whether `gpu` runs this pass on cuDNN: see [`AttentionKernels`].
+fn on_cudnn(gpu: &dyn Gpu, x: Precision, dropout: Option<Mask>) -> bool {
+    x == Precision::Bf16 && dropout.is_none() && gpu.attention_kernels() == AttentionKernels::Cudnn
+}
+
 /// Dynamic shared memory of a tensor-core kernel with `rows` rows a block, laid out as attention.cu's `attention_tc`
 /// says, in 64 x (hs + 8) bf16 tiles: the forward's K and V double-buffered (the block's Q passes through the second
 /// buffer); in the backward the block's own two sides (Q and dO, or K and V), rows / 64 tiles each, then the other
@@ -175,7 +217,8 @@ fn launch_tc(gpu: &dyn Gpu, kernel: TcKernel, hs: usize, b: usize, t: usize, n_h
 
 /// `out` (B, T, C) and `lse` (float, (B, NH, T), each query's log-sum-exp of its scaled scores,
 /// kept for [`backward`]) from `qkv` (B, T, 3C): softmax(q kᵀ / sqrt(hs)) v per head, causal, with
-/// `dropout` (the Attention site's mask) on the attention weights. Both outputs are written.
+/// `dropout` (the Attention site's mask) on the attention weights. Both outputs are written. cuDNN's lse
+/// is the same quantity, so either side's forward feeds either side's backward.
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
     gpu: &dyn Gpu,
@@ -202,6 +245,9 @@ pub fn forward(
         threshold,
         keep,
     ];
+    if on_cudnn(gpu, x, dropout) {
+        return gpu.cudnn_attention(&CudnnCall::Forward { out, lse, qkv, b, t, c, n_head });
+    }
     if tensor_cores(x, hs) {
         return launch_tc(gpu, TcKernel::Forward, hs, b, t, n_head, &args);
     }
@@ -210,7 +256,7 @@ pub fn forward(
 
 /// `dqkv` (B, T, 3C), written in full, from `dout` (B, T, C), given the forward's `qkv`, `out`,
 /// `lse` and the same `dropout` mask. `delta_scratch` is float (B, NH, T): the first kernel writes
-/// each query's dout·out there (and dQ), the second reads it (and writes dK, dV).
+/// each query's dout·out there (and dQ), the second reads it (and writes dK, dV); cuDNN keeps its own.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     gpu: &dyn Gpu,
@@ -228,6 +274,9 @@ pub fn backward(
     dropout: Option<Mask>,
 ) -> Result<()> {
     let hs = head_size("attention backward", b, t, c, n_head)?;
+    if on_cudnn(gpu, x, dropout) {
+        return gpu.cudnn_attention(&CudnnCall::Backward { dqkv, dout, qkv, out, lse, b, t, c, n_head });
+    }
     let [stream, threshold, keep] = Arg::dropout(dropout);
     let (t_arg, c_arg, n_head_arg) = (Arg::I32(t as i32), Arg::I32(c as i32), Arg::I32(n_head as i32));
     let query = [

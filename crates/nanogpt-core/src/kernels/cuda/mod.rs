@@ -117,6 +117,16 @@ pub trait Gpu {
     fn attention_warp_rows(&self) -> attention::WarpRows {
         attention::WarpRows::default()
     }
+
+    /// Whose kernels run attention in bf16 without dropout: see [`attention::AttentionKernels`].
+    fn attention_kernels(&self) -> attention::AttentionKernels {
+        attention::AttentionKernels::default()
+    }
+
+    /// Queues `call` on cuDNN's fused attention kernels, which only a CUDA device has.
+    fn cudnn_attention(&self, call: &attention::CudnnCall) -> Result<()> {
+        bail!("cuDNN attention ({call:?}) runs on a CUDA device only; leave NANOGPT_CUDA_ATTENTION unset here")
+    }
 }
 
 /// Row-major `C` (m x n) = alpha op(A) op(B) + beta C + bias, op(A) m x k and op(B) k x n, every matrix
