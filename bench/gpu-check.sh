@@ -2,7 +2,8 @@
 # The CUDA engine on a GPU machine, against the CPU engine and against PyTorch (bench/torch_ref.py):
 #   1. correctness: logits, loss and gradients of a small model on CUDA vs CPU (float32/TF32 and bfloat16),
 #      and a few training steps in float32, bfloat16 and float16; the engine's CUDA kernels (kernels/cuda) against
-#      the CPU kernels they mirror, on the device (crates/nanogpt-core/tests/cuda_kernels); each kernel timed alone
+#      the CPU kernels they mirror, on the device (crates/nanogpt-core/tests/cuda_kernels), and the fused step's
+#      tests again with cuDNN's attention (NANOGPT_CUDA_ATTENTION=cudnn); each kernel timed alone
 #      at GPT-2 124M shapes in bfloat16 (examples/cuda_kernels_bench.rs), then PyTorch's counterparts
 #      (torch_ref.py kernels); then a run of one rank over NCCL (rendezvous on localhost) against the same run
 #      without it (crates/nanogpt-core/tests/nccl.rs);
@@ -98,7 +99,12 @@ print('' if v is None else v)"; }
 
 section "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader || echo "nvidia-smi failed"
-python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' || true
+python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())' || true
+echo "cuDNN and the CUDA runtime for cuDNN's attention (the addon opens them by these names, on LD_LIBRARY_PATH):"
+for lib in libcudnn.so.9 libcudart.so.13; do
+  found=$(IFS=:; for dir in $LD_LIBRARY_PATH; do [ -e "$dir/$lib" ] && { echo "$dir/$lib"; break; }; done)
+  echo "  $lib: ${found:-not found}"
+done
 echo "logs: $out"
 
 phase unpack 120 tar -C "$work" -xJf "$root/.gpu-check/payload.tar.xz" || { echo "cannot unpack the payload: run scripts/pack-gpu-check.sh"; exit 1; }
@@ -110,11 +116,20 @@ echo "NCCL of the nccl test:"
 ldd "$app/tests/nccl" | grep -E 'nccl|not found' || true
 
 # ---------------------------------------------------------------- 1. correctness
-phase correctness 150 "$app/tests/cuda" --ignored --nocapture --test-threads=1 \
+# Where our cuDNN graphs run, cuDNN logs its errors (cudnn-errors-PHASE.log), and in the correctness phase the frontend
+# also logs the graphs and plans it builds (level 10: without tensor dumps).
+phase correctness 150 env CUDNN_LOGLEVEL_DBG=1 CUDNN_LOGDEST_DBG="$out/cudnn-errors-correctness.log" \
+  CUDNN_FRONTEND_LOG_INFO=10 CUDNN_FRONTEND_LOG_FILE="$out/cudnn-frontend.log" \
+  "$app/tests/cuda" --ignored --nocapture --test-threads=1 \
   || { grep -q 'no usable GPU' "$out/correctness.log" && status[correctness]="failed: no usable GPU"; }
 phase kernels 35 env NANOGPT_TEST_DEVICE=cuda "$app/tests/cuda_kernels" --test-threads=1
+# The fused step against the CPU step again (losses and gradients, 10 training steps), with attention on cuDNN where
+# it takes it (bf16 without dropout).
+phase kernels_cudnn 35 env NANOGPT_TEST_DEVICE=cuda NANOGPT_CUDA_ATTENTION=cudnn CUDNN_LOGLEVEL_DBG=1 \
+  CUDNN_LOGDEST_DBG="$out/cudnn-errors-kernels_cudnn.log" "$app/tests/cuda_kernels" --test-threads=1 train_step::
 kernel_shape=(--n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --batch_size=12 --vocab_size=50304)
-phase kernel_bench_ours 25 "$app/bench/cuda_kernels_bench" "${kernel_shape[@]}"
+phase kernel_bench_ours 25 env CUDNN_LOGLEVEL_DBG=1 CUDNN_LOGDEST_DBG="$out/cudnn-errors-kernel_bench_ours.log" \
+  "$app/bench/cuda_kernels_bench" "${kernel_shape[@]}"
 phase kernel_bench_torch 30 python3 "$root/bench/torch_ref.py" kernels "${kernel_shape[@]}"
 phase nccl 120 "$app/tests/nccl" --ignored --nocapture --test-threads=1
 
@@ -125,7 +140,8 @@ phase step_bench 90 "$app/bench/cuda_step_bench"
 # The same with the attention kernels at 16 rows a warp rather than 32 (kernels/cuda/attention.rs's WarpRows).
 phase step_bench_rows16 90 env NANOGPT_CUDA_ATTENTION_WARP_ROWS=16 "$app/bench/cuda_step_bench"
 # The same with cuDNN's fused attention (kernels/cuda/attention.rs's AttentionKernels).
-phase step_bench_cudnn 90 env NANOGPT_CUDA_ATTENTION=cudnn "$app/bench/cuda_step_bench"
+phase step_bench_cudnn 90 env NANOGPT_CUDA_ATTENTION=cudnn CUDNN_LOGLEVEL_DBG=1 \
+  CUDNN_LOGDEST_DBG="$out/cudnn-errors-step_bench_cudnn.log" "$app/bench/cuda_step_bench"
 phase our_bench 120 "$node" "$app/dist/cli.mjs" bench "${shape[@]}" --device=cuda --dtype=bfloat16
 # The engine on candle's graph (NANOGPT_CUDA_STEP=graph) rather than the fused step, through the same CLI.
 phase graph_bench 180 env NANOGPT_CUDA_STEP=graph "$node" "$app/dist/cli.mjs" bench "${shape[@]}" --device=cuda --dtype=bfloat16
@@ -180,10 +196,14 @@ t_wall=$(result torch_train wall_s) t_best=$(result torch_train best_val)
 
 section "summary"
 echo "payload: commit $(cat "$app/COMMIT" 2>/dev/null || echo unknown); GPU: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -n1)"
-for name in unpack correctness kernels kernel_bench_ours kernel_bench_torch nccl torch_bench step_bench step_bench_rows16 \
+for name in unpack correctness kernels kernels_cudnn kernel_bench_ours kernel_bench_torch nccl torch_bench step_bench step_bench_rows16 \
   step_bench_cudnn our_bench \
   graph_bench profile_124m prepare profile_char profile_char_rows16 sample_xl torch_train our_train ncu_attention; do
   printf '%-19s %s\n' "$name" "${status[$name]:-not run}"
+done
+for log in "$out"/cudnn-errors-*.log; do
+  [ -s "$log" ] && echo "${log##*/}: $(wc -l < "$log") lines (candidates cuDNN's heuristics reject land there too); the first \
+error: $(grep -m1 -iE 'error|fail' "$log" | cut -c1-160)"
 done
 echo
 echo "kernels, one launch each at 124M shapes, bf16 (median ms; n/a: that side has no such kernel or did not run):"

@@ -1,7 +1,7 @@
 //! cuDNN's fused flash attention for the CUDA device's [`Gpu`](crate::kernels::cuda::Gpu): a safe face on
 //! kernels/cuda/attention_cudnn.cpp (compiled by build.rs), which builds cuDNN's SDPA graphs through the cuDNN
-//! frontend and loads libcudnn.so.9 at run time, so that the CUDA addon needs cuDNN only where it is asked for
-//! (`NANOGPT_CUDA_ATTENTION=cudnn`).
+//! frontend and loads libcudnn.so.9 and the CUDA runtime at run time, so that the CUDA addon needs cuDNN only where
+//! it is asked for (`NANOGPT_CUDA_ATTENTION=cudnn`).
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 
@@ -62,7 +62,8 @@ extern "C" {
 }
 
 /// What the user can do when cuDNN cannot run: said after the reason.
-const FIX: &str = "install cuDNN 9 (pip install nvidia-cudnn-cu13) with its lib/ on LD_LIBRARY_PATH, or unset NANOGPT_CUDA_ATTENTION";
+const FIX: &str = "install cuDNN 9 (pip install nvidia-cudnn-cu13) and put its lib/ and the CUDA runtime's (libcudart.so.13) on \
+                   LD_LIBRARY_PATH, or unset NANOGPT_CUDA_ATTENTION";
 
 /// Calls `f` with a buffer for the C side's reason, which becomes the error's one line.
 fn checked(what: &str, f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<()> {

@@ -4,8 +4,8 @@
 // transposed. cuDNN's "Stats" output is the same per-query log-sum-exp of the scaled scores that attention.cu's
 // kernels keep, so either side's forward can feed either side's backward.
 //
-// libcudnn.so.9 is opened at run time (the frontend's dynamic loading), by `nanogpt_cudnn_open` only: the CUDA
-// addon loads and runs its own kernels where cuDNN is not installed. The functions below return 0 on success,
+// libcudnn.so.9 and the CUDA runtime are opened at run time (the frontend's dynamic loading), by
+// `nanogpt_cudnn_open` only: the CUDA addon loads and runs its own kernels where cuDNN is not installed. The functions below return 0 on success,
 // else write a one-line reason into `error` and return 1; no C++ exception leaves them.
 
 #include <dlfcn.h>
@@ -178,6 +178,14 @@ int nanogpt_cudnn_open(void* stream, NanogptCudnn** out, char* error, size_t err
         fail(error, error_len, std::string("cannot load libcudnn.so.9 (") + (why ? why : "not found") + ")");
         return 1;
       }
+    }
+    // The frontend calls the CUDA runtime too (device properties, the workspace's memsets), through its own
+    // dlopen of libcudart; loading it here makes a missing runtime stop at device open, not at the first step.
+    try {
+      fe::detail::get_cuda_runtime_version();
+    } catch (const std::exception& e) {
+      fail(error, error_len, std::string("cannot load the CUDA runtime (libcudart.so.13 or .so.12) that cuDNN's frontend calls: ") + e.what());
+      return 1;
     }
     auto cudnn = std::make_unique<NanogptCudnn>();
     if (fe::detail::create_handle(&cudnn->handle) != CUDNN_STATUS_SUCCESS) {
