@@ -100,9 +100,10 @@ print('' if v is None else v)"; }
 section "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader || echo "nvidia-smi failed"
 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())' || true
-echo "cuDNN and the CUDA runtime for cuDNN's attention (the addon opens them by these names, on LD_LIBRARY_PATH):"
-for lib in libcudnn.so.9 libcudart.so.13; do
+echo "cuDNN and the CUDA runtime for cuDNN's attention, by the names the addon opens (its frontend takes .so.12 first):"
+for lib in libcudnn.so.9 libcudart.so.13 libcudart.so.12; do
   found=$(IFS=:; for dir in $LD_LIBRARY_PATH; do [ -e "$dir/$lib" ] && { echo "$dir/$lib"; break; }; done)
+  found=${found:-$(ldconfig -p 2>/dev/null | awk -v lib="$lib" '$1 == lib { print $NF; exit }')}
   echo "  $lib: ${found:-not found}"
 done
 echo "logs: $out"

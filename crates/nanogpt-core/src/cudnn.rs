@@ -65,15 +65,17 @@ extern "C" {
 const FIX: &str = "install cuDNN 9 (pip install nvidia-cudnn-cu13) and put its lib/ and the CUDA runtime's (libcudart.so.13) on \
                    LD_LIBRARY_PATH, or unset NANOGPT_CUDA_ATTENTION";
 
-/// Calls `f` with a buffer for the C side's reason, which becomes the error's one line.
+/// Calls `f` with a buffer for the C side's reason, which becomes the error's one line. The frontend puts the
+/// particulars (each candidate plan's failure) on the lines after its first, so the lines are joined.
 fn checked(what: &str, f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<()> {
-    let mut error = [0 as c_char; 512];
+    let mut error = vec![0 as c_char; 4096];
     if f(error.as_mut_ptr(), error.len()) == 0 {
         return Ok(());
     }
     // SAFETY: the C side writes a NUL-terminated string into the buffer (snprintf) before it returns 1.
     let reason = unsafe { CStr::from_ptr(error.as_ptr()) }.to_string_lossy();
-    let reason = reason.lines().next().unwrap_or("no reason given").trim();
+    let reason: Vec<&str> = reason.lines().map(str::trim).filter(|line| !line.is_empty()).collect();
+    let reason = if reason.is_empty() { "no reason given".to_string() } else { reason.join(" | ") };
     bail!("{what}: {reason}; {FIX}")
 }
 
@@ -164,7 +166,12 @@ impl Cudnn {
 
 impl Drop for Cudnn {
     fn drop(&mut self) {
-        // SAFETY: the handle and workspace are this struct's; failures leave them to the process's end.
+        // The plans own the kernels that work still queued may be running, and cuDNN's calls need the context
+        // current on whichever thread drops this. Failures leave the handle and memory to the process's end.
+        if self.stream.context().bind_to_thread().is_err() || self.stream.synchronize().is_err() {
+            return;
+        }
+        // SAFETY: the handle and workspace are this struct's, and no queued work uses them any more.
         unsafe {
             nanogpt_cudnn_close(self.handle);
             if self.workspace != 0 {

@@ -132,7 +132,9 @@ impl CudaDecoder {
         let tanh = self.args.gelu == Gelu::Tanh;
         // A prefill attends among its own positions only: the training step's flash attention does that at a
         // fraction of the cost of one block per query, which matters past block_size, where every token is one.
+        // The engine's kernels, never cuDNN's: cuDNN builds a plan for each shape, and prompts come in every length.
         let prefill_by_flash_attention = pos0 == 0 && t > 1 && attention::HEAD_SIZES.contains(&(c / nh));
+        let flash = attention::WithAttention { gpu, kernels: attention::AttentionKernels::Engine, warp_rows: gpu.attention_warp_rows() };
 
         // The new positions' rows of the position embedding start at pos0.
         let wpe = self.weight(&layout.wpe) + (pos0 * c * x.size_in_bytes()) as u64;
@@ -144,7 +146,7 @@ impl CudaDecoder {
             matmul::forward(gpu, x, self.qkv.addr, ln, w, bias, n, c, 3 * c)?;
             decode::append(gpu, x, &cache, l, self.qkv.addr, n, t, pos0)?;
             if prefill_by_flash_attention {
-                attention::forward(gpu, x, self.atty.addr, self.lse.addr, self.qkv.addr, b, t, c, nh, None)?;
+                attention::forward(&flash, x, self.atty.addr, self.lse.addr, self.qkv.addr, b, t, c, nh, None)?;
             } else {
                 decode::attend(gpu, x, self.atty.addr, self.qkv.addr, &cache, l, b, t, pos0, nh)?;
             }

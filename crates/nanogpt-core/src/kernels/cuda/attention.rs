@@ -83,7 +83,8 @@ impl WarpRows {
 
 /// Which kernels run attention in bf16 without dropout on a CUDA device: the engine's (attention.cu) unless asked
 /// for cuDNN's (`NANOGPT_CUDA_ATTENTION=cudnn`). cuDNN draws dropout from a generator of its own, not the
-/// engine's counter-based one, so a pass with dropout runs on the engine's kernels either way; float32 too.
+/// engine's counter-based one, so a pass with dropout runs on the engine's kernels either way; float32 too. cuDNN's
+/// backward adds up dQ in an order that varies from run to run, where the engine's kernels repeat bit for bit.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum AttentionKernels {
     #[default]
@@ -185,9 +186,13 @@ fn tensor_cores(x: Precision, hs: usize) -> bool {
     x == Precision::Bf16 && (hs == 64 || hs == 128)
 }
 
-/// Whether `gpu` runs this pass on cuDNN: see [`AttentionKernels`].
-fn on_cudnn(gpu: &dyn Gpu, x: Precision, dropout: Option<Mask>) -> bool {
-    x == Precision::Bf16 && dropout.is_none() && gpu.attention_kernels() == AttentionKernels::Cudnn
+/// Whether `gpu` runs this pass, over `buffers`, on cuDNN: see [`AttentionKernels`]. cuDNN refuses a tensor that
+/// does not start on 16 bytes, which the engine's kernels take (a slice of a larger buffer, say).
+fn on_cudnn(gpu: &dyn Gpu, x: Precision, dropout: Option<Mask>, buffers: &[u64]) -> bool {
+    x == Precision::Bf16
+        && dropout.is_none()
+        && gpu.attention_kernels() == AttentionKernels::Cudnn
+        && buffers.iter().all(|addr| addr.is_multiple_of(16))
 }
 
 /// Dynamic shared memory of a tensor-core kernel with `rows` rows a block, laid out as attention.cu's `attention_tc`
@@ -245,7 +250,7 @@ pub fn forward(
         threshold,
         keep,
     ];
-    if on_cudnn(gpu, x, dropout) {
+    if on_cudnn(gpu, x, dropout, &[out, lse, qkv]) {
         return gpu.cudnn_attention(&CudnnCall::Forward { out, lse, qkv, b, t, c, n_head });
     }
     if tensor_cores(x, hs) {
@@ -274,7 +279,7 @@ pub fn backward(
     dropout: Option<Mask>,
 ) -> Result<()> {
     let hs = head_size("attention backward", b, t, c, n_head)?;
-    if on_cudnn(gpu, x, dropout) {
+    if on_cudnn(gpu, x, dropout, &[dqkv, dout, qkv, out, lse]) {
         return gpu.cudnn_attention(&CudnnCall::Backward { dqkv, dout, qkv, out, lse, b, t, c, n_head });
     }
     let [stream, threshold, keep] = Arg::dropout(dropout);

@@ -188,13 +188,13 @@ int nanogpt_cudnn_open(void* stream, NanogptCudnn** out, char* error, size_t err
       return 1;
     }
     auto cudnn = std::make_unique<NanogptCudnn>();
-    if (fe::detail::create_handle(&cudnn->handle) != CUDNN_STATUS_SUCCESS) {
-      fail(error, error_len, "cudnnCreate failed: no usable GPU for cuDNN in this process");
+    if (const auto status = fe::detail::create_handle(&cudnn->handle); status != CUDNN_STATUS_SUCCESS) {
+      fail(error, error_len, "cudnnCreate failed (cudnnStatus_t " + std::to_string(status) + "): no usable GPU for cuDNN in this process");
       return 1;
     }
-    if (fe::detail::set_stream(cudnn->handle, static_cast<cudaStream_t>(stream)) != CUDNN_STATUS_SUCCESS) {
+    if (const auto status = fe::detail::set_stream(cudnn->handle, static_cast<cudaStream_t>(stream)); status != CUDNN_STATUS_SUCCESS) {
       fe::detail::destroy_handle(cudnn->handle);
-      fail(error, error_len, "cudnnSetStream failed");
+      fail(error, error_len, "cudnnSetStream failed (cudnnStatus_t " + std::to_string(status) + ")");
       return 1;
     }
     *out = cudnn.release();
