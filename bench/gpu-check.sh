@@ -102,7 +102,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv
 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())' || true
 echo "cuDNN and the CUDA runtime for cuDNN's attention, by the names the addon opens (its frontend takes .so.12 first):"
 for lib in libcudnn.so.9 libcudart.so.13 libcudart.so.12; do
-  found=$(IFS=:; for dir in $LD_LIBRARY_PATH; do [ -e "$dir/$lib" ] && { echo "$dir/$lib"; break; }; done)
+  found=$(IFS=:; for dir in ${LD_LIBRARY_PATH:-}; do [ -e "$dir/$lib" ] && { echo "$dir/$lib"; break; }; done)
   found=${found:-$(ldconfig -p 2>/dev/null | awk -v lib="$lib" '$1 == lib { print $NF; exit }')}
   echo "  $lib: ${found:-not found}"
 done
