@@ -2,6 +2,7 @@ import { describe, expect, it } from 'vitest';
 import { parseBenchArgs, runBench, type BenchEngine } from '../ts/bench.ts';
 import { benchDefaults } from '../ts/config.ts';
 import { Engine } from '../ts/engine.ts';
+import { UserError } from '../ts/errors.ts';
 
 const tiny = { n_layer: 1, n_head: 2, n_embd: 32, block_size: 16, batch_size: 2, vocab_size: 64, warmup: 1, iters: 2 };
 
@@ -28,6 +29,23 @@ describe('bench', () => {
     expect(result.peak_mem_bytes).toBeNull();
     expect(Number.isFinite(result.loss)).toBe(true);
     expect(lines.some((l) => l.startsWith('time per iteration:'))).toBe(true);
+  });
+
+  it('says in one line what the engine refuses: a shape, phase timing on the WebAssembly engine', () => {
+    const refusal = (options: Parameters<typeof runBench>[0]) => {
+      try {
+        runBench(options, Engine.create, () => {});
+      } catch (err) {
+        expect(err).toBeInstanceOf(UserError);
+        expect((err as Error).message).not.toContain('\n');
+        return (err as Error).message;
+      }
+      throw new Error('the bench ran');
+    };
+    expect(refusal({ ...tiny, n_embd: 33, device: 'cpu', dtype: 'float32' })).toMatch(/^cannot create the model: n_embd \(33\).*n_head/);
+    expect(refusal({ ...tiny, device: 'cpu', engine: 'wasm', dtype: 'float32', profile: true })).toMatch(
+      /^cannot profile: .*--engine=native/,
+    );
   });
 
   it("sets the engine's precision and averages its phase times when profiling", () => {

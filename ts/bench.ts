@@ -5,7 +5,7 @@ import { join } from 'node:path';
 import { BatchLoader, type Batch } from './data.ts';
 import { benchDefaults, type BenchOptions } from './config.ts';
 import { Engine, engineChoices, type Dtype, type EngineChoice, type ModelArgs, type PhaseTimes } from './engine.ts';
-import { UserError } from './errors.ts';
+import { explainedByEngine, UserError } from './errors.ts';
 import { flopsPerIter, gpuName, peakFlops } from './mfu.ts';
 import { Rng } from './rng.ts';
 
@@ -56,8 +56,8 @@ export function runBench(
     bias: o.bias,
     dropout: 0,
   };
-  const engine = createEngine(args, o.seed, o.device, o.engine);
-  engine.setPrecision(o.dtype);
+  const engine = explainedByEngine('cannot create the model', () => createEngine(args, o.seed, o.device, o.engine));
+  explainedByEngine(`cannot compute in ${o.dtype}`, () => engine.setPrecision(o.dtype));
   // bench.py's optimizer: AdamW(lr 1e-4, weight decay 1e-2, betas 0.9/0.95), no clipping, no schedule.
   engine.configureOptimizer({ weight_decay: 1e-2, beta1: 0.9, beta2: 0.95, grad_clip: 0 });
   const lr = 1e-4;
@@ -86,7 +86,7 @@ export function runBench(
   sync();
   const warmupS = (performance.now() - t0) / 1000;
 
-  if (o.profile) engine.setProfiling(true);
+  if (o.profile) explainedByEngine('cannot profile', () => engine.setProfiling(true));
   dataMs = 0;
   t0 = performance.now();
   for (let i = 0; i < o.iters; i++) oneStep(true);

@@ -11,3 +11,16 @@ export function firstLine(err: unknown): string {
   const message = err instanceof Error ? err.message : String(err);
   return message.split('\n')[0].trim();
 }
+
+/**
+ * Runs `action`, whose failures the engine explains in its first line (not built, no CUDA, a bad shape, a setting
+ * it does not have): any error but a UserError becomes one, `what` and that line, so that the CLI prints one line.
+ */
+export function explainedByEngine<T>(what: string, action: () => T): T {
+  try {
+    return action();
+  } catch (err) {
+    if (err instanceof UserError) throw err;
+    throw new UserError(`${what}: ${firstLine(err)}`);
+  }
+}

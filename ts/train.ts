@@ -7,7 +7,7 @@ import { noEffectNotes, resolveConfig, trainSchema, type TrainConfig } from './c
 import { BatchLoader, readMeta } from './data.ts';
 import { checkDataParallel } from './distributed.ts';
 import { Engine, lrAt, type Dtype, type EngineChoice, type ModelArgs } from './engine.ts';
-import { firstLine, UserError } from './errors.ts';
+import { explainedByEngine, UserError } from './errors.ts';
 import { gpt2Models, loadHfModel } from './pretrained.ts';
 import { formatMfu, flopsPerIter, gpuName, MfuMeter, peakFlops } from './mfu.ts';
 import { launchRanks } from './ranks.ts';
@@ -90,7 +90,7 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
     if (config.init_from === 'scratch') {
       info('Initializing a new model from scratch');
       if (!meta) info('defaulting to vocab_size of GPT-2 to 50304 (50257 rounded up for efficiency)');
-      engine = createEngine(() => Engine.create(modelArgs, seed, device, config.engine as EngineChoice));
+      engine = explainedByEngine('cannot create the model', () => Engine.create(modelArgs, seed, device, config.engine as EngineChoice));
     } else if (config.init_from === 'resume') {
       info(`Resuming training from ${config.out_dir}`);
       const checkpoint = readCheckpointInfo(config.out_dir);
@@ -277,16 +277,6 @@ function checkTrainConfig(config: TrainConfig): void {
   const positive = ['eval_interval', 'log_interval', 'eval_iters', 'gradient_accumulation_steps', 'batch_size', 'block_size'] as const;
   for (const key of positive) {
     if (config[key] < 1) throw new UserError(`${key} must be at least 1, got ${config[key]}`);
-  }
-}
-
-/** Model creation fails for reasons the engine explains (not built, no CUDA, bad shape); keep that to one line. */
-function createEngine(create: () => Engine): Engine {
-  try {
-    return create();
-  } catch (err) {
-    if (err instanceof UserError) throw err;
-    throw new UserError(`cannot create the model: ${firstLine(err)}`);
   }
 }
 
