@@ -20,9 +20,11 @@ describe('bench', () => {
     expect(() => parseBenchArgs(['--dtype=float64'])).toThrow(/dtype/);
   });
 
-  it('times training steps of the CPU engine', () => {
+  it('times training steps of the CPU engine, in float32 whatever dtype says', () => {
     const lines: string[] = [];
-    const result = runBench({ ...tiny, device: 'cpu', dtype: 'float32' }, Engine.create, (line) => lines.push(line));
+    const result = runBench({ ...tiny, device: 'cpu', dtype: 'bfloat16' }, Engine.create, (line) => lines.push(line));
+    expect(result.dtype).toBe('float32');
+    expect(lines).toContain('note: dtype=bfloat16 has no effect on cpu: the engine computes in float32');
     expect(result.ms_per_iter).toBeGreaterThan(0);
     expect(result.tokens_per_s).toBeGreaterThan(0);
     expect(result.mfu).toBeNull();
@@ -61,7 +63,7 @@ describe('bench', () => {
       setProfiling: (on) => calls.push(`profiling ${on}`),
       phaseTimes: () => ({ data_ms: 1, forward_ms: 2, backward_ms: 4, optimizer_ms: 1 }),
     };
-    const result = runBench({ ...tiny, device: 'cpu', profile: true }, () => engine, () => {});
+    const result = runBench({ ...tiny, device: 'cuda', profile: true }, () => engine, () => {});
     expect(calls[0]).toBe('precision bfloat16');
     expect(calls).toContain('profiling true');
     expect(result.peak_mem_bytes).toBe(2048);

@@ -3,7 +3,7 @@
 // running GPU's peak, and peak device memory. The engine does all the work; this file only drives and times it.
 import { join } from 'node:path';
 import { BatchLoader, type Batch } from './data.ts';
-import { benchDefaults, type BenchOptions } from './config.ts';
+import { benchDefaults, noEffectNotes, type BenchOptions } from './config.ts';
 import { Engine, engineChoices, type Dtype, type EngineChoice, type ModelArgs, type PhaseTimes } from './engine.ts';
 import { explainedByEngine, UserError } from './errors.ts';
 import { flopsPerIter, gpuName, peakFlops } from './mfu.ts';
@@ -57,7 +57,10 @@ export function runBench(
     dropout: 0,
   };
   const engine = explainedByEngine('cannot create the model', () => createEngine(args, o.seed, o.device, o.engine));
-  explainedByEngine(`cannot compute in ${o.dtype}`, () => engine.setPrecision(o.dtype));
+  // The CPU engines compute in float32 whatever dtype says, as in train (bench.py's default is bfloat16).
+  const dtype = o.device === 'cpu' ? 'float32' : o.dtype;
+  for (const note of noEffectNotes({ ...o, compile: false }, options)) log(note);
+  if (o.device !== 'cpu') explainedByEngine(`cannot compute in ${o.dtype}`, () => engine.setPrecision(o.dtype));
   // bench.py's optimizer: AdamW(lr 1e-4, weight decay 1e-2, betas 0.9/0.95), no clipping, no schedule.
   engine.configureOptimizer({ weight_decay: 1e-2, beta1: 0.9, beta2: 0.95, grad_clip: 0 });
   const lr = 1e-4;
@@ -102,7 +105,7 @@ export function runBench(
   const result: BenchResult = {
     device: o.device,
     gpu,
-    dtype: o.dtype,
+    dtype,
     n_params: nParams,
     batch_size: o.batch_size,
     block_size: o.block_size,
