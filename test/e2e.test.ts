@@ -154,6 +154,12 @@ describe('nanogpt-rs end to end', () => {
     expect(result.stderr).toBe('error: character "é" (U+00E9) is not in the 65-character vocabulary of this model; remove it from the prompt\n');
   });
 
+  it('asks for at least one sample', () => {
+    const result = run('sample', '--out_dir=out-tiny', '--num_samples=0');
+    expect(result.status).toBe(1);
+    expect(result.stderr).toBe('error: num_samples must be at least 1, got 0\n');
+  });
+
   it('reports a corrupt checkpoint in one line', () => {
     const dir = join(work, 'out-broken');
     mkdirSync(dir);
@@ -214,6 +220,14 @@ describe('nanogpt-rs end to end', () => {
     const missing = runWith(env, 'sample', '--init_from=gpt2-xl');
     expect(missing.status).toBe(1);
     expect(missing.stderr).toMatch(/^error: gpt2-xl is not in the Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading it; put config.json and model.safetensors from .+ into .+\n$/);
+  });
+
+  it('names the datasets it can prepare', () => {
+    const result = run('prepare', 'shakespeare-char');
+    expect(result.status).toBe(1);
+    expect(result.stderr).toBe(
+      "error: nanogpt-rs cannot prepare dataset 'shakespeare-char'; available: shakespeare_char, shakespeare, openwebtext, text (your own files: prepare text --name=NAME FILE...)\n",
+    );
   });
 
   it('reports an unknown key before doing any work', () => {

@@ -41,7 +41,11 @@ program
       }
       await prepareCorpus({ ...corpus, name: options.name, files, tokenizer: options.tokenizer });
     } else {
-      const { prepare } = await import('./data.ts');
+      const { prepare, preparableDatasets } = await import('./data.ts');
+      if (!preparableDatasets.includes(dataset)) {
+        const known = [...preparableDatasets, 'openwebtext', 'text (your own files: prepare text --name=NAME FILE...)'];
+        throw new UserError(`nanogpt-rs cannot prepare dataset '${dataset}'; available: ${known.join(', ')}`);
+      }
       await prepare(dataset, { dataDir: options.data_dir });
     }
   });

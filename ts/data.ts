@@ -43,11 +43,14 @@ const preparers: Record<string, (dir: string, log: (line: string) => void) => Pr
   shakespeare: prepareShakespeare,
 };
 
+/** The datasets `prepare` builds from their raw text (corpus.ts prepares OpenWebText and the user's own files). */
+export const preparableDatasets = Object.keys(preparers);
+
 /** Builds `<dataDir>/<dataset>/` from its raw text, like nanoGPT's `data/<dataset>/prepare.py`. */
 export async function prepare(dataset: string, options: PrepareOptions = {}): Promise<PrepareResult> {
   const preparer = preparers[dataset];
   if (!preparer) {
-    throw new UserError(`nanogpt-rs cannot prepare dataset '${dataset}' yet; available: ${Object.keys(preparers).join(', ')}`);
+    throw new UserError(`nanogpt-rs cannot prepare dataset '${dataset}' yet; available: ${preparableDatasets.join(', ')}`);
   }
   const dir = join(options.dataDir ?? 'data', dataset);
   mkdirSync(dir, { recursive: true });

@@ -59,6 +59,7 @@ async function openSampling(overrides: Partial<SampleConfig>, options: SampleOpt
   const config = resolveConfig(sampleSchema, overrides);
   const log = options.onLog ?? (() => {});
   for (const note of noEffectNotes(config, overrides)) log(note);
+  if (config.num_samples < 1) throw new UserError(`num_samples must be at least 1, got ${config.num_samples}`);
   if (config.temperature <= 0) {
     throw new UserError(`temperature must be above 0 (there is no greedy mode), got ${config.temperature}; try --temperature=0.1`);
   }
