@@ -146,6 +146,8 @@ pub struct Kernels {
     attention_kernels: crate::kernels::cuda::attention::AttentionKernels,
     /// cuDNN, opened at its first use (at `new` when `attention_kernels` asks for it).
     cudnn: std::sync::Mutex<Option<crate::cudnn::Cudnn>>,
+    /// The device's opt-in limit of dynamic shared memory per block.
+    max_shared_bytes: u32,
 }
 
 /// A cuBLASLt handle and the workspace its kernels may use: 32 MiB, NVIDIA's figure for Hopper (cudarc's own
@@ -208,8 +210,14 @@ impl Kernels {
     const PTX: &'static str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
 
     pub fn new(device: &Device) -> Result<Self> {
+        let device = device.as_cuda_device()?.clone();
+        let max_shared_bytes = device
+            .cuda_stream()
+            .context()
+            .attribute(driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(driver_error)? as u32;
         let kernels = Self {
-            device: device.as_cuda_device()?.clone(),
+            device,
             functions: Default::default(),
             staging: Default::default(),
             profile: Default::default(),
@@ -223,6 +231,7 @@ impl Kernels {
             attention_warp_rows: crate::kernels::cuda::attention::WarpRows::from_env()?,
             attention_kernels: crate::kernels::cuda::attention::AttentionKernels::from_env()?,
             cudnn: Default::default(),
+            max_shared_bytes,
         };
         // Where cuDNN was asked for, a machine without it stops here, before any work.
         if kernels.attention_kernels == crate::kernels::cuda::attention::AttentionKernels::Cudnn {
@@ -321,6 +330,10 @@ impl Kernels {
 
 #[cfg(feature = "cuda")]
 impl crate::kernels::cuda::Gpu for Kernels {
+    fn max_shared_bytes(&self) -> u32 {
+        self.max_shared_bytes
+    }
+
     fn attention_warp_rows(&self) -> crate::kernels::cuda::attention::WarpRows {
         self.attention_warp_rows
     }
@@ -558,6 +571,11 @@ impl Kernels {
         use cudarc::cublaslt::sys::{
             cublasLtEpilogue_t, cublasLtMatmulDescAttributes_t as Desc, cublasLtMatmulPreferenceAttributes_t as Pref, cudaDataType_t,
         };
+        // The epilogue may read the bias with vector loads, and no preference states its alignment: a bias that
+        // does not start on 16 bytes (a model whose widths are not multiples of 8) goes to bias.cu's kernel.
+        if !bias.is_multiple_of(16) {
+            candle_core::bail!("the bias at {bias:#x} does not start on 16 bytes");
+        }
 
         let failed =
             |what: &str, e: lt::CublasError| candle_core::Error::Msg(format!("cuBLASLt {what} m={} n={} k={}: {e}", g.m, g.n, g.k));
@@ -611,6 +629,16 @@ impl Kernels {
         }
         let preference = LtDescriptor(lt::create_matmul_pref().map_err(|e| failed("preference", e))?, lt::destroy_matmul_pref);
         let workspace_bytes = BLAS_LT_WORKSPACE;
+        // cuBLASLt chooses among algorithms for operands on 256 bytes unless told how they are aligned, and one that
+        // reads an operand on fewer with wide loads faults on the device, after the call, losing the context. The
+        // tensors of the flat buffers start wherever the ones before them end.
+        let alignment = |addr: u64| -> u32 { 1 << addr.trailing_zeros().min(8) };
+        let alignments = [
+            (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, alignment(cm.a)),
+            (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, alignment(cm.b)),
+            (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, alignment(cm.c)),
+            (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, alignment(cm.c)),
+        ];
         // SAFETY: as above; the algorithm found fits the workspace it is given below.
         unsafe {
             lt::set_matmul_pref_attribute(
@@ -620,6 +648,10 @@ impl Kernels {
                 std::mem::size_of::<usize>(),
             )
             .map_err(|e| failed("preference", e))?;
+            for (attr, bytes) in alignments {
+                lt::set_matmul_pref_attribute(preference.0, attr, &bytes as *const u32 as *const _, std::mem::size_of::<u32>())
+                    .map_err(|e| failed("preference", e))?;
+            }
             let heuristic = lt::get_matmul_algo_heuristic(*handle, desc.0, a_layout.0, b_layout.0, c_layout.0, c_layout.0, preference.0)
                 .map_err(|e| failed("algorithm search", e))?;
             // SAFETY: the caller's a, b, c and bias hold what `g` describes; alpha and beta are host f32s (the

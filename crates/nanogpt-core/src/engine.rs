@@ -241,6 +241,7 @@ pub fn device(name: &str, seed: u64) -> Result<Device> {
         "cuda" => cuda::open(0, seed),
         other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
             Some(Ok(ordinal)) => cuda::open(ordinal, seed),
+            _ if other == "mps" => candle_core::bail!("device `mps` (Apple's Metal) has no engine here; use --device=cpu"),
             _ => candle_core::bail!("unknown device `{other}`: use cpu, cuda or cuda:N"),
         },
     }

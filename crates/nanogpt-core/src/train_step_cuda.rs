@@ -22,7 +22,7 @@ use candle_core::{bail, Result};
 
 use crate::kernels::adamw::AdamWUpdate;
 use crate::kernels::cuda::adamw::{self, Clip, DeviceTensorTable, FlatBuffers, TensorTable, GRAD_NORM_PARTIALS};
-use crate::kernels::cuda::{attention, bias, classifier, encoder, gelu, layernorm, matmul, DeviceBuffer, Gpu, Precision};
+use crate::kernels::cuda::{attention, bias, check_model, classifier, encoder, gelu, layernorm, matmul, DeviceBuffer, Gpu, Precision};
 use crate::kernels::dropout::{DropoutKey, Mask, Site};
 use crate::model::{Gelu, ModelArgs};
 use crate::optim::OptimizerArgs;
@@ -176,6 +176,7 @@ impl CudaTrainStep {
     /// Uploads `params` (the flat f32 buffer of [`ParamLayout::new`]`(args)`) to `gpu`, with zeroed
     /// gradients and AdamW moments.
     pub fn new(gpu: SharedGpu, args: &ModelArgs, x: Precision, params: &[f32]) -> Result<Self> {
+        check_model(&*gpu, args, x)?;
         let layout = ParamLayout::new(args);
         if params.len() != layout.len {
             bail!("the model has {} parameters but {} values were given", layout.len, params.len());

@@ -529,3 +529,10 @@ fn cpu_decoder_samples_what_the_candle_model_samples() -> Result<()> {
     assert_eq!(streamed, batch);
     Ok(())
 }
+
+#[test]
+fn devices_it_has_no_engine_for_are_refused_with_the_fix() {
+    let refusal = |name: &str| Engine::new(&tiny(false, 0.0, Gelu::Tanh), 0, name).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(refusal("mps").starts_with("device `mps` (Apple's Metal) has no engine here; use --device=cpu"), "{}", refusal("mps"));
+    assert!(refusal("tpu").starts_with("unknown device `tpu`: use cpu, cuda or cuda:N"), "{}", refusal("tpu"));
+}

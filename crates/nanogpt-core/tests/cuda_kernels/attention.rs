@@ -4,8 +4,9 @@
 use nanogpt_core::kernels::attention;
 use nanogpt_core::kernels::cuda::{attention as cuda, Gpu, Precision};
 use nanogpt_core::kernels::dropout::{DropoutKey, Mask, Site};
+use nanogpt_core::model::{Gelu, ModelArgs};
 
-use crate::gpu::{assert_close, from_bf16, gpu, gpu_landing_copies_early, random, to_bf16, Buffer};
+use crate::gpu::{assert_close, from_bf16, gpu, gpu_landing_copies_early, gpu_with_shared_limit, random, to_bf16, Buffer};
 
 /// Values the kernels can hold exactly in precision `x`.
 fn representable(x: Precision, values: Vec<f32>) -> Vec<f32> {
@@ -163,5 +164,38 @@ fn unsupported_head_sizes_are_refused() {
     let err = cuda::forward(gpu(), Precision::F32, buffer.addr(), buffer.addr(), buffer.addr(), 1, 4, 48, 2, None).unwrap_err();
     assert!(err.to_string().contains("no CUDA kernel for head size 24"), "{err}");
     let err = cuda::backward(gpu(), Precision::F32, 0, 0, 0, 0, 0, 0, 1, 4, 50, 3, None).unwrap_err();
-    assert!(err.to_string().contains("n_head must divide C=50"), "{err}");
+    assert!(err.to_string().contains("n_head=3 must be positive and divide C=50"), "{err}");
+}
+
+/// A GPU with 99 KiB of shared memory a block (compute capability 8.6, 8.9, 12.0) has no room for the bf16 backward
+/// kernels at head size 128: the fused step refuses the model when it is set up, naming the ways out.
+#[test]
+fn a_model_whose_kernels_need_more_shared_memory_than_the_gpu_has_is_refused_at_set_up() {
+    let model = |n_embd, n_head| ModelArgs {
+        n_layer: 1,
+        n_head,
+        n_embd,
+        block_size: 8,
+        vocab_size: 11,
+        bias: false,
+        dropout: 0.0,
+        gelu: Gelu::Erf,
+    };
+    let check = nanogpt_core::kernels::cuda::check_model;
+    let small = gpu_with_shared_limit(99 * 1024);
+    let err = check(&small, &model(256, 2), Precision::Bf16).unwrap_err().to_string();
+    assert!(err.contains("bfloat16 attention at head size 128 needs 102 KiB of shared memory a block"), "{err}");
+    assert!(err.contains("more than this GPU's 99 KiB; choose n_head so that C / n_head is 64"), "{err}");
+    assert!(err.ends_with("or train on candle's graph instead: NANOGPT_CUDA_STEP=graph"), "{err}");
+    check(&small, &model(256, 4), Precision::Bf16).unwrap();
+    check(&small, &model(256, 2), Precision::F32).unwrap();
+    check(&gpu_with_shared_limit(227 * 1024), &model(256, 2), Precision::Bf16).unwrap();
+    let on_cudnn = cuda::WithAttention { gpu: &small, kernels: cuda::AttentionKernels::Cudnn, warp_rows: cuda::WarpRows::default() };
+    check(&on_cudnn, &model(256, 2), Precision::Bf16).unwrap();
+    let with_dropout = ModelArgs { dropout: 0.1, ..model(256, 2) };
+    assert!(check(&on_cudnn, &with_dropout, Precision::Bf16).is_err());
+    let err = check(&small, &model(96, 1), Precision::F32).unwrap_err().to_string();
+    assert!(err.contains("no CUDA kernel for head size 96"), "{err}");
+    let err = check(&small, &model(8192, 64), Precision::F32).unwrap_err().to_string();
+    assert!(err.contains("C = 8192 is more than"), "{err}");
 }

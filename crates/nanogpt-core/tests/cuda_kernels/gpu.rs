@@ -21,6 +21,8 @@ struct Emulated {
     allocations: Arc<Mutex<BTreeMap<u64, Layout>>>,
     /// When the kernels' asynchronous copies land.
     landing: CopyLanding,
+    /// A smaller shared-memory limit than the launcher's, to stand for a smaller GPU.
+    shared_limit: Option<u32>,
 }
 
 /// Alignment of the emulator's allocations: cudaMalloc's, ample for 128-bit loads.
@@ -87,6 +89,11 @@ impl Gpu for Emulated {
         // and the tests pass addresses inside live allocations of the sizes the kernel reads and writes.
         unsafe { cuda_on_cpu::launch_landing(kernel, grid, block, shared_bytes, &mut params, self.landing) }
             .map_err(candle_core::Error::Msg)
+    }
+
+    // The emulator's launcher refuses more than a Hopper GPU's limit.
+    fn max_shared_bytes(&self) -> u32 {
+        self.shared_limit.unwrap_or(227 * 1024)
     }
 
     fn alloc(&self, bytes: usize) -> Result<u64> {
@@ -186,9 +193,14 @@ pub fn gpu_landing_copies_early() -> &'static dyn Gpu {
     EARLY
         .get_or_init(|| match on_cuda_device() {
             true => shared().clone(),
-            false => Arc::new(Emulated { allocations: emulator().allocations.clone(), landing: CopyLanding::Early }),
+            false => Arc::new(Emulated { allocations: emulator().allocations.clone(), landing: CopyLanding::Early, shared_limit: None }),
         })
         .as_ref()
+}
+
+/// An emulated GPU that allows a block `limit` bytes of shared memory, for checks that launch nothing.
+pub fn gpu_with_shared_limit(limit: u32) -> impl Gpu {
+    Emulated { shared_limit: Some(limit), ..Default::default() }
 }
 
 /// Where the tests run, chosen once per test process.

@@ -22,17 +22,42 @@ fn rows_per_block(forward: bool, hs: usize) -> u32 {
 
 /// The head size, after checking that the shape has kernels and fits their grid and indices.
 fn head_size(what: &str, b: usize, t: usize, c: usize, n_head: usize) -> Result<usize> {
-    if b == 0 || t == 0 || n_head == 0 || !c.is_multiple_of(n_head) {
-        bail!("{what}: B={b}, T={t} and n_head={n_head} must be positive, and n_head must divide C={c}");
+    if b == 0 || t == 0 {
+        bail!("{what}: B={b} and T={t} must be positive");
+    }
+    let hs = kernel_head_size(what, c, n_head)?;
+    if b * n_head > 65_535 || b * t * 3 * c > i32::MAX as usize {
+        bail!("{what}: B={b} x n_head={n_head} must be at most 65535 and B*T*3C below 2^31 (B={b}, T={t}, C={c}); use smaller batches");
+    }
+    Ok(hs)
+}
+
+/// The head size of `n_head` heads in `c` channels, checked to have kernels.
+fn kernel_head_size(what: &str, c: usize, n_head: usize) -> Result<usize> {
+    if n_head == 0 || !c.is_multiple_of(n_head) {
+        bail!("{what}: n_head={n_head} must be positive and divide C={c}");
     }
     let hs = c / n_head;
     if !HEAD_SIZES.contains(&hs) {
         bail!("{what}: no CUDA kernel for head size {hs} (C={c} / n_head={n_head}); choose n_head so that C / n_head is 16, 32, 64 or 128");
     }
-    if b * n_head > 65_535 || b * t * 3 * c > i32::MAX as usize {
-        bail!("{what}: B={b} x n_head={n_head} must be at most 65535 and B*T*3C below 2^31 (B={b}, T={t}, C={c}); use smaller batches");
-    }
     Ok(hs)
+}
+
+/// Checks that `gpu` runs attention over `c` channels in `n_head` heads in precision `x`, with or without `dropout`:
+/// kernels for the head size, and on the tensor cores, room for their tiles in a block's shared memory. Where cuDNN
+/// runs the passes instead (bf16 without dropout, when asked for), a launch that still falls to the tensor-core
+/// kernels checks them then.
+pub fn check_model(gpu: &dyn Gpu, x: Precision, c: usize, n_head: usize, dropout: bool) -> Result<()> {
+    let hs = kernel_head_size("attention", c, n_head)?;
+    let on_cudnn = gpu.attention_kernels() == AttentionKernels::Cudnn && !dropout;
+    if tensor_cores(x, hs) && !on_cudnn {
+        let (_, rows) = tc_shape(gpu, hs);
+        for kernel in [TcKernel::Forward, TcKernel::Query, TcKernel::Key] {
+            tc_shared_bytes_on(gpu, kernel, hs, rows)?;
+        }
+    }
+    Ok(())
 }
 
 /// A block per (tile of rows, b, h): the tiles of one (b, h) share its K and V (or Q and dout) through
@@ -142,6 +167,9 @@ impl Gpu for WithAttention<'_> {
     fn gemm(&self, g: &Gemm) -> Result<()> {
         self.gpu.gemm(g)
     }
+    fn max_shared_bytes(&self) -> u32 {
+        self.gpu.max_shared_bytes()
+    }
     fn attention_warp_rows(&self) -> WarpRows {
         self.warp_rows
     }
@@ -212,12 +240,29 @@ fn tc_shared_bytes(kernel: TcKernel, hs: usize, rows: usize) -> u32 {
     bytes as u32
 }
 
+/// [`tc_shared_bytes`], checked to fit a block of `gpu`: at head size 128 the backward kernels' 102 and 103 KiB
+/// exceed the 99 KiB of GPUs of compute capability 8.6, 8.9 and 12.0, where the driver's refusal would say only
+/// "invalid value".
+fn tc_shared_bytes_on(gpu: &dyn Gpu, kernel: TcKernel, hs: usize, rows: usize) -> Result<u32> {
+    let bytes = tc_shared_bytes(kernel, hs, rows);
+    let limit = gpu.max_shared_bytes();
+    if bytes > limit {
+        bail!(
+            "bfloat16 attention at head size {hs} needs {} KiB of shared memory a block ({}), more than this GPU's {} KiB; choose n_head so that C / n_head is 64",
+            bytes.div_ceil(1024),
+            kernel.name(),
+            limit / 1024
+        );
+    }
+    Ok(bytes)
+}
+
 /// Launches tensor-core kernel `kernel` (`{name}_tc_hs{hs}{infix}_bf16`, see [`tc_shape`]) at head size `hs`: a
 /// block per (rows of [`tc_shape`], b, h).
 fn launch_tc(gpu: &dyn Gpu, kernel: TcKernel, hs: usize, b: usize, t: usize, n_head: usize, args: &[Arg]) -> Result<()> {
     let (infix, rows) = tc_shape(gpu, hs);
     let grid = [t.div_ceil(rows) as u32, (b * n_head) as u32, 1];
-    gpu.launch(&format!("{}_tc_hs{hs}{infix}_bf16", kernel.name()), grid, BLOCK, tc_shared_bytes(kernel, hs, rows), args)
+    gpu.launch(&format!("{}_tc_hs{hs}{infix}_bf16", kernel.name()), grid, BLOCK, tc_shared_bytes_on(gpu, kernel, hs, rows)?, args)
 }
 
 /// `out` (B, T, C) and `lse` (float, (B, NH, T), each query's log-sum-exp of its scaled scores,

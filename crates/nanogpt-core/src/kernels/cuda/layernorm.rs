@@ -22,6 +22,11 @@ fn check(what: &str, n: usize, c: usize) -> Result<[Arg; 2]> {
     }
 }
 
+/// Checks that LayerNorm's kernels take `c` channels.
+pub fn check_channels(c: usize) -> Result<()> {
+    backward_launch(c).map(|_| ())
+}
+
 /// Block and shared memory of the backward kernel: each warp sums its rows' terms of dweight and dbias in
 /// 2 x C floats of shared memory; 8 warps a block, fewer where 8 would not fit in 48 KiB.
 fn backward_launch(c: usize) -> Result<([u32; 3], u32)> {

@@ -113,6 +113,9 @@ pub trait Gpu {
     /// The matrix product `g` describes, queued.
     fn gemm(&self, g: &Gemm) -> Result<()>;
 
+    /// The most dynamic shared memory a block may ask for (the device's opt-in limit per block).
+    fn max_shared_bytes(&self) -> u32;
+
     /// Rows a warp of the tensor-core attention kernels owns at head size 64: see [`attention::WarpRows`].
     fn attention_warp_rows(&self) -> attention::WarpRows {
         attention::WarpRows::default()
@@ -258,4 +261,13 @@ impl Drop for DeviceBuffer {
 /// Blocks of `block` threads to cover `n` items, one per thread.
 pub fn blocks_for(n: usize, block: u32) -> u32 {
     n.div_ceil(block as usize) as u32
+}
+
+/// Checks that the fused step has kernels for `args` in precision `x` on `gpu` (a head size with attention kernels
+/// whose shared memory fits the GPU, LayerNorm's channels), so that a shape without them stops at set-up rather than
+/// at the first step, with the way out: candle's graph runs any shape.
+pub fn check_model(gpu: &dyn Gpu, args: &crate::model::ModelArgs, x: Precision) -> Result<()> {
+    attention::check_model(gpu, x, args.n_embd, args.n_head, args.dropout > 0.0)
+        .and_then(|()| layernorm::check_channels(args.n_embd))
+        .map_err(|e| candle_core::Error::Msg(format!("{e}; or train on candle's graph instead: NANOGPT_CUDA_STEP=graph")))
 }
