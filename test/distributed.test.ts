@@ -222,7 +222,7 @@ describe.skipIf(!canRun)('data-parallel training on two ranks (mpirun)', () => {
     const trained = run('train', 'per-rank.js', ...tiny, '--nproc_per_node=2', '--gradient_accumulation_steps=2', '--max_iters=2', '--eval_interval=2');
     expect(trained.stderr).toBe('');
     expect(trained.status).toBe(0);
-    expect(readdirSync(join(work, 'out-rank0')).sort()).toEqual(['ckpt.json', 'log.jsonl', 'model.safetensors', 'optimizer.safetensors']);
+    expect(readdirSync(join(work, 'out-rank0')).sort()).toEqual(['ckpt.json', 'log.jsonl', 'meta.json', 'model.safetensors', 'optimizer.safetensors']);
     expect(existsSync(join(work, 'out-rank1'))).toBe(false);
     expect(trained.stdout.match(/^iter 1: /gm)).toHaveLength(1);
     expect(trained.stdout.match(/^step 2: /gm)).toHaveLength(1);
@@ -279,8 +279,8 @@ describe.skipIf(!canRun)('data-parallel training on two ranks (mpirun)', () => {
       expect(job.stderr()).toBe('');
       expect(status).toBe(130);
       const stdout = job.stdout();
-      expect(stdout.match(/^interrupted: stopping after this step and saving a checkpoint/gm)).toHaveLength(1);
-      const stopped = /^stopped at iteration (\d+); resume with --init_from=resume --out_dir=out-stop$/m.exec(stdout);
+      expect(stdout.match(/^interrupted: stopping and saving a checkpoint/gm)).toHaveLength(1);
+      const stopped = /^stopped at iteration (\d+); the checkpoint in out-stop resumes at iteration \d+: run the same command with --init_from=resume$/m.exec(stdout);
       expect(stopped).not.toBeNull();
       expect(stdout.match(/^stopped at iteration/gm)).toHaveLength(1);
       const last = Number(stopped![1]);
@@ -328,8 +328,8 @@ describe.skipIf(!canRun)('data-parallel training on two ranks (mpirun)', () => {
       expect(job.stderr()).toBe('');
       expect(status).toBe(0);
       const stdout = job.stdout();
-      expect(stdout.match(/^interrupted: stopping after this step and saving a checkpoint/gm)).toHaveLength(1);
-      const stopped = /^stopped at iteration (\d+); resume with --init_from=resume --out_dir=out-stop-one$/m.exec(stdout);
+      expect(stdout.match(/^interrupted: stopping and saving a checkpoint/gm)).toHaveLength(1);
+      const stopped = /^stopped at iteration (\d+); the checkpoint in out-stop-one resumes at iteration \d+: run the same command with --init_from=resume$/m.exec(stdout);
       expect(stopped).not.toBeNull();
       expect(JSON.parse(readFileSync(join(work, 'out-stop-one', 'ckpt.json'), 'utf8')).iter_num).toBe(Number(stopped![1]) + 1);
       expect(await leftBehind(marker)).toEqual([]);

@@ -1,7 +1,7 @@
 // The CLI as a user runs it, on a tiny model: prepare, train, resume, sample. Needs the native engine
 // (`npm run build:native`); without it these tests fail rather than skip, so CI cannot pass by accident.
 import { spawn, spawnSync } from 'node:child_process';
-import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -136,7 +136,7 @@ describe('nanogpt-rs end to end', () => {
   it('samples text, each sample followed by dashes: what the library samples for the same seed', async () => {
     const result = run('sample', '--out_dir=out-tiny', '--start=ROMEO:', '--num_samples=2', '--max_new_tokens=40');
     expect(result.stderr).toBe('');
-    const [settings, body] = result.stdout.split('Loading meta from data/shakespeare_char/meta.json...\n');
+    const [settings, body] = result.stdout.split('Loading meta from out-tiny/meta.json...\n');
     expect(settings).toContain('Overriding: start = ROMEO:');
     const samples = body.split('---------------\n');
     expect(samples).toHaveLength(3);
@@ -154,10 +154,33 @@ describe('nanogpt-rs end to end', () => {
     expect(result.stderr).toBe('error: character "é" (U+00E9) is not in the 65-character vocabulary of this model; remove it from the prompt\n');
   });
 
-  it('asks for at least one sample', () => {
+  it('asks for at least one sample, and for no fewer than 0 new tokens', () => {
     const result = run('sample', '--out_dir=out-tiny', '--num_samples=0');
     expect(result.status).toBe(1);
     expect(result.stderr).toBe('error: num_samples must be at least 1, got 0\n');
+    const negative = run('sample', '--out_dir=out-tiny', '--max_new_tokens=-1');
+    expect(negative.status).toBe(1);
+    expect(negative.stderr).toBe('error: max_new_tokens must be a whole number of at least 0, got -1\n');
+  });
+
+  it("samples a checkpoint away from its data with the vocabulary it carries, and asks for data_dir when it has none", () => {
+    const away = join(work, 'elsewhere');
+    mkdirSync(away, { recursive: true });
+    const outDir = join(work, 'out-tiny');
+    const moved = spawnSync(process.execPath, [cli, 'sample', `--out_dir=${outDir}`, '--num_samples=1', '--max_new_tokens=5'], { cwd: away, encoding: 'utf8' });
+    expect(moved.stderr).toBe('');
+    expect(moved.stdout).toContain(`Loading meta from ${join(outDir, 'meta.json')}...`);
+
+    const bare = join(work, 'out-no-vocabulary');
+    mkdirSync(bare);
+    for (const file of ['ckpt.json', 'model.safetensors']) copyFileSync(join(outDir, file), join(bare, file));
+    const result = run('sample', '--out_dir=out-no-vocabulary', '--data_dir=nowhere');
+    expect(result.status).toBe(1);
+    expect(result.stderr).toBe(
+      "error: the model's vocabulary has 65 tokens, fewer than GPT-2's, and neither out-no-vocabulary nor nowhere/shakespeare_char holds it (meta.json or meta.pkl); point --data_dir at the data it was trained on\n",
+    );
+    // Without --data_dir, the one it was trained with.
+    expect(run('sample', '--out_dir=out-no-vocabulary', '--num_samples=1', '--max_new_tokens=5').stdout).toContain('Loading meta from data/shakespeare_char/meta.json...');
   });
 
   it('reports a corrupt checkpoint in one line', () => {
@@ -240,9 +263,10 @@ describe('nanogpt-rs end to end', () => {
 describe('Ctrl-C during train', () => {
   const endless = (outDir: string) => ['train', ...tiny, `--out_dir=${outDir}`, '--max_iters=100000', '--eval_interval=100000', '--eval_iters=1', '--log_interval=1'];
 
-  it('writes a checkpoint at the end of the current step and exits', async () => {
+  it('writes a checkpoint at the end of the current step, prints the command that resumes it and exits', async () => {
     let sent = false;
-    const result = await runWatching(endless('out-int'), (child, stdout) => {
+    const args = endless('out-int');
+    const result = await runWatching(args, (child, stdout) => {
       if (!sent && /^iter 3: /m.test(stdout)) {
         sent = true;
         child.kill('SIGINT');
@@ -250,26 +274,35 @@ describe('Ctrl-C during train', () => {
     });
     expect(result.stderr).toBe('');
     expect(result.status).toBe(130);
-    expect(result.stdout).toContain('interrupted: stopping after this step and saving a checkpoint');
+    expect(result.stdout).toContain('interrupted: stopping and saving a checkpoint (Ctrl-C again to quit now)');
     expect(result.stdout).toContain('saving checkpoint to out-int');
-    const last = Number(/^stopped at iteration (\d+); resume with --init_from=resume --out_dir=out-int$/m.exec(result.stdout)![1]);
+    const stopped = /^stopped at iteration (\d+); the checkpoint in out-int resumes at iteration (\d+): (.*)$/m.exec(result.stdout)!;
+    const last = Number(stopped[1]);
     expect(last).toBeGreaterThanOrEqual(3);
+    expect(Number(stopped[2])).toBe(last + 1);
+    expect(stopped[3]).toBe(`nanogpt-rs ${args.join(' ')} --init_from=resume`);
     expect(result.stdout).toMatch(new RegExp(`^iter ${last}: `, 'm'));
     expect(JSON.parse(readFileSync(join(work, 'out-int', 'ckpt.json'), 'utf8')).iter_num).toBe(last + 1);
   });
 
-  it('a second Ctrl-C exits at once, without a checkpoint', async () => {
-    const sent: string[] = [];
-    // A model whose checkpoint takes a while to write, so that the second Ctrl-C lands during the save.
-    const large = ['--n_layer=8', '--n_head=8', '--n_embd=512', '--block_size=32', '--batch_size=1', '--engine=native'];
+  it('a second Ctrl-C quits, even when both arrive during one call into the engine', async () => {
+    let sent = false;
+    // After its set-up lines the process evaluates, one call into the engine per batch, and these batches take a
+    // while (about 100 GFLOP each): two signals 20 ms apart land inside the first call, where the process sees
+    // neither until it returns. (Sent at once, the system would merge them into one.)
+    const large = ['--n_layer=8', '--n_head=8', '--n_embd=512', '--block_size=128', '--batch_size=16', '--engine=native'];
     const result = await runWatching([...endless('out-int2'), ...large], (child, stdout) => {
-      if (sent.length === 0 && /^iter 1: /m.test(stdout)) sent.push(String(child.kill('SIGINT')));
-      if (sent.length === 1 && stdout.includes('interrupted: stopping after this step')) sent.push(String(child.kill('SIGINT')));
+      if (!sent && /^num non-decayed parameter tensors/m.test(stdout)) {
+        sent = true;
+        child.kill('SIGINT');
+        setTimeout(() => child.kill('SIGINT'), 20);
+      }
     });
-    expect(sent).toEqual(['true', 'true']);
-    expect(result.signal).toBe('SIGINT');
+    expect(result.stderr).toBe('');
+    expect(result.status).toBe(130);
+    expect(result.stdout).toContain('interrupted: stopping and saving a checkpoint (Ctrl-C again to quit now)');
+    expect(result.stdout).not.toContain('step 0:');
     expect(result.stdout).not.toContain('stopped at iteration');
-    expect(existsSync(join(work, 'out-int2', 'ckpt.json'))).toBe(false);
   });
 });
 
@@ -301,6 +334,99 @@ describe('library API', () => {
     expect(events.map((e) => e.message)).toContain('Initializing a new model from scratch');
     expect(events.at(-1)!.message).toBe(`saving checkpoint to ${outDir}`);
     expect(JSON.parse(readFileSync(join(outDir, 'ckpt.json'), 'utf8')).iter_num).toBe(4);
+  });
+
+  const small = { data_dir: join(work, 'data'), dataset: 'shakespeare_char', n_layer: 1, n_head: 2, n_embd: 16, block_size: 16, batch_size: 4, gradient_accumulation_steps: 1, eval_iters: 2, log_interval: 1 };
+
+  it('saves nothing when stopped before its first step, keeping the checkpoint already in out_dir', async () => {
+    const { train } = await import('../ts/index.ts');
+    const outDir = join(work, 'out-stop-early');
+    await train({ ...small, out_dir: outDir, max_iters: 2, eval_interval: 2 });
+    const saved = readFileSync(join(outDir, 'model.safetensors'));
+    const events: Array<{ kind: string; message: string }> = [];
+    const result = await train({ ...small, out_dir: outDir, max_iters: 100 }, { signal: AbortSignal.abort(), onLog: (event) => events.push(event) });
+    expect(result).toMatchObject({ stopped: true, iterations: 0 });
+    expect(events.find((e) => e.kind === 'stop')?.message).toBe('stopping before the first iteration');
+    expect(events.map((e) => e.kind)).not.toContain('checkpoint');
+    expect(readFileSync(join(outDir, 'model.safetensors')).equals(saved)).toBe(true);
+    expect(JSON.parse(readFileSync(join(outDir, 'ckpt.json'), 'utf8')).iter_num).toBe(2);
+  });
+
+  it('with always_save_checkpoint=False, a stop keeps the best checkpoint unless its weights beat it', async () => {
+    const { train } = await import('../ts/index.ts');
+    const outDir = join(work, 'out-stop-best');
+    await train({ ...small, out_dir: outDir, max_iters: 2, eval_interval: 2 });
+    // A best val loss no model here reaches.
+    const infoPath = join(outDir, 'ckpt.json');
+    writeFileSync(infoPath, JSON.stringify({ ...JSON.parse(readFileSync(infoPath, 'utf8')), best_val_loss: 0.01 }));
+    const saved = readFileSync(join(outDir, 'model.safetensors'));
+    const stopAt = (iter: number) => {
+      const stop = new AbortController();
+      const messages: string[] = [];
+      const onLog = (event: { kind: string; message: string; iter?: number }) => {
+        messages.push(event.message);
+        if (event.kind === 'iter' && event.iter === iter) stop.abort();
+      };
+      return { signal: stop.signal, onLog, messages };
+    };
+    const keep = stopAt(3);
+    const kept = await train({ ...small, out_dir: outDir, init_from: 'resume', max_iters: 100, eval_interval: 100, always_save_checkpoint: false }, keep);
+    expect(kept).toMatchObject({ stopped: true, iter_num: 3 });
+    expect(keep.messages.find((m) => m.startsWith('val loss'))).toMatch(/^val loss \d\.\d{4} is not below the best, 0\.0100: the checkpoint of the best stays/);
+    expect(readFileSync(join(outDir, 'model.safetensors')).equals(saved)).toBe(true);
+    expect(JSON.parse(readFileSync(infoPath, 'utf8'))).toMatchObject({ iter_num: 2, best_val_loss: 0.01 });
+
+    // The same stop with the best loss out of reach the other way saves, and records the new best.
+    writeFileSync(infoPath, JSON.stringify({ ...JSON.parse(readFileSync(infoPath, 'utf8')), best_val_loss: 100 }));
+    const improve = stopAt(3);
+    await train({ ...small, out_dir: outDir, init_from: 'resume', max_iters: 100, eval_interval: 100, always_save_checkpoint: false }, improve);
+    const info = JSON.parse(readFileSync(infoPath, 'utf8'));
+    expect(info.iter_num).toBe(4);
+    expect(info.best_val_loss).toBeLessThan(100);
+  });
+
+  it('refuses a dataset with more token ids than the model has, before training', async () => {
+    const { train } = await import('../ts/index.ts');
+    const outDir = join(work, 'out-vocab');
+    await train({ ...small, out_dir: outDir, max_iters: 2, eval_interval: 2 });
+    const wider = join(work, 'data', 'wider_vocab');
+    mkdirSync(wider, { recursive: true });
+    const chars = Array.from({ length: 100 }, (_, i) => String.fromCharCode(33 + i));
+    writeFileSync(join(wider, 'meta.json'), JSON.stringify({ vocab_size: 100, itos: { ...chars }, stoi: Object.fromEntries(chars.map((c, i) => [c, i])) }));
+    for (const split of ['train', 'val']) writeFileSync(join(wider, `${split}.bin`), Buffer.from(new Uint16Array(64).map((_, i) => i).buffer));
+    await expect(train({ ...small, out_dir: outDir, init_from: 'resume', dataset: 'wider_vocab', max_iters: 4 })).rejects.toThrow(
+      /^dataset wider_vocab has 100 token ids but the model's vocabulary has 65; train this model on the dataset it was made for/,
+    );
+  });
+
+  it('stopped between micro-steps, drops their gradients and saves the weights of the last step', async () => {
+    const { train } = await import('../ts/index.ts');
+    const options = { ...small, gradient_accumulation_steps: 4, max_iters: 2 };
+    // Stops once the micro-steps of iteration 2 have begun: the signal is read after each micro-step but the last,
+    // and after each step; the first read after iteration 1's log line is the one after its step.
+    let readsAfterIter1: number | undefined;
+    const signal = {
+      get aborted() {
+        if (readsAfterIter1 !== undefined) readsAfterIter1 += 1;
+        return readsAfterIter1 === 2;
+      },
+    } as AbortSignal;
+    const events: Array<{ kind: string; message: string }> = [];
+    const onLog = (event: { kind: string; message: string; iter?: number }) => {
+      events.push(event);
+      if (event.kind === 'iter' && event.iter === 1) readsAfterIter1 = 0;
+    };
+    const stoppedDir = join(work, 'out-stop-micro');
+    const result = await train({ ...options, out_dir: stoppedDir, eval_interval: 1000 }, { signal, onLog });
+    expect(result).toMatchObject({ stopped: true, iter_num: 1, iterations: 2 });
+    expect(events.find((e) => e.kind === 'stop')?.message).toBe('stopping after iteration 1');
+    // The same run evaluated and saved at iteration 2, before its micro-steps: the weights after step 1.
+    const savedDir = join(work, 'out-eval-2');
+    await train({ ...options, out_dir: savedDir, eval_interval: 2 });
+    for (const file of ['model.safetensors', 'optimizer.safetensors']) {
+      expect(readFileSync(join(stoppedDir, file)).equals(readFileSync(join(savedDir, file))), file).toBe(true);
+    }
+    expect(JSON.parse(readFileSync(join(stoppedDir, 'ckpt.json'), 'utf8')).iter_num).toBe(2);
   });
 
   it('trains and samples with plain config objects, returning results', async () => {

@@ -34,8 +34,10 @@ export function checkCheckpointInfo(info: CheckpointInfo, path: string): Checkpo
   const missing = fields.find((field) => !Number.isInteger(args[field]));
   if (missing) throw corruptCheckpoint(path, `model_args.${missing} is missing`);
   if (typeof info.iter_num !== 'number') throw corruptCheckpoint(path, 'iter_num is missing');
-  if (typeof info.best_val_loss !== 'number') throw corruptCheckpoint(path, 'best_val_loss is missing');
   if (typeof info.config !== 'object' || info.config === null) throw corruptCheckpoint(path, 'config is missing');
+  // JSON has no NaN: a run saved at a val loss that was not a number (it diverged) wrote null, read as no best yet.
+  if ((info.best_val_loss as number | null) === null) return { ...info, best_val_loss: Number.POSITIVE_INFINITY };
+  if (typeof info.best_val_loss !== 'number') throw corruptCheckpoint(path, 'best_val_loss is missing');
   return info;
 }
 

@@ -30,7 +30,7 @@ program
   .option('--seed <n>', 'openwebtext/text: seed of the train/val split', positiveInt, defaultSplitSeed)
   .action(async (dataset: string, files: string[], options: PrepareCliOptions) => {
     const { prepareCorpus, prepareOpenWebText } = await import('./corpus.ts');
-    const corpus = { dataDir: options.data_dir, workers: options.workers, valFraction: options.val_fraction, seed: options.seed };
+    const corpus = { dataDir: options.data_dir, workers: options.workers, valFraction: options.val_fraction, seed: options.seed, log: console.log, progressStream: process.stdout };
     if (dataset === 'openwebtext') {
       await prepareOpenWebText({ ...corpus, inputDir: options.input });
     } else if (dataset === 'text') {
@@ -46,7 +46,7 @@ program
         const known = [...preparableDatasets, 'openwebtext', 'text (your own files: prepare text --name=NAME FILE...)'];
         throw new UserError(`nanogpt-rs cannot prepare dataset '${dataset}'; available: ${known.join(', ')}`);
       }
-      await prepare(dataset, { dataDir: options.data_dir });
+      await prepare(dataset, { dataDir: options.data_dir, log: console.log });
     }
   });
 
@@ -126,7 +126,7 @@ program
   .addOption(new Option('--engine <engine>', 'engine build that converts the weights').choices(engineChoices).default('auto'))
   .action(async (options: ExportOptions) => {
     const { exportHf } = await import('./export.ts');
-    exportHf(options);
+    exportHf(options, console.log);
   });
 
 program

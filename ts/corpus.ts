@@ -70,8 +70,9 @@ export interface CorpusOptions {
   batchChars?: number;
   /** How often the partial output is fsynced and the journal written; 2000 ms by default. */
   journalEveryMs?: number;
+  /** Receives what prepare.py prints (vocabulary, resumed runs); nothing is printed by default. */
   log?: (line: string) => void;
-  /** Where the progress line/lines go; process.stdout by default. */
+  /** Where the progress line/lines go; nowhere by default (the CLI passes process.stdout). */
   progressStream?: Pick<NodeJS.WriteStream, 'write' | 'isTTY'>;
   /** Called after each journal write (tests use it to kill a run at a known point). */
   onCheckpoint?: (state: Readonly<JournalState>) => void;
@@ -131,7 +132,7 @@ export function isValDocument(index: number, seed: number, valFraction: number):
 }
 
 export async function prepareCorpus(options: CorpusOptions): Promise<CorpusResult> {
-  const log = options.log ?? console.log;
+  const log = options.log ?? (() => {});
   const tokenizer = options.tokenizer ?? 'gpt2';
   const valFraction = options.valFraction ?? defaultValFraction;
   const seed = options.seed ?? defaultSplitSeed;
@@ -201,7 +202,7 @@ export async function prepareCorpus(options: CorpusOptions): Promise<CorpusResul
   };
   if (!resumed) checkpoint();
 
-  const progress = new CorpusProgress(options.progressStream ?? process.stdout, state);
+  const progress = new CorpusProgress(options.progressStream ?? { write: () => true, isTTY: false }, state);
   const pool = new WorkerPool(workerCount, { tokenizer, chars });
   try {
     // Batches leave in document order and their results are written in that order; `inFlight` counts batches

@@ -15,19 +15,24 @@ export { CharTokenizer, type Batch, type Meta, type Split } from './tokens.ts';
 /** The vocabulary recorded next to a dataset, or undefined for datasets without one (GPT-2 BPE). */
 export function readMeta(datasetDir: string): Meta | undefined {
   const path = join(datasetDir, 'meta.json');
-  if (!existsSync(path)) return undefined;
+  return existsSync(path) ? parseMeta(readFileSync(path, 'utf8'), path) : undefined;
+}
+
+/** A vocabulary's meta.json text, read from `path`, checked; `fix` says what to do if it is corrupt. */
+export function parseMeta(text: string, path: string, fix = 'run `nanogpt-rs prepare` for this dataset again'): Meta {
   try {
-    const meta = JSON.parse(readFileSync(path, 'utf8')) as Meta;
+    const meta = JSON.parse(text) as Meta;
     if (!Number.isInteger(meta.vocab_size) || typeof meta.itos !== 'object') throw new Error('missing vocab_size or itos');
     return meta;
   } catch (err) {
-    throw new UserError(`${path} is corrupt (${firstLine(err)}); run \`nanogpt-rs prepare\` for this dataset again`);
+    throw new UserError(`${path} is corrupt (${firstLine(err)}); ${fix}`);
   }
 }
 
 export interface PrepareOptions {
   /** Folder holding the datasets; `data` under the working directory by default, like nanoGPT. */
   dataDir?: string;
+  /** Receives what prepare.py prints (sizes, vocabulary); nothing is printed by default. */
   log?: (line: string) => void;
 }
 
@@ -54,7 +59,7 @@ export async function prepare(dataset: string, options: PrepareOptions = {}): Pr
   }
   const dir = join(options.dataDir ?? 'data', dataset);
   mkdirSync(dir, { recursive: true });
-  return preparer(dir, options.log ?? console.log);
+  return preparer(dir, options.log ?? (() => {}));
 }
 
 /**

@@ -15,12 +15,15 @@ export function firstLine(err: unknown): string {
 /**
  * Runs `action`, whose failures the engine explains in its first line (not built, no CUDA, a bad shape, a setting
  * it does not have): any error but a UserError becomes one, `what` and that line, so that the CLI prints one line.
+ * `outOfMemoryFix` is added to a failure that says the device ran out of memory.
  */
-export function explainedByEngine<T>(what: string, action: () => T): T {
+export function explainedByEngine<T>(what: string, action: () => T, outOfMemoryFix?: string): T {
   try {
     return action();
   } catch (err) {
     if (err instanceof UserError) throw err;
-    throw new UserError(`${what}: ${firstLine(err)}`);
+    const line = firstLine(err);
+    const fix = outOfMemoryFix && /out of memory/i.test(line) ? `; ${outOfMemoryFix}` : '';
+    throw new UserError(`${what}: ${line}${fix}`);
   }
 }

@@ -19,7 +19,7 @@ export interface ExportOptions {
   engine?: EngineChoice;
 }
 
-export function exportHf(options: ExportOptions, log: (line: string) => void = console.log): void {
+export function exportHf(options: ExportOptions, log: (line: string) => void = () => {}): void {
   if (options.to === 'nanogpt') return exportNanogpt(options, log);
   const checkpoint = readCheckpointInfo(options.out_dir);
   const modelArgs = { ...checkpoint.model_args, dropout: 0 };
@@ -31,7 +31,7 @@ export function exportHf(options: ExportOptions, log: (line: string) => void = c
 }
 
 /** The weights, the AdamW state and the run's info as nanoGPT's ckpt.pt, so that nanoGPT resumes where this run stopped. */
-export function exportNanogpt(options: ExportOptions, log: (line: string) => void = console.log): void {
+export function exportNanogpt(options: ExportOptions, log: (line: string) => void): void {
   const out = options.out;
   if (!out) throw new UserError('export --to=nanogpt needs --out=<path of the ckpt.pt to write>, e.g. --out=out-nanogpt/ckpt.pt');
   const checkpoint = readCheckpointInfo(options.out_dir);

@@ -34,10 +34,15 @@ export function replaceFileAtomic(path: string, write: (tempPath: string) => voi
     rmSync(temp, { force: true });
     throw err;
   }
-  const dir = openSync(dirname(path), 'r');
+  fsyncDirectory(dirname(path));
+}
+
+/** Makes the renames and removals in `dir` survive a power loss. */
+export function fsyncDirectory(dir: string): void {
+  const fd = openSync(dir, 'r');
   try {
-    fsyncSync(dir);
+    fsyncSync(fd);
   } finally {
-    closeSync(dir);
+    closeSync(fd);
   }
 }

@@ -3,7 +3,7 @@
 import { join } from 'node:path';
 import { UserError } from './errors.ts';
 import { writeFileAtomic } from './files.ts';
-import { logFileName, readRunLog, type EvalRecord, type TrainRecord } from './telemetry.ts';
+import { latestRun, logFileName, readRunLog, type EvalRecord, type TrainRecord } from './telemetry.ts';
 
 interface Series {
   label: string;
@@ -18,7 +18,7 @@ const height = 300;
 const margin = { left: 70, right: 20, top: 30, bottom: 40 };
 
 export function plot(outDir: string, file = join(outDir, 'plot.html')): string {
-  const records = readRunLog(outDir);
+  const records = latestRun(readRunLog(outDir));
   const train = records.filter((r): r is TrainRecord => r.kind === 'train');
   const evals = records.filter((r): r is EvalRecord => r.kind === 'eval');
   if (train.length === 0 && evals.length === 0) {

@@ -1,14 +1,14 @@
 // Text generation from a trained checkpoint or GPT-2 weights, as nanoGPT's sample.py.
-import { existsSync, readFileSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { loadCheckpointWeights, readCheckpointInfo, readMetaPkl } from './checkpoint.ts';
+import { loadCheckpointWeights, readCheckpointInfo, readCheckpointVocabulary, readMetaPkl } from './checkpoint.ts';
 import { noEffectNotes, resolveConfig, sampleSchema, type SampleConfig } from './config.ts';
 import { CharTokenizer, readMeta, type Meta } from './data.ts';
 import { Engine, type Dtype, type EngineChoice } from './engine.ts';
 import { firstLine, UserError } from './errors.ts';
 import { loadHfModel } from './pretrained.ts';
 import { Rng } from './rng.ts';
-import { gpt2Tokenizer } from './tokenizer.ts';
+import { gpt2Tokenizer, gpt2VocabSize } from './tokenizer.ts';
 
 export interface SampleOptions {
   /** Receives the set-up lines sample.py prints (notes, which vocabulary); nothing is printed. */
@@ -60,6 +60,9 @@ async function openSampling(overrides: Partial<SampleConfig>, options: SampleOpt
   const log = options.onLog ?? (() => {});
   for (const note of noEffectNotes(config, overrides)) log(note);
   if (config.num_samples < 1) throw new UserError(`num_samples must be at least 1, got ${config.num_samples}`);
+  if (!Number.isInteger(config.max_new_tokens) || config.max_new_tokens < 0) {
+    throw new UserError(`max_new_tokens must be a whole number of at least 0, got ${config.max_new_tokens}`);
+  }
   if (config.temperature <= 0) {
     throw new UserError(`temperature must be above 0 (there is no greedy mode), got ${config.temperature}; try --temperature=0.1`);
   }
@@ -71,15 +74,21 @@ async function openSampling(overrides: Partial<SampleConfig>, options: SampleOpt
     const checkpoint = readCheckpointInfo(config.out_dir);
     const modelArgs = { ...checkpoint.model_args, dropout: 0 };
     engine = loadCheckpointWeights(config.out_dir, modelArgs, config.device, config.engine as EngineChoice);
-    // A checkpoint may carry its vocabulary (the browser page's do); else it is the dataset's: meta.json, or the
-    // meta.pkl of a dataset prepared by nanoGPT itself.
-    const datasetDir = join(config.data_dir, String(checkpoint.config.dataset));
-    const vocabularyDir = [config.out_dir, datasetDir].find((dir) => existsSync(join(dir, 'meta.json')));
-    if (vocabularyDir) {
-      metaPath = join(vocabularyDir, 'meta.json');
-      meta = readMeta(vocabularyDir);
+    // A checkpoint carries its character vocabulary; an older one, or nanoGPT's, leaves it with the dataset it was
+    // trained on (meta.json, or the meta.pkl of nanoGPT's prepare.py), in the data_dir it was trained with.
+    const saved = readCheckpointVocabulary(config.out_dir);
+    const dataDir = overrides.data_dir ?? (typeof checkpoint.config.data_dir === 'string' ? checkpoint.config.data_dir : config.data_dir);
+    const datasetDir = join(dataDir, String(checkpoint.config.dataset));
+    if (saved) {
+      ({ meta, path: metaPath } = saved);
+    } else if ((meta = readMeta(datasetDir))) {
+      metaPath = join(datasetDir, 'meta.json');
     } else if ((meta = readMetaPkl(datasetDir))) {
       metaPath = join(datasetDir, 'meta.pkl');
+    } else if (modelArgs.vocab_size < gpt2VocabSize) {
+      throw new UserError(
+        `the model's vocabulary has ${modelArgs.vocab_size} tokens, fewer than GPT-2's, and neither ${config.out_dir} nor ${datasetDir} holds it (meta.json or meta.pkl); point --data_dir at the data it was trained on`,
+      );
     }
   } else {
     engine = await loadHfModel(config.init_from, 0, config.device, config.engine as EngineChoice, log);

@@ -31,7 +31,15 @@ export interface EvalRecord {
   time: string;
 }
 
-export type LogRecord = TrainRecord | EvalRecord;
+/** The start of a run: a resumed one continues from `iter`, where its checkpoint was saved. */
+export interface RunRecord {
+  kind: 'run';
+  init_from: string;
+  iter: number;
+  time: string;
+}
+
+export type LogRecord = TrainRecord | EvalRecord | RunRecord;
 
 export const logFileName = 'log.jsonl';
 
@@ -55,6 +63,8 @@ interface Wandb {
 export interface RunLogOptions {
   outDir: string;
   wandb?: { project: string; runName: string; config: Record<string, unknown> };
+  /** How the run starts: recorded before its first record, so that `latestRun` can tell runs in one out_dir apart. */
+  start: { init_from: string; iter: number };
   /** Where one-time notices go (the progress display's print). */
   notice: (line: string) => void;
 }
@@ -62,6 +72,8 @@ export interface RunLogOptions {
 /** Appends one JSON object per line to out_dir/log.jsonl; a resumed run continues the same file. */
 export class RunLog {
   readonly path: string;
+  /** Until the run's first record: a run that records nothing (stopped at once) leaves the log as it was. */
+  private start: RunLogOptions['start'] | undefined;
   private steps = 0;
   private clips = 0;
 
@@ -71,6 +83,7 @@ export class RunLog {
   ) {
     mkdirSync(options.outDir, { recursive: true });
     this.path = join(options.outDir, logFileName);
+    this.start = options.start;
   }
 
   static async open(options: RunLogOptions): Promise<RunLog> {
@@ -82,7 +95,8 @@ export class RunLog {
     this.append(full);
     this.wandb?.log({
       iter: full.iter,
-      'train/loss': full.loss,
+      // Not nanoGPT's `train/loss`, which is the evaluation's mean (below): this is the logged step's micro-batch.
+      'train/iter_loss': full.loss,
       lr: full.lr,
       mfu: full.mfu === null ? undefined : full.mfu * 100,
       'health/grad_norm': full.grad_norm,
@@ -112,8 +126,10 @@ export class RunLog {
     return this.steps === 0 ? 0 : this.clips / this.steps;
   }
 
-  private append(record: LogRecord): void {
-    appendFileSync(this.path, JSON.stringify(record) + '\n');
+  private append(record: TrainRecord | EvalRecord): void {
+    const lines: LogRecord[] = this.start ? [{ kind: 'run', ...this.start, time: record.time }, record] : [record];
+    this.start = undefined;
+    appendFileSync(this.path, lines.map((line) => JSON.stringify(line) + '\n').join(''));
   }
 }
 
@@ -154,4 +170,18 @@ async function connectWandb(options: NonNullable<RunLogOptions['wandb']>, notice
     notice(`wandb_log: cannot reach Weights & Biases (${err instanceof Error ? err.message : String(err)}); the run is logged to ${logFileName} only`);
     return null;
   }
+}
+
+/**
+ * The records of the latest run and the runs it resumed: those since the last run that did not resume (one from
+ * scratch or from GPT-2 starts a new model), each resume replacing the records from its iteration on (the steps after
+ * the checkpoint it resumed, which the run before it did not save). A log from before runs were recorded is one run.
+ */
+export function latestRun(records: readonly LogRecord[]): Array<TrainRecord | EvalRecord> {
+  let kept: Array<TrainRecord | EvalRecord> = [];
+  for (const record of records) {
+    if (record.kind !== 'run') kept.push(record);
+    else kept = record.init_from === 'resume' ? kept.filter((r) => r.iter < record.iter) : [];
+  }
+  return kept;
 }

@@ -1,7 +1,9 @@
 // `nanogpt-rs train`: runs `train` and prints what it reports (a progress bar on a terminal). Ctrl-C asks the run
-// to stop after the current step, with a checkpoint of it; a second Ctrl-C exits at once. The ranks of a data-parallel
-// run get the request as SIGUSR2, which their launcher sends mpirun on Ctrl-C and mpirun forwards to each of them.
+// to stop and save (see `train`'s signal); a second Ctrl-C quits, once a save under way has finished. The ranks of a data-parallel run get
+// the request as SIGUSR2, which their launcher sends mpirun on Ctrl-C and mpirun forwards to each of them.
 import { trainSchema, type TrainConfig } from './config.ts';
+import { hasCheckpoint, readCheckpointInfo } from './checkpoint.ts';
+import { firstLine } from './errors.ts';
 import { Progress } from './progress.ts';
 import { launchRanks } from './ranks.ts';
 import { train } from './train.ts';
@@ -21,12 +23,16 @@ export async function runTrainCommand(overrides: Partial<TrainConfig>): Promise<
   };
   let announced = false;
   const announceStop = () => {
-    if (!announced) print('interrupted: stopping after this step and saving a checkpoint (Ctrl-C again to quit at once)');
+    if (!announced) print('interrupted: stopping and saving a checkpoint (Ctrl-C again to quit now)');
     announced = true;
   };
-  // Only the first Ctrl-C is caught: once its listener is gone, SIGINT's default action (exit) is back, so a second
-  // one ends the process at once, even in the middle of a step or of the checkpoint save.
+  // On one process a second Ctrl-C exits. Both can arrive during one call into the engine, which holds the event
+  // loop: they are then handled one after the other when it returns, so the listener that exits must be in place
+  // before the first one's is removed (a signal with no listener left would be dropped). A save under way finishes
+  // first. A rank's SIGINT comes from mpirun, after the stop request: its default action (exit) ends the rank.
+  const quit = () => process.exit(130);
   const requestStop = () => {
+    if (worldSize === 1) process.on('SIGINT', quit);
     process.off('SIGINT', requestStop);
     stop.abort();
     announceStop();
@@ -55,12 +61,34 @@ export async function runTrainCommand(overrides: Partial<TrainConfig>): Promise<
     });
     progress?.finish();
     if (result.stopped) {
-      if (rank === 0) console.log(`stopped at iteration ${result.iter_num}; resume with --init_from=resume --out_dir=${result.out_dir}`);
+      if (rank === 0) console.log(stoppedLine(result.iter_num, result.out_dir, worldSize));
       // A rank exits 0: on any other code mpirun ends the job at once, and MPI is finalised on 0 only (see
       // Engine.joinDataParallel); the launcher, which asked for the stop, exits 130.
       process.exitCode = worldSize > 1 ? 0 : 130;
     }
   } finally {
     process.off('SIGINT', requestStop);
+    process.off('SIGINT', quit);
   }
+}
+
+/** Where the run stopped, and how to resume from what out_dir holds (a stopped run may keep an earlier save). */
+function stoppedLine(iter: number, outDir: string, worldSize: number): string {
+  const stopped = `stopped at iteration ${iter}`;
+  if (!hasCheckpoint(outDir)) return `${stopped}; nothing is saved in ${outDir}`;
+  let resumesAt: number;
+  try {
+    resumesAt = readCheckpointInfo(outDir).iter_num;
+  } catch (err) {
+    return `${stopped}; ${firstLine(err)}`;
+  }
+  const saved = `${stopped}; the checkpoint in ${outDir} resumes at iteration ${resumesAt}`;
+  // A rank does not have its launcher's flags (--nproc_per_node): it names the change instead of the command.
+  if (worldSize > 1) return `${saved}: run the same command with --init_from=resume`;
+  const args = process.argv.slice(3).filter((arg) => !arg.startsWith('--init_from='));
+  return `${saved}: nanogpt-rs train ${[...args, '--init_from=resume'].map(shellWord).join(' ')}`;
+}
+
+function shellWord(arg: string): string {
+  return /^[\w@%+=:,./-]+$/.test(arg) ? arg : `'${arg.replaceAll("'", `'\\''`)}'`;
 }

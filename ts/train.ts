@@ -7,11 +7,12 @@ import { noEffectNotes, resolveConfig, trainSchema, type TrainConfig } from './c
 import { BatchLoader, readMeta } from './data.ts';
 import { checkDataParallel } from './distributed.ts';
 import { Engine, lrAt, type Dtype, type EngineChoice, type ModelArgs } from './engine.ts';
-import { explainedByEngine, UserError } from './errors.ts';
+import { explainedByEngine, firstLine, UserError } from './errors.ts';
 import { gpt2Models, loadHfModel } from './pretrained.ts';
 import { formatMfu, flopsPerIter, gpuName, MfuMeter, peakFlops } from './mfu.ts';
 import { launchRanks } from './ranks.ts';
 import { Rng } from './rng.ts';
+import { gpt2VocabSize } from './tokenizer.ts';
 import { RunLog, updateRatiosByLayer } from './telemetry.ts';
 
 export interface TrainResult {
@@ -24,7 +25,10 @@ export interface TrainResult {
   last_eval: { train: number; val: number } | null;
   wall_time_s: number;
   out_dir: string;
-  /** The run was stopped through `signal`; a checkpoint of its last step is in out_dir. */
+  /**
+   * The run was stopped through `signal`. It saved its last step unless it had taken none, or, with
+   * always_save_checkpoint=False, unless that step's val loss was not below the best (whose checkpoint stays).
+   */
   stopped: boolean;
 }
 
@@ -43,7 +47,10 @@ export type TrainLogEvent =
 export interface TrainOptions {
   /** Receives the run's progress; nothing is printed. */
   onLog?: (event: TrainLogEvent) => void;
-  /** Aborting it stops the run at the end of the current step, after saving a checkpoint of that step. */
+  /**
+   * Aborting it stops the run and saves the last step it completed (see `TrainResult.stopped`): on one process within
+   * the current micro-step or evaluation batch, on several at the end of the current step.
+   */
   signal?: AbortSignal;
 }
 
@@ -65,7 +72,13 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
   const accumulationSteps = config.gradient_accumulation_steps / worldSize;
   const tokensPerIter = config.gradient_accumulation_steps * config.batch_size * config.block_size;
   info(`tokens per iteration will be: ${thousands(tokensPerIter)}`);
-  if (master) mkdirSync(config.out_dir, { recursive: true });
+  if (master) {
+    try {
+      mkdirSync(config.out_dir, { recursive: true });
+    } catch (err) {
+      throw new UserError(`cannot create out_dir ${config.out_dir} (${firstLine(err)}); point --out_dir at a folder you can write`);
+    }
+  }
 
   // One seeded stream draws every batch, as torch's global RNG does in nanoGPT.
   const datasetDir = join(config.data_dir, config.dataset);
@@ -115,6 +128,13 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
     } else if (config.block_size > modelArgs.block_size) {
       throw new UserError(`block_size ${config.block_size} exceeds the model's ${modelArgs.block_size} positions; use --block_size=${modelArgs.block_size} or less`);
     }
+    // Token ids past the model's vocabulary would fail at the first batch, mid-run.
+    const datasetVocabSize = meta?.vocab_size ?? gpt2VocabSize;
+    if (datasetVocabSize > modelArgs.vocab_size) {
+      throw new UserError(
+        `dataset ${config.dataset} has ${datasetVocabSize} token ids but the model's vocabulary has ${modelArgs.vocab_size}; train this model on the dataset it was made for (its checkpoint's config says which), or start one with --init_from=scratch`,
+      );
+    }
     info(`number of parameters: ${(engine.numParams(true) / 1e6).toFixed(2)}M`);
     // The CPU engines compute in float32 whatever dtype says (noEffectNotes says so where the user set it).
     if (config.device !== 'cpu') engine.setPrecision(config.dtype as Dtype);
@@ -144,16 +164,27 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
       loadCheckpointOptimizer(config.out_dir, engine);
     }
 
-    const estimateLoss = () => {
-      const mean = (split: 'train' | 'val') => {
-        let sum = 0;
-        for (let k = 0; k < config.eval_iters; k++) {
-          const { x, y } = batches.next(split);
-          sum += engine.evalLoss(x, y, config.batch_size);
-        }
-        return sum / config.eval_iters;
-      };
-      return { train: mean('train'), val: mean('val') };
+    // The engine's calls are synchronous: between them, signal handlers (Ctrl-C) get to run. One process stops
+    // within the current micro-step or evaluation batch; the ranks of a data-parallel run stop together, after a step.
+    const stopAsked = () => options.signal?.aborted ?? false;
+    const canStopAnywhere = worldSize === 1;
+    const letSignalsIn = () => new Promise((resolve) => setImmediate(resolve));
+    const inEngine = <T>(action: () => T): T => explainedByEngine(`training stopped at iteration ${iterNum}`, action, outOfMemoryFix);
+    /** The mean loss over eval_iters batches of `split`; undefined if a stop it may heed was asked for meanwhile. */
+    const meanLoss = async (split: 'train' | 'val', interruptible: boolean): Promise<number | undefined> => {
+      let sum = 0;
+      for (let k = 0; k < config.eval_iters; k++) {
+        const { x, y } = batches.next(split);
+        sum += inEngine(() => engine.evalLoss(x, y, config.batch_size));
+        await letSignalsIn();
+        if (interruptible && stopAsked()) return undefined;
+      }
+      return sum / config.eval_iters;
+    };
+    const estimateLoss = async () => {
+      const train = await meanLoss('train', canStopAnywhere);
+      const val = train === undefined ? undefined : await meanLoss('val', canStopAnywhere);
+      return train === undefined || val === undefined ? undefined : { train, val };
     };
 
     // --- training loop ---
@@ -171,16 +202,40 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
     const runLog = master
       ? await RunLog.open({
           outDir: config.out_dir,
+          start: { init_from: config.init_from, iter: iterNum },
           wandb: config.wandb_log ? { project: config.wandb_project, runName: config.wandb_run_name, config } : undefined,
           notice: info,
         })
       : undefined;
+    let savedIter: number | undefined;
     // Every rank takes part: under ZeRO-1 each sends its shard of the AdamW state to rank 0, which alone writes.
     const save = () => {
+      savedIter = iterNum;
       engine.gatherOptimizerState();
       if (!master) return;
       report({ kind: 'checkpoint', message: `saving checkpoint to ${config.out_dir}`, iter: iterNum, out_dir: config.out_dir });
-      saveCheckpoint(config.out_dir, engine, { model_args: modelArgs, iter_num: iterNum, best_val_loss: bestValLoss, config });
+      try {
+        saveCheckpoint(config.out_dir, engine, { model_args: modelArgs, iter_num: iterNum, best_val_loss: bestValLoss, config }, meta);
+      } catch (err) {
+        throw new UserError(`cannot save the checkpoint to ${config.out_dir} (${firstLine(err)}); free some space or point --out_dir elsewhere (the checkpoint already there stays loadable)`);
+      }
+    };
+    // A stopped run saves what it has, but keeps what is saved where that is better: nothing is saved before the
+    // run's first step (nanoGPT never saves at iteration 0), and with always_save_checkpoint=False (the checkpoint
+    // holds the best weights so far) only weights whose val loss beats the best.
+    const stopAndSave = async () => {
+      stopped = true;
+      const taken = iterNum > firstIter;
+      report({ kind: 'stop', message: taken ? `stopping after iteration ${iterNum - 1}` : 'stopping before the first iteration', iter: iterNum - 1 });
+      // A stop asked for during an evaluation's save, or just after it, has these weights saved already.
+      let saveNow = master && taken && savedIter !== iterNum;
+      if (saveNow && !config.always_save_checkpoint) {
+        const val = (await meanLoss('val', false)) as number;
+        saveNow = val < bestValLoss;
+        if (saveNow) bestValLoss = val;
+        else info(`val loss ${val.toFixed(4)} is not below the best, ${bestValLoss.toFixed(4)}: the checkpoint of the best stays (always_save_checkpoint=False)`);
+      }
+      if (engine.anyRank(saveNow)) save();
     };
     let lastEval: TrainResult['last_eval'] = null;
     let stopped = false;
@@ -195,7 +250,12 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
         engine.barrier();
         let saveNow = false;
         if (master) {
-          lastEval = estimateLoss();
+          const losses = await estimateLoss();
+          if (!losses) {
+            await stopAndSave();
+            break;
+          }
+          lastEval = losses;
           const message = `step ${iterNum}: train loss ${lastEval.train.toFixed(4)}, val loss ${lastEval.val.toFixed(4)}`;
           report({ kind: 'eval', message, iter: iterNum, train_loss: lastEval.train, val_loss: lastEval.val });
           runLog?.eval({ iter: iterNum, train_loss: lastEval.train, val_loss: lastEval.val, lr }, runningMfu);
@@ -212,13 +272,24 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
 
       // Gradients accumulate over the micro-steps, each scaled so the sum is the mean over all of them; the engine then
       // averages these sums over the ranks.
-      for (let microStep = 0; microStep < accumulationSteps; microStep++) {
+      let stopNow = false;
+      for (let microStep = 0; microStep < accumulationSteps && !stopNow; microStep++) {
         // As nanoGPT's require_backward_grad_sync: the last micro-step's backward pass starts the all-reduce.
         if (worldSize > 1) engine.setBackwardGradSync(microStep === accumulationSteps - 1);
-        engine.accumulate(x, y, config.batch_size, 1 / accumulationSteps);
+        inEngine(() => engine.accumulate(x, y, config.batch_size, 1 / accumulationSteps));
         ({ x, y } = batches.next('train'));
+        // Between micro-steps: a stop asked for during the last one comes after the step, which is then complete.
+        if (canStopAnywhere && microStep < accumulationSteps - 1) {
+          await letSignalsIn();
+          stopNow = stopAsked();
+        }
       }
-      const stats = engine.step(lr);
+      // The gradients of the micro-steps taken are dropped: the weights are still those of the last step.
+      if (stopNow) {
+        await stopAndSave();
+        break;
+      }
+      const stats = inEngine(() => engine.step(lr));
       runLog?.countStep(stats.clipped);
 
       const t1 = performance.now();
@@ -243,15 +314,12 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
         });
       }
       iterNum += 1;
-      // The steps are synchronous calls into the engine: let signal handlers (Ctrl-C) run between them.
-      await new Promise((resolve) => setImmediate(resolve));
+      await letSignalsIn();
       // The ranks of a data-parallel run stop after the same step, whichever of them was asked: a rank that left
       // alone would leave the others waiting in the next all-reduce.
-      if (engine.anyRank(options.signal?.aborted ?? false)) {
+      if (engine.anyRank(stopAsked())) {
         // The step is applied: the checkpoint resumes at the next iteration.
-        stopped = true;
-        report({ kind: 'stop', message: `stopping after iteration ${iterNum - 1}`, iter: iterNum - 1 });
-        save();
+        await stopAndSave();
         break;
       }
       if (iterNum > config.max_iters) break;
@@ -272,6 +340,8 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
     batches.close();
   }
 }
+
+const outOfMemoryFix = 'lower --batch_size, and raise --gradient_accumulation_steps to keep the tokens per iteration';
 
 function checkTrainConfig(config: TrainConfig): void {
   const positive = ['eval_interval', 'log_interval', 'eval_iters', 'gradient_accumulation_steps', 'batch_size', 'block_size'] as const;
