@@ -121,6 +121,16 @@ describe('Rng', () => {
     expect(draw(1337)).not.toEqual(draw(1338));
   });
 
+  it('gives each substream of a seed a stream of its own', () => {
+    const draw = (...key: [number, ...number[]]) => {
+      const rng = new Rng(...key);
+      return Array.from({ length: 4 }, () => rng.nextUint32());
+    };
+    const streams = [draw(7), draw(7, 0, 0), draw(7, 0, 1), draw(7, 1, 0), draw(7, 0, 2 ** 40), draw(8, 0, 1)].map((s) => s.join());
+    expect(new Set(streams).size).toBe(streams.length);
+    expect(draw(7, 0, 2 ** 40)).toEqual(draw(7, 0, 2 ** 40));
+  });
+
   it('draws integers uniformly, including beyond 2^32', () => {
     const rng = new Rng(1);
     const counts = new Array(10).fill(0);
@@ -145,8 +155,8 @@ describe('BatchLoader', () => {
   });
 
   it('reads consecutive windows with y = x shifted by one', () => {
-    const loader = new BatchLoader(dir, 4, 16, new Rng(1337));
-    const { x, y } = loader.next('train');
+    const loader = new BatchLoader(dir, 4, 16, 1337);
+    const { x, y } = loader.batch('train', 0);
     expect(x).toHaveLength(64);
     for (let row = 0; row < 4; row++) {
       const start = x[row * 16];
@@ -158,25 +168,28 @@ describe('BatchLoader', () => {
     loader.close();
   });
 
-  it('keeps every window inside the split and repeats for a seed', () => {
-    const starts = (seed: number) => {
-      const loader = new BatchLoader(dir, 64, 16, new Rng(seed));
-      const { x } = loader.next('val');
+  it('keeps every window inside the split, and gives a position of a split the same batch for a seed, whatever came before', () => {
+    const starts = (seed: number, split: 'train' | 'val', positions: number[]) => {
+      const loader = new BatchLoader(dir, 64, 16, seed);
+      const batches = positions.map((position) => loader.batch(split, position).x);
       loader.close();
-      return Array.from({ length: 64 }, (_, row) => x[row * 16]);
+      return Array.from({ length: 64 }, (_, row) => batches.at(-1)![row * 16]);
     };
-    const first = starts(7);
+    const first = starts(7, 'val', [3]);
     expect(first.every((start) => start >= 0 && start < 1000 - 16)).toBe(true);
-    expect(starts(7)).toEqual(first);
-    expect(starts(8)).not.toEqual(first);
+    expect(starts(7, 'val', [0, 1, 2, 3])).toEqual(first);
+    expect(starts(7, 'val', [4])).not.toEqual(first);
+    expect(starts(8, 'val', [3])).not.toEqual(first);
+    expect(starts(7, 'train', [3])).not.toEqual(starts(7, 'train', [2]));
+    expect(starts(7, 'train', [3])).not.toEqual(first);
   });
 
   it('tells the user to run prepare when the dataset is missing', () => {
-    expect(() => new BatchLoader(join(root, 'openwebtext'), 1, 8, new Rng(1))).toThrow('run `nanogpt-rs prepare openwebtext` first');
+    expect(() => new BatchLoader(join(root, 'openwebtext'), 1, 8, 1)).toThrow('run `nanogpt-rs prepare openwebtext` first');
   });
 
   it('rejects a block_size the data cannot fill', () => {
-    expect(() => new BatchLoader(dir, 1, 1000, new Rng(1))).toThrow('too few for block_size 1000; lower --block_size');
+    expect(() => new BatchLoader(dir, 1, 1000, 1)).toThrow('too few for block_size 1000; lower --block_size');
   });
 
   it('refuses a .bin whose size is not a whole number of uint16 tokens, naming the file and its size', () => {
@@ -184,7 +197,7 @@ describe('BatchLoader', () => {
     mkdirSync(torn, { recursive: true });
     writeFileSync(join(torn, 'train.bin'), Buffer.alloc(4001));
     writeFileSync(join(torn, 'val.bin'), Buffer.alloc(4000));
-    expect(() => new BatchLoader(torn, 1, 8, new Rng(1))).toThrow(`${join(torn, 'train.bin')} holds 4001 bytes, not a whole number of uint16 tokens`);
+    expect(() => new BatchLoader(torn, 1, 8, 1)).toThrow(`${join(torn, 'train.bin')} holds 4001 bytes, not a whole number of uint16 tokens`);
   });
 });
 

@@ -12,7 +12,6 @@ import { BatchLoader } from '../ts/data.ts';
 import { checkDataParallel, failedRank } from '../ts/distributed.ts';
 import { Engine, mpiBuilt, ncclBuilt } from '../ts/engine.ts';
 import { launchRanks } from '../ts/ranks.ts';
-import { Rng } from '../ts/rng.ts';
 import type { TrainRecord } from '../ts/telemetry.ts';
 import { readTensors } from './safetensors.ts';
 
@@ -124,13 +123,10 @@ describe.skipIf(!canRun)('data-parallel training on two ranks (mpirun)', () => {
       .map((line) => JSON.parse(line) as TrainRecord)
       .filter((record) => record.kind === 'train');
 
-    // One process, accumulating 2 x 2 micro-batches per step: rank r's batches come from the stream seeded
-    // 1337 + r, and rank 0's stream also gives the evaluation's batches at iteration 0, before the first step.
+    // One process, accumulating 2 x 2 micro-batches per step: rank r's micro-step m of iteration i trains on batch
+    // i * 2 + m of the stream seeded 1337 + r (rank 0's evaluation draws from streams of its own).
     const config = resolveConfig(trainSchema, { device: 'cpu' });
-    const streams = [0, 1].map((rank) => new BatchLoader(join(work, 'data', 'shakespeare_char'), 4, 32, new Rng(config.seed + rank)));
-    const next = streams.map((stream) => stream.next('train'));
-    streams[0].next('train');
-    streams[0].next('val');
+    const streams = [0, 1].map((rank) => new BatchLoader(join(work, 'data', 'shakespeare_char'), 4, 32, config.seed + rank));
     const engine = Engine.create({ ...model, vocab_size: 65 }, config.seed, 'cpu', 'native');
     engine.configureOptimizer({ weight_decay: config.weight_decay, beta1: config.beta1, beta2: config.beta2, grad_clip: config.grad_clip });
     const losses: number[] = [];
@@ -138,9 +134,9 @@ describe.skipIf(!canRun)('data-parallel training on two ranks (mpirun)', () => {
       let rank0Loss = 0;
       for (const rank of [0, 1]) {
         for (let micro = 0; micro < accumulation / 2; micro++) {
-          const loss = engine.forwardBackward(next[rank].x, next[rank].y, 4, 1 / accumulation);
+          const { x, y } = streams[rank].batch('train', (iter * accumulation) / 2 + micro);
+          const loss = engine.forwardBackward(x, y, 4, 1 / accumulation);
           if (rank === 0) rank0Loss = loss;
-          next[rank] = streams[rank].next('train');
         }
       }
       losses.push(rank0Loss);

@@ -429,6 +429,28 @@ describe('library API', () => {
     expect(JSON.parse(readFileSync(join(stoppedDir, 'ckpt.json'), 'utf8')).iter_num).toBe(2);
   });
 
+  it('resumes a checkpoint into the run it came from: the same batches, dropout masks, losses and weights', async () => {
+    const { train } = await import('../ts/index.ts');
+    type Event = { kind: string; iter?: number; loss?: number; val_loss?: number };
+    const options = { ...small, dropout: 0.2, gradient_accumulation_steps: 2, eval_interval: 3 };
+    const whole: Event[] = [];
+    const wholeDir = join(work, 'out-whole');
+    await train({ ...options, out_dir: wholeDir, max_iters: 6 }, { onLog: (event) => whole.push(event) });
+    // The first half saves at iteration 3 and ends; its resumption evaluates at 3 again and trains on.
+    const halvesDir = join(work, 'out-halves');
+    await train({ ...options, out_dir: halvesDir, max_iters: 3 });
+    const resumed: Event[] = [];
+    await train({ ...options, out_dir: halvesDir, max_iters: 6, init_from: 'resume' }, { onLog: (event) => resumed.push(event) });
+
+    const figures = (events: Event[]) =>
+      events.filter((e) => (e.kind === 'iter' || e.kind === 'eval') && e.iter! >= 3).map(({ kind, iter, loss, val_loss }) => ({ kind, iter, loss, val_loss }));
+    expect(figures(resumed).map((e) => `${e.kind} ${e.iter}`)).toEqual(['eval 3', 'iter 3', 'iter 4', 'iter 5', 'eval 6', 'iter 6']);
+    expect(figures(resumed)).toEqual(figures(whole));
+    for (const file of ['model.safetensors', 'optimizer.safetensors']) {
+      expect(readFileSync(join(halvesDir, file)).equals(readFileSync(join(wholeDir, file))), file).toBe(true);
+    }
+  });
+
   it('trains and samples with plain config objects, returning results', async () => {
     const { train, sample } = await import('../ts/index.ts');
     const dataDir = join(work, 'data');

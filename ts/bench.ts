@@ -170,8 +170,9 @@ export function parseBenchArgs(argv: string[]): BenchOptions {
 /** bench.py's data: one fixed random batch reused forever, or random windows of data/<dataset>/train.bin. */
 function batchSource(o: BenchOptions): () => Batch {
   if (o.real_data) {
-    const loader = new BatchLoader(join(o.data_dir, o.dataset), o.batch_size, o.block_size, new Rng(o.seed));
-    return () => loader.next('train');
+    const loader = new BatchLoader(join(o.data_dir, o.dataset), o.batch_size, o.block_size, o.seed);
+    let position = 0;
+    return () => loader.batch('train', position++);
   }
   const rng = new Rng(o.seed);
   const n = o.batch_size * o.block_size;

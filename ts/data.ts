@@ -6,8 +6,7 @@ import { basename, dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { firstLine, UserError } from './errors.ts';
 import { writeFileAtomic } from './files.ts';
-import type { Rng } from './rng.ts';
-import { encodeCharDataset, sampleBatch, type Batch, type Meta, type Split } from './tokens.ts';
+import { batchRng, encodeCharDataset, sampleBatch, type Batch, type Meta, type Split } from './tokens.ts';
 import { gpt2Tokenizer, gpt2VocabSize } from './tokenizer.ts';
 
 export { CharTokenizer, type Batch, type Meta, type Split } from './tokens.ts';
@@ -139,16 +138,20 @@ export class BatchLoader {
     private readonly datasetDir: string,
     private readonly batchSize: number,
     private readonly blockSize: number,
-    private readonly rng: Rng,
+    private readonly seed: number,
   ) {
     this.window = Buffer.alloc((blockSize + 1) * 2);
     for (const split of ['train', 'val'] as const) this.files.set(split, this.open(split));
   }
 
-  next(split: Split): Batch {
+  /**
+   * Batch number `position` of `split`'s stream (its own generator, see `batchRng`): a resumed run that asks for the
+   * positions it has reached draws the batches of the run it resumes.
+   */
+  batch(split: Split, position: number): Batch {
     const { fd, tokens } = this.files.get(split)!;
     const ids = new Uint16Array(this.blockSize + 1);
-    return sampleBatch(tokens, this.batchSize, this.blockSize, this.rng, (offset) => {
+    return sampleBatch(tokens, this.batchSize, this.blockSize, batchRng(this.seed, split, position), (offset) => {
       readTokens(fd, offset, this.window);
       for (let t = 0; t < ids.length; t++) ids[t] = this.window.readUInt16LE(t * 2);
       return ids;

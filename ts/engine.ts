@@ -50,6 +50,7 @@ interface BindingGpt {
   forwardBackward(x: Uint32Array, y: Int32Array, batchSize: number, lossScale: number): number;
   accumulate(x: Uint32Array, y: Int32Array, batchSize: number, lossScale: number): void;
   lastLoss(): number;
+  setDropoutStream(seed: number, microStep: number): void;
   step(lr: number): StepStats;
   evalLoss(x: Uint32Array, y: Int32Array, batchSize: number): number;
   generate(prompt: Uint32Array, maxNewTokens: number, temperature: number, topK: number, seed: number): Uint32Array;
@@ -360,6 +361,7 @@ class WasmFiles implements BindingGpt {
     this.gpt.forwardBackward(x, y, batchSize, lossScale);
   accumulate = (x: Uint32Array, y: Int32Array, batchSize: number, lossScale: number) => this.gpt.accumulate(x, y, batchSize, lossScale);
   lastLoss = () => this.gpt.lastLoss();
+  setDropoutStream = (seed: number, microStep: number) => this.gpt.setDropoutStream(seed, microStep);
   step = (lr: number) => this.gpt.step(lr);
   evalLoss = (x: Uint32Array, y: Int32Array, batchSize: number) => this.gpt.evalLoss(x, y, batchSize);
   generate = (prompt: Uint32Array, maxNewTokens: number, temperature: number, topK: number, seed: number) =>
@@ -499,6 +501,14 @@ export class Engine {
   /** The unscaled mean loss of the last micro-step; waits for the device to finish it. */
   lastLoss(): number {
     return this.gpt.lastLoss();
+  }
+
+  /**
+   * The next micro-step draws the dropout masks of micro-step `microStep` (counted from 0 over the whole run) of a
+   * model created with `seed`, and the ones after it follow on: a resumed run draws the masks of the run it resumes.
+   */
+  setDropoutStream(seed: number, microStep: number): void {
+    this.gpt.setDropoutStream(seed, microStep);
   }
 
   /** Clips (if configured), applies AdamW at `lr` to both groups, and clears the gradients. */

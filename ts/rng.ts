@@ -5,8 +5,10 @@
 export class Rng {
   private readonly state = new Uint32Array(4);
 
-  constructor(seed: number) {
-    let s = (seed >>> 0) ^ Math.imul(Math.floor(seed / 2 ** 32) | 0, 0x9e3779b9);
+  /** The stream of `seed`, or with `substreams`, one of the unrelated streams it names (e.g. one per batch). */
+  constructor(seed: number, ...substreams: number[]) {
+    let s = fold(0, seed);
+    for (const substream of substreams) s = fold(fmix32(s), substream);
     for (let i = 0; i < 4; i++) {
       s = (s + 0x9e3779b9) | 0;
       let z = s ^ (s >>> 16);
@@ -39,6 +41,18 @@ export class Rng {
   nextInt(n: number): number {
     return Math.floor(this.nextFloat() * n);
   }
+}
+
+/** `s` with the 53-bit integer `n` mixed in. */
+function fold(s: number, n: number): number {
+  return s ^ (n >>> 0) ^ Math.imul(Math.floor(n / 2 ** 32) | 0, 0x9e3779b9);
+}
+
+/** MurmurHash3's finaliser: every output bit depends on every input bit. */
+function fmix32(h: number): number {
+  h = Math.imul(h ^ (h >>> 16), 0x85ebca6b);
+  h = Math.imul(h ^ (h >>> 13), 0xc2b2ae35);
+  return h ^ (h >>> 16);
 }
 
 function rotl(x: number, k: number): number {

@@ -1,7 +1,7 @@
 // Token data without a file system, shared by the CLI and the browser page: nanoGPT's character tokenizer, its
 // 90/10 split, and get_batch over any source of token windows.
 import { UserError } from './errors.ts';
-import type { Rng } from './rng.ts';
+import { Rng } from './rng.ts';
 
 export interface Meta {
   vocab_size: number;
@@ -77,6 +77,15 @@ export interface Batch {
   x: Uint32Array;
   /** The same windows shifted by one token: the targets. */
   y: Int32Array;
+}
+
+/**
+ * The generator of batch number `position` of `split` in a run seeded `seed`. nanoGPT draws every batch from one
+ * stream, which starts over when a run resumes; one generator per batch lets a resumed run draw the batches the run
+ * it resumes would have drawn next, and keeps the training batches apart from the evaluations' draws.
+ */
+export function batchRng(seed: number, split: Split, position: number): Rng {
+  return new Rng(seed, split === 'train' ? 0 : 1, position);
 }
 
 /**

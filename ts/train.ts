@@ -11,7 +11,6 @@ import { explainedByEngine, firstLine, UserError } from './errors.ts';
 import { gpt2Models, loadHfModel } from './pretrained.ts';
 import { formatMfu, flopsPerIter, gpuName, MfuMeter, peakFlops } from './mfu.ts';
 import { launchRanks } from './ranks.ts';
-import { Rng } from './rng.ts';
 import { gpt2VocabSize } from './tokenizer.ts';
 import { RunLog, updateRatiosByLayer } from './telemetry.ts';
 
@@ -80,10 +79,11 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
     }
   }
 
-  // One seeded stream draws every batch, as torch's global RNG does in nanoGPT.
+  // Batches and dropout masks are functions of the seed and of their place in the run (not of one stream, as in
+  // nanoGPT): a resumed run trains on what the run it resumes would have trained on next.
   const datasetDir = join(config.data_dir, config.dataset);
   const seed = config.seed + rank;
-  const batches = new BatchLoader(datasetDir, config.batch_size, config.block_size, new Rng(seed));
+  const batches = new BatchLoader(datasetDir, config.batch_size, config.block_size, seed);
   try {
     // --- model ---
     let iterNum = 0;
@@ -135,6 +135,7 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
         `dataset ${config.dataset} has ${datasetVocabSize} token ids but the model's vocabulary has ${modelArgs.vocab_size}; train this model on the dataset it was made for (its checkpoint's config says which), or start one with --init_from=scratch`,
       );
     }
+    engine.setDropoutStream(seed, iterNum * accumulationSteps);
     info(`number of parameters: ${(engine.numParams(true) / 1e6).toFixed(2)}M`);
     // The CPU engines compute in float32 whatever dtype says (noEffectNotes says so where the user set it).
     if (config.device !== 'cpu') engine.setPrecision(config.dtype as Dtype);
@@ -174,7 +175,7 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
     const meanLoss = async (split: 'train' | 'val', interruptible: boolean): Promise<number | undefined> => {
       let sum = 0;
       for (let k = 0; k < config.eval_iters; k++) {
-        const { x, y } = batches.next(split);
+        const { x, y } = batches.batch(split, iterNum * config.eval_iters + k);
         sum += inEngine(() => engine.evalLoss(x, y, config.batch_size));
         await letSignalsIn();
         if (interruptible && stopAsked()) return undefined;
@@ -240,7 +241,8 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
     let lastEval: TrainResult['last_eval'] = null;
     let stopped = false;
     const firstIter = iterNum;
-    let { x, y } = batches.next('train');
+    // Training batch number iter * accumulationSteps + microStep, fetched while the engine works on the one before.
+    let { x, y } = batches.batch('train', iterNum * accumulationSteps);
     let t0 = performance.now();
     for (;;) {
       const lr = config.decay_lr ? lrAt(iterNum, schedule) : config.learning_rate;
@@ -277,7 +279,7 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
         // As nanoGPT's require_backward_grad_sync: the last micro-step's backward pass starts the all-reduce.
         if (worldSize > 1) engine.setBackwardGradSync(microStep === accumulationSteps - 1);
         inEngine(() => engine.accumulate(x, y, config.batch_size, 1 / accumulationSteps));
-        ({ x, y } = batches.next('train'));
+        ({ x, y } = batches.batch('train', iterNum * accumulationSteps + microStep + 1));
         // Between micro-steps: a stop asked for during the last one comes after the step, which is then complete.
         if (canStopAnywhere && microStep < accumulationSteps - 1) {
           await letSignalsIn();

@@ -3,9 +3,8 @@
 import { checkpointFiles, checkpointInfoText, parseCheckpointInfo, type CheckpointInfo } from '../../ts/checkpoint-info.ts';
 import type { LrSchedule, MemoryEstimate, ModelArgs, OptimizerArgs, ParamGroups, StepStats } from '../../ts/engine-types.ts';
 import { firstLine } from '../../ts/errors.ts';
-import { Rng } from '../../ts/rng.ts';
 import { defaultsOf, trainKeys, type TrainConfig } from '../../ts/schema.ts';
-import { CharTokenizer, encodeCharDataset, sampleBatch, type Meta, type Split } from '../../ts/tokens.ts';
+import { batchRng, CharTokenizer, encodeCharDataset, sampleBatch, type Meta, type Split } from '../../ts/tokens.ts';
 import { pickWasmBuild } from '../../ts/wasm-build.ts';
 import { wasmMemoryRefusal } from '../../ts/wasm-memory.ts';
 import type { FromWorker, ToWorker } from './messages.ts';
@@ -28,6 +27,7 @@ interface Gpt {
   configureOptimizer(optimizerArgs: OptimizerArgs): ParamGroups;
   loadOptimizer(bytes: Uint8Array): void;
   forwardBackward(x: Uint32Array, y: Int32Array, batchSize: number, lossScale: number): number;
+  setDropoutStream(seed: number, microStep: number): void;
   step(lr: number): StepStats;
   evalLoss(x: Uint32Array, y: Int32Array, batchSize: number): number;
   generate(prompt: Uint32Array, maxNewTokens: number, temperature: number, topK: number, seed: number): Uint32Array;
@@ -41,8 +41,8 @@ const sampleKeys = { temperature: 0.8, top_k: 200 };
 
 let engine: EngineGlue;
 let dataset: { name: string; tokenizer: CharTokenizer; splits: Record<Split, Uint16Array> } | undefined;
-/** The model being trained (or loaded), where its run stands, and the stream its batches come from. */
-let run: { gpt: Gpt; config: TrainConfig; modelArgs: ModelArgs; tokenizer: CharTokenizer; iter: number; bestValLoss: number; rng: Rng } | undefined;
+/** The model being trained (or loaded), and where its run stands. */
+let run: { gpt: Gpt; config: TrainConfig; modelArgs: ModelArgs; tokenizer: CharTokenizer; iter: number; bestValLoss: number } | undefined;
 let stopRequested = false;
 
 const post = (message: FromWorker, transfer: Transferable[] = []) => self.postMessage(message, { transfer });
@@ -138,7 +138,7 @@ function startRun(config: TrainConfig): void {
   run?.gpt.free();
   const gpt = engine.Gpt.create(modelArgs, config.seed);
   gpt.configureOptimizer(optimizerArgs(config));
-  run = { gpt, config, modelArgs, tokenizer: dataset.tokenizer, iter: 0, bestValLoss: 1e9, rng: new Rng(config.seed) };
+  run = { gpt, config, modelArgs, tokenizer: dataset.tokenizer, iter: 0, bestValLoss: 1e9 };
   post({ kind: 'model', params: gpt.numParams(true), memoryBytes: need.total, iter: 0 });
 }
 
@@ -160,15 +160,20 @@ async function train(requested: TrainConfig, fresh: boolean): Promise<void> {
   // A run continues with the page's iteration count and schedule; the architecture stays the model's.
   const config: TrainConfig = { ...requested, ...pick(current.modelArgs, ['n_layer', 'n_head', 'n_embd', 'block_size', 'bias']) };
   current.config = config;
-  const { gpt, rng } = current;
+  const { gpt } = current;
   const { splits } = dataset;
   const T = config.block_size;
-  const batch = (split: Split) => sampleBatch(splits[split].length, config.batch_size, T, rng, (offset) => splits[split].subarray(offset, offset + T + 1));
-  const estimateLoss = () => {
+  // As the CLI's runs: batches and dropout masks are functions of the seed and their place in the run, so that a run
+  // continued here, or a checkpoint resumed, trains as one run would.
+  const batch = (split: Split, position: number) =>
+    sampleBatch(splits[split].length, config.batch_size, T, batchRng(config.seed, split, position), (offset) => splits[split].subarray(offset, offset + T + 1));
+  const accumulationSteps = config.gradient_accumulation_steps;
+  gpt.setDropoutStream(config.seed, current.iter * accumulationSteps);
+  const estimateLoss = (iter: number) => {
     const mean = (split: Split) => {
       let sum = 0;
       for (let k = 0; k < config.eval_iters; k++) {
-        const { x, y } = batch(split);
+        const { x, y } = batch(split, iter * config.eval_iters + k);
         sum += gpt.evalLoss(x, y, config.batch_size);
       }
       return sum / config.eval_iters;
@@ -176,26 +181,25 @@ async function train(requested: TrainConfig, fresh: boolean): Promise<void> {
     return { train: mean('train'), val: mean('val') };
   };
   const schedule: LrSchedule = pick(config, ['learning_rate', 'min_lr', 'warmup_iters', 'lr_decay_iters', 'decay_lr']);
-  const tokensPerIter = config.gradient_accumulation_steps * config.batch_size * T;
+  const tokensPerIter = accumulationSteps * config.batch_size * T;
   const firstIter = current.iter;
   const startedAt = performance.now();
 
   stopRequested = false;
-  let { x, y } = batch('train');
   while (current.iter <= config.max_iters && !stopRequested) {
     const iter = current.iter;
     const lr = config.decay_lr ? engine.lrAt(iter, schedule) : config.learning_rate;
     if (iter % config.eval_interval === 0) {
-      const losses = estimateLoss();
+      const losses = estimateLoss(iter);
       current.bestValLoss = Math.min(current.bestValLoss, losses.val);
       post({ kind: 'eval', iter, ...losses });
       if (iter > 0) post({ kind: 'sample', iter, text: sample('\n', 200, iter) });
     }
     const t0 = performance.now();
     let loss = 0;
-    for (let microStep = 0; microStep < config.gradient_accumulation_steps; microStep++) {
-      loss = gpt.forwardBackward(x, y, config.batch_size, 1 / config.gradient_accumulation_steps);
-      ({ x, y } = batch('train'));
+    for (let microStep = 0; microStep < accumulationSteps; microStep++) {
+      const { x, y } = batch('train', iter * accumulationSteps + microStep);
+      loss = gpt.forwardBackward(x, y, config.batch_size, 1 / accumulationSteps);
     }
     gpt.step(lr);
     const stepMs = performance.now() - t0;
@@ -260,7 +264,7 @@ function load(files: ZipEntry[]): void {
   gpt.configureOptimizer(optimizerArgs(config));
   const optimizer = byName.get(checkpointFiles.optimizer);
   if (optimizer) gpt.loadOptimizer(optimizer);
-  run = { gpt, config, modelArgs, tokenizer: vocabulary, iter: info.iter_num, bestValLoss: info.best_val_loss, rng: new Rng(config.seed + info.iter_num) };
+  run = { gpt, config, modelArgs, tokenizer: vocabulary, iter: info.iter_num, bestValLoss: info.best_val_loss };
   post({ kind: 'loaded', info, optimizer: optimizer !== undefined });
   post({ kind: 'model', params: gpt.numParams(true), memoryBytes: 0, iter: info.iter_num });
 }

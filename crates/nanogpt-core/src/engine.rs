@@ -40,7 +40,8 @@ pub struct Engine {
     optimizer: Option<AdamW>,
     /// Graph path: the sum over the micro-steps since the last optimizer step, one per parameter.
     grads: Option<Vec<Tensor>>,
-    /// Dropout masks are a hash of this seed and the micro-step's number, so that a seed fixes a whole run.
+    /// Dropout masks are a hash of this seed and the micro-step's number, so that a seed fixes a whole run
+    /// ([`Engine::set_dropout_stream`]).
     dropout_seed: u64,
     micro_steps: u64,
     /// float16 only: the dynamic loss scale.
@@ -247,6 +248,16 @@ pub fn device(name: &str, seed: u64) -> Result<Device> {
     }
 }
 
+/// Dropout's stream apart from the weights' initialisation, which `seed` seeds too.
+fn dropout_seed(seed: u64) -> u64 {
+    seed ^ 0x5eed_d809
+}
+
+/// What sets a rank's dropout stream apart from the other ranks': 0 on rank 0.
+fn rank_stream(rank: usize) -> u64 {
+    (rank as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
 /// nanoGPT's `dtype` key: the dtype the forward and backward passes compute in.
 pub fn compute_dtype(name: &str) -> Result<DType> {
     match name {
@@ -337,7 +348,7 @@ impl Engine {
             model_stale: AtomicBool::new(false),
             optimizer: None,
             grads: None,
-            dropout_seed: seed ^ 0x5eed_d809,
+            dropout_seed: dropout_seed(seed),
             micro_steps: 0,
             scaler: None,
             profile: None,
@@ -572,7 +583,7 @@ impl Engine {
         }
         // Each rank its own dropout masks, also where the model came from a file (whose seed is 0 on every rank);
         // rank 0 keeps its own, so that it trains as a single process would.
-        self.dropout_seed ^= (collective.rank() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        self.dropout_seed ^= rank_stream(collective.rank());
         self.collective = collective;
         Ok(())
     }
@@ -585,6 +596,14 @@ impl Engine {
     /// Returns once every rank has called it.
     pub fn barrier(&self) {
         self.collective.barrier();
+    }
+
+    /// The next micro-step draws the dropout masks of micro-step number `micro_step` (counted from 0 over the
+    /// whole run) of a model created with `seed`, and the ones after it follow on: a run resumed from a
+    /// checkpoint draws the masks the run it resumes would have drawn, whatever the weights were loaded from.
+    pub fn set_dropout_stream(&mut self, seed: u64, micro_step: u64) {
+        self.dropout_seed = dropout_seed(seed) ^ rank_stream(self.collective.rank());
+        self.micro_steps = micro_step;
     }
 
     /// Whether the backward passes of the micro-steps that follow average the gradients over the ranks

@@ -314,6 +314,45 @@ fn checkpoint_round_trip_restores_weights_and_optimizer() -> Result<()> {
 }
 
 #[test]
+fn a_restored_engine_continues_the_dropout_masks_where_it_was_saved() -> Result<()> {
+    let args = tiny(true, 0.2, Gelu::Erf);
+    let opt = OptimizerArgs { weight_decay: 0.1, beta1: 0.9, beta2: 0.99, grad_clip: 1.0 };
+    let (x, y) = batch(&args, 2, 8);
+    let train = |engine: &mut Engine, steps: usize| -> Result<()> {
+        for _ in 0..steps {
+            for _ in 0..2 {
+                engine.accumulate(&x, &y, 2, 0.5)?;
+            }
+            engine.step(1e-3)?;
+        }
+        Ok(())
+    };
+    let mut uninterrupted = Engine::new(&args, 5, "cpu")?;
+    uninterrupted.configure_optimizer(&opt)?;
+    train(&mut uninterrupted, 1)?;
+    let (weights, optimizer) =
+        (files::to_vec(|out| uninterrupted.save_weights(out))?, files::to_vec(|out| uninterrupted.save_optimizer(out))?);
+    train(&mut uninterrupted, 2)?;
+    let expected = files::to_vec(|out| uninterrupted.save_weights(out))?;
+
+    let resumed = |stream: Option<(u64, u64)>| -> Result<Vec<u8>> {
+        let mut engine = Engine::from_safetensors(&args, &weights, "cpu")?;
+        engine.configure_optimizer(&opt)?;
+        engine.load_optimizer(&optimizer)?;
+        if let Some((seed, micro_step)) = stream {
+            engine.set_dropout_stream(seed, micro_step);
+        }
+        train(&mut engine, 2)?;
+        files::to_vec(|out| engine.save_weights(out))
+    };
+    // Two micro-steps were taken before the save.
+    assert!(resumed(Some((5, 2)))? == expected, "the resumed steps draw the uninterrupted run's masks");
+    assert!(resumed(None)? != expected, "a loaded model's own masks are not the run's");
+    assert!(resumed(Some((5, 0)))? != expected, "the masks of the run's first steps are not those of its next");
+    Ok(())
+}
+
+#[test]
 fn accumulate_defers_the_loss_until_it_is_read() -> Result<()> {
     for (dtype, device_note) in [(candle_core::DType::F32, "explicit step"), (candle_core::DType::F16, "graph")] {
         let args = tiny(true, 0.0, Gelu::Erf);

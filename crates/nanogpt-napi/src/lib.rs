@@ -261,6 +261,12 @@ impl Gpt {
         self.engine.any_rank(flag)
     }
 
+    /// Where the dropout masks continue: those of micro-step `micro_step` of a model created with `seed`.
+    #[napi]
+    pub fn set_dropout_stream(&mut self, seed: i64, micro_step: i64) {
+        self.engine.set_dropout_stream(seed as u64, micro_step as u64);
+    }
+
     /// Whether the next micro-steps' backward passes average the gradients over the ranks as they finish them.
     #[napi]
     pub fn set_backward_grad_sync(&mut self, sync: bool) {

@@ -97,6 +97,12 @@ impl Gpt {
         self.engine.accumulate(x, y, batch_size as usize, loss_scale).map_err(js_error)
     }
 
+    /// Where the dropout masks continue: those of micro-step `micro_step` of a model created with `seed`.
+    #[wasm_bindgen(js_name = setDropoutStream)]
+    pub fn set_dropout_stream(&mut self, seed: f64, micro_step: f64) {
+        self.engine.set_dropout_stream(seed as u64, micro_step as u64);
+    }
+
     #[wasm_bindgen(js_name = lastLoss)]
     pub fn last_loss(&self) -> Result<f64, JsError> {
         Ok(self.engine.last_loss().map_err(js_error)? as f64)
