@@ -1,6 +1,8 @@
 //! CUDA devices: opening one for training, its memory figures, and the engine's own kernels on it.
 //! Without the `cuda` feature the same functions exist and say that this build has no CUDA.
 
+#[cfg(feature = "cuda")]
+use crate::kernels::cuda::first_line;
 use candle_core::{Device, Result};
 #[cfg(feature = "cuda")]
 use cudarc::driver;
@@ -91,12 +93,6 @@ fn mem_pool(cuda: &candle_core::CudaDevice) -> Result<cudarc::driver::sys::CUmem
 #[cfg(feature = "cuda")]
 fn driver_error(e: cudarc::driver::DriverError) -> candle_core::Error {
     candle_core::Error::Msg(format!("CUDA driver: {e}"))
-}
-
-/// The message without the backtrace that candle appends when RUST_BACKTRACE is set.
-#[cfg(feature = "cuda")]
-fn first_line(e: &impl std::fmt::Display) -> String {
-    e.to_string().lines().next().unwrap_or_default().trim().to_string()
 }
 
 /// Memory figures of `device`; None on the CPU.

@@ -15,7 +15,7 @@ use candle_core::{bail, Result};
 
 use crate::decode::Sequences;
 use crate::kernels::cuda::decode::{self, Cache};
-use crate::kernels::cuda::{attention, encoder, gelu, layernorm, matmul, DeviceBuffer, Gpu, Precision};
+use crate::kernels::cuda::{attention, encoder, gelu, layernorm, matmul, with_fix, DeviceBuffer, Gpu, Precision};
 use crate::model::{Gelu, ModelArgs};
 use crate::sample::SampleArgs;
 use crate::train_step::{Affine, ParamLayout};
@@ -71,6 +71,8 @@ impl CudaDecoder {
             bail!("nothing to generate: give at least one seed (one per sequence)");
         }
         let (block, c, xs) = (args.block_size, args.n_embd, x.size_in_bytes());
+        decode::check(gpu.as_ref(), c, args.n_head, block, batch)
+            .map_err(|e| with_fix(&e, "or sample on candle's graph instead: NANOGPT_CUDA_STEP=graph"))?;
         let rows = batch * block;
         let buffer = |elements: usize, size: usize| DeviceBuffer::zeroed(&gpu, elements * size);
         let cache = batch * args.n_layer * block * c;

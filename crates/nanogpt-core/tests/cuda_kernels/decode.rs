@@ -4,12 +4,14 @@
 
 use nanogpt_core::decode::{self, Weights};
 use nanogpt_core::decode_cuda::{self, CudaDecoder};
-use nanogpt_core::kernels::cuda::Precision;
+use nanogpt_core::kernels::cuda::{Gpu, Precision};
 use nanogpt_core::model::{Gelu, ModelArgs};
 use nanogpt_core::sample::SampleArgs;
 use nanogpt_core::train_step::{self, Activations, ParamLayout};
 
-use crate::gpu::{assert_close, on_cuda_device, random, shared_gpu};
+use std::sync::Arc;
+
+use crate::gpu::{assert_close, gpu_with_shared_limit, on_cuda_device, random, shared_gpu};
 
 fn model(bias: bool, gelu: Gelu) -> (ModelArgs, Vec<f32>) {
     let args = ModelArgs { n_layer: 2, n_head: 2, n_embd: 32, block_size: 8, vocab_size: 19, bias, dropout: 0.0, gelu };
@@ -70,4 +72,30 @@ fn generation_gives_the_cpu_decoders_sequences() {
         let got = decode_cuda::generate(shared_gpu(), &args, Precision::F32, &params, &[1, 2], &seeds, &sample).unwrap();
         assert_eq!(got, want, "top_k {top_k:?}");
     }
+}
+
+#[test]
+fn a_generation_the_decoder_cannot_launch_is_refused_before_anything_is_allocated() {
+    let refusal = |gpu: Arc<dyn Gpu + Send + Sync>, args: &ModelArgs, batch: usize| {
+        let params = random(ParamLayout::new(args).len, 0.3, 21);
+        let weights = decode_cuda::upload_weights(&shared_gpu(), Precision::F32, &params).unwrap();
+        CudaDecoder::new(gpu, args, Precision::F32, weights, batch).err().map(|e| e.to_string())
+    };
+    let (args, _) = model(true, Gelu::Erf);
+    // One block per sequence along the attention grid's z, which CUDA caps at 65535.
+    assert_eq!(
+        refusal(shared_gpu(), &args, 65536).as_deref(),
+        Some("the GPU decodes at most 65535 sequences at once, not 65536: lower num_samples; or sample on candle's graph instead: NANOGPT_CUDA_STEP=graph")
+    );
+    // A score per cached position in shared memory: 16384 positions take 64 KiB and more.
+    let long = ModelArgs { block_size: 16384, ..args };
+    let small: Arc<dyn Gpu + Send + Sync> = Arc::new(gpu_with_shared_limit(48 * 1024));
+    let message = refusal(small, &long, 1).expect("a context beyond the shared memory is refused");
+    assert!(
+        message.starts_with(
+            "block_size 16384 needs 65 KiB of shared memory a block in the GPU decoder's attention, more than this GPU's 48 KiB;"
+        ),
+        "{message}"
+    );
+    assert!(refusal(Arc::new(gpu_with_shared_limit(227 * 1024)), &long, 1).is_none(), "227 KiB hold it");
 }

@@ -199,7 +199,7 @@ pub fn gpu_landing_copies_early() -> &'static dyn Gpu {
 }
 
 /// An emulated GPU that allows a block `limit` bytes of shared memory, for checks that launch nothing.
-pub fn gpu_with_shared_limit(limit: u32) -> impl Gpu {
+pub fn gpu_with_shared_limit(limit: u32) -> impl Gpu + Send + Sync {
     Emulated { shared_limit: Some(limit), ..Default::default() }
 }
 

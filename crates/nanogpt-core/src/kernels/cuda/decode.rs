@@ -8,6 +8,31 @@ use super::{blocks_for, Arg, Gpu, Precision};
 /// Threads per block of the copies (one element each) and of the attention (one block per query and head).
 const THREADS: u32 = 128;
 
+/// The most blocks a CUDA grid has along y and z: [`attend`]'s heads and sequences.
+const MAX_GRID_YZ: usize = 65535;
+
+/// Refuses, before anything is allocated, a generation of `batch` sequences that [`attend`] cannot launch on `gpu`
+/// for a model of width `c`, `nh` heads and a context of `block` positions.
+pub fn check(gpu: &dyn Gpu, c: usize, nh: usize, block: usize, batch: usize) -> Result<()> {
+    if batch > MAX_GRID_YZ {
+        bail!("the GPU decodes at most {MAX_GRID_YZ} sequences at once, not {batch}: lower num_samples");
+    }
+    let shared = attend_shared_bytes(c, nh, block);
+    if shared > gpu.max_shared_bytes() as usize {
+        bail!(
+            "block_size {block} needs {} KiB of shared memory a block in the GPU decoder's attention, more than this GPU's {} KiB",
+            shared.div_ceil(1024),
+            gpu.max_shared_bytes() / 1024
+        );
+    }
+    Ok(())
+}
+
+/// [`attend`]'s shared memory: the scaled query, a score per cached position, and the reductions' 32 floats.
+fn attend_shared_bytes(c: usize, nh: usize, block: usize) -> usize {
+    (c / nh + block + 32) * 4
+}
+
 /// Where a KV cache is and how it is laid out: `keys` and `values` hold B x L x block x C elements of X.
 #[derive(Clone, Copy, Debug)]
 pub struct Cache {
@@ -90,8 +115,7 @@ pub fn attend(
         int("attend_to_cache block", cache.block)?,
         Arg::I64(cache.seq_stride()),
     ];
-    // The scaled query, a score per cached position, and the reductions' 32 floats.
-    let shared = (cache.c / nh + cache.block + 32) * 4;
+    let shared = attend_shared_bytes(cache.c, nh, cache.block);
     gpu.launch(&x.kernel("attend_to_cache"), [t as u32, nh as u32, b as u32], [THREADS, 1, 1], shared as u32, &args)
 }
 

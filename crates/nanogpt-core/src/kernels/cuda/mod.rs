@@ -269,5 +269,15 @@ pub fn blocks_for(n: usize, block: u32) -> u32 {
 pub fn check_model(gpu: &dyn Gpu, args: &crate::model::ModelArgs, x: Precision) -> Result<()> {
     attention::check_model(gpu, x, args.n_embd, args.n_head, args.dropout > 0.0)
         .and_then(|()| layernorm::check_channels(args.n_embd))
-        .map_err(|e| candle_core::Error::Msg(format!("{e}; or train on candle's graph instead: NANOGPT_CUDA_STEP=graph")))
+        .map_err(|e| with_fix(&e, "or train on candle's graph instead: NANOGPT_CUDA_STEP=graph"))
+}
+
+/// An error's message without the backtrace candle appends to it when RUST_BACKTRACE is set.
+pub(crate) fn first_line(e: &impl std::fmt::Display) -> String {
+    e.to_string().lines().next().unwrap_or_default().trim().to_string()
+}
+
+/// `e`'s message followed by another way out, in one line.
+pub(crate) fn with_fix(e: &candle_core::Error, fix: &str) -> candle_core::Error {
+    candle_core::Error::Msg(format!("{}; {fix}", first_line(e)))
 }
