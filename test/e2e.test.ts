@@ -429,6 +429,36 @@ describe('library API', () => {
     expect(JSON.parse(readFileSync(join(stoppedDir, 'ckpt.json'), 'utf8')).iter_num).toBe(2);
   });
 
+  it('stops a diverging run at its first step with a non-finite gradient norm, keeping the checkpoint saved before', async () => {
+    const { train } = await import('../ts/index.ts');
+    const outDir = join(work, 'out-diverge');
+    await train({ ...small, out_dir: outDir, max_iters: 2, eval_interval: 2 });
+    const saved = readFileSync(join(outDir, 'model.safetensors'));
+    // One step at this rate makes the weights too large for the next step's products.
+    const run = train({ ...small, out_dir: outDir, init_from: 'resume', max_iters: 20, eval_interval: 100, learning_rate: 1e10, warmup_iters: 0 });
+    await expect(run).rejects.toThrow(
+      `training diverged at iteration 3 (gradient norm NaN); the checkpoint of iteration 2 in ${outDir} is kept: lower --learning_rate and resume it with --init_from=resume`,
+    );
+    expect(readFileSync(join(outDir, 'model.safetensors')).equals(saved)).toBe(true);
+    const fresh = train({ ...small, out_dir: join(work, 'out-diverge-fresh'), max_iters: 20, learning_rate: 1e10, warmup_iters: 0, grad_clip: 0 });
+    await expect(fresh).rejects.toThrow(/^training diverged at iteration \d+ \(gradient norm (NaN|Infinity)\) and nothing was saved; lower --learning_rate or set --grad_clip=1\.0 and start again$/);
+  });
+
+  it('saves no weights whose evaluated loss is not finite, even with always_save_checkpoint', async () => {
+    const { train } = await import('../ts/index.ts');
+    const outDir = join(work, 'out-nan');
+    await train({ ...small, out_dir: outDir, max_iters: 2, eval_interval: 2 });
+    // The last weight of the file becomes NaN, as a diverged run's would.
+    const weights = join(outDir, 'model.safetensors');
+    const poisoned = readFileSync(weights);
+    poisoned.writeFloatLE(NaN, poisoned.length - 4);
+    writeFileSync(weights, poisoned);
+    const run = train({ ...small, out_dir: outDir, init_from: 'resume', max_iters: 4, eval_interval: 2, always_save_checkpoint: true });
+    await expect(run).rejects.toThrow(/^training diverged at iteration 2 \(the evaluated loss is not finite\)/);
+    expect(readFileSync(weights).equals(poisoned)).toBe(true);
+    expect(JSON.parse(readFileSync(join(outDir, 'ckpt.json'), 'utf8')).iter_num).toBe(2);
+  });
+
   it('resumes a checkpoint into the run it came from: the same batches, dropout masks, losses and weights', async () => {
     const { train } = await import('../ts/index.ts');
     type Event = { kind: string; iter?: number; loss?: number; val_loss?: number };

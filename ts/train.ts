@@ -2,7 +2,7 @@
 // AdamW); this file decides what happens when, reports progress through `onLog`, and checkpoints.
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
-import { loadCheckpointOptimizer, loadCheckpointWeights, readCheckpointInfo, readMetaPkl, saveCheckpoint } from './checkpoint.ts';
+import { hasCheckpoint, loadCheckpointOptimizer, loadCheckpointWeights, readCheckpointInfo, readMetaPkl, saveCheckpoint } from './checkpoint.ts';
 import { noEffectNotes, resolveConfig, trainSchema, type TrainConfig } from './config.ts';
 import { BatchLoader, readMeta } from './data.ts';
 import { checkDataParallel } from './distributed.ts';
@@ -238,6 +238,17 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
       }
       if (engine.anyRank(saveNow)) save();
     };
+    // Weights that are no longer finite are never saved (nanoGPT's always_save_checkpoint would write them over the
+    // last good checkpoint): the run stops at the first step whose gradient norm, or evaluation whose loss, is not.
+    const diverged = (what: string) => {
+      const kept = hasCheckpoint(config.out_dir) ? readCheckpointInfo(config.out_dir).iter_num : undefined;
+      const fix = `lower --learning_rate${config.grad_clip === 0 ? ' or set --grad_clip=1.0' : ''}`;
+      return new UserError(
+        kept === undefined
+          ? `training diverged at iteration ${iterNum} (${what}) and nothing was saved; ${fix} and start again`
+          : `training diverged at iteration ${iterNum} (${what}); the checkpoint of iteration ${kept} in ${config.out_dir} is kept: ${fix} and resume it with --init_from=resume`,
+      );
+    };
     let lastEval: TrainResult['last_eval'] = null;
     let stopped = false;
     const firstIter = iterNum;
@@ -251,6 +262,7 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
         // Every rank has finished the step before: a checkpoint saved now is of a step the whole run took.
         engine.barrier();
         let saveNow = false;
+        let finite = true;
         if (master) {
           const losses = await estimateLoss();
           if (!losses) {
@@ -261,12 +273,14 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
           const message = `step ${iterNum}: train loss ${lastEval.train.toFixed(4)}, val loss ${lastEval.val.toFixed(4)}`;
           report({ kind: 'eval', message, iter: iterNum, train_loss: lastEval.train, val_loss: lastEval.val });
           runLog?.eval({ iter: iterNum, train_loss: lastEval.train, val_loss: lastEval.val, lr }, runningMfu);
-          if (lastEval.val < bestValLoss || config.always_save_checkpoint) {
+          finite = Number.isFinite(lastEval.train) && Number.isFinite(lastEval.val);
+          if (finite && (lastEval.val < bestValLoss || config.always_save_checkpoint)) {
             bestValLoss = lastEval.val;
             saveNow = iterNum > 0;
           }
         }
-        // Rank 0 decides; every rank joins the save.
+        // Rank 0 decides; every rank stops, or joins the save.
+        if (engine.anyRank(!finite)) throw diverged('the evaluated loss is not finite');
         if (engine.anyRank(saveNow)) save();
       }
       // As in nanoGPT, eval_only stops only a run that starts at iteration 0.
@@ -292,6 +306,8 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
         break;
       }
       const stats = inEngine(() => engine.step(lr));
+      // float16's loss scaling skips a step whose gradients overflow, as GradScaler does, and goes on.
+      if (!stats.skipped && !Number.isFinite(stats.grad_norm)) throw diverged(`gradient norm ${stats.grad_norm}`);
       runLog?.countStep(stats.clipped);
 
       const t1 = performance.now();
