@@ -1,15 +1,16 @@
 import { describe, expect, it } from 'vitest';
 import { parseBenchArgs, runBench, type BenchEngine } from '../ts/bench.ts';
-import { benchDefaults } from '../ts/config.ts';
+import { benchDefaults, trainSchema } from '../ts/config.ts';
 import { Engine } from '../ts/engine.ts';
 import { UserError } from '../ts/errors.ts';
 
 const tiny = { n_layer: 1, n_head: 2, n_embd: 32, block_size: 16, batch_size: 2, vocab_size: 64, warmup: 1, iters: 2 };
 
 describe('bench', () => {
-  it("defaults to bench.py's GPT-2 124M shapes in bfloat16 on cuda", () => {
+  it("defaults to bench.py's GPT-2 124M shapes in bfloat16, on train's default device", () => {
     expect(parseBenchArgs([])).toEqual(benchDefaults);
     expect(benchDefaults).toMatchObject({ batch_size: 12, block_size: 1024, n_layer: 12, n_head: 12, n_embd: 768, vocab_size: 50304, dtype: 'bfloat16' });
+    expect(benchDefaults.device).toBe(trainSchema.device.default);
     expect(parseBenchArgs(['--batch_size=4', '--real_data', '--dtype=float32', '--device=cpu'])).toMatchObject({
       batch_size: 4,
       real_data: true,

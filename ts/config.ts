@@ -60,7 +60,7 @@ export const benchDefaults: BenchOptions = {
   real_data: false,
   dataset: 'openwebtext',
   data_dir: 'data',
-  device: 'cuda',
+  device: defaultDevice(),
   engine: 'auto',
   dtype: 'bfloat16',
   seed: 1337,
