@@ -212,6 +212,21 @@ describe.skipIf(!canRun)('data-parallel training on two ranks (mpirun)', () => {
     }
   });
 
+  it('resumes a checkpoint of two ranks on two into the run it came from, dropout masks and batches included', () => {
+    const train = (...args: string[]) => {
+      const result = run('train', ...tiny, '--dropout=0.1', '--nproc_per_node=2', '--gradient_accumulation_steps=4', '--eval_interval=2', ...args);
+      expect(result.stderr).toBe('');
+      expect(result.status).toBe(0);
+    };
+    train('--max_iters=4', '--out_dir=out-ddp-whole');
+    // Saves at iteration 2; the resumed run evaluates there again and trains on.
+    train('--max_iters=2', '--out_dir=out-ddp-halves');
+    train('--max_iters=4', '--out_dir=out-ddp-halves', '--init_from=resume');
+    for (const file of ['model.safetensors', 'optimizer.safetensors']) {
+      expect(readFileSync(join(work, 'out-ddp-halves', file)).equals(readFileSync(join(work, 'out-ddp-whole', file))), file).toBe(true);
+    }
+  });
+
   it('prints, logs and saves on rank 0 only', () => {
     // Each rank reads the config module itself, so each gets an out_dir of its own: only rank 0's may appear.
     writeFileSync(join(work, 'per-rank.js'), "export default { out_dir: 'out-rank' + process.env.OMPI_COMM_WORLD_RANK };\n");
