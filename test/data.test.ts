@@ -126,7 +126,7 @@ describe('Rng', () => {
       const rng = new Rng(...key);
       return Array.from({ length: 4 }, () => rng.nextUint32());
     };
-    const streams = [draw(7), draw(7, 0, 0), draw(7, 0, 1), draw(7, 1, 0), draw(7, 0, 2 ** 40), draw(8, 0, 1)].map((s) => s.join());
+    const streams = [draw(7), draw(7, 0, 0), draw(7, 0, 1), draw(7, 1, 0), draw(7, 0, 2 ** 40), draw(8, 0, 1), draw(0), draw(0, 0), draw(0, 0, 0)].map((s) => s.join());
     expect(new Set(streams).size).toBe(streams.length);
     expect(draw(7, 0, 2 ** 40)).toEqual(draw(7, 0, 2 ** 40));
   });
@@ -156,7 +156,7 @@ describe('BatchLoader', () => {
 
   it('reads consecutive windows with y = x shifted by one', () => {
     const loader = new BatchLoader(dir, 4, 16, 1337);
-    const { x, y } = loader.batch('train', 0);
+    const { x, y } = loader.step(0);
     expect(x).toHaveLength(64);
     for (let row = 0; row < 4; row++) {
       const start = x[row * 16];
@@ -168,20 +168,22 @@ describe('BatchLoader', () => {
     loader.close();
   });
 
-  it('keeps every window inside the split, and gives a position of a split the same batch for a seed, whatever came before', () => {
-    const starts = (seed: number, split: 'train' | 'val', positions: number[]) => {
+  it('keeps every window inside the split, and gives a position the same batch for a seed, whatever came before', () => {
+    type Draw = 'step' | 'eval train' | 'eval val';
+    const starts = (seed: number, draw: Draw, positions: number[]) => {
       const loader = new BatchLoader(dir, 64, 16, seed);
-      const batches = positions.map((position) => loader.batch(split, position).x);
+      const batches = positions.map((position) => (draw === 'step' ? loader.step(position) : loader.evaluation(draw === 'eval train' ? 'train' : 'val', position)).x);
       loader.close();
       return Array.from({ length: 64 }, (_, row) => batches.at(-1)![row * 16]);
     };
-    const first = starts(7, 'val', [3]);
+    const first = starts(7, 'eval val', [3]);
     expect(first.every((start) => start >= 0 && start < 1000 - 16)).toBe(true);
-    expect(starts(7, 'val', [0, 1, 2, 3])).toEqual(first);
-    expect(starts(7, 'val', [4])).not.toEqual(first);
-    expect(starts(8, 'val', [3])).not.toEqual(first);
-    expect(starts(7, 'train', [3])).not.toEqual(starts(7, 'train', [2]));
-    expect(starts(7, 'train', [3])).not.toEqual(first);
+    expect(starts(7, 'eval val', [0, 1, 2, 3])).toEqual(first);
+    expect(starts(7, 'eval val', [4])).not.toEqual(first);
+    expect(starts(8, 'eval val', [3])).not.toEqual(first);
+    expect(starts(7, 'step', [3])).not.toEqual(starts(7, 'step', [2]));
+    // The evaluations of the training split do not measure the batches the steps train on.
+    expect(starts(7, 'eval train', [3])).not.toEqual(starts(7, 'step', [3]));
   });
 
   it('tells the user to run prepare when the dataset is missing', () => {

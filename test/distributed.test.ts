@@ -124,7 +124,7 @@ describe.skipIf(!canRun)('data-parallel training on two ranks (mpirun)', () => {
       .filter((record) => record.kind === 'train');
 
     // One process, accumulating 2 x 2 micro-batches per step: rank r's micro-step m of iteration i trains on batch
-    // i * 2 + m of the stream seeded 1337 + r (rank 0's evaluation draws from streams of its own).
+    // i * 2 + m of the steps' batches seeded 1337 + r (rank 0's evaluations draw batches of their own).
     const config = resolveConfig(trainSchema, { device: 'cpu' });
     const streams = [0, 1].map((rank) => new BatchLoader(join(work, 'data', 'shakespeare_char'), 4, 32, config.seed + rank));
     const engine = Engine.create({ ...model, vocab_size: 65 }, config.seed, 'cpu', 'native');
@@ -134,7 +134,7 @@ describe.skipIf(!canRun)('data-parallel training on two ranks (mpirun)', () => {
       let rank0Loss = 0;
       for (const rank of [0, 1]) {
         for (let micro = 0; micro < accumulation / 2; micro++) {
-          const { x, y } = streams[rank].batch('train', (iter * accumulation) / 2 + micro);
+          const { x, y } = streams[rank].step((iter * accumulation) / 2 + micro);
           const loss = engine.forwardBackward(x, y, 4, 1 / accumulation);
           if (rank === 0) rank0Loss = loss;
         }

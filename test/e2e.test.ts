@@ -437,11 +437,29 @@ describe('library API', () => {
     // One step at this rate makes the weights too large for the next step's products.
     const run = train({ ...small, out_dir: outDir, init_from: 'resume', max_iters: 20, eval_interval: 100, learning_rate: 1e10, warmup_iters: 0 });
     await expect(run).rejects.toThrow(
-      `training diverged at iteration 3 (gradient norm NaN); the checkpoint of iteration 2 in ${outDir} is kept: lower --learning_rate and resume it with --init_from=resume`,
+      `training diverged at iteration 3 (a gradient norm of NaN); the checkpoint of iteration 2 in ${outDir} is kept: lower --learning_rate and resume it with --init_from=resume`,
     );
     expect(readFileSync(join(outDir, 'model.safetensors')).equals(saved)).toBe(true);
     const fresh = train({ ...small, out_dir: join(work, 'out-diverge-fresh'), max_iters: 20, learning_rate: 1e10, warmup_iters: 0, grad_clip: 0 });
-    await expect(fresh).rejects.toThrow(/^training diverged at iteration \d+ \(gradient norm (NaN|Infinity)\) and nothing was saved; lower --learning_rate or set --grad_clip=1\.0 and start again$/);
+    await expect(fresh).rejects.toThrow(/^training diverged at iteration \d+ \(a gradient norm of (NaN|Infinity)\) and nothing was saved; lower --learning_rate or set --grad_clip=1\.0 and start again$/);
+  });
+
+  it('saves no weights on Ctrl-C that a step has just made diverge', async () => {
+    const { train } = await import('../ts/index.ts');
+    const outDir = join(work, 'out-diverge-stop');
+    await train({ ...small, out_dir: outDir, max_iters: 2, eval_interval: 2 });
+    const saved = readFileSync(join(outDir, 'model.safetensors'));
+    const stop = new AbortController();
+    const messages: string[] = [];
+    const onLog = (event: { kind: string; message: string; iter?: number }) => {
+      messages.push(event.message);
+      if (event.kind === 'iter' && event.iter === 2) stop.abort();
+    };
+    const options = { ...small, out_dir: outDir, init_from: 'resume', max_iters: 20, eval_interval: 100, learning_rate: 1e10, warmup_iters: 0 };
+    const result = await train(options, { signal: stop.signal, onLog });
+    expect(result).toMatchObject({ stopped: true, iter_num: 2 });
+    expect(messages).toContain(`the weights of iteration 2 give a loss that is not finite (the run diverged): the checkpoint already in ${outDir} stays`);
+    expect(readFileSync(join(outDir, 'model.safetensors')).equals(saved)).toBe(true);
   });
 
   it('saves no weights whose evaluated loss is not finite, even with always_save_checkpoint', async () => {
@@ -454,7 +472,7 @@ describe('library API', () => {
     poisoned.writeFloatLE(NaN, poisoned.length - 4);
     writeFileSync(weights, poisoned);
     const run = train({ ...small, out_dir: outDir, init_from: 'resume', max_iters: 4, eval_interval: 2, always_save_checkpoint: true });
-    await expect(run).rejects.toThrow(/^training diverged at iteration 2 \(the evaluated loss is not finite\)/);
+    await expect(run).rejects.toThrow('the weights this run starts from give an evaluated loss that is not finite at iteration 2, before its first step; start from other weights');
     expect(readFileSync(weights).equals(poisoned)).toBe(true);
     expect(JSON.parse(readFileSync(join(outDir, 'ckpt.json'), 'utf8')).iter_num).toBe(2);
   });

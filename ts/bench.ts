@@ -172,7 +172,7 @@ function batchSource(o: BenchOptions): () => Batch {
   if (o.real_data) {
     const loader = new BatchLoader(join(o.data_dir, o.dataset), o.batch_size, o.block_size, o.seed);
     let position = 0;
-    return () => loader.batch('train', position++);
+    return () => loader.step(position++);
   }
   const rng = new Rng(o.seed);
   const n = o.batch_size * o.block_size;

@@ -6,7 +6,7 @@ import { basename, dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { firstLine, UserError } from './errors.ts';
 import { writeFileAtomic } from './files.ts';
-import { batchRng, encodeCharDataset, sampleBatch, type Batch, type Meta, type Split } from './tokens.ts';
+import { batchRng, encodeCharDataset, sampleBatch, type Batch, type BatchUse, type Meta, type Split } from './tokens.ts';
 import { gpt2Tokenizer, gpt2VocabSize } from './tokenizer.ts';
 
 export { CharTokenizer, type Batch, type Meta, type Split } from './tokens.ts';
@@ -145,13 +145,22 @@ export class BatchLoader {
   }
 
   /**
-   * Batch number `position` of `split`'s stream (its own generator, see `batchRng`): a resumed run that asks for the
-   * positions it has reached draws the batches of the run it resumes.
+   * Batch number `position` of the training steps' batches (see `batchRng`): a resumed run that asks for the positions
+   * it has reached draws the batches of the run it resumes.
    */
-  batch(split: Split, position: number): Batch {
+  step(position: number): Batch {
+    return this.draw('train', 'step', position);
+  }
+
+  /** Batch number `position` of the evaluations' batches of `split`. */
+  evaluation(split: Split, position: number): Batch {
+    return this.draw(split, 'eval', position);
+  }
+
+  private draw(split: Split, use: BatchUse, position: number): Batch {
     const { fd, tokens } = this.files.get(split)!;
     const ids = new Uint16Array(this.blockSize + 1);
-    return sampleBatch(tokens, this.batchSize, this.blockSize, batchRng(this.seed, split, position), (offset) => {
+    return sampleBatch(tokens, this.batchSize, this.blockSize, batchRng(this.seed, split, use, position), (offset) => {
       readTokens(fd, offset, this.window);
       for (let t = 0; t < ids.length; t++) ids[t] = this.window.readUInt16LE(t * 2);
       return ids;

@@ -8,7 +8,8 @@ export class Rng {
   /** The stream of `seed`, or with `substreams`, one of the unrelated streams it names (e.g. one per batch). */
   constructor(seed: number, ...substreams: number[]) {
     let s = fold(0, seed);
-    for (const substream of substreams) s = fold(fmix32(s), substream);
+    // The constant keeps (seed 0, substream 0) from mixing to 0, which would make it seed 0's own stream.
+    for (const substream of substreams) s = fold(fmix32(s ^ 0x9e3779b9), substream);
     for (let i = 0; i < 4; i++) {
       s = (s + 0x9e3779b9) | 0;
       let z = s ^ (s >>> 16);

@@ -79,13 +79,17 @@ export interface Batch {
   y: Int32Array;
 }
 
+/** What a batch is for: a training step's micro-step, or an evaluation of the loss on a split. */
+export type BatchUse = 'step' | 'eval';
+
 /**
- * The generator of batch number `position` of `split` in a run seeded `seed`. nanoGPT draws every batch from one
- * stream, which starts over when a run resumes; one generator per batch lets a resumed run draw the batches the run
- * it resumes would have drawn next, and keeps the training batches apart from the evaluations' draws.
+ * The generator of batch number `position` of the batches `use` draws from `split`, in a run seeded `seed`. nanoGPT
+ * draws every batch from one stream, which starts over when a run resumes; one generator per batch lets a resumed run
+ * draw the batches the run it resumes would have drawn next, and keeps the evaluations from measuring the loss on
+ * the very batches the steps train on.
  */
-export function batchRng(seed: number, split: Split, position: number): Rng {
-  return new Rng(seed, split === 'train' ? 0 : 1, position);
+export function batchRng(seed: number, split: Split, use: BatchUse, position: number): Rng {
+  return new Rng(seed, (split === 'train' ? 0 : 2) + (use === 'step' ? 0 : 1), position);
 }
 
 /**

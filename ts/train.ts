@@ -84,6 +84,7 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
   const datasetDir = join(config.data_dir, config.dataset);
   const seed = config.seed + rank;
   const batches = new BatchLoader(datasetDir, config.batch_size, config.block_size, seed);
+  let runLog: RunLog | undefined;
   try {
     // --- model ---
     let iterNum = 0;
@@ -175,7 +176,7 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
     const meanLoss = async (split: 'train' | 'val', interruptible: boolean): Promise<number | undefined> => {
       let sum = 0;
       for (let k = 0; k < config.eval_iters; k++) {
-        const { x, y } = batches.batch(split, iterNum * config.eval_iters + k);
+        const { x, y } = batches.evaluation(split, iterNum * config.eval_iters + k);
         sum += inEngine(() => engine.evalLoss(x, y, config.batch_size));
         await letSignalsIn();
         if (interruptible && stopAsked()) return undefined;
@@ -200,7 +201,7 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
     const stepFlops = flopsPerIter(modelArgs, engine.numParams(true), tokensPerIter / worldSize);
     const mfu = new MfuMeter(stepFlops, config.device.startsWith('cuda') ? peakFlops(gpuName() ?? '') : null);
     let runningMfu: number | null = config.device.startsWith('cuda') ? -1 : null;
-    const runLog = master
+    runLog = master
       ? await RunLog.open({
           outDir: config.out_dir,
           start: { init_from: config.init_from, iter: iterNum },
@@ -230,7 +231,12 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
       report({ kind: 'stop', message: taken ? `stopping after iteration ${iterNum - 1}` : 'stopping before the first iteration', iter: iterNum - 1 });
       // A stop asked for during an evaluation's save, or just after it, has these weights saved already.
       let saveNow = master && taken && savedIter !== iterNum;
-      if (saveNow && !config.always_save_checkpoint) {
+      if (saveNow && config.always_save_checkpoint) {
+        // Weights that a step has just made non-finite are caught by the next step's check, which a stop comes before.
+        const { x, y } = batches.evaluation('val', iterNum * config.eval_iters);
+        saveNow = Number.isFinite(inEngine(() => engine.evalLoss(x, y, config.batch_size)));
+        if (!saveNow) info(`the weights of iteration ${iterNum - 1} give a loss that is not finite (the run diverged): the checkpoint already in ${config.out_dir} stays`);
+      } else if (saveNow) {
         const val = (await meanLoss('val', false)) as number;
         saveNow = val < bestValLoss;
         if (saveNow) bestValLoss = val;
@@ -241,6 +247,9 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
     // Weights that are no longer finite are never saved (nanoGPT's always_save_checkpoint would write them over the
     // last good checkpoint): the run stops at the first step whose gradient norm, or evaluation whose loss, is not.
     const diverged = (what: string) => {
+      if (iterNum === firstIter) {
+        return new UserError(`the weights this run starts from give ${what} at iteration ${iterNum}, before its first step; start from other weights`);
+      }
       const kept = hasCheckpoint(config.out_dir) ? readCheckpointInfo(config.out_dir).iter_num : undefined;
       const fix = `lower --learning_rate${config.grad_clip === 0 ? ' or set --grad_clip=1.0' : ''}`;
       return new UserError(
@@ -253,7 +262,7 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
     let stopped = false;
     const firstIter = iterNum;
     // Training batch number iter * accumulationSteps + microStep, fetched while the engine works on the one before.
-    let { x, y } = batches.batch('train', iterNum * accumulationSteps);
+    let { x, y } = batches.step(iterNum * accumulationSteps);
     let t0 = performance.now();
     for (;;) {
       const lr = config.decay_lr ? lrAt(iterNum, schedule) : config.learning_rate;
@@ -280,7 +289,7 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
           }
         }
         // Rank 0 decides; every rank stops, or joins the save.
-        if (engine.anyRank(!finite)) throw diverged('the evaluated loss is not finite');
+        if (engine.anyRank(!finite)) throw diverged('an evaluated loss that is not finite');
         if (engine.anyRank(saveNow)) save();
       }
       // As in nanoGPT, eval_only stops only a run that starts at iteration 0.
@@ -293,7 +302,7 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
         // As nanoGPT's require_backward_grad_sync: the last micro-step's backward pass starts the all-reduce.
         if (worldSize > 1) engine.setBackwardGradSync(microStep === accumulationSteps - 1);
         inEngine(() => engine.accumulate(x, y, config.batch_size, 1 / accumulationSteps));
-        ({ x, y } = batches.batch('train', iterNum * accumulationSteps + microStep + 1));
+        ({ x, y } = batches.step(iterNum * accumulationSteps + microStep + 1));
         // Between micro-steps: a stop asked for during the last one comes after the step, which is then complete.
         if (canStopAnywhere && microStep < accumulationSteps - 1) {
           await letSignalsIn();
@@ -307,7 +316,7 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
       }
       const stats = inEngine(() => engine.step(lr));
       // float16's loss scaling skips a step whose gradients overflow, as GradScaler does, and goes on.
-      if (!stats.skipped && !Number.isFinite(stats.grad_norm)) throw diverged(`gradient norm ${stats.grad_norm}`);
+      if (!stats.skipped && !Number.isFinite(stats.grad_norm)) throw diverged(`a gradient norm of ${stats.grad_norm}`);
       runLog?.countStep(stats.clipped);
 
       const t1 = performance.now();
@@ -342,7 +351,6 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
       }
       if (iterNum > config.max_iters) break;
     }
-    await runLog?.close();
 
     const iterations = iterNum - firstIter;
     return {
@@ -356,6 +364,7 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
     };
   } finally {
     batches.close();
+    await runLog?.close();
   }
 }
 

@@ -4,7 +4,7 @@ import { checkpointFiles, checkpointInfoText, parseCheckpointInfo, type Checkpoi
 import type { LrSchedule, MemoryEstimate, ModelArgs, OptimizerArgs, ParamGroups, StepStats } from '../../ts/engine-types.ts';
 import { firstLine } from '../../ts/errors.ts';
 import { defaultsOf, trainKeys, type TrainConfig } from '../../ts/schema.ts';
-import { batchRng, CharTokenizer, encodeCharDataset, sampleBatch, type Meta, type Split } from '../../ts/tokens.ts';
+import { batchRng, CharTokenizer, encodeCharDataset, sampleBatch, type BatchUse, type Meta, type Split } from '../../ts/tokens.ts';
 import { pickWasmBuild } from '../../ts/wasm-build.ts';
 import { wasmMemoryRefusal } from '../../ts/wasm-memory.ts';
 import type { FromWorker, ToWorker } from './messages.ts';
@@ -164,16 +164,16 @@ async function train(requested: TrainConfig, fresh: boolean): Promise<void> {
   const { splits } = dataset;
   const T = config.block_size;
   // As the CLI's runs: batches and dropout masks are functions of the seed and their place in the run, so that a run
-  // continued here, or a checkpoint resumed, trains as one run would.
-  const batch = (split: Split, position: number) =>
-    sampleBatch(splits[split].length, config.batch_size, T, batchRng(config.seed, split, position), (offset) => splits[split].subarray(offset, offset + T + 1));
+  // continued here, or a checkpoint resumed, with the settings it was trained with trains as one run would.
+  const batch = (split: Split, use: BatchUse, position: number) =>
+    sampleBatch(splits[split].length, config.batch_size, T, batchRng(config.seed, split, use, position), (offset) => splits[split].subarray(offset, offset + T + 1));
   const accumulationSteps = config.gradient_accumulation_steps;
   gpt.setDropoutStream(config.seed, current.iter * accumulationSteps);
   const estimateLoss = (iter: number) => {
     const mean = (split: Split) => {
       let sum = 0;
       for (let k = 0; k < config.eval_iters; k++) {
-        const { x, y } = batch(split, iter * config.eval_iters + k);
+        const { x, y } = batch(split, 'eval', iter * config.eval_iters + k);
         sum += gpt.evalLoss(x, y, config.batch_size);
       }
       return sum / config.eval_iters;
@@ -198,7 +198,7 @@ async function train(requested: TrainConfig, fresh: boolean): Promise<void> {
     const t0 = performance.now();
     let loss = 0;
     for (let microStep = 0; microStep < accumulationSteps; microStep++) {
-      const { x, y } = batch('train', iter * accumulationSteps + microStep);
+      const { x, y } = batch('train', 'step', iter * accumulationSteps + microStep);
       loss = gpt.forwardBackward(x, y, config.batch_size, 1 / accumulationSteps);
     }
     gpt.step(lr);

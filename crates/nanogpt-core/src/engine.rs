@@ -249,7 +249,7 @@ pub fn device(name: &str, seed: u64) -> Result<Device> {
 }
 
 /// Dropout's stream apart from the weights' initialisation, which `seed` seeds too.
-fn dropout_seed(seed: u64) -> u64 {
+fn dropout_seed_for(seed: u64) -> u64 {
     seed ^ 0x5eed_d809
 }
 
@@ -348,7 +348,7 @@ impl Engine {
             model_stale: AtomicBool::new(false),
             optimizer: None,
             grads: None,
-            dropout_seed: dropout_seed(seed),
+            dropout_seed: dropout_seed_for(seed),
             micro_steps: 0,
             scaler: None,
             profile: None,
@@ -602,7 +602,7 @@ impl Engine {
     /// whole run) of a model created with `seed`, and the ones after it follow on: a run resumed from a
     /// checkpoint draws the masks the run it resumes would have drawn, whatever the weights were loaded from.
     pub fn set_dropout_stream(&mut self, seed: u64, micro_step: u64) {
-        self.dropout_seed = dropout_seed(seed) ^ rank_stream(self.collective.rank());
+        self.dropout_seed = dropout_seed_for(seed) ^ rank_stream(self.collective.rank());
         self.micro_steps = micro_step;
     }
 
