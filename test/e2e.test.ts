@@ -458,7 +458,9 @@ describe('library API', () => {
     const options = { ...small, out_dir: outDir, init_from: 'resume', max_iters: 20, eval_interval: 100, learning_rate: 1e10, warmup_iters: 0 };
     const result = await train(options, { signal: stop.signal, onLog });
     expect(result).toMatchObject({ stopped: true, iter_num: 2 });
-    expect(messages).toContain(`the weights of iteration 2 give a loss that is not finite (the run diverged): the checkpoint already in ${outDir} stays`);
+    expect(messages.find((m) => m.startsWith('the weights of iteration 2'))).toMatch(
+      new RegExp(`^the weights of iteration 2 give a val loss of (NaN|Infinity) \\(the run diverged\\): the checkpoint already in ${outDir} stays; lower --learning_rate before resuming it$`),
+    );
     expect(readFileSync(join(outDir, 'model.safetensors')).equals(saved)).toBe(true);
   });
 
@@ -468,12 +470,18 @@ describe('library API', () => {
     await train({ ...small, out_dir: outDir, max_iters: 2, eval_interval: 2 });
     // The last weight of the file becomes NaN, as a diverged run's would.
     const weights = join(outDir, 'model.safetensors');
-    const poisoned = readFileSync(weights);
+    const clean = readFileSync(weights);
+    const poisoned = Buffer.from(clean);
     poisoned.writeFloatLE(NaN, poisoned.length - 4);
     writeFileSync(weights, poisoned);
     const run = train({ ...small, out_dir: outDir, init_from: 'resume', max_iters: 4, eval_interval: 2, always_save_checkpoint: true });
-    await expect(run).rejects.toThrow('the weights this run starts from give an evaluated loss that is not finite at iteration 2, before its first step; start from other weights');
-    expect(readFileSync(weights).equals(poisoned)).toBe(true);
+    await expect(run).rejects.toThrow('the weights this run starts from give an evaluated loss that is not finite at iteration 2, its first; start from other weights');
+
+    // Weights a step made non-finite, evaluated before the next step's check: not saved over the checkpoint.
+    writeFileSync(weights, clean);
+    const diverging = train({ ...small, out_dir: outDir, init_from: 'resume', max_iters: 20, eval_interval: 3, learning_rate: 1e10, warmup_iters: 0 });
+    await expect(diverging).rejects.toThrow(`training diverged at iteration 3 (an evaluated loss that is not finite); the checkpoint of iteration 2 in ${outDir} is kept`);
+    expect(readFileSync(weights).equals(clean)).toBe(true);
     expect(JSON.parse(readFileSync(join(outDir, 'ckpt.json'), 'utf8')).iter_num).toBe(2);
   });
 

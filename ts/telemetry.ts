@@ -77,6 +77,8 @@ export class RunLog {
   private steps = 0;
   private clips = 0;
 
+  private readonly notice: (line: string) => void;
+
   private constructor(
     options: RunLogOptions,
     private readonly wandb: Wandb | null,
@@ -84,6 +86,7 @@ export class RunLog {
     mkdirSync(options.outDir, { recursive: true });
     this.path = join(options.outDir, logFileName);
     this.start = options.start;
+    this.notice = options.notice;
   }
 
   static async open(options: RunLogOptions): Promise<RunLog> {
@@ -118,8 +121,13 @@ export class RunLog {
     this.wandb?.log({ iter: record.iter, 'train/loss': record.train_loss, 'val/loss': record.val_loss, lr: record.lr, mfu: mfu === null ? undefined : mfu * 100 });
   }
 
+  /** Finishes the W&B run; a failure there is said, not thrown, so that it never hides how the run ended. */
   async close(): Promise<void> {
-    await this.wandb?.finish();
+    try {
+      await this.wandb?.finish();
+    } catch (err) {
+      this.notice(`wandb_log: cannot finish the Weights & Biases run (${err instanceof Error ? err.message : String(err)}); the run is logged to ${logFileName} in out_dir`);
+    }
   }
 
   private clipFraction(): number {

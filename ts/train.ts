@@ -222,41 +222,50 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
         throw new UserError(`cannot save the checkpoint to ${config.out_dir} (${firstLine(err)}); free some space or point --out_dir elsewhere (the checkpoint already there stays loadable)`);
       }
     };
+    // Weights that are no longer finite are never saved (nanoGPT's always_save_checkpoint would write them over the
+    // last good checkpoint): the run stops at the first step whose gradient norm, or evaluation whose loss, is not.
+    const divergenceFix = `lower --learning_rate${config.grad_clip === 0 ? ' or set --grad_clip=1.0' : ''}`;
+    const diverged = (what: string) => {
+      if (iterNum === firstIter) {
+        return new UserError(`the weights this run starts from give ${what} at iteration ${iterNum}, its first; start from other weights`);
+      }
+      const kept = hasCheckpoint(config.out_dir) ? readCheckpointInfo(config.out_dir).iter_num : undefined;
+      return new UserError(
+        kept === undefined
+          ? `training diverged at iteration ${iterNum} (${what}) and nothing was saved; ${divergenceFix} and start again`
+          : `training diverged at iteration ${iterNum} (${what}); the checkpoint of iteration ${kept} in ${config.out_dir} is kept: ${divergenceFix} and resume it with --init_from=resume`,
+      );
+    };
     // A stopped run saves what it has, but keeps what is saved where that is better: nothing is saved before the
-    // run's first step (nanoGPT never saves at iteration 0), and with always_save_checkpoint=False (the checkpoint
-    // holds the best weights so far) only weights whose val loss beats the best.
+    // run's first step (nanoGPT never saves at iteration 0), nor weights whose loss is not finite, and with
+    // always_save_checkpoint=False (the checkpoint holds the best weights so far) only weights whose val loss beats
+    // the best.
     const stopAndSave = async () => {
       stopped = true;
       const taken = iterNum > firstIter;
       report({ kind: 'stop', message: taken ? `stopping after iteration ${iterNum - 1}` : 'stopping before the first iteration', iter: iterNum - 1 });
       // A stop asked for during an evaluation's save, or just after it, has these weights saved already.
       let saveNow = master && taken && savedIter !== iterNum;
-      if (saveNow && config.always_save_checkpoint) {
-        // Weights that a step has just made non-finite are caught by the next step's check, which a stop comes before.
-        const { x, y } = batches.evaluation('val', iterNum * config.eval_iters);
-        saveNow = Number.isFinite(inEngine(() => engine.evalLoss(x, y, config.batch_size)));
-        if (!saveNow) info(`the weights of iteration ${iterNum - 1} give a loss that is not finite (the run diverged): the checkpoint already in ${config.out_dir} stays`);
-      } else if (saveNow) {
-        const val = (await meanLoss('val', false)) as number;
-        saveNow = val < bestValLoss;
-        if (saveNow) bestValLoss = val;
-        else info(`val loss ${val.toFixed(4)} is not below the best, ${bestValLoss.toFixed(4)}: the checkpoint of the best stays (always_save_checkpoint=False)`);
+      if (saveNow) {
+        // Under always_save_checkpoint one val batch is enough to catch weights that the last step has just made
+        // non-finite, which the next step's check would have caught had the stop not come first.
+        let val: number;
+        if (config.always_save_checkpoint) {
+          const { x, y } = batches.evaluation('val', iterNum * config.eval_iters);
+          val = inEngine(() => engine.evalLoss(x, y, config.batch_size));
+        } else {
+          val = (await meanLoss('val', false)) as number;
+        }
+        if (!Number.isFinite(val)) {
+          saveNow = false;
+          info(`the weights of iteration ${iterNum - 1} give a val loss of ${val} (the run diverged): the checkpoint already in ${config.out_dir} stays; ${divergenceFix} before resuming it`);
+        } else if (!config.always_save_checkpoint) {
+          saveNow = val < bestValLoss;
+          if (saveNow) bestValLoss = val;
+          else info(`val loss ${val.toFixed(4)} is not below the best, ${bestValLoss.toFixed(4)}: the checkpoint of the best stays (always_save_checkpoint=False)`);
+        }
       }
       if (engine.anyRank(saveNow)) save();
-    };
-    // Weights that are no longer finite are never saved (nanoGPT's always_save_checkpoint would write them over the
-    // last good checkpoint): the run stops at the first step whose gradient norm, or evaluation whose loss, is not.
-    const diverged = (what: string) => {
-      if (iterNum === firstIter) {
-        return new UserError(`the weights this run starts from give ${what} at iteration ${iterNum}, before its first step; start from other weights`);
-      }
-      const kept = hasCheckpoint(config.out_dir) ? readCheckpointInfo(config.out_dir).iter_num : undefined;
-      const fix = `lower --learning_rate${config.grad_clip === 0 ? ' or set --grad_clip=1.0' : ''}`;
-      return new UserError(
-        kept === undefined
-          ? `training diverged at iteration ${iterNum} (${what}) and nothing was saved; ${fix} and start again`
-          : `training diverged at iteration ${iterNum} (${what}); the checkpoint of iteration ${kept} in ${config.out_dir} is kept: ${fix} and resume it with --init_from=resume`,
-      );
     };
     let lastEval: TrainResult['last_eval'] = null;
     let stopped = false;
