@@ -89,7 +89,8 @@ export type BatchUse = 'step' | 'eval';
  * the very batches the steps train on.
  */
 export function batchRng(seed: number, split: Split, use: BatchUse, position: number): Rng {
-  return new Rng(seed, (split === 'train' ? 0 : 2) + (use === 'step' ? 0 : 1), position);
+  const substream = (split === 'train' ? 0 : 2) + (use === 'step' ? 0 : 1);
+  return new Rng(seed, substream, position);
 }
 
 /**
