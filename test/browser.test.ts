@@ -69,6 +69,14 @@ async function trainUntilStopped(page: Page, button: '#train' | '#reset'): Promi
   return history(page);
 }
 
+/** Waits for the page to show an error, and returns it (cleared, so that the next one is waited for). */
+async function errorShown(page: Page): Promise<string | null> {
+  await page.waitForFunction(() => document.getElementById('status')!.classList.contains('error'));
+  const text = await page.textContent('#status');
+  await page.evaluate(() => document.getElementById('status')!.classList.remove('error'));
+  return text;
+}
+
 const median = (values: number[]) => [...values].sort((a, b) => a - b)[Math.floor(values.length / 2)];
 
 describe.skipIf(!chromiumPath)('the training page in Chromium', () => {
@@ -156,12 +164,7 @@ describe.skipIf(!chromiumPath)('the training page in Chromium', () => {
 
   it('refuses a file that is not text, a text too small for block_size, and a model too large for 4 GiB; takes a text that fits', async () => {
     const page = await openPage(browser, isolatedUrl);
-    const error = async () => {
-      await page.waitForFunction(() => document.getElementById('status')!.classList.contains('error'));
-      const text = await page.textContent('#status');
-      await page.evaluate(() => document.getElementById('status')!.classList.remove('error'));
-      return text;
-    };
+    const error = () => errorShown(page);
     await page.setInputFiles('#text-file', { name: 'weights.bin', mimeType: 'application/octet-stream', buffer: Buffer.from([0x00, 0xff, 0xfe, 0x80, 0x81]) });
     expect(await error()).toBe('weights.bin is not a text file (not UTF-8 text); drop a plain .txt file');
     // Dropped on the page, as a user would.
@@ -179,6 +182,24 @@ describe.skipIf(!chromiumPath)('the training page in Chromium', () => {
     await setKeys(page, { n_layer: 24, n_embd: 4096, n_head: 32 });
     await page.click('#reset');
     expect(await error()).toMatch(/^this training run needs about [\d.]+ GiB \(parameters .*\), more than the WebAssembly engine's 4 GiB; lower batch_size/);
+    await page.close();
+  });
+
+  it('stops a run that diverges in one line with the fix, and neither trains on, samples from nor downloads its weights', async () => {
+    const page = await openPage(browser, isolatedUrl);
+    await setKeys(page, { max_iters: 20, eval_interval: 100, learning_rate: 1e10 });
+    await page.click('#reset');
+    const message = await errorShown(page);
+    expect(message).toMatch(/^training diverged at iteration \d+ \(a gradient norm of (NaN|Infinity)\): lower learning_rate and start a New run$/);
+    expect((await history(page)).state).toBe('stopped');
+    for (const button of ['#train', '#sample', '#download']) {
+      await page.click(button);
+      expect(await errorShown(page)).toBe(message);
+    }
+    await setKeys(page, { max_iters: 2, learning_rate: 1e-3 });
+    const fresh = await trainUntilStopped(page, '#reset');
+    expect(await page.textContent('#status')).toBe('finished at iteration 2');
+    expect(fresh.iters.map((i) => i.iter)).toEqual([0, 1, 2]);
     await page.close();
   });
 

@@ -41,8 +41,10 @@ const sampleKeys = { temperature: 0.8, top_k: 200 };
 
 let engine: EngineGlue;
 let dataset: { name: string; tokenizer: CharTokenizer; splits: Record<Split, Uint16Array> } | undefined;
-/** The model being trained (or loaded), and where its run stands. */
-let run: { gpt: Gpt; config: TrainConfig; modelArgs: ModelArgs; tokenizer: CharTokenizer; iter: number; bestValLoss: number } | undefined;
+/** The model being trained (or loaded), and where its run stands; `diverged`: why its weights are no longer finite. */
+let run:
+  | { gpt: Gpt; config: TrainConfig; modelArgs: ModelArgs; tokenizer: CharTokenizer; iter: number; bestValLoss: number; diverged?: string }
+  | undefined;
 let stopRequested = false;
 
 const post = (message: FromWorker, transfer: Transferable[] = []) => self.postMessage(message, { transfer });
@@ -153,6 +155,7 @@ const yieldToEvents = () =>
 async function train(requested: TrainConfig, fresh: boolean): Promise<void> {
   if (fresh || !run) startRun(requested);
   const current = run!;
+  if (current.diverged) throw new PageError(current.diverged);
   if (!dataset || dataset.tokenizer.characters !== current.tokenizer.characters) {
     throw new PageError("this model's vocabulary is not the dataset's: load the text it was trained on (drop it), or start a new run");
   }
@@ -184,6 +187,15 @@ async function train(requested: TrainConfig, fresh: boolean): Promise<void> {
   const tokensPerIter = accumulationSteps * config.batch_size * T;
   const firstIter = current.iter;
   const startedAt = performance.now();
+  // As the CLI's runs, training stops at the first step or evaluation that is not finite; the weights it leaves are
+  // neither trained on, sampled from, nor downloaded.
+  const diverged = (iter: number, what: string) => {
+    current.diverged =
+      iter === firstIter
+        ? `the weights this run starts from give ${what} at iteration ${iter}; start a New run, or load other weights`
+        : `training diverged at iteration ${iter} (${what}): lower learning_rate and start a New run`;
+    return new PageError(current.diverged);
+  };
 
   stopRequested = false;
   while (current.iter <= config.max_iters && !stopRequested) {
@@ -193,6 +205,7 @@ async function train(requested: TrainConfig, fresh: boolean): Promise<void> {
       const losses = estimateLoss(iter);
       current.bestValLoss = Math.min(current.bestValLoss, losses.val);
       post({ kind: 'eval', iter, ...losses });
+      if (!Number.isFinite(losses.train) || !Number.isFinite(losses.val)) throw diverged(iter, 'an evaluated loss that is not finite');
       if (iter > 0) post({ kind: 'sample', iter, text: sample('\n', 200, iter) });
     }
     const t0 = performance.now();
@@ -201,7 +214,8 @@ async function train(requested: TrainConfig, fresh: boolean): Promise<void> {
       const { x, y } = batch('train', 'step', iter * accumulationSteps + microStep);
       loss = gpt.forwardBackward(x, y, config.batch_size, 1 / accumulationSteps);
     }
-    gpt.step(lr);
+    const stats = gpt.step(lr);
+    if (!stats.skipped && !Number.isFinite(stats.grad_norm)) throw diverged(iter, `a gradient norm of ${stats.grad_norm}`);
     const stepMs = performance.now() - t0;
     current.iter += 1;
     const perIter = (performance.now() - startedAt) / (current.iter - firstIter);
@@ -225,6 +239,7 @@ function pick<T extends object, K extends keyof T>(from: T, keys: K[]): Pick<T, 
 
 function sample(prompt: string, maxNewTokens: number, seed: number): string {
   if (!run) throw new PageError('no model yet: train one, or load a checkpoint');
+  if (run.diverged) throw new PageError(run.diverged);
   const ids = run.tokenizer.encode(prompt);
   if (ids.length === 0) throw new PageError('the prompt is empty; type some text to start from');
   return run.tokenizer.decode(run.gpt.generate(Uint32Array.from(ids), maxNewTokens, sampleKeys.temperature, sampleKeys.top_k, seed));
@@ -233,6 +248,7 @@ function sample(prompt: string, maxNewTokens: number, seed: number): string {
 /** The folder the CLI writes (ckpt.json as checkpoint.ts writes it), plus the vocabulary `sample` reads from it. */
 function postCheckpoint(): void {
   if (!run) throw new PageError('no model yet: train one first');
+  if (run.diverged) throw new PageError(run.diverged);
   const info: CheckpointInfo = { model_args: run.modelArgs, iter_num: run.iter, best_val_loss: run.bestValLoss, config: run.config };
   const encoder = new TextEncoder();
   const files: ZipEntry[] = [
