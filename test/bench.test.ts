@@ -8,7 +8,7 @@ const tiny = { n_layer: 1, n_head: 2, n_embd: 32, block_size: 16, batch_size: 2,
 
 describe('bench', () => {
   it("defaults to bench.py's GPT-2 124M shapes in bfloat16, on train's default device", () => {
-    expect(parseBenchArgs([])).toEqual(benchDefaults);
+    expect(parseBenchArgs([])).toEqual({});
     expect(benchDefaults).toMatchObject({ batch_size: 12, block_size: 1024, n_layer: 12, n_head: 12, n_embd: 768, vocab_size: 50304, dtype: 'bfloat16' });
     expect(benchDefaults.device).toBe(trainSchema.device.default);
     expect(parseBenchArgs(['--batch_size=4', '--real_data', '--dtype=float32', '--device=cpu'])).toMatchObject({
@@ -18,6 +18,7 @@ describe('bench', () => {
       device: 'cpu',
     });
     expect(() => parseBenchArgs(['--batchsize=4'])).toThrow(/unknown bench argument/);
+    expect(() => parseBenchArgs(['--constructor=1'])).toThrow(/unknown bench argument/);
     expect(() => parseBenchArgs(['--dtype=float64'])).toThrow(/dtype/);
   });
 
@@ -34,6 +35,12 @@ describe('bench', () => {
     expect(lines.some((l) => l.startsWith('time per iteration:'))).toBe(true);
   });
 
+  it("says nothing of dtype on the CPU unless it was set, as train does", () => {
+    const lines: string[] = [];
+    runBench({ ...tiny, ...parseBenchArgs(['--device=cpu']) }, Engine.create, (line) => lines.push(line));
+    expect(lines.filter((l) => l.startsWith('note:'))).toEqual([]);
+  });
+
   it('says in one line what the engine refuses: a shape, phase timing on the WebAssembly engine', () => {
     const refusal = (options: Parameters<typeof runBench>[0]) => {
       try {
@@ -46,6 +53,10 @@ describe('bench', () => {
       throw new Error('the bench ran');
     };
     expect(refusal({ ...tiny, n_embd: 33, device: 'cpu', dtype: 'float32' })).toMatch(/^cannot create the model: n_embd \(33\).*n_head/);
+    // bench.py's own shapes, the defaults, would not fit in wasm32's 4 GiB.
+    expect(refusal(parseBenchArgs(['--device=cpu', '--engine=wasm']))).toMatch(
+      /^this benchmark needs about [\d.]+ GiB \(parameters .*activations [\d.]+ GiB\), more than the WebAssembly engine's 4 GiB; lower batch_size \(now 12\) or block_size \(1024\), use a smaller model, or --engine=native$/,
+    );
     expect(refusal({ ...tiny, device: 'cpu', engine: 'wasm', dtype: 'float32', profile: true })).toMatch(
       /^cannot profile: .*--engine=native/,
     );
@@ -55,6 +66,7 @@ describe('bench', () => {
     const calls: string[] = [];
     const engine: BenchEngine = {
       numParams: () => 1000,
+      checkMemory: () => ({ parameters: 1, gradients: 1, optimizer: 1, activations: 1, total: 4 }),
       configureOptimizer: () => ({ decay_tensors: 1, decay_params: 1, no_decay_tensors: 0, no_decay_params: 0 }),
       forwardBackward: () => 3,
       step: () => ({ grad_norm: 1, clipped: false, skipped: false, update_ratios: [] }),

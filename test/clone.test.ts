@@ -46,7 +46,7 @@ describe('npx nanogpt-rs in a fresh clone', () => {
     for (const name of ['configs/train_shakespeare_char.ts', 'config/train_gpt2.ts']) {
       const result = npx.run('train', name, '--device=cpu', '--dataset=none');
       expect(result.stdout, name).toContain(`Overriding config with ${name}:`);
-      expect(result.stderr, name).toBe('error: no data/none/train.bin: the dataset is not prepared; run `nanogpt-rs prepare none` first\n');
+      expect(result.stderr, name).toBe('error: no data/none/train.bin: the dataset is not prepared; run `npx nanogpt-rs prepare text --name=none FILE...` first\n');
     }
   });
 

@@ -131,6 +131,25 @@ describe('config files', () => {
     await expect(parse(file)).rejects.toThrow(`unknown config key 'n_layers' (in ${file}); did you mean 'n_layer'?`);
   });
 
+  it('that do not parse name the place and the error', async () => {
+    const file = join(dir, 'unclosed.ts');
+    writeFileSync(file, 'export default { batch_size: 4 \n');
+    await expect(parse(file)).rejects.toThrow(`cannot load config file ${file}: ${file}:2:0: Expected "}" but found end of file`);
+  });
+
+  it("in Python (nanoGPT's format) are refused with the way to write them, and the bundled config of the same name", async () => {
+    const mine = join(dir, 'mine.py');
+    writeFileSync(mine, 'batch_size = 4\n');
+    await expect(parse(mine)).rejects.toThrow(
+      `${mine} is Python: config files are TypeScript or JavaScript modules with nanoGPT's keys (export default { batch_size: 12 }); write it as mine.ts`,
+    );
+    const nanogpts = join(dir, 'train_shakespeare_char.py');
+    writeFileSync(nanogpts, "out_dir = 'out-shakespeare-char'\n");
+    await expect(parse(nanogpts)).rejects.toThrow(
+      /write it as train_shakespeare_char\.ts; nanoGPT's train_shakespeare_char\.py is bundled as configs\/train_shakespeare_char\.ts: npx nanogpt-rs train train_shakespeare_char$/,
+    );
+  });
+
   it('that are missing name the path and list the bundled configs', async () => {
     await expect(parse('configs/nope.ts')).rejects.toThrow(
       'config file not found: configs/nope.ts; bundled configs (usable by name, e.g. train_gpt2): eval_gpt2.ts, eval_gpt2_large.ts, eval_gpt2_medium.ts, eval_gpt2_xl.ts, finetune_shakespeare.ts, train_gpt2.ts, train_shakespeare_char.ts',

@@ -2,7 +2,7 @@ import { closeSync, copyFileSync, mkdirSync, mkdtempSync, openSync, readFileSync
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { BatchLoader, CharTokenizer, prepare, readMeta, readTokens } from '../ts/data.ts';
+import { BatchLoader, CharTokenizer, prepare, prepareCommand, readMeta, readTokens } from '../ts/data.ts';
 import { Rng } from '../ts/rng.ts';
 import { gpt2Tokenizer } from '../ts/tokenizer.ts';
 
@@ -186,8 +186,10 @@ describe('BatchLoader', () => {
     expect(starts(7, 'eval train', [3])).not.toEqual(starts(7, 'step', [3]));
   });
 
-  it('tells the user to run prepare when the dataset is missing', () => {
-    expect(() => new BatchLoader(join(root, 'openwebtext'), 1, 8, 1)).toThrow('run `nanogpt-rs prepare openwebtext` first');
+  it('tells the user to run prepare when the dataset is missing, in its data_dir, with their own files where it is theirs', () => {
+    expect(() => new BatchLoader(join(root, 'openwebtext'), 1, 8, 1)).toThrow(`run \`npx nanogpt-rs prepare openwebtext --data_dir=${root}\` first`);
+    expect(() => new BatchLoader(join(root, 'poems'), 1, 8, 1)).toThrow(`run \`npx nanogpt-rs prepare text --name=poems --data_dir=${root} FILE...\` first`);
+    expect(prepareCommand(join('data', 'shakespeare_char'))).toBe('npx nanogpt-rs prepare shakespeare_char');
   });
 
   it('rejects a block_size the data cannot fill', () => {

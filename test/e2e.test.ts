@@ -154,13 +154,28 @@ describe('nanogpt-rs end to end', () => {
     expect(result.stderr).toBe('error: character "é" (U+00E9) is not in the 65-character vocabulary of this model; remove it from the prompt\n');
   });
 
-  it('asks for at least one sample, and for no fewer than 0 new tokens', () => {
+  it('asks for at least one sample, no fewer than 0 new tokens, and a top_k of 0 or more', () => {
     const result = run('sample', '--out_dir=out-tiny', '--num_samples=0');
     expect(result.status).toBe(1);
     expect(result.stderr).toBe('error: num_samples must be at least 1, got 0\n');
     const negative = run('sample', '--out_dir=out-tiny', '--max_new_tokens=-1');
     expect(negative.status).toBe(1);
     expect(negative.stderr).toBe('error: max_new_tokens must be a whole number of at least 0, got -1\n');
+    const topK = run('sample', '--out_dir=out-tiny', '--top_k=-1');
+    expect(topK.status).toBe(1);
+    expect(topK.stderr).toBe('error: top_k must be 0 (all tokens) or more, got -1\n');
+  });
+
+  it('serve takes True or False for isolated and a port number, and names the mistake otherwise', () => {
+    for (const [flag, error] of [
+      ['--isolated=maybe', "--isolated expects True or False, got 'maybe'"],
+      ['--port=abc', "--port expects a port number from 0 to 65535 (0 picks a free one), got 'abc'"],
+      ['--port=70000', "--port expects a port number from 0 to 65535 (0 picks a free one), got '70000'"],
+    ]) {
+      const result = run('serve', flag);
+      expect(result.status, flag).toBe(1);
+      expect(result.stderr, flag).toBe(`error: ${error}\n`);
+    }
   });
 
   it("samples a checkpoint away from its data with the vocabulary it carries, and asks for data_dir when it has none", () => {
@@ -197,6 +212,11 @@ describe('nanogpt-rs end to end', () => {
     const result = run('export', '--out_dir=out-tiny', '--to=hf-tiny');
     expect(result.stderr).toBe('');
     expect(result.stdout).toBe('exported out-tiny (iteration 60) as a Hugging Face GPT-2 to hf-tiny\n');
+    // The library's export says the same through its log option, and prints nothing.
+    const { exportHf } = await import('../ts/index.ts');
+    const logged: string[] = [];
+    exportHf({ out_dir: join(work, 'out-tiny'), to: join(work, 'hf-tiny-library'), log: (line) => logged.push(line) });
+    expect(logged).toEqual([`exported ${join(work, 'out-tiny')} (iteration 60) as a Hugging Face GPT-2 to ${join(work, 'hf-tiny-library')}`]);
     const config = JSON.parse(readFileSync(join(work, 'hf-tiny', 'config.json'), 'utf8'));
     expect(config).toMatchObject({ model_type: 'gpt2', architectures: ['GPT2LMHeadModel'], n_layer: 2, n_head: 2, n_embd: 32, n_positions: 32, n_ctx: 32, vocab_size: 65, activation_function: 'gelu', tie_word_embeddings: true });
     // The same tensor names as a GPT-2 saved by transformers (the fixture has 2 layers too).
@@ -280,7 +300,7 @@ describe('Ctrl-C during train', () => {
     const last = Number(stopped[1]);
     expect(last).toBeGreaterThanOrEqual(3);
     expect(Number(stopped[2])).toBe(last + 1);
-    expect(stopped[3]).toBe(`nanogpt-rs ${args.join(' ')} --init_from=resume`);
+    expect(stopped[3]).toBe(`npx nanogpt-rs ${args.join(' ')} --init_from=resume`);
     expect(result.stdout).toMatch(new RegExp(`^iter ${last}: `, 'm'));
     expect(JSON.parse(readFileSync(join(work, 'out-int', 'ckpt.json'), 'utf8')).iter_num).toBe(last + 1);
   });

@@ -92,7 +92,7 @@ console.log(JSON.stringify({ loader, types: [train, sample, estimateMemory, Engi
       const result = npx.run('train', name, '--device=cpu');
       expect(result.stdout, name).toContain(`Overriding config with ${name}:`);
       // The config is read; the run then stops at the dataset, which this project does not have.
-      expect(result.stderr, name).toBe('error: no data/openwebtext/train.bin: the dataset is not prepared; run `nanogpt-rs prepare openwebtext` first\n');
+      expect(result.stderr, name).toBe('error: no data/openwebtext/train.bin: the dataset is not prepared; run `npx nanogpt-rs prepare openwebtext` first\n');
     }
     const missing = npx.run('train', 'config/nope.ts');
     expect(missing.stderr).toMatch(/^error: config file not found: config\/nope\.ts; bundled configs \(usable by name, e\.g\. train_gpt2\): eval_gpt2\.ts, .*train_shakespeare_char\.ts\n$/);

@@ -12,7 +12,7 @@ import { Rng } from './rng.ts';
 /** What bench needs of an engine (an `Engine`, or a stand-in in tests). */
 export type BenchEngine = Pick<
   Engine,
-  'numParams' | 'configureOptimizer' | 'forwardBackward' | 'step' | 'setPrecision' | 'synchronize' | 'memoryStats' | 'setProfiling' | 'phaseTimes'
+  'numParams' | 'checkMemory' | 'configureOptimizer' | 'forwardBackward' | 'step' | 'setPrecision' | 'synchronize' | 'memoryStats' | 'setProfiling' | 'phaseTimes'
 >;
 
 
@@ -57,6 +57,7 @@ export function runBench(
     dropout: 0,
   };
   const engine = explainedByEngine('cannot create the model', () => createEngine(args, o.seed, o.device, o.engine));
+  engine.checkMemory(o.batch_size, 'bench');
   // The CPU engines compute in float32 whatever dtype says, as in train (bench.py's default is bfloat16).
   const dtype = o.device === 'cpu' ? 'float32' : o.dtype;
   for (const note of noEffectNotes({ ...o, compile: false }, options)) log(note);
@@ -136,35 +137,37 @@ export function runBench(
   return result;
 }
 
-/** `--key=value` arguments (nanoGPT's configurator style) over the defaults; `--real_data` alone means true. */
-export function parseBenchArgs(argv: string[]): BenchOptions {
-  const options: BenchOptions = { ...benchDefaults };
-  const fields = options as unknown as Record<string, string | number | boolean>;
+/**
+ * `--key=value` arguments (nanoGPT's configurator style), the keys given only (runBench puts them over the
+ * defaults, and says what a key set to no effect does); `--real_data` alone means true.
+ */
+export function parseBenchArgs(argv: string[]): Partial<BenchOptions> {
+  const options: Record<string, string | number | boolean> = {};
   for (const arg of argv) {
     const match = /^--([a-z_0-9]+)(?:=(.*))?$/.exec(arg);
-    if (!match || !(match[1] in benchDefaults)) {
+    if (!match || !Object.hasOwn(benchDefaults, match[1])) {
       throw new UserError(`unknown bench argument '${arg}'; keys: ${Object.keys(benchDefaults).join(', ')}`);
     }
     const [, key, text = 'true'] = match;
-    const current = fields[key];
-    if (typeof current === 'number') {
+    const kind = typeof benchDefaults[key as keyof BenchOptions];
+    if (kind === 'number') {
       const n = Number(text);
       if (!Number.isFinite(n)) throw new UserError(`--${key} expects a number, got '${text}'`);
-      fields[key] = n;
-    } else if (typeof current === 'boolean') {
+      options[key] = n;
+    } else if (kind === 'boolean') {
       if (!['true', 'false', 'True', 'False', '1', '0'].includes(text)) throw new UserError(`--${key} expects true or false, got '${text}'`);
-      fields[key] = ['true', 'True', '1'].includes(text);
+      options[key] = ['true', 'True', '1'].includes(text);
     } else {
-      fields[key] = text;
+      options[key] = text;
     }
   }
-  if (!['float32', 'bfloat16', 'float16'].includes(options.dtype)) {
+  if (options.dtype !== undefined && !['float32', 'bfloat16', 'float16'].includes(options.dtype as string)) {
     throw new UserError(`--dtype must be float32, bfloat16 or float16, got '${options.dtype}'`);
   }
-  if (!(engineChoices as readonly string[]).includes(options.engine)) {
+  if (options.engine !== undefined && !(engineChoices as readonly string[]).includes(options.engine as string)) {
     throw new UserError(`--engine must be one of ${engineChoices.join(', ')}, got '${options.engine}'`);
   }
-  return options;
+  return options as Partial<BenchOptions>;
 }
 
 /** bench.py's data: one fixed random batch reused forever, or random windows of data/<dataset>/train.bin. */

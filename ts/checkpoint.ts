@@ -10,7 +10,7 @@
 // find through the marker and the next save finishes moving.
 // An out_dir of nanoGPT's own train.py holds ckpt.pt instead (and no ckpt.json); the engine reads it directly.
 import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, statSync } from 'node:fs';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import {
   checkCheckpointInfo,
   checkpointFiles,
@@ -19,7 +19,7 @@ import {
   parseCheckpointInfo,
   type CheckpointInfo,
 } from './checkpoint-info.ts';
-import { parseMeta, type Meta } from './data.ts';
+import { parseMeta, prepareCommand, type Meta } from './data.ts';
 import { Engine, nanogptCheckpointInfoFile, pickleToJson, type EngineChoice, type ModelArgs } from './engine.ts';
 import { firstLine, UserError } from './errors.ts';
 import { fsyncDirectory, replaceFileAtomic, writeFileAtomic } from './files.ts';
@@ -169,7 +169,7 @@ export function readMetaPkl(datasetDir: string): Meta | undefined {
     return meta;
   } catch (err) {
     if (err instanceof UserError) throw err;
-    throw new UserError(`${path} is not a nanoGPT vocabulary (${firstLine(err)}); run \`nanogpt-rs prepare\` for this dataset`);
+    throw new UserError(`${path} is not a nanoGPT vocabulary (${firstLine(err)}); run \`${prepareCommand(dirname(path))}\` again`);
   }
 }
 

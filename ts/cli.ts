@@ -60,6 +60,18 @@ interface PrepareCliOptions {
   seed: number;
 }
 
+function port(value: string): number {
+  const n = Number(value);
+  if (!/^\d+$/.test(value) || n > 65535) throw new UserError(`--port expects a port number from 0 to 65535 (0 picks a free one), got '${value}'`);
+  return n;
+}
+
+function trueOrFalse(key: string, value: string): boolean {
+  if (/^(true|1)$/i.test(value)) return true;
+  if (/^(false|0)$/i.test(value)) return false;
+  throw new UserError(`--${key} expects True or False, got '${value}'`);
+}
+
 function positiveInt(value: string): number {
   const n = Number(value);
   if (!Number.isInteger(n) || n < 1) throw new UserError(`expected a positive integer, got '${value}'`);
@@ -126,7 +138,7 @@ program
   .addOption(new Option('--engine <engine>', 'engine build that converts the weights').choices(engineChoices).default('auto'))
   .action(async (options: ExportOptions) => {
     const { exportHf } = await import('./export.ts');
-    exportHf(options, console.log);
+    exportHf({ ...options, log: console.log });
   });
 
 program
@@ -143,8 +155,8 @@ program
   .command('serve')
   .description('serve the page that trains a GPT in a browser tab (web/), cross-origin isolated for threads')
   .option('--host <host>', 'address to listen on', '127.0.0.1')
-  .option('--port <n>', 'port (0 picks a free one)', (value: string) => (value === '0' ? 0 : positiveInt(value)), 8000)
-  .option('--isolated <bool>', 'send COOP/COEP headers (False: the page trains on one thread)', (value: string) => !/^(false|0)$/i.test(value), true)
+  .option('--port <n>', 'port (0 picks a free one)', port, 8000)
+  .option('--isolated <bool>', 'send COOP/COEP headers (False: the page trains on one thread)', (value: string) => trueOrFalse('isolated', value), true)
   .action(async (options: { host: string; port: number; isolated: boolean }) => {
     const { serve } = await import('./serve.ts');
     const { url } = await serve(options);

@@ -4,7 +4,7 @@
 import { closeSync, copyFileSync, existsSync, fstatSync, mkdirSync, openSync, readFileSync, readSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { firstLine, UserError } from './errors.ts';
+import { cliCommand, firstLine, UserError } from './errors.ts';
 import { writeFileAtomic } from './files.ts';
 import { batchRng, encodeCharDataset, sampleBatch, type Batch, type BatchUse, type Meta, type Split } from './tokens.ts';
 import { gpt2Tokenizer, gpt2VocabSize } from './tokenizer.ts';
@@ -18,7 +18,7 @@ export function readMeta(datasetDir: string): Meta | undefined {
 }
 
 /** A vocabulary's meta.json text, read from `path`, checked; `fix` says what to do if it is corrupt. */
-export function parseMeta(text: string, path: string, fix = 'run `nanogpt-rs prepare` for this dataset again'): Meta {
+export function parseMeta(text: string, path: string, fix = `run \`${prepareCommand(dirname(path))}\` again`): Meta {
   try {
     const meta = JSON.parse(text) as Meta;
     if (!Number.isInteger(meta.vocab_size) || typeof meta.itos !== 'object') throw new Error('missing vocab_size or itos');
@@ -49,6 +49,16 @@ const preparers: Record<string, (dir: string, log: (line: string) => void) => Pr
 
 /** The datasets `prepare` builds from their raw text (corpus.ts prepares OpenWebText and the user's own files). */
 export const preparableDatasets = Object.keys(preparers);
+
+/**
+ * The command that prepares the dataset in `datasetDir`: `prepare NAME` for a dataset the CLI knows, else
+ * `prepare text` of the user's own files; with `--data_dir` where that is not `data`.
+ */
+export function prepareCommand(datasetDir: string): string {
+  const name = basename(datasetDir);
+  const dataDir = dirname(datasetDir) === 'data' ? '' : ` --data_dir=${dirname(datasetDir)}`;
+  return [...preparableDatasets, 'openwebtext'].includes(name) ? `${cliCommand} prepare ${name}${dataDir}` : `${cliCommand} prepare text --name=${name}${dataDir} FILE...`;
+}
 
 /** Builds `<dataDir>/<dataset>/` from its raw text, like nanoGPT's `data/<dataset>/prepare.py`. */
 export async function prepare(dataset: string, options: PrepareOptions = {}): Promise<PrepareResult> {
@@ -175,14 +185,14 @@ export class BatchLoader {
   private open(split: Split): { fd: number; tokens: number } {
     const path = join(this.datasetDir, `${split}.bin`);
     if (!existsSync(path)) {
-      throw new UserError(`no ${path}: the dataset is not prepared; run \`nanogpt-rs prepare ${basename(this.datasetDir)}\` first`);
+      throw new UserError(`no ${path}: the dataset is not prepared; run \`${prepareCommand(this.datasetDir)}\` first`);
     }
     const fd = openSync(path, 'r');
     const size = fstatSync(fd).size;
     // uint16 ids: an odd size means a torn or foreign file (numpy's memmap refuses it too).
     if (size % 2 !== 0) {
       closeSync(fd);
-      throw new UserError(`${path} holds ${size} bytes, not a whole number of uint16 tokens; prepare the dataset again (\`nanogpt-rs prepare ${basename(this.datasetDir)}\`)`);
+      throw new UserError(`${path} holds ${size} bytes, not a whole number of uint16 tokens; prepare the dataset again (\`${prepareCommand(this.datasetDir)}\`)`);
     }
     const tokens = size / 2;
     if (tokens <= this.blockSize) {

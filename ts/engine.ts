@@ -11,7 +11,7 @@ import { Worker } from 'node:worker_threads';
 import { firstLine, UserError } from './errors.ts';
 import { launchPlacement, launchRanks, localWorldSize, type Ranks } from './ranks.ts';
 import { hasRelaxedSimd, pickWasmBuild, wasmBuilds, type WasmBuild, type WasmBuildChoice } from './wasm-build.ts';
-import { wasmMemoryLimit, wasmMemoryRefusal } from './wasm-memory.ts';
+import { wasmMemoryLimit, wasmMemoryRefusal, type MemoryPurpose } from './wasm-memory.ts';
 
 import type {
   CheckpointInfo,
@@ -449,9 +449,9 @@ export class Engine {
    * Refuses, before the first step, a run that would not fit in this engine: the WebAssembly engine cannot grow past
    * 4 GiB and would otherwise die part-way through. The message says where the memory goes and what to lower.
    */
-  checkMemory(batchSize: number, purpose: 'train' | 'sample'): MemoryEstimate {
+  checkMemory(batchSize: number, purpose: MemoryPurpose): MemoryEstimate {
     const args = this.modelArgs();
-    const need = this.binding.estimateMemory(args, batchSize, purpose === 'train');
+    const need = this.binding.estimateMemory(args, batchSize, purpose !== 'sample');
     const refusal = this.kind === 'wasm' ? wasmMemoryRefusal(need, purpose, batchSize, args.block_size) : undefined;
     if (refusal) throw new UserError(`${refusal}, or --engine=native`);
     return need;

@@ -6,6 +6,9 @@ export class UserError extends Error {
   override name = 'UserError';
 }
 
+/** How the README has users run the CLI: the spelling of the commands that messages quote. */
+export const cliCommand = 'npx nanogpt-rs';
+
 /** The first line of an error from elsewhere (the engine, the file system), for embedding in a one-line message. */
 export function firstLine(err: unknown): string {
   const message = err instanceof Error ? err.message : String(err);

@@ -17,9 +17,12 @@ export interface ExportOptions {
   out?: string;
   /** Which engine build reads and writes the weights (the WebAssembly one holds at most 4 GiB). */
   engine?: EngineChoice;
+  /** Receives the line that says what was written (the CLI prints it; the library prints nothing). */
+  log?: (line: string) => void;
 }
 
-export function exportHf(options: ExportOptions, log: (line: string) => void = () => {}): void {
+export function exportHf(options: ExportOptions): void {
+  const log = options.log ?? (() => {});
   if (options.to === 'nanogpt') return exportNanogpt(options, log);
   const checkpoint = readCheckpointInfo(options.out_dir);
   const modelArgs = { ...checkpoint.model_args, dropout: 0 };
@@ -31,7 +34,7 @@ export function exportHf(options: ExportOptions, log: (line: string) => void = (
 }
 
 /** The weights, the AdamW state and the run's info as nanoGPT's ckpt.pt, so that nanoGPT resumes where this run stopped. */
-export function exportNanogpt(options: ExportOptions, log: (line: string) => void): void {
+function exportNanogpt(options: ExportOptions, log: (line: string) => void): void {
   const out = options.out;
   if (!out) throw new UserError('export --to=nanogpt needs --out=<path of the ckpt.pt to write>, e.g. --out=out-nanogpt/ckpt.pt');
   const checkpoint = readCheckpointInfo(options.out_dir);

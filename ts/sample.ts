@@ -63,6 +63,7 @@ async function openSampling(overrides: Partial<SampleConfig>, options: SampleOpt
   if (!Number.isInteger(config.max_new_tokens) || config.max_new_tokens < 0) {
     throw new UserError(`max_new_tokens must be a whole number of at least 0, got ${config.max_new_tokens}`);
   }
+  if (config.top_k < 0) throw new UserError(`top_k must be 0 (all tokens) or more, got ${config.top_k}`);
   if (config.temperature <= 0) {
     throw new UserError(`temperature must be above 0 (there is no greedy mode), got ${config.temperature}; try --temperature=0.1`);
   }

@@ -3,7 +3,7 @@
 // the request as SIGUSR2, which their launcher sends mpirun on Ctrl-C and mpirun forwards to each of them.
 import { trainSchema, type TrainConfig } from './config.ts';
 import { hasCheckpoint, readCheckpointInfo } from './checkpoint.ts';
-import { firstLine } from './errors.ts';
+import { cliCommand, firstLine } from './errors.ts';
 import { Progress } from './progress.ts';
 import { launchRanks } from './ranks.ts';
 import { train } from './train.ts';
@@ -86,7 +86,7 @@ function stoppedLine(iter: number, outDir: string, worldSize: number): string {
   // A rank does not have its launcher's flags (--nproc_per_node): it names the change instead of the command.
   if (worldSize > 1) return `${saved}: run the same command with --init_from=resume`;
   const args = process.argv.slice(3).filter((arg) => !arg.startsWith('--init_from='));
-  return `${saved}: nanogpt-rs train ${[...args, '--init_from=resume'].map(shellWord).join(' ')}`;
+  return `${saved}: ${cliCommand} train ${[...args, '--init_from=resume'].map(shellWord).join(' ')}`;
 }
 
 function shellWord(arg: string): string {
