@@ -53,7 +53,11 @@ describe('bench', () => {
       throw new Error('the bench ran');
     };
     expect(refusal({ ...tiny, n_embd: 33, device: 'cpu', dtype: 'float32' })).toMatch(/^cannot create the model: n_embd \(33\).*n_head/);
-    // bench.py's own shapes, the defaults, would not fit in wasm32's 4 GiB.
+    // bench.py's own shapes, the defaults, would not fit in wasm32's 4 GiB; nor would GPT-2 XL's weights alone, which
+    // are refused before the engine would try to create them.
+    expect(refusal(parseBenchArgs(['--device=cpu', '--engine=wasm', '--n_layer=48', '--n_head=25', '--n_embd=1600', '--batch_size=1', '--block_size=64']))).toMatch(
+      /^this benchmark needs about [\d.]+ GiB \(parameters [\d.]+ GiB, .*more than the WebAssembly engine's 4 GiB/,
+    );
     expect(refusal(parseBenchArgs(['--device=cpu', '--engine=wasm']))).toMatch(
       /^this benchmark needs about [\d.]+ GiB \(parameters .*activations [\d.]+ GiB\), more than the WebAssembly engine's 4 GiB; lower batch_size \(now 12\) or block_size \(1024\), use a smaller model, or --engine=native$/,
     );
@@ -66,7 +70,6 @@ describe('bench', () => {
     const calls: string[] = [];
     const engine: BenchEngine = {
       numParams: () => 1000,
-      checkMemory: () => ({ parameters: 1, gradients: 1, optimizer: 1, activations: 1, total: 4 }),
       configureOptimizer: () => ({ decay_tensors: 1, decay_params: 1, no_decay_tensors: 0, no_decay_params: 0 }),
       forwardBackward: () => 3,
       step: () => ({ grad_norm: 1, clipped: false, skipped: false, update_ratios: [] }),

@@ -190,6 +190,11 @@ describe('BatchLoader', () => {
     expect(() => new BatchLoader(join(root, 'openwebtext'), 1, 8, 1)).toThrow(`run \`npx nanogpt-rs prepare openwebtext --data_dir=${root}\` first`);
     expect(() => new BatchLoader(join(root, 'poems'), 1, 8, 1)).toThrow(`run \`npx nanogpt-rs prepare text --name=poems --data_dir=${root} FILE...\` first`);
     expect(prepareCommand(join('data', 'shakespeare_char'))).toBe('npx nanogpt-rs prepare shakespeare_char');
+    // A folder with a vocabulary was character-level; a data_dir with a space is quoted.
+    const chars = join(root, 'my data', 'letters');
+    mkdirSync(chars, { recursive: true });
+    writeFileSync(join(chars, 'meta.json'), '{}');
+    expect(prepareCommand(chars)).toBe(`npx nanogpt-rs prepare text --name=letters --data_dir='${join(root, 'my data')}' --tokenizer=char FILE...`);
   });
 
   it('rejects a block_size the data cannot fill', () => {

@@ -4,7 +4,7 @@
 import { join } from 'node:path';
 import { BatchLoader, type Batch } from './data.ts';
 import { benchDefaults, noEffectNotes, type BenchOptions } from './config.ts';
-import { Engine, engineChoices, type Dtype, type EngineChoice, type ModelArgs, type PhaseTimes } from './engine.ts';
+import { Engine, engineChoices, resolveEngine, type Dtype, type EngineChoice, type ModelArgs, type PhaseTimes } from './engine.ts';
 import { explainedByEngine, UserError } from './errors.ts';
 import { flopsPerIter, gpuName, peakFlops } from './mfu.ts';
 import { Rng } from './rng.ts';
@@ -12,7 +12,7 @@ import { Rng } from './rng.ts';
 /** What bench needs of an engine (an `Engine`, or a stand-in in tests). */
 export type BenchEngine = Pick<
   Engine,
-  'numParams' | 'checkMemory' | 'configureOptimizer' | 'forwardBackward' | 'step' | 'setPrecision' | 'synchronize' | 'memoryStats' | 'setProfiling' | 'phaseTimes'
+  'numParams' | 'configureOptimizer' | 'forwardBackward' | 'step' | 'setPrecision' | 'synchronize' | 'memoryStats' | 'setProfiling' | 'phaseTimes'
 >;
 
 
@@ -56,8 +56,8 @@ export function runBench(
     bias: o.bias,
     dropout: 0,
   };
+  Engine.checkMemory(args, o.batch_size, 'bench', resolveEngine(o.device, o.engine));
   const engine = explainedByEngine('cannot create the model', () => createEngine(args, o.seed, o.device, o.engine));
-  engine.checkMemory(o.batch_size, 'bench');
   // The CPU engines compute in float32 whatever dtype says, as in train (bench.py's default is bfloat16).
   const dtype = o.device === 'cpu' ? 'float32' : o.dtype;
   for (const note of noEffectNotes({ ...o, compile: false }, options)) log(note);

@@ -125,7 +125,7 @@ program
   .action(async (args: string[]) => {
     const { parseBenchArgs, runBench } = await import('./bench.ts');
     const options = parseBenchArgs(args);
-    console.log(`bench: ${JSON.stringify(options)}`);
+    console.log(`bench: ${JSON.stringify({ ...benchDefaults, ...options })}`);
     console.log(`RESULT ${JSON.stringify(runBench(options))}`);
   });
 

@@ -5,7 +5,7 @@ import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
 import { basename, dirname, extname, join, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { defaultDevice, type Dtype, type EngineChoice } from './engine.ts';
-import { firstLine, UserError } from './errors.ts';
+import { cliCommand, firstLine, UserError } from './errors.ts';
 
 import {
   defaultsOf,
@@ -252,7 +252,7 @@ async function loadConfigFile(arg: string): Promise<{ path: string; text: string
   }
   if (extname(path) === '.py') {
     const name = basename(path, '.py');
-    const bundled = bundledConfigNames().includes(`${name}.ts`) ? `; nanoGPT's ${name}.py is bundled as configs/${name}.ts: npx nanogpt-rs train ${name}` : '';
+    const bundled = bundledConfigNames().includes(`${name}.ts`) ? `; nanoGPT's ${name}.py is bundled as configs/${name}.ts: ${cliCommand} train ${name}` : '';
     throw new UserError(`${arg} is Python: config files are TypeScript or JavaScript modules with nanoGPT's keys (export default { batch_size: 12 }); write it as ${name}.ts${bundled}`);
   }
   let values: unknown;
@@ -266,9 +266,10 @@ async function loadConfigFile(arg: string): Promise<{ path: string; text: string
     // A .ts file outside an ES-module package loads as CommonJS, where `export default` lands one level down.
     if ((values as { __esModule?: boolean } | undefined)?.__esModule) values = (values as { default?: unknown }).default;
   } catch (err) {
-    // esbuild (through tsx) names a syntax error, with its place, on the line after its summary.
-    const syntax = /^Transform failed with \d+ errors?:\n.*?:(\d+:\d+): ERROR: (.*)/.exec(err instanceof Error ? err.message : '');
-    throw new UserError(`cannot load config file ${arg}: ${syntax ? `${arg}:${syntax[1]}: ${syntax[2]}` : firstLine(err)}`);
+    // esbuild (through tsx) names a syntax error, with its place where it has one, on the line after its summary.
+    const message = err instanceof Error ? err.message : String(err);
+    const syntax = /^Transform failed with \d+ errors?:\n(.*)/.exec(message)?.[1].replace(/^.*?:(\d+:\d+): ERROR: /, `${arg}:$1: `);
+    throw new UserError(`cannot load config file ${arg}: ${syntax?.trim() || firstLine(err)}`);
   }
   if (typeof values !== 'object' || values === null || Array.isArray(values)) {
     throw new UserError(`config file ${arg} must \`export default\` an object of overrides, e.g. { batch_size: 32 }`);

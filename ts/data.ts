@@ -4,7 +4,7 @@
 import { closeSync, copyFileSync, existsSync, fstatSync, mkdirSync, openSync, readFileSync, readSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { cliCommand, firstLine, UserError } from './errors.ts';
+import { cliCommand, firstLine, shellWord, UserError } from './errors.ts';
 import { writeFileAtomic } from './files.ts';
 import { batchRng, encodeCharDataset, sampleBatch, type Batch, type BatchUse, type Meta, type Split } from './tokens.ts';
 import { gpt2Tokenizer, gpt2VocabSize } from './tokenizer.ts';
@@ -52,12 +52,15 @@ export const preparableDatasets = Object.keys(preparers);
 
 /**
  * The command that prepares the dataset in `datasetDir`: `prepare NAME` for a dataset the CLI knows, else
- * `prepare text` of the user's own files; with `--data_dir` where that is not `data`.
+ * `prepare text` of the user's own files, character-level where the folder has a vocabulary; with `--data_dir` where
+ * that is not `data`.
  */
 export function prepareCommand(datasetDir: string): string {
   const name = basename(datasetDir);
-  const dataDir = dirname(datasetDir) === 'data' ? '' : ` --data_dir=${dirname(datasetDir)}`;
-  return [...preparableDatasets, 'openwebtext'].includes(name) ? `${cliCommand} prepare ${name}${dataDir}` : `${cliCommand} prepare text --name=${name}${dataDir} FILE...`;
+  const dataDir = dirname(datasetDir) === 'data' ? '' : ` --data_dir=${shellWord(dirname(datasetDir))}`;
+  if ([...preparableDatasets, 'openwebtext'].includes(name)) return `${cliCommand} prepare ${name}${dataDir}`;
+  const characters = ['meta.json', 'meta.pkl'].some((file) => existsSync(join(datasetDir, file))) ? ' --tokenizer=char' : '';
+  return `${cliCommand} prepare text --name=${shellWord(name)}${dataDir}${characters} FILE...`;
 }
 
 /** Builds `<dataDir>/<dataset>/` from its raw text, like nanoGPT's `data/<dataset>/prepare.py`. */

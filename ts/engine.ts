@@ -403,6 +403,11 @@ export function resolveEngine(device: string, choice: EngineChoice = 'auto'): En
 
 const gib = (bytes: number) => `${(bytes / 2 ** 30).toFixed(2)} GiB`;
 
+function refuseBeyondWasm(need: MemoryEstimate, purpose: MemoryPurpose, batchSize: number, blockSize: number): void {
+  const refusal = wasmMemoryRefusal(need, purpose, batchSize, blockSize);
+  if (refusal) throw new UserError(`${refusal}, or --engine=native`);
+}
+
 /** A GPT in the engine, with its optimizer state once `configureOptimizer` has been called. */
 export class Engine {
   private constructor(
@@ -452,9 +457,13 @@ export class Engine {
   checkMemory(batchSize: number, purpose: MemoryPurpose): MemoryEstimate {
     const args = this.modelArgs();
     const need = this.binding.estimateMemory(args, batchSize, purpose !== 'sample');
-    const refusal = this.kind === 'wasm' ? wasmMemoryRefusal(need, purpose, batchSize, args.block_size) : undefined;
-    if (refusal) throw new UserError(`${refusal}, or --engine=native`);
+    if (this.kind === 'wasm') refuseBeyondWasm(need, purpose, batchSize, args.block_size);
     return need;
+  }
+
+  /** The same check before the model exists (creating it may not fit either), for the engine build `kind`. */
+  static checkMemory(args: ModelArgs, batchSize: number, purpose: MemoryPurpose, kind: EngineKind): void {
+    if (kind === 'wasm') refuseBeyondWasm(estimateMemory(args, batchSize, purpose, 'wasm'), purpose, batchSize, args.block_size);
   }
 
   /** The architecture as it is now (after any `cropBlockSize`). */
@@ -718,8 +727,8 @@ export function lrAt(iter: number, schedule: LrSchedule): number {
 }
 
 /** The engine's estimate of what training (or sampling) `args` with `batchSize` rows needs in memory. */
-export function estimateMemory(args: ModelArgs, batchSize: number, purpose: 'train' | 'sample', kind?: EngineKind): MemoryEstimate {
-  return anyBinding(kind).estimateMemory(args, batchSize, purpose === 'train');
+export function estimateMemory(args: ModelArgs, batchSize: number, purpose: MemoryPurpose, kind?: EngineKind): MemoryEstimate {
+  return anyBinding(kind).estimateMemory(args, batchSize, purpose !== 'sample');
 }
 
 /** The CPU build of `kind` in detail, as `Engine.build` names it: 'native', 'wasm (relaxed-simd)' or 'wasm (simd128)'. */

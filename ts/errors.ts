@@ -9,6 +9,11 @@ export class UserError extends Error {
 /** How the README has users run the CLI: the spelling of the commands that messages quote. */
 export const cliCommand = 'npx nanogpt-rs';
 
+/** `arg` as one word of a shell command, quoted where it needs to be. */
+export function shellWord(arg: string): string {
+  return /^[\w@%+=:,./-]+$/.test(arg) ? arg : `'${arg.replaceAll("'", `'\\''`)}'`;
+}
+
 /** The first line of an error from elsewhere (the engine, the file system), for embedding in a one-line message. */
 export function firstLine(err: unknown): string {
   const message = err instanceof Error ? err.message : String(err);

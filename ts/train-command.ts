@@ -3,7 +3,7 @@
 // the request as SIGUSR2, which their launcher sends mpirun on Ctrl-C and mpirun forwards to each of them.
 import { trainSchema, type TrainConfig } from './config.ts';
 import { hasCheckpoint, readCheckpointInfo } from './checkpoint.ts';
-import { cliCommand, firstLine } from './errors.ts';
+import { cliCommand, firstLine, shellWord } from './errors.ts';
 import { Progress } from './progress.ts';
 import { launchRanks } from './ranks.ts';
 import { train } from './train.ts';
@@ -87,8 +87,4 @@ function stoppedLine(iter: number, outDir: string, worldSize: number): string {
   if (worldSize > 1) return `${saved}: run the same command with --init_from=resume`;
   const args = process.argv.slice(3).filter((arg) => !arg.startsWith('--init_from='));
   return `${saved}: ${cliCommand} train ${[...args, '--init_from=resume'].map(shellWord).join(' ')}`;
-}
-
-function shellWord(arg: string): string {
-  return /^[\w@%+=:,./-]+$/.test(arg) ? arg : `'${arg.replaceAll("'", `'\\''`)}'`;
 }

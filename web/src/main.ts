@@ -229,7 +229,8 @@ function drawChart(): void {
   g.scale(scale, scale);
   g.clearRect(0, 0, width, height);
   const pad = { left: 44, right: 12, top: 12, bottom: 26 };
-  const losses = [...history.iters.map((p) => p.loss), ...history.evals.flatMap((e) => [e.train, e.val])];
+  // A diverging run's last losses may be NaN or infinite: the scale is of the finite ones, and a line breaks off where they end.
+  const losses = [...history.iters.map((p) => p.loss), ...history.evals.flatMap((e) => [e.train, e.val])].filter(Number.isFinite);
   if (losses.length === 0) return;
   const low = Math.floor(Math.min(...losses) * 2) / 2;
   const high = Math.ceil(Math.max(...losses) * 2) / 2;
@@ -257,8 +258,9 @@ function drawChart(): void {
     g.fillStyle = color;
     if (points.length < 200) for (const [iter, loss] of points) g.fillRect(x(iter) - 2, y(loss) - 2, 4, 4);
   };
-  line(history.iters.map((p) => [p.iter, p.loss]), '#9bb7d4', 1);
-  line(history.evals.map((e) => [e.iter, e.train]), '#1f5fa8', 2);
-  line(history.evals.map((e) => [e.iter, e.val]), '#d9741c', 2);
+  const finite = (points: Array<[number, number]>) => points.filter(([, loss]) => Number.isFinite(loss));
+  line(finite(history.iters.map((p) => [p.iter, p.loss])), '#9bb7d4', 1);
+  line(finite(history.evals.map((e) => [e.iter, e.train])), '#1f5fa8', 2);
+  line(finite(history.evals.map((e) => [e.iter, e.val])), '#d9741c', 2);
 }
 addEventListener('resize', drawChart);

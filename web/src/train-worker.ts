@@ -203,9 +203,9 @@ async function train(requested: TrainConfig, fresh: boolean): Promise<void> {
     const lr = config.decay_lr ? engine.lrAt(iter, schedule) : config.learning_rate;
     if (iter % config.eval_interval === 0) {
       const losses = estimateLoss(iter);
-      current.bestValLoss = Math.min(current.bestValLoss, losses.val);
       post({ kind: 'eval', iter, ...losses });
       if (!Number.isFinite(losses.train) || !Number.isFinite(losses.val)) throw diverged(iter, 'an evaluated loss that is not finite');
+      current.bestValLoss = Math.min(current.bestValLoss, losses.val);
       if (iter > 0) post({ kind: 'sample', iter, text: sample('\n', 200, iter) });
     }
     const t0 = performance.now();
