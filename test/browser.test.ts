@@ -3,7 +3,7 @@
 // playwright-core (which downloads nothing). Without a Chromium (`apt-get install -y chromium`, or CHROMIUM_PATH)
 // the tests report themselves skipped.
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { basename, dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -159,6 +159,14 @@ describe.skipIf(!chromiumPath)('the training page in Chromium', () => {
     const resumed = await trainUntilStopped(page, '#train');
     expect(resumed.iters.map((i) => i.iter)).toEqual([55, 56, 57, 58, 59, 60]);
     expect(resumed.iters.at(-1)!.loss).toBeLessThan(first - 0.5);
+
+    // The CLI, resuming the same checkpoint with the page's settings (its form's, with lr_decay_iters following
+    // max_iters), takes the same steps: the two loops draw the same batches and learning rates.
+    cpSync(join(work, 'out-shakespeare-char'), join(work, 'out-cli-continued'), { recursive: true });
+    const continued = runCli(['train', 'configs/train_shakespeare_char.ts', '--init_from=resume', '--out_dir=out-cli-continued', '--device=cpu',
+      '--block_size=64', '--dropout=0.0', '--batch_size=12', '--max_iters=60', '--lr_decay_iters=60', '--log_interval=1', '--eval_interval=25']);
+    const cliLosses = [...continued.matchAll(/^iter (\d+): loss (\S+),/gm)].map((m) => ({ iter: Number(m[1]), loss: m[2] }));
+    expect(cliLosses).toEqual(resumed.iters.map((i) => ({ iter: i.iter, loss: i.loss.toFixed(4) })));
     await page.close();
   });
 

@@ -269,7 +269,7 @@ describe('nanogpt-rs end to end', () => {
     const result = run('prepare', 'shakespeare-char');
     expect(result.status).toBe(1);
     expect(result.stderr).toBe(
-      "error: nanogpt-rs cannot prepare dataset 'shakespeare-char'; available: shakespeare_char, shakespeare, openwebtext, text (your own files: prepare text --name=NAME FILE...)\n",
+      "error: cannot prepare dataset 'shakespeare-char'; available: shakespeare_char, shakespeare, openwebtext, text (your own files: npx nanogpt-rs prepare text --name=NAME FILE...)\n",
     );
   });
 
@@ -277,6 +277,20 @@ describe('nanogpt-rs end to end', () => {
     const result = run('train', '--n_embed=64');
     expect(result.status).toBe(1);
     expect(result.stderr).toBe("error: unknown config key 'n_embed'; did you mean 'n_embd'? (--help lists every key)\n");
+  });
+
+  it('names a device there is none of before the data or checkpoint it has not found', () => {
+    const refusals = {
+      gpu: 'unknown device `gpu`: use cpu, cuda or cuda:N',
+      mps: "device `mps` (Apple's Metal) has no engine here; use --device=cpu",
+    };
+    for (const [device, refusal] of Object.entries(refusals)) {
+      for (const command of [['train', '--dataset=not_prepared'], ['sample', '--out_dir=not_trained']]) {
+        const result = run(...command, `--device=${device}`);
+        expect(result.status).toBe(1);
+        expect(result.stderr).toBe(`error: ${refusal}\n`);
+      }
+    }
   });
 });
 

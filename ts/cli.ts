@@ -6,7 +6,7 @@ import { readFileSync } from 'node:fs';
 import { Command, Option } from 'commander';
 import { benchDefaults, defaultSplitSeed, defaultValFraction, describeKeys, parseArgs, resolveConfig, sampleSchema, trainSchema } from './config.ts';
 import { engineChoices } from './engine.ts';
-import { UserError } from './errors.ts';
+import { cliCommand, UserError } from './errors.ts';
 import { launchRanks } from './ranks.ts';
 import type { ExportOptions } from './export.ts';
 
@@ -34,8 +34,8 @@ program
     if (dataset === 'openwebtext') {
       await prepareOpenWebText({ ...corpus, inputDir: options.input });
     } else if (dataset === 'text') {
-      if (!options.name) throw new UserError('prepare text needs --name=NAME (the folder under data_dir to write)');
-      if (files.length === 0) throw new UserError('prepare text needs the corpus files: prepare text --name=NAME FILE...');
+      if (!options.name) throw new UserError(`prepare text needs --name=NAME (the folder under data_dir to write): ${cliCommand} prepare text --name=NAME FILE...`);
+      if (files.length === 0) throw new UserError(`prepare text needs the corpus files: ${cliCommand} prepare text --name=NAME FILE...`);
       if (options.tokenizer !== 'gpt2' && options.tokenizer !== 'char') {
         throw new UserError(`--tokenizer must be gpt2 or char, got '${options.tokenizer}'`);
       }
@@ -43,8 +43,8 @@ program
     } else {
       const { prepare, preparableDatasets } = await import('./data.ts');
       if (!preparableDatasets.includes(dataset)) {
-        const known = [...preparableDatasets, 'openwebtext', 'text (your own files: prepare text --name=NAME FILE...)'];
-        throw new UserError(`nanogpt-rs cannot prepare dataset '${dataset}'; available: ${known.join(', ')}`);
+        const known = [...preparableDatasets, 'openwebtext', `text (your own files: ${cliCommand} prepare text --name=NAME FILE...)`];
+        throw new UserError(`cannot prepare dataset '${dataset}'; available: ${known.join(', ')}`);
       }
       await prepare(dataset, { dataDir: options.data_dir, log: console.log });
     }

@@ -90,6 +90,7 @@ interface Binding {
   fromNanogptCheckpointFile(modelArgs: ModelArgs, path: string, device: string): BindingGpt;
   nanogptCheckpointInfoFile(path: string): CheckpointInfo;
   pickleToJson(bytes: Uint8Array): string;
+  checkDevice(name: string): void;
   lrAt(iter: number, schedule: LrSchedule): number;
   estimateMemory(modelArgs: ModelArgs, batchSize: number, training: boolean): MemoryEstimate;
   /** The addon only: ends MPI in this process. */
@@ -106,6 +107,7 @@ interface NativeModule {
   };
   nanogptCheckpointInfoFile(path: string): CheckpointInfo;
   pickleToJson(bytes: Uint8Array): string;
+  checkDevice(name: string): void;
   lrAt(iter: number, schedule: LrSchedule): number;
   estimateMemory(modelArgs: ModelArgs, batchSize: number, training: boolean): MemoryEstimate;
   finalizeMpi(): void;
@@ -141,6 +143,7 @@ interface WasmModule {
   };
   nanogptCheckpointInfo(bytes: Uint8Array): CheckpointInfo;
   pickleToJson(bytes: Uint8Array): string;
+  checkDevice(name: string): void;
   lrAt(iter: number, schedule: LrSchedule): number;
   estimateMemory(modelArgs: ModelArgs, batchSize: number, training: boolean): MemoryEstimate;
   repeatLinear(backward: boolean, n: number, c: number, oc: number, reps: number): number;
@@ -240,6 +243,7 @@ function loadNative(build: NativeBuild): Binding {
     fromNanogptCheckpointFile: (args, path, device) => native.Gpt.fromNanogptCheckpointFile(args, path, device),
     nanogptCheckpointInfoFile: (path) => native.nanogptCheckpointInfoFile(path),
     pickleToJson: (bytes) => native.pickleToJson(bytes),
+    checkDevice: (name) => native.checkDevice(name),
     lrAt: (iter, schedule) => native.lrAt(iter, schedule),
     estimateMemory: (args, batchSize, training) => native.estimateMemory(args, batchSize, training),
     finalizeMpi: () => native.finalizeMpi(),
@@ -281,6 +285,7 @@ function loadWasm(): Binding {
     fromNanogptCheckpointFile: (args, path) => new WasmFiles(wasm.Gpt.fromNanogptCheckpoint(args, readForWasm(path))),
     nanogptCheckpointInfoFile: (path) => wasm.nanogptCheckpointInfo(readForWasm(path)),
     pickleToJson: (bytes) => wasm.pickleToJson(bytes),
+    checkDevice: (name) => wasm.checkDevice(name),
     lrAt: (iter, schedule) => wasm.lrAt(iter, schedule),
     estimateMemory: (args, batchSize, training) => wasm.estimateMemory(args, batchSize, training),
     repeatLinear: (backward, n, c, oc, reps) => wasm.repeatLinear(backward, n, c, oc, reps),
@@ -422,6 +427,16 @@ export class Engine {
   private static in(device: string, choice: EngineChoice, make: (binding: Binding) => BindingGpt): Engine {
     const binding = loadBinding(resolveEngine(device, choice), device);
     return new Engine(make(binding), binding, binding.kind, binding.build);
+  }
+
+  /** Refuses a device name there is no device for, before a run reads its data or weights: in the build it would run in. */
+  static checkDevice(device: string, engine: EngineChoice = 'auto'): void {
+    const binding = loadBinding(resolveEngine(device, engine), device);
+    try {
+      binding.checkDevice(device);
+    } catch (err) {
+      throw new UserError(firstLine(err));
+    }
   }
 
   /** A freshly initialised model (nanoGPT's init), deterministic for a given seed. */

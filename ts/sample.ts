@@ -67,6 +67,7 @@ async function openSampling(overrides: Partial<SampleConfig>, options: SampleOpt
   if (config.temperature <= 0) {
     throw new UserError(`temperature must be above 0 (there is no greedy mode), got ${config.temperature}; try --temperature=0.1`);
   }
+  Engine.checkDevice(config.device, config.engine as EngineChoice);
 
   let engine: Engine;
   let meta: Meta | undefined;

@@ -10,8 +10,10 @@ import { Engine, lrAt, type Dtype, type EngineChoice, type ModelArgs } from './e
 import { explainedByEngine, firstLine, UserError } from './errors.ts';
 import { gpt2Models, loadHfModel } from './pretrained.ts';
 import { formatMfu, flopsPerIter, gpuName, MfuMeter, peakFlops } from './mfu.ts';
+import { evalDivergence, LoopPlan, stepDivergence } from './loop.ts';
 import { launchRanks } from './ranks.ts';
 import { gpt2VocabSize } from './tokenizer.ts';
+import type { Split } from './tokens.ts';
 import { RunLog, updateRatiosByLayer } from './telemetry.ts';
 
 export interface TrainResult {
@@ -67,6 +69,8 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
   // As nanoGPT's DDP: each rank of a GPU run trains on its own GPU, cuda:LOCAL_RANK (torchrun sets it).
   const device = worldSize > 1 && config.device === 'cuda' ? `cuda:${process.env.LOCAL_RANK ?? rank}` : config.device;
   const startedAt = performance.now();
+  // A misspelt device is named before a missing dataset or a download of weights.
+  Engine.checkDevice(device, config.engine as EngineChoice);
 
   const accumulationSteps = config.gradient_accumulation_steps / worldSize;
   const tokensPerIter = config.gradient_accumulation_steps * config.batch_size * config.block_size;
@@ -79,11 +83,10 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
     }
   }
 
-  // Batches and dropout masks are functions of the seed and of their place in the run (not of one stream, as in
-  // nanoGPT): a resumed run trains on what the run it resumes would have trained on next.
   const datasetDir = join(config.data_dir, config.dataset);
   const seed = config.seed + rank;
   const batches = new BatchLoader(datasetDir, config.batch_size, config.block_size, seed);
+  const plan = new LoopPlan(config, accumulationSteps, lrAt);
   let runLog: RunLog | undefined;
   try {
     // --- model ---
@@ -136,7 +139,7 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
         `dataset ${config.dataset} has ${datasetVocabSize} token ids but the model's vocabulary has ${modelArgs.vocab_size}; train this model on the dataset it was made for (its checkpoint's config says which), or start one with --init_from=scratch`,
       );
     }
-    engine.setDropoutStream(seed, iterNum * accumulationSteps);
+    engine.setDropoutStream(seed, plan.microStep(iterNum, 0));
     info(`number of parameters: ${(engine.numParams(true) / 1e6).toFixed(2)}M`);
     // The CPU engines compute in float32 whatever dtype says (noEffectNotes says so where the user set it).
     if (config.device !== 'cpu') engine.setPrecision(config.dtype as Dtype);
@@ -172,31 +175,17 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
     const canStopAnywhere = worldSize === 1;
     const letSignalsIn = () => new Promise((resolve) => setImmediate(resolve));
     const inEngine = <T>(action: () => T): T => explainedByEngine(`training stopped at iteration ${iterNum}`, action, outOfMemoryFix);
-    /** The mean loss over eval_iters batches of `split`; undefined if a stop it may heed was asked for meanwhile. */
-    const meanLoss = async (split: 'train' | 'val', interruptible: boolean): Promise<number | undefined> => {
-      let sum = 0;
-      for (let k = 0; k < config.eval_iters; k++) {
-        const { x, y } = batches.evaluation(split, iterNum * config.eval_iters + k);
-        sum += inEngine(() => engine.evalLoss(x, y, config.batch_size));
-        await letSignalsIn();
-        if (interruptible && stopAsked()) return undefined;
-      }
-      return sum / config.eval_iters;
+    const evalLoss = (split: Split, position: number) => {
+      const { x, y } = batches.evaluation(split, position);
+      return inEngine(() => engine.evalLoss(x, y, config.batch_size));
     };
-    const estimateLoss = async () => {
-      const train = await meanLoss('train', canStopAnywhere);
-      const val = train === undefined ? undefined : await meanLoss('val', canStopAnywhere);
-      return train === undefined || val === undefined ? undefined : { train, val };
+    /** Lets signals in after each evaluation batch; a stop asked for meanwhile ends the evaluation where it may. */
+    const stopBetweenBatches = (interruptible: boolean) => async () => {
+      await letSignalsIn();
+      return interruptible && stopAsked();
     };
 
     // --- training loop ---
-    const schedule = {
-      learning_rate: config.learning_rate,
-      min_lr: config.min_lr,
-      warmup_iters: config.warmup_iters,
-      lr_decay_iters: config.lr_decay_iters,
-      decay_lr: config.decay_lr,
-    };
     // As nanoGPT's estimate_mfu: the work of one rank against one device's peak.
     const stepFlops = flopsPerIter(modelArgs, engine.numParams(true), tokensPerIter / worldSize);
     const mfu = new MfuMeter(stepFlops, config.device.startsWith('cuda') ? peakFlops(gpuName() ?? '') : null);
@@ -251,10 +240,9 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
         // non-finite, which the next step's check would have caught had the stop not come first.
         let val: number;
         if (config.always_save_checkpoint) {
-          const { x, y } = batches.evaluation('val', iterNum * config.eval_iters);
-          val = inEngine(() => engine.evalLoss(x, y, config.batch_size));
+          val = evalLoss('val', plan.evalBatch(iterNum, 0));
         } else {
-          val = (await meanLoss('val', false)) as number;
+          val = (await plan.meanLoss('val', iterNum, evalLoss, stopBetweenBatches(false)))!;
         }
         if (!Number.isFinite(val)) {
           saveNow = false;
@@ -270,19 +258,19 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
     let lastEval: TrainResult['last_eval'] = null;
     let stopped = false;
     const firstIter = iterNum;
-    // Training batch number iter * accumulationSteps + microStep, fetched while the engine works on the one before.
-    let { x, y } = batches.step(iterNum * accumulationSteps);
+    // Each micro-step's training batch is fetched while the engine works on the one before.
+    let { x, y } = batches.step(plan.microStep(iterNum, 0));
     let t0 = performance.now();
     for (;;) {
-      const lr = config.decay_lr ? lrAt(iterNum, schedule) : config.learning_rate;
+      const lr = plan.learningRate(iterNum);
 
-      if (iterNum % config.eval_interval === 0) {
+      if (plan.evaluates(iterNum)) {
         // Every rank has finished the step before: a checkpoint saved now is of a step the whole run took.
         engine.barrier();
         let saveNow = false;
-        let finite = true;
+        let divergence: string | undefined;
         if (master) {
-          const losses = await estimateLoss();
+          const losses = await plan.estimateLoss(iterNum, evalLoss, stopBetweenBatches(canStopAnywhere));
           if (!losses) {
             await stopAndSave();
             break;
@@ -291,14 +279,14 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
           const message = `step ${iterNum}: train loss ${lastEval.train.toFixed(4)}, val loss ${lastEval.val.toFixed(4)}`;
           report({ kind: 'eval', message, iter: iterNum, train_loss: lastEval.train, val_loss: lastEval.val });
           runLog?.eval({ iter: iterNum, train_loss: lastEval.train, val_loss: lastEval.val, lr }, runningMfu);
-          finite = Number.isFinite(lastEval.train) && Number.isFinite(lastEval.val);
-          if (finite && (lastEval.val < bestValLoss || config.always_save_checkpoint)) {
+          divergence = evalDivergence(lastEval);
+          if (!divergence && (lastEval.val < bestValLoss || config.always_save_checkpoint)) {
             bestValLoss = lastEval.val;
             saveNow = iterNum > 0;
           }
         }
         // Rank 0 decides; every rank stops, or joins the save.
-        if (engine.anyRank(!finite)) throw diverged('an evaluated loss that is not finite');
+        if (engine.anyRank(divergence !== undefined)) throw diverged(divergence ?? "rank 0's evaluated loss, which is not finite");
         if (engine.anyRank(saveNow)) save();
       }
       // As in nanoGPT, eval_only stops only a run that starts at iteration 0.
@@ -311,7 +299,7 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
         // As nanoGPT's require_backward_grad_sync: the last micro-step's backward pass starts the all-reduce.
         if (worldSize > 1) engine.setBackwardGradSync(microStep === accumulationSteps - 1);
         inEngine(() => engine.accumulate(x, y, config.batch_size, 1 / accumulationSteps));
-        ({ x, y } = batches.step(iterNum * accumulationSteps + microStep + 1));
+        ({ x, y } = batches.step(plan.microStep(iterNum, microStep + 1)));
         // Between micro-steps: a stop asked for during the last one comes after the step, which is then complete.
         if (canStopAnywhere && microStep < accumulationSteps - 1) {
           await letSignalsIn();
@@ -324,8 +312,8 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
         break;
       }
       const stats = inEngine(() => engine.step(lr));
-      // float16's loss scaling skips a step whose gradients overflow, as GradScaler does, and goes on.
-      if (!stats.skipped && !Number.isFinite(stats.grad_norm)) throw diverged(`a gradient norm of ${stats.grad_norm}`);
+      const divergence = stepDivergence(stats);
+      if (divergence) throw diverged(divergence);
       runLog?.countStep(stats.clipped);
 
       const t1 = performance.now();

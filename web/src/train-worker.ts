@@ -3,6 +3,7 @@
 import { checkpointFiles, checkpointInfoText, parseCheckpointInfo, type CheckpointInfo } from '../../ts/checkpoint-info.ts';
 import type { LrSchedule, MemoryEstimate, ModelArgs, OptimizerArgs, ParamGroups, StepStats } from '../../ts/engine-types.ts';
 import { firstLine } from '../../ts/errors.ts';
+import { evalDivergence, LoopPlan, stepDivergence } from '../../ts/loop.ts';
 import { defaultsOf, trainKeys, type TrainConfig } from '../../ts/schema.ts';
 import { batchRng, CharTokenizer, encodeCharDataset, sampleBatch, type BatchUse, type Meta, type Split } from '../../ts/tokens.ts';
 import { pickWasmBuild } from '../../ts/wasm-build.ts';
@@ -166,25 +167,15 @@ async function train(requested: TrainConfig, fresh: boolean): Promise<void> {
   const { gpt } = current;
   const { splits } = dataset;
   const T = config.block_size;
-  // As the CLI's runs: batches and dropout masks are functions of the seed and their place in the run, so that a run
-  // continued here, or a checkpoint resumed, with the settings it was trained with trains as one run would.
   const batch = (split: Split, use: BatchUse, position: number) =>
     sampleBatch(splits[split].length, config.batch_size, T, batchRng(config.seed, split, use, position), (offset) => splits[split].subarray(offset, offset + T + 1));
-  const accumulationSteps = config.gradient_accumulation_steps;
-  gpt.setDropoutStream(config.seed, current.iter * accumulationSteps);
-  const estimateLoss = (iter: number) => {
-    const mean = (split: Split) => {
-      let sum = 0;
-      for (let k = 0; k < config.eval_iters; k++) {
-        const { x, y } = batch(split, 'eval', iter * config.eval_iters + k);
-        sum += gpt.evalLoss(x, y, config.batch_size);
-      }
-      return sum / config.eval_iters;
-    };
-    return { train: mean('train'), val: mean('val') };
+  const plan = new LoopPlan(config, config.gradient_accumulation_steps, engine.lrAt);
+  gpt.setDropoutStream(config.seed, plan.microStep(current.iter, 0));
+  const evalLoss = (split: Split, position: number) => {
+    const { x, y } = batch(split, 'eval', position);
+    return gpt.evalLoss(x, y, config.batch_size);
   };
-  const schedule: LrSchedule = pick(config, ['learning_rate', 'min_lr', 'warmup_iters', 'lr_decay_iters', 'decay_lr']);
-  const tokensPerIter = accumulationSteps * config.batch_size * T;
+  const tokensPerIter = plan.accumulationSteps * config.batch_size * T;
   const firstIter = current.iter;
   const startedAt = performance.now();
   // As the CLI's runs, training stops at the first step or evaluation that is not finite; the weights it leaves are
@@ -198,24 +189,31 @@ async function train(requested: TrainConfig, fresh: boolean): Promise<void> {
   };
 
   stopRequested = false;
+  const stopAsked = async () => {
+    await yieldToEvents();
+    return stopRequested;
+  };
   while (current.iter <= config.max_iters && !stopRequested) {
     const iter = current.iter;
-    const lr = config.decay_lr ? engine.lrAt(iter, schedule) : config.learning_rate;
-    if (iter % config.eval_interval === 0) {
-      const losses = estimateLoss(iter);
+    const lr = plan.learningRate(iter);
+    if (plan.evaluates(iter)) {
+      const losses = await plan.estimateLoss(iter, evalLoss, stopAsked);
+      if (!losses) break;
       post({ kind: 'eval', iter, ...losses });
-      if (!Number.isFinite(losses.train) || !Number.isFinite(losses.val)) throw diverged(iter, 'an evaluated loss that is not finite');
+      const divergence = evalDivergence(losses);
+      if (divergence) throw diverged(iter, divergence);
       current.bestValLoss = Math.min(current.bestValLoss, losses.val);
       if (iter > 0) post({ kind: 'sample', iter, text: sample('\n', 200, iter) });
     }
     const t0 = performance.now();
     let loss = 0;
-    for (let microStep = 0; microStep < accumulationSteps; microStep++) {
-      const { x, y } = batch('train', 'step', iter * accumulationSteps + microStep);
-      loss = gpt.forwardBackward(x, y, config.batch_size, 1 / accumulationSteps);
+    for (let microStep = 0; microStep < plan.accumulationSteps; microStep++) {
+      const { x, y } = batch('train', 'step', plan.microStep(iter, microStep));
+      loss = gpt.forwardBackward(x, y, config.batch_size, 1 / plan.accumulationSteps);
     }
     const stats = gpt.step(lr);
-    if (!stats.skipped && !Number.isFinite(stats.grad_norm)) throw diverged(iter, `a gradient norm of ${stats.grad_norm}`);
+    const divergence = stepDivergence(stats);
+    if (divergence) throw diverged(iter, divergence);
     const stepMs = performance.now() - t0;
     current.iter += 1;
     const perIter = (performance.now() - startedAt) / (current.iter - firstIter);

@@ -234,17 +234,25 @@ pub struct PhaseTimes {
     pub optimizer_ms: f64,
 }
 
-/// The device named by nanoGPT's `device` key: `cpu`, `cuda` (the first GPU) or `cuda:N`.
-/// `seed` seeds the device's own generator (dropout masks on a GPU).
-pub fn device(name: &str, seed: u64) -> Result<Device> {
+/// Which GPU nanoGPT's `device` key names, `cuda` being the first and `cuda:N` the Nth, or None for `cpu`. Other
+/// names are refused with the ones there are, before anything is opened or read.
+pub fn device_ordinal(name: &str) -> Result<Option<usize>> {
     match name {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => cuda::open(0, seed),
+        "cpu" => Ok(None),
+        "cuda" => Ok(Some(0)),
+        "mps" => candle_core::bail!("device `mps` (Apple's Metal) has no engine here; use --device=cpu"),
         other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(ordinal)) => cuda::open(ordinal, seed),
-            _ if other == "mps" => candle_core::bail!("device `mps` (Apple's Metal) has no engine here; use --device=cpu"),
+            Some(Ok(ordinal)) => Ok(Some(ordinal)),
             _ => candle_core::bail!("unknown device `{other}`: use cpu, cuda or cuda:N"),
         },
+    }
+}
+
+/// The device `name` names (see [`device_ordinal`]). `seed` seeds the device's own generator (dropout masks on a GPU).
+pub fn device(name: &str, seed: u64) -> Result<Device> {
+    match device_ordinal(name)? {
+        None => Ok(Device::Cpu),
+        Some(ordinal) => cuda::open(ordinal, seed),
     }
 }
 

@@ -570,8 +570,16 @@ fn cpu_decoder_samples_what_the_candle_model_samples() -> Result<()> {
 }
 
 #[test]
-fn devices_it_has_no_engine_for_are_refused_with_the_fix() {
+fn devices_it_has_no_engine_for_are_refused_with_the_fix() -> Result<()> {
     let refusal = |name: &str| Engine::new(&tiny(false, 0.0, Gelu::Tanh), 0, name).err().map(|e| e.to_string()).unwrap_or_default();
     assert!(refusal("mps").starts_with("device `mps` (Apple's Metal) has no engine here; use --device=cpu"), "{}", refusal("mps"));
     assert!(refusal("tpu").starts_with("unknown device `tpu`: use cpu, cuda or cuda:N"), "{}", refusal("tpu"));
+    // The names alone, as the front end checks them before it reads any data.
+    assert_eq!(nanogpt_core::engine::device_ordinal("cpu")?, None);
+    assert_eq!(nanogpt_core::engine::device_ordinal("cuda")?, Some(0));
+    assert_eq!(nanogpt_core::engine::device_ordinal("cuda:3")?, Some(3));
+    for name in ["gpu", "cuda:", "cuda:x", "mps"] {
+        assert!(nanogpt_core::engine::device_ordinal(name).is_err(), "{name}");
+    }
+    Ok(())
 }

@@ -238,6 +238,12 @@ pub fn pickle_to_json(bytes: &[u8]) -> Result<String, JsError> {
     nanogpt_core::pickle::to_json_string(bytes).map_err(js_error)
 }
 
+/// Refuses a `device` name there is no device for, with the names there are (`engine::device_ordinal`).
+#[wasm_bindgen(js_name = checkDevice)]
+pub fn check_device(name: &str) -> Result<(), JsError> {
+    nanogpt_core::engine::device_ordinal(name).map(drop).map_err(js_error)
+}
+
 #[wasm_bindgen(js_name = lrAt)]
 pub fn lr_at(iter: f64, schedule: JsValue) -> Result<f64, JsError> {
     let schedule: LrSchedule = from_js(schedule, "learning-rate schedule")?;
