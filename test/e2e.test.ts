@@ -279,7 +279,7 @@ describe('nanogpt-rs end to end', () => {
     expect(result.stderr).toBe("error: unknown config key 'n_embed'; did you mean 'n_embd'? (--help lists every key)\n");
   });
 
-  it('names a device there is none of before the data or checkpoint it has not found', () => {
+  it('refuses a device name other than cpu, cuda or cuda:N before looking for the data or checkpoint', () => {
     const refusals = {
       gpu: 'unknown device `gpu`: use cpu, cuda or cuda:N',
       mps: "device `mps` (Apple's Metal) has no engine here; use --device=cpu",

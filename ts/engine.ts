@@ -429,7 +429,7 @@ export class Engine {
     return new Engine(make(binding), binding, binding.kind, binding.build);
   }
 
-  /** Refuses a device name there is no device for, before a run reads its data or weights: in the build it would run in. */
+  /** Refuses a device name other than cpu, cuda or cuda:N before a run reads its data or weights, in the build it would run in. */
   static checkDevice(device: string, engine: EngineChoice = 'auto'): void {
     const binding = loadBinding(resolveEngine(device, engine), device);
     try {

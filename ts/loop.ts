@@ -1,7 +1,7 @@
 // The rules of nanoGPT's training loop that the CLI's runs (train.ts) and the browser page's
 // (web/src/train-worker.ts) share: what each iteration's learning rate is, when it evaluates, which batches and
-// dropout masks it uses, and when a run has diverged. Kept once, so that a checkpoint moved between the two trains on
-// as one run would. No Node.js here: the page imports it.
+// dropout masks it uses, and when a run has diverged. Kept once, so that a checkpoint moved between the two (one
+// process on the cpu, the same settings) trains on as one run would. No Node.js here: the page imports it.
 import type { LrSchedule, StepStats } from './engine-types.ts';
 import type { TrainConfig } from './schema.ts';
 import type { Split } from './tokens.ts';
@@ -76,5 +76,7 @@ export function stepDivergence(stats: StepStats): string | undefined {
 
 /** What makes a run diverged at an evaluation, or undefined: a loss that is not finite. */
 export function evalDivergence(losses: { train: number; val: number }): string | undefined {
-  return Number.isFinite(losses.train) && Number.isFinite(losses.val) ? undefined : 'an evaluated loss that is not finite';
+  return Number.isFinite(losses.train) && Number.isFinite(losses.val) ? undefined : nonFiniteEvaluation;
 }
+
+export const nonFiniteEvaluation = 'an evaluated loss that is not finite';

@@ -10,7 +10,7 @@ import { Engine, lrAt, type Dtype, type EngineChoice, type ModelArgs } from './e
 import { explainedByEngine, firstLine, UserError } from './errors.ts';
 import { gpt2Models, loadHfModel } from './pretrained.ts';
 import { formatMfu, flopsPerIter, gpuName, MfuMeter, peakFlops } from './mfu.ts';
-import { evalDivergence, LoopPlan, stepDivergence } from './loop.ts';
+import { evalDivergence, LoopPlan, nonFiniteEvaluation, stepDivergence } from './loop.ts';
 import { launchRanks } from './ranks.ts';
 import { gpt2VocabSize } from './tokenizer.ts';
 import type { Split } from './tokens.ts';
@@ -286,7 +286,7 @@ export async function train(overrides: Partial<TrainConfig> = {}, options: Train
           }
         }
         // Rank 0 decides; every rank stops, or joins the save.
-        if (engine.anyRank(divergence !== undefined)) throw diverged(divergence ?? "rank 0's evaluated loss, which is not finite");
+        if (engine.anyRank(divergence !== undefined)) throw diverged(divergence ?? nonFiniteEvaluation);
         if (engine.anyRank(saveNow)) save();
       }
       // As in nanoGPT, eval_only stops only a run that starts at iteration 0.

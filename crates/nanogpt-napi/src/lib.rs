@@ -323,7 +323,7 @@ pub fn pickle_to_json(bytes: Uint8Array) -> Result<String> {
     nanogpt_core::pickle::to_json_string(&bytes).map_err(js_error)
 }
 
-/// Refuses a `device` name there is no device for, with the names there are (`engine::device_ordinal`).
+/// Refuses a `device` name other than cpu, cuda or cuda:N, with the names there are (`engine::device_ordinal`).
 #[napi]
 pub fn check_device(name: String) -> Result<()> {
     nanogpt_core::engine::device_ordinal(&name).map(drop).map_err(js_error)

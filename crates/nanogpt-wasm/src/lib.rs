@@ -238,7 +238,7 @@ pub fn pickle_to_json(bytes: &[u8]) -> Result<String, JsError> {
     nanogpt_core::pickle::to_json_string(bytes).map_err(js_error)
 }
 
-/// Refuses a `device` name there is no device for, with the names there are (`engine::device_ordinal`).
+/// Refuses a `device` name other than cpu, cuda or cuda:N, with the names there are (`engine::device_ordinal`).
 #[wasm_bindgen(js_name = checkDevice)]
 pub fn check_device(name: &str) -> Result<(), JsError> {
     nanogpt_core::engine::device_ordinal(name).map(drop).map_err(js_error)
