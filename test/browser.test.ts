@@ -211,6 +211,27 @@ describe.skipIf(!chromiumPath)('the training page in Chromium', () => {
     await page.close();
   });
 
+  it('stops between evaluation batches: Stop during an evaluation ends the run before its iteration, which Train starts again', async () => {
+    const page = await openPage(browser, isolatedUrl);
+    // An evaluation of 5000 batches per split takes far longer than the test waits for the stop.
+    await setKeys(page, { max_iters: 1, eval_interval: 1, eval_iters: 5000 });
+    await page.click('#reset');
+    await page.waitForFunction(() => (globalThis as unknown as { nanogptPage: PageHistory }).nanogptPage.state === 'training');
+    await page.waitForTimeout(500);
+    await page.click('#train');
+    await page.waitForFunction(() => (globalThis as unknown as { nanogptPage: PageHistory }).nanogptPage.state !== 'training', null, { timeout: 10_000 });
+    expect(await page.textContent('#status')).toBe('stopped before iteration 0; Train continues');
+    const stopped = await history(page);
+    expect(stopped.evals).toEqual([]);
+    expect(stopped.iters).toEqual([]);
+    await setKeys(page, { eval_iters: 2 });
+    const continued = await trainUntilStopped(page, '#train');
+    expect(await page.textContent('#status')).toBe('finished at iteration 1');
+    expect(continued.evals.map((e) => e.iter)).toEqual([0, 1]);
+    expect(continued.iters.map((i) => i.iter)).toEqual([0, 1]);
+    await page.close();
+  });
+
   it('trains on one thread where the page is not cross-origin isolated', async () => {
     const { url, server } = await startServer('--isolated=False');
     servers.push(server);
