@@ -47,13 +47,13 @@ export class LoopPlan {
 
   /**
    * The mean loss of `split` at iteration `iter` over eval_iters batches, `lossOf` giving the loss of the batch at a
-   * position; undefined where `stop`, asked before each batch, says to stop (a finished mean is kept).
+   * position; undefined where `stop`, asked after each batch, says to stop.
    */
   async meanLoss(split: Split, iter: number, lossOf: (split: Split, position: number) => number, stop?: () => Promise<boolean>): Promise<number | undefined> {
     let sum = 0;
     for (let k = 0; k < this.config.eval_iters; k++) {
-      if (stop && (await stop())) return undefined;
       sum += lossOf(split, this.evalBatch(iter, k));
+      if (stop && (await stop())) return undefined;
     }
     return sum / this.config.eval_iters;
   }
