@@ -370,6 +370,25 @@ describe('library API', () => {
     expect(JSON.parse(readFileSync(join(outDir, 'ckpt.json'), 'utf8')).iter_num).toBe(4);
   });
 
+  /**
+   * A signal that reads as aborted at its `read`-th look after iteration `iter`'s log line, the onLog that counts
+   * from there, the events logged, and how many looks there were.
+   */
+  const abortAtRead = (iter: number, read: number) => {
+    let looks: number | undefined;
+    const signal = {
+      get aborted() {
+        if (looks !== undefined) looks += 1;
+        return looks === read;
+      },
+    } as AbortSignal;
+    const events: Array<{ kind: string; message: string; iter?: number }> = [];
+    const onLog = (event: { kind: string; message: string; iter?: number }) => {
+      events.push(event);
+      if (event.kind === 'iter' && event.iter === iter) looks = 0;
+    };
+    return { signal, onLog, events, reads: () => looks };
+  };
   const small = { data_dir: join(work, 'data'), dataset: 'shakespeare_char', n_layer: 1, n_head: 2, n_embd: 16, block_size: 16, batch_size: 4, gradient_accumulation_steps: 1, eval_iters: 2, log_interval: 1 };
 
   it('saves nothing when stopped before its first step, keeping the checkpoint already in out_dir', async () => {
@@ -438,18 +457,7 @@ describe('library API', () => {
     const options = { ...small, gradient_accumulation_steps: 4, max_iters: 2 };
     // Stops once the micro-steps of iteration 2 have begun: the signal is read after each micro-step but the last,
     // and after each step; the first read after iteration 1's log line is the one after its step.
-    let readsAfterIter1: number | undefined;
-    const signal = {
-      get aborted() {
-        if (readsAfterIter1 !== undefined) readsAfterIter1 += 1;
-        return readsAfterIter1 === 2;
-      },
-    } as AbortSignal;
-    const events: Array<{ kind: string; message: string }> = [];
-    const onLog = (event: { kind: string; message: string; iter?: number }) => {
-      events.push(event);
-      if (event.kind === 'iter' && event.iter === 1) readsAfterIter1 = 0;
-    };
+    const { signal, onLog, events } = abortAtRead(1, 2);
     const stoppedDir = join(work, 'out-stop-micro');
     const result = await train({ ...options, out_dir: stoppedDir, eval_interval: 1000 }, { signal, onLog });
     expect(result).toMatchObject({ stopped: true, iter_num: 1, iterations: 2 });
@@ -459,6 +467,27 @@ describe('library API', () => {
     await train({ ...options, out_dir: savedDir, eval_interval: 2 });
     for (const file of ['model.safetensors', 'optimizer.safetensors']) {
       expect(readFileSync(join(stoppedDir, file)).equals(readFileSync(join(savedDir, file))), file).toBe(true);
+    }
+    expect(JSON.parse(readFileSync(join(stoppedDir, 'ckpt.json'), 'utf8')).iter_num).toBe(2);
+  });
+
+  it('stopped during an evaluation, leaves it unfinished and saves the weights of the last step', async () => {
+    const { train } = await import('../ts/index.ts');
+    const options = { ...small, eval_iters: 4, eval_interval: 2, max_iters: 2 };
+    // The signal is read after each step and after each evaluation batch: the third read after iteration 1's log
+    // line comes after the second of the four train batches of iteration 2's evaluation.
+    const { signal, onLog, events, reads } = abortAtRead(1, 3);
+    const stoppedDir = join(work, 'out-stop-eval');
+    const result = await train({ ...options, out_dir: stoppedDir }, { signal, onLog });
+    expect(result).toMatchObject({ stopped: true, iter_num: 1, iterations: 2 });
+    expect(reads()).toBe(3);
+    expect(events.filter((e) => e.kind === 'eval').map((e) => e.iter)).toEqual([0]);
+    expect(events.find((e) => e.kind === 'stop')?.message).toBe('stopping after iteration 1');
+    // The same run left to finish that evaluation saves at iteration 2 the same weights and optimizer state.
+    const finishedDir = join(work, 'out-eval-finished');
+    await train({ ...options, out_dir: finishedDir });
+    for (const file of ['model.safetensors', 'optimizer.safetensors']) {
+      expect(readFileSync(join(stoppedDir, file)).equals(readFileSync(join(finishedDir, file))), file).toBe(true);
     }
     expect(JSON.parse(readFileSync(join(stoppedDir, 'ckpt.json'), 'utf8')).iter_num).toBe(2);
   });
