@@ -2,7 +2,7 @@
 // `npm run build`) links it into node_modules/.bin, where npx looks, so no call installs anything into npx's cache
 // or runs a lifecycle script. The engines are copied in rather than rebuilt; the Rust toolchain is shadowed.
 import { execFileSync } from 'node:child_process';
-import { cpSync, existsSync, mkdtempSync, rmSync, utimesSync } from 'node:fs';
+import { cpSync, existsSync, mkdtempSync, renameSync, rmSync, utimesSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -47,6 +47,19 @@ describe('npx nanogpt-rs in a fresh clone', () => {
       const result = npx.run('train', name, '--device=cpu', '--dataset=none');
       expect(result.stdout, name).toContain(`Overriding config with ${name}:`);
       expect(result.stderr, name).toBe('error: no data/none/train.bin: the dataset is not prepared; run `npx nanogpt-rs prepare text --name=none FILE...` first\n');
+    }
+  });
+
+  it('names a misspelt device before an engine build that is missing', () => {
+    const native = join(clone, 'native');
+    renameSync(native, `${native}.away`);
+    try {
+      const misspelt = npx.run('train', '--device=gpu', '--dataset=none');
+      expect(misspelt.stderr).toBe('error: unknown device `gpu`: use cpu, cuda or cuda:N\n');
+      const unbuilt = npx.run('train', '--device=cuda', '--dataset=none');
+      expect(unbuilt.stderr).toMatch(/^error: the CUDA engine is not built \(no \.node file in .*\); run `npm run build:cuda`/);
+    } finally {
+      renameSync(`${native}.away`, native);
     }
   });
 

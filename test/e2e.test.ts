@@ -291,6 +291,9 @@ describe('nanogpt-rs end to end', () => {
         expect(result.stderr).toBe(`error: ${refusal}\n`);
       }
     }
+    // Named before the engine that cannot run on it.
+    const wasm = run('train', '--dataset=not_prepared', '--device=gpu', '--engine=wasm');
+    expect(wasm.stderr).toBe(`error: ${refusals.gpu}\n`);
   });
 });
 

@@ -196,6 +196,18 @@ function loadBinding(kind: EngineKind, device = 'cpu'): Binding {
   return binding;
 }
 
+/** A CPU build that loads (the addon, else the WebAssembly module), or undefined where neither is built. */
+function anyCpuBinding(): Binding | undefined {
+  for (const kind of ['native', 'wasm'] as const) {
+    try {
+      return loadBinding(kind);
+    } catch {
+      // not built: the next one
+    }
+  }
+  return undefined;
+}
+
 /**
  * The napi addon: native/ holds the CPU build, native/mpi/ the CPU build with MPI, native/cuda/ the CUDA build and
  * native/cuda-nccl/ the CUDA build with NCCL (separate files, because these cannot even be loaded where OpenMPI, the
@@ -429,14 +441,26 @@ export class Engine {
     return new Engine(make(binding), binding, binding.kind, binding.build);
   }
 
-  /** Refuses a device name other than cpu, cuda or cuda:N before a run reads its data or weights, in the build it would run in. */
+  /**
+   * Refuses a device name other than cpu, cuda or cuda:N before a run reads its data or weights, in the build it
+   * would run in. Where that build cannot be had (not built, or not for this device) the run stops anyway, and a
+   * CPU build that loads checks the name first, so that a misspelt device is named before a build to make.
+   */
   static checkDevice(device: string, engine: EngineChoice = 'auto'): void {
-    const binding = loadBinding(resolveEngine(device, engine), device);
+    let binding: Binding | undefined;
+    let unavailable: unknown;
     try {
-      binding.checkDevice(device);
+      binding = loadBinding(resolveEngine(device, engine), device);
+    } catch (err) {
+      unavailable = err;
+      binding = anyCpuBinding();
+    }
+    try {
+      binding?.checkDevice(device);
     } catch (err) {
       throw new UserError(firstLine(err));
     }
+    if (unavailable) throw unavailable;
   }
 
   /** A freshly initialised model (nanoGPT's init), deterministic for a given seed. */
