@@ -61,11 +61,12 @@ async function setKeys(page: Page, keys: Record<string, number>): Promise<void> 
   for (const [key, value] of Object.entries(keys)) await page.fill(`#key-${key}`, String(value));
 }
 
-/** Clicks a button and waits for the run to end. */
-async function trainUntilStopped(page: Page, button: '#train' | '#reset'): Promise<PageHistory> {
+/** Clicks a button, does `whileTraining` once the run has started, and waits up to `timeout` ms for the run to end. */
+async function trainUntilStopped(page: Page, button: '#train' | '#reset', whileTraining?: () => Promise<void>, timeout = 240_000): Promise<PageHistory> {
   await page.click(button);
   await page.waitForFunction(() => (globalThis as unknown as { nanogptPage: PageHistory }).nanogptPage.state === 'training');
-  await page.waitForFunction(() => (globalThis as unknown as { nanogptPage: PageHistory }).nanogptPage.state !== 'training', null, { timeout: 240_000 });
+  await whileTraining?.();
+  await page.waitForFunction(() => (globalThis as unknown as { nanogptPage: PageHistory }).nanogptPage.state !== 'training', null, { timeout });
   return history(page);
 }
 
@@ -213,15 +214,11 @@ describe.skipIf(!chromiumPath)('the training page in Chromium', () => {
 
   it('stops between evaluation batches: Stop during an evaluation ends the run before its iteration, which Train starts again', async () => {
     const page = await openPage(browser, isolatedUrl);
-    // An evaluation of 5000 batches per split takes far longer than the test waits for the stop.
+    // An evaluation of 5000 batches per split takes far longer than the test waits for the stop. The worker takes
+    // the Stop (the #train button while training) at its first yield, after the evaluation's first batch.
     await setKeys(page, { max_iters: 1, eval_interval: 1, eval_iters: 5000 });
-    await page.click('#reset');
-    await page.waitForFunction(() => (globalThis as unknown as { nanogptPage: PageHistory }).nanogptPage.state === 'training');
-    await page.waitForTimeout(500);
-    await page.click('#train');
-    await page.waitForFunction(() => (globalThis as unknown as { nanogptPage: PageHistory }).nanogptPage.state !== 'training', null, { timeout: 10_000 });
+    const stopped = await trainUntilStopped(page, '#reset', () => page.click('#train'), 10_000);
     expect(await page.textContent('#status')).toBe('stopped before iteration 0; Train continues');
-    const stopped = await history(page);
     expect(stopped.evals).toEqual([]);
     expect(stopped.iters).toEqual([]);
     await setKeys(page, { eval_iters: 2 });

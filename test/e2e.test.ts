@@ -291,9 +291,13 @@ describe('nanogpt-rs end to end', () => {
         expect(result.stderr).toBe(`error: ${refusal}\n`);
       }
     }
-    // Named before the engine that cannot run on it.
-    const wasm = run('train', '--dataset=not_prepared', '--device=gpu', '--engine=wasm');
-    expect(wasm.stderr).toBe(`error: ${refusals.gpu}\n`);
+    // A misspelt name is refused before the engine that cannot run on it; a device that exists hears of the engine.
+    const misspelt = run('train', '--dataset=not_prepared', '--device=gpu', '--engine=wasm');
+    expect(misspelt.status).toBe(1);
+    expect(misspelt.stderr).toBe(`error: ${refusals.gpu}\n`);
+    const wasm = run('train', '--dataset=not_prepared', '--device=cuda', '--engine=wasm');
+    expect(wasm.status).toBe(1);
+    expect(wasm.stderr).toBe('error: the WebAssembly engine runs on the cpu only; use --device=cpu, or --engine=native for --device=cuda\n');
   });
 });
 
@@ -382,7 +386,7 @@ describe('library API', () => {
     const signal = {
       get aborted() {
         if (looks !== undefined) looks += 1;
-        return looks === read;
+        return looks !== undefined && looks >= read;
       },
     } as AbortSignal;
     const events: Array<{ kind: string; message: string; iter?: number }> = [];

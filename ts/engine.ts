@@ -188,21 +188,29 @@ function hasAddon(dir: string): boolean {
 function loadBinding(kind: EngineKind, device = 'cpu'): Binding {
   const ranks = launchRanks().worldSize > 1;
   const build = kind === 'wasm' ? 'wasm' : device.startsWith('cuda') ? (ranks ? 'cuda-nccl' : 'cuda') : ranks ? 'mpi' : 'native';
+  return loadBuild(build);
+}
+
+/** A build, loaded once per process; `warnStale`: say when it is older than the Rust sources (see warnIfStale). */
+function loadBuild(build: 'wasm' | NativeBuild, warnStale = true): Binding {
   let binding = bindings.get(build);
   if (!binding) {
-    binding = build === 'wasm' ? loadWasm() : loadNative(build);
+    binding = build === 'wasm' ? loadWasm(warnStale) : loadNative(build, warnStale);
     bindings.set(build, binding);
   }
   return binding;
 }
 
-/** A CPU build that loads (the addon, else the WebAssembly module), or undefined where neither is built. */
+/**
+ * A CPU build that loads (the addon without MPI, else the WebAssembly module), or undefined where neither does; it
+ * only checks a device name for a run that cannot start, so it says nothing of its own age.
+ */
 function anyCpuBinding(): Binding | undefined {
-  for (const kind of ['native', 'wasm'] as const) {
+  for (const build of ['native', 'wasm'] as const) {
     try {
-      return loadBinding(kind);
+      return loadBuild(build, false);
     } catch {
-      // not built: the next one
+      // not built, or cannot load here: the next one
     }
   }
   return undefined;
@@ -213,7 +221,7 @@ function anyCpuBinding(): Binding | undefined {
  * native/cuda-nccl/ the CUDA build with NCCL (separate files, because these cannot even be loaded where OpenMPI, the
  * NVIDIA driver or NCCL is missing).
  */
-function loadNative(build: NativeBuild): Binding {
+function loadNative(build: NativeBuild, warnStale: boolean): Binding {
   const cuda = build === 'cuda' || build === 'cuda-nccl';
   const dir = build === 'mpi' ? mpiBuildDir : join(packageRoot, 'native', ...(build === 'native' ? [] : [build]));
   const file = existsSync(dir) ? readdirSync(dir).find((f) => f.endsWith('.node')) : undefined;
@@ -228,10 +236,12 @@ function loadNative(build: NativeBuild): Binding {
           : `the native engine is not built (no .node file in ${dir}); run \`npm run build:native\` (needs cargo), or use --engine=wasm on cpu`,
     );
   }
-  warnIfStale(
-    join(dir, file),
-    { native: 'npm run build:native', mpi: 'npm run build:native:mpi', cuda: 'npm run build:cuda', 'cuda-nccl': 'npm run build:cuda:nccl' }[build],
-  );
+  if (warnStale) {
+    warnIfStale(
+      join(dir, file),
+      { native: 'npm run build:native', mpi: 'npm run build:native:mpi', cuda: 'npm run build:cuda', 'cuda-nccl': 'npm run build:cuda:nccl' }[build],
+    );
+  }
   // Ranks sharing a machine share its cores: as torchrun does with OMP_NUM_THREADS, each gets its part of them
   // unless RAYON_NUM_THREADS says otherwise (read by the engine's thread pool when it starts).
   if (build === 'mpi' && !process.env.RAYON_NUM_THREADS) {
@@ -263,7 +273,7 @@ function loadNative(build: NativeBuild): Binding {
   };
 }
 
-function loadWasm(): Binding {
+function loadWasm(warnStale: boolean): Binding {
   const glue = join(packageRoot, 'wasm', 'nanogpt.js');
   if (!existsSync(glue)) {
     throw new UserError(
@@ -275,7 +285,7 @@ function loadWasm(): Binding {
   if (!existsSync(modulePath)) {
     throw new UserError(`the WebAssembly engine is not built (no ${modulePath}); run \`npm run build:wasm\` (needs cargo), or use --engine=native`);
   }
-  warnIfStale(modulePath, 'npm run build:wasm');
+  if (warnStale) warnIfStale(modulePath, 'npm run build:wasm');
   // A module built with atomics asks for its pool threads through this hook while `startThreads` runs.
   (globalThis as { nanogptSpawnThread?: (thread: number) => void }).nanogptSpawnThread = (thread) => {
     const workerData = { glue, module: wasm.__wbg_wasm_module, memory: wasm.__wbg_memory, thread };
@@ -425,6 +435,14 @@ function refuseBeyondWasm(need: MemoryEstimate, purpose: MemoryPurpose, batchSiz
   if (refusal) throw new UserError(`${refusal}, or --engine=native`);
 }
 
+function checkDeviceName(binding: Binding | undefined, device: string): void {
+  try {
+    binding?.checkDevice(device);
+  } catch (err) {
+    throw new UserError(firstLine(err));
+  }
+}
+
 /** A GPT in the engine, with its optimizer state once `configureOptimizer` has been called. */
 export class Engine {
   private constructor(
@@ -443,24 +461,18 @@ export class Engine {
 
   /**
    * Refuses a device name other than cpu, cuda or cuda:N before a run reads its data or weights, in the build it
-   * would run in. Where that build cannot be had (not built, or not for this device) the run stops anyway, and a
-   * CPU build that loads checks the name first, so that a misspelt device is named before a build to make.
+   * would run in. Where that build cannot be had (not built, cannot load, or not for this device) the run stops
+   * anyway, and a CPU build that loads checks the name first: a misspelt device is named before a build to make.
    */
   static checkDevice(device: string, engine: EngineChoice = 'auto'): void {
-    let binding: Binding | undefined;
-    let unavailable: unknown;
+    let binding: Binding;
     try {
       binding = loadBinding(resolveEngine(device, engine), device);
     } catch (err) {
-      unavailable = err;
-      binding = anyCpuBinding();
+      if (device !== 'cpu') checkDeviceName(anyCpuBinding(), device);
+      throw err;
     }
-    try {
-      binding?.checkDevice(device);
-    } catch (err) {
-      throw new UserError(firstLine(err));
-    }
-    if (unavailable) throw unavailable;
+    checkDeviceName(binding, device);
   }
 
   /** A freshly initialised model (nanoGPT's init), deterministic for a given seed. */
