@@ -37,6 +37,9 @@ export CUDA_COMPUTE_CAP
 # RUSTFLAGS takes precedence over .cargo/config.toml's target-cpu=native.
 export RUSTFLAGS="-C target-cpu=x86-64-v3"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/cuda}
+# candle-kernels' build compiles candle's CUDA sources with nvcc, most of a cold build, on half the cores unless
+# told otherwise: one at a time on a 2-core machine.
+export CUDAFORGE_THREADS=${CUDAFORGE_THREADS:-$(nproc)}
 echo "build-cuda: features $features, compute capability $CUDA_COMPUTE_CAP, toolkit $CUDA_ROOT, target dir $CARGO_TARGET_DIR" >&2
 
 cargo build --release -p nanogpt-napi --features "$features" "$@"
