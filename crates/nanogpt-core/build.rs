@@ -7,7 +7,7 @@
 //! installs them); it loads libcudnn.so.9 at run time, so nothing links cuDNN.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::{env, fs};
 
 fn main() {
@@ -35,18 +35,23 @@ fn main() {
     // cuda.rs compares it with the GPU it opens: PTX for a newer architecture does not load on an older one.
     println!("cargo:rustc-env=NANOGPT_CUDA_COMPUTE_CAP={compute_cap}");
     let ptx = PathBuf::from(env::var("OUT_DIR").unwrap()).join("kernels.ptx");
-    let output = Command::new(&nvcc)
+    // nvcc (about 20 s) runs while the C++ compiler builds cuDNN's attention (about a minute): the build script
+    // takes the longer of the two.
+    let kernels = Command::new(&nvcc)
         .args(["-ptx", "-O3", "-std=c++17", "-lineinfo"])
         .arg(format!("-arch=compute_{compute_cap}"))
         .arg("-o")
         .arg(&ptx)
         .arg("src/kernels/cuda/kernels.cu")
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap_or_else(|e| panic!("cannot run {} ({e}): set CUDA_ROOT to the CUDA toolkit, or run scripts/build-cuda.sh", nvcc.display()));
+    compile_cudnn_attention(&nvcc);
+    let output = kernels.wait_with_output().unwrap_or_else(|e| panic!("nvcc did not finish: {e}"));
     if !output.status.success() {
         panic!("nvcc failed to compile src/kernels/cuda/kernels.cu:\n{}", String::from_utf8_lossy(&output.stderr));
     }
-    compile_cudnn_attention(&nvcc);
 }
 
 fn compile_cudnn_attention(nvcc: &Path) {
